@@ -1,0 +1,85 @@
+"""One place for configuration: every path and URL derives from the workspace unless set."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# MLflow phones home and Ray counts usage unless told not to; we run offline.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+class Settings(BaseSettings):
+    """Read from `SCANFLOW_*` environment variables; defaults keep all state in `./.scanflow`."""
+
+    model_config = SettingsConfigDict(env_prefix="SCANFLOW_", extra="ignore")
+
+    workspace: Path = Field(default=Path(".scanflow"), description="folder holding all state")
+    store_url: str | None = Field(default=None, description="SQLAlchemy URL of the control-plane store")
+    tracking_uri: str | None = Field(default=None, description="MLflow tracking URI")
+    registry_uri: str | None = Field(default=None, description="MLflow registry URI")
+    backend: str = Field(default="local", description="execution backend: local (ray comes later)")
+    concurrency: int = Field(default=2, ge=1, description="max steps run at once by the engine")
+    host: str = Field(default="127.0.0.1", description="address services bind to")
+
+    @property
+    def root(self) -> Path:
+        return self.workspace.expanduser().resolve()
+
+    @property
+    def store(self) -> str:
+        return self.store_url or f"sqlite:///{self.root / 'scanflow.db'}"
+
+    @property
+    def tracking(self) -> str:
+        return self.tracking_uri or f"sqlite:///{self.root / 'mlflow.db'}"
+
+    @property
+    def artifacts(self) -> Path:
+        return self.root / "artifacts"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.root / "runs"
+
+    @property
+    def services_dir(self) -> Path:
+        return self.root / "services"
+
+    @property
+    def agents_dir(self) -> Path:
+        return self.root / "agents"
+
+    def ensure(self) -> Settings:
+        for d in (self.root, self.artifacts, self.runs_dir, self.services_dir, self.agents_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def child_env(self) -> dict[str, str]:
+        """Environment that hands this configuration to a child process."""
+        env = {
+            "SCANFLOW_WORKSPACE": str(self.root),
+            "SCANFLOW_STORE_URL": self.store,
+            "SCANFLOW_TRACKING_URI": self.tracking,
+            "SCANFLOW_BACKEND": self.backend,
+            "SCANFLOW_CONCURRENCY": str(self.concurrency),
+            "SCANFLOW_HOST": self.host,
+            "MLFLOW_TRACKING_URI": self.tracking,
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+            "DO_NOT_TRACK": "true",
+        }
+        if self.registry_uri:
+            env["SCANFLOW_REGISTRY_URI"] = self.registry_uri
+            env["MLFLOW_REGISTRY_URI"] = self.registry_uri
+        return env
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,236 @@
+"""Load `scanflow.yaml` and validate it whole before anything runs."""
+
+from __future__ import annotations
+
+import importlib
+import re
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from scanflow.spec.errors import SpecError, SpecIssue, format_path
+from scanflow.spec.models import NAME, Application
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys; a spec must refuse them instead."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first at line {seen[key] + 1})",
+                key_node.start_mark,
+            )
+        seen[key] = key_node.start_mark.line
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+    _construct_mapping,  # type: ignore[arg-type]
+)
+
+
+def _issues_from_pydantic(err: ValidationError, file: str | None) -> list[SpecIssue]:
+    out = []
+    for e in err.errors():
+        loc = [p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        msg = msg.removeprefix("Value error, ")
+        out.append(SpecIssue(format_path(loc), msg, file))
+    return out
+
+
+def _find_cycle(graph: dict[str, list[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(n: str) -> list[str] | None:
+        state[n] = 1
+        stack.append(n)
+        for m in graph.get(n, []):
+            if state.get(m) == 1:
+                return stack[stack.index(m):] + [m]
+            if state.get(m) is None and m in graph:
+                found = visit(m)
+                if found:
+                    return found
+        state[n] = 2
+        stack.pop()
+        return None
+
+    for n in graph:
+        if n not in state:
+            found = visit(n)
+            if found:
+                return found
+    return None
+
+
+def resolve_callable(path: str | Callable[..., Any], base_dir: Path | None = None) -> Callable[..., Any]:
+    """'package.module:function' -> the function; the app folder is importable."""
+    if callable(path):
+        return path
+    mod_name, _, attr = path.partition(":")
+    if base_dir is not None and str(base_dir) not in sys.path:
+        sys.path.insert(0, str(base_dir))
+    mod = importlib.import_module(mod_name)
+    obj: Any = mod
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise TypeError(f"{path} is not callable")
+    return obj
+
+
+def _semantic_issues(
+    app: Application, file: str | None, known_models: Iterable[str] | None, check_imports: bool
+) -> list[SpecIssue]:
+    issues: list[SpecIssue] = []
+
+    def add(path: str, msg: str) -> None:
+        issues.append(SpecIssue(path, msg, file))
+
+    for section in ("workflows", "services", "agents"):
+        for key in getattr(app, section):
+            if not re.match(NAME, str(key)):
+                add(f"{section}.{key}", "names start with a letter and use letters, digits, _ . -")
+
+    for wf_name, wf in app.workflows.items():
+        base = f"workflows.{wf_name}"
+        names: dict[str, int] = {}
+        for i, st in enumerate(wf.steps):
+            if st.name in names:
+                add(f"{base}.steps[{i}].name", f"duplicate step name {st.name!r} "
+                    f"(also steps[{names[st.name]}])")
+            else:
+                names[st.name] = i
+        outputs = {st.name: set(st.outputs) for st in wf.steps}
+        for i, st in enumerate(wf.steps):
+            for j, dep in enumerate(st.after):
+                if dep not in names:
+                    add(f"{base}.steps[{i}].after[{j}]", f"no step named {dep!r} in this workflow")
+                elif dep == st.name:
+                    add(f"{base}.steps[{i}].after[{j}]", "a step cannot depend on itself")
+            for local, ref in st.inputs.items():
+                src, _, out = ref.partition(".")
+                where = f"{base}.steps[{i}].inputs.{local}"
+                if not out:
+                    add(where, f"expected 'step.output', got {ref!r}")
+                elif src not in names:
+                    add(where, f"no step named {src!r} in this workflow")
+                elif out not in outputs[src]:
+                    add(where, f"step {src!r} declares no output {out!r}")
+                elif src not in st.after:
+                    add(where, f"reads {ref!r} but does not list {src!r} in `after`")
+            if len(set(st.outputs)) != len(st.outputs):
+                add(f"{base}.steps[{i}].outputs", "duplicate output name")
+            clash = set(st.params) & set(st.inputs) | set(st.params) & set(st.outputs)
+            if clash:
+                add(f"{base}.steps[{i}]", f"names used both as param and input/output: {sorted(clash)}")
+            if check_imports and st.call is not None:
+                try:
+                    resolve_callable(st.call, app.base_dir)
+                except Exception as exc:  # noqa: BLE001 - report any import failure as a spec issue
+                    add(f"{base}.steps[{i}].call", f"cannot import {st.call!r}: {exc}")
+        graph = {st.name: [d for d in st.after if d in names] for st in wf.steps}
+        cycle = _find_cycle(graph)
+        if cycle:
+            first = cycle[0]
+            add(f"{base}.steps[{names[first]}].after",
+                "dependency cycle: " + " -> ".join(reversed(cycle)))
+
+    models = set(app.registered_models()) | set(known_models or ())
+    for name, svc in app.services.items():
+        if known_models is not None and svc.model not in models:
+            add(f"services.{name}.model",
+                f"unknown model {svc.model!r}: not registered in MLflow and not produced by this app")
+
+    for name, ag in app.agents.items():
+        if ag.service is not None and ag.service not in app.services:
+            add(f"agents.{name}.service", f"no service named {ag.service!r} in this application")
+        if not check_imports:
+            continue
+        for i, sensor in enumerate(ag.sensors):
+            where = f"agents.{name}.sensors[{i}]"
+            calls = [(f"{where}.func", sensor.func)]
+            if sensor.rule is not None:
+                calls.append((f"{where}.rule.func", sensor.rule.func))
+            calls += [(f"{where}.actuators[{k}].func", a.func) for k, a in enumerate(sensor.actuators)]
+            for path, fn in calls:
+                try:
+                    resolve_callable(fn, app.base_dir)
+                except Exception as exc:  # noqa: BLE001
+                    add(path, f"cannot import {fn!r}: {exc}")
+    return issues
+
+
+def validate_application(
+    app: Application,
+    *,
+    known_models: Iterable[str] | None = None,
+    check_imports: bool = True,
+) -> Application:
+    """Raise SpecError with every semantic problem; `known_models` are the registry's names."""
+    issues = _semantic_issues(app, app.source, known_models, check_imports)
+    if issues:
+        raise SpecError(issues)
+    return app
+
+
+def parse_application(
+    data: Any,
+    *,
+    file: str | None = None,
+    base_dir: Path | None = None,
+    known_models: Iterable[str] | None = None,
+    check_imports: bool = True,
+) -> Application:
+    if not isinstance(data, dict):
+        raise SpecError([SpecIssue("<root>", "the spec must be a mapping (app, team, ...)", file)])
+    try:
+        app = Application.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(_issues_from_pydantic(err, file)) from None
+    app.base_dir = (base_dir or Path(".")).resolve()
+    app.source = file
+    return validate_application(app, known_models=known_models, check_imports=check_imports)
+
+
+def load_application(
+    path: str | Path,
+    *,
+    known_models: Iterable[str] | None = None,
+    check_imports: bool = True,
+) -> Application:
+    """Read a spec file (a folder means its `scanflow.yaml`)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "scanflow.yaml"
+    file = str(p)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise SpecError([SpecIssue("<file>", f"cannot read: {exc.strerror or exc}", file)]) from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "<yaml>"
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SpecError([SpecIssue(where, f"invalid YAML: {problem}", file)]) from None
+    return parse_application(
+        data, file=file, base_dir=p.parent, known_models=known_models, check_imports=check_imports
+    )

@@ -1,0 +1,221 @@
+"""Pydantic models of the spec. Unknown keys are errors: a typo must never be silently ignored."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+NAME = r"^[A-Za-z][A-Za-z0-9_.-]{0,99}$"
+PARAM_TYPES: dict[str, type] = {"int": int, "float": float, "str": str, "bool": bool, "path": str}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+
+
+def parse_duration(value: float | int | str) -> float:
+    """Seconds from 2, 2.5, '500ms', '2s', '1m' or '1h'."""
+    if isinstance(value, bool):
+        raise ValueError("a duration must be a number of seconds or a string like '2s'")
+    if isinstance(value, int | float):
+        if value <= 0:
+            raise ValueError("a duration must be positive")
+        return float(value)
+    m = _DURATION.match(str(value))
+    if not m:
+        raise ValueError(f"cannot read {value!r} as a duration (use e.g. 2, '500ms', '2s', '1m')")
+    n = float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[m.group(2)]
+    if n <= 0:
+        raise ValueError("a duration must be positive")
+    return n
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, arbitrary_types_allowed=True)
+
+
+class ParamSpec(_Strict):
+    type: Literal["int", "float", "str", "bool", "path"] = "str"
+    default: Any = None
+    help: str = ""
+
+    @model_validator(mode="after")
+    def _default_has_type(self) -> ParamSpec:
+        if self.default is not None:
+            self.default = coerce_param(self.type, self.default)
+        return self
+
+
+def coerce_param(kind: str, value: Any) -> Any:
+    """Convert a CLI or YAML value to a declared parameter type, or raise ValueError."""
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        s = str(value).strip().lower()
+        if s in {"true", "1", "yes", "on"}:
+            return True
+        if s in {"false", "0", "no", "off"}:
+            return False
+        raise ValueError(f"expected a bool, got {value!r}")
+    if kind == "int":
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError(f"expected an int, got {value!r}")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"expected an int, got {value!r}") from None
+    if kind == "float":
+        if isinstance(value, bool):
+            raise ValueError(f"expected a float, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"expected a float, got {value!r}") from None
+    if isinstance(value, dict | list):
+        raise ValueError(f"expected a {kind}, got {type(value).__name__}")
+    return str(value)
+
+
+def _params_from_short_form(value: Any) -> Any:
+    """`params: {epochs: 5}` is short for `{epochs: {type: int, default: 5}}`."""
+    if not isinstance(value, dict):
+        return value
+    out: dict[str, Any] = {}
+    for k, v in value.items():
+        if isinstance(v, dict) or isinstance(v, ParamSpec):
+            out[k] = v
+        elif isinstance(v, bool):
+            out[k] = {"type": "bool", "default": v}
+        elif isinstance(v, int):
+            out[k] = {"type": "int", "default": v}
+        elif isinstance(v, float):
+            out[k] = {"type": "float", "default": v}
+        else:
+            out[k] = {"type": "str", "default": v}
+    return out
+
+
+class Step(_Strict):
+    """A batch step: a command run as a subprocess, or a Python callable run in-process."""
+
+    name: str = Field(pattern=NAME)
+    run: str | None = Field(default=None, description="command; params become --name value")
+    call: str | Callable[..., Any] | None = Field(default=None, description="'module:function'")
+    params: dict[str, ParamSpec] = Field(default_factory=dict)
+    after: list[str] = Field(default_factory=list)
+    inputs: dict[str, str] = Field(default_factory=dict, description="local name -> 'step.output'")
+    outputs: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+    registers: list[str] = Field(default_factory=list, description="model names this step registers")
+
+    _short_params = field_validator("params", mode="before")(_params_from_short_form)
+
+    @model_validator(mode="after")
+    def _one_action(self) -> Step:
+        if (self.run is None) == (self.call is None):
+            raise ValueError("a step needs exactly one of `run` (a command) or `call` (a function)")
+        if isinstance(self.call, str) and not re.match(r"^[\w.]+:[\w.]+$", self.call):
+            raise ValueError(f"`call` must look like 'package.module:function', got {self.call!r}")
+        return self
+
+
+class Workflow(_Strict):
+    description: str = ""
+    steps: list[Step] = Field(min_length=1)
+    params: dict[str, ParamSpec] = Field(default_factory=dict, description="shared by all steps")
+
+    _short_params = field_validator("params", mode="before")(_params_from_short_form)
+
+    def step(self, name: str) -> Step:
+        for s in self.steps:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+
+class Service(_Strict):
+    """An online model server for `models:/<model>@<alias>`."""
+
+    model: str = Field(pattern=NAME)
+    alias: str = Field(default="champion", pattern=NAME)
+    replicas: int = Field(default=1, ge=1, le=64)
+    port: int = Field(default=0, ge=0, le=65535, description="0 picks a free port")
+    reference: str | None = Field(default=None, description="artifact with the reference sample")
+
+
+class Trigger(_Strict):
+    interval: float | None = Field(default=None, description="seconds between fires")
+
+    @field_validator("interval", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> Any:
+        return None if v is None else parse_duration(v)
+
+    @model_validator(mode="after")
+    def _some(self) -> Trigger:
+        if self.interval is None:
+            raise ValueError("a trigger needs `interval`")
+        return self
+
+
+class CallSpec(_Strict):
+    func: str | Callable[..., Any]
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short(cls, v: Any) -> Any:
+        return {"func": v} if isinstance(v, str) or callable(v) else v
+
+    @field_validator("func")
+    @classmethod
+    def _callable_path(cls, v: Any) -> Any:
+        if isinstance(v, str) and not re.match(r"^[\w.]+:[\w.]+$", v):
+            raise ValueError(f"expected 'package.module:function', got {v!r}")
+        return v
+
+
+class SensorSpec(_Strict):
+    name: str = Field(pattern=NAME)
+    func: str | Callable[..., Any]
+    params: dict[str, Any] = Field(default_factory=dict)
+    trigger: Trigger = Field(default_factory=lambda: Trigger(interval=5.0))
+    rule: CallSpec | None = None
+    actuators: list[CallSpec] = Field(default_factory=list)
+
+    _callable_path = field_validator("func")(CallSpec._callable_path.__func__)  # type: ignore[attr-defined]
+
+
+class AgentSpec(_Strict):
+    role: Literal["monitor", "analyzer", "planner", "executor", "custom"]
+    service: str | None = None
+    description: str = ""
+    params: dict[str, Any] = Field(default_factory=dict)
+    sensors: list[SensorSpec] = Field(min_length=1)
+
+
+class Application(_Strict):
+    app: str = Field(pattern=NAME)
+    team: str = Field(pattern=NAME)
+    description: str = ""
+    models: list[str] = Field(default_factory=list, description="models this application registers")
+    workflows: dict[str, Workflow] = Field(default_factory=dict)
+    services: dict[str, Service] = Field(default_factory=dict)
+    agents: dict[str, AgentSpec] = Field(default_factory=dict)
+    base_dir: Path = Field(default=Path("."), exclude=True, description="folder of the spec file")
+    source: str | None = Field(default=None, exclude=True)
+
+    def workflow(self, name: str) -> Workflow:
+        try:
+            return self.workflows[name]
+        except KeyError:
+            known = ", ".join(sorted(self.workflows)) or "none"
+            raise KeyError(f"no workflow {name!r} in app {self.app!r} (known: {known})") from None
+
+    def registered_models(self) -> set[str]:
+        names = set(self.models)
+        for wf in self.workflows.values():
+            for st in wf.steps:
+                names.update(st.registers)
+        return names
