@@ -3,9 +3,9 @@
 from scanflow.spec.errors import SpecError, SpecIssue
 from scanflow.spec.loader import load_application, validate_application
 from scanflow.spec.models import (
+    AgentSpec,
     Application,
     CallSpec,
-    AgentSpec,
     ParamSpec,
     SensorSpec,
     Service,

@@ -133,8 +133,6 @@ def _semantic_issues(
                     add(where, f"no step named {src!r} in this workflow")
                 elif out not in outputs[src]:
                     add(where, f"step {src!r} declares no output {out!r}")
-                elif src not in st.after:
-                    add(where, f"reads {ref!r} but does not list {src!r} in `after`")
             if len(set(st.outputs)) != len(st.outputs):
                 add(f"{base}.steps[{i}].outputs", "duplicate output name")
             clash = set(st.params) & set(st.inputs) | set(st.params) & set(st.outputs)
@@ -145,7 +143,7 @@ def _semantic_issues(
                     resolve_callable(st.call, app.base_dir)
                 except Exception as exc:  # noqa: BLE001 - report any import failure as a spec issue
                     add(f"{base}.steps[{i}].call", f"cannot import {st.call!r}: {exc}")
-        graph = {st.name: [d for d in st.after if d in names] for st in wf.steps}
+        graph = {st.name: [d for d in st.deps() if d in names] for st in wf.steps}
         cycle = _find_cycle(graph)
         if cycle:
             first = cycle[0]

@@ -32,7 +32,7 @@ def parse_duration(value: float | int | str) -> float:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, arbitrary_types_allowed=True)
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
 
 class ParamSpec(_Strict):
@@ -43,7 +43,7 @@ class ParamSpec(_Strict):
     @model_validator(mode="after")
     def _default_has_type(self) -> ParamSpec:
         if self.default is not None:
-            self.default = coerce_param(self.type, self.default)
+            object.__setattr__(self, "default", coerce_param(self.type, self.default))
         return self
 
 
@@ -110,6 +110,15 @@ class Step(_Strict):
     registers: list[str] = Field(default_factory=list, description="model names this step registers")
 
     _short_params = field_validator("params", mode="before")(_params_from_short_form)
+
+    def deps(self) -> list[str]:
+        """`after` plus the steps whose outputs this step reads (data implies order)."""
+        out = list(dict.fromkeys(self.after))
+        for ref in self.inputs.values():
+            src = ref.partition(".")[0]
+            if src not in out:
+                out.append(src)
+        return out
 
     @model_validator(mode="after")
     def _one_action(self) -> Step:

@@ -96,6 +96,7 @@ class Event(Base):
 class Decision(Base):
     __tablename__ = "decisions"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    key: Mapped[str | None] = mapped_column(String(300), unique=True)
     ts: Mapped[float] = mapped_column(Float, index=True)
     agent: Mapped[str] = mapped_column(String(200), index=True)
     sensor: Mapped[str] = mapped_column(String(200))

@@ -228,6 +228,21 @@ class Store:
                 for p, lab in s.execute(q).all()
             ]
 
+    def prediction_ids(
+        self, service: str, after_id: int = 0, before_ts: float | None = None, limit: int = 100_000
+    ) -> list[tuple[int, float]]:
+        """(id, ts) after a watermark, without loading payloads: how monitors cut windows."""
+        q = (
+            select(Prediction.id, Prediction.ts)
+            .where(Prediction.service == service, Prediction.id > after_id)
+            .order_by(Prediction.id)
+            .limit(limit)
+        )
+        if before_ts is not None:
+            q = q.where(Prediction.ts < before_ts)
+        with self.session() as s:
+            return [(int(i), float(t)) for i, t in s.execute(q).all()]
+
     def count_predictions(self, service: str, after_id: int | None = None) -> tuple[int, int]:
         """(count, max id) of the log of one service after a watermark."""
         q = select(func.count(Prediction.id), func.max(Prediction.id)).where(
@@ -274,8 +289,16 @@ class Store:
         evidence: dict[str, Any],
         service: str | None = None,
         actions: list[Any] | None = None,
+        key: str | None = None,
     ) -> Decision:
+        """Record a judgement; with a key, the same judgement replayed is recorded once."""
+        if key is not None:
+            with self.session() as s:
+                old = s.scalars(select(Decision).where(Decision.key == key)).first()
+            if old is not None:
+                return old
         d = Decision(
+            key=key,
             ts=time.time(),
             agent=agent,
             sensor=sensor,
@@ -288,6 +311,10 @@ class Store:
         with self.session() as s:
             s.add(d)
         return d
+
+    def has_decision(self, key: str) -> bool:
+        with self.session() as s:
+            return s.scalars(select(Decision.id).where(Decision.key == key)).first() is not None
 
     def list_decisions(
         self, agent: str | None = None, service: str | None = None, fired: bool | None = None

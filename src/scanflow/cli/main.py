@@ -1,0 +1,364 @@
+"""`scanflow` CLI: validate, run, inspect runs, deploy/scale/roll out services, run agents.
+
+Exit codes: 0 ok, 1 the thing ran and failed (e.g. a workflow step), 2 bad input (spec,
+arguments, unknown names) — in which case nothing was started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from scanflow.spec.errors import SpecError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+runs_app = typer.Typer(no_args_is_help=True, help="Inspect workflow runs.")
+agents_app = typer.Typer(no_args_is_help=True, help="Start, stop and list agents.")
+app.add_typer(runs_app, name="runs")
+app.add_typer(agents_app, name="agents")
+out = Console()
+err = Console(stderr=True)
+
+AppPath = Annotated[Path, typer.Argument(help="spec file or folder with scanflow.yaml")]
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def iso(ts: float | None) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds") if ts else "-"
+
+
+@app.callback()
+def _global(
+    workspace: Annotated[
+        Path | None, typer.Option("--workspace", "-w", help="state folder (default ./.scanflow)")
+    ] = None,
+) -> None:
+    if workspace is not None:
+        os.environ["SCANFLOW_WORKSPACE"] = str(workspace)
+    from scanflow.settings import get_settings
+
+    get_settings.cache_clear()
+    _quiet_logs()
+
+
+def _quiet_logs() -> None:
+    import logging
+
+    for name in ("mlflow", "alembic", "httpx"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _ctx() -> tuple[Any, Any]:
+    from scanflow.settings import get_settings
+    from scanflow.store import Store
+
+    settings = get_settings().ensure()
+    return settings, Store(settings.store)
+
+
+def _load(path: Path, with_registry: bool = False) -> Any:
+    from scanflow.spec import load_application
+
+    known = None
+    if with_registry:
+        from scanflow.settings import get_settings
+        from scanflow.tracking import Tracker
+
+        known = Tracker(get_settings().ensure()).registered_models()
+    try:
+        return load_application(path, known_models=known)
+    except SpecError as exc:
+        for issue in exc.issues:
+            err.print(f"[red]{issue}[/]", highlight=False)
+        fail(f"{len(exc.issues)} problem(s) in the spec; nothing was started")
+
+
+@app.command()
+def validate(
+    path: AppPath = Path("."),
+    registry: Annotated[bool, typer.Option(help="check that services' models exist")] = False,
+) -> None:
+    """Check a spec without running anything."""
+    spec = _load(path, with_registry=registry)
+    out.print(f"[green]ok[/] {spec.source}: app {spec.app!r}, team {spec.team!r}, "
+              f"{len(spec.workflows)} workflow(s), {len(spec.services)} service(s), "
+              f"{len(spec.agents)} agent(s)")
+
+
+@app.command()
+def run(
+    path: AppPath,
+    workflow: Annotated[str, typer.Argument(help="workflow name")],
+    param: Annotated[
+        list[str] | None, typer.Option("--param", "-p", help="name=value or step.name=value")
+    ] = None,
+) -> None:
+    """Run a workflow in the foreground, with progress."""
+    from rich.live import Live
+
+    from scanflow.engine import LocalEngine, ParamError
+    from scanflow.engine.params import parse_assignments, resolve_params
+
+    spec = _load(path)
+    if workflow not in spec.workflows:
+        fail(f"no workflow {workflow!r} in {spec.source} (known: {', '.join(sorted(spec.workflows))})")
+    try:
+        params = parse_assignments(param or [])
+        resolve_params(spec.workflows[workflow], params)
+    except ParamError as exc:
+        fail(str(exc))
+    settings, store = _ctx()
+    states = {s.name: "pending" for s in spec.workflows[workflow].steps}
+    started = time.time()
+
+    def table() -> Table:
+        t = Table(title=f"{spec.app}/{workflow}  {time.time() - started:5.1f}s", expand=False)
+        t.add_column("step")
+        t.add_column("status")
+        colours = {"succeeded": "green", "failed": "red", "running": "yellow", "skipped": "dim"}
+        for k, v in states.items():
+            t.add_row(k, f"[{colours.get(v, 'white')}]{v}[/]")
+        return t
+
+    with Live(table(), console=out, refresh_per_second=4, transient=False) as live:
+        def progress(step: str, status: str) -> None:
+            states[step] = status
+            live.update(table())
+
+        result = LocalEngine(settings, store).run(spec, workflow, params, progress=progress)
+        live.update(table())
+    out.print(f"run [bold]{result.run_id}[/] {result.status}")
+    if not result.ok:
+        err.print(result.error or "", highlight=False, markup=False)
+        raise typer.Exit(1)
+
+
+@runs_app.command("list")
+def runs_list(
+    workflow: Annotated[str | None, typer.Option(help="only this workflow")] = None,
+    limit: int = 20,
+) -> None:
+    _, store = _ctx()
+    t = Table("run", "app/team", "workflow", "status", "started", "by")
+    for r in store.list_runs(workflow, limit):
+        t.add_row(r.id[:12], f"{r.app}/{r.team}", r.workflow, r.status, iso(r.started_at),
+                  str(r.trigger.get("by", "")))
+    out.print(t)
+
+
+@runs_app.command("show")
+def runs_show(run_id: str) -> None:
+    _, store = _ctx()
+    r = store.get_run(run_id)
+    if r is None:
+        fail(f"no run {run_id!r}")
+    out.print(f"run {r.id}  {r.app}/{r.team}  workflow {r.workflow}  [bold]{r.status}[/]")
+    out.print(f"started {iso(r.started_at)}  ended {iso(r.ended_at)}  mlflow {r.mlflow_run_id}")
+    out.print(f"params {json.dumps(r.params)}  trigger {json.dumps(r.trigger)}")
+    t = Table("step", "status", "exit", "seconds", "mlflow run", "log")
+    for s in store.list_steps(r.id):
+        secs = f"{s.ended_at - s.started_at:.2f}" if s.ended_at and s.started_at else "-"
+        t.add_row(s.step, s.status, str(s.exit_code if s.exit_code is not None else "-"), secs,
+                  s.mlflow_run_id or "-", s.log_path or "-")
+    out.print(t)
+    if r.error:
+        err.print(r.error, markup=False, highlight=False)
+
+
+@app.command()
+def logs(run_id: str, step: Annotated[str | None, typer.Argument()] = None) -> None:
+    """Print a run's step logs."""
+    _, store = _ctx()
+    r = store.get_run(run_id)
+    if r is None:
+        fail(f"no run {run_id!r}")
+    steps = store.list_steps(r.id)
+    if step is not None and step not in {s.step for s in steps}:
+        fail(f"run {r.id[:12]} has no step {step!r} (steps: {', '.join(s.step for s in steps)})")
+    for s in steps:
+        if step and s.step != step:
+            continue
+        out.rule(s.step)
+        if s.log_path and Path(s.log_path).exists():
+            sys.stdout.write(Path(s.log_path).read_text(errors="replace"))
+            sys.stdout.flush()
+
+
+def _deployer() -> tuple[Any, Any]:
+    from scanflow.serving import LocalDeployer
+
+    settings, store = _ctx()
+    return LocalDeployer(settings, store), store
+
+
+@app.command()
+def deploy(
+    path: AppPath,
+    service: Annotated[str | None, typer.Argument(help="one service (default: all)")] = None,
+) -> None:
+    """Start the model server(s) of an application on 127.0.0.1."""
+    spec = _load(path, with_registry=True)
+    names = [service] if service else list(spec.services)
+    if service and service not in spec.services:
+        fail(f"no service {service!r} in {spec.source} (known: {', '.join(spec.services)})")
+    deployer, _ = _deployer()
+    for name in names:
+        svc = spec.services[name]
+        try:
+            dep = deployer.deploy(name, app=spec.app, team=spec.team, model=svc.model,
+                                  alias=svc.alias, replicas=svc.replicas, port=svc.port)
+        except (ValueError, KeyError) as exc:
+            fail(str(exc))
+        out.print(f"[green]deployed[/] {name}: models:/{dep.model_name}@{dep.alias} "
+                  f"(version {dep.model_version}) x{dep.replicas} at http://{dep.host}:{dep.port}")
+
+
+@app.command()
+def scale(service: str, replicas: Annotated[int, typer.Argument(min=1, max=64)]) -> None:
+    """Change the number of replicas of a running service."""
+    deployer, _ = _deployer()
+    try:
+        dep = deployer.scale(service, replicas)
+    except (ValueError, KeyError) as exc:
+        fail(str(exc).strip("'\""))
+    out.print(f"{service}: {dep.replicas} replica(s)")
+
+
+@app.command()
+def rollout(service: str) -> None:
+    """Move a service's replicas onto the version its alias points to now."""
+    deployer, _ = _deployer()
+    try:
+        dep = deployer.rollout(service)
+    except (ValueError, KeyError) as exc:
+        fail(str(exc).strip("'\""))
+    out.print(f"{service}: serving version {dep.model_version}")
+
+
+@app.command()
+def stop(service: str) -> None:
+    """Stop a service."""
+    deployer, _ = _deployer()
+    try:
+        deployer.stop(service)
+    except (ValueError, KeyError) as exc:
+        fail(str(exc).strip("'\""))
+    out.print(f"{service}: stopped")
+
+
+@app.command()
+def status() -> None:
+    """Services (version, replicas, URL) and agents."""
+    from scanflow.agents.process import AgentSupervisor
+
+    settings, store = _ctx()
+    t = Table("service", "model", "version", "replicas", "url", "status")
+    for d in store.list_deployments():
+        t.add_row(d.service, f"{d.model_name}@{d.alias}", str(d.model_version), str(d.replicas),
+                  f"http://{d.host}:{d.port}", d.status)
+    out.print(t)
+    a = Table("agent", "role", "pid", "status", "heartbeat")
+    for row in AgentSupervisor(settings, store).status():
+        a.add_row(row["name"], row["role"], str(row["pid"]), row["status"], iso(row["heartbeat"]))
+    out.print(a)
+
+
+@agents_app.command("start")
+def agents_start(
+    path: AppPath,
+    agent: Annotated[list[str] | None, typer.Option("--agent", "-a", help="only these")] = None,
+) -> None:
+    """Start the application's agents, each in its own process."""
+    from scanflow.agents.process import AgentSupervisor
+
+    spec = _load(path)
+    unknown = [a for a in agent or [] if a not in spec.agents]
+    if unknown:
+        fail(f"no agent(s) {unknown} in {spec.source} (known: {', '.join(spec.agents)})")
+    settings, store = _ctx()
+    try:
+        pids = AgentSupervisor(settings, store).start(path, agent)
+    except (ValueError, KeyError) as exc:
+        fail(str(exc))
+    for name, pid in pids.items():
+        out.print(f"[green]started[/] agent {name} (pid {pid})")
+
+
+@agents_app.command("stop")
+def agents_stop(agent: Annotated[list[str] | None, typer.Option("--agent", "-a")] = None) -> None:
+    from scanflow.agents.process import AgentSupervisor
+
+    settings, store = _ctx()
+    for name in AgentSupervisor(settings, store).stop(agent):
+        out.print(f"stopped agent {name}")
+
+
+@agents_app.command("list")
+def agents_list() -> None:
+    from scanflow.agents.process import AgentSupervisor
+
+    settings, store = _ctx()
+    t = Table("agent", "role", "pid", "status", "heartbeat")
+    for row in AgentSupervisor(settings, store).status():
+        t.add_row(row["name"], row["role"], str(row["pid"]), row["status"], iso(row["heartbeat"]))
+    out.print(t)
+
+
+@app.command()
+def events(
+    service: Annotated[str | None, typer.Option(help="only this service")] = None,
+    kind: Annotated[list[str] | None, typer.Option(help="only these kinds")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """The event log (drift detected, retrains, promotions, rollouts...)."""
+    _, store = _ctx()
+    rows = store.list_events(service, kind)
+    if as_json:
+        print(json.dumps([{"time": iso(e.ts), "kind": e.kind, "source": e.source,
+                           "service": e.service, **e.payload} for e in rows], default=str))
+        return
+    t = Table("time", "source", "kind", "service", "details")
+    for e in rows:
+        details = ", ".join(f"{k}={v}" for k, v in e.payload.items() if not isinstance(v, list | dict))
+        t.add_row(iso(e.ts), e.source, e.kind, e.service or "-", details[:120])
+    out.print(t)
+
+
+@app.command()
+def decisions(
+    agent: Annotated[str | None, typer.Option(help="only this agent")] = None,
+    fired: Annotated[bool, typer.Option("--fired", help="only decisions that acted")] = False,
+) -> None:
+    """Every judgement of the agents, with its evidence and actions."""
+    _, store = _ctx()
+    t = Table("time", "agent", "sensor", "fired", "reason", "actions")
+    for d in store.list_decisions(agent, fired=True if fired else None):
+        acts = ", ".join(f"{a.get('action', '?').split(':')[-1]}:{a.get('status')}" for a in d.actions)
+        t.add_row(iso(d.ts), d.agent, d.sensor, "yes" if d.fired else "no",
+                  str(d.evidence.get("reason", ""))[:60], acts)
+    out.print(t)
+
+
+def main() -> None:
+    try:
+        app()
+    except SpecError as exc:
+        err.print(str(exc), markup=False)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

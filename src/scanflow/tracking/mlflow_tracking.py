@@ -1,0 +1,175 @@
+"""Everything scanflow asks of MLflow goes through here, so the tracking URI is set in one place."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import mlflow
+from mlflow.entities import RunStatus
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from scanflow.settings import Settings
+
+TAG_RUN = "scanflow.run_id"
+TAG_WORKFLOW = "scanflow.workflow"
+TAG_STEP = "scanflow.step"
+TAG_APP = "scanflow.app"
+TAG_TEAM = "scanflow.team"
+TAG_PARENT = "mlflow.parentRunId"
+
+
+class Tracker:
+    """Thin, typed wrapper over MlflowClient; never touches the fluent global state."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.uri = settings.tracking
+        self.client = MlflowClient(tracking_uri=self.uri, registry_uri=settings.registry_uri)
+
+    # -- experiments and runs -----------------------------------------------------------------
+    def experiment_id(self, app: str, team: str) -> str:
+        """One experiment per (app, team); artifacts kept in the workspace for local URIs."""
+        name = f"{app}/{team}"
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        location = None
+        if not self.uri.startswith(("http://", "https://", "databricks")):
+            path = self.settings.artifacts / app / team
+            path.mkdir(parents=True, exist_ok=True)
+            location = path.as_uri()
+        try:
+            return self.client.create_experiment(name, artifact_location=location)
+        except MlflowException:  # created concurrently by another process
+            exp = self.client.get_experiment_by_name(name)
+            assert exp is not None
+            return exp.experiment_id
+
+    def start_run(
+        self,
+        experiment_id: str,
+        name: str,
+        tags: dict[str, str],
+        params: dict[str, Any] | None = None,
+        parent: str | None = None,
+    ) -> str:
+        if parent:
+            tags = {**tags, TAG_PARENT: parent}
+        run = self.client.create_run(experiment_id, run_name=name, tags=tags)
+        if params:
+            self.log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        self.client.log_batch(
+            run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()]
+        )
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def end_run(self, run_id: str, status: str) -> None:
+        mapping = {
+            "succeeded": RunStatus.FINISHED,
+            "failed": RunStatus.FAILED,
+            "cancelled": RunStatus.KILLED,
+            "interrupted": RunStatus.KILLED,
+            "skipped": RunStatus.KILLED,
+        }
+        self.client.set_terminated(run_id, RunStatus.to_string(mapping.get(status, RunStatus.FAILED)))
+
+    def run_metrics(self, run_id: str) -> dict[str, float]:
+        return dict(self.client.get_run(run_id).data.metrics)
+
+    def child_runs(self, parent_run_id: str) -> list[Any]:
+        parent = self.client.get_run(parent_run_id)
+        return list(
+            self.client.search_runs(
+                [parent.info.experiment_id], filter_string=f"tags.`{TAG_PARENT}` = '{parent_run_id}'"
+            )
+        )
+
+    # -- registry -----------------------------------------------------------------------------
+    def registered_models(self) -> set[str]:
+        return {m.name for m in self.client.search_registered_models(max_results=1000)}
+
+    def version_by_alias(self, model: str, alias: str) -> str:
+        try:
+            return str(self.client.get_model_version_by_alias(model, alias).version)
+        except MlflowException as exc:
+            raise ValueError(f"models:/{model}@{alias} not found in the registry") from exc
+
+    def set_alias(self, model: str, alias: str, version: str) -> None:
+        self.client.set_registered_model_alias(model, alias, str(version))
+
+    def model_version(self, model: str, version: str) -> Any:
+        return self.client.get_model_version(model, str(version))
+
+    def version_run_metrics(self, model: str, version: str) -> dict[str, float]:
+        mv = self.model_version(model, version)
+        return self.run_metrics(mv.run_id) if mv.run_id else {}
+
+    def download(self, run_id: str, path: str, dst: str) -> str:
+        return mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=path, dst_path=dst, tracking_uri=self.uri
+        )
+
+
+def log_sklearn_model(
+    model: Any,
+    x_example: Any,
+    registered_name: str | None = None,
+    *,
+    name: str = "model",
+    pyfunc_predict_fn: str = "predict",
+) -> tuple[str, str | None]:
+    """Log into the active MLflow run with an explicit signature and requirements (≈2x faster
+    than inference); register the returned `model_uri`, as MLflow 3 wants. -> (uri, version)."""
+    import mlflow.sklearn
+    import sklearn
+    from mlflow.models import infer_signature
+
+    signature = infer_signature(x_example, model.predict(x_example))
+    info = mlflow.sklearn.log_model(
+        model,
+        name=name,
+        signature=signature,
+        pip_requirements=[f"scikit-learn=={sklearn.__version__}"],
+        pyfunc_predict_fn=pyfunc_predict_fn,
+    )
+    version = None
+    if registered_name:
+        mv = mlflow.register_model(info.model_uri, registered_name)
+        version = str(mv.version)
+    return info.model_uri, version
+
+
+def tracking_env(tracker: Tracker, experiment_id: str, run_id: str) -> dict[str, str]:
+    """What a step process needs so that `mlflow.start_run()` resumes the engine's child run."""
+    env = {
+        "MLFLOW_TRACKING_URI": tracker.uri,
+        "MLFLOW_EXPERIMENT_ID": experiment_id,
+        "MLFLOW_RUN_ID": run_id,
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+    }
+    if tracker.settings.registry_uri:
+        env["MLFLOW_REGISTRY_URI"] = tracker.settings.registry_uri
+    return env
+
+
+def in_step() -> bool:
+    return "MLFLOW_RUN_ID" in os.environ and "SCANFLOW_RUN_ID" in os.environ

@@ -1,0 +1,72 @@
+"""Shared fixtures: a throwaway workspace per test, and the store on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+
+from scanflow.settings import Settings  # noqa: E402
+from scanflow.store import Store  # noqa: E402
+
+PG_URL = os.environ.get("SCANFLOW_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+def _pg_available() -> bool:
+    try:
+        import psycopg
+
+        with psycopg.connect(PG_URL.replace("+psycopg", ""), connect_timeout=3):
+            return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+@pytest.fixture
+def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    ws = tmp_path / "ws"
+    monkeypatch.setenv("SCANFLOW_WORKSPACE", str(ws))
+    from scanflow.settings import get_settings
+
+    get_settings.cache_clear()
+    return Settings(workspace=ws).ensure()
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh schema in the local PostgreSQL; CI starts the server (see .ci/run)."""
+    if not _pg_available():
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL is not reachable at {PG_URL}")
+        pytest.skip("PostgreSQL not reachable")
+    import psycopg
+
+    schema = f"sf_{uuid.uuid4().hex[:10]}"
+    raw = PG_URL.replace("+psycopg", "")
+    with psycopg.connect(raw, autocommit=True) as c:
+        c.execute(f"CREATE SCHEMA {schema}")
+    try:
+        yield f"{PG_URL}?options=-csearch_path%3D{schema}"
+    finally:
+        with psycopg.connect(raw, autocommit=True) as c:
+            c.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, settings: Settings) -> str:
+    if request.param == "sqlite":
+        return settings.store
+    return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture
+def store(store_url: str) -> Iterator[Store]:
+    s = Store(store_url)
+    yield s
+    s.close()

@@ -1,0 +1,154 @@
+"""The local engine: DAG order, parallelism, failure propagation, logs and MLflow records."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from scanflow.engine import LocalEngine, ParamError
+from scanflow.settings import Settings
+from scanflow.spec import load_application
+from scanflow.store import Store
+
+STEPS = '''
+import json, time
+from pathlib import Path
+
+def stamp(name, out, ctx, delay=0.0):
+    t0 = time.time(); time.sleep(delay)
+    out.write_text(json.dumps({"step": name, "t0": t0, "t1": time.time()}))
+    ctx.log("stamped", name)
+    return {"delay": delay}
+
+def join(left, right, out):
+    out.write_text(left.read_text() + "\\n" + right.read_text())
+
+def boom():
+    raise RuntimeError("the model diverged")
+'''
+
+SCRIPT = '''
+import argparse, sys, mlflow
+p = argparse.ArgumentParser()
+p.add_argument("--code", type=int, default=0)
+p.add_argument("--words", default="")
+p.add_argument("--src")
+a = p.parse_args()
+with mlflow.start_run():
+    mlflow.log_metric("accuracy", 0.5 + a.code / 100)
+for i in range(30):
+    print("line", i)
+print("words:", a.words, "src:", open(a.src).read()[:20] if a.src else None)
+sys.exit(a.code)
+'''
+
+SPEC = '''
+app: demo
+team: ds
+workflows:
+  diamond:
+    steps:
+      - {name: a, call: "steps:stamp", params: {name: a}, outputs: [out]}
+      - {name: left, call: "steps:stamp", params: {name: left, delay: 1.0}, inputs: {}, after: [a],
+         outputs: [out]}
+      - {name: right, call: "steps:stamp", params: {name: right, delay: 1.0}, after: [a], outputs: [out]}
+      - {name: join, call: "steps:join", inputs: {left: left.out, right: right.out}, outputs: [out]}
+  mixed:
+    params: {code: 0}
+    steps:
+      - {name: a, call: "steps:stamp", params: {name: a}, outputs: [out]}
+      - {name: script, run: "python script.py", params: {words: hello}, inputs: {src: a.out}}
+      - {name: after_script, call: "steps:stamp", params: {name: z}, after: [script], outputs: [out]}
+      - {name: independent, call: "steps:stamp", params: {name: i, delay: 0.5}, outputs: [out]}
+  raises:
+    steps:
+      - {name: bad, call: "steps:boom"}
+      - {name: never, call: "steps:stamp", params: {name: n}, after: [bad], outputs: [out]}
+'''
+
+
+@pytest.fixture
+def app(tmp_path: Path) -> object:
+    d = tmp_path / "app"
+    d.mkdir()
+    (d / "steps.py").write_text(textwrap.dedent(STEPS))
+    (d / "script.py").write_text(textwrap.dedent(SCRIPT))
+    (d / "scanflow.yaml").write_text(SPEC)
+    return load_application(d)
+
+
+def _times(settings: Settings, run_id: str, step: str) -> dict[str, float]:
+    import json
+
+    return json.loads((settings.runs_dir / run_id / step / "out").read_text())
+
+
+def test_dag_runs_in_order_and_in_parallel(app, settings: Settings, store: Store) -> None:  # type: ignore[no-untyped-def]
+    res = LocalEngine(settings, store, concurrency=2).run(app, "diamond")
+    assert res.ok, res.error
+    a, left, right = (_times(settings, res.run_id, s) for s in ("a", "left", "right"))
+    assert left["t0"] >= a["t1"] and right["t0"] >= a["t1"]  # order
+    assert left["t0"] < right["t1"] and right["t0"] < left["t1"]  # overlapped: ran in parallel
+    joined = (settings.runs_dir / res.run_id / "join" / "out").read_text()
+    assert '"left"' in joined and '"right"' in joined  # outputs handed over as inputs
+    assert {s.step: s.status for s in store.list_steps(res.run_id)} == dict.fromkeys(
+        ["a", "left", "right", "join"], "succeeded")
+
+
+def test_concurrency_one_serialises(app, settings: Settings, store: Store) -> None:  # type: ignore[no-untyped-def]
+    res = LocalEngine(settings, store, concurrency=1).run(app, "diamond")
+    left, right = (_times(settings, res.run_id, s) for s in ("left", "right"))
+    assert left["t1"] <= right["t0"] or right["t1"] <= left["t0"]
+
+
+def test_failure_stops_dependants_and_reports_exit_code_and_tail(app, settings: Settings, store: Store) -> None:  # type: ignore[no-untyped-def]
+    res = LocalEngine(settings, store).run(app, "mixed", {"code": 3})
+    assert res.status == "failed"
+    assert res.steps == {"a": "succeeded", "script": "failed", "after_script": "skipped",
+                         "independent": "succeeded"}
+    assert "exit code 3" in (res.error or "") and "line 29" in (res.error or "")
+    assert "line 0\n" not in (res.error or "")  # only the tail
+    steps = {s.step: s for s in store.list_steps(res.run_id)}
+    assert steps["script"].exit_code == 3
+    log = Path(steps["script"].log_path or "").read_text()
+    assert "line 0" in log and "words: hello" in log
+    run = store.get_run(res.run_id)
+    assert run is not None and run.status == "failed" and "exit code 3" in (run.error or "")
+
+
+def test_exception_in_callable_fails_the_run(app, settings: Settings, store: Store) -> None:  # type: ignore[no-untyped-def]
+    res = LocalEngine(settings, store).run(app, "raises")
+    assert res.status == "failed" and res.steps["never"] == "skipped"
+    assert "RuntimeError: the model diverged" in (res.error or "")
+
+
+def test_runs_are_tracked_in_mlflow(app, settings: Settings, store: Store) -> None:  # type: ignore[no-untyped-def]
+    res = LocalEngine(settings, store).run(app, "mixed", {"code": 0, "script.words": "hi"})
+    assert res.ok, res.error
+    client = MlflowClient(settings.tracking)
+    parent = client.get_run(res.mlflow_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["scanflow.run_id"] == res.run_id
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{res.mlflow_run_id}'")
+    by_step = {r.data.tags["scanflow.step"]: r for r in children}
+    assert set(by_step) == {"a", "script", "after_script", "independent"}
+    script = by_step["script"]
+    assert script.data.params["words"] == "hi" and script.data.params["code"] == "0"
+    assert script.data.metrics["accuracy"] == 0.5  # logged by the step through the env
+    assert by_step["independent"].data.metrics["delay"] == 0.5  # returned by a callable
+    # MLflow artifacts stay in the workspace.
+    assert parent.info.artifact_uri.startswith(settings.artifacts.as_uri())
+
+
+def test_bad_params_are_refused_before_anything_runs(app, settings: Settings, store: Store) -> None:  # type: ignore[no-untyped-def]
+    eng = LocalEngine(settings, store)
+    for bad, msg in [({"code": "x"}, "expected an int"), ({"nope": 1}, "unknown parameter"),
+                     ({"ghost.code": 1}, "no step named 'ghost'")]:
+        with pytest.raises(ParamError, match=msg):
+            eng.run(app, "mixed", bad)
+    assert store.list_runs() == []
+    with pytest.raises(KeyError, match="no workflow 'missing'"):
+        eng.run(app, "missing")
