@@ -1,0 +1,138 @@
+"""Traffic for the case study: digits sent one request each through the real HTTP service at a
+fixed rate, and an oracle labeller that sends the true label of a sample of them later (the
+stand-in for human labelling)."""
+
+from __future__ import annotations
+
+import heapq
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import httpx
+import numpy as np
+
+
+@dataclass
+class Served:
+    t: float
+    phase: str
+    label: int
+    prediction: int | None
+    version: str | None
+    status: int
+    latency_ms: float
+
+
+class OracleLabeller:
+    """Sends the true label of `fraction` of the served requests, `delay_s` after serving."""
+
+    def __init__(self, url: str, fraction: float = 0.5, delay_s: float = 2.0, seed: int = 0) -> None:
+        self.url = url.rstrip("/") + "/labels"
+        self.fraction = fraction
+        self.delay_s = delay_s
+        self.rng = random.Random(seed)
+        self._due: list[tuple[float, str, int]] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.sent = 0
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="labeller")
+        self._thread.start()
+
+    def observe(self, request_id: str, label: int) -> None:
+        if self.rng.random() < self.fraction:
+            with self._lock:
+                heapq.heappush(self._due, (time.time() + self.delay_s, request_id, label))
+
+    def _loop(self) -> None:
+        with httpx.Client(timeout=10) as client:
+            while not self._stop.is_set():
+                time.sleep(0.25)
+                self._flush(client, time.time())
+            self._flush(client, float("inf"))
+
+    def _flush(self, client: httpx.Client, now: float) -> None:
+        batch: dict[str, int] = {}
+        with self._lock:
+            while self._due and self._due[0][0] <= now:
+                _, rid, lab = heapq.heappop(self._due)
+                batch[rid] = lab
+        if batch:
+            r = client.post(self.url, json={"labels": batch})
+            r.raise_for_status()
+            self.sent += len(batch)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=15)
+
+
+class Traffic:
+    """`concurrency` clients share a fixed request rate; every response is recorded."""
+
+    def __init__(self, url: str, labeller: OracleLabeller, rate: float = 100.0,
+                 concurrency: int = 4) -> None:
+        self.url = url.rstrip("/") + "/predict"
+        self.labeller = labeller
+        self.rate = rate
+        self.concurrency = concurrency
+        self.served: list[Served] = []
+        self._lock = threading.Lock()
+
+    def phase(self, name: str, images: np.ndarray, labels: np.ndarray,
+              stop: Callable[[], bool] | None = None, progress: Callable[[int], None] | None = None,
+              timeout_s: float = 600.0) -> list[Served]:
+        """Send `images` in order (one per request) until done, `stop()` or `timeout_s`."""
+        flat = images.reshape(len(images), -1).astype(int)
+        nxt = {"i": 0}
+        start = time.time()
+        interval = self.concurrency / self.rate
+        out: list[Served] = []
+
+        def take() -> int | None:
+            with self._lock:
+                i = nxt["i"]
+                if i >= len(flat) or (stop and stop()) or time.time() - start > timeout_s:
+                    return None
+                nxt["i"] = i + 1
+                return i
+
+        def worker(k: int) -> None:
+            tick = start + k * interval / self.concurrency
+            with httpx.Client(timeout=30) as client:
+                while (i := take()) is not None:
+                    tick += interval
+                    time.sleep(max(0.0, tick - time.time()))
+                    t0 = time.time()
+                    try:
+                        r = client.post(self.url, json={"instances": [flat[i].tolist()]})
+                        status = r.status_code
+                        body = r.json() if status == 200 else {}
+                    except httpx.HTTPError:
+                        status, body = 0, {}
+                    rec = Served(t0, name, int(labels[i]),
+                                 int(body["predictions"][0]) if body else None,
+                                 body.get("model_version"), status, (time.time() - t0) * 1000)
+                    if body:
+                        self.labeller.observe(body["ids"][0], int(labels[i]))
+                    with self._lock:
+                        out.append(rec)
+                        n = len(out)
+                    if progress and n % 100 == 0:
+                        progress(n)
+
+        threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(self.concurrency)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        out.sort(key=lambda s: s.t)
+        self.served.extend(out)
+        return out
+
+
+def accuracy(records: list[Served]) -> float | None:
+    ok = [r for r in records if r.status == 200]
+    return float(np.mean([r.prediction == r.label for r in ok])) if ok else None
