@@ -13,6 +13,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 
 class Settings(BaseSettings):

@@ -28,5 +28,11 @@ class StepContext:
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
         self.tracker.log_metrics(self.mlflow_run_id, metrics, step)
 
+    def mlflow_run(self) -> Any:
+        """`with ctx.mlflow_run():` makes this step's MLflow run the active one (fluent API)."""
+        import mlflow
+
+        return mlflow.start_run(run_id=self.mlflow_run_id)
+
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.tracker.client.log_artifact(self.mlflow_run_id, str(path), artifact_path)

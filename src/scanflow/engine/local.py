@@ -83,6 +83,12 @@ class LocalEngine(Engine):
         self.store = store
         self.tracker = tracker or Tracker(settings)
         self.concurrency = concurrency or settings.concurrency
+        # In-process steps use MLflow's fluent API too: point it at our store, never ./mlruns.
+        import mlflow
+
+        mlflow.set_tracking_uri(self.tracker.uri)
+        if settings.registry_uri:
+            mlflow.set_registry_uri(settings.registry_uri)
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._lock = threading.Lock()
 

@@ -1,0 +1,87 @@
+"""The CLI: exit 0 on success, 1 when a run fails, 2 on bad input (and then nothing starts)."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from scanflow.cli.main import app
+from scanflow.store import Store
+
+SPEC = '''
+app: demo
+team: ds
+workflows:
+  ok:
+    steps:
+      - {name: hello, call: "steps:hello", params: {who: world}}
+      - {name: bye, call: "steps:hello", params: {who: moon}, after: [hello]}
+  broken:
+    steps:
+      - {name: fails, run: "python -c 'import sys; print(\\"bad luck\\"); sys.exit(4)'"}
+'''
+
+
+@pytest.fixture
+def spec(tmp_path: Path) -> Path:
+    d = tmp_path / "app"
+    d.mkdir()
+    (d / "steps.py").write_text(textwrap.dedent('''
+        def hello(who, ctx):
+            ctx.log(f"hello {who}")
+    '''))
+    (d / "scanflow.yaml").write_text(SPEC)
+    return d
+
+
+def cli(settings, *args: str) -> tuple[int, str]:  # type: ignore[no-untyped-def]
+    res = CliRunner().invoke(app, ["--workspace", str(settings.root), *args])
+    return res.exit_code, res.output
+
+
+def test_run_then_inspect(spec: Path, settings) -> None:  # type: ignore[no-untyped-def]
+    code, out = cli(settings, "run", str(spec), "ok", "-p", "hello.who=you")
+    assert code == 0, out
+    assert "succeeded" in out
+    run = Store(settings.store).list_runs()[0]
+    code, out = cli(settings, "runs", "show", run.id[:10])
+    assert code == 0 and "hello" in out and "bye" in out and "succeeded" in out
+    code, out = cli(settings, "logs", run.id, "hello")
+    assert code == 0 and "hello you" in out and "moon" not in out
+    code, out = cli(settings, "runs", "list")
+    assert code == 0 and run.id[:12] in out
+
+
+def test_failed_run_exits_1_with_the_tail(spec: Path, settings) -> None:  # type: ignore[no-untyped-def]
+    code, out = cli(settings, "run", str(spec), "broken")
+    assert code == 1
+    assert "exit code 4" in out and "bad luck" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "{spec}", "nope"], "no workflow 'nope'"),
+    (["run", "{spec}", "ok", "-p", "who"], "expected name=value"),
+    (["run", "{spec}", "ok", "-p", "ghost=1"], "unknown parameter"),
+    (["run", "{spec}/missing.yaml", "ok"], "cannot read"),
+    (["runs", "show", "deadbeef"], "no run 'deadbeef'"),
+    (["logs", "deadbeef"], "no run 'deadbeef'"),
+    (["scale", "ghost", "2"], "ghost"),
+    (["scale", "ghost", "0"], "0"),
+    (["rollout", "ghost"], "ghost"),
+])
+def test_bad_input_exits_2(spec: Path, settings, args: list[str], message: str) -> None:  # type: ignore[no-untyped-def]
+    code, out = cli(settings, *[a.replace("{spec}", str(spec)) for a in args])
+    assert code == 2, out
+    assert message in out
+    if args[0] == "run":
+        assert Store(settings.store).list_runs() == []  # nothing started
+
+
+def test_logs_unknown_step(spec: Path, settings) -> None:  # type: ignore[no-untyped-def]
+    assert cli(settings, "run", str(spec), "ok")[0] == 0
+    run = Store(settings.store).list_runs()[0]
+    code, out = cli(settings, "logs", run.id, "nope")
+    assert code == 2 and "has no step 'nope'" in out
