@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import sys
 import time
 from datetime import UTC, datetime
@@ -63,8 +64,8 @@ def reset(settings: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workspace", default=os.environ.get("SCANFLOW_WORKSPACE", ".scanflow"))
-    p.add_argument("--corruption", default="rotate")
-    p.add_argument("--severity", type=int, default=3)
+    p.add_argument("--corruption", default="brightness")
+    p.add_argument("--severity", type=int, default=2)
     p.add_argument("--rate", type=float, default=100.0, help="requests per second")
     p.add_argument("--clean", type=int, default=3000, help="clean requests before the drift")
     p.add_argument("--after", type=int, default=2000, help="corrupted requests after the rollout")
@@ -72,9 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--drift-timeout", type=float, default=360.0)
     p.add_argument("--keep", action="store_true", help="keep the previous state")
     args = p.parse_args(argv)
+    # A SIGTERM (CI timeout, `kill`) must still stop the agents and the service we started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     os.environ["SCANFLOW_WORKSPACE"] = str(Path(args.workspace).resolve())
     from corruptions import corrupt
+    from mnist_common import test_split
     from mnist_data import load_mnist
     from report import write_report
     from traffic import OracleLabeller, Traffic, accuracy
@@ -115,7 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     deployer = LocalDeployer(settings, store)
     supervisor = AgentSupervisor(settings, store)
     svc = de_app.services[SERVICE]
-    x_train, y_train, x_test, y_test = load_mnist(settings.root)
+    _, _, x_test, y_test = load_mnist(settings.root)
+    _, served_idx = test_split(len(y_test))
+    if args.clean + args.after + 1000 > len(served_idx):
+        p.error("--clean plus --after leave fewer than 1000 test digits for the drifted stream")
     try:
         dep = deployer.deploy(SERVICE, app=de_app.app, team=de_app.team, model=svc.model,
                               alias=svc.alias, replicas=svc.replicas, port=svc.port)
@@ -131,13 +138,20 @@ def main(argv: list[str] | None = None) -> int:
 
         say(t0, f"traffic: {args.clean} clean digits at {args.rate:.0f} req/s")
         t = time.time()
-        clean = traffic.phase("clean", x_test[: args.clean], y_test[: args.clean])
+        clean_idx = served_idx[: args.clean]
+        clean = traffic.phase("clean", x_test[clean_idx], y_test[clean_idx])
         phases.append({"name": "clean", "start": iso(t), "end": iso(time.time()),
                        "requests": len(clean), "accuracy": accuracy(clean)})
 
-        pool_x = np.concatenate([x_test[args.clean:], x_train[-10000:]])
-        pool_y = np.concatenate([y_test[args.clean:], y_train[-10000:]])
-        pool_x = corrupt(pool_x, args.corruption, args.severity, seed=1)
+        # Served digits never include the reference sample; the after-rollout digits are never
+        # among those labelled for retraining (so `drift_after` is measured on unseen data).
+        after_idx = served_idx[args.clean:args.clean + args.after]
+        drift_idx = served_idx[args.clean + args.after:]
+        reps = 5
+        pool_x = np.concatenate([corrupt(x_test[drift_idx], args.corruption, args.severity, seed=10 + r)
+                                 for r in range(reps)])
+        pool_y = np.tile(y_test[drift_idx], reps)
+        after_x = corrupt(x_test[after_idx], args.corruption, args.severity, seed=99)
         drift_start = time.time()
         seen: set[int] = set()
         state = {"last": 0.0, "rolled": False}
@@ -158,12 +172,11 @@ def main(argv: list[str] | None = None) -> int:
         say(t0, f"traffic: corrupted stream ({args.corruption}, severity {args.severity}) "
                 "until the agents have rolled out a new model")
         drift = traffic.phase("drift", pool_x, pool_y, stop=rolled_out, timeout_s=args.drift_timeout)
-        k = len(drift)
         rolled_at = time.time()
         if not state["rolled"]:
             say(t0, "[red]no rollout within the drift timeout[/]")
         say(t0, f"traffic: {args.after} more corrupted digits on the new model")
-        after = traffic.phase("after_rollout", pool_x[k:k + args.after], pool_y[k:k + args.after])
+        after = traffic.phase("after_rollout", after_x, y_test[after_idx])
         labeller.close()
         rolled_out()
         phases.append({"name": "drift", "corruption": args.corruption, "severity": args.severity,

@@ -10,20 +10,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import mlflow
 import numpy as np
-from mnist_common import flat, load_npz
+from mnist_common import load_npz, reference_sample
 
 p = argparse.ArgumentParser()
 p.add_argument("--dataset", required=True)
 p.add_argument("--reference_size", type=int, default=1000)
-p.add_argument("--seed", type=int, default=0)
 a = p.parse_args()
 
 d = load_npz(Path(a.dataset))
-rng = np.random.default_rng(a.seed)
-idx = rng.choice(len(d["y_train"]), size=a.reference_size, replace=False)
 with tempfile.TemporaryDirectory() as tmp, mlflow.start_run():
     shutil.copy(a.dataset, Path(tmp) / "mnist.npz")
-    np.save(Path(tmp) / "reference.npy", flat(d["x_train"][idx]).astype(np.uint8))
+    np.save(Path(tmp) / "reference.npy", reference_sample(d, a.reference_size))
     mlflow.log_artifact(str(Path(tmp) / "mnist.npz"), "datasets")
     mlflow.log_artifact(str(Path(tmp) / "reference.npy"), "reference")
     mlflow.set_tags({"dataset": "mnist", "reference_size": a.reference_size})

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import mlflow
 import numpy as np
 from mlflow.tracking import MlflowClient
-from mnist_common import MODEL_NAME, accuracy, flat, load_npz
+from mnist_common import MODEL_NAME, accuracy, flat, load_npz, reference_sample
 
 from scanflow.tracking import log_sklearn_model
 
@@ -33,7 +33,7 @@ for name, path in (("a", a.model_a), ("b", a.model_b)):
         models[name] = pickle.load(f)
     scores[name] = accuracy(models[name], d["x_test"], d["y_test"])
 best = max(scores, key=scores.__getitem__)
-ref = flat(d["x_train"][np.random.default_rng(0).choice(len(d["y_train"]), a.reference_size, False)])
+ref = reference_sample(d, a.reference_size)
 with mlflow.start_run(), tempfile.TemporaryDirectory() as tmp:
     mlflow.log_metrics({f"acc_clean_{k}": v for k, v in scores.items()})
     np.save(Path(tmp) / "reference.npy", ref.astype(np.uint8))
