@@ -64,7 +64,7 @@ def reset(settings: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workspace", default=os.environ.get("SCANFLOW_WORKSPACE", ".scanflow"))
-    p.add_argument("--corruption", default="brightness")
+    p.add_argument("--corruption", default="fog")
     p.add_argument("--severity", type=int, default=2)
     p.add_argument("--rate", type=float, default=100.0, help="requests per second")
     p.add_argument("--clean", type=int, default=3000, help="clean requests before the drift")
