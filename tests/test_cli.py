@@ -69,7 +69,7 @@ def test_failed_run_exits_1_with_the_tail(spec: Path, settings) -> None:  # type
     (["runs", "show", "deadbeef"], "no run 'deadbeef'"),
     (["logs", "deadbeef"], "no run 'deadbeef'"),
     (["scale", "ghost", "2"], "ghost"),
-    (["scale", "ghost", "0"], "0"),
+    (["scale", "ghost", "0"], "greater than or equal to 1"),
     (["rollout", "ghost"], "ghost"),
 ])
 def test_bad_input_exits_2(spec: Path, settings, args: list[str], message: str) -> None:  # type: ignore[no-untyped-def]

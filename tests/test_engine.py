@@ -104,7 +104,8 @@ def test_concurrency_one_serialises(app, settings: Settings, store: Store) -> No
     assert left["t1"] <= right["t0"] or right["t1"] <= left["t0"]
 
 
-def test_failure_stops_dependants_and_reports_exit_code_and_tail(app, settings: Settings, store: Store) -> None:  # type: ignore[no-untyped-def]
+def test_failure_stops_dependants_and_reports_exit_code_and_tail(  # type: ignore[no-untyped-def]
+        app, settings: Settings, store: Store) -> None:
     res = LocalEngine(settings, store).run(app, "mixed", {"code": 3})
     assert res.status == "failed"
     assert res.steps == {"a": "succeeded", "script": "failed", "after_script": "skipped",

@@ -65,8 +65,8 @@ def test_good_spec_loads_with_types_and_defaults(tmp_path: Path) -> None:
 
 
 def test_unknown_key_is_reported_with_its_path(tmp_path: Path) -> None:
-    bad = GOOD.replace("outputs: [data]", "outputs: [data]\n        retries: 3")
-    assert issues_of(tmp_path, bad) == ["workflows.train.steps[0].retries: unknown key"]
+    bad = GOOD.replace("outputs: [data]", "outputs: [data]\n        retires: 3")
+    assert issues_of(tmp_path, bad) == ["workflows.train.steps[0].retires: unknown key"]
 
 
 def test_wrong_type_names_the_field(tmp_path: Path) -> None:
@@ -83,7 +83,8 @@ def test_after_naming_a_missing_step(tmp_path: Path) -> None:
 
 
 def test_cycle_is_refused(tmp_path: Path) -> None:
-    bad = GOOD.replace("        run: python load.py\n", "        run: python load.py\n        after: [report]\n")
+    bad = GOOD.replace("        run: python load.py\n",
+                       "        run: python load.py\n        after: [report]\n")
     (msg,) = issues_of(tmp_path, bad)
     assert "dependency cycle" in msg and "load" in msg and "report" in msg
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import re
 import sys
 from collections.abc import Callable, Iterable
@@ -79,14 +80,35 @@ def _find_cycle(graph: dict[str, list[str]]) -> list[str] | None:
     return None
 
 
+def _import_from(mod_name: str, base_dir: Path | None) -> Any:
+    """Import `mod_name`, preferring the app folder's own file: two apps may both have a
+    `steps.py`, and the one already in `sys.modules` may belong to the other."""
+    if base_dir is None:
+        return importlib.import_module(mod_name)
+    if str(base_dir) not in sys.path:
+        sys.path.insert(0, str(base_dir))
+    rel = Path(*mod_name.split("."))
+    for candidate in (base_dir / rel.with_suffix(".py"), base_dir / rel / "__init__.py"):
+        if candidate.is_file():
+            loaded = sys.modules.get(mod_name)
+            loaded_file = getattr(loaded, "__file__", None) if loaded is not None else None
+            if loaded_file and Path(loaded_file).resolve() == candidate.resolve():
+                return loaded
+            spec = importlib.util.spec_from_file_location(mod_name, candidate)
+            assert spec is not None and spec.loader is not None
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[mod_name] = module
+            spec.loader.exec_module(module)
+            return module
+    return importlib.import_module(mod_name)
+
+
 def resolve_callable(path: str | Callable[..., Any], base_dir: Path | None = None) -> Callable[..., Any]:
     """'package.module:function' -> the function; the app folder is importable."""
     if callable(path):
         return path
     mod_name, _, attr = path.partition(":")
-    if base_dir is not None and str(base_dir) not in sys.path:
-        sys.path.insert(0, str(base_dir))
-    mod = importlib.import_module(mod_name)
+    mod = _import_from(mod_name, base_dir)
     obj: Any = mod
     for part in attr.split("."):
         obj = getattr(obj, part)

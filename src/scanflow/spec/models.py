@@ -96,6 +96,53 @@ def _params_from_short_form(value: Any) -> Any:
     return out
 
 
+_MEM = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(k|ki|m|mi|g|gi|kb|mb|gb)?\s*$", re.I)
+
+
+def parse_memory(value: int | float | str) -> int:
+    """Bytes from 512, '512Mi', '2G', '1.5GiB'."""
+    if isinstance(value, bool):
+        raise ValueError("memory must be bytes or a string like '512Mi'")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("memory must not be negative")
+        return int(value)
+    m = _MEM.match(str(value).replace("iB", "i").replace("B", ""))
+    if not m:
+        raise ValueError(f"cannot read {value!r} as memory (use e.g. 512Mi, 2G)")
+    unit = (m.group(2) or "").lower().rstrip("b")
+    mult = {"": 1, "k": 10**3, "ki": 2**10, "m": 10**6, "mi": 2**20, "g": 10**9, "gi": 2**30}[unit]
+    return int(float(m.group(1)) * mult)
+
+
+class RetryPolicy(_Strict):
+    """How a failed step is tried again: `count` more times, waiting `backoff * 2**k`
+    seconds (at most `max_backoff`) plus up to `jitter` of that at random."""
+
+    count: int = Field(default=0, ge=0, le=100)
+    backoff: float = Field(default=1.0, ge=0)
+    max_backoff: float = Field(default=60.0, ge=0)
+    jitter: float = Field(default=0.5, ge=0, le=1)
+    on_exit_codes: list[int] | None = Field(default=None, description="retry only these (None: any)")
+    on_exceptions: list[str] | None = Field(default=None, description="exception class names")
+    on_timeout: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short(cls, v: Any) -> Any:
+        return {"count": v} if isinstance(v, int) and not isinstance(v, bool) else v
+
+
+class Resources(_Strict):
+    cpus: float = Field(default=1.0, gt=0, le=1024)
+    memory: int = Field(default=0, ge=0, description="bytes; accepts '512Mi', '2G'")
+
+    @field_validator("memory", mode="before")
+    @classmethod
+    def _mem(cls, v: Any) -> Any:
+        return parse_memory(v)
+
+
 class Step(_Strict):
     """A batch step: a command run as a subprocess, or a Python callable run in-process."""
 
@@ -108,8 +155,17 @@ class Step(_Strict):
     outputs: list[str] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict)
     registers: list[str] = Field(default_factory=list, description="model names this step registers")
+    retries: RetryPolicy = Field(default_factory=RetryPolicy)
+    timeout: float | None = Field(default=None, description="seconds; kills the step's process tree")
+    cache: bool = Field(default=True, description="reuse a successful run with the same inputs")
+    resources: Resources = Field(default_factory=Resources)
 
     _short_params = field_validator("params", mode="before")(_params_from_short_form)
+
+    @field_validator("timeout", mode="before")
+    @classmethod
+    def _timeout(cls, v: Any) -> Any:
+        return None if v is None else parse_duration(v)
 
     def deps(self) -> list[str]:
         """`after` plus the steps whose outputs this step reads (data implies order)."""
@@ -129,8 +185,37 @@ class Step(_Strict):
         return self
 
 
+class WorkflowTrigger(_Strict):
+    """What starts a workflow on its own: a cron schedule, another workflow's success, or a
+    model-registry event. Exactly one kind per trigger."""
+
+    cron: str | None = Field(default=None, description="5-field crontab, UTC")
+    after_workflow: str | None = Field(default=None, description="'workflow' or 'app/team/workflow'")
+    model: str | None = Field(default=None, description="registered model name to watch")
+    on: Literal["version_registered", "alias_moved"] = "version_registered"
+    alias: str | None = Field(default=None, description="for alias_moved: which alias")
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> WorkflowTrigger:
+        kinds = [k for k in ("cron", "after_workflow", "model") if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError("a trigger needs exactly one of `cron`, `after_workflow`, `model`")
+        if self.cron is not None:
+            from apscheduler.triggers.cron import CronTrigger
+
+            try:
+                CronTrigger.from_crontab(self.cron, timezone="UTC")
+            except ValueError as exc:
+                raise ValueError(f"bad cron expression {self.cron!r}: {exc}") from None
+        if self.model is not None and self.on == "alias_moved" and not self.alias:
+            raise ValueError("`on: alias_moved` needs `alias`")
+        return self
+
+
 class Workflow(_Strict):
     description: str = ""
+    triggers: list[WorkflowTrigger] = Field(default_factory=list)
     steps: list[Step] = Field(min_length=1)
     params: dict[str, ParamSpec] = Field(default_factory=dict, description="shared by all steps")
 

@@ -1,0 +1,58 @@
+"""The deployer interface every serving backend implements (local gunicorn now, Ray Serve later).
+
+Agents and the CLI only talk to this interface, so switching `backend: ray` changes no
+calling code. Every method returns or records the store's `Deployment` row, the one place
+where the control plane reads what runs.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+from scanflow.store.schema import Deployment
+
+
+class UnknownService(KeyError):
+    """No deployment of that name in the store."""
+
+    def __str__(self) -> str:  # KeyError would print the repr of its argument
+        return str(self.args[0]) if self.args else "unknown service"
+
+
+class Deployer(ABC):
+    """Runs model services: deploy, scale, roll out a new model version, stop, inspect."""
+
+    @abstractmethod
+    def deploy(
+        self,
+        service: str,
+        *,
+        app: str,
+        team: str,
+        model: str,
+        alias: str = "champion",
+        replicas: int = 1,
+        port: int = 0,
+    ) -> Deployment:
+        """Serve `models:/<model>@<alias>` (resolved to a version now) as `service`."""
+
+    @abstractmethod
+    def scale(self, service: str, replicas: int) -> Deployment:
+        """Change the replica count at run time without failing a request."""
+
+    @abstractmethod
+    def rollout(self, service: str) -> Deployment:
+        """Serve the version the alias points to now; a no-op when it did not move."""
+
+    @abstractmethod
+    def stop(self, service: str) -> None:
+        """Stop every process of the service and mark it stopped."""
+
+    @abstractmethod
+    def status(self, service: str) -> dict[str, Any]:
+        """Liveness, replicas and versions served right now."""
+
+    @abstractmethod
+    def url(self, service: str) -> str:
+        """Base URL of the service (`<url>/predict`)."""

@@ -1,0 +1,500 @@
+"""Local serving backend: each service is one gunicorn master, each worker one replica.
+
+- scale: SIGTTIN/SIGTTOU, one at a time, each confirmed on /proc and the worker files before
+  the next (identical signals sent back to back coalesce into one);
+- rollout: rewrite the service config, SIGHUP; gunicorn forks workers that read the new
+  version and SIGTERMs the old ones, which keep serving until a new one is ready and then
+  hand their keep-alive clients over (`gunicorn_conf.DrainingUvicornWorker`);
+- the master runs in its own session, so services outlive the process that deployed them;
+  every fact a later process needs (pid, port, version) is in the store and the workdir.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from scanflow.serving.app import (
+    CONFIG_ENV,
+    ServiceConfig,
+    child_pids,
+    pid_alive,
+    read_workers,
+    workers_dir,
+)
+from scanflow.serving.backend import Deployer, UnknownService
+from scanflow.settings import Settings
+from scanflow.store import Store
+from scanflow.store.schema import Deployment
+
+WORKER_CLASS = "scanflow.serving.gunicorn_conf.DrainingUvicornWorker"
+APP_FACTORY = "scanflow.serving.app:create_app()"
+GUNICORN_CONF = Path(__file__).with_name("gunicorn_conf.py")
+# Heavy libraries behind MLflow flavours, preloaded by the master (see gunicorn_conf._preload).
+FLAVOUR_LIBS = {
+    "mlflow.sklearn": ["sklearn", "skops.io"],
+    "mlflow.pytorch": ["torch"],
+    "mlflow.xgboost": ["xgboost"],
+    "mlflow.lightgbm": ["lightgbm"],
+    "mlflow.onnx": ["onnxruntime"],
+}
+BASE_PRELOAD = ["scanflow.serving.app", "mlflow.pyfunc"]
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+SOURCE = "deployer"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nobody listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def group_pids(pgid: int) -> list[int]:
+    """Live members of a process group (a service's master and workers share one)."""
+    out = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+            out.append(int(entry.name))
+    return out
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+class LocalDeployer(Deployer):
+    """Services as gunicorn masters on 127.0.0.1, state in the store and the services dir."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        *,
+        ready_timeout: float = 120.0,
+        stop_timeout: float = 75.0,
+        preflight: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.ready_timeout = ready_timeout
+        self.stop_timeout = stop_timeout
+        self.preflight = preflight
+        self._procs: dict[int, subprocess.Popen[bytes]] = {}  # masters we started: reap them
+
+    # -- paths and small helpers -------------------------------------------------------------
+    def workdir(self, service: str) -> Path:
+        return self.settings.services_dir / service
+
+    def _config_path(self, service: str) -> Path:
+        return self.workdir(service) / "service.json"
+
+    def _log_path(self, service: str) -> Path:
+        return self.workdir(service) / "server.log"
+
+    @contextmanager
+    def _locked(self, service: str) -> Iterator[None]:
+        """Serialise actions on one service, also across processes (two controllers)."""
+        wd = self.workdir(service)
+        wd.mkdir(parents=True, exist_ok=True)
+        with open(wd / ".lock", "w") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def _alive(self, pid: int | None) -> bool:
+        if not pid:
+            return False
+        proc = self._procs.get(pid)
+        if proc is not None and proc.poll() is not None:
+            return False
+        return pid_alive(pid)
+
+    def _master_alive(self, dep: Deployment) -> bool:
+        """The recorded master still runs (and the pid was not reused by something else)."""
+        if not self._alive(dep.pid):
+            return False
+        try:
+            argv = Path(f"/proc/{dep.pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return False
+        return any(b"gunicorn" in a for a in argv) and f"{dep.host}:{dep.port}".encode() in argv
+
+    def _get(self, service: str) -> Deployment:
+        dep = self.store.get_deployment(service)
+        if dep is None:
+            raise UnknownService(f"unknown service {service!r}: not deployed")
+        return dep
+
+    def _running(self, service: str) -> Deployment:
+        dep = self._get(service)
+        if dep.status != "running" or not self._master_alive(dep):
+            raise RuntimeError(
+                f"service {service!r} is not running (status {dep.status}, pid {dep.pid})"
+            )
+        return dep
+
+    def _client(self) -> Any:
+        from mlflow import MlflowClient
+
+        return MlflowClient(tracking_uri=self.settings.tracking,
+                            registry_uri=self.settings.registry_uri)
+
+    def _resolve(self, model: str, alias: str) -> str:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return str(self._client().get_model_version_by_alias(model, alias).version)
+        except MlflowException as exc:
+            raise ValueError(
+                f"models:/{model}@{alias} not found in the registry at "
+                f"{self.settings.registry_uri or self.settings.tracking}: {exc.message}"
+            ) from None
+
+    def _preload(self, model: str, version: str) -> list[str]:
+        """Modules worth importing in the master for this model version."""
+        mods = list(BASE_PRELOAD)
+        kind = "rest" if self.settings.tracking.startswith(("http:", "https:")) else "sqlalchemy"
+        mods += [f"mlflow.store.tracking.{kind}_store", f"mlflow.store.model_registry.{kind}_store"]
+        try:
+            from mlflow.artifacts import download_artifacts
+            from mlflow.models import Model
+
+            uri = self._client().get_model_version_download_uri(model, version)
+            path = download_artifacts(artifact_uri=uri.rstrip("/") + "/MLmodel",
+                                      tracking_uri=self.settings.tracking)
+            loader = Model.load(path).flavors.get("python_function", {}).get("loader_module")
+        except Exception:  # an unreadable model fails in the worker with a proper message
+            loader = None
+        if loader:
+            mods += [loader, *FLAVOUR_LIBS.get(loader, [])]
+        return mods
+
+    def _workers(self, master: int, workdir: Path) -> list[dict[str, Any]]:
+        """The master's live children, each with what its announcement file says."""
+        infos = read_workers(workdir)
+        out = []
+        for pid in child_pids(master):
+            info = infos.get(pid)
+            out.append({
+                "pid": pid,
+                "ready": info is not None,
+                "draining": bool(info and info.get("draining")),
+                "model_version": info.get("model_version") if info else None,
+            })
+        return out
+
+    def _active(self, master: int, workdir: Path) -> list[dict[str, Any]]:
+        return [w for w in self._workers(master, workdir) if not w["draining"]]
+
+    def _env(self, config_path: Path, metrics_dir: Path) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(self.settings.child_env())
+        env.update({
+            CONFIG_ENV: str(config_path),
+            "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+            "OMP_NUM_THREADS": "1",
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+            "PYTHONUNBUFFERED": "1",
+        })
+        return env
+
+    def _wait(self, what: str, cond: Any, timeout: float, service: str, pid: int) -> None:
+        """Poll `cond()` until true; a dead master or the deadline raise with the log tail."""
+        end = time.monotonic() + timeout
+        while True:
+            if cond():
+                return
+            if not self._alive(pid):
+                raise RuntimeError(
+                    f"service {service!r}: gunicorn master {pid} exited while waiting for "
+                    f"{what}; last lines of {self._log_path(service)}:\n"
+                    f"{tail(self._log_path(service))}"
+                )
+            if time.monotonic() > end:
+                raise TimeoutError(
+                    f"service {service!r}: no {what} after {timeout:.0f}s; last lines of "
+                    f"{self._log_path(service)}:\n{tail(self._log_path(service))}"
+                )
+            time.sleep(0.05)
+
+    # -- Deployer ----------------------------------------------------------------------------
+    def deploy(
+        self,
+        service: str,
+        *,
+        app: str,
+        team: str,
+        model: str,
+        alias: str = "champion",
+        replicas: int = 1,
+        port: int = 0,
+    ) -> Deployment:
+        if not _NAME.match(service):
+            raise ValueError(f"service name {service!r}: use letters, digits, '.', '_', '-'")
+        if replicas < 1:
+            raise ValueError(f"replicas must be >= 1, got {replicas}")
+        with self._locked(service):
+            old = self.store.get_deployment(service)
+            if old is not None and old.status == "running" and self._master_alive(old):
+                raise ValueError(
+                    f"service {service!r} is already running (pid {old.pid}, "
+                    f"http://{old.host}:{old.port}): stop it first, or use scale/rollout"
+                )
+            if old is not None and old.pid and group_pids(old.pid):
+                self._kill_tree(old.pid, grace=10.0)  # orphans of a master that died
+            version = self._resolve(model, alias)
+            host = self.settings.host
+            port = port or free_port(host)
+            wd = self.workdir(service)
+            metrics_dir = wd / "metrics"
+            for d in (metrics_dir, workers_dir(wd)):
+                shutil.rmtree(d, ignore_errors=True)  # counters of a previous run are stale
+                d.mkdir(parents=True)
+            cfg = ServiceConfig(
+                service=service, app=app, team=team, model_name=model, alias=alias,
+                model_version=version, tracking_uri=self.settings.tracking,
+                registry_uri=self.settings.registry_uri, store_url=self.settings.store,
+                workdir=str(wd), replicas=replicas, preload=self._preload(model, version),
+            )
+            cfg.save(self._config_path(service))
+            cmd = [
+                sys.executable, "-m", "gunicorn",
+                "-c", str(GUNICORN_CONF),
+                "-k", WORKER_CLASS,
+                "-b", f"{host}:{port}",
+                APP_FACTORY,
+            ]
+            logf = open(self._log_path(service), "ab")
+            try:
+                proc = subprocess.Popen(
+                    cmd, cwd=wd, stdin=subprocess.DEVNULL, stdout=logf,
+                    stderr=subprocess.STDOUT, env=self._env(self._config_path(service),
+                                                            metrics_dir),
+                    start_new_session=True,
+                )
+            finally:
+                logf.close()
+            self._procs[proc.pid] = proc
+            t0 = time.monotonic()
+            try:
+                self._wait(
+                    f"{replicas} ready worker(s)",
+                    lambda: self._all_serving(proc.pid, wd, version, replicas)
+                    and self._health_ok(f"http://{host}:{port}"),
+                    self.ready_timeout, service, proc.pid,
+                )
+            except Exception:
+                self._kill_tree(proc.pid, grace=5.0)
+                self.store.put_deployment(
+                    service=service, app=app, team=team, model_name=model, alias=alias,
+                    model_version=version, host=host, port=port, pid=None, replicas=replicas,
+                    status="failed", workdir=str(wd),
+                )
+                self.store.add_event(SOURCE, "deploy_failed", service, model=model,
+                                     model_version=version)
+                raise
+            dep = self.store.put_deployment(
+                service=service, app=app, team=team, model_name=model, alias=alias,
+                model_version=version, host=host, port=port, pid=proc.pid, replicas=replicas,
+                status="running", workdir=str(wd),
+            )
+            self.store.add_event(
+                SOURCE, "deployed", service, app=app, team=team, model=model, alias=alias,
+                model_version=version, replicas=replicas, port=port, pid=proc.pid,
+                seconds=round(time.monotonic() - t0, 3),
+            )
+            return dep
+
+    def _all_serving(self, master: int, wd: Path, version: str, n: int) -> bool:
+        """Exactly n workers, all announced with `version`, none draining."""
+        ws = self._workers(master, wd)
+        return len(ws) == n and all(
+            w["ready"] and not w["draining"] and w["model_version"] == version for w in ws
+        )
+
+    @staticmethod
+    def _health_ok(url: str) -> bool:
+        try:
+            return httpx.get(f"{url}/health", timeout=2.0).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def scale(self, service: str, replicas: int) -> Deployment:
+        if replicas < 1:
+            raise ValueError(f"replicas must be >= 1, got {replicas}")
+        with self._locked(service):
+            dep = self._running(service)
+            wd, master = Path(dep.workdir), int(dep.pid or 0)
+            cfg = ServiceConfig.load(self._config_path(service))
+            before = len(self._active(master, wd))
+            cfg.replicas = replicas
+            cfg.save(self._config_path(service))  # a later HUP keeps this count
+            end = time.monotonic() + self.ready_timeout
+            while True:
+                n = len(self._active(master, wd))
+                if n == replicas:
+                    break
+                if time.monotonic() > end or not self._alive(master):
+                    raise RuntimeError(
+                        f"service {service!r}: stuck at {n} workers, wanted {replicas}; "
+                        f"last lines of the log:\n{tail(self._log_path(service))}"
+                    )
+                os.kill(master, signal.SIGTTIN if n < replicas else signal.SIGTTOU)
+                # One signal, one step: wait until the master acted before the next one.
+                step_end = time.monotonic() + 3.0
+                while len(self._active(master, wd)) == n and time.monotonic() < step_end:
+                    time.sleep(0.05)
+            self._wait(
+                f"{replicas} ready worker(s)",
+                lambda: self._all_serving(master, wd, cfg.model_version, replicas),
+                self.ready_timeout, service, master,
+            )
+            self.store.update_deployment(service, replicas=replicas)
+            self.store.add_event(SOURCE, "scaled", service, **{"from": before, "to": replicas})
+            return self._get(service)
+
+    def rollout(self, service: str) -> Deployment:
+        with self._locked(service):
+            dep = self._running(service)
+            wd, master = Path(dep.workdir), int(dep.pid or 0)
+            path = self._config_path(service)
+            cfg = ServiceConfig.load(path)
+            new = self._resolve(cfg.model_name, cfg.alias)
+            old = cfg.model_version
+            if new == old:
+                return dep
+            if self.preflight:
+                self._preflight(cfg.model_name, new, service)
+            t0 = time.monotonic()
+            replicas = dep.replicas
+            cfg.model_version, cfg.replicas = new, replicas
+            cfg.preload = self._preload(cfg.model_name, new)
+            cfg.save(path)
+            self.store.add_event(SOURCE, "rollout_started", service, from_version=old,
+                                 to_version=new, replicas=replicas)
+            os.kill(master, signal.SIGHUP)
+            try:
+                self._wait(
+                    f"{replicas} worker(s) serving version {new}",
+                    lambda: self._all_serving(master, wd, new, replicas),
+                    self.ready_timeout, service, master,
+                )
+            except Exception as exc:
+                cfg.model_version = old
+                cfg.save(path)  # workers forked from now on serve the old version again
+                alive = self._alive(master)
+                self.store.update_deployment(service, status="running" if alive else "failed")
+                self.store.add_event(SOURCE, "rollout_failed", service, from_version=old,
+                                     to_version=new, error=str(exc)[:2000])
+                raise
+            seconds = round(time.monotonic() - t0, 3)
+            self.store.update_deployment(service, model_version=new, replicas=replicas)
+            self.store.add_event(SOURCE, "rollout_completed", service, from_version=old,
+                                 to_version=new, seconds=seconds)
+            return self._get(service)
+
+    def _preflight(self, model: str, version: str, service: str) -> None:
+        """Load the new version in a throw-away process: a worker that fails to boot makes
+        gunicorn halt the whole service, so never HUP into a version that does not load."""
+        uri = f"models:/{model}/{version}"
+        code = "import sys, mlflow.pyfunc; mlflow.pyfunc.load_model(sys.argv[1])"
+        env = self._env(self._config_path(service), self.workdir(service) / "metrics")
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        try:
+            res = subprocess.run([sys.executable, "-c", code, uri], env=env, capture_output=True,
+                                 timeout=self.ready_timeout, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"{uri}: loading took longer than {self.ready_timeout}s") from None
+        if res.returncode != 0:
+            err = res.stderr.decode(errors="replace").strip().splitlines()[-10:]
+            raise RuntimeError(f"{uri} does not load, rollout refused:\n" + "\n".join(err))
+
+    def stop(self, service: str) -> None:
+        with self._locked(service):
+            dep = self._get(service)
+            pid = dep.pid
+            if pid and (self._master_alive(dep) or group_pids(pid)):
+                self._kill_tree(pid, grace=self.stop_timeout)
+            self.store.update_deployment(service, status="stopped", pid=None)
+            self.store.add_event(SOURCE, "stopped", service, pid=pid)
+
+    def _kill_tree(self, master: int, grace: float) -> None:
+        """SIGTERM the master (it stops its workers gracefully), or the process group when
+        the master is gone but orphaned workers still hold the port; SIGKILL what is left."""
+        try:
+            if self._alive(master):
+                os.kill(master, signal.SIGTERM)
+            else:
+                os.killpg(master, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        end = time.monotonic() + grace
+        while time.monotonic() < end and group_pids(master):
+            self._alive(master)  # reaps our own child as soon as it exits
+            time.sleep(0.05)
+        if group_pids(master):
+            try:
+                os.killpg(master, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            end = time.monotonic() + 10.0
+            while time.monotonic() < end and group_pids(master):
+                self._alive(master)
+                time.sleep(0.05)
+        proc = self._procs.pop(master, None)
+        if proc is not None:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+
+    def status(self, service: str) -> dict[str, Any]:
+        dep = self._get(service)
+        alive = self._master_alive(dep)
+        workers = self._workers(int(dep.pid), Path(dep.workdir)) if alive and dep.pid else []
+        return {
+            "service": service,
+            "status": dep.status if alive or dep.status != "running" else "dead",
+            "pid": dep.pid,
+            "alive": alive,
+            "port": dep.port,
+            "url": self.url(service),
+            "model_name": dep.model_name,
+            "alias": dep.alias,
+            "model_version": dep.model_version,
+            "replicas": dep.replicas,
+            "workers": workers,
+            "worker_pids": [w["pid"] for w in workers],
+            "versions": sorted({w["model_version"] for w in workers if w["model_version"]}),
+        }
+
+    def url(self, service: str) -> str:
+        dep = self._get(service)
+        return f"http://{dep.host}:{dep.port}"

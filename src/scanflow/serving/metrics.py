@@ -1,0 +1,57 @@
+"""Prometheus metrics of a model server.
+
+Every gunicorn worker is a replica, so counters live in prometheus-client's multiprocess
+mode (files in `PROMETHEUS_MULTIPROC_DIR`, set by the deployer) and `/metrics` on any worker
+shows the sum over all of them, including workers that have already exited.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+
+REQUESTS = Counter(
+    "scanflow_requests",
+    "HTTP requests answered, by endpoint, status code and model version.",
+    ["service", "endpoint", "model_version", "status"],
+)
+LATENCY = Histogram(
+    "scanflow_request_latency_seconds",
+    "Time to answer /predict, from body received to response built.",
+    ["service", "model_version"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+INSTANCES = Counter(
+    "scanflow_instances",
+    "Instances predicted (a request may carry many).",
+    ["service", "model_version"],
+)
+PREDLOG_WRITTEN = Counter(
+    "scanflow_predlog_written", "Prediction-log records written to the store.", ["service"]
+)
+PREDLOG_DROPPED = Counter(
+    "scanflow_predlog_dropped",
+    "Prediction-log records given up on (duplicate id, or buffer overflow).",
+    ["service", "reason"],
+)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+def render() -> bytes:
+    """Text exposition of all workers' metrics (or this process's when not multiprocess)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
+    return generate_latest(REGISTRY)

@@ -1,0 +1,395 @@
+"""Local serving backend end to end: real MLflow registry, real gunicorn masters, real HTTP.
+
+The tests of one module share one deployed `digits` service and run in file order:
+predictions, validation, log, labels, metrics, scale, rollout, stop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+
+import httpx
+import numpy as np
+import pytest
+from mlflow.types.schema import ColSpec, Schema, TensorSpec
+from prometheus_client.parser import text_string_to_metric_families
+
+from scanflow.serving import Deployer, LocalDeployer, UnknownService
+from scanflow.serving.app import child_pids, pid_alive
+from scanflow.serving.predlog import PredictionLogWriter
+from scanflow.serving.validation import (
+    RequestError,
+    extract_instances,
+    parse_body,
+    spec_from_schema,
+    to_model_input,
+)
+from scanflow.store import Store
+from serving_helpers import (
+    COLUMN_MODEL,
+    MODEL,
+    DigitsWorkspace,
+    KeepAliveLoad,
+    digits_workspace,  # noqa: F401 - fixture
+    register_broken_version,
+    register_column_model,
+    wait_for,
+)
+
+SERVICE = "digits-svc"
+
+
+# -- fixtures -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def deployer(digits_workspace: DigitsWorkspace) -> Iterator[LocalDeployer]:  # noqa: F811
+    d = LocalDeployer(digits_workspace.settings, digits_workspace.store)
+    try:
+        yield d
+    finally:
+        # Stop whatever this module started, even after a failure halfway through.
+        for dep in digits_workspace.store.list_deployments():
+            if dep.status == "running":
+                try:
+                    d.stop(dep.service)
+                except Exception:  # noqa: BLE001 - fall back to killing the process group
+                    pass
+        for pid in list(d._procs):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            d._procs.pop(pid).wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def url(deployer: LocalDeployer) -> str:
+    deployer.deploy(SERVICE, app="mnist", team="datascience", model=MODEL, replicas=1)
+    return deployer.url(SERVICE)
+
+
+def post(url: str, body: object, **kw: object) -> httpx.Response:
+    return httpx.post(f"{url}/predict", json=body, timeout=30.0, **kw)  # type: ignore[arg-type]
+
+
+def assert_serving(url: str, ws: DigitsWorkspace) -> None:
+    r = post(url, {"instances": ws.X[:2].tolist()})
+    assert r.status_code == 200, r.text
+
+
+# -- pure validation ----------------------------------------------------------------------------
+def test_validation_tensor_and_columns() -> None:
+    tensor = spec_from_schema(Schema([TensorSpec(np.dtype("float32"), (-1, 4))]))
+    x = to_model_input([[1, 2, 3, 4.5]], tensor)
+    assert x.dtype == np.float32 and x.shape == (1, 4)
+    with pytest.raises(RequestError, match=r"instances\[1\]: expected 4 values, got 3"):
+        to_model_input([[1, 2, 3, 4], [1, 2, 3]], tensor)
+    with pytest.raises(RequestError, match=r"instances\[0\]\[2\]: expected a number, got 'x'"):
+        to_model_input([[1, 2, "x", 4]], tensor)
+
+    cols = spec_from_schema(Schema([ColSpec("double", "a"), ColSpec("long", "b")]))
+    df = to_model_input([{"a": 1, "b": 2}], cols)
+    assert list(df.columns) == ["a", "b"] and str(df["a"].dtype) == "float64"
+    with pytest.raises(RequestError, match=r"instances\[0\]: missing field 'b'") as e:
+        to_model_input([{"a": 1}], cols)
+    assert e.value.status == 422
+    with pytest.raises(RequestError, match=r"instances\[0\]\.b: expected an integer"):
+        to_model_input([{"a": 1, "b": 2.5}], cols)
+
+    with pytest.raises(RequestError) as e:
+        parse_body(b"{", "application/json")
+    assert e.value.status == 400 and e.value.message.startswith("body is not valid JSON: ")
+    with pytest.raises(RequestError) as e:
+        extract_instances({"instances": [1, 2, 3]}, max_instances=2)
+    assert e.value.status == 413
+
+
+def test_predlog_writer_batches_and_skips_duplicates(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    store = Store(f"sqlite:///{tmp_path / 'log.db'}")
+    w = PredictionLogWriter(store, interval=0.05, batch_size=100).start()
+    recs = [
+        {"request_id": f"r-{i}", "service": "s", "model_version": "1", "ts": time.time(),
+         "inputs": [i], "outputs": i % 10, "latency_ms": 1.0}
+        for i in range(1250)
+    ]
+    w.add(recs[:1000])
+    w.add(recs[999:])  # r-999 twice: written once, the duplicate is counted as dropped
+    assert w.flush(timeout=30)
+    w.close()
+    rows = store.predictions("s")
+    assert len(rows) == 1250 and len({r["request_id"] for r in rows}) == 1250
+    assert w.written == 1250 and w.dropped == 1
+    store.close()
+
+
+# -- the digits service -------------------------------------------------------------------------
+def test_predictions_match_the_model(url: str, digits_workspace: DigitsWorkspace) -> None:  # noqa: F811
+    ws = digits_workspace
+    r = post(url, {"instances": ws.X[:20].tolist()}, headers={"X-Request-ID": "match"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["predictions"] == ws.models["1"].predict(ws.X[:20]).tolist()
+    assert body["ids"] == [f"match-{i}" for i in range(20)]
+    assert body["model_version"] == "1"
+    # `inputs` is a synonym; without X-Request-ID the ids are still unique
+    r2 = post(url, {"inputs": ws.X[:3].tolist()})
+    r3 = post(url, {"inputs": ws.X[:3].tolist()})
+    ids = r2.json()["ids"] + r3.json()["ids"]
+    assert len(set(ids)) == 6
+    h = httpx.get(f"{url}/health").json()
+    assert h["status"] == "ok" and h["service"] == SERVICE and h["model_name"] == MODEL
+    assert h["model_version"] == "1" and isinstance(h["pid"], int)
+
+
+def _row(n: int = 64) -> list[float]:
+    return [0.0] * n
+
+
+BAD_INPUTS = [
+    ("not-json", b'{"instances": [[1, 2', "application/json", 400, "body is not valid JSON: "),
+    ("content-type", b'{"instances": []}', "text/plain", 415, "content type 'text/plain'"),
+    ("form", b"a=1", "application/x-www-form-urlencoded", 415, "application/json"),
+    ("no-instances", json.dumps({"rows": [_row()]}).encode(), None, 422, "'instances'"),
+    ("not-object", json.dumps([_row()]).encode(), None, 422, "body must be an object"),
+    ("empty", b'{"instances": []}', None, 422, "instances: empty list"),
+    ("not-list", b'{"instances": 5}', None, 422, "instances: expected a list"),
+    ("shape", json.dumps({"instances": [_row()] * 3 + [_row(60)]}).encode(), None, 422,
+     "instances[3]: expected 64 values, got 60"),
+    ("type", json.dumps({"instances": [_row()[:5] + ["abc"] + _row()[6:]]}).encode(), None,
+     422, "instances[0][5]: expected a number, got 'abc'"),
+    ("bool", json.dumps({"instances": [[True] + _row(63)]}).encode(), None, 422,
+     "instances[0][0]: expected a number, got True"),
+    ("null", json.dumps({"instances": [[None] + _row(63)]}).encode(), None, 422,
+     "instances[0][0]: expected a number, got None"),
+    ("nan", b'{"instances": [[0, 0, NaN' + b", 0" * 61 + b"]]}", None, 422,
+     "instances[0][2]: expected a finite number, got nan"),
+    ("inf", b'{"instances": [[Infinity' + b", 0" * 63 + b"]]}", None, 422,
+     "instances[0][0]: expected a finite number, got inf"),
+    ("object-instance", json.dumps({"instances": [{"a": 1}]}).encode(), None, 422,
+     "instances[0]: expected a list of 64 numbers, got an object"),
+]
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_is_a_clear_4xx(
+    url: str, digits_workspace: DigitsWorkspace, case: tuple  # noqa: F811
+) -> None:
+    _, raw, ctype, status, message = case
+    headers = {"Content-Type": ctype or "application/json"}
+    r = httpx.post(f"{url}/predict", content=raw, headers=headers, timeout=30.0)
+    assert r.status_code == status, r.text
+    assert message in r.json()["detail"]
+    assert_serving(url, digits_workspace)
+
+
+def test_bad_request_id_and_labels(url: str, digits_workspace: DigitsWorkspace) -> None:  # noqa: F811
+    r = post(url, {"instances": [_row()]}, headers={"X-Request-ID": "has space"})
+    assert r.status_code == 422 and "X-Request-ID" in r.json()["detail"]
+    for body in ({}, {"labels": []}, {"labels": {}}, {"labels": {"x": [1]}}):
+        r = httpx.post(f"{url}/labels", json=body)
+        assert r.status_code == 422 and "labels" in r.json()["detail"], (body, r.text)
+    r = httpx.post(f"{url}/labels", content=b"nope", headers={"Content-Type": "application/json"})
+    assert r.status_code == 400
+    assert_serving(url, digits_workspace)
+
+
+def test_prediction_log_and_labels(url: str, digits_workspace: DigitsWorkspace) -> None:  # noqa: F811
+    ws = digits_workspace
+    r = post(url, {"instances": ws.X[10:13].tolist()}, headers={"X-Request-ID": "log"})
+    assert r.status_code == 200
+    preds = r.json()["predictions"]
+    ids = ["log-0", "log-1", "log-2"]
+
+    def logged() -> list[dict]:
+        rows = [p for p in ws.store.predictions(SERVICE) if p["request_id"] in ids]
+        return rows if len(rows) == 3 else []
+
+    rows = sorted(wait_for(logged, timeout=30), key=lambda p: p["request_id"])
+    for i, row in enumerate(rows):
+        assert row["model_version"] == "1" and row["service"] == SERVICE
+        assert row["inputs"] == ws.X[10 + i].tolist()
+        assert row["outputs"] == preds[i]
+        assert row["latency_ms"] > 0 and row["ts"] > 0
+    # every instance of every request so far is in the log, once
+    all_ids = [p["request_id"] for p in ws.store.predictions(SERVICE)]
+    assert len(all_ids) == len(set(all_ids)) and {"match-0", "match-19"} <= set(all_ids)
+
+    r = httpx.post(f"{url}/labels", json={"labels": {"log-0": int(ws.y[10]), "log-2": 7}})
+    assert r.status_code == 200 and r.json() == {"count": 2}
+    joined = ws.store.predictions(SERVICE, labelled_only=True)
+    assert {p["request_id"]: p["label"] for p in joined} == {"log-0": int(ws.y[10]), "log-2": 7}
+
+
+def test_metrics_count_requests(url: str, digits_workspace: DigitsWorkspace) -> None:  # noqa: F811
+    for _ in range(5):
+        assert_serving(url, digits_workspace)
+    text = httpx.get(f"{url}/metrics").text
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
+
+    def value(name: str, **labels: str) -> float:
+        return sum(v for (n, ls), v in samples.items()
+                   if n == name and all((k, lv) in ls for k, lv in labels.items()))
+
+    assert value("scanflow_requests_total", endpoint="predict", status="200",
+                 model_version="1") >= 5
+    assert value("scanflow_requests_total", endpoint="predict", status="422") >= 5
+    assert value("scanflow_instances_total", service=SERVICE) >= 10
+    assert value("scanflow_request_latency_seconds_count", model_version="1") >= 5
+
+
+def test_deployer_errors(deployer: LocalDeployer, url: str) -> None:
+    assert isinstance(deployer, Deployer)
+    with pytest.raises(ValueError, match="already running"):
+        deployer.deploy(SERVICE, app="mnist", team="ds", model=MODEL)
+    with pytest.raises(ValueError, match=r"models:/digits@nope"):
+        deployer.deploy("other", app="mnist", team="ds", model=MODEL, alias="nope")
+    with pytest.raises(ValueError, match=r"models:/no-such-model@champion"):
+        deployer.deploy("other", app="mnist", team="ds", model="no-such-model")
+    for call in (lambda: deployer.status("ghost"), lambda: deployer.scale("ghost", 2),
+                 lambda: deployer.rollout("ghost"), lambda: deployer.url("ghost")):
+        with pytest.raises(KeyError, match="unknown service 'ghost'") as e:
+            call()
+        assert isinstance(e.value, UnknownService)
+
+
+def test_column_model_fields_and_model_errors(
+    deployer: LocalDeployer, digits_workspace: DigitsWorkspace  # noqa: F811
+) -> None:
+    register_column_model(digits_workspace)
+    deployer.deploy("adder-svc", app="demo", team="ds", model=COLUMN_MODEL)
+    try:
+        u = deployer.url("adder-svc")
+        ok = post(u, {"instances": [{"a": 1.5, "b": 2}, {"a": 2, "b": 3, "note": "x"}]})
+        assert ok.status_code == 200, ok.text
+        assert ok.json()["predictions"] == [3.5, 5.0]
+        missing = post(u, {"instances": [{"a": 1, "b": 2}, {"a": 1}]})
+        assert missing.status_code == 422
+        assert missing.json()["detail"] == "instances[1]: missing field 'b'"
+        typed = post(u, {"instances": [{"a": "one", "b": 2}]})
+        assert typed.status_code == 422 and "instances[0].a: expected a number" in typed.text
+        listed = post(u, {"instances": [[1, 2]]})
+        assert listed.status_code == 422 and "expected an object with fields a, b" in listed.text
+        pid = httpx.get(f"{u}/health").json()["pid"]
+        boom = post(u, {"instances": [{"a": 13, "b": 1}]})
+        assert boom.status_code == 500 and "unlucky 13" in boom.json()["detail"]
+        assert post(u, {"instances": [{"a": 1, "b": 1}]}).json()["predictions"] == [2.0]
+        assert httpx.get(f"{u}/health").json()["pid"] == pid  # the same worker, alive
+    finally:
+        deployer.stop("adder-svc")
+
+
+def test_scale_under_keepalive_load(
+    deployer: LocalDeployer, url: str, digits_workspace: DigitsWorkspace  # noqa: F811
+) -> None:
+    master = deployer.status(SERVICE)["pid"]
+    with KeepAliveLoad(url, digits_workspace.X, clients=4) as load:
+        time.sleep(0.5)
+        dep = deployer.scale(SERVICE, 3)
+        assert dep.replicas == 3
+        st = deployer.status(SERVICE)
+        assert len(st["worker_pids"]) == 3 and len(child_pids(master)) == 3
+        time.sleep(1.0)
+        dep = deployer.scale(SERVICE, 1)
+        assert dep.replicas == 1 and len(child_pids(master)) == 1
+        time.sleep(0.5)
+    res = load.result
+    assert res.failed == 0, res.errors[:5]
+    assert res.ok > 20
+    kinds = [(e.kind, e.payload) for e in digits_workspace.store.list_events(SERVICE)]
+    assert ("scaled", {"from": 1, "to": 3}) in kinds and ("scaled", {"from": 3, "to": 1}) in kinds
+
+
+def test_rollout_under_keepalive_load(
+    deployer: LocalDeployer, url: str, digits_workspace: DigitsWorkspace  # noqa: F811
+) -> None:
+    ws = digits_workspace
+    deployer.scale(SERVICE, 2)
+    old_pids = set(deployer.status(SERVICE)["worker_pids"])
+    ws.set_champion("2")
+    with KeepAliveLoad(url, ws.X, clients=4) as load:
+        time.sleep(0.5)
+        dep = deployer.rollout(SERVICE)
+        done = time.monotonic()
+        time.sleep(1.0)
+    res = load.result
+    assert res.failed == 0, res.errors[:5]
+    # the old workers handed their keep-alive clients over instead of dropping connections
+    assert res.told_to_reconnect > 0
+    assert dep.model_version == "2" and dep.replicas == 2
+    before = {v for t, v in res.versions if t < done}
+    after = [v for t, v in res.versions if t > done]
+    assert "1" in before and after and set(after) == {"2"}
+    st = deployer.status(SERVICE)
+    assert st["versions"] == ["2"] and len(st["worker_pids"]) == 2
+    assert not old_pids & set(st["worker_pids"])
+    r = post(url, {"instances": ws.X[:50].tolist()})
+    assert r.json()["predictions"] == ws.models["2"].predict(ws.X[:50]).tolist()
+    ev = [e for e in ws.store.list_events(SERVICE) if e.kind == "rollout_completed"]
+    assert len(ev) == 1 and ev[0].payload["from_version"] == "1"
+    assert ev[0].payload["to_version"] == "2" and ev[0].payload["seconds"] > 0
+    # alias unchanged: nothing restarts
+    pids = st["worker_pids"]
+    assert deployer.rollout(SERVICE).model_version == "2"
+    assert deployer.status(SERVICE)["worker_pids"] == pids
+    assert len([e for e in ws.store.list_events(SERVICE) if e.kind == "rollout_completed"]) == 1
+
+
+def test_a_version_that_does_not_load_is_refused(
+    deployer: LocalDeployer, url: str, digits_workspace: DigitsWorkspace  # noqa: F811
+) -> None:
+    ws = digits_workspace
+    before = deployer.status(SERVICE)
+    serving = before["model_version"]
+    broken = register_broken_version(ws, like="2")
+    ws.set_champion(broken)
+    try:
+        with pytest.raises(RuntimeError, match=rf"models:/digits/{broken} does not load"):
+            deployer.rollout(SERVICE)
+        st = deployer.status(SERVICE)
+        assert st["versions"] == [serving] and st["worker_pids"] == before["worker_pids"]
+        assert_serving(url, ws)
+        with pytest.raises(RuntimeError, match="exited while waiting") as e:
+            deployer.deploy("broken-svc", app="mnist", team="ds", model=MODEL)
+        assert "model.skops" in str(e.value)  # the tail of server.log says why
+        assert ws.store.get_deployment("broken-svc").status == "failed"
+        assert not group_pids_of(deployer, "broken-svc")
+    finally:
+        ws.set_champion(serving)
+
+
+def group_pids_of(deployer: LocalDeployer, service: str) -> list[int]:
+    """Processes left of a service whose deploy failed (its master never got recorded)."""
+    wd = str(deployer.workdir(service))
+    out = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                env = open(f"/proc/{entry.name}/environ", "rb").read()
+            except OSError:
+                continue
+            if f"SCANFLOW_SERVICE_CONFIG={wd}/".encode() in env:
+                out.append(int(entry.name))
+    return out
+
+
+def test_stop_leaves_no_process(
+    deployer: LocalDeployer, url: str, digits_workspace: DigitsWorkspace  # noqa: F811
+) -> None:
+    st = deployer.status(SERVICE)
+    pids = [st["pid"], *st["worker_pids"]]
+    assert all(pid_alive(p) for p in pids)
+    deployer.stop(SERVICE)
+    assert not any(pid_alive(p) for p in pids)
+    st = deployer.status(SERVICE)
+    assert st["status"] == "stopped" and not st["alive"] and st["worker_pids"] == []
+    assert digits_workspace.store.get_deployment(SERVICE).status == "stopped"
+    assert "stopped" in [e.kind for e in digits_workspace.store.list_events(SERVICE)]
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{url}/health", timeout=2.0)
