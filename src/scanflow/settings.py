@@ -28,6 +28,8 @@ class Settings(BaseSettings):
     backend: str = Field(default="local", description="execution backend: local (ray comes later)")
     concurrency: int = Field(default=2, ge=1, description="max steps run at once by the engine")
     host: str = Field(default="127.0.0.1", description="address services bind to")
+    max_cpus: float | None = Field(default=None, description="CPUs steps may use [all]")
+    max_memory: int | None = Field(default=None, description="bytes steps may use [all]")
 
     @property
     def root(self) -> Path:

@@ -1,7 +1,8 @@
-"""What an in-process step receives: its paths, its MLflow run, and a log of its own."""
+"""What an in-process step receives: its paths, its MLflow run (created on first use), a log."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -13,14 +14,28 @@ from scanflow.tracking import Tracker
 class StepContext:
     run_id: str
     step: str
-    mlflow_run_id: str
     experiment_id: str
     tracker: Tracker
     params: dict[str, Any]
     inputs: dict[str, Path]
     outputs: dict[str, Path]
     log_file: TextIO
+    make_mlflow_run: Callable[[], str]
+    attempt: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
+    _mlflow_run_id: str | None = None
+
+    @property
+    def mlflow_run_id(self) -> str:
+        """The step's MLflow child run; created lazily so that steps that log nothing cost
+        nothing in MLflow (their lineage is still recorded on the parent run)."""
+        if self._mlflow_run_id is None:
+            self._mlflow_run_id = self.make_mlflow_run()
+        return self._mlflow_run_id
+
+    @property
+    def has_mlflow_run(self) -> bool:
+        return self._mlflow_run_id is not None
 
     def log(self, *parts: object) -> None:
         print(*parts, file=self.log_file, flush=True)

@@ -81,15 +81,22 @@ class Store:
         workflow: str,
         params: dict[str, Any],
         trigger: dict[str, Any] | None = None,
+        *,
+        status: str = "pending",
+        spec_path: str | None = None,
+        use_cache: bool = True,
     ) -> WorkflowRun:
         run = WorkflowRun(
             id=uuid.uuid4().hex,
             app=app,
             team=team,
             workflow=workflow,
-            status="pending",
+            status=status,
             params=params,
             trigger=trigger or {"by": "user"},
+            spec_path=spec_path,
+            use_cache=use_cache,
+            cancel_requested=False,
             created_at=time.time(),
         )
         with self.session() as s:
@@ -111,10 +118,14 @@ class Store:
                 run = rows[0] if len(rows) == 1 else None
             return run
 
-    def list_runs(self, workflow: str | None = None, limit: int = 50) -> Sequence[WorkflowRun]:
+    def list_runs(
+        self, workflow: str | None = None, limit: int = 50, status: Sequence[str] | None = None
+    ) -> Sequence[WorkflowRun]:
         q = select(WorkflowRun).order_by(WorkflowRun.created_at.desc()).limit(limit)
         if workflow:
             q = q.where(WorkflowRun.workflow == workflow)
+        if status:
+            q = q.where(WorkflowRun.status.in_(list(status)))
         with self.session() as s:
             return s.scalars(q).all()
 
@@ -128,6 +139,31 @@ class Store:
             else:
                 for k, v in fields.items():
                     setattr(row, k, v)
+
+    def create_steps(self, run_id: str, names: Sequence[str]) -> dict[str, int]:
+        """All step rows of a run in one transaction (existing rows are kept): name -> row id."""
+        with self.session() as s:
+            have = {r.step: r.id for r in s.scalars(select(StepRun).where(StepRun.run_id == run_id))}
+            s.add_all([StepRun(run_id=run_id, step=n, status="pending", attempts=0)
+                       for n in names if n not in have])
+        with self.session() as s:
+            return {r.step: r.id for r in s.scalars(select(StepRun).where(StepRun.run_id == run_id))}
+
+    def update_steps(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Bulk update by primary key (`id` in each dict): one transaction for many steps."""
+        if rows:
+            with self.session() as s:
+                s.execute(update(StepRun), list(rows))
+
+    def find_cached(self, cache_key: str) -> StepRun | None:
+        """The newest successful step run with this cache key (not itself a cache hit)."""
+        with self.session() as s:
+            return s.scalars(
+                select(StepRun)
+                .where(StepRun.cache_key == cache_key, StepRun.status == "succeeded")
+                .order_by(StepRun.id.desc())
+                .limit(1)
+            ).first()
 
     def list_steps(self, run_id: str) -> Sequence[StepRun]:
         with self.session() as s:
