@@ -171,12 +171,15 @@ def main(argv: list[str] | None = None) -> int:
 
         say(t0, f"traffic: corrupted stream ({args.corruption}, severity {args.severity}) "
                 "until the agents have rolled out a new model")
-        drift = traffic.phase("drift", pool_x, pool_y, stop=rolled_out, timeout_s=args.drift_timeout)
+        drift = traffic.phase("drift", pool_x, pool_y, stop=rolled_out, timeout_s=args.drift_timeout,
+                              cycle=True)
         rolled_at = time.time()
-        if not state["rolled"]:
+        after: list[Any] = []
+        if state["rolled"]:
+            say(t0, f"traffic: {args.after} more corrupted digits on the new model")
+            after = traffic.phase("after_rollout", after_x, y_test[after_idx])
+        else:
             say(t0, "[red]no rollout within the drift timeout[/]")
-        say(t0, f"traffic: {args.after} more corrupted digits on the new model")
-        after = traffic.phase("after_rollout", after_x, y_test[after_idx])
         labeller.close()
         rolled_out()
         phases.append({"name": "drift", "corruption": args.corruption, "severity": args.severity,

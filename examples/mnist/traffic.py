@@ -83,8 +83,9 @@ class Traffic:
 
     def phase(self, name: str, images: np.ndarray, labels: np.ndarray,
               stop: Callable[[], bool] | None = None, progress: Callable[[int], None] | None = None,
-              timeout_s: float = 600.0) -> list[Served]:
-        """Send `images` in order (one per request) until done, `stop()` or `timeout_s`."""
+              timeout_s: float = 600.0, cycle: bool = False) -> list[Served]:
+        """Send `images` in order (one per request) until done (or, with `cycle`, round and
+        round), `stop()` or `timeout_s`."""
         flat = images.reshape(len(images), -1).astype(int)
         nxt = {"i": 0}
         start = time.time()
@@ -94,10 +95,10 @@ class Traffic:
         def take() -> int | None:
             with self._lock:
                 i = nxt["i"]
-                if i >= len(flat) or (stop and stop()) or time.time() - start > timeout_s:
+                if (i >= len(flat) and not cycle) or (stop and stop()) or time.time() - start > timeout_s:
                     return None
                 nxt["i"] = i + 1
-                return i
+                return i % len(flat)
 
         def worker(k: int) -> None:
             tick = start + k * interval / self.concurrency

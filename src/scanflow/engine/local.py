@@ -296,19 +296,21 @@ class LocalEngine(Engine):
 
     def serve(self, stop: Callable[[], bool], max_runs: int = 2, poll: float = 0.5) -> None:
         """Run queued runs until `stop()`: at most `max_runs` at once, the next one taken from
-        the team with the fewest runs in flight (oldest first within a team)."""
+        the team that has had the fewest runs started (round-robin; oldest first in a team)."""
         inflight: dict[str, tuple[threading.Thread, str]] = {}
+        served: dict[str, int] = {}  # runs started per team: round-robin between teams
         while not stop():
             for rid in [r for r, (t, _) in inflight.items() if not t.is_alive()]:
                 inflight.pop(rid)
             if len(inflight) < max_runs:
                 queued = sorted(self.store.list_runs(status=["queued"], limit=10_000),
                                 key=lambda r: r.created_at)
-                busy: dict[str, int] = {}
-                for _, team in inflight.values():
-                    busy[team] = busy.get(team, 0) + 1
+                for r in queued:
+                    if r.team not in served:  # a newcomer joins at the current level
+                        served[r.team] = min(served.values(), default=0)
                 if queued:
-                    nxt = min(queued, key=lambda r: (busy.get(r.team, 0), r.created_at))
+                    nxt = min(queued, key=lambda r: (served[r.team], r.created_at))
+                    served[nxt.team] += 1
                     self.store.update_run(nxt.id, status="running")
                     t = threading.Thread(target=self._serve_one, args=(nxt.id,), daemon=True)
                     inflight[nxt.id] = (t, nxt.team)
@@ -420,12 +422,13 @@ class LocalEngine(Engine):
                     if out.status not in DONE:
                         if out.status != "cancelled":
                             first_error = first_error or out.error
+                        mark = "cancelled" if out.status == "cancelled" else "skipped"
                         for dep in downstream[name]:
                             if status[dep] == "pending":
-                                status[dep] = "skipped"
-                                notify(dep, "skipped")
-                                st.journal.write(dep, "skipped")
-                                pending_rows[dep] = {"id": ids[dep], "status": "skipped",
+                                status[dep] = mark
+                                notify(dep, mark)
+                                st.journal.write(dep, mark)
+                                pending_rows[dep] = {"id": ids[dep], "status": mark,
                                                      "error": f"upstream {name} {out.status}"}
                 now = time.time()
                 if now - last_cancel >= CANCEL_POLL:
