@@ -22,6 +22,13 @@ workflows:
   broken:
     steps:
       - {name: fails, run: "python -c 'import sys; print(\\"bad luck\\"); sys.exit(4)'"}
+  gated:
+    steps:
+      - {name: first, call: "steps:hello", params: {who: first}}
+      - {name: gate, run: "python gate.py", after: [first]}
+  chatty:
+    steps:
+      - {name: talk, run: "python talk.py", cache: false}
 '''
 
 
@@ -34,6 +41,16 @@ def spec(tmp_path: Path) -> Path:
             ctx.log(f"hello {who}")
     '''))
     (d / "scanflow.yaml").write_text(SPEC)
+    (d / "gate.py").write_text(textwrap.dedent('''
+        import os, sys, time
+        if os.path.exists("open"):
+            sys.exit(0)
+        if os.path.exists("slow"):
+            time.sleep(60)
+        sys.exit(9)
+    '''))
+    (d / "talk.py").write_text("import time\nfor i in range(5):\n    print('line', i, flush=True)\n"
+                               "    time.sleep(0.3)\n")
     return d
 
 
@@ -85,3 +102,60 @@ def test_logs_unknown_step(spec: Path, settings) -> None:  # type: ignore[no-unt
     run = Store(settings.store).list_runs()[0]
     code, out = cli(settings, "logs", run.id, "nope")
     assert code == 2 and "has no step 'nope'" in out
+
+
+def test_cache_key_is_shown_and_no_cache_reruns(spec: Path, settings) -> None:  # type: ignore[no-untyped-def]
+    assert cli(settings, "run", str(spec), "ok")[0] == 0
+    code, out = cli(settings, "run", str(spec), "ok")
+    assert code == 0 and "cached" in out
+    run = Store(settings.store).list_runs()[0]
+    code, out = cli(settings, "runs", "show", run.id)
+    assert "cached" in out and "cache key" in out
+    key = Store(settings.store).list_steps(run.id)[0].cache_key
+    assert key and key[:12] in out
+    code, out = cli(settings, "run", str(spec), "ok", "--no-cache")
+    assert code == 0 and "cached" not in out.replace("cache", "")
+
+
+def test_resume_from_the_cli(spec: Path, settings) -> None:  # type: ignore[no-untyped-def]
+    assert cli(settings, "run", str(spec), "gated")[0] == 1
+    run = Store(settings.store).list_runs()[0]
+    (spec / "open").write_text("1")
+    code, out = cli(settings, "resume", run.id[:12])
+    assert code == 0, out
+    assert Store(settings.store).get_run(run.id).status == "succeeded"  # type: ignore[union-attr]
+    code, out = cli(settings, "resume", run.id)
+    assert code == 2 and "is succeeded" in out
+
+
+def test_cancel_and_follow_from_the_cli(spec: Path, settings) -> None:  # type: ignore[no-untyped-def]
+    import threading
+    import time
+
+    from scanflow.engine import LocalEngine
+    from scanflow.spec import load_application
+
+    app = load_application(spec)
+    eng = LocalEngine(settings, Store(settings.store))
+    talk = eng.submit(app, "chatty", status="running")
+    box: dict[str, object] = {}
+    t = threading.Thread(target=lambda: box.update(r=eng.execute(talk, app)))
+    t.start()
+    code, out = cli(settings, "logs", talk, "--follow")  # returns when the run ends
+    t.join(30)
+    assert code == 0 and all(f"line {i}" in out for i in range(5))
+
+    (spec / "slow").write_text("1")
+    gated = eng.submit(app, "gated", status="running")
+    t = threading.Thread(target=lambda: box.update(r=eng.execute(gated, app)))
+    t.start()
+    deadline = time.time() + 30
+    while time.time() < deadline and not any(
+        s.step == "gate" and s.status == "running" for s in Store(settings.store).list_steps(gated)
+    ):
+        time.sleep(0.1)
+    code, out = cli(settings, "cancel", gated)
+    assert code == 0 and "cancelling" in out
+    t.join(30)
+    assert box["r"].status == "cancelled"  # type: ignore[attr-defined]
+    assert cli(settings, "cancel", "nope")[0] == 2

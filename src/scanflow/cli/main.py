@@ -105,10 +105,9 @@ def run(
     param: Annotated[
         list[str] | None, typer.Option("--param", "-p", help="name=value or step.name=value")
     ] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="re-execute every step")] = False,
 ) -> None:
     """Run a workflow in the foreground, with progress."""
-    from rich.live import Live
-
     from scanflow.engine import LocalEngine, ParamError
     from scanflow.engine.params import parse_assignments, resolve_params
 
@@ -121,14 +120,29 @@ def run(
     except ParamError as exc:
         fail(str(exc))
     settings, store = _ctx()
+    engine = LocalEngine(settings, store)
+    try:
+        run_id = engine.submit(spec, workflow, params, cache=not no_cache, status="running")
+    except ParamError as exc:
+        fail(str(exc))
+    _follow_run(engine, run_id, spec, workflow, lambda progress: engine.execute(run_id, spec, progress))
+
+
+def _follow_run(engine: Any, run_id: str, spec: Any, workflow: str, go: Any) -> None:
+    from rich.live import Live
+
     states = {s.name: "pending" for s in spec.workflows[workflow].steps}
+    for row in engine.store.list_steps(run_id):
+        states[row.step] = row.status
     started = time.time()
 
     def table() -> Table:
-        t = Table(title=f"{spec.app}/{workflow}  {time.time() - started:5.1f}s", expand=False)
+        t = Table(title=f"{spec.app}/{workflow} {run_id[:12]}  {time.time() - started:5.1f}s",
+                  expand=False)
         t.add_column("step")
         t.add_column("status")
-        colours = {"succeeded": "green", "failed": "red", "running": "yellow", "skipped": "dim"}
+        colours = {"succeeded": "green", "failed": "red", "running": "yellow", "skipped": "dim",
+                   "cached": "cyan", "cancelled": "magenta"}
         for k, v in states.items():
             t.add_row(k, f"[{colours.get(v, 'white')}]{v}[/]")
         return t
@@ -138,7 +152,11 @@ def run(
             states[step] = status
             live.update(table())
 
-        result = LocalEngine(settings, store).run(spec, workflow, params, progress=progress)
+        try:
+            result = go(progress)
+        except KeyboardInterrupt:
+            err.print(f"interrupted; `scanflow resume {run_id[:12]}` continues it")
+            raise typer.Exit(130) from None
         live.update(table())
     out.print(f"run [bold]{result.run_id}[/] {result.status}")
     if not result.ok:
@@ -168,19 +186,32 @@ def runs_show(run_id: str) -> None:
     out.print(f"run {r.id}  {r.app}/{r.team}  workflow {r.workflow}  [bold]{r.status}[/]")
     out.print(f"started {iso(r.started_at)}  ended {iso(r.ended_at)}  mlflow {r.mlflow_run_id}")
     out.print(f"params {json.dumps(r.params)}  trigger {json.dumps(r.trigger)}")
-    t = Table("step", "status", "exit", "seconds", "mlflow run", "log")
-    for s in store.list_steps(r.id):
+    t = Table("step", "status", "exit", "tries", "secs", "cache key", "cached from")
+    steps = store.list_steps(r.id)
+    for s in steps:
         secs = f"{s.ended_at - s.started_at:.2f}" if s.ended_at and s.started_at else "-"
-        t.add_row(s.step, s.status, str(s.exit_code if s.exit_code is not None else "-"), secs,
-                  s.mlflow_run_id or "-", s.log_path or "-")
+        src = s.cached_from.split("/") if s.cached_from else None
+        t.add_row(s.step, s.status, str(s.exit_code if s.exit_code is not None else "-"),
+                  str(s.attempts or 0), secs, (s.cache_key or "-")[:12],
+                  f"{src[0][:12]}/{src[1]}" if src else "-")
     out.print(t)
+    for s in steps:
+        out.print(f"  {s.step}: log {s.log_path or '-'}  mlflow run {s.mlflow_run_id or '-'}",
+                  highlight=False, soft_wrap=True)
     if r.error:
         err.print(r.error, markup=False, highlight=False)
 
 
 @app.command()
-def logs(run_id: str, step: Annotated[str | None, typer.Argument()] = None) -> None:
+def logs(
+    run_id: str,
+    step: Annotated[str | None, typer.Argument()] = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing until the run ends")]
+    = False,
+) -> None:
     """Print a run's step logs."""
+    from scanflow.store.store import TERMINAL
+
     _, store = _ctx()
     r = store.get_run(run_id)
     if r is None:
@@ -188,13 +219,101 @@ def logs(run_id: str, step: Annotated[str | None, typer.Argument()] = None) -> N
     steps = store.list_steps(r.id)
     if step is not None and step not in {s.step for s in steps}:
         fail(f"run {r.id[:12]} has no step {step!r} (steps: {', '.join(s.step for s in steps)})")
-    for s in steps:
-        if step and s.step != step:
-            continue
-        out.rule(s.step)
-        if s.log_path and Path(s.log_path).exists():
-            sys.stdout.write(Path(s.log_path).read_text(errors="replace"))
-            sys.stdout.flush()
+    if not follow:
+        for s in steps:
+            if step and s.step != step:
+                continue
+            out.rule(s.step)
+            if s.log_path and Path(s.log_path).exists():
+                sys.stdout.write(Path(s.log_path).read_text(errors="replace"))
+                sys.stdout.flush()
+        return
+    from scanflow.settings import get_settings
+
+    run_dir = get_settings().runs_dir / r.id
+    offsets: dict[str, int] = {}
+    while True:
+        names = [step] if step else [s.step for s in store.list_steps(r.id)]
+        for name in names:
+            path = run_dir / f"{name}.log"
+            if not path.exists():
+                continue
+            with open(path, "rb") as f:
+                f.seek(offsets.get(name, 0))
+                chunk = f.read()
+                offsets[name] = f.tell()
+            if chunk:
+                for line in chunk.decode("utf-8", "replace").splitlines():
+                    sys.stdout.write(f"[{name}] {line}\n" if not step else line + "\n")
+                sys.stdout.flush()
+        cur = store.get_run(r.id)
+        if cur is None or cur.status in TERMINAL:
+            break
+        time.sleep(0.3)
+
+
+@app.command()
+def cancel(run_id: str) -> None:
+    """Stop a running (or queued) run: running steps are killed, pending ones never start."""
+    from scanflow.engine import LocalEngine
+
+    settings, store = _ctx()
+    try:
+        state = LocalEngine(settings, store).cancel(run_id)
+    except (KeyError, ValueError) as exc:
+        fail(str(exc).strip("'\""))
+    out.print(f"run {run_id}: {state}")
+
+
+@app.command()
+def resume(run_id: str) -> None:
+    """Re-run only the failed, cancelled, interrupted or never-started steps of a run."""
+    from scanflow.engine import LocalEngine
+
+    settings, store = _ctx()
+    engine = LocalEngine(settings, store)  # recovers runs of dead engines first
+    r = store.get_run(run_id)
+    if r is None:
+        fail(f"no run {run_id!r}")
+    if r.status not in {"failed", "cancelled", "interrupted"}:
+        fail(f"run {r.id[:12]} is {r.status}; only failed, cancelled or interrupted runs resume")
+    if not r.spec_path:
+        fail(f"run {r.id[:12]} was built in Python: resume it with LocalEngine.resume(run, app)")
+    spec = _load(Path(r.spec_path))
+    _follow_run(engine, r.id, spec, r.workflow, lambda progress: engine.resume(r.id, spec, progress))
+
+
+engine_app = typer.Typer(no_args_is_help=True, help="Run queued and triggered workflows.")
+app.add_typer(engine_app, name="engine")
+
+
+@engine_app.command("serve")
+def engine_serve(
+    paths: Annotated[list[Path], typer.Argument(help="specs whose workflow triggers to watch")],
+    max_runs: Annotated[int, typer.Option(min=1, help="runs at once")] = 2,
+) -> None:
+    """Watch the specs' triggers (cron, workflow success, registry events) and run queued runs
+    fairly across teams, until Ctrl-C."""
+    import signal as _signal
+
+    from scanflow.engine import LocalEngine
+    from scanflow.engine.triggers import TriggerService
+
+    specs = [_load(p) for p in paths]
+    settings, store = _ctx()
+    engine = LocalEngine(settings, store)
+    triggers = TriggerService(engine, specs)
+    stopping = {"flag": False}
+    _signal.signal(_signal.SIGTERM, lambda *_: stopping.update(flag=True))
+    triggers.start()
+    n = sum(len(w.triggers) for s in specs for w in s.workflows.values())
+    out.print(f"watching {n} trigger(s) in {len(specs)} spec(s); running queued runs (Ctrl-C stops)")
+    try:
+        engine.serve(lambda: stopping["flag"], max_runs=max_runs)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        triggers.stop()
 
 
 def _deployer() -> tuple[Any, Any]:

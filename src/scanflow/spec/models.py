@@ -185,14 +185,28 @@ class Step(_Strict):
         return self
 
 
+def cron_trigger(expr: str) -> Any:
+    """An APScheduler trigger from 5 crontab fields, or 6 with seconds first."""
+    from apscheduler.triggers.cron import CronTrigger
+
+    fields = expr.split()
+    if len(fields) == 5:
+        return CronTrigger.from_crontab(expr, timezone="UTC")
+    if len(fields) == 6:
+        sec, minute, hour, day, month, dow = fields
+        return CronTrigger(second=sec, minute=minute, hour=hour, day=day, month=month,
+                           day_of_week=dow, timezone="UTC")
+    raise ValueError(f"expected 5 fields (or 6 with seconds first), got {len(fields)}")
+
+
 class WorkflowTrigger(_Strict):
     """What starts a workflow on its own: a cron schedule, another workflow's success, or a
     model-registry event. Exactly one kind per trigger."""
 
-    cron: str | None = Field(default=None, description="5-field crontab, UTC")
-    after_workflow: str | None = Field(default=None, description="'workflow' or 'app/team/workflow'")
+    cron: str | None = Field(default=None, description="crontab (5 fields, or 6 with seconds), UTC")
+    after_workflow: str | None = Field(default=None, description="'wf', 'team/wf' or 'app/team/wf'")
     model: str | None = Field(default=None, description="registered model name to watch")
-    on: Literal["version_registered", "alias_moved"] = "version_registered"
+    event: Literal["version_registered", "alias_moved"] = "version_registered"
     alias: str | None = Field(default=None, description="for alias_moved: which alias")
     params: dict[str, Any] = Field(default_factory=dict)
 
@@ -202,14 +216,12 @@ class WorkflowTrigger(_Strict):
         if len(kinds) != 1:
             raise ValueError("a trigger needs exactly one of `cron`, `after_workflow`, `model`")
         if self.cron is not None:
-            from apscheduler.triggers.cron import CronTrigger
-
             try:
-                CronTrigger.from_crontab(self.cron, timezone="UTC")
+                cron_trigger(self.cron)
             except ValueError as exc:
                 raise ValueError(f"bad cron expression {self.cron!r}: {exc}") from None
-        if self.model is not None and self.on == "alias_moved" and not self.alias:
-            raise ValueError("`on: alias_moved` needs `alias`")
+        if self.model is not None and self.event == "alias_moved" and not self.alias:
+            raise ValueError("`event: alias_moved` needs `alias`")
         return self
 
 
