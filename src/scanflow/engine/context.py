@@ -19,11 +19,23 @@ class StepContext:
     params: dict[str, Any]
     inputs: dict[str, Path]
     outputs: dict[str, Path]
-    log_file: TextIO
+    log_path: Path
     make_mlflow_run: Callable[[], str]
     attempt: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
     _mlflow_run_id: str | None = None
+    _log_file: TextIO | None = None
+
+    @property
+    def log_file(self) -> TextIO:
+        """The step's log, opened on first use (most tiny steps never write one)."""
+        if self._log_file is None:
+            self._log_file = open(self.log_path, "a")  # noqa: SIM115 - closed by close()
+        return self._log_file
+
+    def close(self) -> None:
+        if self._log_file is not None:
+            self._log_file.close()
 
     @property
     def mlflow_run_id(self) -> str:

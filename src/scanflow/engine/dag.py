@@ -38,3 +38,19 @@ def topological_order(workflow: Workflow) -> list[str]:
             if indeg[c] == 0:
                 ready.append(c)
     return order
+
+
+def downstream_of(workflow: Workflow, name: str) -> set[str]:
+    """Every step that (transitively) depends on `name`; computed only when a step fails."""
+    children: dict[str, list[str]] = {s.name: [] for s in workflow.steps}
+    for s in workflow.steps:
+        for d in s.deps():
+            children[d].append(s.name)
+    seen: set[str] = set()
+    todo = list(children[name])
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.add(n)
+            todo.extend(children[n])
+    return seen

@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import queue
 import random
 import shlex
 import signal
@@ -21,7 +22,6 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from typing import Any
 from scanflow.engine.backend import Engine, RunResult
 from scanflow.engine.cache import cache_key, code_fingerprint, file_digest
 from scanflow.engine.context import StepContext
-from scanflow.engine.dag import dependants
+from scanflow.engine.dag import downstream_of
 from scanflow.engine.journal import Journal, replay
 from scanflow.engine.params import ParamError, resolve_params
 from scanflow.engine.resources import ResourcePool, default_pool
@@ -145,6 +145,7 @@ class _RunState:
     cancel: threading.Event
     cache_index: dict[str, tuple[str, str, dict[str, str]]]
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    fingerprints: dict[str, str] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -372,64 +373,105 @@ class LocalEngine(Engine):
             n: {"id": ids[n], "status": "pending", "exit_code": None, "error": None}
             for n in names if n not in done
         }
-        downstream = dependants(wf)
         notify = progress or (lambda _s, _st: None)
         first_error: str | None = None
         last_flush = last_cancel = time.time()
+        # In-degree counting: a step becomes ready when its last dependency is done.
+        deps = {s.name: s.deps() for s in wf.steps}
+        children: dict[str, list[str]] = {n: [] for n in names}
+        for n, ds in deps.items():
+            for d in ds:
+                children[d].append(n)
+        waiting = {n: sum(1 for d in deps[n] if status[d] not in DONE) for n in names}
+        ready = [s for s in wf.steps if status[s.name] == "pending" and waiting[s.name] == 0]
+        by_name = {s.name: s for s in wf.steps}
+        todo: queue.Queue[Step | None] = queue.Queue()
+        finished: queue.Queue[tuple[str, _Outcome]] = queue.Queue()
+
+        def inputs_of(s: Step) -> dict[str, Path]:
+            return {local: outputs[ref.split(".")[0]][ref.split(".")[1]] for local, ref in s.inputs.items()}
+
+        def worker() -> None:
+            while (s := todo.get()) is not None:
+                try:
+                    out = self._run_step(st, s, values[s.name], inputs_of(s), outputs[s.name])
+                except Exception as exc:  # noqa: BLE001 - recorded as the step's failure
+                    out = _Outcome("failed", None, f"step {s.name} crashed the engine: {exc!r}")
+                finished.put((s.name, out))
 
         def flush() -> None:
             self.store.update_steps(list(pending_rows.values()))
             pending_rows.clear()
 
+        def settle(name: str, out: _Outcome) -> None:
+            nonlocal first_error
+            records[name] = out
+            status[name] = out.status
+            if out.status == "cached":
+                outputs[name] = {k: Path(v) for k, v in out.outputs.items()}
+            notify(name, out.status)
+            pending_rows[name] = {
+                "id": ids[name], "status": out.status, "exit_code": out.exit_code,
+                "error": out.error, "attempts": out.attempts, "cache_key": out.cache_key,
+                "cached_from": out.cached_from, "outputs": out.outputs,
+                "mlflow_run_id": out.mlflow_run_id, "started_at": out.started_at,
+                "ended_at": out.ended_at, "log_path": str(run_dir / f"{name}.log"),
+            }
+            if out.status in DONE:
+                for c in children[name]:
+                    waiting[c] -= 1
+                    if waiting[c] == 0 and status[c] == "pending":
+                        ready.append(by_name[c])
+                return
+            if out.status != "cancelled":
+                first_error = first_error or out.error
+            mark = "cancelled" if out.status == "cancelled" else "skipped"
+            for dep in downstream_of(wf, name):
+                if status[dep] == "pending":
+                    status[dep] = mark
+                    notify(dep, mark)
+                    st.journal.write(dep, mark)
+                    pending_rows[dep] = {"id": ids[dep], "status": mark,
+                                         "error": f"upstream {name} {out.status}"}
+
         flush()
-        pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="step")
-        running: dict[Future[_Outcome], str] = {}
+        threads = [threading.Thread(target=worker, daemon=True, name=f"step-{i}")
+                   for i in range(self.concurrency)]
+        for t in threads:
+            t.start()
+        in_flight = 0
         try:
             while True:
-                if not st.cancel.is_set():
-                    for s in wf.steps:
-                        if len(running) >= self.concurrency:
-                            break
-                        if status[s.name] == "pending" and all(status[d] in DONE for d in s.deps()):
-                            status[s.name] = "running"
-                            notify(s.name, "running")
-                            inputs = {
-                                local: outputs[ref.split(".")[0]][ref.split(".")[1]]
-                                for local, ref in s.inputs.items()
-                            }
-                            fut = pool.submit(self._run_step, st, s, values[s.name], inputs,
-                                              outputs[s.name])
-                            running[fut] = s.name
-                if not running:
+                while ready and not st.cancel.is_set():
+                    s = ready.pop(0)
+                    if status[s.name] != "pending":
+                        continue
+                    status[s.name] = "running"
+                    notify(s.name, "running")
+                    if in_flight == 0 and not ready and s.call is not None:
+                        # Alone and in-process (a chain): run it here, no thread hand-off.
+                        settle(s.name, self._run_step(st, s, values[s.name], inputs_of(s),
+                                                      outputs[s.name]))
+                        continue
+                    if in_flight >= self.concurrency:
+                        status[s.name] = "pending"
+                        ready.insert(0, s)
+                        break
+                    todo.put(s)
+                    in_flight += 1
+                if in_flight == 0 and not ready:
                     break
-                finished, _ = wait(list(running), timeout=FLUSH_EVERY, return_when=FIRST_COMPLETED)
-                for fut in finished:
-                    name = running.pop(fut)
-                    out = fut.result()
-                    records[name] = out
-                    status[name] = out.status
-                    if out.status == "cached":
-                        outputs[name] = {k: Path(v) for k, v in out.outputs.items()}
-                    notify(name, out.status)
-                    pending_rows[name] = {
-                        "id": ids[name], "status": out.status, "exit_code": out.exit_code,
-                        "error": out.error, "attempts": out.attempts, "cache_key": out.cache_key,
-                        "cached_from": out.cached_from, "outputs": out.outputs,
-                        "mlflow_run_id": out.mlflow_run_id, "started_at": out.started_at,
-                        "ended_at": out.ended_at,
-                        "log_path": str(run_dir / f"{name}.log"),
-                    }
-                    if out.status not in DONE:
-                        if out.status != "cancelled":
-                            first_error = first_error or out.error
-                        mark = "cancelled" if out.status == "cancelled" else "skipped"
-                        for dep in downstream[name]:
-                            if status[dep] == "pending":
-                                status[dep] = mark
-                                notify(dep, mark)
-                                st.journal.write(dep, mark)
-                                pending_rows[dep] = {"id": ids[dep], "status": mark,
-                                                     "error": f"upstream {name} {out.status}"}
+                if in_flight:
+                    try:
+                        name, out = finished.get(timeout=FLUSH_EVERY)
+                        in_flight -= 1
+                        settle(name, out)
+                        while True:
+                            name, out = finished.get_nowait()
+                            in_flight -= 1
+                            settle(name, out)
+                    except queue.Empty:
+                        pass
                 now = time.time()
                 if now - last_cancel >= CANCEL_POLL:
                     last_cancel = now
@@ -439,16 +481,23 @@ class LocalEngine(Engine):
                 if now - last_flush >= FLUSH_EVERY:
                     last_flush = now
                     flush()
+                if st.cancel.is_set() and in_flight == 0:
+                    break
         except KeyboardInterrupt:
             st.cancel.set()
             self._kill_all(st)
-            pool.shutdown(wait=True)
             raise
         finally:
-            pool.shutdown(wait=True)
+            for _ in threads:
+                todo.put(None)
+            for t in threads:
+                t.join()
+            while not finished.empty():
+                name, out = finished.get_nowait()
+                settle(name, out)
             if st.cancel.is_set():
-                for name, s in status.items():
-                    if s == "pending":
+                for name, stt in status.items():
+                    if stt in ("pending", "running"):
                         status[name] = "cancelled"
                         pending_rows[name] = {"id": ids[name], "status": "cancelled",
                                               "error": "the run was cancelled before it started"}
@@ -519,10 +568,6 @@ class LocalEngine(Engine):
                   for k in ("succeeded", "cached", "failed", "skipped", "cancelled")}
         assert st.parent is not None
         self.tracker.log_metrics(st.parent, {**counts, "duration_s": time.time() - started})
-        tags = {f"scanflow.step.{d['step']}": d["status"] for d in lineage}
-        items = list(tags.items())
-        for i in range(0, len(items), 100):
-            self.tracker.set_tags(st.parent, dict(items[i:i + 100]))
         self.tracker.client.log_text(st.parent, json.dumps(lineage, indent=1, default=str),
                                      "scanflow/steps.json")
 
@@ -546,7 +591,10 @@ class LocalEngine(Engine):
         fn = resolve_callable(step.call, st.app.base_dir) if step.call is not None else None
         key = None
         if st.use_cache and step.cache:
-            key = cache_key(code_fingerprint(step, st.app.base_dir, fn), params, inputs, step.env)
+            code = st.fingerprints.get(step.name)
+            if code is None:
+                code = st.fingerprints[step.name] = code_fingerprint(step, st.app.base_dir, fn)
+            key = cache_key(code, params, inputs, step.env)
             hit = st.cache_index.get(key)
             if hit is not None and all(Path(p).exists() for p in hit[2].values()):
                 out = _Outcome("cached", 0, cache_key=key, cached_from=f"{hit[0]}/{hit[1]}",
@@ -554,7 +602,8 @@ class LocalEngine(Engine):
                 st.journal.write(step.name, "cached", cache_key=key, cached_from=out.cached_from,
                                  outputs=out.outputs, ended_at=out.ended_at)
                 return out
-        (st.run_dir / step.name).mkdir(parents=True, exist_ok=True)
+        if outputs:
+            (st.run_dir / step.name).mkdir(parents=True, exist_ok=True)
         log_path = st.run_dir / f"{step.name}.log"
         policy = step.retries
         attempt = 0
@@ -660,9 +709,9 @@ class LocalEngine(Engine):
         def no_tracking() -> str:
             raise RuntimeError("MLflow tracking is off for this engine")
 
-        with open(log_path, "a") as logf:
-            ctx = StepContext(st.run.id, step.name, st.exp or "", self.tracker, params, inputs,
-                              outputs, logf, make_child or no_tracking, attempt)
+        ctx = StepContext(st.run.id, step.name, st.exp or "", self.tracker, params, inputs,
+                          outputs, log_path, make_child or no_tracking, attempt)
+        try:
             kwargs = _kwargs_for(fn, {**params, **inputs, **outputs, "ctx": ctx})
             box: dict[str, Any] = {}
 
@@ -671,8 +720,8 @@ class LocalEngine(Engine):
                     box["result"] = fn(**kwargs)
                 except BaseException as exc:  # noqa: BLE001 - reported as the step's failure
                     box["error"] = exc
-                    traceback.print_exc(file=logf)
-                    logf.flush()
+                    traceback.print_exc(file=ctx.log_file)
+                    ctx.log_file.flush()
 
             if step.timeout is None:
                 target()
@@ -695,6 +744,8 @@ class LocalEngine(Engine):
                            if isinstance(v, int | float) and not isinstance(v, bool)}
                 if numeric:
                     ctx.log_metrics(numeric)
+        finally:
+            ctx.close()
         return _Outcome("succeeded", 0)
 
 

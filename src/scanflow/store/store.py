@@ -8,7 +8,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import create_engine, delete, event, func, select, update
+from sqlalchemy import create_engine, delete, event, func, insert, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -142,12 +142,15 @@ class Store:
 
     def create_steps(self, run_id: str, names: Sequence[str]) -> dict[str, int]:
         """All step rows of a run in one transaction (existing rows are kept): name -> row id."""
+        q = select(StepRun.step, StepRun.id).where(StepRun.run_id == run_id)
         with self.session() as s:
-            have = {r.step: r.id for r in s.scalars(select(StepRun).where(StepRun.run_id == run_id))}
-            s.add_all([StepRun(run_id=run_id, step=n, status="pending", attempts=0)
-                       for n in names if n not in have])
+            have = dict(s.execute(q).tuples().all())
+            new = [{"run_id": run_id, "step": n, "status": "pending", "attempts": 0, "outputs": {}}
+                   for n in names if n not in have]
+            if new:
+                s.execute(insert(StepRun), new)
         with self.session() as s:
-            return {r.step: r.id for r in s.scalars(select(StepRun).where(StepRun.run_id == run_id))}
+            return dict(s.execute(q).tuples().all())
 
     def update_steps(self, rows: Sequence[dict[str, Any]]) -> None:
         """Bulk update by primary key (`id` in each dict): one transaction for many steps."""
