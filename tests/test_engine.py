@@ -140,6 +140,16 @@ def test_runs_are_tracked_in_mlflow(app, settings: Settings, store: Store) -> No
     assert script.data.params["words"] == "hi" and script.data.params["code"] == "0"
     assert script.data.metrics["accuracy"] == 0.5  # logged by the step through the env
     assert by_step["independent"].data.metrics["delay"] == 0.5  # returned by a callable
+    # Lineage of every step, with output digests, on the parent run.
+    import json as _json
+
+    path = client.download_artifacts(res.mlflow_run_id or "", "scanflow/steps.json",
+                                     str(settings.root))
+    lineage = {d["step"]: d for d in _json.loads(Path(path).read_text())}
+    assert lineage["script"]["inputs"] == {"src": "a.out"}
+    out = lineage["a"]["outputs"]["out"]
+    assert out["path"].endswith("/a/out") and len(out["sha256"]) == 64
+    assert lineage["script"]["mlflow_run_id"] == script.info.run_id
     # MLflow artifacts stay in the workspace.
     assert parent.info.artifact_uri.startswith(settings.artifacts.as_uri())
 
