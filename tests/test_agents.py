@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from scanflow.agents import Agent
-from scanflow.agents.process import AgentSupervisor, pid_alive
+from scanflow.agents.process import AgentSupervisor
+from scanflow.procs import pid_alive
 from scanflow.settings import Settings
 from scanflow.spec import load_application
 from scanflow.store import Store

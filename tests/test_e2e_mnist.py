@@ -48,5 +48,14 @@ def test_reduced_mnist_loop(tmp_path: Path) -> None:
     assert promoted["version"] != promoted["previous_version"]
     assert (ws / "report" / "timeline.png").stat().st_size > 10_000
     assert proc.returncode == 0, proc.stdout[-3000:]
+    # The retrain was started by the executor agent, and its run says so (provenance).
+    from scanflow.store import Store
+
+    store = Store(f"sqlite:///{ws / 'scanflow.db'}")
+    (retrain,) = store.list_runs(workflow="retrain")
+    assert retrain.status == "succeeded"
+    assert retrain.trigger["by"] == "agent" and retrain.trigger["agent"] == "executor"
+    fired = [d for d in store.list_decisions("planner") if d.fired]
+    assert len(fired) == 1 and "drift held" in fired[0].evidence["reason"]
     # Nothing written outside the workspace.
     assert list(cwd.iterdir()) == []

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from scanflow.engine import LocalEngine, ParamError
-from scanflow.engine.local import pid_alive
 from scanflow.engine.resources import ResourcePool
+from scanflow.procs import pid_alive
 from scanflow.settings import Settings
 from scanflow.spec import load_application
 from scanflow.store import Store

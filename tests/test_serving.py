@@ -18,8 +18,8 @@ import pytest
 from mlflow.types.schema import ColSpec, Schema, TensorSpec
 from prometheus_client.parser import text_string_to_metric_families
 
+from scanflow.procs import child_pids, pid_alive
 from scanflow.serving import Deployer, LocalDeployer, UnknownService
-from scanflow.serving.app import child_pids, pid_alive
 from scanflow.serving.predlog import PredictionLogWriter
 from scanflow.serving.validation import (
     RequestError,

@@ -12,25 +12,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from scanflow.procs import pid_alive
 from scanflow.settings import Settings, get_settings
 from scanflow.spec.loader import load_application
 from scanflow.store import Store
-
-
-def pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie child counts as dead
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 class AgentSupervisor:

@@ -33,6 +33,7 @@ from scanflow.engine.dag import downstream_of
 from scanflow.engine.journal import Journal, replay
 from scanflow.engine.params import ParamError, resolve_params
 from scanflow.engine.resources import ResourcePool, default_pool
+from scanflow.procs import kill_group, pid_alive
 from scanflow.settings import Settings
 from scanflow.spec.loader import load_application, resolve_callable
 from scanflow.spec.models import Application, Step
@@ -54,7 +55,6 @@ DONE = {"succeeded", "cached"}
 RESUMABLE = {"failed", "cancelled", "interrupted"}
 FLUSH_EVERY = 0.1  # seconds between batched store writes
 CANCEL_POLL = 0.25  # seconds between checks of the run's cancel flag
-KILL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL of a step's process group
 
 
 def log_tail(path: Path, lines: int = TAIL_LINES) -> str:
@@ -80,41 +80,6 @@ def command_for(step: Step, params: dict[str, Any], paths: dict[str, Path]) -> l
     for k, p in paths.items():
         argv += [f"--{k}", str(p)]
     return argv
-
-
-def pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def kill_group(pgid: int, grace: float = KILL_GRACE) -> None:
-    """SIGTERM a step's whole process group, SIGKILL what is left after `grace` seconds."""
-    try:
-        os.killpg(pgid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.time() + grace
-    while time.time() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.05)
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 @dataclass

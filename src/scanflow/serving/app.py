@@ -121,33 +121,6 @@ def read_workers(workdir: str | os.PathLike[str]) -> dict[int, dict[str, Any]]:
     return out
 
 
-def child_pids(ppid: int) -> list[int]:
-    """Live (non-zombie) children of a process, from /proc."""
-    kids = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as fh:
-                stat = fh.read()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(b")") + 2 :].split()
-        if len(fields) > 1 and int(fields[1]) == ppid and fields[0] != b"Z":
-            kids.append(int(entry.name))
-    return sorted(kids)
-
-
-def pid_alive(pid: int) -> bool:
-    """True for a running process (zombies count as dead)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            stat = fh.read()
-    except OSError:
-        return False
-    return stat[stat.rfind(b")") + 2 :].split()[0] not in (b"Z", b"X")
-
-
 class WorkerLifecycle:
     """This process's announcement and drain state (one per worker process)."""
 

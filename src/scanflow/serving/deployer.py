@@ -27,11 +27,10 @@ from typing import Any
 
 import httpx
 
+from scanflow.procs import child_pids, group_pids, pid_alive
 from scanflow.serving.app import (
     CONFIG_ENV,
     ServiceConfig,
-    child_pids,
-    pid_alive,
     read_workers,
     workers_dir,
 )
@@ -61,23 +60,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
-
-
-def group_pids(pgid: int) -> list[int]:
-    """Live members of a process group (a service's master and workers share one)."""
-    out = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as fh:
-                stat = fh.read()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(b")") + 2 :].split()
-        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
-            out.append(int(entry.name))
-    return out
 
 
 def tail(path: Path, lines: int = 30) -> str:

@@ -127,7 +127,8 @@ class DrainingServer(Server):
             super().handle_exit(signal.SIGTERM, None)
 
     async def _hand_over(self) -> None:
-        from scanflow.serving.app import LIFECYCLE, child_pids, read_workers
+        from scanflow.procs import child_pids
+        from scanflow.serving.app import LIFECYCLE, read_workers
 
         cfg = LIFECYCLE.config
         assert cfg is not None
