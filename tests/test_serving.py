@@ -144,6 +144,48 @@ def test_predictions_match_the_model(url: str, digits_workspace: DigitsWorkspace
     assert h["model_version"] == "1" and isinstance(h["pid"], int)
 
 
+def test_open_inference_v2_protocol(url: str, digits_workspace: DigitsWorkspace) -> None:  # noqa: F811
+    ws = digits_workspace
+    assert httpx.get(f"{url}/v2/health/live").json() == {"live": True}
+    assert httpx.get(f"{url}/v2/health/ready").json() == {"ready": True}
+    meta = httpx.get(f"{url}/v2/models/{MODEL}").json()
+    assert meta["name"] == MODEL and meta["versions"] == ["1"]
+    assert meta["inputs"][0]["shape"] == [-1, 64] and meta["inputs"][0]["datatype"] == "FP64"
+    x = ws.X[:3]
+    body = {"id": "v2req", "inputs": [{"name": "input", "shape": [3, 64], "datatype": "FP64",
+                                      "data": x.ravel().tolist()}]}
+    r = httpx.post(f"{url}/v2/models/{MODEL}/infer", json=body, timeout=30)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["model_name"] == MODEL and out["model_version"] == "1" and out["id"] == "v2req"
+    (tensor,) = out["outputs"]
+    assert tensor["shape"] == [3] and tensor["data"] == ws.models["1"].predict(x).tolist()
+    assert out["parameters"]["ids"] == ["v2req-0", "v2req-1", "v2req-2"]  # prediction-log ids
+    nested = {"inputs": [{"name": "input", "shape": [3, 64], "datatype": "FP64",
+                          "data": x.tolist()}]}
+    assert httpx.post(f"{url}/v2/models/{MODEL}/versions/1/infer", json=nested,
+                      timeout=30).json()["outputs"][0]["data"] == tensor["data"]
+    bad = [
+        ("/v2/models/other/infer", body, 404, "model 'other' is not served here"),
+        (f"/v2/models/{MODEL}/versions/9/infer", body, 404, "version '9'"),
+        (f"/v2/models/{MODEL}/infer", {"inputs": []}, 422, "inputs: required"),
+        (f"/v2/models/{MODEL}/infer", {"inputs": [{"name": "input", "shape": [2, 64],
+                                                   "datatype": "FP64", "data": [0.0] * 10}]},
+         422, "shape [2, 64] needs 128 values, got 10"),
+        (f"/v2/models/{MODEL}/infer", {"inputs": [{"name": "input", "shape": [1, 64],
+                                                   "datatype": "FP128", "data": [0.0] * 64}]},
+         422, "unknown datatype 'FP128'"),
+        (f"/v2/models/{MODEL}/infer", {"inputs": [{"name": "input", "shape": [1, 60],
+                                                   "datatype": "FP64", "data": [0.0] * 60}]},
+         422, "instances[0]: expected 64 values, got 60"),
+    ]
+    for path, payload, status, message in bad:
+        r = httpx.post(f"{url}{path}", json=payload, timeout=30)
+        assert r.status_code == status and message in r.json()["detail"], (path, r.text)
+    assert httpx.get(f"{url}/v2/models/other").status_code == 404
+    assert_serving(url, ws)
+
+
 def _row(n: int = 64) -> list[float]:
     return [0.0] * n
 

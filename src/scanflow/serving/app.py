@@ -224,9 +224,14 @@ def _error(status: int, message: str) -> Response:
 
 def _predict_sync(s: Served, raw: bytes, ctype: str | None, rid: str | None) -> dict[str, Any]:
     """Parse, validate, predict: one hop to the thread pool for all the CPU work."""
+    instances = extract_instances(parse_body(raw, ctype), s.config.limits.max_instances)
+    return predict_instances(s, instances, rid)
+
+
+def predict_instances(s: Served, instances: list[Any], rid: str | None) -> dict[str, Any]:
+    """Validate, predict and log a list of instances, whatever protocol brought them."""
     t0 = time.perf_counter()
     ts = time.time()
-    instances = extract_instances(parse_body(raw, ctype), s.config.limits.max_instances)
     base = _request_base(rid)
     x = to_model_input(instances, s.spec)
     try:
@@ -327,6 +332,17 @@ def create_app(config_path: str | None = None) -> FastAPI:
 
     @app.post("/predict")
     async def predict(request: Request) -> Response:
+        return await serve_prediction(request, "predict", _predict_sync, lambda r: r)
+
+    from scanflow.serving.v2 import router as v2_router
+
+    app.include_router(v2_router)
+
+    async def serve_prediction(
+        request: Request, endpoint: str, work: Callable[..., dict[str, Any]],
+        render: Callable[[dict[str, Any]], Any],
+    ) -> Response:
+        """Size limits, the thread-pool hop, error bodies and metrics, for every protocol."""
         s: Served = request.app.state.served
         t0 = time.perf_counter()
         version = s.config.model_version
@@ -339,12 +355,12 @@ def create_app(config_path: str | None = None) -> FastAPI:
             if len(raw) > s.config.limits.max_body_bytes:
                 raise RequestError(413, f"body: larger than {s.config.limits.max_body_bytes} bytes")
             result = await run_in_threadpool(
-                _predict_sync, s, raw, request.headers.get("content-type"),
+                work, s, raw, request.headers.get("content-type"),
                 request.headers.get("x-request-id"),
             )
             metrics.INSTANCES.labels(s.config.service, version).inc(len(result["ids"]))
             resp = Response(
-                json.dumps(result), media_type="application/json",
+                json.dumps(render(result)), media_type="application/json",
                 headers={"X-Model-Version": version},
             )
         except RequestError as exc:
@@ -354,9 +370,11 @@ def create_app(config_path: str | None = None) -> FastAPI:
             log.exception("predict failed")
             status = 500
             resp = _error(500, f"internal error: {type(exc).__name__}: {exc}")
-        metrics.REQUESTS.labels(s.config.service, "predict", version, str(status)).inc()
+        metrics.REQUESTS.labels(s.config.service, endpoint, version, str(status)).inc()
         metrics.LATENCY.labels(s.config.service, version).observe(time.perf_counter() - t0)
         return resp
+
+    app.state.serve_prediction = serve_prediction
 
     @app.post("/labels")
     async def labels(request: Request) -> Response:

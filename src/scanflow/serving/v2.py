@@ -1,0 +1,190 @@
+"""The Open Inference (KServe V2) REST protocol over the same model, validation, prediction
+log and metrics as `/predict`, so standard V2 clients work unchanged."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+
+from scanflow.serving.validation import RequestError, parse_body
+
+router = APIRouter(prefix="/v2")
+
+_DATATYPES = {
+    "float64": "FP64", "float32": "FP32", "float16": "FP16", "int64": "INT64", "int32": "INT32",
+    "int16": "INT16", "int8": "INT8", "uint64": "UINT64", "uint32": "UINT32", "uint16": "UINT16",
+    "uint8": "UINT8", "bool": "BOOL", "object": "BYTES", "str": "BYTES", "string": "BYTES",
+    "double": "FP64", "float": "FP32", "long": "INT64", "integer": "INT32", "boolean": "BOOL",
+    "binary": "BYTES",
+}
+_NUMERIC = {"FP64", "FP32", "FP16", "INT64", "INT32", "INT16", "INT8", "UINT64", "UINT32", "UINT16",
+            "UINT8"}
+
+
+def datatype(kind: str) -> str:
+    return _DATATYPES.get(str(kind), "BYTES")
+
+
+def _served(request: Request) -> Any:
+    return request.app.state.served
+
+
+def _check_model(s: Any, name: str, version: str | None = None) -> None:
+    if name not in (s.config.model_name, s.config.service):
+        raise RequestError(404, f"model {name!r} is not served here (this service serves "
+                                f"{s.config.model_name!r} version {s.config.model_version})")
+    if version is not None and version != s.config.model_version:
+        raise RequestError(404, f"version {version!r} of {name!r} is not served here "
+                                f"(serving version {s.config.model_version})")
+
+
+def _error(exc: RequestError) -> Response:
+    import json
+
+    return Response(json.dumps({"error": exc.message, "detail": exc.message}), exc.status,
+                    media_type="application/json")
+
+
+def _reshape(data: list[Any], shape: list[int]) -> list[Any]:
+    """Row-major flat data -> nested lists of `shape`."""
+    if len(shape) <= 1:
+        return list(data)
+    step = math.prod(shape[1:])
+    return [_reshape(data[i * step:(i + 1) * step], shape[1:]) for i in range(shape[0])]
+
+
+def _flatten(v: Any) -> list[Any]:
+    if isinstance(v, list):
+        return [x for item in v for x in _flatten(item)]
+    return [v]
+
+
+def v2_instances(body: Any, s: Any) -> list[Any]:
+    """V2 `inputs` -> per-instance values in the layout `/predict` takes."""
+    if not isinstance(body, dict):
+        raise RequestError(422, "body: expected a JSON object with `inputs`")
+    inputs = body.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise RequestError(422, "inputs: required, a non-empty list of tensors")
+    tensors = []
+    for i, t in enumerate(inputs):
+        where = f"inputs[{i}]"
+        if not isinstance(t, dict):
+            raise RequestError(422, f"{where}: expected an object with name, shape, datatype, data")
+        for key in ("name", "shape", "datatype", "data"):
+            if key not in t:
+                raise RequestError(422, f"{where}.{key}: required")
+        shape = t["shape"]
+        if not (isinstance(shape, list) and shape and all(isinstance(d, int) and not isinstance(d, bool)
+                                                          and d >= 0 for d in shape)):
+            raise RequestError(422, f"{where}.shape: expected a non-empty list of sizes >= 0")
+        if t["datatype"] not in _NUMERIC | {"BOOL", "BYTES"}:
+            raise RequestError(422, f"{where}.datatype: unknown datatype {t['datatype']!r}")
+        data = _flatten(t["data"]) if isinstance(t["data"], list) else None
+        if data is None:
+            raise RequestError(422, f"{where}.data: expected a list")
+        if len(data) != math.prod(shape):
+            raise RequestError(422, f"{where}: shape {shape} needs {math.prod(shape)} values, "
+                                    f"got {len(data)}")
+        tensors.append((str(t["name"]), shape, data))
+    n = tensors[0][1][0]
+    if any(shape[0] != n for _, shape, _ in tensors):
+        raise RequestError(422, "inputs: every tensor must have the same first dimension (batch)")
+    if s.spec.kind == "columns" or len(tensors) > 1:
+        rows: list[dict[str, Any]] = [{} for _ in range(n)]
+        for name, shape, data in tensors:
+            per = _reshape(data, shape)
+            for r in range(n):
+                rows[r][name] = per[r]
+        return rows
+    _, shape, data = tensors[0]
+    return _reshape(data, shape)
+
+
+def _infer_sync(s: Any, raw: bytes, ctype: str | None, rid: str | None) -> dict[str, Any]:
+    from scanflow.serving.app import predict_instances
+
+    body = parse_body(raw, ctype)
+    instances = v2_instances(body, s)
+    if len(instances) > s.config.limits.max_instances:
+        raise RequestError(413, f"inputs: more than {s.config.limits.max_instances} instances")
+    rid = rid or (body.get("id") if isinstance(body.get("id"), str) else None)
+    out = predict_instances(s, instances, rid)
+    out["request_id"] = rid
+    return out
+
+
+def _render(s: Any) -> Any:
+    def render(result: dict[str, Any]) -> dict[str, Any]:
+        preds = result["predictions"]
+        flat = _flatten(preds)
+        shape = [len(preds)] + ([len(preds[0])] if preds and isinstance(preds[0], list) else [])
+        sample = flat[0] if flat else 0.0
+        dt = ("BOOL" if isinstance(sample, bool) else "INT64" if isinstance(sample, int)
+              else "FP64" if isinstance(sample, float) else "BYTES")
+        return {
+            "model_name": s.config.model_name,
+            "model_version": s.config.model_version,
+            "id": result.get("request_id") or result["ids"][0].rsplit("-", 1)[0],
+            "outputs": [{"name": "predictions", "datatype": dt, "shape": shape, "data": flat}],
+            "parameters": {"ids": result["ids"]},
+        }
+    return render
+
+
+@router.get("/health/live")
+async def live() -> dict[str, bool]:
+    return {"live": True}
+
+
+@router.get("/health/ready")
+async def ready(request: Request) -> Response:
+    from scanflow.serving.app import LIFECYCLE
+
+    ok = getattr(request.app.state, "served", None) is not None and not LIFECYCLE.draining
+    return Response('{"ready": %s}' % ("true" if ok else "false"), 200 if ok else 503,
+                    media_type="application/json")
+
+
+@router.get("/models/{name}")
+@router.get("/models/{name}/versions/{version}")
+async def metadata(request: Request, name: str, version: str | None = None) -> Any:
+    s = _served(request)
+    try:
+        _check_model(s, name, version)
+    except RequestError as exc:
+        return _error(exc)
+    spec = s.spec.describe()
+    if spec["kind"] == "tensor":
+        inputs = [{"name": "input", "datatype": datatype(spec["dtype"]), "shape": spec["shape"]}]
+    elif spec["kind"] == "columns":
+        inputs = [{"name": c["name"], "datatype": datatype(c["type"]), "shape": [-1]}
+                  for c in spec["columns"]]
+    else:
+        inputs = []
+    return {"name": s.config.model_name, "versions": [s.config.model_version],
+            "platform": "mlflow_pyfunc", "inputs": inputs,
+            "outputs": [{"name": "predictions", "datatype": "BYTES", "shape": [-1]}]}
+
+
+@router.get("/models/{name}/ready")
+@router.get("/models/{name}/versions/{version}/ready")
+async def model_ready(request: Request, name: str, version: str | None = None) -> Response:
+    try:
+        _check_model(_served(request), name, version)
+    except RequestError as exc:
+        return _error(exc)
+    return await ready(request)
+
+
+@router.post("/models/{name}/infer")
+@router.post("/models/{name}/versions/{version}/infer")
+async def infer(request: Request, name: str, version: str | None = None) -> Response:
+    s = _served(request)
+    try:
+        _check_model(s, name, version)
+    except RequestError as exc:
+        return _error(exc)
+    return await request.app.state.serve_prediction(request, "v2_infer", _infer_sync, _render(s))
