@@ -182,8 +182,12 @@ class Adder(PythonModel):
     """a + b per row; raises on a == 13 (to prove a failing model does not kill a worker)."""
 
     def predict(self, context, model_input, params=None):
+        import time
+
         if (model_input["a"] == 13).any():
             raise ValueError("unlucky 13")
+        if (model_input["a"] == 7).any():  # a slow request: sleeps b seconds
+            time.sleep(float(model_input["b"].max()))
         return (model_input["a"] + model_input["b"]).to_numpy()
 
 

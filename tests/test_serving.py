@@ -186,6 +186,56 @@ def test_open_inference_v2_protocol(url: str, digits_workspace: DigitsWorkspace)
     assert_serving(url, ws)
 
 
+def test_fuzzed_requests_never_5xx_nor_kill_a_worker(
+    url: str, deployer: LocalDeployer, digits_workspace: DigitsWorkspace  # noqa: F811
+) -> None:
+    import random
+
+    rng = random.Random(7)
+    before = deployer.status(SERVICE)["workers"]
+
+    def junk(depth: int = 0) -> object:
+        pick = rng.randrange(9 if depth < 3 else 6)
+        return [lambda: float(f"{rng.random()}e{rng.randrange(-5, 400)}"), lambda: "x" * rng.randrange(5),
+                lambda: None, lambda: rng.choice([True, False]), lambda: rng.randrange(-2**70, 2**70),
+                lambda: float("nan"),
+                lambda: [junk(depth + 1) for _ in range(rng.randrange(4))],
+                lambda: {str(rng.random()): junk(depth + 1) for _ in range(rng.randrange(3))},
+                lambda: [rng.random() for _ in range(rng.choice([0, 1, 63, 64, 65, 4096]))]][pick]()
+
+    bodies: list[tuple[bytes, str]] = []
+    for _ in range(240):
+        kind = rng.randrange(6)
+        if kind == 0:
+            raw = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200)))
+        elif kind == 1:
+            raw = json.dumps({"instances": [_row()] * 2}).encode()[: rng.randrange(1, 40)]
+        elif kind == 2:
+            raw = json.dumps({"instances": [junk() for _ in range(rng.randrange(1, 5))]},
+                             allow_nan=True).encode()
+        elif kind == 3:
+            raw = json.dumps(junk(), allow_nan=True).encode()
+        elif kind == 4:
+            raw = json.dumps({"inputs": [{"name": "input", "shape": junk(2), "datatype": junk(2),
+                                          "data": junk(1)}]}, allow_nan=True).encode()
+        else:
+            raw = json.dumps({"instances": [[rng.random()] * 64] * rng.choice([1, 10_001])}).encode()
+        ctype = rng.choice(["application/json", "application/json", "text/plain", "", "image/png"])
+        bodies.append((raw, ctype))
+    statuses = []
+    with httpx.Client(timeout=60) as client:
+        for i, (raw, ctype) in enumerate(bodies):
+            path = f"/v2/models/{MODEL}/infer" if i % 3 == 0 else "/predict"
+            headers = {"content-type": ctype} if ctype else {}
+            r = client.post(f"{url}{path}", content=raw, headers=headers)
+            statuses.append(r.status_code)
+            assert r.status_code < 500, (path, raw[:200], r.status_code, r.text[:300])
+            assert r.status_code == 200 or "detail" in r.json()
+    assert {s for s in statuses if s >= 400} >= {400, 413, 415, 422}
+    assert deployer.status(SERVICE)["workers"] == before  # no worker died or was replaced
+    assert_serving(url, digits_workspace)
+
+
 def _row(n: int = 64) -> list[float]:
     return [0.0] * n
 
@@ -304,7 +354,11 @@ def test_deployer_errors(deployer: LocalDeployer, url: str) -> None:
 def test_column_model_fields_and_model_errors(
     deployer: LocalDeployer, digits_workspace: DigitsWorkspace  # noqa: F811
 ) -> None:
+    from scanflow.serving.app import Limits
+
     register_column_model(digits_workspace)
+    deployer = LocalDeployer(digits_workspace.settings, digits_workspace.store,
+                             limits=Limits(request_timeout_s=1.0))
     deployer.deploy("adder-svc", app="demo", team="ds", model=COLUMN_MODEL)
     try:
         u = deployer.url("adder-svc")
@@ -323,6 +377,9 @@ def test_column_model_fields_and_model_errors(
         assert boom.status_code == 500 and "unlucky 13" in boom.json()["detail"]
         assert post(u, {"instances": [{"a": 1, "b": 1}]}).json()["predictions"] == [2.0]
         assert httpx.get(f"{u}/health").json()["pid"] == pid  # the same worker, alive
+        slow = post(u, {"instances": [{"a": 7, "b": 3}]})
+        assert slow.status_code == 504 and "longer than 1s" in slow.json()["detail"]
+        assert post(u, {"instances": [{"a": 1, "b": 1}]}).json()["predictions"] == [2.0]
     finally:
         deployer.stop("adder-svc")
 

@@ -8,6 +8,7 @@ serves the new version. Each ready worker also announces itself in
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -48,6 +49,7 @@ class Limits(BaseModel):
 
     max_instances: int = Field(default=10_000, ge=1, le=99_999)
     max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    request_timeout_s: float = Field(default=30.0, gt=0, description="slower requests get 504")
 
 
 class PredLogConfig(BaseModel):
@@ -354,10 +356,15 @@ def create_app(config_path: str | None = None) -> FastAPI:
             raw = await request.body()
             if len(raw) > s.config.limits.max_body_bytes:
                 raise RequestError(413, f"body: larger than {s.config.limits.max_body_bytes} bytes")
-            result = await run_in_threadpool(
-                work, s, raw, request.headers.get("content-type"),
-                request.headers.get("x-request-id"),
-            )
+            try:
+                result = await asyncio.wait_for(
+                    run_in_threadpool(work, s, raw, request.headers.get("content-type"),
+                                      request.headers.get("x-request-id")),
+                    timeout=s.config.limits.request_timeout_s,
+                )
+            except TimeoutError:
+                raise RequestError(504, f"the request took longer than "
+                                        f"{s.config.limits.request_timeout_s:g}s") from None
             metrics.INSTANCES.labels(s.config.service, version).inc(len(result["ids"]))
             resp = Response(
                 json.dumps(render(result)), media_type="application/json",

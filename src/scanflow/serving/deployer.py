@@ -30,6 +30,7 @@ import httpx
 from scanflow.procs import child_pids, group_pids, pid_alive
 from scanflow.serving.app import (
     CONFIG_ENV,
+    Limits,
     ServiceConfig,
     read_workers,
     workers_dir,
@@ -80,9 +81,11 @@ class LocalDeployer(Deployer):
         ready_timeout: float = 120.0,
         stop_timeout: float = 75.0,
         preflight: bool = True,
+        limits: Limits | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
+        self.limits = limits or Limits()
         self.ready_timeout = ready_timeout
         self.stop_timeout = stop_timeout
         self.preflight = preflight
@@ -264,6 +267,7 @@ class LocalDeployer(Deployer):
                 model_version=version, tracking_uri=self.settings.tracking,
                 registry_uri=self.settings.registry_uri, store_url=self.settings.store,
                 workdir=str(wd), replicas=replicas, preload=self._preload(model, version),
+                limits=self.limits,
             )
             cfg.save(self._config_path(service))
             cmd = [
