@@ -68,8 +68,8 @@ def _reference_for(ctx: AgentContext, service: str, artifact: str) -> tuple[str,
         mv = ctx.tracker.model_version(dep.model_name, version)
         dst = ctx.settings.agents_dir / ctx.name / f"reference-v{version}"
         dst.mkdir(parents=True, exist_ok=True)
-        path = ctx.tracker.download(mv.run_id, artifact, str(dst))
-        cache.update(version=version, data=np.load(path).reshape(-1, _width(np.load(path))))
+        data = np.load(ctx.tracker.download(mv.run_id, artifact, str(dst)))
+        cache.update(version=version, data=data.reshape(-1, _width(data)))
         cache.pop("check", None)
     return version, cache["data"]
 

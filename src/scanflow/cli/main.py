@@ -345,14 +345,19 @@ def deploy(
                   f"(version {dep.model_version}) x{dep.replicas} at http://{dep.host}:{dep.port}")
 
 
+def _service_call(action: Any) -> Any:
+    """Run a deployer action; an unknown service or a bad request is exit 2 with its message."""
+    try:
+        return action()
+    except (ValueError, KeyError) as exc:
+        fail(str(exc).strip("'\""))
+
+
 @app.command()
 def scale(service: str, replicas: Annotated[int, typer.Argument(min=1, max=64)]) -> None:
     """Change the number of replicas of a running service."""
     deployer, _ = _deployer()
-    try:
-        dep = deployer.scale(service, replicas)
-    except (ValueError, KeyError) as exc:
-        fail(str(exc).strip("'\""))
+    dep = _service_call(lambda: deployer.scale(service, replicas))
     out.print(f"{service}: {dep.replicas} replica(s)")
 
 
@@ -360,10 +365,7 @@ def scale(service: str, replicas: Annotated[int, typer.Argument(min=1, max=64)])
 def rollout(service: str) -> None:
     """Move a service's replicas onto the version its alias points to now."""
     deployer, _ = _deployer()
-    try:
-        dep = deployer.rollout(service)
-    except (ValueError, KeyError) as exc:
-        fail(str(exc).strip("'\""))
+    dep = _service_call(lambda: deployer.rollout(service))
     out.print(f"{service}: serving version {dep.model_version}")
 
 
@@ -371,10 +373,7 @@ def rollout(service: str) -> None:
 def stop(service: str) -> None:
     """Stop a service."""
     deployer, _ = _deployer()
-    try:
-        deployer.stop(service)
-    except (ValueError, KeyError) as exc:
-        fail(str(exc).strip("'\""))
+    _service_call(lambda: deployer.stop(service))
     out.print(f"{service}: stopped")
 
 
