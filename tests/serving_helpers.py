@@ -81,6 +81,24 @@ def digits_workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Digit
         ws.store.close()
 
 
+def stop_everything(deployer: Any, store: Store) -> None:
+    """Stop whatever a test module started, even after a failure halfway through."""
+    import signal
+
+    for dep in store.list_deployments():
+        if dep.status == "running":
+            try:
+                deployer.stop(dep.service)
+            except Exception:  # noqa: BLE001 - fall back to killing the process group
+                pass
+    for pid in list(deployer._procs):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        deployer._procs.pop(pid).wait(timeout=10)
+
+
 # -- load generator ---------------------------------------------------------------------------
 @dataclass
 class LoadResult:
@@ -91,6 +109,7 @@ class LoadResult:
     versions: list[tuple[float, str]] = field(default_factory=list)
     max_latency: float = 0.0  # seconds, slowest successful request (reported, never asserted)
     told_to_reconnect: int = 0  # answers carrying `Connection: close` (a draining worker)
+    ids: list[str] = field(default_factory=list)  # prediction ids of every 200 answer
 
 
 class KeepAliveLoad:
@@ -151,7 +170,9 @@ class KeepAliveLoad:
                         self.result.ok += 1
                         self.result.max_latency = max(self.result.max_latency,
                                                       time.monotonic() - sent)
-                        self.result.versions.append((sent, r.json()["model_version"]))
+                        answer = r.json()
+                        self.result.versions.append((sent, answer["model_version"]))
+                        self.result.ids.extend(answer["ids"])
                         if r.headers.get("connection", "").lower() == "close":
                             self.result.told_to_reconnect += 1
                     else:

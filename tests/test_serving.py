@@ -8,19 +8,19 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import time
 from collections.abc import Iterator
 
 import httpx
 import numpy as np
+import orjson
 import pytest
 from mlflow.types.schema import ColSpec, Schema, TensorSpec
 from prometheus_client.parser import text_string_to_metric_families
 
 from scanflow.procs import child_pids, pid_alive
 from scanflow.serving import Deployer, LocalDeployer, UnknownService
-from scanflow.serving.predlog import PredictionLogWriter
+from scanflow.serving.predlog import PredictionLog, collect_all
 from scanflow.serving.validation import (
     RequestError,
     extract_instances,
@@ -37,10 +37,18 @@ from serving_helpers import (
     digits_workspace,  # noqa: F401 - fixture
     register_broken_version,
     register_column_model,
+    stop_everything,
     wait_for,
 )
 
 SERVICE = "digits-svc"
+
+
+def digits_workspace_actor() -> str:
+    """Who the audit trail names for actions taken from this process (a person)."""
+    import getpass
+
+    return os.environ.get("SCANFLOW_ACTOR") or getpass.getuser()
 
 
 # -- fixtures -----------------------------------------------------------------------------------
@@ -50,19 +58,7 @@ def deployer(digits_workspace: DigitsWorkspace) -> Iterator[LocalDeployer]:  # n
     try:
         yield d
     finally:
-        # Stop whatever this module started, even after a failure halfway through.
-        for dep in digits_workspace.store.list_deployments():
-            if dep.status == "running":
-                try:
-                    d.stop(dep.service)
-                except Exception:  # noqa: BLE001 - fall back to killing the process group
-                    pass
-        for pid in list(d._procs):
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            d._procs.pop(pid).wait(timeout=10)
+        stop_everything(d, digits_workspace.store)
 
 
 @pytest.fixture(scope="module")
@@ -107,21 +103,49 @@ def test_validation_tensor_and_columns() -> None:
     assert e.value.status == 413
 
 
-def test_predlog_writer_batches_and_skips_duplicates(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def _line(base: str, n: int, version: str = "1", kind: str = "p") -> dict[str, object]:
+    line: dict[str, object] = {"k": kind, "rid": base, "svc": "s", "v": version, "ts": time.time(),
+                               "lat": 1.0, "out": list(range(n))}
+    if kind == "p":
+        line["in"] = [[float(i), 0.5] for i in range(n)]
+    return line
+
+
+def test_prediction_log_journal_reaches_the_store_and_skips_duplicates(tmp_path) -> None:  # type: ignore[no-untyped-def]
     store = Store(f"sqlite:///{tmp_path / 'log.db'}")
-    w = PredictionLogWriter(store, interval=0.05, batch_size=100).start()
-    recs = [
-        {"request_id": f"r-{i}", "service": "s", "model_version": "1", "ts": time.time(),
-         "inputs": [i], "outputs": i % 10, "latency_ms": 1.0}
-        for i in range(1250)
-    ]
-    w.add(recs[:1000])
-    w.add(recs[999:])  # r-999 twice: written once, the duplicate is counted as dropped
-    assert w.flush(timeout=30)
-    w.close()
-    rows = store.predictions("s")
-    assert len(rows) == 1250 and len({r["request_id"] for r in rows}) == 1250
-    assert w.written == 1250 and w.dropped == 1
+    plog = PredictionLog(store, tmp_path / "predlog", interval=0.05, batch_size=100).start()
+    for i in range(300):
+        plog.add([_line(f"r{i}", 4)])
+    plog.add([_line("r7", 4)])  # a client reusing an X-Request-ID: stored once, counted
+    plog.add([_line("r1", 4, version="2", kind="s")])  # the shadow's answer to r1
+    assert plog.flush(timeout=30)
+    plog.close()
+    win = store.prediction_window("s", with_shadow=True)
+    assert len(win) == 1200 and len(set(win.request_ids)) == 1200
+    assert isinstance(win.inputs, np.ndarray) and win.inputs.shape == (1200, 2)
+    assert plog.collector.dropped == 4
+    r1 = [i for i, r in enumerate(win.request_ids) if r.startswith("r1-")]
+    assert [win.shadow_versions[i] for i in r1] == ["2"] * 4
+    assert [win.shadow_outputs[i] for i in r1] == [0, 1, 2, 3]
+    store.close()
+
+
+def test_orphan_journal_of_a_dead_worker_is_collected_once(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Segments named after a process that no longer exists are adopted, and re-collecting
+    a segment whose offset file was lost (a crash between insert and offset) duplicates
+    nothing."""
+    store = Store(f"sqlite:///{tmp_path / 'log.db'}")
+    d = tmp_path / "predlog"
+    d.mkdir()
+    lines = [orjson.dumps(_line(f"dead{i}", 2)) + b"\n" for i in range(50)]
+    seg = d / "999999-12345-000001.jsonl"  # no such pid: its owner is gone
+    seg.write_bytes(b"".join(lines) + b'{"k": "p", "rid": "torn"')  # killed mid-line
+    twin = d / "999998-1-000001.jsonl"
+    twin.write_bytes(b"".join(lines[:10]))  # the same records again (re-collection)
+    assert collect_all(store, tmp_path) == 100
+    assert not seg.exists() and not twin.exists()
+    assert store.count_predictions("s")[0] == 100
+    assert all(not r.startswith("torn") for r in store.prediction_window("s").request_ids)
     store.close()
 
 
@@ -402,7 +426,9 @@ def test_scale_under_keepalive_load(
     assert res.failed == 0, res.errors[:5]
     assert res.ok > 20
     kinds = [(e.kind, e.payload) for e in digits_workspace.store.list_events(SERVICE)]
-    assert ("scaled", {"from": 1, "to": 3}) in kinds and ("scaled", {"from": 3, "to": 1}) in kinds
+    me = digits_workspace_actor()
+    assert ("scaled", {"from": 1, "to": 3, "actor": me}) in kinds
+    assert ("scaled", {"from": 3, "to": 1, "actor": me}) in kinds
 
 
 def test_rollout_under_keepalive_load(

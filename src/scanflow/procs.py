@@ -25,6 +25,15 @@ def pid_alive(pid: int | None) -> bool:
     return bool(fields) and fields[0] not in (b"Z", b"X")  # type: ignore[index]
 
 
+def start_time(pid: int | str) -> int | None:
+    """Clock ticks since boot at which the process started: with the pid, a name no later
+    process can reuse (a pid alone is recycled)."""
+    fields = _stat_fields(pid)
+    if not fields or len(fields) < 20:
+        return None
+    return int(fields[19])  # field 22 of /proc/<pid>/stat
+
+
 def _scan(index: int, value: int) -> list[int]:
     out = []
     for entry in os.scandir("/proc"):

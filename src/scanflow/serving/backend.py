@@ -42,8 +42,22 @@ class Deployer(ABC):
         """Change the replica count at run time without failing a request."""
 
     @abstractmethod
-    def rollout(self, service: str) -> Deployment:
-        """Serve the version the alias points to now; a no-op when it did not move."""
+    def rollout(self, service: str, version: str | None = None, *, reason: str = "") -> Deployment:
+        """Serve `version` (default: what the alias points to now) on every replica;
+        a no-op when it is already served."""
+
+    @abstractmethod
+    def rollback(self, service: str, *, reason: str = "") -> Deployment:
+        """Serve the version served before the last rollout again (one step)."""
+
+    @abstractmethod
+    def set_canary(self, service: str, version: str | None, share: float = 0.1, *,
+                   reason: str = "") -> Deployment:
+        """Let `version` answer `share` of the requests (None stops the canary)."""
+
+    @abstractmethod
+    def set_shadow(self, service: str, version: str | None, *, reason: str = "") -> Deployment:
+        """Let `version` score a copy of every request, logged, not returned (None stops)."""
 
     @abstractmethod
     def stop(self, service: str) -> None:

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import fcntl
+import getpass
 import os
 import re
 import shutil
@@ -30,12 +31,16 @@ import httpx
 from scanflow.procs import child_pids, group_pids, pid_alive
 from scanflow.serving.app import (
     CONFIG_ENV,
+    CanaryConfig,
     Limits,
+    PredLogConfig,
     ServiceConfig,
     read_workers,
     workers_dir,
 )
 from scanflow.serving.backend import Deployer, UnknownService
+from scanflow.serving.batching import BatchConfig
+from scanflow.serving.predlog import collect_all
 from scanflow.settings import Settings
 from scanflow.store import Store
 from scanflow.store.schema import Deployment
@@ -82,10 +87,17 @@ class LocalDeployer(Deployer):
         stop_timeout: float = 75.0,
         preflight: bool = True,
         limits: Limits | None = None,
+        batching: BatchConfig | None = None,
+        predlog: PredLogConfig | None = None,
+        actor: str | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.limits = limits or Limits()
+        self.batching = batching or BatchConfig()
+        self.predlog = predlog or PredLogConfig()
+        # Who the audit trail says acted: a person at the CLI, or an agent's name.
+        self.actor = actor or os.environ.get("SCANFLOW_ACTOR") or _user()
         self.ready_timeout = ready_timeout
         self.stop_timeout = stop_timeout
         self.preflight = preflight
@@ -192,6 +204,8 @@ class LocalDeployer(Deployer):
                 "ready": info is not None,
                 "draining": bool(info and info.get("draining")),
                 "model_version": info.get("model_version") if info else None,
+                "versions": info.get("versions", []) if info else [],
+                "generation": info.get("generation", 0) if info else None,
             })
         return out
 
@@ -240,6 +254,7 @@ class LocalDeployer(Deployer):
         alias: str = "champion",
         replicas: int = 1,
         port: int = 0,
+        batching: BatchConfig | None = None,
     ) -> Deployment:
         if not _NAME.match(service):
             raise ValueError(f"service name {service!r}: use letters, digits, '.', '_', '-'")
@@ -267,8 +282,9 @@ class LocalDeployer(Deployer):
                 model_version=version, tracking_uri=self.settings.tracking,
                 registry_uri=self.settings.registry_uri, store_url=self.settings.store,
                 workdir=str(wd), replicas=replicas, preload=self._preload(model, version),
-                limits=self.limits,
+                limits=self.limits, batching=batching or self.batching, predlog=self.predlog,
             )
+            self._materialise(cfg)
             cfg.save(self._config_path(service))
             cmd = [
                 sys.executable, "-m", "gunicorn",
@@ -292,7 +308,7 @@ class LocalDeployer(Deployer):
             try:
                 self._wait(
                     f"{replicas} ready worker(s)",
-                    lambda: self._all_serving(proc.pid, wd, version, replicas)
+                    lambda: self._all_serving(proc.pid, wd, cfg.generation, replicas)
                     and self._health_ok(f"http://{host}:{port}"),
                     self.ready_timeout, service, proc.pid,
                 )
@@ -314,15 +330,15 @@ class LocalDeployer(Deployer):
             self.store.add_event(
                 SOURCE, "deployed", service, app=app, team=team, model=model, alias=alias,
                 model_version=version, replicas=replicas, port=port, pid=proc.pid,
-                seconds=round(time.monotonic() - t0, 3),
+                seconds=round(time.monotonic() - t0, 3), actor=self.actor,
             )
             return dep
 
-    def _all_serving(self, master: int, wd: Path, version: str, n: int) -> bool:
-        """Exactly n workers, all announced with `version`, none draining."""
+    def _all_serving(self, master: int, wd: Path, generation: int, n: int) -> bool:
+        """Exactly n workers, all announced with config `generation`, none draining."""
         ws = self._workers(master, wd)
         return len(ws) == n and all(
-            w["ready"] and not w["draining"] and w["model_version"] == version for w in ws
+            w["ready"] and not w["draining"] and w["generation"] == generation for w in ws
         )
 
     @staticmethod
@@ -359,52 +375,167 @@ class LocalDeployer(Deployer):
                     time.sleep(0.05)
             self._wait(
                 f"{replicas} ready worker(s)",
-                lambda: self._all_serving(master, wd, cfg.model_version, replicas),
+                lambda: self._all_serving(master, wd, cfg.generation, replicas),
                 self.ready_timeout, service, master,
             )
             self.store.update_deployment(service, replicas=replicas)
-            self.store.add_event(SOURCE, "scaled", service, **{"from": before, "to": replicas})
+            self.store.add_event(SOURCE, "scaled", service, actor=self.actor,
+                                 **{"from": before, "to": replicas})
             return self._get(service)
 
-    def rollout(self, service: str) -> Deployment:
+    def rollout(self, service: str, version: str | None = None, *, reason: str = "") -> Deployment:
+        """Rolling update of every replica to `version` (default: what the alias points to)."""
         with self._locked(service):
             dep = self._running(service)
-            wd, master = Path(dep.workdir), int(dep.pid or 0)
-            path = self._config_path(service)
-            cfg = ServiceConfig.load(path)
-            new = self._resolve(cfg.model_name, cfg.alias)
+            cfg = ServiceConfig.load(self._config_path(service))
+            new = str(version) if version is not None else self._resolve(cfg.model_name, cfg.alias)
             old = cfg.model_version
             if new == old:
                 return dep
-            if self.preflight:
-                self._preflight(cfg.model_name, new, service)
-            t0 = time.monotonic()
-            replicas = dep.replicas
-            cfg.model_version, cfg.replicas = new, replicas
-            cfg.preload = self._preload(cfg.model_name, new)
-            cfg.save(path)
-            self.store.add_event(SOURCE, "rollout_started", service, from_version=old,
-                                 to_version=new, replicas=replicas)
-            os.kill(master, signal.SIGHUP)
-            try:
-                self._wait(
-                    f"{replicas} worker(s) serving version {new}",
-                    lambda: self._all_serving(master, wd, new, replicas),
-                    self.ready_timeout, service, master,
-                )
-            except Exception as exc:
-                cfg.model_version = old
-                cfg.save(path)  # workers forked from now on serve the old version again
-                alive = self._alive(master)
-                self.store.update_deployment(service, status="running" if alive else "failed")
-                self.store.add_event(SOURCE, "rollout_failed", service, from_version=old,
-                                     to_version=new, error=str(exc)[:2000])
-                raise
-            seconds = round(time.monotonic() - t0, 3)
-            self.store.update_deployment(service, model_version=new, replicas=replicas)
-            self.store.add_event(SOURCE, "rollout_completed", service, from_version=old,
-                                 to_version=new, seconds=seconds)
+
+            def change(c: ServiceConfig) -> None:
+                c.previous_version, c.model_version = old, new
+                if c.canary and c.canary.version == new:
+                    c.canary = None  # the challenger won: it is the champion now
+                if c.shadow_version == new:
+                    c.shadow_version = None
+
+            self._reconfigure(service, dep, change, "rollout", {"from_version": old, "to_version": new,
+                                                                "reason": reason})
             return self._get(service)
+
+    def rollback(self, service: str, *, reason: str = "") -> Deployment:
+        """Back to the version served before the last rollout, in one step. The registry alias
+        follows when it still points at the version being rolled back, so an agent rolling
+        out "the champion" does not bring the bad version back."""
+        with self._locked(service):
+            dep = self._running(service)
+            cfg = ServiceConfig.load(self._config_path(service))
+            prev, bad = cfg.previous_version, cfg.model_version
+            if not prev:
+                raise ValueError(f"service {service!r}: no previous version to roll back to")
+            alias_moved = False
+            try:
+                if self._resolve(cfg.model_name, cfg.alias) == bad:
+                    self._client().set_registered_model_alias(cfg.model_name, cfg.alias, prev)
+                    alias_moved = True
+            except ValueError:
+                pass  # the alias is gone: serving still rolls back
+
+            def change(c: ServiceConfig) -> None:
+                c.previous_version, c.model_version = bad, prev
+                c.canary = None
+
+            self._reconfigure(service, dep, change, "rollback",
+                              {"from_version": bad, "to_version": prev, "reason": reason,
+                               "alias": cfg.alias, "alias_moved": alias_moved})
+            return self._get(service)
+
+    def set_canary(self, service: str, version: str | None, share: float = 0.1, *,
+                   reason: str = "") -> Deployment:
+        """Send `share` of the traffic to `version` (None: stop the canary)."""
+        with self._locked(service):
+            dep = self._running(service)
+            cfg = ServiceConfig.load(self._config_path(service))
+            canary = CanaryConfig(version=str(version), share=share) if version is not None else None
+            if canary is not None and canary.version == cfg.model_version:
+                raise ValueError(f"version {version} is already the champion of {service!r}")
+
+            def change(c: ServiceConfig) -> None:
+                c.canary = canary
+
+            self._reconfigure(service, dep, change, "canary",
+                              {"version": canary.version if canary else None,
+                               "share": canary.share if canary else 0.0, "reason": reason})
+            return self._get(service)
+
+    def set_shadow(self, service: str, version: str | None, *, reason: str = "") -> Deployment:
+        """Score a copy of live traffic with `version`, logged, never returned (None: stop)."""
+        with self._locked(service):
+            dep = self._running(service)
+            cfg = ServiceConfig.load(self._config_path(service))
+            v = str(version) if version is not None else None
+            if v is not None and v == cfg.model_version:
+                raise ValueError(f"version {v} is already the champion of {service!r}")
+
+            def change(c: ServiceConfig) -> None:
+                c.shadow_version = v
+
+            self._reconfigure(service, dep, change, "shadow", {"version": v, "reason": reason})
+            return self._get(service)
+
+    def _reconfigure(self, service: str, dep: Deployment, change: Any, kind: str,
+                     payload: dict[str, Any]) -> None:
+        """Apply `change` to the service config and replace every worker (SIGHUP), with
+        0 failed requests: preflight the versions, wait for the new generation everywhere,
+        put the old config back if it does not come up. Caller holds the lock."""
+        wd, master = Path(dep.workdir), int(dep.pid or 0)
+        path = self._config_path(service)
+        old_cfg = ServiceConfig.load(path)
+        cfg = old_cfg.model_copy(deep=True)
+        change(cfg)
+        cfg.generation = old_cfg.generation + 1
+        cfg.replicas = dep.replicas
+        if self.preflight:
+            for v in cfg.versions:
+                if v not in old_cfg.versions:
+                    self._preflight(cfg.model_name, v, service)
+        cfg.preload = self._preload(cfg.model_name, cfg.model_version)
+        self._materialise(cfg)
+        t0 = time.monotonic()
+        cfg.save(path)
+        self.store.add_event(SOURCE, f"{kind}_started", service, actor=self.actor,
+                             replicas=dep.replicas, **payload)
+        os.kill(master, signal.SIGHUP)
+        try:
+            self._wait(
+                f"{dep.replicas} worker(s) on config generation {cfg.generation} "
+                f"(versions {', '.join(cfg.versions)})",
+                lambda: self._all_serving(master, wd, cfg.generation, dep.replicas),
+                self.ready_timeout, service, master,
+            )
+        except Exception as exc:
+            old_cfg.generation = cfg.generation + 1
+            old_cfg.save(path)  # workers forked from now on serve the old config again
+            alive = self._alive(master)
+            if alive:
+                os.kill(master, signal.SIGHUP)
+            self.store.update_deployment(service, status="running" if alive else "failed")
+            self.store.add_event(SOURCE, f"{kind}_failed", service, actor=self.actor,
+                                 error=str(exc)[:2000], **payload)
+            raise
+        self.store.update_deployment(
+            service, model_version=cfg.model_version, previous_version=cfg.previous_version,
+            canary_version=cfg.canary.version if cfg.canary else None,
+            canary_share=cfg.canary.share if cfg.canary else 0.0,
+            shadow_version=cfg.shadow_version, replicas=dep.replicas,
+        )
+        self.store.add_event(SOURCE, f"{kind}_completed", service, actor=self.actor,
+                             seconds=round(time.monotonic() - t0, 3), **payload)
+
+    def _materialise(self, cfg: ServiceConfig) -> None:
+        """A local copy of every served version under the workdir (downloaded once): workers
+        load from disk, not through the registry, and survive a registry outage."""
+        from mlflow.artifacts import download_artifacts
+
+        root = self.workdir(cfg.service) / "models"
+        for v in cfg.versions:
+            dst = root / v
+            if v in cfg.model_paths and (dst / "MLmodel").exists():
+                continue
+            uri = self._client().get_model_version_download_uri(cfg.model_name, v)
+            tmp = root / f".{v}.{os.getpid()}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            path = Path(download_artifacts(artifact_uri=uri, dst_path=str(tmp),
+                                           tracking_uri=self.settings.tracking))
+            shutil.rmtree(dst, ignore_errors=True)
+            os.replace(path if path != tmp else tmp, dst)
+            shutil.rmtree(tmp, ignore_errors=True)
+            cfg.model_paths[v] = str(dst)
+        for v in list(cfg.model_paths):
+            if v not in cfg.versions and v != cfg.previous_version:
+                cfg.model_paths.pop(v)
 
     def _preflight(self, model: str, version: str, service: str) -> None:
         """Load the new version in a throw-away process: a worker that fails to boot makes
@@ -428,8 +559,11 @@ class LocalDeployer(Deployer):
             pid = dep.pid
             if pid and (self._master_alive(dep) or group_pids(pid)):
                 self._kill_tree(pid, grace=self.stop_timeout)
+            # What workers journaled but had not yet moved to the store (e.g. killed ones).
+            collected = collect_all(self.store, dep.workdir)
             self.store.update_deployment(service, status="stopped", pid=None)
-            self.store.add_event(SOURCE, "stopped", service, pid=pid)
+            self.store.add_event(SOURCE, "stopped", service, pid=pid, actor=self.actor,
+                                 predlog_collected=collected)
 
     def _kill_tree(self, master: int, grace: float) -> None:
         """SIGTERM the master (it stops its workers gracefully), or the process group when
@@ -465,9 +599,18 @@ class LocalDeployer(Deployer):
         dep = self._get(service)
         alive = self._master_alive(dep)
         workers = self._workers(int(dep.pid), Path(dep.workdir)) if alive and dep.pid else []
+        cfg: ServiceConfig | None = None
+        try:
+            cfg = ServiceConfig.load(self._config_path(service))
+        except (OSError, ValueError):
+            pass
         return {
             "service": service,
             "status": dep.status if alive or dep.status != "running" else "dead",
+            "canary": cfg.canary.model_dump() if cfg and cfg.canary else None,
+            "shadow_version": cfg.shadow_version if cfg else None,
+            "previous_version": cfg.previous_version if cfg else None,
+            "batching": cfg.batching.model_dump() if cfg else None,
             "pid": dep.pid,
             "alive": alive,
             "port": dep.port,
@@ -478,9 +621,17 @@ class LocalDeployer(Deployer):
             "replicas": dep.replicas,
             "workers": workers,
             "worker_pids": [w["pid"] for w in workers],
-            "versions": sorted({w["model_version"] for w in workers if w["model_version"]}),
+            "versions": sorted({v for w in workers for v in (w["versions"] or [w["model_version"]])
+                                if v}),
         }
 
     def url(self, service: str) -> str:
         dep = self._get(service)
         return f"http://{dep.host}:{dep.port}"
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"

@@ -60,6 +60,25 @@ def _preload(modules: list[str]) -> None:
 
 _preload(list(_cfg.get("preload", [])))
 
+
+def _preload_models() -> None:
+    """Load the served versions in the master (from their local copies): a worker forked to
+    replace one that died serves in milliseconds. Off with `preload_models: false` for
+    models that start threads at load (forking those is unsafe)."""
+    if not _cfg or not _cfg.get("preload_models", True):
+        return
+    try:
+        from scanflow.serving.app import ServiceConfig, preload_models
+
+        preload_models(ServiceConfig.model_validate(_cfg))
+    except Exception as exc:  # the worker loads it itself and reports a real error
+        import sys
+
+        print(f"scanflow: model preload failed: {exc}", file=sys.stderr)
+
+
+_preload_models()
+
 # -- gunicorn settings (bind and worker class come from the command line) ----------------------
 workers = int(_cfg.get("replicas", 1))
 proc_name = f"scanflow-{_cfg.get('service', 'service')}"

@@ -14,6 +14,7 @@ from prometheus_client import (
     REGISTRY,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
 )
@@ -34,12 +35,35 @@ INSTANCES = Counter(
     "Instances predicted (a request may carry many).",
     ["service", "model_version"],
 )
+BATCH_SIZE = Histogram(
+    "scanflow_batch_size",
+    "Instances per model call (micro-batching groups concurrent requests).",
+    ["service", "model_version"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096),
+)
+QUEUE_DEPTH = Gauge(
+    "scanflow_queue_depth",
+    "Instances waiting for a model call, summed over live replicas (sampled per request).",
+    ["service"],
+    multiprocess_mode="livesum",
+)
+REPLICAS = Gauge(
+    "scanflow_replicas",
+    "Live, non-draining replicas (workers) serving each version, by role.",
+    ["service", "model_version", "role"],
+    multiprocess_mode="livesum",
+)
+SHADOW = Counter(
+    "scanflow_shadow_requests",
+    "Requests copied to the shadow version, by outcome (scored, failed, skipped_busy).",
+    ["service", "model_version", "outcome"],
+)
 PREDLOG_WRITTEN = Counter(
     "scanflow_predlog_written", "Prediction-log records written to the store.", ["service"]
 )
 PREDLOG_DROPPED = Counter(
     "scanflow_predlog_dropped",
-    "Prediction-log records given up on (duplicate id, or buffer overflow).",
+    "Prediction-log records given up on (duplicate id, unreadable or torn journal line).",
     ["service", "reason"],
 )
 

@@ -35,9 +35,9 @@ def _check_model(s: Any, name: str, version: str | None = None) -> None:
     if name not in (s.config.model_name, s.config.service):
         raise RequestError(404, f"model {name!r} is not served here (this service serves "
                                 f"{s.config.model_name!r} version {s.config.model_version})")
-    if version is not None and version != s.config.model_version:
+    if version is not None and version not in s.models:
         raise RequestError(404, f"version {version!r} of {name!r} is not served here "
-                                f"(serving version {s.config.model_version})")
+                                f"(serving versions {', '.join(s.models)})")
 
 
 def _error(exc: RequestError) -> Response:
@@ -103,17 +103,12 @@ def v2_instances(body: Any, s: Any) -> list[Any]:
     return _reshape(data, shape)
 
 
-def _infer_sync(s: Any, raw: bytes, ctype: str | None, rid: str | None) -> dict[str, Any]:
-    from scanflow.serving.app import predict_instances
-
+def _extract_v2(s: Any, raw: bytes, ctype: str | None, rid: str | None) -> tuple[list[Any], str | None]:
     body = parse_body(raw, ctype)
     instances = v2_instances(body, s)
     if len(instances) > s.config.limits.max_instances:
         raise RequestError(413, f"inputs: more than {s.config.limits.max_instances} instances")
-    rid = rid or (body.get("id") if isinstance(body.get("id"), str) else None)
-    out = predict_instances(s, instances, rid)
-    out["request_id"] = rid
-    return out
+    return instances, rid or (body.get("id") if isinstance(body.get("id"), str) else None)
 
 
 def _render(s: Any) -> Any:
@@ -126,8 +121,8 @@ def _render(s: Any) -> Any:
               else "FP64" if isinstance(sample, float) else "BYTES")
         return {
             "model_name": s.config.model_name,
-            "model_version": s.config.model_version,
-            "id": result.get("request_id") or result["ids"][0].rsplit("-", 1)[0],
+            "model_version": result["model_version"],
+            "id": result["request_id"],
             "outputs": [{"name": "predictions", "datatype": dt, "shape": shape, "data": flat}],
             "parameters": {"ids": result["ids"]},
         }
@@ -164,7 +159,7 @@ async def metadata(request: Request, name: str, version: str | None = None) -> A
                   for c in spec["columns"]]
     else:
         inputs = []
-    return {"name": s.config.model_name, "versions": [s.config.model_version],
+    return {"name": s.config.model_name, "versions": list(s.models),
             "platform": "mlflow_pyfunc", "inputs": inputs,
             "outputs": [{"name": "predictions", "datatype": "BYTES", "shape": [-1]}]}
 
@@ -187,4 +182,5 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
         _check_model(s, name, version)
     except RequestError as exc:
         return _error(exc)
-    return await request.app.state.serve_prediction(request, "v2_infer", _infer_sync, _render(s))
+    return await request.app.state.serve_prediction(request, "v2_infer", _extract_v2, _render(s),
+                                                    version)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
+import orjson
 
 Kind = Literal["tensor", "columns", "any"]
 
@@ -97,6 +98,10 @@ def parse_body(raw: bytes, content_type: str | None) -> Any:
             raise RequestError(
                 415, f"content type {mime!r} is not supported: send application/json"
             )
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        pass  # NaN/Infinity (refused by orjson, named later by the validation) or broken JSON
     try:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:

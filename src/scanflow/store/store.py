@@ -8,7 +8,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import create_engine, delete, event, func, insert, select, update
+import numpy as np
+import orjson
+from sqlalchemy import Text, create_engine, delete, event, func, insert, select, type_coerce, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -22,11 +24,14 @@ from scanflow.store.schema import (
     Deployment,
     Event,
     Label,
+    Lease,
     Message,
     Prediction,
+    ShadowPrediction,
     StepRun,
     WorkflowRun,
 )
+from scanflow.store.window import PredictionWindow, pack_inputs, stack_inputs
 
 TERMINAL = {"succeeded", "failed", "cancelled", "interrupted", "skipped"}
 
@@ -46,6 +51,7 @@ def _make_engine(url: str) -> Engine:
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:
             cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA page_size=16384")  # new files only: rows of 3 KB inputs
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA busy_timeout=60000")
@@ -54,6 +60,11 @@ def _make_engine(url: str) -> Engine:
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+
+
+def _json_values(values: Sequence[Any]) -> list[Any]:
+    """JSON text (SQLite) or already-decoded values (psycopg decodes json itself)."""
+    return [orjson.loads(v) if isinstance(v, str | bytes) else v for v in values]
 
 
 class Store:
@@ -201,13 +212,99 @@ class Store:
             return s.scalars(select(Deployment).order_by(Deployment.service)).all()
 
     # -- prediction log ------------------------------------------------------------------------
-    def add_predictions(self, records: Iterable[dict[str, Any]]) -> int:
-        rows = [Prediction(**r) for r in records]
+    def _insert_ignoring_duplicates(self, table: Any, rows: list[dict[str, Any]]) -> int:
+        """Rows inserted (those whose key already existed are skipped)."""
+        if self.engine.dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as dialect_insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert as dialect_insert
+        with self.session() as s:
+            res = s.execute(dialect_insert(table).on_conflict_do_nothing(), rows)
+        n = getattr(res, "rowcount", -1)
+        return len(rows) if n is None or n < 0 else int(n)
+
+    def add_predictions(
+        self, records: Iterable[dict[str, Any]], *, ignore_duplicates: bool = False
+    ) -> int:
+        """Insert prediction records. With `ignore_duplicates` a request id already stored is
+        skipped, which makes re-collecting a journal after a crash harmless."""
+        rows = []
+        for r in records:
+            row = dict(r)
+            row["inputs"], row["inputs_f32"] = pack_inputs(row.get("inputs"))
+            rows.append(row)
         if not rows:
             return 0
-        with self.session() as s:
-            s.add_all(rows)
+        if ignore_duplicates:
+            return self._insert_ignoring_duplicates(Prediction.__table__, rows)
+        else:
+            with self.session() as s:
+                s.execute(insert(Prediction), rows)
         return len(rows)
+
+    def add_shadow_predictions(self, records: Iterable[dict[str, Any]]) -> int:
+        rows = [dict(r) for r in records]
+        return self._insert_ignoring_duplicates(ShadowPrediction.__table__, rows) if rows else 0
+
+    def prediction_window(
+        self,
+        service: str,
+        *,
+        model_version: str | None = None,
+        after_id: int | None = None,
+        upto_id: int | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int | None = None,
+        labelled_only: bool = False,
+        with_inputs: bool = True,
+        with_shadow: bool = False,
+    ) -> PredictionWindow:
+        """A window of the log as columns (what agents read): one query, no row objects."""
+        p, lab = Prediction.__table__.c, Label.__table__.c
+        # JSON columns come back as text and are decoded here in one pass (SQLAlchemy's
+        # per-value JSON processing costs more than the query itself).
+        cols = [p.id, p.request_id, p.model_version, p.ts, p.latency_ms,
+                type_coerce(p.outputs, Text), type_coerce(lab.label, Text)]
+        if with_inputs:
+            cols += [type_coerce(p.inputs, Text), p.inputs_f32]
+        frm = Prediction.__table__.join(
+            Label.__table__, lab.request_id == p.request_id, isouter=not labelled_only
+        )
+        if with_shadow:
+            sh = ShadowPrediction.__table__.c
+            cols += [sh.model_version.label("shadow_version"),
+                     type_coerce(sh.outputs, Text).label("shadow_outputs")]
+            frm = frm.join(ShadowPrediction.__table__, sh.request_id == p.request_id, isouter=True)
+        q = select(*cols).select_from(frm).where(p.service == service)
+        if model_version is not None:
+            q = q.where(p.model_version == model_version)
+        if after_id is not None:
+            q = q.where(p.id > after_id)
+        if upto_id is not None:
+            q = q.where(p.id <= upto_id)
+        if since is not None:
+            q = q.where(p.ts >= since)
+        if until is not None:
+            q = q.where(p.ts < until)
+        if limit is not None:
+            q = q.order_by(p.id).limit(limit)
+        with self.engine.connect() as conn:
+            rows = conn.execute(q).all()
+        # Sorted here, not by the database: an ORDER BY makes SQLite sort the input blobs.
+        rows.sort(key=lambda r: r[0])
+        cols_ = list(zip(*rows, strict=True)) if rows else [()] * len(cols)
+        win = PredictionWindow(
+            ids=np.asarray(cols_[0], dtype=np.int64), request_ids=list(cols_[1]),
+            model_versions=list(cols_[2]), ts=np.asarray(cols_[3], dtype=np.float64),
+            latency_ms=np.asarray(cols_[4], dtype=np.float64), outputs=_json_values(cols_[5]),
+            labels=_json_values(cols_[6]),
+        )
+        if with_inputs:
+            win.inputs = stack_inputs(_json_values(cols_[7]), list(cols_[8]))
+        if with_shadow:
+            win.shadow_versions, win.shadow_outputs = list(cols_[-2]), _json_values(cols_[-1])
+        return win
 
     def add_labels(self, labels: dict[str, Any]) -> int:
         """Idempotent: a label sent twice for one request keeps the latest value."""
@@ -234,38 +331,16 @@ class Store:
         limit: int | None = None,
         labelled_only: bool = False,
     ) -> list[dict[str, Any]]:
-        """A window of the prediction log, oldest first, with labels joined where known."""
-        q = (
-            select(Prediction, Label.label)
-            .join(Label, Label.request_id == Prediction.request_id, isouter=not labelled_only)
-            .where(Prediction.service == service)
-            .order_by(Prediction.id)
-        )
-        if after_id is not None:
-            q = q.where(Prediction.id > after_id)
-        if upto_id is not None:
-            q = q.where(Prediction.id <= upto_id)
-        if since is not None:
-            q = q.where(Prediction.ts >= since)
-        if until is not None:
-            q = q.where(Prediction.ts < until)
-        if limit is not None:
-            q = q.limit(limit)
-        with self.session() as s:
-            return [
-                {
-                    "id": p.id,
-                    "request_id": p.request_id,
-                    "service": p.service,
-                    "model_version": p.model_version,
-                    "ts": p.ts,
-                    "inputs": p.inputs,
-                    "outputs": p.outputs,
-                    "latency_ms": p.latency_ms,
-                    "label": lab,
-                }
-                for p, lab in s.execute(q).all()
-            ]
+        """A window of the prediction log as one dict per record (see `prediction_window`)."""
+        w = self.prediction_window(service, after_id=after_id, upto_id=upto_id, since=since,
+                                   until=until, limit=limit, labelled_only=labelled_only)
+        inputs = w.inputs.tolist() if isinstance(w.inputs, np.ndarray) else (w.inputs or [])
+        return [
+            {"id": int(w.ids[i]), "request_id": w.request_ids[i], "service": service,
+             "model_version": w.model_versions[i], "ts": float(w.ts[i]), "inputs": inputs[i],
+             "outputs": w.outputs[i], "latency_ms": float(w.latency_ms[i]), "label": w.labels[i]}
+            for i in range(len(w))
+        ]
 
     def prediction_ids(
         self, service: str, after_id: int = 0, before_ts: float | None = None, limit: int = 100_000
@@ -351,6 +426,64 @@ class Store:
             s.add(d)
         return d
 
+    def record_decision(
+        self,
+        agent: str,
+        sensor: str,
+        rule: str,
+        fired: bool,
+        evidence: dict[str, Any],
+        service: str | None,
+        actions: list[Any],
+        key: str,
+        state: dict[str, Any] | None = None,
+        pending: tuple[str, dict[str, Any]] | None = None,
+    ) -> bool:
+        """A judgement, the agent state its rule wrote and (if it must act) a pending marker,
+        in one transaction: a crash leaves all or none. False if the key was recorded before."""
+        now = time.time()
+        try:
+            with self.session() as s:
+                s.add(Decision(key=key, ts=now, agent=agent, sensor=sensor, rule=rule, fired=fired,
+                               evidence=evidence, service=service, actions=actions))
+                s.flush()
+                items = dict(state or {})
+                if pending is not None:
+                    items[pending[0]] = pending[1]
+                for k, v in items.items():
+                    row = s.get(AgentState, (agent, k))
+                    if row is None:
+                        s.add(AgentState(agent=agent, key=k, value=v, updated_at=now))
+                    else:
+                        row.value, row.updated_at = v, now
+        except IntegrityError:
+            return False
+        return True
+
+    def complete_decision(self, key: str, actions: list[Any], agent: str, pending_key: str) -> None:
+        """Store the outcome of a decision's actions and drop its pending marker, atomically."""
+        with self.session() as s:
+            s.execute(update(Decision).where(Decision.key == key).values(actions=actions))
+            s.execute(delete(AgentState).where(AgentState.agent == agent, AgentState.key == pending_key))
+
+    def get_decision(self, key: str) -> Decision | None:
+        with self.session() as s:
+            return s.scalars(select(Decision).where(Decision.key == key)).first()
+
+    def recent_decisions(self, agent: str, limit: int = 50, fired: bool | None = None) -> Sequence[Decision]:
+        """Newest first."""
+        q = select(Decision).where(Decision.agent == agent).order_by(Decision.id.desc()).limit(limit)
+        if fired is not None:
+            q = q.where(Decision.fired == fired)
+        with self.session() as s:
+            return s.scalars(q).all()
+
+    def recent_events(self, source: str, limit: int = 50) -> Sequence[Event]:
+        """Newest first."""
+        q = select(Event).where(Event.source == source).order_by(Event.id.desc()).limit(limit)
+        with self.session() as s:
+            return s.scalars(q).all()
+
     def has_decision(self, key: str) -> bool:
         with self.session() as s:
             return s.scalars(select(Decision.id).where(Decision.key == key)).first() is not None
@@ -385,6 +518,24 @@ class Store:
                 # A claimant that died mid-action: let the caller redo it (it holds the key).
                 return a, True
             return a, False
+
+    def claim_action(self, key: str, agent: str, kind: str) -> tuple[Action, int]:
+        """Claim an action key: (action, attempt) where attempt is 1 for a new action, 2, 3 ...
+        when an earlier claimant died while running it, and 0 when it already finished."""
+        try:
+            with self.session() as s:
+                a = Action(key=key, agent=agent, kind=kind, status="running", created_at=time.time(),
+                           result={"attempt": 1})
+                s.add(a)
+            return a, 1
+        except IntegrityError:
+            with self.session() as s:
+                a = s.scalars(select(Action).where(Action.key == key)).one()
+                if a.status != "running":
+                    return a, 0
+                attempt = int((a.result or {}).get("attempt", 1)) + 1
+                a.result = {**(a.result or {}), "attempt": attempt}
+            return a, attempt
 
     def finish_action(self, key: str, status: str, result: dict[str, Any]) -> None:
         with self.session() as s:
@@ -478,14 +629,27 @@ class Store:
                 row.value = value
                 row.updated_at = time.time()
 
-    def register_agent(self, name: str, app: str, role: str, pid: int) -> None:
+    def state_items(self, agent: str, prefix: str) -> dict[str, Any]:
+        with self.session() as s:
+            rows = s.scalars(select(AgentState).where(
+                AgentState.agent == agent, AgentState.key.startswith(prefix, autoescape=True))).all()
+            return {r.key: r.value for r in rows}
+
+    def delete_state(self, agent: str, key: str) -> None:
+        with self.session() as s:
+            s.execute(delete(AgentState).where(AgentState.agent == agent, AgentState.key == key))
+
+    def register_agent(
+        self, name: str, app: str, role: str, pid: int,
+        api_host: str | None = None, api_port: int | None = None,
+    ) -> None:
         now = time.time()
         with self.session() as s:
             s.execute(delete(AgentProcess).where(AgentProcess.name == name))
             s.add(
                 AgentProcess(
                     name=name, app=app, role=role, pid=pid, status="running",
-                    started_at=now, heartbeat=now,
+                    started_at=now, heartbeat=now, api_host=api_host, api_port=api_port,
                 )
             )
 
@@ -500,6 +664,65 @@ class Store:
     def list_agents(self) -> Sequence[AgentProcess]:
         with self.session() as s:
             return s.scalars(select(AgentProcess).order_by(AgentProcess.name)).all()
+
+    # -- leases (one actor per service at a time) ----------------------------------------------
+    def acquire_lease(
+        self, name: str, holder: str, ttl_s: float, *, purpose: str = "", now: float | None = None
+    ) -> bool:
+        """Take `name` for `ttl_s` seconds if it is free, expired, or already `holder`'s (then
+        it is extended). Each step is one atomic statement, so of two racing claimants on
+        SQLite or PostgreSQL exactly one wins."""
+        if ttl_s <= 0:
+            raise ValueError(f"a lease needs a positive ttl, got {ttl_s}")
+        t = time.time() if now is None else now
+        with self.session() as s:
+            took = s.execute(  # expired (or released): whoever asks first takes it over
+                update(Lease)
+                .where(Lease.name == name, Lease.expires_at <= t)
+                .values(holder=holder, expires_at=t + ttl_s, acquired_at=t, purpose=purpose,
+                        generation=Lease.generation + 1)
+            ).rowcount or s.execute(  # still ours: extend it
+                update(Lease)
+                .where(Lease.name == name, Lease.holder == holder)
+                .values(expires_at=t + ttl_s, purpose=purpose)
+            ).rowcount
+        if took:
+            return True
+        try:  # never leased: the primary key lets one of two racing inserts through
+            with self.session() as s:
+                s.add(Lease(name=name, holder=holder, expires_at=t + ttl_s, acquired_at=t,
+                            generation=1, purpose=purpose))
+            return True
+        except IntegrityError:
+            return False
+
+    def renew_lease(self, name: str, holder: str, ttl_s: float, *, now: float | None = None) -> bool:
+        """Extend a lease `holder` still has (not one that expired and was taken over)."""
+        t = time.time() if now is None else now
+        with self.session() as s:
+            return bool(s.execute(
+                update(Lease)
+                .where(Lease.name == name, Lease.holder == holder, Lease.expires_at > t)
+                .values(expires_at=t + ttl_s)
+            ).rowcount)
+
+    def release_lease(self, name: str, holder: str, *, now: float | None = None) -> bool:
+        """Give a lease back early (the row stays, so `generation` keeps counting); False if
+        `holder` did not hold it."""
+        t = time.time() if now is None else now
+        with self.session() as s:
+            return bool(s.execute(
+                update(Lease)
+                .where(Lease.name == name, Lease.holder == holder, Lease.expires_at > t)
+                .values(expires_at=t)
+            ).rowcount)
+
+    def get_lease(self, name: str, *, now: float | None = None) -> Lease | None:
+        """The live lease on `name`, or None when it is free or expired."""
+        t = time.time() if now is None else now
+        with self.session() as s:
+            row = s.get(Lease, name)
+            return row if row is not None and row.expires_at > t else None
 
 
 def open_store(url: str | None = None) -> Store:
