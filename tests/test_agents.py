@@ -148,3 +148,20 @@ def _wait(cond, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
             return
         time.sleep(0.1)
     raise AssertionError("condition not met in time")
+
+
+def test_long_keys_forwarded_between_agents_still_fit(settings: Settings, store: Store) -> None:
+    from scanflow.agents import AgentSpec, SensorSpec
+
+    spec = AgentSpec(role="custom", sensors=[SensorSpec(
+        name="relay", triggers=[{"event": {"message": {}}}],
+        actuators=[{"func": "send", "params": {"to": "next", "kind": "relayed"}}])])
+    agent = Agent.define(settings, store, "relay-agent-with-a-long-name", spec)
+    long_key = "w" * 290  # e.g. a key grown hop by hop
+    store.send_message("up", "relay-agent-with-a-long-name", "x", {}, key=long_key)
+    agent.poll()
+    agent.poll()  # (nothing new: the message was acknowledged)
+    (d,) = store.list_decisions("relay-agent-with-a-long-name")
+    assert len(d.key) <= 300 and d.actions[0]["status"] == "succeeded"
+    (fwd,) = store.list_messages("next")
+    assert len(fwd.key) <= 300 and fwd.kind == "relayed"

@@ -1,6 +1,12 @@
-"""Built-in sensors, rules and actuators of the MAPE-K agents, referenced from specs as
-`scanflow.agents.builtin:<name>`. Sensors take (ctx, **params); rules and actuators take
-(observation, ctx, **params)."""
+"""Built-in sensors, rules and actuators of the MAPE-K agents, named in specs by their bare
+name (`func: send`) or as `scanflow.agents.builtin:<name>`. Sensors take (ctx, **params); rules
+and actuators take (observation, ctx, **params).
+
+Actuators are safe to call again after a crash cut them off (`ctx.action.resumed`): setting
+an alias, a replica count or a rollout target is idempotent, a workflow run started by the
+action is found by its idempotency key and continued rather than started twice, a rollback
+remembers the version it started from, and a webhook re-sends the same `Idempotency-Key`.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +17,15 @@ from typing import Any
 
 import numpy as np
 
-from scanflow.agents.runtime import AgentContext, Observation
+from scanflow.agents.registry import actuator, rule, sensor
+from scanflow.agents.runtime import AgentContext, Observation, bounded_key, jsonable
+from scanflow.agents.triggers import alias_version
 
 log = logging.getLogger("scanflow.agents.builtin")
 
 
 # -- sensors ------------------------------------------------------------------------------
+@sensor
 def prediction_window(
     ctx: AgentContext, window_size: int = 500, settle_s: float = 1.0, service: str | None = None
 ) -> list[Observation]:
@@ -29,7 +38,10 @@ def prediction_window(
     svc = service or ctx.service
     if svc is None:
         raise ValueError("prediction_window needs a service (agent `service:` or param)")
-    mark = int(ctx.get("watermark", 0))
+    # One watermark per sensor (an agent may cut windows of several services); "watermark"
+    # is where a workspace of an earlier version kept it.
+    wkey = f"watermark:{ctx.sensor}" if ctx.sensor else "watermark"
+    mark = int(ctx.get(wkey, ctx.get("watermark", 0)))
     rows = ctx.store.prediction_ids(svc, after_id=mark, before_ts=time.time() - settle_s)
     out = []
     for start in range(0, len(rows) - window_size + 1, window_size):
@@ -37,7 +49,7 @@ def prediction_window(
         first, last = chunk[0][0], chunk[-1][0]
 
         def commit(last: int = last) -> None:
-            ctx.set("watermark", last)
+            ctx.set(wkey, last)
 
         out.append(Observation(
             key=f"{svc}:{first}-{last}",
@@ -48,6 +60,7 @@ def prediction_window(
     return out
 
 
+@sensor
 def inbox(ctx: AgentContext, kinds: list[str] | None = None, limit: int = 20) -> list[Observation]:
     """Messages for this agent, oldest first; acknowledged only once judged and acted on."""
     return [
@@ -78,6 +91,7 @@ def _width(a: np.ndarray) -> int:
     return int(np.prod(a.shape[1:])) if a.ndim > 1 else 1
 
 
+@sensor
 def drift_check(
     ctx: AgentContext,
     reference_artifact: str = "reference/reference.npy",
@@ -118,16 +132,19 @@ def drift_check(
 
 
 # -- rules --------------------------------------------------------------------------------
+@rule
 def always(obs: Observation, ctx: AgentContext) -> bool:
     return True
 
 
+@rule
 def drift_detected(obs: Observation, ctx: AgentContext) -> tuple[bool, str]:
     tests = obs.evidence.get("tests", [])
     flagged = [t["test"] for t in tests if t.get("drift")]
     return bool(flagged), f"drift by {', '.join(flagged)}" if flagged else "no test flagged drift"
 
 
+@rule
 def plan_retrain(
     obs: Observation, ctx: AgentContext, consecutive: int = 2, cooldown_s: float = 60.0
 ) -> tuple[bool, str]:
@@ -162,14 +179,16 @@ def plan_retrain(
 
 
 # -- actuators ----------------------------------------------------------------------------
+@actuator
 def send(obs: Observation, ctx: AgentContext, to: str, kind: str, **extra: Any) -> dict[str, Any]:
     """Forward what was observed to another agent (durable, deduplicated by key)."""
     payload = {**_jsonable(obs.data or obs.evidence), **extra}
-    key = f"{ctx.name}:{obs.key}:{kind}"
+    key = bounded_key(f"{ctx.name}:{obs.key}:{kind}")
     new = ctx.send(to, kind, payload, key=key)
     return {"to": to, "kind": kind, "new": new}
 
 
+@actuator
 def report_drift(obs: Observation, ctx: AgentContext, to: str = "planner") -> dict[str, Any]:
     """Send every judged window on, and raise `drift_detected` when drift starts."""
     drift = bool(obs.evidence.get("drift"))
@@ -183,31 +202,227 @@ def report_drift(obs: Observation, ctx: AgentContext, to: str = "planner") -> di
     return send(obs, ctx, to=to, kind="drift_report")
 
 
+def _run_of_action(ctx: AgentContext, workflow: str, key: str | None) -> Any:
+    """The workflow run an earlier call of this action started, if any (found by its key)."""
+    if key is None:
+        return None
+    for r in ctx.store.list_runs(workflow, limit=500):
+        if (r.trigger or {}).get("action_key") == key:
+            return r
+    return None
+
+
+def _start_or_continue(
+    ctx: AgentContext, target: Any, workflow: str, params: dict[str, Any], trigger: dict[str, Any]
+) -> Any:
+    """Run a workflow once per action: a call resumed after a crash continues the run the first
+    call started (its finished steps are kept) instead of starting a second one."""
+    engine = ctx.engine()  # marks the runs of a dead engine (our previous life) interrupted
+    key = ctx.action_key
+    prior = _run_of_action(ctx, workflow, key) if ctx.action and ctx.action.resumed else None
+    if prior is None:
+        return engine.run(target, workflow, params, trigger={**trigger, "action_key": key})
+    prior = ctx.store.get_run(prior.id)
+    log.info("action %s: continuing workflow run %s (%s)", key, prior.id[:12], prior.status)
+    if prior.status in ("interrupted",):
+        return engine.resume(prior.id, target)
+    if prior.status == "running" and prior.owner_pid is None:  # recorded, never started
+        return engine.execute(prior.id, target)
+    from scanflow.engine import RunResult
+
+    return RunResult(run_id=prior.id, status=prior.status, mlflow_run_id=prior.mlflow_run_id,
+                     error=prior.error)
+
+
+@actuator
 def run_workflow(
     obs: Observation, ctx: AgentContext, app: str, workflow: str, params: dict[str, Any] | None = None
 ) -> dict[str, Any]:
+    """Run a workflow of an application (a spec path, relative to this agent's app folder)."""
     from scanflow.spec.loader import load_application
 
     target = load_application(_relative(ctx, app))
-    res = ctx.engine().run(target, workflow, params or {},
-                           trigger={"by": "agent", "agent": ctx.name, "observation": obs.key})
+    res = _start_or_continue(ctx, target, workflow, params or {},
+                             {"by": "agent", "agent": ctx.name, "observation": obs.key})
     if not res.ok:
-        raise RuntimeError(f"workflow {workflow} run {res.run_id} failed: {res.error}")
-    return {"run_id": res.run_id, "status": res.status}
+        raise RuntimeError(f"workflow {workflow} run {res.run_id} {res.status}: {res.error}")
+    return {"run_id": res.run_id, "run_status": res.status}
 
 
-def scale(obs: Observation, ctx: AgentContext, replicas: int, service: str | None = None) -> dict[str, Any]:
+def _deployment(ctx: AgentContext, service: str | None) -> Any:
     svc = service or ctx.service
-    dep = ctx.deployer.scale(svc, replicas)
-    return {"service": svc, "replicas": dep.replicas}
+    if svc is None:
+        raise ValueError("no service: give `service:` to the actuator or the agent")
+    dep = ctx.store.get_deployment(svc)
+    if dep is None:
+        raise ValueError(f"service {svc!r} is not deployed")
+    return dep
 
 
-def rollout(obs: Observation, ctx: AgentContext, service: str | None = None) -> dict[str, Any]:
-    svc = service or ctx.service
-    dep = ctx.deployer.rollout(svc)
-    return {"service": svc, "model_version": dep.model_version}
+def _reason(obs: Observation, ctx: AgentContext) -> str:
+    why = obs.evidence.get("reason")
+    return f"agent {ctx.name}: {why}" if why else f"agent {ctx.name}, observation {obs.key}"
 
 
+def _with_known_kwargs(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Call a deployer method with only the keyword arguments it accepts (e.g. `reason`)."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return fn(*args)
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return fn(*args, **kwargs)
+    return fn(*args, **{k: v for k, v in kwargs.items() if k in params})
+
+
+@actuator
+def scale(
+    obs: Observation, ctx: AgentContext, replicas: int | None = None, by: int | None = None,
+    service: str | None = None, min_replicas: int = 1, max_replicas: int = 64,
+) -> dict[str, Any]:
+    """Set a service's replicas (`replicas`), or change them by `by` within [min, max]."""
+    if (replicas is None) == (by is None):
+        raise ValueError("scale needs exactly one of `replicas` or `by`")
+    dep = _deployment(ctx, service)
+    before = int(dep.replicas)
+    if by is not None:  # relative: decided once, so a resumed call does not add twice
+        target = int(ctx.remember("replicas", lambda: min(max(before + int(by), min_replicas),
+                                                          max_replicas)))
+    else:
+        target = int(replicas)  # type: ignore[arg-type]
+    if target == before:
+        return {"service": dep.service, "replicas": before, "changed": False}
+    new = ctx.deployer.scale(dep.service, target)
+    return {"service": dep.service, "replicas": new.replicas, "from_replicas": before, "changed": True}
+
+
+@actuator
+def rollout(
+    obs: Observation, ctx: AgentContext, service: str | None = None, version: str | None = None
+) -> dict[str, Any]:
+    """Move a service's replicas onto `version`, or onto the version its alias points to now."""
+    dep = _deployment(ctx, service)
+    before = dep.model_version
+    kw: dict[str, Any] = {"reason": _reason(obs, ctx)}
+    if version is not None:
+        kw["version"] = str(version)
+    new = _with_known_kwargs(ctx.deployer.rollout, dep.service, **kw)
+    return {"service": dep.service, "model_version": new.model_version, "from_version": before}
+
+
+@actuator
+def rollback(obs: Observation, ctx: AgentContext, service: str | None = None) -> dict[str, Any]:
+    """Put a service back on the version it served before its last rollout."""
+    dep = _deployment(ctx, service)
+    start = ctx.remember("from_version", lambda: dep.model_version)
+    if ctx.action is not None and ctx.action.resumed and dep.model_version != start:
+        # The first call rolled back before the crash: do not roll back a second step.
+        return {"service": dep.service, "model_version": dep.model_version, "from_version": start,
+                "changed": True}
+    roll = getattr(ctx.deployer, "rollback", None)
+    if roll is None:
+        raise NotImplementedError(f"{type(ctx.deployer).__name__} cannot roll back")
+    new = _with_known_kwargs(roll, dep.service, reason=_reason(obs, ctx))
+    return {"service": dep.service, "model_version": getattr(new, "model_version", None),
+            "from_version": start, "changed": getattr(new, "model_version", None) != start}
+
+
+@actuator
+def promote(
+    obs: Observation, ctx: AgentContext, model: str | None = None, alias: str = "champion",
+    version: str | int | None = None, from_alias: str | None = None, service: str | None = None,
+) -> dict[str, Any]:
+    """Point `alias` of `model` at a version in the MLflow registry, recorded as `promoted`.
+
+    The version is `version`, else the observation's `version`/`candidate_version`/`to_version`,
+    else the one `from_alias` points to (e.g. promote the `challenger`). `model` defaults to
+    the model of the agent's service."""
+    if model is None:
+        svc = service or ctx.service
+        dep = ctx.store.get_deployment(svc) if svc else None
+        spec_svc = ctx.app.services.get(svc) if svc else None
+        model = dep.model_name if dep else spec_svc.model if spec_svc else None
+        if model is None:
+            raise ValueError("promote needs `model` (or an agent/actuator `service`)")
+    tracker = ctx.tracker
+    target = version or next((obs.data.get(k) for k in ("version", "candidate_version", "to_version")
+                              if obs.data.get(k) is not None), None)
+    if target is None and from_alias:
+        target = alias_version(tracker, model, from_alias)
+        if target is None:
+            raise ValueError(f"models:/{model}@{from_alias} does not exist")
+    if target is None:
+        raise ValueError("promote needs a version: `version`, `from_alias`, or a `version` in the "
+                         "observation")
+    target = str(target)
+    try:
+        tracker.model_version(model, target)
+    except Exception as exc:  # noqa: BLE001 - MLflow's own error is not user-friendly
+        raise ValueError(f"models:/{model}/{target} is not registered") from exc
+    previous = ctx.remember("previous", lambda: alias_version(tracker, model, alias))
+    out = {"model": model, "alias": alias, "version": target, "previous_version": previous,
+           "changed": previous != target}
+    if alias_version(tracker, model, alias) != target:
+        tracker.set_alias(model, alias, target)
+    elif not (ctx.action and ctx.action.resumed and previous != target):
+        return out  # nothing to do, nothing to record
+    recorded = ctx.action_key is not None and any(
+        e.kind == "promoted" and e.payload.get("action") == ctx.action_key
+        for e in ctx.store.recent_events(ctx.name, 200))
+    if not recorded:
+        ctx.event("promoted", model=model, alias=alias, version=target, previous_version=previous,
+                  observation=obs.key, action=ctx.action_key, approved_by=f"agent:{ctx.name}")
+    return out
+
+
+RETRY_STATUSES = {408, 425, 429, 500, 502, 503, 504}
+
+
+@actuator
+def webhook(
+    obs: Observation, ctx: AgentContext, url: str, payload: dict[str, Any] | None = None,
+    headers: dict[str, str] | None = None, timeout: float = 5.0, retries: int = 3,
+    backoff: float = 0.5,
+) -> dict[str, Any]:
+    """POST the observation as JSON to `url`. Connection errors, timeouts, 408/425/429 and 5xx
+    are retried `retries` times (backoff doubling, or the server's Retry-After up to 30 s);
+    other 4xx fail at once. The `Idempotency-Key` header is the action's key: the same on every
+    retry and after a crash, so the receiver can drop what it already handled."""
+    import httpx
+
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"webhook url must be http(s)://..., got {url!r}")
+    body = {"agent": ctx.name, "sensor": ctx.sensor, "observation": obs.key,
+            "evidence": jsonable(obs.evidence), "data": jsonable(obs.data), **(payload or {})}
+    sent_headers = {"Idempotency-Key": ctx.action_key or f"{ctx.name}:{obs.key}",
+                    "User-Agent": "scanflow-agent", **(headers or {})}
+    last = ""
+    with httpx.Client(timeout=timeout) as client:
+        for attempt in range(1, retries + 2):
+            wait = backoff * 2 ** (attempt - 1)
+            try:
+                r = client.post(url, json=body, headers=sent_headers)
+            except httpx.TransportError as exc:
+                last = f"{type(exc).__name__}: {exc}"
+            else:
+                if r.status_code < 400:
+                    return {"url": url, "status_code": r.status_code, "attempts": attempt,
+                            "response": r.text[:500]}
+                last = f"HTTP {r.status_code}: {r.text[:300]}"
+                if r.status_code not in RETRY_STATUSES:
+                    raise RuntimeError(f"webhook {url} refused the call: {last}")
+                after = r.headers.get("retry-after", "")
+                if after.isdigit():
+                    wait = min(float(after), 30.0)
+            if attempt <= retries:
+                log.warning("webhook %s: %s; retrying in %.1fs", url, last, wait)
+                time.sleep(wait)
+    raise RuntimeError(f"webhook {url} failed after {retries + 1} attempt(s): {last}")
+
+
+@actuator
 def retrain_and_promote(
     obs: Observation,
     ctx: AgentContext,
@@ -216,13 +431,13 @@ def retrain_and_promote(
     min_labels: int = 600,
     label_wait_s: float = 120.0,
     holdout_fraction: float = 0.3,
-    margin: float = 0.0,
-    max_clean_drop: float = 0.01,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Retrain on labelled samples of the drifted stream (plus the original data, inside the
-    workflow), then promote the candidate only if it beats the champion on held-out data of the
-    new distribution by `margin` and loses at most `max_clean_drop` on the clean test set."""
+    workflow), then promote the candidate only through the service policy's promotion gate
+    (`planner.promotion_gate`: better than the champion on held-out data of the new
+    distribution, at most a set loss on the clean test set, enough labelled samples)."""
+    from scanflow.agents.planner import policy_for, promotion_gate
     from scanflow.spec.loader import load_application
 
     svc = obs.data.get("service") or ctx.service
@@ -230,6 +445,12 @@ def retrain_and_promote(
     if dep is None:
         raise ValueError(f"service {svc!r} is not deployed")
     since_id = int(obs.data.get("since_id") or obs.data.get("first_id") or 0)
+    # Labels from before the current champion served belong to an older distribution (the one
+    # the champion was trained for): learn from what the champion itself has been failing on.
+    first_of_champion = ctx.store.prediction_window(svc, model_version=dep.model_version, limit=1,
+                                                    with_inputs=False).ids
+    if len(first_of_champion):
+        since_id = max(since_id, int(first_of_champion[0]))
     episode = obs.data.get("episode", 1)
 
     deadline = time.time() + label_wait_s
@@ -253,10 +474,10 @@ def retrain_and_promote(
     target = load_application(_relative(ctx, app))
     ctx.event("retrain_started", episode=episode, labelled=len(rows), since_id=since_id,
               champion_version=dep.model_version, data=str(data_path))
-    res = ctx.engine().run(
-        target, workflow, {"new_data": str(data_path)},
-        trigger={"by": "agent", "agent": ctx.name, "reason": "drift held", "episode": episode,
-                 "observation": obs.key},
+    res = _start_or_continue(
+        ctx, target, workflow, {"new_data": str(data_path)},
+        {"by": "agent", "agent": ctx.name, "reason": "drift held", "episode": episode,
+         "observation": obs.key},
     )
     if not res.ok:
         ctx.event("retrain_failed", episode=episode, run_id=res.run_id, error=res.error)
@@ -268,11 +489,13 @@ def retrain_and_promote(
     ev = {k.removeprefix("eval."): float(v) for k, v in tags.items() if k.startswith("eval.")}
     ctx.event("retrain_finished", episode=episode, run_id=res.run_id, candidate_version=cand, **ev)
 
-    better_new = ev["candidate_acc_new"] > ev["champion_acc_new"] + margin
-    ok_clean = ev["candidate_acc_clean"] >= ev["champion_acc_clean"] - max_clean_drop
-    gate = {"better_on_new": better_new, "clean_within_margin": ok_clean, "margin": margin,
-            "max_clean_drop": max_clean_drop, **ev}
-    if not (better_new and ok_clean):
+    verdict = promotion_gate(ev["candidate_acc_new"], ev["champion_acc_new"],
+                             ev["candidate_acc_clean"], ev["champion_acc_clean"],
+                             int(ev.get("n_holdout", n_hold)), policy_for(ctx, svc))
+    gate = {**verdict.evidence, "passed": verdict.passed, "reasons": "; ".join(verdict.reasons),
+            "candidate_acc_clean": ev["candidate_acc_clean"],
+            "champion_acc_clean": ev["champion_acc_clean"]}
+    if not verdict.passed:
         ctx.event("promotion_rejected", candidate_version=cand, **gate)
         return {"promoted": False, "candidate_version": cand, "run_id": res.run_id, **gate}
 
@@ -297,6 +520,4 @@ def _scalars(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
-    import json
-
-    return json.loads(json.dumps(d, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+    return jsonable(d)  # type: ignore[no-any-return]

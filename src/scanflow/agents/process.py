@@ -1,8 +1,15 @@
-"""Each agent runs in its own process; the supervisor starts, finds and stops them."""
+"""Each agent runs in its own process; the supervisor starts, finds and stops them.
+
+An application is named by its spec (a `scanflow.yaml` or the folder holding it) or, for
+agents declared in Python, by 'path/to/file.py:attribute' or 'package.module:attribute'
+(an `Application`, or a function returning one).
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import logging
 import os
 import signal
@@ -12,10 +19,62 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from scanflow.procs import pid_alive
 from scanflow.settings import Settings, get_settings
-from scanflow.spec.loader import load_application
+from scanflow.spec.loader import load_application, validate_application
+from scanflow.spec.models import Application
 from scanflow.store import Store
+
+
+def _python_ref(ref: str) -> tuple[str, str] | None:
+    """('file.py' or 'module', attribute) if `ref` names a Python object rather than a spec."""
+    target, sep, attr = ref.rpartition(":")
+    if not sep or not attr.isidentifier() or Path(ref).exists():
+        return None
+    return target, attr
+
+
+def load_app(ref: str | Path) -> Application:
+    """A spec file/folder, or an Application declared in Python ('file.py:app', 'mod:app')."""
+    py = _python_ref(str(ref))
+    if py is None:
+        return load_application(ref)
+    target, attr = py
+    if target.endswith(".py"):
+        path = Path(target).resolve()
+        if not path.is_file():
+            raise FileNotFoundError(f"no Python file {target!r}")
+        if str(path.parent) not in sys.path:
+            sys.path.insert(0, str(path.parent))
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[path.stem] = module
+        spec.loader.exec_module(module)
+        base = path.parent
+    else:
+        module = importlib.import_module(target)
+        base = Path(getattr(module, "__file__", ".") or ".").parent
+    try:
+        obj = getattr(module, attr)
+    except AttributeError:
+        raise AttributeError(f"{target!r} has no attribute {attr!r}") from None
+    app = obj() if callable(obj) and not isinstance(obj, Application) else obj
+    if not isinstance(app, Application):
+        raise TypeError(f"{ref} is a {type(app).__name__}, not a scanflow Application")
+    if app.base_dir == Path("."):
+        app.base_dir = base.resolve()
+    return validate_application(app)
+
+
+def _absolute(ref: str | Path) -> str:
+    py = _python_ref(str(ref))
+    if py is None:
+        return str(Path(ref).resolve())
+    target, attr = py
+    return f"{Path(target).resolve()}:{attr}" if target.endswith(".py") else str(ref)
 
 
 class AgentSupervisor:
@@ -29,7 +88,7 @@ class AgentSupervisor:
     def start(
         self, app_path: str | Path, names: list[str] | None = None, wait: float = 30.0
     ) -> dict[str, int]:
-        app = load_application(app_path)
+        app = load_app(app_path)
         chosen = names or list(app.agents)
         unknown = [n for n in chosen if n not in app.agents]
         if unknown:
@@ -43,7 +102,7 @@ class AgentSupervisor:
             env = {**os.environ, **self.settings.child_env(), "PYTHONUNBUFFERED": "1"}
             with open(self.log_path(name), "ab") as logf:
                 p = subprocess.Popen(
-                    [sys.executable, "-m", "scanflow.agents.process", "--app", str(Path(app_path).resolve()),
+                    [sys.executable, "-m", "scanflow.agents.process", "--app", _absolute(app_path),
                      "--agent", name],
                     stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                     env=env, start_new_session=True,
@@ -52,7 +111,7 @@ class AgentSupervisor:
             pids[name] = p.pid
         deadline = time.time() + wait
         while time.time() < deadline:
-            registered = {a.name: a.pid for a in self.store.list_agents()}
+            registered = {a.name: a.pid for a in self.store.list_agents() if a.status == "running"}
             if all(registered.get(n) == pid for n, pid in pids.items()):
                 return pids
             dead = [n for n, p in zip(pids, procs, strict=True) if p.poll() is not None]
@@ -79,27 +138,49 @@ class AgentSupervisor:
         return stopped
 
     def status(self) -> list[dict[str, Any]]:
-        return [
-            {"name": a.name, "role": a.role, "pid": a.pid,
-             "status": a.status if pid_alive(a.pid) or a.status != "running" else "dead",
-             "heartbeat": a.heartbeat}
-            for a in self.store.list_agents()
-        ]
+        out = []
+        for a in self.store.list_agents():
+            alive = pid_alive(a.pid)
+            state = a.status if alive or a.status != "running" else "dead"
+            url = f"http://{a.api_host}:{a.api_port}" if a.api_port and state == "running" else None
+            out.append({"name": a.name, "app": a.app, "role": a.role, "pid": a.pid, "status": state,
+                        "heartbeat": a.heartbeat, "started_at": a.started_at, "api": url})
+        return out
+
+    def api_url(self, name: str) -> str:
+        """The running agent's HTTP API; a clear error if it is unknown or not running."""
+        rows = {r["name"]: r for r in self.status()}
+        row = rows.get(name)
+        if row is None:
+            known = ", ".join(sorted(rows)) or "none"
+            raise KeyError(f"no agent {name!r} has been started here (agents: {known})")
+        if row["status"] != "running":
+            raise ValueError(f"agent {name!r} is {row['status']}; start it with `scanflow agents start`")
+        if not row["api"]:
+            raise ValueError(f"agent {name!r} runs without an HTTP API")
+        return str(row["api"])
+
+    def client(self, name: str, timeout: float = 30.0) -> httpx.Client:
+        return httpx.Client(base_url=self.api_url(name), timeout=timeout)
 
 
 def main(argv: list[str] | None = None) -> int:
     from scanflow.agents.runtime import Agent
 
     parser = argparse.ArgumentParser(prog="scanflow-agent")
-    parser.add_argument("--app", required=True)
+    parser.add_argument("--app", required=True, help="spec file/folder, or file.py:attr / module:attr")
     parser.add_argument("--agent", required=True)
+    parser.add_argument("--no-api", action="store_true", help="do not serve the HTTP API")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    for noisy in ("apscheduler", "mlflow", "alembic", "httpx"):
+    for noisy in ("mlflow", "alembic", "httpx", "uvicorn"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # "skipped: maximum number of running instances" each poll while a long action runs is
+    # expected (one tick per trigger at a time), not worth a line a second.
+    logging.getLogger("apscheduler").setLevel(logging.ERROR)
     settings = get_settings().ensure()
     store = Store(settings.store)
-    app = load_application(args.app)
+    app = load_app(args.app)
     agent = Agent(settings, store, app, args.agent)
     stopping = {"flag": False}
 
@@ -108,9 +189,10 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, _term)
     signal.signal(signal.SIGINT, _term)
-    logging.getLogger("scanflow.agents").info("agent %s (%s) started, pid %d",
-                                               args.agent, agent.spec.role, os.getpid())
-    agent.run_forever(stop=lambda: stopping["flag"])
+    log = logging.getLogger("scanflow.agents")
+    log.info("agent %s (%s) started, pid %d", args.agent, agent.spec.role, os.getpid())
+    agent.run_forever(stop=lambda: stopping["flag"], api=not args.no_api)
+    log.info("agent %s stopped", args.agent)
     return 0
 
 

@@ -1,26 +1,55 @@
 """One agent = sensors (on triggers) -> rule -> actuators; every judgement is a stored decision.
 
-Crash safety comes from three keys: an observation's `key` (a window or a message, so a replay
-is recognised), the decision stored under it, and an idempotency key per action.
+Crash safety comes from keys and from the order of writes:
+
+1. an observation's `key` (a window, a message, an event) makes a replay recognisable;
+2. the decision is stored under it *before* anything is done about it, in one transaction with
+   the state its rule wrote and a pending marker naming the actions still to run — a `kill -9`
+   leaves all of these or none, so a rule never judges the same observation twice;
+3. each action has an idempotency key: a finished one is never run again; one cut off by a
+   crash is called again with the same key (`ctx.action`), so it can tell and not repeat its
+   effect (the built-in actuators do), or is recorded `interrupted` (`on_interrupted: abandon`);
+4. watermarks, cursors and message acknowledgements advance only after that.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import signal
+import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
+from scanflow.agents.registry import name_of, resolve
+from scanflow.agents.triggers import (
+    EventSource,
+    TriggerEvent,
+    event_source,
+    manual_event,
+    scheduler_trigger,
+    time_event,
+)
 from scanflow.settings import Settings
-from scanflow.spec.loader import resolve_callable
-from scanflow.spec.models import AgentSpec, Application, CallSpec, SensorSpec
+from scanflow.spec.loader import validate_application
+from scanflow.spec.models import AgentSpec, Application, CallSpec, SensorSpec, Trigger
 from scanflow.store import Store
 
 log = logging.getLogger("scanflow.agents")
+
+OVERRIDES = "_runtime"  # triggers added/removed and sensors paused at run time (survive restarts)
+FAILPOINT_ENV = "SCANFLOW_AGENT_FAILPOINT"
 
 
 @dataclass
@@ -34,8 +63,76 @@ class Observation:
     commit: Callable[[], None] | None = None  # advances a watermark once judged
 
 
+@dataclass(frozen=True)
+class ActionCall:
+    """The action an actuator is performing now: its idempotency key, and which call this is
+    (more than 1 when a crash cut off an earlier call with the same key)."""
+
+    key: str
+    name: str
+    attempt: int
+
+    @property
+    def resumed(self) -> bool:
+        return self.attempt > 1
+
+
+class UnknownSensor(KeyError):
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class UnknownTrigger(KeyError):
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class DuplicateTrigger(ValueError):
+    """The sensor already has a trigger with this id."""
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()[:20]
+
+
+def bounded_key(key: str, limit: int = 240) -> str:
+    """Keys fit their columns (300 chars) however long an observation key grows as messages
+    are forwarded from agent to agent; the digest keeps them unique and replay-stable."""
+    return key if len(key) <= limit else f"{key[:limit - 42]}~{hashlib.sha1(key.encode()).hexdigest()}"
+
+
+def _pending_key(dkey: str) -> str:
+    return f"_pending:{_digest(dkey)}"
+
+
+def _intent_key(action_key: str) -> str:
+    return f"_intent:{_digest(action_key)}"
+
+
+def jsonable(value: Any) -> Any:
+    """What survives a JSON column: numpy scalars become numbers, the rest strings."""
+    return json.loads(json.dumps(value, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+
+
+def _iso(dt: datetime | float | None) -> str | None:
+    if dt is None:
+        return None
+    if not isinstance(dt, datetime):
+        dt = datetime.fromtimestamp(dt, UTC)
+    return dt.astimezone(UTC).isoformat(timespec="seconds")
+
+
+def _failpoint(name: str) -> None:
+    """Test hook: with SCANFLOW_AGENT_FAILPOINT=<name> the process kills itself (SIGKILL)
+    right there, as a crash would. The durability tests use it; nothing else sets it."""
+    if os.environ.get(FAILPOINT_ENV) == name:
+        log.warning("failpoint %s: killing myself", name)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 class AgentContext:
-    """What sensors, rules and actuators may use: the store, state, messaging, the platform."""
+    """What sensors, rules and actuators may use: the store, state, messaging, the platform,
+    and facts about the current call (`sensor`, `trigger_event`, `action`)."""
 
     def __init__(self, settings: Settings, store: Store, app: Application, name: str) -> None:
         self.settings = settings
@@ -44,19 +141,73 @@ class AgentContext:
         self.name = name
         self.spec: AgentSpec = app.agents[name]
         self.service = self.spec.service
+        self._local = threading.local()  # sensors of one agent run in parallel threads
 
-    # state survives restarts because it lives in the store
+    # -- the current call ----------------------------------------------------------------------
+    @contextmanager
+    def _scope(self, **facts: Any) -> Iterator[None]:
+        saved = {k: getattr(self._local, k, None) for k in facts}
+        for k, v in facts.items():
+            setattr(self._local, k, v)
+        try:
+            yield
+        finally:
+            for k, v in saved.items():
+                setattr(self._local, k, v)
+
+    @property
+    def sensor(self) -> str | None:
+        return getattr(self._local, "sensor", None)
+
+    @property
+    def trigger_event(self) -> TriggerEvent | None:
+        """The fire being handled: an event (its key, what happened), a schedule, or manual."""
+        return getattr(self._local, "event", None)
+
+    @property
+    def action(self) -> ActionCall | None:
+        return getattr(self._local, "action", None)
+
+    @property
+    def action_key(self) -> str | None:
+        """The idempotency key of the running action: pass it on to what you call."""
+        act = self.action
+        return act.key if act else None
+
+    # -- state survives restarts because it lives in the store --------------------------------
     def get(self, key: str, default: Any = None) -> Any:
+        txn = getattr(self._local, "txn", None)
+        if txn is not None and key in txn:
+            return txn[key]
         return self.store.get_state(self.name, key, default)
 
     def set(self, key: str, value: Any) -> None:
+        txn = getattr(self._local, "txn", None)
+        if txn is not None:  # a rule's writes commit with its decision, atomically
+            txn[key] = jsonable(value)
+            return
         self.store.set_state(self.name, key, value)
+
+    def remember(self, name: str, compute: Callable[[], Any]) -> Any:
+        """A value computed once per action: a call resumed after a crash gets the first call's
+        value (e.g. the version a rollback started from), so it does not act twice."""
+        act = self.action
+        if act is None:
+            return compute()
+        key = _intent_key(act.key)
+        saved = self.store.get_state(self.name, key) or {}
+        if name in saved:
+            return saved[name]
+        value = jsonable(compute())
+        self.store.set_state(self.name, key, {**saved, name: value})
+        self._local.remembered = True
+        return value
 
     def send(self, to: str, kind: str, payload: dict[str, Any], key: str | None = None) -> bool:
         return self.store.send_message(self.name, to, kind, payload, key=key)
 
     def event(self, kind: str, **payload: Any) -> None:
-        self.store.add_event(self.name, kind, self.service, **payload)
+        self.store.add_event(self.name, kind, self.service, **jsonable(payload))
         log.info("event %s %s", kind, payload)
 
     @cached_property
@@ -69,7 +220,10 @@ class AgentContext:
     def deployer(self) -> Any:
         from scanflow.serving import LocalDeployer
 
-        return LocalDeployer(self.settings, self.store)
+        try:  # what it does is recorded as done by this agent
+            return LocalDeployer(self.settings, self.store, actor=self.name)
+        except TypeError:
+            return LocalDeployer(self.settings, self.store)
 
     def engine(self) -> Any:
         from scanflow.engine import LocalEngine
@@ -77,9 +231,11 @@ class AgentContext:
         return LocalEngine(self.settings, self.store, self.tracker)
 
 
-def _name_of(call: CallSpec | SensorSpec) -> str:
-    fn = call.func
-    return fn if isinstance(fn, str) else getattr(fn, "__qualname__", repr(fn))
+@dataclass
+class _Part:
+    call: CallSpec
+    fn: Callable[..., Any]
+    name: str
 
 
 class Agent:
@@ -90,69 +246,167 @@ class Agent:
             known = ", ".join(sorted(app.agents)) or "none"
             raise KeyError(f"no agent {name!r} in app {app.app!r} (known: {known})")
         self.ctx = AgentContext(settings, store, app, name)
+        self.settings = settings
         self.name = name
         self.spec = app.agents[name]
         self.store = store
-        base = app.base_dir
-        self._sensors = {s.name: (s, resolve_callable(s.func, base)) for s in self.spec.sensors}
-        self._rules = {
-            s.name: (resolve_callable(s.rule.func, base) if s.rule else None) for s in self.spec.sensors
+        base, imports = app.base_dir, self.spec.imports
+        self._sensors: dict[str, SensorSpec] = {s.name: s for s in self.spec.sensors}
+        self._funcs = {s.name: resolve("sensor", s.func, base, imports) if s.func is not None else None
+                       for s in self.spec.sensors}
+        self._rules = {s.name: resolve("rule", s.rule.func, base, imports) if s.rule else None
+                       for s in self.spec.sensors}
+        self._actuators: dict[str, list[_Part]] = {}
+        for s in self.spec.sensors:
+            parts, seen = [], set()
+            for i, call in enumerate(s.actuators):
+                nm = name_of(call.func, "actuator")
+                parts.append(_Part(call, resolve("actuator", call.func, base, imports),
+                                   nm if nm not in seen else f"{nm}#{i}"))
+                seen.add(nm)
+            self._actuators[s.name] = parts
+        self._locks = {s: threading.Lock() for s in self._sensors}
+        self._ctl = threading.RLock()
+        self._sched: Any = None
+        self._triggers: dict[str, dict[str, tuple[Trigger, str]]] = {}
+        self._sources: dict[tuple[str, str], EventSource] = {}
+        self._paused: set[str] = set()
+        self._stopping = threading.Event()
+        self._stats: dict[str, dict[str, Any]] = {
+            s: {"ticks": 0, "observations": 0, "last_tick": None, "last_error": None} for s in self._sensors
         }
-        self._actuators = {
-            s.name: [(a, resolve_callable(a.func, base)) for a in s.actuators] for s in self.spec.sensors
-        }
+        self.api_url: str | None = None
 
-    def tick(self, sensor_name: str) -> int:
-        """Fire one sensor; returns the number of observations judged."""
-        spec, fn = self._sensors[sensor_name]
-        observed = fn(self.ctx, **spec.params)
-        if observed is None:
-            return 0
-        items = observed if isinstance(observed, list) else [observed]
-        for obs in items:
-            self._judge(spec, obs)
+    @classmethod
+    def define(
+        cls, settings: Settings, store: Store, name: str, spec: AgentSpec, *,
+        app: str = "agents", team: str = "python", base_dir: Path | None = None,
+    ) -> Agent:
+        """An agent declared in Python: its spec may hold functions or registered names."""
+        application = Application(app=app, team=team, agents={name: spec})
+        application.base_dir = (base_dir or Path.cwd()).resolve()
+        return cls(settings, store, validate_application(application), name)
+
+    # -- judging ---------------------------------------------------------------------------------
+    def _sensor(self, name: str) -> SensorSpec:
+        try:
+            return self._sensors[name]
+        except KeyError:
+            known = ", ".join(self._sensors)
+            raise UnknownSensor(f"agent {self.name!r} has no sensor {name!r} (sensors: {known})") from None
+
+    def tick(self, sensor_name: str, event: TriggerEvent | None = None) -> int:
+        """Fire one sensor (for `event`, or by hand); returns the number of observations judged."""
+        spec = self._sensor(sensor_name)
+        stats = self._stats[sensor_name]
+        with self._locks[sensor_name], self.ctx._scope(sensor=sensor_name, event=event):
+            try:
+                items = self._observe(spec, event)
+                for obs in items:
+                    self._judge(spec, obs)
+            except Exception as exc:
+                self._failed(sensor_name, exc)
+                raise
+            stats["ticks"] += 1
+            stats["observations"] += len(items)
+            stats["last_tick"] = time.time()
+            stats["last_error"] = None
         return len(items)
 
+    def _observe(self, spec: SensorSpec, event: TriggerEvent | None) -> list[Observation]:
+        fn = self._funcs[spec.name]
+        if fn is None:  # the fire itself is what is judged
+            ev = event or manual_event(spec.name)
+            return [Observation(key=ev.key, evidence=dict(ev.evidence), data=dict(ev.data),
+                                message_id=None if ev.commit else ev.message_id)]
+        observed = fn(self.ctx, **spec.params)
+        if observed is None:
+            return []
+        items = observed if isinstance(observed, list) else [observed]
+        if event is not None and event.replayable:
+            # Scope what the sensor saw to the event, so that its replay maps to the same keys.
+            for obs in items:
+                if obs.key != event.key and not obs.key.startswith(event.key + "|"):
+                    obs.key = f"{event.key}|{obs.key}"
+        return items
+
     def _judge(self, spec: SensorSpec, obs: Observation) -> None:
-        dkey = f"{self.name}:{spec.name}:{obs.key}"
+        dkey = bounded_key(f"{self.name}:{spec.name}:{obs.key}")
         if self.store.has_decision(dkey):
-            # Judged before a crash: never judge (or act) twice, only finish the bookkeeping.
+            # Judged before a crash: never judge twice; finish what it started, then bookkeeping.
+            pending = self.store.get_state(self.name, _pending_key(dkey))
+            if pending is not None:
+                self._complete(spec, dkey, pending)
             self._finish(obs)
             return
         rule_fn = self._rules[spec.name]
         reason = ""
-        if rule_fn is None:
-            fired = True
-        else:
-            verdict = rule_fn(obs, self.ctx, **(spec.rule.params if spec.rule else {}))
-            fired, reason = verdict if isinstance(verdict, tuple) else (bool(verdict), "")
-        actions: list[dict[str, Any]] = []
-        if fired:
-            for call, act in self._actuators[spec.name]:
-                actions.append(self._act(dkey, call, act, obs))
-        evidence = {**obs.evidence, **({"reason": reason} if reason else {})}
-        self.store.add_decision(
-            self.name, spec.name, _name_of(spec.rule) if spec.rule else "always", bool(fired),
-            evidence, self.ctx.service, actions, key=dkey,
-        )
+        txn: dict[str, Any] = {}
+        with self.ctx._scope(txn=txn):
+            if rule_fn is None:
+                fired = True
+            else:
+                verdict = rule_fn(obs, self.ctx, **(spec.rule.params if spec.rule else {}))
+                fired, reason = verdict if isinstance(verdict, tuple) else (bool(verdict), "")
+        evidence = jsonable({**obs.evidence, **({"reason": reason} if reason else {})})
+        parts = self._actuators[spec.name] if fired else []
+        planned = [{"action": p.name, "key": bounded_key(f"{dkey}:{p.name}"), "status": "pending"}
+                   for p in parts]
+        pending = None
+        if parts:
+            pending = (_pending_key(dkey), {"decision": dkey, "sensor": spec.name, "key": obs.key,
+                                            "evidence": evidence, "data": jsonable(obs.data)})
+        rule_name = name_of(spec.rule.func, "rule") if spec.rule else "always"
+        _failpoint("before_decision")
+        self.store.record_decision(self.name, spec.name, rule_name, bool(fired), evidence,
+                                   self.ctx.service, planned, dkey, state=txn, pending=pending)
+        _failpoint("after_decision")
+        if pending is not None:
+            self._complete(spec, dkey, pending[1], obs)
+        _failpoint("before_commit")
         self._finish(obs)
 
-    def _act(self, dkey: str, call: CallSpec, act: Callable[..., Any], obs: Observation) -> dict[str, Any]:
-        name = _name_of(call)
-        key = f"{dkey}:{name}"
-        action, first = self.store.begin_action(key, self.name, name)
-        if not first:
-            return {"action": name, "key": key, "status": action.status, "replayed": True}
-        try:
-            result = act(obs, self.ctx, **call.params) or {}
-            status = "succeeded"
-        except Exception as exc:  # noqa: BLE001 - an actuator failure is a recorded outcome
-            log.error("actuator %s failed: %s", name, exc)
-            result = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc(limit=5)}
-            status = "failed"
-        result = result if isinstance(result, dict) else {"result": result}
-        self.store.finish_action(key, status, result)
-        return {"action": name, "key": key, "status": status, **_summary(result)}
+    def _complete(self, spec: SensorSpec, dkey: str, pending: dict[str, Any],
+                  obs: Observation | None = None) -> None:
+        """Run the decision's actions not finished yet, then store their outcome."""
+        if obs is None:  # resumed after a crash: the observation as it was judged
+            obs = Observation(key=pending["key"], evidence=pending.get("evidence", {}),
+                              data=pending.get("data", {}))
+        results = [self._act(dkey, p, obs) for p in self._actuators[spec.name]]
+        self.store.complete_decision(dkey, results, self.name, _pending_key(dkey))
+
+    def _act(self, dkey: str, part: _Part, obs: Observation) -> dict[str, Any]:
+        key = bounded_key(f"{dkey}:{part.name}")
+        row, attempt = self.store.claim_action(key, self.name, part.name)
+        if attempt == 0:  # finished before: never again
+            return {**_summary(row.result or {}), "action": part.name, "key": key,
+                    "status": row.status, "replayed": True}
+        remembered = False
+        if attempt > 1 and part.call.on_interrupted == "abandon":
+            result: dict[str, Any] = {"error": "cut off by a crash; not called again "
+                                      "(on_interrupted: abandon)", "attempt": attempt}
+            status = "interrupted"
+        else:
+            if attempt > 1:
+                log.warning("action %s was cut off by a crash: calling it again (attempt %d)", key, attempt)
+            try:
+                with self.ctx._scope(action=ActionCall(key, part.name, attempt), remembered=False):
+                    out = part.fn(obs, self.ctx, **part.call.params)
+                    remembered = bool(getattr(self.ctx._local, "remembered", False))
+                result = out if isinstance(out, dict) else ({} if out is None else {"result": out})
+                status = "succeeded"
+            except Exception as exc:  # noqa: BLE001 - an actuator failure is a recorded outcome
+                remembered = True  # (it may have remembered something before failing)
+                log.error("actuator %s failed: %s", part.name, exc)
+                result = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc(limit=5)}
+                status = "failed"
+            if attempt > 1:
+                result = {**result, "attempt": attempt}
+        self.store.finish_action(key, status, jsonable(result))
+        if attempt > 1 or remembered:
+            self.store.delete_state(self.name, _intent_key(key))  # what `remember` kept
+        _failpoint("after_action")
+        return {**_summary(result), "action": part.name, "key": key, "status": status}
 
     def _finish(self, obs: Observation) -> None:
         if obs.commit is not None:
@@ -160,41 +414,326 @@ class Agent:
         if obs.message_id is not None:
             self.store.ack_message(obs.message_id)
 
-    # -- the process loop ------------------------------------------------------------------
-    def run_forever(self, stop: Callable[[], bool] | None = None) -> None:
-        """Schedule every sensor on its trigger (APScheduler) until `stop()` or a signal."""
-        from apscheduler.schedulers.background import BackgroundScheduler
-        from apscheduler.triggers.interval import IntervalTrigger
+    def recover(self) -> int:
+        """Finish the actions of decisions a crash cut off; returns how many were resumed."""
+        n = 0
+        for pkey, pending in self.store.state_items(self.name, "_pending:").items():
+            spec = self._sensors.get(pending.get("sensor", ""))
+            if spec is None:
+                log.warning("pending decision %s names a sensor no longer in the spec", pending)
+                continue
+            with self._locks[spec.name], self.ctx._scope(sensor=spec.name):
+                current = self.store.get_state(self.name, pkey)
+                if current is None:  # a replayed tick finished it meanwhile
+                    continue
+                log.info("resuming the actions of decision %s", current["decision"])
+                self._complete(spec, current["decision"], current)
+                n += 1
+        return n
 
-        self.store.register_agent(self.name, self.ctx.app.app, self.spec.role, os.getpid())
-        sched = BackgroundScheduler(timezone="UTC")
+    def _failed(self, sensor: str, exc: BaseException) -> None:
+        """Log and record a failure once per distinct error (a poll may fail every second)."""
+        text = f"{type(exc).__name__}: {exc}"
+        stats = self._stats[sensor]
+        if stats["last_error"] != text:
+            log.error("sensor %s failed", sensor, exc_info=exc)
+            self.ctx.event("sensor_failed", sensor=sensor, error=text[:2000])
+        stats["last_error"] = text
+        stats["last_error_at"] = time.time()
+
+    # -- scheduling ------------------------------------------------------------------------------
+    def _overrides(self) -> dict[str, Any]:
+        raw = self.store.get_state(self.name, OVERRIDES) or {}
+        return {"added": raw.get("added", {}), "removed": raw.get("removed", {}),
+                "paused": raw.get("paused", [])}
+
+    def _save_overrides(self, ov: dict[str, Any]) -> None:
+        self.store.set_state(self.name, OVERRIDES, ov)
+
+    def _date_fired(self, sensor: str, trig: Trigger) -> str | None:
+        return self.store.get_state(self.name, f"_fired:{sensor}/{trig.key}")
+
+    def _load_triggers(self) -> None:
+        ov = self._overrides()
         for s in self.spec.sensors:
-            assert s.trigger.interval is not None
-            sched.add_job(
-                self._safe_tick, IntervalTrigger(seconds=s.trigger.interval), args=[s.name],
-                id=s.name, max_instances=1, coalesce=True, next_run_time=_now(),
+            removed = set(ov["removed"].get(s.name, []))
+            trigs = {t.key: (t, "spec") for t in s.triggers if t.key not in removed}
+            for raw in ov["added"].get(s.name, []):
+                try:
+                    t = Trigger.model_validate(raw)
+                except ValidationError as exc:
+                    log.error("ignoring a stored run-time trigger of %s: %s", s.name, exc)
+                    continue
+                trigs[t.key] = (t, "runtime")
+            self._triggers[s.name] = trigs
+        self._paused = {p for p in ov["paused"] if p in self._sensors}
+
+    def start(self, recover: bool = True) -> None:
+        """Schedule every trigger (APScheduler, UTC) and resume decisions a crash cut off."""
+        from apscheduler.schedulers.background import BackgroundScheduler
+
+        with self._ctl:
+            self._stopping.clear()
+            self._load_triggers()
+            self._sched = BackgroundScheduler(
+                timezone=UTC,
+                job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
             )
-        sched.start()
+            for sensor, trigs in self._triggers.items():
+                for t, _ in trigs.values():
+                    self._schedule(sensor, t)
+            self._sched.start()
+        if recover:
+            threading.Thread(target=self._safe_recover, name=f"{self.name}-recover", daemon=True).start()
+
+    def _safe_recover(self) -> None:
+        try:
+            self.recover()
+        except Exception:  # noqa: BLE001 - retried at the next start; the agent keeps running
+            log.exception("resuming interrupted decisions failed")
+
+    def stop(self, wait: bool = True) -> None:
+        self._stopping.set()
+        with self._ctl:
+            if self._sched is not None:
+                self._sched.shutdown(wait=wait)
+                self._sched = None
+
+    def _job_id(self, sensor: str, key: str) -> str:
+        return f"{sensor}/{key}"
+
+    def _schedule(self, sensor: str, t: Trigger) -> None:
+        if t.event is not None:
+            self._sources[(sensor, t.key)] = event_source(self.ctx, sensor, t)
+        if t.date is not None and self._date_fired(sensor, t):
+            return  # a date fires once, ever
+        trig, first = scheduler_trigger(t)
+        kwargs: dict[str, Any] = {}
+        if sensor in self._paused:
+            kwargs["next_run_time"] = None  # added paused
+        elif first is not None:
+            kwargs["next_run_time"] = first
+        job = self._poll_job if t.event is not None else self._time_job
+        self._sched.add_job(job, trig, args=[sensor, t.key], id=self._job_id(sensor, t.key),
+                            name=f"{sensor}: {t.describe()}", replace_existing=True, **kwargs)
+
+    def _time_job(self, sensor: str, key: str) -> None:
+        entry = self._triggers.get(sensor, {}).get(key)
+        if entry is None or self._stopping.is_set():
+            return
+        t = entry[0]
+        try:
+            self.tick(sensor, time_event(t))
+        except Exception:  # noqa: BLE001 - a failing sensor must not kill the agent (logged)
+            pass
+        finally:
+            if t.date is not None:
+                self.store.set_state(self.name, f"_fired:{sensor}/{key}", _iso(time.time()))
+
+    def _poll_job(self, sensor: str, key: str) -> None:
+        src = self._sources.get((sensor, key))
+        if src is None or self._stopping.is_set():
+            return
+        try:
+            events = src.poll()
+        except Exception as exc:  # noqa: BLE001 - e.g. the registry is down: retried next poll
+            self._failed(sensor, exc)
+            return
+        for ev in events:
+            if self._stopping.is_set() or sensor in self._paused:
+                break
+            try:
+                self.tick(sensor, ev)
+            except Exception:  # noqa: BLE001 - logged; retried at the next poll, in order
+                break
+            _failpoint("before_cursor")
+            if ev.commit is not None:
+                ev.commit()
+
+    def poll(self, sensor: str | None = None) -> None:
+        """Check the event triggers (of one sensor, or all) once now, without the scheduler."""
+        names = [self._sensor(sensor).name] if sensor else list(self._sensors)
+        if not self._triggers:
+            self._load_triggers()
+        for name in names:
+            for key, (t, _) in list(self._triggers.get(name, {}).items()):
+                if t.event is not None:
+                    if (name, key) not in self._sources:
+                        self._sources[(name, key)] = event_source(self.ctx, name, t)
+                    self._poll_job(name, key)
+
+    # -- run-time control (the HTTP API) ----------------------------------------------------------
+    def sensors_info(self) -> list[dict[str, Any]]:
+        return [self.sensor_info(s) for s in self._sensors]
+
+    def sensor_info(self, name: str) -> dict[str, Any]:
+        s = self._sensor(name)
+        trigs = []
+        for key, (t, origin) in self._triggers.get(name, {}).items():
+            job = self._sched.get_job(self._job_id(name, key)) if self._sched else None
+            nxt = job.next_run_time if job is not None else None
+            entry: dict[str, Any] = {
+                "id": key, "kind": t.kind if t.event is None else t.event.kind,
+                "trigger": t.model_dump(mode="json", exclude_none=True),
+                "schedule": t.describe(), "origin": origin,
+                "next_fire_time": _iso(nxt) if t.event is None else None,
+            }
+            if t.event is not None:
+                entry["next_poll_time"] = _iso(nxt)
+                src = self._sources.get((name, key))
+                entry["cursor"] = src.cursor() if src is not None else None
+            if t.date is not None:
+                entry["fired_at"] = self._date_fired(name, t)
+            trigs.append(entry)
+        nexts = sorted(e["next_fire_time"] for e in trigs if e["next_fire_time"])
+        stats = self._stats[name]
+        return {
+            "name": name, "func": name_of(s.func, "sensor") if s.func is not None else None,
+            "rule": name_of(s.rule.func, "rule") if s.rule else None,
+            "actuators": [p.name for p in self._actuators[name]],
+            "paused": name in self._paused, "triggers": trigs,
+            "next_fire_time": nexts[0] if nexts else None,
+            "ticks": stats["ticks"], "observations": stats["observations"],
+            "last_tick": _iso(stats["last_tick"]), "last_error": stats["last_error"],
+        }
+
+    def fire(self, name: str, wait: bool = True) -> dict[str, Any]:
+        """Fire a sensor now, by hand (also when paused)."""
+        self._sensor(name)
+        self.ctx.event("sensor_fired", sensor=name, by="manual")
+        if not wait:
+            threading.Thread(target=self._manual, args=[name], daemon=True,
+                             name=f"{self.name}-fire-{name}").start()
+            return {"sensor": name, "queued": True}
+        return {"sensor": name, "observations": self.tick(name, manual_event(name))}
+
+    def _manual(self, name: str) -> None:
+        try:
+            self.tick(name, manual_event(name))
+        except Exception:  # noqa: BLE001 - logged and recorded by tick
+            pass
+
+    def pause(self, name: str | None = None) -> list[str]:
+        names = [self._sensor(name).name] if name else list(self._sensors)
+        with self._ctl:
+            ov = self._overrides()
+            ov["paused"] = sorted(set(ov["paused"]) | set(names))
+            self._save_overrides(ov)
+            for n in names:
+                if n not in self._paused:
+                    self._paused.add(n)
+                    self._each_job(n, "pause_job")
+                    self.ctx.event("sensor_paused", sensor=n)
+        return names
+
+    def resume(self, name: str | None = None) -> list[str]:
+        names = [self._sensor(name).name] if name else list(self._sensors)
+        with self._ctl:
+            ov = self._overrides()
+            ov["paused"] = sorted(set(ov["paused"]) - set(names))
+            self._save_overrides(ov)
+            for n in names:
+                if n in self._paused:
+                    self._paused.discard(n)
+                    self._each_job(n, "resume_job")
+                    self.ctx.event("sensor_resumed", sensor=n)
+        return names
+
+    def _each_job(self, sensor: str, method: str) -> None:
+        if self._sched is None:
+            return
+        for key in self._triggers.get(sensor, {}):
+            if self._sched.get_job(self._job_id(sensor, key)) is not None:
+                getattr(self._sched, method)(self._job_id(sensor, key))
+
+    def add_trigger(self, name: str, trig: Trigger) -> dict[str, Any]:
+        """Add a trigger to a sensor at run time (kept in the store: it survives restarts)."""
+        self._sensor(name)
+        with self._ctl:
+            current = self._triggers.setdefault(name, {})
+            if trig.key in current:
+                raise DuplicateTrigger(f"sensor {name!r} already has a trigger {trig.key!r}")
+            self._check_triggers(name, [t for t, _ in current.values()] + [trig])
+            stored = trig.model_copy(update={"id": trig.key})
+            ov = self._overrides()
+            ov["added"].setdefault(name, []).append(stored.model_dump(mode="json", exclude_none=True))
+            removed = ov["removed"].get(name, [])
+            if trig.key in removed:
+                removed.remove(trig.key)
+            self._save_overrides(ov)
+            current[trig.key] = (stored, "runtime")
+            if self._sched is not None:
+                self._schedule(name, stored)
+            self.ctx.event("trigger_added", sensor=name, trigger=trig.key, schedule=trig.describe())
+        return next(t for t in self.sensor_info(name)["triggers"] if t["id"] == trig.key)
+
+    def _check_triggers(self, name: str, triggers: list[Trigger]) -> None:
+        """The agent-wide rules of the spec (e.g. one sensor per message kind) still hold."""
+        sensors = [s.model_copy(update={"triggers": triggers if s.name == name else
+                                        [t for t, _ in self._triggers.get(s.name, {}).values()]})
+                   for s in self.spec.sensors]
+        data = {**self.spec.model_dump(exclude={"sensors"}), "sensors": [
+            {**s.model_dump(exclude={"triggers"}), "triggers": s.triggers} for s in sensors]}
+        try:
+            AgentSpec.model_validate(data)
+        except ValidationError as exc:
+            msgs = [e["msg"].removeprefix("Value error, ") for e in exc.errors()]
+            raise ValueError("; ".join(msgs)) from None
+
+    def remove_trigger(self, name: str, key: str) -> None:
+        self._sensor(name)
+        with self._ctl:
+            current = self._triggers.get(name, {})
+            if key not in current:
+                known = ", ".join(current) or "none"
+                raise UnknownTrigger(f"sensor {name!r} has no trigger {key!r} (triggers: {known})")
+            _, origin = current.pop(key)
+            ov = self._overrides()
+            if origin == "runtime":
+                ov["added"][name] = [t for t in ov["added"].get(name, []) if t.get("id") != key]
+            else:
+                ov["removed"].setdefault(name, []).append(key)
+            self._save_overrides(ov)
+            self._sources.pop((name, key), None)
+            if self._sched is not None and self._sched.get_job(self._job_id(name, key)) is not None:
+                self._sched.remove_job(self._job_id(name, key))
+            self.ctx.event("trigger_removed", sensor=name, trigger=key)
+
+    def recent_decisions(self, limit: int = 20, fired: bool | None = None) -> list[dict[str, Any]]:
+        return [{"id": d.id, "time": _iso(d.ts), "sensor": d.sensor, "key": d.key, "rule": d.rule,
+                 "fired": d.fired, "evidence": d.evidence, "actions": d.actions}
+                for d in self.store.recent_decisions(self.name, limit, fired)]
+
+    def recent_events(self, limit: int = 20) -> list[dict[str, Any]]:
+        return [{"id": e.id, "time": _iso(e.ts), "kind": e.kind, "service": e.service, **e.payload}
+                for e in self.store.recent_events(self.name, limit)]
+
+    # -- the process loop --------------------------------------------------------------------
+    def run_forever(self, stop: Callable[[], bool] | None = None, api: bool = True) -> None:
+        """Serve the HTTP API, schedule every trigger, heartbeat, until `stop()` is true."""
+        server = None
+        host = port = None
+        if api:
+            from scanflow.agents.api import ApiServer
+
+            server = ApiServer(self)
+            host, port = server.bind()
+            self.api_url = f"http://{host}:{port}"
+        self.store.register_agent(self.name, self.ctx.app.app, self.spec.role, os.getpid(),
+                                  api_host=host, api_port=port)
+        if server is not None:
+            server.start()
+        self.start()
         try:
             while not (stop and stop()):
                 time.sleep(0.5)
                 self.store.agent_heartbeat(self.name)
         finally:
-            sched.shutdown(wait=True)
+            self.stop(wait=True)
+            if server is not None:
+                server.stop()
             self.store.agent_heartbeat(self.name, status="stopped")
-
-    def _safe_tick(self, sensor: str) -> None:
-        try:
-            self.tick(sensor)
-        except Exception:  # noqa: BLE001 - a failing sensor must not kill the agent
-            log.exception("sensor %s failed", sensor)
 
 
 def _summary(result: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in result.items() if isinstance(v, str | int | float | bool) and k != "trace"}
-
-
-def _now() -> Any:
-    from datetime import UTC, datetime
-
-    return datetime.now(UTC)

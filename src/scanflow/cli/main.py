@@ -18,11 +18,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from scanflow.cli.agents import agents_app
 from scanflow.spec.errors import SpecError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 runs_app = typer.Typer(no_args_is_help=True, help="Inspect workflow runs.")
-agents_app = typer.Typer(no_args_is_help=True, help="Start, stop and list agents.")
 app.add_typer(runs_app, name="runs")
 app.add_typer(agents_app, name="agents")
 out = Console()
@@ -338,7 +338,8 @@ def deploy(
         svc = spec.services[name]
         try:
             dep = deployer.deploy(name, app=spec.app, team=spec.team, model=svc.model,
-                                  alias=svc.alias, replicas=svc.replicas, port=svc.port)
+                                  alias=svc.alias, replicas=svc.replicas, port=svc.port,
+                                  batching=svc.batching)
         except (ValueError, KeyError) as exc:
             fail(str(exc))
         out.print(f"[green]deployed[/] {name}: models:/{dep.model_name}@{dep.alias} "
@@ -362,11 +363,56 @@ def scale(service: str, replicas: Annotated[int, typer.Argument(min=1, max=64)])
 
 
 @app.command()
-def rollout(service: str) -> None:
-    """Move a service's replicas onto the version its alias points to now."""
+def rollout(
+    service: str,
+    version: Annotated[str | None, typer.Option(help="this version (default: what the alias says)")] = None,
+    reason: Annotated[str, typer.Option(help="recorded in the audit trail")] = "",
+) -> None:
+    """Rolling update of a service's replicas (0 failed requests)."""
     deployer, _ = _deployer()
-    dep = _service_call(lambda: deployer.rollout(service))
+    dep = _service_call(lambda: deployer.rollout(service, version, reason=reason))
     out.print(f"{service}: serving version {dep.model_version}")
+
+
+@app.command()
+def rollback(
+    service: str, reason: Annotated[str, typer.Option(help="recorded in the audit trail")] = "",
+) -> None:
+    """Serve the previous version again, in one step (the alias follows)."""
+    deployer, _ = _deployer()
+    dep = _service_call(lambda: deployer.rollback(service, reason=reason))
+    out.print(f"{service}: rolled back to version {dep.model_version} "
+              f"(was {dep.previous_version})")
+
+
+@app.command()
+def canary(
+    service: str,
+    version: Annotated[str | None, typer.Argument(help="the challenger; omit with --off")] = None,
+    share: Annotated[float, typer.Option(min=0.001, max=1.0, help="fraction of requests")] = 0.1,
+    off: Annotated[bool, typer.Option("--off", help="stop the canary")] = False,
+) -> None:
+    """Send a share of live traffic to a challenger version (answers returned and logged)."""
+    if (version is None) == (not off):
+        fail("give a VERSION, or --off to stop the canary")
+    deployer, _ = _deployer()
+    _service_call(lambda: deployer.set_canary(service, None if off else version, share))
+    out.print(f"{service}: canary stopped" if off else
+              f"{service}: version {version} answers {share:.1%} of requests")
+
+
+@app.command()
+def shadow(
+    service: str,
+    version: Annotated[str | None, typer.Argument(help="the challenger; omit with --off")] = None,
+    off: Annotated[bool, typer.Option("--off", help="stop shadowing")] = False,
+) -> None:
+    """Let a version score a copy of live traffic: logged, never returned."""
+    if (version is None) == (not off):
+        fail("give a VERSION, or --off to stop the shadow")
+    deployer, _ = _deployer()
+    _service_call(lambda: deployer.set_shadow(service, None if off else version))
+    out.print(f"{service}: shadow stopped" if off else f"{service}: version {version} shadows live traffic")
 
 
 @app.command()
@@ -378,61 +424,41 @@ def stop(service: str) -> None:
 
 
 @app.command()
-def status() -> None:
-    """Services (version, replicas, URL) and agents."""
+def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Services (champion, canary, shadow, previous version, live replicas per version) and agents."""
     from scanflow.agents.process import AgentSupervisor
 
     settings, store = _ctx()
-    t = Table("service", "model", "version", "replicas", "url", "status")
+    from scanflow.serving import LocalDeployer
+
+    deployer = LocalDeployer(settings, store)
+    if as_json:
+        print(json.dumps({
+            "services": [deployer.status(d.service) for d in store.list_deployments()],
+            "agents": AgentSupervisor(settings, store).status(),
+        }, indent=2, default=str))
+        return
+    t = Table("service", "model", "champion", "canary", "shadow", "previous", "replicas (live)",
+              "url", "status")
     for d in store.list_deployments():
-        t.add_row(d.service, f"{d.model_name}@{d.alias}", str(d.model_version), str(d.replicas),
-                  f"http://{d.host}:{d.port}", d.status)
+        live = deployer.status(d.service) if d.status == "running" else None
+        by_version: dict[str, int] = {}
+        for w in (live or {}).get("workers", []):
+            if not w["draining"] and w["model_version"]:
+                by_version[w["model_version"]] = by_version.get(w["model_version"], 0) + 1
+        canary = (live or {}).get("canary")
+        t.add_row(
+            d.service, f"{d.model_name}@{d.alias}", str(d.model_version),
+            f"v{canary['version']} {canary['share']:.0%}" if canary else "-",
+            (live or {}).get("shadow_version") or "-", str(d.previous_version or "-"),
+            f"{d.replicas} ({', '.join(f'v{v}: {n}' for v, n in sorted(by_version.items())) or 0})",
+            f"http://{d.host}:{d.port}", live["status"] if live else d.status,
+        )
     out.print(t)
     a = Table("agent", "role", "pid", "status", "heartbeat")
     for row in AgentSupervisor(settings, store).status():
         a.add_row(row["name"], row["role"], str(row["pid"]), row["status"], iso(row["heartbeat"]))
     out.print(a)
-
-
-@agents_app.command("start")
-def agents_start(
-    path: AppPath,
-    agent: Annotated[list[str] | None, typer.Option("--agent", "-a", help="only these")] = None,
-) -> None:
-    """Start the application's agents, each in its own process."""
-    from scanflow.agents.process import AgentSupervisor
-
-    spec = _load(path)
-    unknown = [a for a in agent or [] if a not in spec.agents]
-    if unknown:
-        fail(f"no agent(s) {unknown} in {spec.source} (known: {', '.join(spec.agents)})")
-    settings, store = _ctx()
-    try:
-        pids = AgentSupervisor(settings, store).start(path, agent)
-    except (ValueError, KeyError) as exc:
-        fail(str(exc))
-    for name, pid in pids.items():
-        out.print(f"[green]started[/] agent {name} (pid {pid})")
-
-
-@agents_app.command("stop")
-def agents_stop(agent: Annotated[list[str] | None, typer.Option("--agent", "-a")] = None) -> None:
-    from scanflow.agents.process import AgentSupervisor
-
-    settings, store = _ctx()
-    for name in AgentSupervisor(settings, store).stop(agent):
-        out.print(f"stopped agent {name}")
-
-
-@agents_app.command("list")
-def agents_list() -> None:
-    from scanflow.agents.process import AgentSupervisor
-
-    settings, store = _ctx()
-    t = Table("agent", "role", "pid", "status", "heartbeat")
-    for row in AgentSupervisor(settings, store).status():
-        t.add_row(row["name"], row["role"], str(row["pid"]), row["status"], iso(row["heartbeat"]))
-    out.print(t)
 
 
 @app.command()
@@ -468,6 +494,44 @@ def decisions(
         t.add_row(iso(d.ts), d.agent, d.sensor, "yes" if d.fired else "no",
                   str(d.evidence.get("reason", ""))[:60], acts)
     out.print(t)
+
+
+@app.command()
+def why(
+    service: str,
+    as_json: Annotated[bool, typer.Option("--json", help="the whole chain with every evidence")] = False,
+    history: Annotated[bool, typer.Option("--history", help="also every version/replica change")] = False,
+) -> None:
+    """Why the service serves this model version with this many replicas: each decision with
+    its evidence, the action, the run and model version it produced, and who approved it."""
+    from scanflow.audit import why as audit_why
+
+    _, store = _ctx()
+    try:
+        res = audit_why(store, service)
+    except KeyError as exc:
+        fail(str(exc).strip("'\""))
+    if as_json:
+        print(json.dumps(res, default=str))
+        return
+    cur = res["current"]
+    out.print(f"[bold]{service}[/]: models:/{cur['model']}@{cur['alias']} version "
+              f"[bold]{cur['model_version']}[/] x[bold]{cur['replicas']}[/] ({cur['status']})")
+    for label, link in (("model", res["model_change"]), ("replicas", res["replica_change"])):
+        if link:
+            out.print(f"  {label}: {link['event']['kind']} at {link['event']['time']}, "
+                      f"approved by [bold]{link['approved_by']}[/]")
+    t = Table("time (UTC)", "for", "step", "who", "what")
+    for s in res["chain"]:
+        t.add_row(iso(s["ts"]).replace("T", " ")[5:19], s["what"], s["step"], s["who"], s["summary"])
+    out.print(t)
+    if history:
+        h = Table("time", "change", "by", "version", "replicas")
+        for e in res["history"]:
+            ver = f"{e['from_version'] or ''} -> {e['to_version']}" if e["to_version"] is not None else ""
+            rep = f"{e['from_replicas'] or ''} -> {e['to_replicas']}" if e["to_replicas"] is not None else ""
+            h.add_row(e["time"], e["kind"], e["approved_by"], ver, rep)
+        out.print(h)
 
 
 def main() -> None:

@@ -183,17 +183,11 @@ def _semantic_issues(
             add(f"agents.{name}.service", f"no service named {ag.service!r} in this application")
         if not check_imports:
             continue
-        for i, sensor in enumerate(ag.sensors):
-            where = f"agents.{name}.sensors[{i}]"
-            calls = [(f"{where}.func", sensor.func)]
-            if sensor.rule is not None:
-                calls.append((f"{where}.rule.func", sensor.rule.func))
-            calls += [(f"{where}.actuators[{k}].func", a.func) for k, a in enumerate(sensor.actuators)]
-            for path, fn in calls:
-                try:
-                    resolve_callable(fn, app.base_dir)
-                except Exception as exc:  # noqa: BLE001
-                    add(path, f"cannot import {fn!r}: {exc}")
+        # Sensors, rules and actuators may be registered names (@sensor...): resolved there.
+        from scanflow.agents.registry import spec_issues
+
+        for path, msg in spec_issues(ag, app.base_dir):
+            add(f"agents.{name}.{path}", msg)
     return issues
 
 

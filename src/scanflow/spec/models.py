@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from collections.abc import Callable
+from datetime import UTC, datetime
+from datetime import date as date_type
 from pathlib import Path
 from typing import Any, Literal
 
@@ -240,6 +244,10 @@ class Workflow(_Strict):
         raise KeyError(name)
 
 
+from scanflow.serving.batching import BatchConfig  # noqa: E402 - keeps spec.models light to import
+from scanflow.spec.policy import Policy  # noqa: E402 - the service policy has its own module
+
+
 class Service(_Strict):
     """An online model server for `models:/<model>@<alias>`."""
 
@@ -248,26 +256,191 @@ class Service(_Strict):
     replicas: int = Field(default=1, ge=1, le=64)
     port: int = Field(default=0, ge=0, le=65535, description="0 picks a free port")
     reference: str | None = Field(default=None, description="artifact with the reference sample")
+    policy: Policy = Field(default_factory=Policy, description="the planner's policy (scanflow.spec.policy)")
+    batching: BatchConfig = Field(default_factory=BatchConfig,
+                                  description="micro-batching of each replica (scanflow.serving.batching)")
+
+
+# -- agents -----------------------------------------------------------------------------------
+_CALL_REF = re.compile(r"^(?:[\w.]+:[\w.]+|[A-Za-z_][\w.-]*)$")
+
+
+def _utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class WorkflowFinishedEvent(_Strict):
+    """A run of `workflow` ended with one of `status` ('wf', 'team/wf' or 'app/team/wf';
+    a bare name means this application's team)."""
+
+    workflow: str
+    status: list[Literal["succeeded", "failed", "cancelled", "interrupted"]] = Field(
+        default_factory=lambda: ["succeeded", "failed", "cancelled"], min_length=1
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short(cls, v: Any) -> Any:
+        return {"workflow": v} if isinstance(v, str) else v
+
+    @field_validator("workflow")
+    @classmethod
+    def _ref(cls, v: str) -> str:
+        parts = v.split("/")
+        if len(parts) > 3 or not all(re.match(NAME, p) for p in parts):
+            raise ValueError(f"expected 'workflow', 'team/workflow' or 'app/team/workflow', got {v!r}")
+        return v
+
+
+class ModelEvent(_Strict):
+    """A registry event: a new version of `name`, or `alias` moved to another version."""
+
+    name: str = Field(pattern=NAME)
+    event: Literal["version_registered", "alias_moved"] = "version_registered"
+    alias: str | None = Field(default=None, pattern=NAME)
+
+    @model_validator(mode="after")
+    def _alias(self) -> ModelEvent:
+        if self.event == "alias_moved" and not self.alias:
+            raise ValueError("`event: alias_moved` needs `alias`")
+        if self.event == "version_registered" and self.alias:
+            raise ValueError("`alias` only goes with `event: alias_moved`")
+        return self
+
+
+class PredictionWindowEvent(_Strict):
+    """`size` new records of a service's prediction log (after the watermark) are there."""
+
+    service: str | None = Field(default=None, description="default: the agent's service")
+    size: int = Field(ge=1, le=1_000_000)
+    settle: float = Field(default=1.0, ge=0, description="records younger than this wait (s)")
+
+    @field_validator("settle", mode="before")
+    @classmethod
+    def _settle(cls, v: Any) -> Any:
+        return 0.0 if v in (0, "0") else parse_duration(v)
+
+
+class MessageEvent(_Strict):
+    """A message for this agent arrived (of `kind`, one of a list, or any)."""
+
+    kind: str | list[str] | None = None
+
+    def kinds(self) -> list[str] | None:
+        return [self.kind] if isinstance(self.kind, str) else self.kind
+
+
+class EventTrigger(_Strict):
+    """Fires on something that happened; exactly one kind. Polled every `poll` seconds."""
+
+    workflow_finished: WorkflowFinishedEvent | None = None
+    model: ModelEvent | None = None
+    prediction_window: PredictionWindowEvent | None = None
+    message: MessageEvent | None = None
+    poll: float = Field(default=1.0, description="seconds between checks")
+
+    @field_validator("poll", mode="before")
+    @classmethod
+    def _poll(cls, v: Any) -> Any:
+        return parse_duration(v)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> EventTrigger:
+        kinds = [k for k in EVENT_KINDS if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError(f"an event trigger needs exactly one of {', '.join(EVENT_KINDS)}")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in EVENT_KINDS if getattr(self, k) is not None)
+
+
+EVENT_KINDS = ("workflow_finished", "model", "prediction_window", "message")
+TRIGGER_KINDS = ("interval", "cron", "date", "event")
 
 
 class Trigger(_Strict):
+    """When a sensor fires: every `interval`, on a `cron` schedule (UTC), once at a `date`
+    (ISO 8601; a date already past fires once at start, never twice), or on an `event`."""
+
+    id: str | None = Field(default=None, pattern=NAME, description="default: derived from the content")
     interval: float | None = Field(default=None, description="seconds between fires")
+    cron: str | None = Field(default=None, description="5 crontab fields, or 6 with seconds first; UTC")
+    date: datetime | None = Field(default=None, description="ISO 8601; without an offset, UTC")
+    event: EventTrigger | None = None
 
     @field_validator("interval", mode="before")
     @classmethod
     def _duration(cls, v: Any) -> Any:
         return None if v is None else parse_duration(v)
 
+    @field_validator("date", mode="before")
+    @classmethod
+    def _date(cls, v: Any) -> Any:
+        if v is None or isinstance(v, datetime):
+            return v
+        if isinstance(v, date_type):  # YAML reads an unquoted 2026-12-01 as a date
+            return datetime(v.year, v.month, v.day)
+        if not isinstance(v, str):
+            raise ValueError(f"expected an ISO 8601 date-time like '2026-12-01T03:00:00Z', got {v!r}")
+        try:
+            return datetime.fromisoformat(v.strip())
+        except ValueError:
+            raise ValueError(
+                f"cannot read {v!r} as an ISO 8601 date-time (e.g. '2026-12-01T03:00:00Z')"
+            ) from None
+
     @model_validator(mode="after")
-    def _some(self) -> Trigger:
-        if self.interval is None:
-            raise ValueError("a trigger needs `interval`")
+    def _one_kind(self) -> Trigger:
+        kinds = [k for k in TRIGGER_KINDS if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError("a trigger needs exactly one of `interval`, `cron`, `date`, `event`")
+        if self.cron is not None:
+            try:
+                cron_trigger(self.cron)
+            except ValueError as exc:
+                raise ValueError(f"bad cron expression {self.cron!r}: {exc}") from None
+        if self.date is not None:
+            object.__setattr__(self, "date", _utc(self.date))
         return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in TRIGGER_KINDS if getattr(self, k) is not None)
+
+    @property
+    def key(self) -> str:
+        """Stable id (given, or kind + digest of the content): durable state hangs on it."""
+        if self.id:
+            return self.id
+        body = self.model_dump(mode="json", exclude={"id"}, exclude_none=True)
+        digest = hashlib.sha1(json.dumps(body, sort_keys=True).encode()).hexdigest()[:8]
+        kind = self.kind if self.event is None else self.event.kind
+        return f"{kind}-{digest}"
+
+    def describe(self) -> str:
+        if self.interval is not None:
+            return f"every {self.interval:g}s"
+        if self.cron is not None:
+            return f"cron {self.cron!r} (UTC)"
+        if self.date is not None:
+            return f"once at {self.date.isoformat()}"
+        assert self.event is not None
+        ev = getattr(self.event, self.event.kind)
+        return f"on {self.event.kind} {ev.model_dump(exclude_none=True)}"
 
 
 class CallSpec(_Strict):
+    """A rule or an actuator: 'module:function', or a name registered with @rule/@actuator."""
+
     func: str | Callable[..., Any]
     params: dict[str, Any] = Field(default_factory=dict)
+    on_interrupted: Literal["resume", "abandon"] = Field(
+        default="resume",
+        description="an actuator cut off by a crash is called again with the same idempotency "
+        "key (resume) or recorded as interrupted (abandon)",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -277,20 +450,41 @@ class CallSpec(_Strict):
     @field_validator("func")
     @classmethod
     def _callable_path(cls, v: Any) -> Any:
-        if isinstance(v, str) and not re.match(r"^[\w.]+:[\w.]+$", v):
-            raise ValueError(f"expected 'package.module:function', got {v!r}")
+        if isinstance(v, str) and not _CALL_REF.match(v):
+            raise ValueError(f"expected 'package.module:function' or a registered name, got {v!r}")
         return v
 
 
 class SensorSpec(_Strict):
+    """What an agent watches. `func` makes observations; without it, each fire of a trigger
+    (the event, or the scheduled time) is itself the observation."""
+
     name: str = Field(pattern=NAME)
-    func: str | Callable[..., Any]
+    func: str | Callable[..., Any] | None = None
     params: dict[str, Any] = Field(default_factory=dict)
-    trigger: Trigger = Field(default_factory=lambda: Trigger(interval=5.0))
+    trigger: Trigger | None = Field(default=None, exclude=True, description="short for one trigger")
+    triggers: list[Trigger] = Field(default_factory=list)
     rule: CallSpec | None = None
     actuators: list[CallSpec] = Field(default_factory=list)
 
     _callable_path = field_validator("func")(CallSpec._callable_path.__func__)  # type: ignore[attr-defined]
+
+    @model_validator(mode="after")
+    def _triggers(self) -> SensorSpec:
+        again = bool(self.triggers) and self.triggers[0] is self.trigger  # validated before
+        if self.trigger is not None and "triggers" in self.model_fields_set and not again:
+            raise ValueError("give `trigger` (one) or `triggers` (a list), not both")
+        if self.trigger is not None and not again:
+            self.triggers = [self.trigger]
+        elif "triggers" not in self.model_fields_set:
+            self.triggers = [Trigger(interval=5.0)]  # the historical default
+        seen: dict[str, int] = {}
+        for i, t in enumerate(self.triggers):
+            if t.key in seen:
+                raise ValueError(f"triggers[{i}] repeats triggers[{seen[t.key]}] (id {t.key!r})")
+            seen[t.key] = i
+        self.trigger = self.triggers[0] if self.triggers else None
+        return self
 
 
 class AgentSpec(_Strict):
@@ -298,7 +492,50 @@ class AgentSpec(_Strict):
     service: str | None = None
     description: str = ""
     params: dict[str, Any] = Field(default_factory=dict)
+    imports: list[str] = Field(
+        default_factory=list, description="modules (from the app folder) whose @sensor/@rule/@actuator "
+        "functions this agent names",
+    )
     sensors: list[SensorSpec] = Field(min_length=1)
+
+    @field_validator("imports")
+    @classmethod
+    def _modules(cls, v: list[str]) -> list[str]:
+        bad = [m for m in v if not re.match(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$", m)]
+        if bad:
+            raise ValueError(f"not module names: {bad}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AgentSpec:
+        problems = []
+        names: dict[str, int] = {}
+        listeners: list[tuple[str, set[str] | None]] = []
+        for i, s in enumerate(self.sensors):
+            if s.name in names:
+                problems.append(f"sensors[{i}].name: duplicate sensor name {s.name!r} "
+                                f"(also sensors[{names[s.name]}])")
+            names.setdefault(s.name, i)
+            for j, t in enumerate(s.triggers):
+                where = f"sensors[{i}].triggers[{j}].event"
+                if t.event is None:
+                    continue
+                if t.event.prediction_window is not None and not (
+                    t.event.prediction_window.service or self.service
+                ):
+                    problems.append(f"{where}.prediction_window.service: needed (the agent has no "
+                                    "`service`)")
+                if t.event.message is not None:
+                    kinds = t.event.message.kinds()
+                    mine = set(kinds) if kinds is not None else None
+                    for other, theirs in listeners:
+                        if mine is None or theirs is None or mine & theirs:
+                            problems.append(f"{where}.message: overlaps {other} (a message is handled "
+                                            "by one sensor: give each its own kinds)")
+                    listeners.append((f"{where}.message", mine))
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 class Application(_Strict):

@@ -1,0 +1,173 @@
+"""Every agent's own small HTTP API, served by uvicorn in a thread of the agent process on
+127.0.0.1 (a free port, recorded in the agents table so that `scanflow agents ...` finds it).
+
+    GET    /health                              the agent, its pid, paused sensors
+    GET    /sensors                             sensors: triggers, paused, next fire time
+    GET    /sensors/{sensor}
+    POST   /sensors/{sensor}/fire?wait=true     fire now (by hand; also when paused)
+    POST   /sensors/{sensor}/pause | /resume    (POST /pause, /resume: every sensor)
+    POST   /sensors/{sensor}/triggers           add a trigger (body: a trigger as in the spec)
+    DELETE /sensors/{sensor}/triggers/{id}      remove one
+    GET    /decisions?limit=20&fired=true       recent decisions, newest first
+    GET    /events?limit=20                     recent events of this agent, newest first
+
+An unknown sensor or trigger is a 404, a bad trigger body a 422 that names the field, a
+trigger id already used a 409. Changes made here are stored and survive a restart.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from scanflow.agents.runtime import DuplicateTrigger, UnknownSensor, UnknownTrigger
+from scanflow.spec.models import Trigger
+
+if TYPE_CHECKING:
+    from scanflow.agents.runtime import Agent
+
+HOST = "127.0.0.1"
+
+
+def create_app(agent: Agent) -> FastAPI:
+    api = FastAPI(title=f"scanflow agent {agent.name}", version="1")
+
+    @api.exception_handler(UnknownSensor)
+    @api.exception_handler(UnknownTrigger)
+    async def _not_found(_req: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=404)
+
+    @api.exception_handler(RequestValidationError)
+    async def _invalid(_req: Request, exc: RequestValidationError) -> JSONResponse:
+        """422 with one entry per problem: where (the field's path) and what, in plain words."""
+        return JSONResponse({"detail": [
+            {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")).removeprefix("Value error, "),
+             "type": e.get("type")} for e in exc.errors()]}, status_code=422)
+
+    @api.exception_handler(DuplicateTrigger)
+    async def _conflict(_req: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=409)
+
+    @api.get("/health")
+    def health() -> dict[str, Any]:
+        return {"agent": agent.name, "app": agent.ctx.app.app, "role": agent.spec.role,
+                "service": agent.ctx.service, "pid": os.getpid(),
+                "paused": sorted(agent._paused), "sensors": list(agent._sensors)}
+
+    @api.get("/sensors")
+    def sensors() -> list[dict[str, Any]]:
+        return agent.sensors_info()
+
+    @api.get("/sensors/{sensor}")
+    def sensor(sensor: str) -> dict[str, Any]:
+        return agent.sensor_info(sensor)
+
+    @api.post("/sensors/{sensor}/fire")
+    def fire(sensor: str, wait: bool = True) -> JSONResponse:
+        try:
+            out = agent.fire(sensor, wait=wait)
+        except UnknownSensor:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the sensor's own failure, said plainly
+            return JSONResponse({"detail": f"sensor {sensor!r} failed: {type(exc).__name__}: {exc}"},
+                                status_code=500)
+        return JSONResponse(out, status_code=200 if wait else 202)
+
+    @api.post("/sensors/{sensor}/pause")
+    def pause(sensor: str) -> dict[str, Any]:
+        agent.pause(sensor)
+        return agent.sensor_info(sensor)
+
+    @api.post("/sensors/{sensor}/resume")
+    def resume(sensor: str) -> dict[str, Any]:
+        agent.resume(sensor)
+        return agent.sensor_info(sensor)
+
+    @api.post("/pause")
+    def pause_all() -> dict[str, Any]:
+        return {"paused": agent.pause()}
+
+    @api.post("/resume")
+    def resume_all() -> dict[str, Any]:
+        return {"resumed": agent.resume()}
+
+    @api.post("/sensors/{sensor}/triggers", status_code=201)
+    def add_trigger(sensor: str, trigger: Trigger) -> Any:
+        try:
+            return agent.add_trigger(sensor, trigger)
+        except (UnknownSensor, DuplicateTrigger):
+            raise
+        except ValueError as exc:  # valid alone, not with the agent's other triggers
+            return JSONResponse({"detail": [{"loc": ["body"], "msg": str(exc), "type": "value_error"}]},
+                                status_code=422)
+
+    @api.delete("/sensors/{sensor}/triggers/{trigger_id}")
+    def remove_trigger(sensor: str, trigger_id: str) -> dict[str, Any]:
+        agent.remove_trigger(sensor, trigger_id)
+        return {"sensor": sensor, "removed": trigger_id}
+
+    @api.get("/decisions")
+    def decisions(limit: int = Query(20, ge=1, le=1000), fired: bool | None = None) -> list[dict[str, Any]]:
+        return agent.recent_decisions(limit, fired)
+
+    @api.get("/events")
+    def events(limit: int = Query(20, ge=1, le=1000)) -> list[dict[str, Any]]:
+        return agent.recent_events(limit)
+
+    return api
+
+
+class ApiServer:
+    """uvicorn in a daemon thread, on a socket bound first (so the port is known up front)."""
+
+    def __init__(self, agent: Agent, host: str = HOST, port: int = 0) -> None:
+        self.agent = agent
+        self.host = host
+        self.port = port
+        self._sock: socket.socket | None = None
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+
+    def bind(self) -> tuple[str, int]:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.host, self.port))
+        self._sock = sock
+        self.port = sock.getsockname()[1]
+        return self.host, self.port
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 15.0) -> None:
+        import uvicorn
+
+        if self._sock is None:
+            self.bind()
+        config = uvicorn.Config(create_app(self.agent), log_level="warning", access_log=False,
+                                lifespan="off")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]},
+                                        name=f"{self.agent.name}-api", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the HTTP API of agent {self.agent.name!r} did not start")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        if self._sock is not None:
+            self._sock.close()

@@ -1,0 +1,223 @@
+"""`scanflow agents ...`: start and stop agent processes, and drive a running agent through its
+HTTP API (list sensors and their next fire time, fire a sensor now, pause, resume, add and
+remove triggers). Exit codes: 0 ok, 1 the agent did not answer, 2 bad input or unknown name.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+agents_app = typer.Typer(no_args_is_help=True, help="Start, stop, inspect and steer agents.")
+out = Console()
+err = Console(stderr=True)
+
+AgentName = Annotated[str, typer.Argument(help="agent name")]
+SensorName = Annotated[str, typer.Argument(help="sensor name")]
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def iso(ts: float | str | None) -> str:
+    if isinstance(ts, str):
+        return ts
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds") if ts else "-"
+
+
+def _supervisor() -> Any:
+    from scanflow.agents.process import AgentSupervisor
+    from scanflow.settings import get_settings
+    from scanflow.store import Store
+
+    settings = get_settings().ensure()
+    return AgentSupervisor(settings, Store(settings.store))
+
+
+def _load(ref: str) -> Any:
+    from scanflow.agents.process import load_app
+    from scanflow.spec.errors import SpecError
+
+    try:
+        return load_app(ref)
+    except SpecError as exc:
+        for issue in exc.issues:
+            err.print(f"[red]{issue}[/]", highlight=False)
+        fail(f"{len(exc.issues)} problem(s) in the spec; nothing was started")
+    except (OSError, ImportError, AttributeError, TypeError) as exc:
+        fail(f"cannot load {ref}: {exc}")
+
+
+def _call(agent: str, method: str, path: str, **kw: Any) -> Any:
+    """One request to a running agent's API; its 4xx answers become exit code 2 with the detail."""
+    import httpx
+
+    sup = _supervisor()
+    try:
+        client = sup.client(agent)
+    except (KeyError, ValueError) as exc:
+        fail(str(exc).strip("'\""))
+    try:
+        with client:
+            r = client.request(method, path, **kw)
+    except httpx.HTTPError as exc:
+        fail(f"agent {agent!r} does not answer at {client.base_url} ({exc}); "
+             f"see {sup.log_path(agent)}", code=1)
+    if r.status_code >= 400:
+        detail = r.json().get("detail", r.text) if r.headers.get("content-type", "").startswith(
+            "application/json") else r.text
+        if isinstance(detail, list):  # pydantic's 422: one line per problem, with its field
+            detail = "; ".join(f"{'.'.join(str(p) for p in d.get('loc', []) if p != 'body') or 'body'}: "
+                               f"{d.get('msg')}" for d in detail)
+        fail(f"{agent}: {detail}", code=2 if r.status_code < 500 else 1)
+    return r.json()
+
+
+@agents_app.command("start")
+def start(
+    app: Annotated[str, typer.Argument(help="spec file or folder, or file.py:app for agents in Python")],
+    agent: Annotated[list[str] | None, typer.Option("--agent", "-a", help="only these")] = None,
+) -> None:
+    """Start the application's agents, each in its own process (with its HTTP API)."""
+    spec = _load(app)
+    unknown = [a for a in agent or [] if a not in spec.agents]
+    if unknown:
+        fail(f"no agent(s) {unknown} in {spec.source or app} (known: {', '.join(spec.agents)})")
+    sup = _supervisor()
+    try:
+        pids = sup.start(app, agent)
+    except (ValueError, KeyError) as exc:
+        fail(str(exc))
+    urls = {r["name"]: r["api"] for r in sup.status()}
+    for name, pid in pids.items():
+        out.print(f"[green]started[/] agent {name} (pid {pid}) api {urls.get(name) or '-'}")
+
+
+@agents_app.command("stop")
+def stop(agent: Annotated[list[str] | None, typer.Option("--agent", "-a", help="only these")] = None) -> None:
+    """Stop agents (SIGTERM, then SIGKILL after 15 s)."""
+    for name in _supervisor().stop(agent):
+        out.print(f"stopped agent {name}")
+
+
+@agents_app.command("list")
+def list_(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Every agent started in this workspace: role, pid, status, heartbeat, API address."""
+    rows = _supervisor().status()
+    if as_json:
+        print(json.dumps(rows))
+        return
+    t = Table("agent", "role", "pid", "status", "heartbeat", "api")
+    for row in rows:
+        t.add_row(row["name"], row["role"], str(row["pid"]), row["status"], iso(row["heartbeat"]),
+                  row["api"] or "-")
+    out.print(t)
+
+
+@agents_app.command("status")
+def status(
+    agent: AgentName,
+    decisions: Annotated[int, typer.Option(help="recent decisions to show")] = 10,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """A running agent's sensors (triggers, paused, next fire time) and recent decisions."""
+    sensors = _call(agent, "GET", "/sensors")
+    recent = _call(agent, "GET", "/decisions", params={"limit": decisions}) if decisions else []
+    if as_json:
+        print(json.dumps({"sensors": sensors, "decisions": recent}))
+        return
+    t = Table("sensor", "trigger", "id", "next fire", "state", "ticks", "last error", title=agent)
+    for s in sensors:
+        state = "paused" if s["paused"] else "active"
+        trigs = s["triggers"] or [{"schedule": "(none: fire by hand)", "id": "-"}]
+        for i, tr in enumerate(trigs):
+            nxt = tr.get("next_fire_time") or (
+                f"polls {tr['next_poll_time']}" if tr.get("next_poll_time")
+                else f"fired {tr['fired_at']}" if tr.get("fired_at") else "-")
+            t.add_row(s["name"] if i == 0 else "", tr["schedule"], tr["id"], nxt,
+                      state if i == 0 else "", str(s["ticks"]) if i == 0 else "",
+                      (s["last_error"] or "")[:60] if i == 0 else "")
+    out.print(t)
+    if recent:
+        d = Table("time", "sensor", "fired", "reason", "actions", title="recent decisions")
+        for row in recent:
+            acts = ", ".join(f"{a.get('action', '?').split(':')[-1]}:{a.get('status')}"
+                             for a in row["actions"])
+            d.add_row(row["time"], row["sensor"], "yes" if row["fired"] else "no",
+                      str(row["evidence"].get("reason", ""))[:60], acts)
+        out.print(d)
+
+
+@agents_app.command("fire")
+def fire(
+    agent: AgentName, sensor: SensorName,
+    wait: Annotated[bool, typer.Option(help="wait until judged and acted on")] = True,
+) -> None:
+    """Fire a sensor now (also when it is paused)."""
+    res = _call(agent, "POST", f"/sensors/{sensor}/fire", params={"wait": wait}, timeout=None)
+    if wait:
+        out.print(f"{agent}/{sensor}: fired, {res['observations']} observation(s) judged")
+    else:
+        out.print(f"{agent}/{sensor}: fire queued")
+
+
+@agents_app.command("pause")
+def pause(agent: AgentName,
+          sensor: Annotated[str | None, typer.Argument(help="one sensor (default: all)")] = None) -> None:
+    """Stop a sensor's triggers (kept across restarts) until `resume`."""
+    if sensor:
+        _call(agent, "POST", f"/sensors/{sensor}/pause")
+        out.print(f"{agent}/{sensor}: paused")
+    else:
+        res = _call(agent, "POST", "/pause")
+        out.print(f"{agent}: paused {', '.join(res['paused'])}")
+
+
+@agents_app.command("resume")
+def resume(agent: AgentName,
+           sensor: Annotated[str | None, typer.Argument(help="one sensor (default: all)")] = None) -> None:
+    """Start a paused sensor's triggers again."""
+    if sensor:
+        _call(agent, "POST", f"/sensors/{sensor}/resume")
+        out.print(f"{agent}/{sensor}: resumed")
+    else:
+        res = _call(agent, "POST", "/resume")
+        out.print(f"{agent}: resumed {', '.join(res['resumed'])}")
+
+
+@agents_app.command("add-trigger")
+def add_trigger(
+    agent: AgentName, sensor: SensorName,
+    interval: Annotated[str | None, typer.Option(help="e.g. 30s, 5m")] = None,
+    cron: Annotated[str | None, typer.Option(help="crontab, UTC (5 fields, or 6 with seconds)")] = None,
+    date: Annotated[str | None, typer.Option(help="ISO 8601, fires once")] = None,
+    event: Annotated[str | None, typer.Option(help='JSON, e.g. \'{"message": {"kind": "retrain"}}\'')] = None,
+    trigger_id: Annotated[str | None, typer.Option("--id", help="name it (default: derived)")] = None,
+) -> None:
+    """Add a trigger to a running agent's sensor (kept across restarts)."""
+    body: dict[str, Any] = {k: v for k, v in
+                            {"interval": interval, "cron": cron, "date": date, "id": trigger_id}.items()
+                            if v is not None}
+    if event is not None:
+        try:
+            body["event"] = json.loads(event)
+        except json.JSONDecodeError as exc:
+            fail(f"--event is not JSON: {exc}")
+    res = _call(agent, "POST", f"/sensors/{sensor}/triggers", json=body)
+    nxt = res.get("next_fire_time") or res.get("next_poll_time") or "-"
+    out.print(f"{agent}/{sensor}: added trigger {res['id']} ({res['schedule']}), next {nxt}")
+
+
+@agents_app.command("remove-trigger")
+def remove_trigger(agent: AgentName, sensor: SensorName,
+                   trigger_id: Annotated[str, typer.Argument(help="as `agents status` lists it")]) -> None:
+    """Remove a trigger from a running agent's sensor (kept across restarts)."""
+    _call(agent, "DELETE", f"/sensors/{sensor}/triggers/{trigger_id}")
+    out.print(f"{agent}/{sensor}: removed trigger {trigger_id}")

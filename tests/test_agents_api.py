@@ -1,0 +1,260 @@
+"""Every agent's HTTP API (sensors with their next fire time, fire now, pause/resume, add and
+remove triggers, recent decisions and events) and the `scanflow agents` CLI that wraps it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from scanflow.agents import Agent
+from scanflow.agents.process import AgentSupervisor
+from scanflow.procs import pid_alive
+from scanflow.settings import Settings
+from scanflow.spec import load_application
+from scanflow.store import Store
+
+PARTS = '''
+from scanflow.agents import actuator, rule, sensor
+
+@sensor("explode")
+def explode(ctx):
+    raise RuntimeError("the data source is gone")
+
+@rule("odd_n")
+def odd_n(obs, ctx):
+    return obs.data.get("n", 1) % 2 == 1, f"n={obs.data.get('n')}"
+
+@actuator("note")
+def note(obs, ctx, path):
+    with open(path, "a") as f:
+        f.write(f"{ctx.sensor} {obs.key}\\n")
+    return {"noted": obs.key}
+'''
+
+SPEC = '''
+app: demo
+team: ops
+agents:
+  watcher:
+    role: monitor
+    imports: [parts]
+    sensors:
+      - name: pings
+        trigger: {event: {message: {kind: ping}, poll: 0.2}}
+        rule: odd_n
+        actuators: [{func: note, params: {path: NOTES}}]
+      - name: clock
+        triggers: [{cron: "0 3 * * *", id: nightly}, {interval: 1h}]
+        actuators: [{func: note, params: {path: NOTES}}]
+      - name: broken
+        func: explode
+        triggers: []
+'''
+
+
+@pytest.fixture
+def app_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "app"
+    d.mkdir()
+    (d / "parts.py").write_text(PARTS)
+    (d / "scanflow.yaml").write_text(SPEC.replace("NOTES", str(tmp_path / "notes.txt")))
+    return d
+
+
+@pytest.fixture
+def served(app_dir: Path, settings: Settings) -> Iterator[tuple[Agent, httpx.Client]]:
+    """The agent running in this process (scheduler + API thread), as its process would."""
+    store = Store(settings.store)
+    agent = Agent(settings, store, load_application(app_dir), "watcher")
+    stop = threading.Event()
+    t = threading.Thread(target=agent.run_forever, args=(stop.is_set,), daemon=True)
+    t.start()
+    _wait(lambda: agent.api_url is not None and _up(agent.api_url))
+    with httpx.Client(base_url=str(agent.api_url), timeout=30) as client:
+        yield agent, client
+    stop.set()
+    t.join(15)
+
+
+def _up(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _wait(cond: Any, timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = cond()
+        if got:
+            return got
+        time.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+def test_api_lists_fires_pauses_and_changes_triggers(served: tuple[Agent, httpx.Client],
+                                                     tmp_path: Path) -> None:
+    agent, c = served
+    sensors = {s["name"]: s for s in c.get("/sensors").json()}
+    clock = sensors["clock"]
+    assert [t["id"] for t in clock["triggers"]][0] == "nightly"
+    assert clock["triggers"][0]["schedule"] == "cron '0 3 * * *' (UTC)"
+    assert clock["next_fire_time"] and clock["triggers"][0]["next_fire_time"].endswith("03:00:00+00:00")
+    assert sensors["pings"]["triggers"][0]["kind"] == "message"
+    assert sensors["pings"]["triggers"][0]["next_poll_time"]
+
+    # fire now (by hand): a sensor without `func` judges the fire itself
+    assert c.post("/sensors/clock/fire").json() == {"sensor": "clock", "observations": 1}
+    (last,) = c.get("/decisions", params={"limit": 1}).json()
+    assert last["sensor"] == "clock" and last["key"].startswith("watcher:clock:manual:")
+    assert last["actions"][0]["status"] == "succeeded"
+
+    # pause: no next fire time, events wait; resume: they are handled
+    paused = c.post("/sensors/pings/pause").json()
+    assert paused["paused"] and paused["triggers"][0]["next_poll_time"] is None
+    agent.store.send_message("x", "watcher", "ping", {"n": 1}, key="while-paused")
+    time.sleep(0.6)  # a few poll periods
+    assert [m.key for m in agent.store.inbox("watcher")] == ["while-paused"]
+    assert c.post("/sensors/pings/resume").json()["paused"] is False
+    _wait(lambda: agent.store.inbox("watcher") == [])
+    decision = next(d for d in c.get("/decisions").json() if d["sensor"] == "pings")
+    assert decision["fired"] and decision["evidence"]["reason"] == "n=1"
+
+    # add and remove a trigger at run time
+    added = c.post("/sensors/clock/triggers", json={"interval": "2m", "id": "often"})
+    assert added.status_code == 201 and added.json()["origin"] == "runtime"
+    assert added.json()["next_fire_time"]
+    assert c.post("/sensors/clock/triggers", json={"interval": "2m", "id": "often"}).status_code == 409
+    assert "often" in [t["id"] for t in c.get("/sensors/clock").json()["triggers"]]
+    assert c.delete("/sensors/clock/triggers/often").json() == {"sensor": "clock", "removed": "often"}
+    assert c.delete("/sensors/clock/triggers/often").status_code == 404
+
+    kinds = [e["kind"] for e in c.get("/events").json()]
+    assert kinds == ["trigger_removed", "trigger_added", "sensor_resumed", "sensor_paused", "sensor_fired"]
+
+
+def test_api_errors_are_clear_4xx(served: tuple[Agent, httpx.Client]) -> None:
+    _, c = served
+    r = c.post("/sensors/ghost/fire")
+    assert r.status_code == 404 and r.json()["detail"].startswith("agent 'watcher' has no sensor 'ghost'")
+    assert c.get("/sensors/ghost").status_code == 404
+    assert c.delete("/sensors/clock/triggers/nope").status_code == 404
+
+    def problems(body: Any) -> list[tuple[list[Any], str]]:
+        r = c.post("/sensors/clock/triggers", json=body)
+        assert r.status_code == 422, r.text
+        return [(p["loc"], p["msg"]) for p in r.json()["detail"]]
+
+    assert problems({"interval": "fast"}) == [
+        (["body", "interval"], "cannot read 'fast' as a duration (use e.g. 2, '500ms', '2s', '1m')")]
+    assert problems({"every": 5}) == [(["body", "every"], "Extra inputs are not permitted")]
+    assert problems({"cron": "61 * * * *"})[0][1].startswith("bad cron expression '61 * * * *'")
+    assert problems({"event": {"model": {"name": "m", "event": "alias_moved"}}}) == [
+        (["body", "event", "model"], "`event: alias_moved` needs `alias`")]
+    # valid alone, not next to the other sensor's message trigger
+    assert "overlaps" in problems({"event": {"message": {}}})[0][1]
+    assert c.post("/sensors/clock/triggers", content=b"not json",
+                  headers={"content-type": "application/json"}).status_code == 422
+    assert c.get("/decisions", params={"limit": 0}).status_code == 422
+
+    # a sensor that fails says why, and the agent lives on
+    r = c.post("/sensors/broken/fire")
+    assert r.status_code == 500
+    assert r.json()["detail"] == "sensor 'broken' failed: RuntimeError: the data source is gone"
+    assert c.get("/sensors/broken").json()["last_error"] == "RuntimeError: the data source is gone"
+    assert c.get("/events", params={"limit": 1}).json()[0]["kind"] == "sensor_failed"
+    assert c.get("/health").status_code == 200
+
+
+PY_APP = '''
+from pathlib import Path
+
+from scanflow.agents import AgentSpec, SensorSpec, actuator
+from scanflow.spec import Application
+
+
+@actuator("py_note")
+def py_note(obs, ctx, path):
+    with open(path, "a") as f:
+        f.write(obs.key + "\\n")
+
+
+app = Application(app="pyapp", team="ops", agents={"pyagent": AgentSpec(role="custom", sensors=[
+    SensorSpec(name="inbox", triggers=[{"event": {"message": {"kind": "hello"}, "poll": 0.2}}],
+               actuators=[{"func": "py_note", "params": {"path": "NOTES"}}]),
+])})
+'''
+
+
+def _cli(ws: Path, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "SCANFLOW_WORKSPACE": str(ws), "COLUMNS": "200"}
+    proc = subprocess.run([sys.executable, "-m", "scanflow.cli.main", *args], env=env,
+                          capture_output=True, text=True, timeout=120)
+    if ok:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def test_cli_drives_agent_processes_and_changes_survive_restarts(
+    app_dir: Path, settings: Settings, tmp_path: Path
+) -> None:
+    ws = settings.root
+    store = Store(settings.store)
+    py = tmp_path / "pyagents.py"
+    py.write_text(PY_APP.replace("NOTES", str(tmp_path / "py-notes.txt")))
+    try:
+        assert "started agent watcher" in _cli(ws, "agents", "start", str(app_dir)).stdout
+        assert "started agent pyagent" in _cli(ws, "agents", "start", f"{py}:app").stdout
+        rows = {r["name"]: r for r in json.loads(_cli(ws, "agents", "list", "--json").stdout)}
+        assert rows["watcher"]["status"] == "running" and rows["watcher"]["api"].startswith("http://127.0.0.1:")
+        assert rows["pyagent"]["role"] == "custom"
+
+        # an agent declared in Python handles its messages like any other
+        store.send_message("x", "pyagent", "hello", {}, key="hello-1")
+        _wait(lambda: (tmp_path / "py-notes.txt").exists())
+        assert (tmp_path / "py-notes.txt").read_text() == "hello-1\n"
+
+        status = _cli(ws, "agents", "status", "watcher").stdout
+        assert "nightly" in status and "cron '0 3 * * *' (UTC)" in status and "active" in status
+        assert "observation(s) judged" in _cli(ws, "agents", "fire", "watcher", "clock").stdout
+        assert "paused" in _cli(ws, "agents", "pause", "watcher", "clock").stdout
+        assert "added trigger daily" in _cli(ws, "agents", "add-trigger", "watcher", "clock",
+                                             "--cron", "30 4 * * *", "--id", "daily").stdout
+        bad = _cli(ws, "agents", "add-trigger", "watcher", "clock", "--cron", "99 * * * *", ok=False)
+        assert bad.returncode == 2 and "bad cron expression '99 * * * *'" in bad.stderr
+        gone = _cli(ws, "agents", "fire", "watcher", "ghost", ok=False)
+        assert gone.returncode == 2 and "has no sensor 'ghost'" in gone.stderr
+        missing = _cli(ws, "agents", "status", "nobody", ok=False)
+        assert missing.returncode == 2 and "no agent 'nobody'" in missing.stderr
+        _cli(ws, "agents", "remove-trigger", "watcher", "clock", "nightly")
+
+        # kill -9 and start again: the pause and the trigger changes were stored
+        old = rows["watcher"]["pid"]
+        os.kill(old, 9)
+        _wait(lambda: not pid_alive(old))
+        sup = AgentSupervisor(settings, store)
+        assert {r["name"]: r["status"] for r in sup.status()}["watcher"] == "dead"
+        _cli(ws, "agents", "start", str(app_dir), "-a", "watcher")
+        info = json.loads(_cli(ws, "agents", "status", "watcher", "--json").stdout)
+        clock = next(s for s in info["sensors"] if s["name"] == "clock")
+        assert clock["paused"] is True
+        assert sorted(t["id"] for t in clock["triggers"]) == sorted(
+            ["daily", next(t["id"] for t in clock["triggers"] if t["kind"] == "interval")])
+        assert info["decisions"][0]["sensor"] == "clock"  # the hand-fired decision is there
+        assert "resumed" in _cli(ws, "agents", "resume", "watcher").stdout
+        with sup.client("watcher") as c:
+            assert not any(s["paused"] for s in c.get("/sensors").json())
+    finally:
+        AgentSupervisor(settings, store).stop()
+    assert all(not pid_alive(r["pid"]) for r in AgentSupervisor(settings, store).status())
