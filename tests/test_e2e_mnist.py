@@ -1,6 +1,7 @@
 """The whole loop on a reduced MNIST case study: real MLflow, real HTTP service, real agent
-processes. Asserts what a user of the loop cares about: drift was detected, a better model
-was promoted and rolled out, and the served accuracy on the drifted stream came back."""
+processes. Asserts what a user of the loop cares about: both drifts were detected, a better
+model was promoted and rolled out each time, the served accuracy came back, the load spike
+was met by scaling, and the hand-promoted bad model was rolled back with a reason."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1200)
 def test_reduced_mnist_loop(tmp_path: Path) -> None:
     ws = tmp_path / "ws"
     downloads = os.environ.get("SCANFLOW_TEST_MNIST_DOWNLOADS")
@@ -28,34 +29,39 @@ def test_reduced_mnist_loop(tmp_path: Path) -> None:
     env = {**os.environ, "SCANFLOW_WORKSPACE": str(ws)}
     proc = subprocess.run(
         [sys.executable, str(ROOT / "examples/mnist/run.py"), "--workspace", str(ws),
-         "--clean", "1500", "--after", "1000", "--train-subset", "15000", "--rate", "150"],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=880,
+         "--clean", "1500", "--after", "800", "--train-subset", "15000", "--rate", "150",
+         "--spike-seconds", "12"],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=1150,
     )
     summary_path = ws / "report" / "summary.json"
     assert summary_path.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     s = json.loads(summary_path.read_text())
     kinds = [e["kind"] for e in s["events"]]
-    for kind in ("deployed", "drift_detected", "retrain_started", "retrain_finished", "promoted",
-                 "rollout_completed"):
+    for kind in ("deployed", "drift_detected", "retrain_requested", "retrain_started", "retrain_finished",
+                 "promoted", "rollout_completed", "rolled_back"):
         assert kind in kinds, (kind, kinds, proc.stdout[-3000:])
     assert kinds.index("drift_detected") < kinds.index("retrain_started") < kinds.index("promoted")
-    assert kinds.count("retrain_started") == 1  # one drift episode, one retrain
+    assert kinds.count("promoted") >= 2, proc.stdout[-3000:]  # one per corruption
     acc = s["accuracy"]
     assert acc["clean"] > 0.9
-    assert acc["drift_after"] >= acc["drift_before"] + 0.10, acc
-    assert s["detection"]["false_alarms_clean"] == 0
+    assert acc["A_after"] >= acc["A_before"] + 0.10, acc
+    assert acc["B_after"] >= acc["clean"] - 0.06, acc
+    assert s["false_alarms"]["clean"] == 0
+    for c in s["corruptions"].values():
+        assert c["delay_samples"] is not None and c["drift_to_rollout_seconds"] is not None, c
+    bad = s["bad_candidate"]
+    assert bad["rolled_back"] and "below version" in bad["why"], bad
     promoted = s["promotions"][0]
     assert promoted["version"] != promoted["previous_version"]
     assert (ws / "report" / "timeline.png").stat().st_size > 10_000
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    # The retrain was started by the executor agent, and its run says so (provenance).
+    # The retrains were started by the executor agent, and their runs say so (provenance).
     from scanflow.store import Store
 
     store = Store(f"sqlite:///{ws / 'scanflow.db'}")
-    (retrain,) = store.list_runs(workflow="retrain")
-    assert retrain.status == "succeeded"
-    assert retrain.trigger["by"] == "agent" and retrain.trigger["agent"] == "executor"
+    retrains = store.list_runs(workflow="retrain")
+    assert len(retrains) >= 2 and all(r.status == "succeeded" for r in retrains)
+    assert all(r.trigger["by"] == "agent" and r.trigger["agent"] == "executor" for r in retrains)
     fired = [d for d in store.list_decisions("planner") if d.fired]
-    assert len(fired) == 1 and "drift held" in fired[0].evidence["reason"]
+    assert any("drift" in d.evidence["reason"] for d in fired)
     # Nothing written outside the workspace.
     assert list(cwd.iterdir()) == []

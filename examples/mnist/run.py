@@ -1,9 +1,17 @@
 """The MNIST case study, end to end, on the local backend.
 
 data publishes MNIST -> datascience trains two candidates and registers the best as champion
--> dataengineer deploys it and starts the agents -> traffic: clean digits, then a corrupted
-stream -> the agents detect the drift, retrain on newly labelled samples, gate, promote and
-roll out -> report/summary.json and report/timeline.png in the workspace.
+-> dataengineer deploys it and starts the agents -> traffic in phases:
+
+1. clean digits;
+2. corruption A (default brightness) until the agents have detected it, retrained on newly
+   labelled samples, gated, promoted and rolled out a new model; then more A digits;
+3. a load spike (4x the request rate, from twice the clients) that the planner answers by scaling;
+4. corruption B (default fog, another family) until the second promotion; then more B digits;
+5. a person promotes a deliberately bad candidate by hand, bypassing the gate: the planner's
+   probation must roll it back;
+
+-> report/summary.json and report/timeline.png in the workspace.
 """
 
 from __future__ import annotations
@@ -64,11 +72,17 @@ def reset(settings: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workspace", default=os.environ.get("SCANFLOW_WORKSPACE", ".scanflow"))
-    p.add_argument("--corruption", default="fog")
-    p.add_argument("--severity", type=int, default=2)
+    p.add_argument("--corruption-a", default="brightness")
+    p.add_argument("--severity-a", type=int, default=2)
+    p.add_argument("--corruption-b", default="fog")
+    p.add_argument("--severity-b", type=int, default=2)
     p.add_argument("--rate", type=float, default=100.0, help="requests per second")
     p.add_argument("--clean", type=int, default=3000, help="clean requests before the drift")
-    p.add_argument("--after", type=int, default=2000, help="corrupted requests after the rollout")
+    p.add_argument("--after", type=int, default=1500, help="corrupted requests after each rollout")
+    p.add_argument("--spike", type=float, default=4.0, help="load spike: this many times the rate")
+    p.add_argument("--spike-seconds", type=float, default=30.0)
+    p.add_argument("--bad-candidate", action=argparse.BooleanOptionalAction, default=True,
+                   help="end with a hand-promoted bad model the planner must roll back")
     p.add_argument("--train-subset", type=int, default=0, help="0 = all 60k for the first model")
     p.add_argument("--drift-timeout", type=float, default=360.0)
     p.add_argument("--keep", action="store_true", help="keep the previous state")
@@ -121,11 +135,15 @@ def main(argv: list[str] | None = None) -> int:
     svc = de_app.services[SERVICE]
     _, _, x_test, y_test = load_mnist(settings.root)
     _, served_idx = test_split(len(y_test))
-    if args.clean + args.after + 1000 > len(served_idx):
-        p.error("--clean plus --after leave fewer than 1000 test digits for the drifted stream")
+    n_after = 2 * args.after
+    if args.clean + n_after + 2000 > len(served_idx):
+        p.error("--clean plus twice --after leave fewer than 2000 test digits for the drifted streams")
+    phases: list[dict[str, Any]] = []
+    traffic: Any = None
     try:
         dep = deployer.deploy(SERVICE, app=de_app.app, team=de_app.team, model=svc.model,
-                              alias=svc.alias, replicas=svc.replicas, port=svc.port)
+                              alias=svc.alias, replicas=svc.replicas, port=svc.port,
+                              batching=svc.batching)
         url = f"http://{dep.host}:{dep.port}"
         say(t0, f"[bold]dataengineer[/]: serving {svc.model} v{dep.model_version} "
                 f"x{dep.replicas} at {url}")
@@ -134,60 +152,53 @@ def main(argv: list[str] | None = None) -> int:
 
         labeller = OracleLabeller(url, fraction=0.5, delay_s=2.0)
         traffic = Traffic(url, labeller, rate=args.rate)
-        phases: list[dict[str, Any]] = []
+        watch = EventWatch(store, t0)
+
+        def phase(name: str, images: np.ndarray, labels: np.ndarray, **kw: Any) -> list[Any]:
+            start = time.time()
+            recs = traffic.phase(name, images, labels, **kw)
+            phases.append({"name": name, "start": iso(start), "end": iso(time.time()),
+                           "start_ts": start, "end_ts": time.time(), "requests": len(recs),
+                           "accuracy": accuracy(recs)})
+            return recs
 
         say(t0, f"traffic: {args.clean} clean digits at {args.rate:.0f} req/s")
-        t = time.time()
         clean_idx = served_idx[: args.clean]
-        clean = traffic.phase("clean", x_test[clean_idx], y_test[clean_idx])
-        phases.append({"name": "clean", "start": iso(t), "end": iso(time.time()),
-                       "requests": len(clean), "accuracy": accuracy(clean)})
+        phase("clean", x_test[clean_idx], y_test[clean_idx])
 
         # Served digits never include the reference sample; the after-rollout digits are never
-        # among those labelled for retraining (so `drift_after` is measured on unseen data).
-        after_idx = served_idx[args.clean:args.clean + args.after]
-        drift_idx = served_idx[args.clean + args.after:]
-        reps = 5
-        pool_x = np.concatenate([corrupt(x_test[drift_idx], args.corruption, args.severity, seed=10 + r)
-                                 for r in range(reps)])
-        pool_y = np.tile(y_test[drift_idx], reps)
-        after_x = corrupt(x_test[after_idx], args.corruption, args.severity, seed=99)
-        drift_start = time.time()
-        seen: set[int] = set()
-        state = {"last": 0.0, "rolled": False}
-
-        def rolled_out() -> bool:
-            if time.time() - state["last"] < 0.5:
-                return bool(state["rolled"])
-            state["last"] = time.time()
-            for e in store.list_events(since=drift_start):
-                if e.id not in seen:
-                    seen.add(e.id)
-                    say(t0, f"  event [bold]{e.kind}[/] ({e.source}) "
-                            f"{_brief(e.payload)}")
-                if e.kind == "rollout_completed":
-                    state["rolled"] = True
-            return bool(state["rolled"])
-
-        say(t0, f"traffic: corrupted stream ({args.corruption}, severity {args.severity}) "
-                "until the agents have rolled out a new model")
-        drift = traffic.phase("drift", pool_x, pool_y, stop=rolled_out, timeout_s=args.drift_timeout,
-                              cycle=True)
-        rolled_at = time.time()
-        after: list[Any] = []
-        if state["rolled"]:
-            say(t0, f"traffic: {args.after} more corrupted digits on the new model")
-            after = traffic.phase("after_rollout", after_x, y_test[after_idx])
-        else:
-            say(t0, "[red]no rollout within the drift timeout[/]")
+        # among those labelled for retraining (so "after" is measured on unseen data).
+        after_idx = served_idx[args.clean:args.clean + n_after]
+        drift_idx = served_idx[args.clean + n_after:]
+        half = len(drift_idx) // 2
+        streams = {"A": (args.corruption_a, args.severity_a, drift_idx[:half], after_idx[:args.after]),
+                   "B": (args.corruption_b, args.severity_b, drift_idx[half:], after_idx[args.after:])}
+        drifted: dict[str, np.ndarray] = {}
+        for label, (corr, sev, idx, aft) in streams.items():
+            if label == "B":
+                spike_phase(t0, traffic, args, drifted["A"], y_test[streams["A"][3]], phases, watch)
+            reps = 5
+            pool_x = np.concatenate([corrupt(x_test[idx], corr, sev, seed=10 + r) for r in range(reps)])
+            pool_y = np.tile(y_test[idx], reps)
+            after_x = corrupt(x_test[aft], corr, sev, seed=99)
+            drifted[label] = after_x
+            n_rollouts = watch.count("rollout_completed")
+            say(t0, f"traffic: corruption {label} ({corr}, severity {sev}) until the agents have "
+                    "rolled out a new model")
+            phase(f"drift_{label}", pool_x, pool_y, timeout_s=args.drift_timeout, cycle=True,
+                  stop=lambda n=n_rollouts: watch.count("rollout_completed") > n)
+            phases[-1].update(corruption=corr, severity=sev)
+            if watch.count("rollout_completed") > n_rollouts:
+                say(t0, f"traffic: {args.after} more {corr} digits on the new model")
+                phase(f"after_{label}", after_x, y_test[aft])
+                phases[-1].update(corruption=corr, severity=sev)
+            else:
+                say(t0, f"[red]no rollout within the drift timeout for corruption {label}[/]")
+        if args.bad_candidate:
+            bad_candidate_phase(t0, settings, store, deployer, traffic, args, drifted["B"],
+                                y_test[streams["B"][3]], phases, watch)
         labeller.close()
-        rolled_out()
-        phases.append({"name": "drift", "corruption": args.corruption, "severity": args.severity,
-                       "start": iso(drift_start), "end": iso(rolled_at), "requests": len(drift),
-                       "accuracy": accuracy(drift)})
-        phases.append({"name": "after_rollout", "corruption": args.corruption,
-                       "severity": args.severity, "start": iso(rolled_at), "end": iso(time.time()),
-                       "requests": len(after), "accuracy": accuracy(after)})
+        watch.poll()
         time.sleep(2.0)  # let the last windows be judged for the timeline
     finally:
         supervisor.stop()
@@ -195,15 +206,135 @@ def main(argv: list[str] | None = None) -> int:
             if d.status == "running":
                 deployer.stop(d.service)
 
-    summary = write_report(settings, store, traffic.served, phases, t0, args)
+    summary = write_report(settings, store, traffic.served if traffic else [], phases, t0, args,
+                           svc.policy)
     _print_summary(summary, time.time() - t0)
-    ok = summary["targets"]["all_met"]
-    return 0 if ok else 1
+    # Exit 1 when the loop did not close; the quantitative targets are reported either way.
+    t = summary["targets"]
+    closed = all(t.get(k, True) for k in (
+        "every_corruption_detected_within_one_window", "no_false_alarm_in_clean_phase",
+        "every_corruption_promoted_and_rolled_out", "bad_candidate_rolled_back_within_one_window"))
+    return 0 if closed else 1
+
+
+class EventWatch:
+    """Prints the agents' events as they happen; counts them by kind."""
+
+    def __init__(self, store: Any, t0: float) -> None:
+        self.store, self.t0 = store, t0
+        self.seen: set[int] = set()
+        self.kinds: dict[str, int] = {}
+        self.last = 0.0
+
+    def poll(self) -> None:
+        for e in self.store.list_events(since=self.t0):
+            if e.id in self.seen:
+                continue
+            self.seen.add(e.id)
+            self.kinds[e.kind] = self.kinds.get(e.kind, 0) + 1
+            if e.kind in SHOWN:
+                say(self.t0, f"  event [bold]{e.kind}[/] ({e.source}) {_brief(e.payload)}")
+
+    def count(self, kind: str) -> int:
+        if time.time() - self.last >= 0.5:
+            self.last = time.time()
+            self.poll()
+        return self.kinds.get(kind, 0)
+
+
+SHOWN = {"drift_detected", "retrain_requested", "retrain_started", "retrain_finished", "promoted",
+         "promotion_rejected", "rollout_completed", "planner_scaled", "scaled", "rolled_back",
+         "rollback_completed", "plan_action_failed"}
+
+
+def spike_phase(t0: float, traffic: Any, args: Any, x: np.ndarray, y: np.ndarray,
+                phases: list[dict[str, Any]], watch: EventWatch) -> None:
+    """`spike` times the request rate from twice the clients for `spike_seconds`."""
+    from traffic import Traffic, accuracy
+
+    rate = args.rate * args.spike
+    say(t0, f"traffic: load spike, {rate:.0f} req/s from {2 * traffic.concurrency} clients "
+            f"for {args.spike_seconds:.0f}s")
+    spike = Traffic(traffic.url.removesuffix("/predict"), traffic.labeller, rate=rate,
+                    concurrency=2 * traffic.concurrency)
+    start = time.time()
+    n = int(rate * args.spike_seconds)
+    idx = np.arange(n) % len(y)
+    recs = spike.phase("spike", x[idx], y[idx], timeout_s=args.spike_seconds)
+    traffic.served.extend(recs)
+    watch.poll()
+    phases.append({"name": "spike", "start": iso(start), "end": iso(time.time()), "start_ts": start,
+                   "end_ts": time.time(), "requests": len(recs), "accuracy": accuracy(recs),
+                   "rate": rate, "clients": spike.concurrency})
+
+
+def bad_candidate_phase(t0: float, settings: Any, store: Any, deployer: Any, traffic: Any, args: Any,
+                        x: np.ndarray, y: np.ndarray, phases: list[dict[str, Any]],
+                        watch: EventWatch) -> None:
+    """A person promotes a model that looked fine to them, bypassing the gate; the planner must
+    see it lose to the old champion on labelled traffic and roll it back."""
+    from traffic import accuracy
+
+    version = register_bad_candidate(settings)
+    say(t0, f"[bold]datascience (a person)[/]: promoting candidate v{version} by hand, bypassing the gate")
+    from mlflow import MlflowClient
+
+    MlflowClient(tracking_uri=settings.tracking).set_registered_model_alias("mnist-clf", "champion", version)
+    deployer.actor = "alice@datascience"
+    deployer.rollout(SERVICE, version, reason="manual promotion: looked good offline")
+    start = time.time()
+
+    seen = {"n": -1, "yes": False}
+
+    def rolled_back() -> bool:
+        n = watch.count("rolled_back")  # polls the store at most every 0.5 s
+        if n != seen["n"]:
+            seen["n"] = n
+            seen["yes"] = any(str(e.payload.get("from_version")) == version
+                              for e in store.list_events(kinds=["rolled_back"], since=start))
+        return seen["yes"]
+
+    recs = traffic.phase("bad_candidate", x, y, cycle=True, timeout_s=args.drift_timeout,
+                         stop=rolled_back)
+    rolled = rolled_back()
+    phases.append({"name": "bad_candidate", "start": iso(start), "end": iso(time.time()),
+                   "start_ts": start, "end_ts": time.time(), "requests": len(recs),
+                   "accuracy": accuracy(recs), "version": version, "rolled_back": rolled})
+    if rolled:
+        say(t0, "traffic: 1000 more digits after the rollback")
+        start = time.time()
+        after = traffic.phase("after_rollback", x[:1000], y[:1000])
+        phases.append({"name": "after_rollback", "start": iso(start), "end": iso(time.time()),
+                       "start_ts": start, "end_ts": time.time(), "requests": len(after),
+                       "accuracy": accuracy(after)})
+
+
+def register_bad_candidate(settings: Any) -> str:
+    """A small MLP on 1,000 clean digits for one epoch: fine on paper, bad on today's traffic."""
+    import tempfile
+
+    import mlflow
+    from mnist_common import MODEL_NAME, build_model, flat
+    from mnist_data import load_mnist
+
+    from scanflow.tracking import log_sklearn_model
+
+    x_train, y_train, x_test, _ = load_mnist(settings.root)
+    model = build_model(flat(x_train[:1000]), y_train[:1000], hidden=8, max_iter=1, seed=3)
+    mlflow.set_tracking_uri(settings.tracking)
+    mlflow.set_experiment("mnist/datascience")
+    with mlflow.start_run(run_name="hand-made candidate"), tempfile.TemporaryDirectory() as tmp:
+        ref = np.clip(flat(x_test[:1000]), 0, 255).astype(np.uint8)
+        np.save(Path(tmp) / "reference.npy", ref)
+        mlflow.log_artifact(str(Path(tmp) / "reference.npy"), "reference")
+        _, version = log_sklearn_model(model, flat(x_test[:5]), MODEL_NAME)
+    return str(version)
 
 
 def _brief(payload: dict[str, Any]) -> str:
     keep = ("version", "previous_version", "candidate_version", "episode", "labelled", "to_version",
-            "candidate_acc_new", "champion_acc_new", "seconds")
+            "from_version", "candidate_acc_new", "champion_acc_new", "seconds", "from", "to", "replicas",
+            "p95_latency_ms", "actor", "reason")
     parts = []
     for k in keep:
         if k in payload:
@@ -216,12 +347,34 @@ def _print_summary(summary: dict[str, Any], seconds: float) -> None:
     t = Table(title=f"MNIST case study — {seconds:.0f}s end to end")
     t.add_column("figure")
     t.add_column("value", justify="right")
-    acc = summary["accuracy"]
-    for k in ("clean", "drift_before", "drift_after"):
-        t.add_row(f"served accuracy: {k}", "-" if acc.get(k) is None else f"{acc[k]:.3f}")
-    for k, v in summary["timings"].items():
-        t.add_row(k, "-" if v is None else f"{v:.1f}s")
-    t.add_row("promoted versions", ", ".join(str(p["version"]) for p in summary["promotions"]) or "-")
+
+    def fmt(v: Any, unit: str = "") -> str:
+        if v is None:
+            return "-"
+        return f"{v:.3f}{unit}" if isinstance(v, float) and not unit else (
+            f"{v:.1f}{unit}" if isinstance(v, float) else f"{v}{unit}")
+
+    t.add_row("served accuracy: clean", fmt(summary["accuracy"].get("clean")))
+    for label, c in summary["corruptions"].items():
+        name = f"{label} ({c['corruption']} {c['severity']})"
+        t.add_row(f"{name}: accuracy before → after", f"{fmt(c['accuracy_before'])} → "
+                                                      f"{fmt(c['accuracy_after'])}")
+        t.add_row(f"{name}: detected after", f"{fmt(c['delay_seconds'], 's')}, "
+                                             f"{fmt(c['delay_samples'])} requests")
+        t.add_row(f"{name}: retrain / drift → rollout", f"{fmt(c['retrain_seconds'], 's')} / "
+                                                        f"{fmt(c['drift_to_rollout_seconds'], 's')}")
+    fa = summary["false_alarms"]
+    t.add_row("false alarms: clean / stable phases", f"{fa['clean']} / {fa['stable_phases']}")
+    sp = summary["spike"]
+    if sp:
+        t.add_row("spike: p95 max (server) / SLO",
+                  f"{fmt(sp['p95_ms_max'], ' ms')} / {sp['slo_p95_ms']:g} ms")
+        t.add_row("spike: seconds over SLO, max replicas", f"{sp['seconds_over_slo']:.0f}s, "
+                                                          f"{fmt(sp['max_replicas'])}")
+    bad = summary["bad_candidate"]
+    if bad:
+        t.add_row(f"bad candidate v{bad['version']}: answered, rolled back after",
+                  f"{bad['requests_answered']} requests, {fmt(bad['rollback_seconds'], 's')}")
     for k, v in summary["targets"].items():
         t.add_row(f"target: {k}", "[green]yes[/]" if v else "[red]no[/]")
     console.print(t)

@@ -24,6 +24,7 @@ class Served:
     version: str | None
     status: int
     latency_ms: float
+    request_id: str | None = None  # the prediction-log id of the (one) instance
 
 
 class OracleLabeller:
@@ -115,7 +116,8 @@ class Traffic:
                         status, body = 0, {}
                     rec = Served(t0, name, int(labels[i]),
                                  int(body["predictions"][0]) if body else None,
-                                 body.get("model_version"), status, (time.time() - t0) * 1000)
+                                 body.get("model_version"), status, (time.time() - t0) * 1000,
+                                 body["ids"][0] if body else None)
                     if body:
                         self.labeller.observe(body["ids"][0], int(labels[i]))
                     with self._lock:
