@@ -264,19 +264,6 @@ def _reason(obs: Observation, ctx: AgentContext) -> str:
     return f"agent {ctx.name}: {why}" if why else f"agent {ctx.name}, observation {obs.key}"
 
 
-def _with_known_kwargs(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """Call a deployer method with only the keyword arguments it accepts (e.g. `reason`)."""
-    import inspect
-
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return fn(*args)
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return fn(*args, **kwargs)
-    return fn(*args, **{k: v for k, v in kwargs.items() if k in params})
-
-
 @actuator
 def scale(
     obs: Observation, ctx: AgentContext, replicas: int | None = None, by: int | None = None,
@@ -294,7 +281,7 @@ def scale(
         target = int(replicas)  # type: ignore[arg-type]
     if target == before:
         return {"service": dep.service, "replicas": before, "changed": False}
-    new = ctx.deployer.scale(dep.service, target)
+    new = ctx.deployer.scale(dep.service, target, reason=_reason(obs, ctx))
     return {"service": dep.service, "replicas": new.replicas, "from_replicas": before, "changed": True}
 
 
@@ -305,10 +292,8 @@ def rollout(
     """Move a service's replicas onto `version`, or onto the version its alias points to now."""
     dep = _deployment(ctx, service)
     before = dep.model_version
-    kw: dict[str, Any] = {"reason": _reason(obs, ctx)}
-    if version is not None:
-        kw["version"] = str(version)
-    new = _with_known_kwargs(ctx.deployer.rollout, dep.service, **kw)
+    new = ctx.deployer.rollout(dep.service, None if version is None else str(version),
+                               reason=_reason(obs, ctx))
     return {"service": dep.service, "model_version": new.model_version, "from_version": before}
 
 
@@ -321,10 +306,7 @@ def rollback(obs: Observation, ctx: AgentContext, service: str | None = None) ->
         # The first call rolled back before the crash: do not roll back a second step.
         return {"service": dep.service, "model_version": dep.model_version, "from_version": start,
                 "changed": True}
-    roll = getattr(ctx.deployer, "rollback", None)
-    if roll is None:
-        raise NotImplementedError(f"{type(ctx.deployer).__name__} cannot roll back")
-    new = _with_known_kwargs(roll, dep.service, reason=_reason(obs, ctx))
+    new = ctx.deployer.rollback(dep.service, reason=_reason(obs, ctx))
     return {"service": dep.service, "model_version": getattr(new, "model_version", None),
             "from_version": start, "changed": getattr(new, "model_version", None) != start}
 

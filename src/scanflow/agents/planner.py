@@ -28,7 +28,6 @@ a service back and records an event that says why, with the numbers.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import os
@@ -618,21 +617,26 @@ def _confidences(ctx: AgentContext, service: str, version: str, win: dict[str, A
     return np.asarray(model.predict_proba(arr), dtype=float).max(axis=1)
 
 
-def _model(ctx: AgentContext, service: str, version: str) -> Any:
-    cache: dict[str, Any] = ctx.__dict__.setdefault("_planner_models", {})
-    if version not in cache:
+def _model(ctx: AgentContext, service: str, version: str, flavour: str = "sklearn") -> Any:
+    """A registered version of the service's model, loaded once per agent process (None when
+    it cannot be loaded with that flavour: the caller falls back and says so)."""
+    cache: dict[tuple[str, str], Any] = ctx.__dict__.setdefault("_planner_models", {})
+    if (flavour, version) not in cache:
         dep = ctx.store.get_deployment(service)
         try:
-            import mlflow.sklearn
+            import importlib
+
+            import mlflow
 
             mlflow.set_tracking_uri(ctx.settings.tracking)
             if ctx.settings.registry_uri:
                 mlflow.set_registry_uri(ctx.settings.registry_uri)
-            cache[version] = mlflow.sklearn.load_model(f"models:/{dep.model_name}/{version}") if dep else None
-        except Exception as exc:  # noqa: BLE001 - not an sklearn model: no CBPE, say so
-            log.warning("CBPE: cannot load %s v%s as sklearn: %s", service, version, exc)
-            cache[version] = None
-    return cache[version]
+            loader = importlib.import_module(f"mlflow.{flavour}").load_model
+            cache[(flavour, version)] = loader(f"models:/{dep.model_name}/{version}") if dep else None
+        except Exception as exc:  # noqa: BLE001 - e.g. not an sklearn model: no CBPE
+            log.warning("cannot load %s v%s as %s: %s", service, version, flavour, exc)
+            cache[(flavour, version)] = None
+    return cache[(flavour, version)]
 
 
 def _cbpe_estimate(ctx: AgentContext, service: str, version: str, win: dict[str, Any], notes: list[str],
@@ -723,7 +727,7 @@ def _replayed_accuracy(ctx: AgentContext, service: str, version: str, win: dict[
     if not isinstance(inputs, np.ndarray) or not len(inputs):
         return None, 0
     labels = win["labels"][:first]
-    model = _pyfunc(ctx, service, version)
+    model = _model(ctx, service, version, flavour="pyfunc")
     if model is None:
         return None, 0
     try:
@@ -734,23 +738,6 @@ def _replayed_accuracy(ctx: AgentContext, service: str, version: str, win: dict[
     preds = preds.tolist() if hasattr(preds, "tolist") else list(preds)
     hits = [_predicted(p_) == lab for p_, lab in zip(preds, labels, strict=False)]
     return float(np.mean(hits)), len(labels)
-
-
-def _pyfunc(ctx: AgentContext, service: str, version: str) -> Any:
-    cache: dict[str, Any] = ctx.__dict__.setdefault("_planner_pyfuncs", {})
-    if version not in cache:
-        dep = ctx.store.get_deployment(service)
-        try:
-            import mlflow.pyfunc
-
-            mlflow.set_tracking_uri(ctx.settings.tracking)
-            if ctx.settings.registry_uri:
-                mlflow.set_registry_uri(ctx.settings.registry_uri)
-            cache[version] = mlflow.pyfunc.load_model(f"models:/{dep.model_name}/{version}") if dep else None
-        except Exception as exc:  # noqa: BLE001 - no replay: the judgement uses its history
-            log.warning("probation: cannot load %s v%s: %s", service, version, exc)
-            cache[version] = None
-    return cache[version]
 
 
 def _first_accuracy(win: dict[str, Any], first: int) -> tuple[float | None, int]:
@@ -891,17 +878,6 @@ def _with_actor(ctx: AgentContext) -> Any:
     return dep
 
 
-def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """Call a deployer method, passing only the keyword arguments it knows."""
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return fn(*args)
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return fn(*args, **kwargs)
-    return fn(*args, **{k: v for k, v in kwargs.items() if k in params})
-
-
 def execute(obs: Observation, ctx: AgentContext, executor: str = "executor", lease_ttl_s: float = 30.0,
             lease_wait_s: float | None = None) -> dict[str, Any]:
     """Actuator: carry out the plan in order, under the service's lease. Scaling and rollback
@@ -952,7 +928,7 @@ def _scale(ctx: AgentContext, svc: str, a: PlannedAction) -> dict[str, Any]:
     if dep is not None and dep.replicas == target:  # a replay after a crash, or someone did it
         return {"replicas": target, "already": True}
     deployer = _with_actor(ctx)
-    dep = _call(deployer.scale, svc, target, reason=a.reason)
+    dep = deployer.scale(svc, target, reason=a.reason)
     ctx.event("planner_scaled", action=a.kind, replicas=target, reason=a.reason,
               p95_latency_ms=a.evidence.get("p95_latency_ms"), slo_p95_ms=a.evidence.get("slo_p95_ms"),
               throughput_rps=a.evidence.get("throughput_rps"))
@@ -977,7 +953,7 @@ def _rollback(ctx: AgentContext, svc: str, a: PlannedAction) -> dict[str, Any]:
     if dep is not None and bad is not None and str(dep.model_version) != str(bad):
         return {"from_version": bad, "to_version": good, "already": f"serving version {dep.model_version}"}
     deployer = _with_actor(ctx)
-    out = _call(deployer.rollback, svc, reason=a.reason)
+    out = deployer.rollback(svc, reason=a.reason)
     now_serving = getattr(out, "model_version", None)
     ctx.event("rolled_back", from_version=bad, to_version=now_serving or good, reason=a.reason,
               approved_by=f"policy:{ctx.name}", **_numbers(a.evidence))

@@ -38,7 +38,7 @@ class Deployer(ABC):
         """Serve `models:/<model>@<alias>` (resolved to a version now) as `service`."""
 
     @abstractmethod
-    def scale(self, service: str, replicas: int) -> Deployment:
+    def scale(self, service: str, replicas: int, *, reason: str = "") -> Deployment:
         """Change the replica count at run time without failing a request."""
 
     @abstractmethod

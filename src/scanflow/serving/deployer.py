@@ -348,7 +348,7 @@ class LocalDeployer(Deployer):
         except httpx.HTTPError:
             return False
 
-    def scale(self, service: str, replicas: int) -> Deployment:
+    def scale(self, service: str, replicas: int, *, reason: str = "") -> Deployment:
         if replicas < 1:
             raise ValueError(f"replicas must be >= 1, got {replicas}")
         with self._locked(service):
@@ -380,7 +380,8 @@ class LocalDeployer(Deployer):
             )
             self.store.update_deployment(service, replicas=replicas)
             self.store.add_event(SOURCE, "scaled", service, actor=self.actor,
-                                 **{"from": before, "to": replicas})
+                                 **{"from": before, "to": replicas},
+                                 **({"reason": reason} if reason else {}))
             return self._get(service)
 
     def rollout(self, service: str, version: str | None = None, *, reason: str = "") -> Deployment:
