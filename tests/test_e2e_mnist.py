@@ -40,7 +40,11 @@ def test_reduced_mnist_loop(tmp_path: Path) -> None:
     for kind in ("deployed", "drift_detected", "retrain_requested", "retrain_started", "retrain_finished",
                  "promoted", "rollout_completed", "rolled_back"):
         assert kind in kinds, (kind, kinds, proc.stdout[-3000:])
-    assert kinds.index("drift_detected") < kinds.index("retrain_started") < kinds.index("promoted")
+    # The planner may act on labels (accuracy under the floor) before the analyzer's first drifted
+    # window is judged: what must hold is that a request with a reason precedes the retrain.
+    assert kinds.index("retrain_requested") < kinds.index("retrain_started") < kinds.index("promoted")
+    first = next(e for e in s["events"] if e["kind"] == "retrain_requested")
+    assert "drift" in first["reason"] or "accuracy under the floor" in first["reason"], first
     assert kinds.count("promoted") >= 2, proc.stdout[-3000:]  # one per corruption
     acc = s["accuracy"]
     assert acc["clean"] > 0.9
