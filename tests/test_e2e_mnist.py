@@ -54,6 +54,7 @@ def test_reduced_mnist_loop(tmp_path: Path) -> None:
     for c in s["corruptions"].values():
         assert c["delay_samples"] is not None and c["drift_to_rollout_seconds"] is not None, c
     bad = s["bad_candidate"]
+    assert bad["gate_passed"] is False and bad["served_after_offer"] != bad["version"], bad
     assert bad["rolled_back"] and "below version" in bad["why"], bad
     promoted = s["promotions"][0]
     assert promoted["version"] != promoted["previous_version"]

@@ -112,6 +112,31 @@ def test_latency_breach_without_drift_scales_up_after_the_hysteresis() -> None:
     assert sim.replicas == 2
 
 
+def test_drift_judged_against_another_versions_reference_is_ignored() -> None:
+    """Windows a rolled-back model served were judged against *its* reference: after the
+    rollback they say nothing about the served model, and must not start a retrain."""
+    from scanflow.agents.planner import DriftReport, PlannerState, Signals, plan
+
+    pol = fast()
+    state = PlannerState()
+    for i in range(3):
+        sig = Signals(window=f"w{i}", now=1000.0 + 10 * i, model_version="3",
+                      drift_reports=[DriftReport(drift=True, first_id=500 * i + 1, last_id=500 * i + 500,
+                                                 tests=["ks"], reference_version="4")])
+        out, state = plan(sig, state, pol)
+        assert not out.actions
+        assert "judged against version(s) 4, not the served 3: ignored" in " ".join(out.hold)
+    assert state.drift_streak == 0
+    # Reports about the served version count, and the episode starts after the first window.
+    for i in range(2):
+        sig = Signals(window=f"v{i}", now=2000.0 + 10 * i, model_version="3",
+                      drift_reports=[DriftReport(drift=True, first_id=5001 + 500 * i, last_id=5500 + 500 * i,
+                                                 tests=["ks"], reference_version="3")])
+        out, state = plan(sig, state, pol)
+    assert [a.kind for a in out.actions] == ["retrain"]
+    assert out.actions[0].params["since_id"] == 5501
+
+
 def test_drift_without_latency_breach_retrains() -> None:
     sim = Sim(fast())
     assert not sim.step(drift=[True], first_id=500).fired
@@ -551,11 +576,11 @@ def test_agent_retrains_on_drift_once_across_a_restart(planner_app: Any, setting
     assert len(decisions) == 1 and decisions[0].fired
     ev = decisions[0].evidence
     assert ev["plan"]["actions"][0]["kind"] == "retrain"
-    assert ev["plan"]["actions"][0]["params"]["since_id"] == 1000
+    assert ev["plan"]["actions"][0]["params"]["since_id"] == 1500  # after the onset's window
     assert ev["signals"]["n_requests"] == 200 and ev["signals"]["p95_latency_ms"] == 20.0
     assert ev["policy"]["objectives"]["p95_latency_ms"] == 100
     sent = store.list_messages("executor")
-    assert len(sent) == 1 and sent[0].kind == "retrain" and sent[0].payload["since_id"] == 1000
+    assert len(sent) == 1 and sent[0].kind == "retrain" and sent[0].payload["since_id"] == 1500
     assert not store.inbox("planner")  # the drift reports were consumed
     kinds = [e.kind for e in store.list_events("svc")]
     assert kinds == ["retrain_requested"]

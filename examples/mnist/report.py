@@ -162,7 +162,12 @@ def write_report(settings: Any, store: Any, served: list[Any], phases: list[dict
               if str(e.payload.get("from_version")) == version]
         judged_on = int(rb[0].payload.get("promoted_n") or 0) if rb else None
         bad = {
-            "version": version, "rolled_back": bool(rb), "requests_answered": by_bad,
+            "version": version,
+            # offered through the promotion gate first: rejected means it never served
+            "gate_passed": ph.get("gate_passed"), "gate_reasons": ph.get("gate_reasons"),
+            "served_after_offer": ph.get("served_after_offer"),
+            # then forced past the gate by the person: the planner's probation must roll it back
+            "rolled_back": bool(rb), "requests_answered": by_bad,
             "accuracy_while_serving": ph.get("accuracy"),
             "rollback_seconds": (rb[0].ts - ph["start_ts"]) if rb else None,
             "why": rb[0].payload.get("reason") if rb else None,
@@ -188,6 +193,7 @@ def write_report(settings: Any, store: Any, served: list[Any], phases: list[dict
         "p95_under_slo_within_10s_of_spike": bool(spike) and spike["under_slo_within_10s"],
     }
     if getattr(args, "bad_candidate", False):
+        targets["bad_candidate_rejected_by_the_gate"] = bool(bad) and bad["gate_passed"] is False
         targets["bad_candidate_rolled_back_within_one_window"] = bool(bad) and bad["within_one_window"]
     targets["all_met"] = all(targets.values())
 

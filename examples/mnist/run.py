@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 say(t0, f"[red]no rollout within the drift timeout for corruption {label}[/]")
         if args.bad_candidate:
-            bad_candidate_phase(t0, settings, store, deployer, traffic, args, drifted["B"],
+            bad_candidate_phase(t0, settings, store, deployer, traffic, args, svc.policy, drifted["B"],
                                 y_test[streams["B"][3]], phases, watch)
         labeller.close()
         watch.poll()
@@ -213,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     t = summary["targets"]
     closed = all(t.get(k, True) for k in (
         "every_corruption_detected_within_one_window", "no_false_alarm_in_clean_phase",
-        "every_corruption_promoted_and_rolled_out", "bad_candidate_rolled_back_within_one_window"))
+        "every_corruption_promoted_and_rolled_out", "bad_candidate_rejected_by_the_gate",
+        "bad_candidate_rolled_back_within_one_window"))
     return 0 if closed else 1
 
 
@@ -269,19 +270,36 @@ def spike_phase(t0: float, traffic: Any, args: Any, x: np.ndarray, y: np.ndarray
 
 
 def bad_candidate_phase(t0: float, settings: Any, store: Any, deployer: Any, traffic: Any, args: Any,
+                        policy: Any,
                         x: np.ndarray, y: np.ndarray, phases: list[dict[str, Any]],
                         watch: EventWatch) -> None:
-    """A person promotes a model that looked fine to them, bypassing the gate; the planner must
-    see it lose to the old champion on labelled traffic and roll it back."""
+    """A person offers a model that looked fine to them: the promotion gate rejects it (it never
+    serves). They force it past the gate; the planner must see it lose to the old champion on
+    labelled traffic and roll it back."""
+    from mnist_common import test_split
+    from mnist_data import load_mnist
     from traffic import accuracy
 
-    version = register_bad_candidate(settings)
-    say(t0, f"[bold]datascience (a person)[/]: promoting candidate v{version} by hand, bypassing the gate")
-    from mlflow import MlflowClient
+    from scanflow.agents.promotion import offer
 
-    MlflowClient(tracking_uri=settings.tracking).set_registered_model_alias("mnist-clf", "champion", version)
+    version = register_bad_candidate(settings)
+    _, _, x_test, y_test = load_mnist(settings.root)
+    holdout_idx, _ = test_split(len(y_test))  # the clean reference digits: never served
+    holdout = settings.root / "report" / "holdout.npz"
+    holdout.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(holdout, x=x_test[holdout_idx].reshape(len(holdout_idx), -1), y=y_test[holdout_idx])
     deployer.actor = "alice@datascience"
-    deployer.rollout(SERVICE, version, reason="manual promotion: looked good offline")
+    say(t0, f"[bold]datascience (a person)[/]: offering candidate v{version} for promotion")
+    gated = offer(settings, store, deployer, SERVICE, version, policy=policy, holdout=holdout,
+                  reason="looked good offline")
+    say(t0, f"  promotion gate: {'passed' if gated.gate.passed else 'rejected'}: "
+            f"{'; '.join(gated.gate.reasons)}")
+    offered = {"gate_passed": gated.gate.passed, "gate_reasons": gated.gate.reasons,
+               "served_after_offer": gated.served_version}
+    if not gated.promoted:
+        say(t0, f"[bold]datascience (a person)[/]: forcing v{version} past the gate")
+        offer(settings, store, deployer, SERVICE, version, policy=policy, force=True,
+              reason="manual promotion: looked good offline")
     start = time.time()
 
     seen = {"n": -1, "yes": False}
@@ -299,7 +317,7 @@ def bad_candidate_phase(t0: float, settings: Any, store: Any, deployer: Any, tra
     rolled = rolled_back()
     phases.append({"name": "bad_candidate", "start": iso(start), "end": iso(time.time()),
                    "start_ts": start, "end_ts": time.time(), "requests": len(recs),
-                   "accuracy": accuracy(recs), "version": version, "rolled_back": rolled})
+                   "accuracy": accuracy(recs), "version": version, "rolled_back": rolled, **offered})
     if rolled:
         say(t0, "traffic: 1000 more digits after the rollback")
         start = time.time()
@@ -373,7 +391,9 @@ def _print_summary(summary: dict[str, Any], seconds: float) -> None:
                                                           f"{fmt(sp['max_replicas'])}")
     bad = summary["bad_candidate"]
     if bad:
-        t.add_row(f"bad candidate v{bad['version']}: answered, rolled back after",
+        t.add_row(f"bad candidate v{bad['version']}: offered to the gate",
+                  "rejected (never served)" if bad["gate_passed"] is False else "[red]passed[/]")
+        t.add_row(f"bad candidate v{bad['version']} forced: answered, rolled back after",
                   f"{bad['requests_answered']} requests, {fmt(bad['rollback_seconds'], 's')}")
     for k, v in summary["targets"].items():
         t.add_row(f"target: {k}", "[green]yes[/]" if v else "[red]no[/]")

@@ -154,6 +154,17 @@ def _link(ch: _Chain, ev: Event, keys: tuple[str, ...], target: Any) -> dict[str
     link: dict[str, Any] = {"event": _event(ev), "approved_by": _approved_by(actor, ch.agents, act),
                             "action": None, "decision": None, "upstream": [], "workflow_run": None,
                             "promotion": None}
+    version = ev.payload.get("to_version") or ev.payload.get("model_version")
+    if version is not None:
+        with ch.store.session() as s:
+            promo = s.scalars(
+                select(Event).where(Event.service == ch.service, Event.kind == "promoted")
+                .order_by(Event.id.desc()).limit(20)
+            ).all()
+        for p in promo:
+            if str(p.payload.get("version")) == str(version) and p.ts <= ev.ts + _SLACK_S:
+                link["promotion"] = _event(p)
+                break
     if act is None:
         return link
     link["action"] = _action(act)
@@ -170,17 +181,6 @@ def _link(ch: _Chain, ev: Event, keys: tuple[str, ...], target: Any) -> dict[str
                                     "status": run.status, "trigger": run.trigger,
                                     "mlflow_run_id": run.mlflow_run_id, "ts": run.created_at,
                                     "created": _iso(run.created_at)}
-    version = ev.payload.get("to_version") or ev.payload.get("model_version")
-    if version is not None:
-        with ch.store.session() as s:
-            promo = s.scalars(
-                select(Event).where(Event.service == ch.service, Event.kind == "promoted")
-                .order_by(Event.id.desc()).limit(20)
-            ).all()
-        for p in promo:
-            if str(p.payload.get("version")) == str(version) and p.ts <= ev.ts + _SLACK_S:
-                link["promotion"] = _event(p)
-                break
     return link
 
 

@@ -70,21 +70,25 @@ def inbox(ctx: AgentContext, kinds: list[str] | None = None, limit: int = 20) ->
     ]
 
 
-def _reference_for(ctx: AgentContext, service: str, artifact: str) -> tuple[str, np.ndarray]:
-    """The reference sample logged with the model version the service serves now."""
+def _reference_for(ctx: AgentContext, service: str, artifact: str, version: str | None = None
+                   ) -> tuple[str, dict[str, Any]]:
+    """The reference sample logged with a model version of the service (default: the version it
+    serves now), and a cache entry for what is fitted on it. The last few versions stay cached:
+    windows that straddle a rollout alternate between two."""
     dep = ctx.store.get_deployment(service)
     if dep is None or dep.model_version is None:
         raise ValueError(f"service {service!r} is not deployed")
-    cache: dict[str, Any] = ctx.__dict__.setdefault("_ref_cache", {})
-    version = dep.model_version
-    if cache.get("version") != version:
+    cache: dict[str, dict[str, Any]] = ctx.__dict__.setdefault("_ref_cache", {})
+    version = str(version or dep.model_version)
+    if version not in cache:
         mv = ctx.tracker.model_version(dep.model_name, version)
         dst = ctx.settings.agents_dir / ctx.name / f"reference-v{version}"
         dst.mkdir(parents=True, exist_ok=True)
         data = np.load(ctx.tracker.download(mv.run_id, artifact, str(dst)))
-        cache.update(version=version, data=data.reshape(-1, _width(data)))
-        cache.pop("check", None)
-    return version, cache["data"]
+        while len(cache) >= 3:
+            cache.pop(next(iter(cache)))
+        cache[version] = {"data": data.reshape(-1, _width(data))}
+    return version, cache[version]
 
 
 def _width(a: np.ndarray) -> int:
@@ -108,14 +112,17 @@ def drift_check(
     for m in ctx.store.inbox(ctx.name, ["window"], limit):
         w = m.payload
         svc = w["service"]
-        version, ref = _reference_for(ctx, svc, reference_artifact)
-        cache = ctx.__dict__["_ref_cache"]
+        rows = ctx.store.predictions(svc, after_id=w["first_id"] - 1, upto_id=w["last_id"])
+        # Judge the window against the reference of the version that served it (most of it):
+        # inputs a previous model served say nothing about the current model's reference.
+        served = [str(r["model_version"]) for r in rows if r.get("model_version") is not None]
+        by = max(set(served), key=served.count) if served else None
+        version, cache = _reference_for(ctx, svc, reference_artifact, by)
         if "check" not in cache:
             cache["check"] = DriftCheck(
                 KSDrift(alpha=ks_alpha),
                 MMDDrift(alpha=mmd_alpha, n_components=n_components, n_permutations=n_permutations),
-            ).fit(ref)
-        rows = ctx.store.predictions(svc, after_id=w["first_id"] - 1, upto_id=w["last_id"])
+            ).fit(cache["data"])
         x = np.asarray([r["inputs"] for r in rows], dtype=np.float64).reshape(len(rows), -1)
         t = time.perf_counter()
         results = cache["check"].test(x)
@@ -125,7 +132,8 @@ def drift_check(
             key=m.key,
             evidence={**w, "drift": drift, "reference_version": version, "check_seconds": seconds,
                       "tests": [r.to_dict() for r in results]},
-            data={**w, "drift": drift, "tests": [r.to_dict() for r in results]},
+            data={**w, "drift": drift, "reference_version": version,
+                  "tests": [r.to_dict() for r in results]},
             message_id=m.id,
         ))
     return out

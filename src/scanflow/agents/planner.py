@@ -45,6 +45,7 @@ from scanflow.agents.runtime import AgentContext, Observation
 from scanflow.spec.policy import Policy
 from scanflow.store import Store
 from scanflow.store.schema import Event, Message
+from scanflow.tracking.models import load_version
 
 log = logging.getLogger("scanflow.agents.planner")
 
@@ -64,6 +65,8 @@ class DriftReport(BaseModel):
     last_id: int | None = None
     tests: list[str] = Field(default_factory=list, description="tests that flagged drift")
     key: str = ""
+    reference_version: str | None = Field(
+        default=None, description="the model version whose reference the window was judged against")
 
 
 class ProbationSignal(BaseModel):
@@ -330,10 +333,20 @@ def plan(signals: Signals, state: PlannerState, policy: Policy) -> tuple[Plan, P
     }
 
     # -- drift and accuracy ------------------------------------------------------------------
+    ignored = [r for r in s.drift_reports
+               if r.reference_version is not None and s.model_version is not None
+               and str(r.reference_version) != str(s.model_version)]
+    if ignored:
+        hold.append(f"{len(ignored)} drift report(s) judged against version(s) "
+                    f"{', '.join(sorted({str(r.reference_version) for r in ignored}))}, not the "
+                    f"served {s.model_version}: ignored")
     for r in s.drift_reports:
+        if r in ignored:
+            continue
         if r.drift:
             if st.drift_streak == 0:
-                st.episode_start_id = r.first_id
+                # The first drifted window straddles the onset: learn from what follows it.
+                st.episode_start_id = (r.last_id + 1) if r.last_id is not None else r.first_id
             st.drift_streak += 1
         else:
             st.drift_streak = 0
@@ -590,7 +603,7 @@ def _log_window(store: Store, service: str, *, since: float | None = None, until
             "inputs": [r["inputs"] for r in rows] if with_inputs else None}
 
 
-def _predicted(out: Any) -> Any:
+def predicted_class(out: Any) -> Any:
     """The served class of one output (a bare label, or a dict with a label field)."""
     if isinstance(out, dict):
         for k in ("label", "prediction", "predicted", "class"):
@@ -624,15 +637,8 @@ def _model(ctx: AgentContext, service: str, version: str, flavour: str = "sklear
     if (flavour, version) not in cache:
         dep = ctx.store.get_deployment(service)
         try:
-            import importlib
-
-            import mlflow
-
-            mlflow.set_tracking_uri(ctx.settings.tracking)
-            if ctx.settings.registry_uri:
-                mlflow.set_registry_uri(ctx.settings.registry_uri)
-            loader = importlib.import_module(f"mlflow.{flavour}").load_model
-            cache[(flavour, version)] = loader(f"models:/{dep.model_name}/{version}") if dep else None
+            cache[(flavour, version)] = (load_version(ctx.settings, dep.model_name, version, flavour)
+                                         if dep else None)
         except Exception as exc:  # noqa: BLE001 - e.g. not an sklearn model: no CBPE
             log.warning("cannot load %s v%s as %s: %s", service, version, flavour, exc)
             cache[(flavour, version)] = None
@@ -659,7 +665,7 @@ def _cbpe_estimate(ctx: AgentContext, service: str, version: str, win: dict[str,
         if conf is None:
             notes.append("CBPE: no class probabilities (neither logged nor from the model)")
             return None, 0
-        y_pred = [_predicted(o) for o in ref["outputs"]]
+        y_pred = [predicted_class(o) for o in ref["outputs"]]
         cbpe = CBPE(min_reference=min_calibration).fit(conf, np.asarray(ref["labels"], dtype=object),
                                                        y_pred=np.asarray(y_pred, dtype=object))
         cache[version] = cbpe
@@ -680,7 +686,7 @@ def _labelled_accuracy(win: dict[str, Any], last: int) -> tuple[float | None, in
     pairs = pairs[-last:] if last else pairs
     if not pairs:
         return None, 0
-    return float(np.mean([_predicted(o) == lab for o, lab in pairs])), len(pairs)
+    return float(np.mean([predicted_class(o) == lab for o, lab in pairs])), len(pairs)
 
 
 def _probation(ctx: AgentContext, service: str, version: str | None, policy: Policy,
@@ -736,7 +742,7 @@ def _replayed_accuracy(ctx: AgentContext, service: str, version: str, win: dict[
         log.warning("probation: version %s cannot re-score the window: %s", version, exc)
         return None, 0
     preds = preds.tolist() if hasattr(preds, "tolist") else list(preds)
-    hits = [_predicted(p_) == lab for p_, lab in zip(preds, labels, strict=False)]
+    hits = [predicted_class(p_) == lab for p_, lab in zip(preds, labels, strict=False)]
     return float(np.mean(hits)), len(labels)
 
 
@@ -745,7 +751,7 @@ def _first_accuracy(win: dict[str, Any], first: int) -> tuple[float | None, int]
     pairs = pairs[:first]
     if not pairs:
         return None, 0
-    return float(np.mean([_predicted(o) == lab for o, lab in pairs])), len(pairs)
+    return float(np.mean([predicted_class(o) == lab for o, lab in pairs])), len(pairs)
 
 
 def load_state(ctx: AgentContext) -> PlannerState:
@@ -803,6 +809,8 @@ def service_signals(
     drift_set, done_set = set(drift_kinds or ["drift_report"]), set(done_kinds or ["retrain_done"])
     reports = [DriftReport(drift=bool(m.payload.get("drift")), first_id=m.payload.get("first_id"),
                            last_id=m.payload.get("last_id"), key=m.key,
+                           reference_version=(None if m.payload.get("reference_version") is None
+                                              else str(m.payload["reference_version"])),
                            tests=[t.get("test", "?") for t in m.payload.get("tests", []) if t.get("drift")])
                for m in msgs if m.kind in drift_set]
     done = [{**_plain(m.payload), "ts": m.ts, "key": m.key} for m in msgs if m.kind in done_set]

@@ -386,6 +386,49 @@ def rollback(
 
 
 @app.command()
+def promote(
+    service: str,
+    version: Annotated[str, typer.Argument(help="the registered version offered")],
+    spec: Annotated[Path | None, typer.Option(
+        help="the application that declares the service's policy (default: the default policy)")] = None,
+    holdout: Annotated[Path | None, typer.Option(
+        help="clean labelled holdout .npz (x/y): the candidate may lose at most the policy's margin on it")
+    ] = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="promote even if the gate says no (recorded)")] = False,
+    reason: Annotated[str, typer.Option(help="recorded in the audit trail")] = "",
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Offer a version for promotion: the service policy's gate compares it with the champion on
+    the same recent labelled requests (and the holdout); promoted and rolled out only if it
+    passes. Exit 1 when rejected."""
+    from scanflow.agents.promotion import offer
+    from scanflow.spec.policy import Policy
+
+    policy = Policy()
+    if spec is not None:
+        app_spec = _load(spec)
+        if service not in app_spec.services:
+            fail(f"no service {service!r} in {app_spec.source} (known: {', '.join(app_spec.services)})")
+        policy = app_spec.services[service].policy or Policy()
+    deployer, store = _deployer()
+    res = _service_call(lambda: offer(deployer.settings, store, deployer, service, version,
+                                      policy=policy, holdout=holdout, force=force, reason=reason))
+    if as_json:
+        print(json.dumps(res.to_dict(), default=str))
+    else:
+        verdict = ("[green]passed[/]" if res.gate.passed else
+                   "[yellow]failed, forced[/]" if res.forced else "[red]rejected[/]")
+        out.print(f"{service}: promotion gate {verdict} for version {version} "
+                  f"(champion {res.champion_version})")
+        for line in [*res.gate.reasons, *res.notes]:
+            out.print(f"  - {line}", highlight=False)
+        out.print(f"{service}: serving version {res.served_version}")
+    if not res.promoted:
+        raise typer.Exit(1)
+
+
+@app.command()
 def canary(
     service: str,
     version: Annotated[str | None, typer.Argument(help="the challenger; omit with --off")] = None,

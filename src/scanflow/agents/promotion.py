@@ -1,0 +1,176 @@
+"""A person offers a model version for promotion: the service policy's gate decides.
+
+The executor agent promotes what *it* trained through `planner.promotion_gate`; a person with
+a candidate of their own must pass the same gate, or the loop has a hole: "it looked good
+offline" is how bad models reach users. `offer` re-scores the candidate **and** the champion on
+the same recent labelled requests of the service (the distribution it serves now) and, when
+given, on a clean holdout; promotes and rolls out only if the gate passes. `force` lets a person
+overrule the gate, recorded as such; the planner's probation still judges the model afterwards
+and rolls it back if it loses to the old champion.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from scanflow.agents.planner import GateResult, predicted_class, promotion_gate
+from scanflow.settings import Settings
+from scanflow.spec.policy import Policy
+from scanflow.store import Store
+from scanflow.tracking.models import load_version
+
+log = logging.getLogger(__name__)
+
+SOURCE = "promotion"
+HOLDOUT_KEYS = (("x", "y"), ("x_holdout", "y_holdout"), ("x_test", "y_test"))
+
+
+@dataclass
+class Offer:
+    """What happened to an offered version, with the gate's evidence."""
+
+    service: str
+    model: str
+    version: str
+    champion_version: str
+    promoted: bool
+    forced: bool
+    gate: GateResult
+    event_id: int | None = None
+    served_version: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"service": self.service, "model": self.model, "version": self.version,
+                "champion_version": self.champion_version, "promoted": self.promoted,
+                "forced": self.forced, "passed": self.gate.passed, "reasons": self.gate.reasons,
+                "evidence": self.gate.evidence, "served_version": self.served_version,
+                "notes": self.notes}
+
+
+def load_holdout(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A clean labelled holdout from an .npz (arrays `x`/`y`, `x_holdout`/`y_holdout` or
+    `x_test`/`y_test`)."""
+    try:
+        data = np.load(path)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"holdout {path}: cannot read it as .npz ({exc})") from exc
+    for xk, yk in HOLDOUT_KEYS:
+        if xk in data and yk in data:
+            x, y = np.asarray(data[xk]), np.asarray(data[yk])
+            if len(x) != len(y) or not len(y):
+                raise ValueError(f"holdout {path}: {xk} has {len(x)} rows and {yk} {len(y)}")
+            return x.reshape(len(x), -1), y
+    raise ValueError(f"holdout {path}: needs arrays {' or '.join('/'.join(k) for k in HOLDOUT_KEYS)}; "
+                     f"it has {', '.join(data.files) or 'none'}")
+
+
+def recent_labelled(store: Store, service: str, n: int) -> tuple[np.ndarray, list[Any]]:
+    """The inputs and labels of the last `n` labelled requests of a service (fewer if the log
+    holds fewer), oldest first."""
+    _, last = store.count_predictions(service)
+    span = 4 * n
+    while True:
+        w = store.prediction_window(service, after_id=max(0, last - span), labelled_only=True,
+                                    with_inputs=True)
+        if len(w.ids) >= n or last - span <= 0:
+            break
+        span *= 4
+    inputs = w.inputs if isinstance(w.inputs, np.ndarray) else np.empty((0, 0))
+    k = min(n, len(w.ids))
+    return inputs[len(w.ids) - k:], list(w.labels)[len(w.ids) - k:]
+
+
+def _accuracy(model: Any, x: np.ndarray, y: list[Any] | np.ndarray) -> float:
+    preds = model.predict(np.asarray(x, dtype=np.float64))
+    preds = preds.tolist() if hasattr(preds, "tolist") else list(preds)
+    labels = y.tolist() if isinstance(y, np.ndarray) else list(y)
+    return float(np.mean([predicted_class(p) == lab for p, lab in zip(preds, labels, strict=True)]))
+
+
+def offer(
+    settings: Settings,
+    store: Store,
+    deployer: Any,
+    service: str,
+    version: str,
+    *,
+    policy: Policy | None = None,
+    alias: str = "champion",
+    holdout: Path | None = None,
+    force: bool = False,
+    reason: str = "",
+) -> Offer:
+    """Judge `version` against the version `service` serves; promote `alias` to it and roll it
+    out if the gate passes (or `force`). Records `promoted` or `promotion_rejected`."""
+    from scanflow.tracking import Tracker
+
+    policy = policy or Policy()
+    dep = store.get_deployment(service)
+    if dep is None:
+        raise ValueError(f"service {service!r} is not deployed")
+    model, champion, version = dep.model_name, str(dep.model_version), str(version)
+    tracker = Tracker(settings)
+    try:
+        tracker.model_version(model, version)
+    except Exception as exc:  # noqa: BLE001 - MLflow's own message names no model
+        raise ValueError(f"models:/{model}/{version} is not registered") from exc
+    if version == champion:
+        raise ValueError(f"{service} already serves version {version}")
+    x_hold = y_hold = None
+    if holdout is not None:
+        x_hold, y_hold = load_holdout(holdout)  # before any work: a bad file changes nothing
+
+    want = max(policy.promotion.min_labelled, policy.rollback.window)
+    x_new, y_new = recent_labelled(store, service, want)
+    cand, champ = load_version(settings, model, version), load_version(settings, model, champion)
+    notes: list[str] = []
+    if len(y_new):
+        cand_new, champ_new = _accuracy(cand, x_new, y_new), _accuracy(champ, x_new, y_new)
+    else:
+        cand_new = champ_new = math.nan
+        notes.append(f"{service} has no labelled requests to compare on")
+    if x_hold is not None and y_hold is not None:
+        cand_hold, champ_hold = _accuracy(cand, x_hold, y_hold), _accuracy(champ, x_hold, y_hold)
+    else:
+        cand_hold = champ_hold = 0.0
+    gate = promotion_gate(cand_new, champ_new, cand_hold, champ_hold, len(y_new), policy)
+    if x_hold is None:
+        gate.reasons = [r for r in gate.reasons if not r.startswith("on the clean holdout")]
+        gate.reasons.append("no clean holdout given: the loss on it was not checked")
+        gate.evidence.update(candidate_acc_holdout=None, champion_acc_holdout=None, loss_on_holdout=None)
+    gate.evidence.update(holdout=str(holdout) if holdout else None,
+                         n_holdout=len(y_hold) if y_hold is not None else 0)
+    actor = deployer.actor
+    common = {"model": model, "alias": alias, "version": version, "candidate_version": version,
+              "champion_version": champion, "actor": actor, "reason": reason,
+              "reasons": "; ".join(gate.reasons), "passed": gate.passed, **gate.evidence}
+    result = Offer(service=service, model=model, version=version, champion_version=champion,
+                   promoted=False, forced=False, gate=gate, notes=notes)
+    if not gate.passed and not force:
+        ev = store.add_event(SOURCE, "promotion_rejected", service, approved_by=f"person:{actor}", **common)
+        result.event_id, result.served_version = ev.id, champion
+        return result
+    approved = (f"person:{actor} via policy:promotion-gate" if gate.passed
+                else f"person:{actor} (forced past the promotion gate)")
+    try:
+        previous: str | None = tracker.version_by_alias(model, alias)
+    except ValueError:  # the alias does not exist yet
+        previous = None
+    tracker.set_alias(model, alias, version)
+    ev = store.add_event(SOURCE, "promoted", service, approved_by=approved, previous_version=previous,
+                         forced=not gate.passed, **common)
+    why = reason or ("promotion gate passed" if gate.passed else "forced past the promotion gate")
+    new = deployer.rollout(service, version, reason=f"{why} ({approved})")
+    result.promoted, result.forced, result.event_id = True, not gate.passed, ev.id
+    result.served_version = str(getattr(new, "model_version", version))
+    return result
+
+
+__all__ = ["Offer", "load_holdout", "offer", "recent_labelled"]

@@ -1,0 +1,133 @@
+"""A person offers a version for promotion through `scanflow promote`: the service policy's gate
+compares it with the champion on the same labelled requests; rejected versions never serve."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from scanflow.cli.main import app as cli
+from scanflow.serving import LocalDeployer
+from scanflow.settings import Settings, get_settings
+from serving_helpers import MODEL, DigitsWorkspace, _train_and_register
+
+SPEC = textwrap.dedent(f"""
+    app: demo
+    team: ops
+    services:
+      digits:
+        model: {MODEL}
+        policy:
+          promotion: {{min_gain_on_new: 0.0, max_loss_on_holdout: 0.01, min_labelled: 100}}
+""")
+
+
+@pytest.fixture
+def served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[DigitsWorkspace, str, Path]]:
+    """Version 2 (trained on 300 digits) serves 200 labelled requests; version 1 (all digits)
+    is better; version 3 (shuffled labels) is bad."""
+    import mlflow
+    from sklearn.linear_model import LogisticRegression
+
+    ws_root = tmp_path / "ws"
+    monkeypatch.setenv("SCANFLOW_WORKSPACE", str(ws_root))
+    monkeypatch.setenv("SCANFLOW_ACTOR", "alice")
+    get_settings.cache_clear()
+    settings = Settings(workspace=ws_root).ensure()
+    ws = _train_and_register(settings)
+    X, y = ws.X, ws.y
+    bad = LogisticRegression(max_iter=200).fit(X, np.random.default_rng(0).permutation(y))
+    with mlflow.start_run():
+        info = mlflow.sklearn.log_model(bad, name="model", pip_requirements=["scikit-learn"])
+    assert mlflow.register_model(info.model_uri, MODEL).version == 3
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "scanflow.yaml").write_text(SPEC)
+    dep = LocalDeployer(settings, ws.store)
+    try:
+        d = dep.deploy("digits", app="demo", team="ops", model=MODEL, alias="champion", replicas=1)
+        dep.rollout("digits", "2")
+        with httpx.Client(base_url=f"http://{d.host}:{d.port}", timeout=30) as c:
+            for i in range(1000, 1200):
+                r = c.post("/predict", json={"instances": [X[i].tolist()]})
+                assert r.status_code == 200
+                c.post("/labels", json={"labels": {r.json()["ids"][0]: int(y[i])}})
+        deadline = time.monotonic() + 30
+        while ws.store.count_predictions("digits")[0] < 200:  # the collector is asynchronous
+            assert time.monotonic() < deadline, "predictions never reached the store"
+            time.sleep(0.2)
+        yield ws, d.service, tmp_path
+    finally:
+        dep.stop("digits")
+        ws.store.close()
+
+
+def _promote(*args: str) -> tuple[int, str]:
+    res = CliRunner().invoke(cli, ["promote", *args])
+    if res.exception is not None and not isinstance(res.exception, SystemExit):
+        raise res.exception
+    return res.exit_code, res.output
+
+
+def test_offered_versions_pass_the_gate_or_never_serve(served: tuple[DigitsWorkspace, str, Path]) -> None:
+    from scanflow.audit import why
+
+    ws, service, tmp = served
+    store = ws.store
+    # Bad input fails clearly (exit 2) and changes nothing.
+    (tmp / "bad.npz").write_bytes(b"not an npz")
+    np.savez(tmp / "wrong.npz", a=np.zeros(3))
+    for args, message in [
+        (["nope", "1"], "not deployed"),
+        ([service, "9"], "is not registered"),
+        ([service, "2"], "already serves version 2"),
+        ([service, "1", "--holdout", str(tmp / "bad.npz")], "cannot read it"),
+        ([service, "1", "--holdout", str(tmp / "wrong.npz")], "needs arrays"),
+    ]:
+        code, out = _promote(*args)
+        assert code == 2 and message in " ".join(out.split()), (args, out)
+    assert store.get_deployment(service).model_version == "2"
+    assert not store.list_events(service, ["promoted", "promotion_rejected"])
+
+    # A worse version is rejected on the same labelled requests, and never serves.
+    code, out = _promote(service, "3", "--spec", str(tmp / "app"), "--json")
+    assert code == 1, out
+    res = json.loads(out)
+    assert res["promoted"] is False and res["served_version"] == "2"
+    ev = res["evidence"]
+    assert ev["n_labelled"] == 200  # both versions re-scored on the same 200 labelled requests
+    assert ev["candidate_acc_new"] < 0.3 < 0.8 < ev["champion_acc_new"]
+    assert store.get_deployment(service).model_version == "2"
+    (rej,) = store.list_events(service, ["promotion_rejected"])
+    assert rej.payload["approved_by"] == "person:alice" and rej.payload["candidate_version"] == "3"
+    assert "not enough" in rej.payload["reasons"]
+    assert not store.list_events(service, ["promoted"])
+
+    # A better one passes (with a clean holdout), is promoted, rolled out and audited.
+    np.savez(tmp / "holdout.npz", x=ws.X[:300], y=ws.y[:300])
+    code, out = _promote(service, "1", "--spec", str(tmp / "app"), "--holdout", str(tmp / "holdout.npz"))
+    assert code == 0, out
+    assert "passed" in out and "serving version 1" in out
+    assert store.get_deployment(service).model_version == "1"
+    (ev_promo,) = store.list_events(service, ["promoted"])
+    assert ev_promo.payload["approved_by"] == "person:alice via policy:promotion-gate"
+    assert ev_promo.payload["n_holdout"] == 300 and ev_promo.payload["candidate_acc_holdout"] is not None
+    link = why(store, service)["model_change"]
+    assert link["promotion"]["payload"]["approved_by"] == "person:alice via policy:promotion-gate"
+
+    # --force overrules the gate, and the record says so.
+    code, out = _promote(service, "3", "--force", "--reason", "I know better")
+    assert code == 0, out
+    assert "forced" in out and "serving version 3" in out
+    assert store.get_deployment(service).model_version == "3"
+    forced = store.list_events(service, ["promoted"])[-1]
+    assert forced.payload["forced"] is True and forced.payload["version"] == "3"
+    assert forced.payload["approved_by"] == "person:alice (forced past the promotion gate)"
+    assert forced.payload["reason"] == "I know better"
