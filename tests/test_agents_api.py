@@ -1,5 +1,6 @@
-"""Every agent's HTTP API (sensors with their next fire time, fire now, pause/resume, add and
-remove triggers, recent decisions and events) and the `scanflow agents` CLI that wraps it."""
+"""Every agent's HTTP API (sensors with their next and last fire time, fire now, pause/resume,
+add and remove triggers, recent decisions and events, dead-lettered messages and their requeue)
+and the `scanflow agents` CLI that wraps it."""
 
 from __future__ import annotations
 
@@ -48,6 +49,8 @@ agents:
   watcher:
     role: monitor
     imports: [parts]
+    max_attempts: 2
+    retry_backoff: 0.1s
     sensors:
       - name: pings
         trigger: {event: {message: {kind: ping}, poll: 0.2}}
@@ -162,11 +165,18 @@ def test_api_errors_are_clear_4xx(served: tuple[Agent, httpx.Client]) -> None:
     assert problems({"cron": "61 * * * *"})[0][1].startswith("bad cron expression '61 * * * *'")
     assert problems({"event": {"model": {"name": "m", "event": "alias_moved"}}}) == [
         (["body", "event", "model"], "`event: alias_moved` needs `alias`")]
+    assert problems({"interval": "1m", "misfire": "later"}) == [
+        (["body", "misfire"], "Input should be 'coalesce' or 'skip'")]
+    assert problems({"event": {"message": {"kind": "q"}}, "misfire": "skip"})[0][1].startswith(
+        "`misfire` applies to interval, cron and date triggers")
     # valid alone, not next to the other sensor's message trigger
     assert "overlaps" in problems({"event": {"message": {}}})[0][1]
     assert c.post("/sensors/clock/triggers", content=b"not json",
                   headers={"content-type": "application/json"}).status_code == 422
     assert c.get("/decisions", params={"limit": 0}).status_code == 422
+    assert c.get("/messages", params={"status": "lost"}).status_code == 422
+    r = c.post("/messages/424242/requeue")
+    assert r.status_code == 404 and r.json()["detail"] == "agent 'watcher' has no message 424242"
 
     # a sensor that fails says why, and the agent lives on
     r = c.post("/sensors/broken/fire")
@@ -175,6 +185,37 @@ def test_api_errors_are_clear_4xx(served: tuple[Agent, httpx.Client]) -> None:
     assert c.get("/sensors/broken").json()["last_error"] == "RuntimeError: the data source is gone"
     assert c.get("/events", params={"limit": 1}).json()[0]["kind"] == "sensor_failed"
     assert c.get("/health").status_code == 200
+
+
+def test_api_lists_dead_letters_and_requeues_them(served: tuple[Agent, httpx.Client]) -> None:
+    agent, c = served
+    agent.store.send_message("x", "watcher", "ping", {"n": "x"}, key="bad-ping")  # the rule raises
+    agent.store.send_message("x", "watcher", "ping", {"n": 1}, key="good-ping")
+
+    def dead() -> list[dict[str, Any]]:
+        return c.get("/messages", params={"status": "dead"}).json()  # type: ignore[no-any-return]
+
+    (bad,) = _wait(dead)
+    assert (bad["key"], bad["attempts"], bad["kind"]) == ("bad-ping", 2, "ping")  # max_attempts: 2
+    assert bad["error"].startswith("TypeError: ") and bad["handled_at"]
+    (good,) = c.get("/messages", params={"status": "done"}).json()
+    assert good["key"] == "good-ping" and good["attempts"] == 1
+    assert c.get("/health").json()["messages"] == {"dead": 1, "done": 1}
+    (event,) = [e for e in c.get("/events").json() if e["kind"] == "message_dead_lettered"]
+    assert (event["message_id"], event["key"], event["attempts"], event["sensor"]) == (
+        bad["id"], "bad-ping", 2, "pings")
+    assert event["error"] == bad["error"]
+
+    requeued = c.post(f"/messages/{bad['id']}/requeue")
+    assert requeued.status_code == 200
+    assert [requeued.json()[k] for k in ("status", "attempts", "error")] == ["pending", 0, None]
+    # tried again (twice: the rule still fails) and dead-lettered again
+    _wait(lambda: [e["kind"] for e in c.get("/events").json()].count("message_dead_lettered") == 2)
+    assert [(m["key"], m["attempts"]) for m in dead()] == [("bad-ping", 2)]
+    assert "message_requeued" in [e["kind"] for e in c.get("/events").json()]
+    r = c.post(f"/messages/{good['id']}/requeue")
+    assert r.status_code == 409 and r.json()["detail"].startswith(f"message {good['id']} is done")
+    assert len([d for d in agent.recent_decisions() if d["sensor"] == "pings"]) == 1  # the good one
 
 
 PY_APP = '''
@@ -222,11 +263,14 @@ def test_cli_drives_agent_processes_and_changes_survive_restarts(
 
         # an agent declared in Python handles its messages like any other
         store.send_message("x", "pyagent", "hello", {}, key="hello-1")
+        store.send_message("x", "watcher", "ping", {"n": "x"}, key="bad-cli")  # its rule raises
         _wait(lambda: (tmp_path / "py-notes.txt").exists())
         assert (tmp_path / "py-notes.txt").read_text() == "hello-1\n"
+        (poison,) = _wait(lambda: store.list_messages("watcher", status="dead"))
 
         status = _cli(ws, "agents", "status", "watcher").stdout
         assert "nightly" in status and "cron '0 3 * * *' (UTC)" in status and "active" in status
+        assert "dead-lettered messages" in status and "bad-cli" in status and "TypeError" in status
         assert "observation(s) judged" in _cli(ws, "agents", "fire", "watcher", "clock").stdout
         assert "paused" in _cli(ws, "agents", "pause", "watcher", "clock").stdout
         assert "added trigger daily" in _cli(ws, "agents", "add-trigger", "watcher", "clock",
@@ -245,6 +289,10 @@ def test_cli_drives_agent_processes_and_changes_survive_restarts(
         _wait(lambda: not pid_alive(old))
         sup = AgentSupervisor(settings, store)
         assert {r["name"]: r["status"] for r in sup.status()}["watcher"] == "dead"
+        # requeue works with the agent down (the store is the queue): tried again at its start
+        assert "it is delivered when the agent runs" in _cli(ws, "agents", "requeue", "watcher",
+                                                              str(poison.id)).stdout
+        assert store.list_messages("watcher", status="dead") == []
         _cli(ws, "agents", "start", str(app_dir), "-a", "watcher")
         info = json.loads(_cli(ws, "agents", "status", "watcher", "--json").stdout)
         clock = next(s for s in info["sensors"] if s["name"] == "clock")
@@ -255,6 +303,9 @@ def test_cli_drives_agent_processes_and_changes_survive_restarts(
         assert "resumed" in _cli(ws, "agents", "resume", "watcher").stdout
         with sup.client("watcher") as c:
             assert not any(s["paused"] for s in c.get("/sensors").json())
+        (again,) = _wait(lambda: store.list_messages("watcher", status="dead"))  # failed twice more
+        assert again.id == poison.id and again.attempts == 2
+        assert f"requeued message {poison.id}" in _cli(ws, "agents", "requeue", "watcher", "--all").stdout
     finally:
         AgentSupervisor(settings, store).stop()
     assert all(not pid_alive(r["pid"]) for r in AgentSupervisor(settings, store).status())

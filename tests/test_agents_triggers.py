@@ -1,6 +1,7 @@
 """Sensor triggers: interval, cron and date on a schedule, events (workflow finished, model
 version registered, alias moved, prediction window full, message received), each event judged
-once — also when it is replayed after a crash or seen again after a restart."""
+once — also when it is replayed after a crash or seen again after a restart; fires missed while
+the agent was down are coalesced into one at restart, or skipped (`misfire`)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,18 @@ from typing import Any
 import pytest
 from sqlalchemy import update
 
-from scanflow.agents import Agent, AgentSpec, CallSpec, Observation, SensorSpec, actuator, rule, sensor
+from scanflow.agents import (
+    Agent,
+    AgentSpec,
+    CallSpec,
+    Observation,
+    SensorSpec,
+    Trigger,
+    actuator,
+    rule,
+    sensor,
+)
+from scanflow.agents.triggers import MAX_COUNTED_MISSES, plan_schedule
 from scanflow.settings import Settings
 from scanflow.spec import SpecError, load_application
 from scanflow.store import Store
@@ -243,6 +255,15 @@ def test_bad_triggers_name_the_field(tmp_path: Path) -> None:
             role: custom
             sensors:
               - {name: s, triggers: [{interval: 1}, {interval: 1s}]}
+          d:
+            role: custom
+            max_attempts: 0
+            retry_backoff: soon
+            sensors:
+              - name: s
+                triggers:
+                  - {interval: 5, misfire: later}
+                  - {event: {message: {kind: z}}, misfire: skip}
     '''))
     with pytest.raises(SpecError) as exc:
         load_application(d)
@@ -259,6 +280,122 @@ def test_bad_triggers_name_the_field(tmp_path: Path) -> None:
     assert "agents.b: sensors[0].triggers[0].event.prediction_window.service: needed" in text
     assert "sensors[2].triggers[0].event.message: overlaps sensors[1].triggers[0].event.message" in text
     assert "agents.c.sensors[0]: triggers[1] repeats triggers[0]" in text
+    assert "agents.d.max_attempts: Input should be greater than or equal to 1" in text
+    assert "agents.d.retry_backoff: cannot read 'soon' as a duration" in text
+    assert "agents.d.sensors[0].triggers[0].misfire: Input should be 'coalesce' or 'skip'" in text
+    assert ("agents.d.sensors[0].triggers[1]: `misfire` applies to interval, cron and date triggers"
+            in text)
+
+
+MISFIRE = '''
+app: demo
+team: ops
+agents:
+  clock:
+    role: custom
+    sensors:
+      - {name: cron_c, trigger: {cron: "*/2 * * * * *"}}
+      - {name: cron_s, trigger: {cron: "*/2 * * * * *", misfire: skip}}
+      - {name: every_c, trigger: {interval: 1s}}
+      - {name: every_s, trigger: {interval: 1s, misfire: skip}}
+      - {name: date_c, trigger: {date: "SOON"}}
+      - {name: date_s, trigger: {date: "SOON", misfire: skip}}
+'''
+
+
+def test_fires_missed_while_down_are_coalesced_or_skipped(tmp_path: Path, settings: Settings) -> None:
+    """Down across fire times of a cron, an interval and a date: at restart each `coalesce`
+    trigger fires once (its evidence says how many fires it stands for), each `skip` trigger
+    does not (a `misfire_skipped` event says what went by); a date is done either way."""
+    store = Store(settings.store)
+    soon = datetime.now(UTC) + timedelta(seconds=3)
+    app = load_application(_app_dir(tmp_path, MISFIRE.replace("SOON", soon.isoformat())))
+
+    def decisions(sensor: str) -> list[Any]:
+        return [d for d in store.list_decisions("clock") if d.sensor == sensor]
+
+    def coalesced(sensor: str) -> list[Any]:
+        return [d for d in decisions(sensor) if "missed" in d.evidence]
+
+    def skipped() -> dict[str, int]:
+        return {e.payload["sensor"]: e.payload["missed"] for e in store.recent_events("clock", 100)
+                if e.kind == "misfire_skipped"}
+
+    first = Agent(settings, store, app, "clock")
+    first.start()
+    try:
+        _wait(lambda: decisions("every_c") and decisions("every_s"))  # an interval fires at start
+    finally:
+        first.stop()
+    time.sleep(max(0.0, (soon - datetime.now(UTC)).total_seconds()) + 0.5)  # down past the date
+    assert not decisions("date_c") and not decisions("date_s")
+
+    again = Agent(settings, store, app, "clock")
+    again.start()
+    try:
+        _wait(lambda: all(coalesced(s) for s in ("cron_c", "every_c", "date_c")) and len(skipped()) == 3)
+        info = {s["name"]: s["triggers"][0] for s in again.sensors_info()}
+    finally:
+        again.stop()
+    for name in ("cron_c", "every_c", "date_c"):
+        (one,) = coalesced(name)
+        assert one.evidence["misfire"] == "coalesce" and one.evidence["missed"] >= 1
+    assert coalesced("every_c")[0].evidence["missed"] >= 3  # 1 s interval, down > 3 s: one fire
+    assert not any(coalesced(s) for s in ("cron_s", "every_s", "date_s"))
+    assert set(skipped()) == {"cron_s", "every_s", "date_s"} and skipped()["every_s"] >= 3
+    assert len(decisions("date_c")) == 1 and not decisions("date_s")
+    date_c, date_s = info["date_c"], info["date_s"]
+    assert date_c["fired_at"] and date_c["last_fire_time"] and not date_c["skipped_at"]
+    assert date_s["skipped_at"] and not date_s["fired_at"] and date_s["next_fire_time"] is None
+    assert info["every_s"]["misfire"] == "skip" and info["every_s"]["last_fire_time"]
+
+    # A date fires once (or is skipped once), ever: a third start does neither again.
+    third = Agent(settings, store, app, "clock")
+    third.start()
+    try:
+        time.sleep(0.5)
+    finally:
+        third.stop()
+    assert len(decisions("date_c")) == 1 and not decisions("date_s")
+    assert [e.payload["sensor"] for e in store.recent_events("clock", 100)
+            if e.kind == "misfire_skipped"].count("date_s") == 1
+
+
+def test_plan_schedule_counts_what_was_missed() -> None:
+    """The misfire policy on fixed clocks: when the next fire is, and how many went by."""
+    now = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
+
+    def at(**delta: float) -> float:
+        return (now + timedelta(**delta)).timestamp()
+
+    hourly, hourly_skip = Trigger(interval="1h"), Trigger(interval="1h", misfire="skip")
+    assert plan_schedule(hourly, None, now).first == now  # never fired: fires at start
+    fresh = plan_schedule(hourly, {"last": at(minutes=-30)}, now)
+    assert (fresh.first, fresh.missed, fresh.fire_now) == (now + timedelta(minutes=30), 0, False)
+    down = {"last": at(hours=-3.5), "covered": at(hours=-3.5)}
+    c, s = plan_schedule(hourly, down, now), plan_schedule(hourly_skip, down, now)
+    assert (c.first, c.missed, c.missed_since, c.fire_now) == (now, 3, now - timedelta(hours=2.5), True)
+    assert (s.first, s.missed, s.fire_now) == (now + timedelta(minutes=30), 3, False)
+    resumed = plan_schedule(hourly, {**down, "covered": at(minutes=-10)}, now)  # paused, then resumed
+    assert (resumed.first, resumed.missed) == (now + timedelta(minutes=30), 0)
+
+    nightly = Trigger(cron="0 3 * * *")
+    two_days = plan_schedule(nightly, {"last": None, "covered": at(days=-2)}, now)
+    assert (two_days.missed, two_days.first, two_days.fire_now) == (2, now, True)
+    assert two_days.missed_since == datetime(2026, 5, 31, 3, 0, tzinfo=UTC)
+    assert plan_schedule(nightly, {"covered": at(hours=-8)}, now).missed == 0  # 04:00 -> 12:00
+    skipped = plan_schedule(Trigger(cron="0 3 * * *", misfire="skip"), {"covered": at(days=-2)}, now)
+    assert (skipped.missed, skipped.first, skipped.fire_now) == (2, None, False)
+    busy = plan_schedule(Trigger(cron="* * * * * *"), {"covered": at(days=-7)}, now)
+    assert busy.missed == MAX_COUNTED_MISSES and busy.fire_now
+
+    past = now - timedelta(hours=1)
+    assert plan_schedule(Trigger(date=past), None, now).fire_now
+    gone = plan_schedule(Trigger(date=past, misfire="skip"), None, now)
+    assert (gone.scheduled, gone.missed) == (False, 1)
+    assert plan_schedule(Trigger(date=now + timedelta(hours=1)), None, now).first == now + timedelta(hours=1)
+    # the policy is not part of a trigger's identity: changing it keeps the trigger's history
+    assert Trigger(interval="1h").key == Trigger(interval="1h", misfire="skip").key
 
 
 # -- decorators and agents declared in Python ------------------------------------------------------

@@ -30,6 +30,16 @@ class Settings(BaseSettings):
     host: str = Field(default="127.0.0.1", description="address services bind to")
     max_cpus: float | None = Field(default=None, description="CPUs steps may use [all]")
     max_memory: int | None = Field(default=None, description="bytes steps may use [all]")
+    agent_max_attempts: int = Field(
+        default=5, ge=1, le=1000,
+        description="tries at handling one agent message before it is dead-lettered (an agent's "
+        "`max_attempts` overrides it)",
+    )
+    agent_retry_backoff: float = Field(
+        default=1.0, gt=0, description="seconds before the 2nd try of a failed message; doubles each "
+        "try (an agent's `retry_backoff` overrides it)",
+    )
+    agent_retry_max_backoff: float = Field(default=300.0, gt=0, description="longest wait between tries")
 
     @property
     def root(self) -> Path:
@@ -73,6 +83,9 @@ class Settings(BaseSettings):
             "SCANFLOW_BACKEND": self.backend,
             "SCANFLOW_CONCURRENCY": str(self.concurrency),
             "SCANFLOW_HOST": self.host,
+            "SCANFLOW_AGENT_MAX_ATTEMPTS": str(self.agent_max_attempts),
+            "SCANFLOW_AGENT_RETRY_BACKOFF": str(self.agent_retry_backoff),
+            "SCANFLOW_AGENT_RETRY_MAX_BACKOFF": str(self.agent_retry_max_backoff),
             "MLFLOW_TRACKING_URI": self.tracking,
             "MLFLOW_DISABLE_TELEMETRY": "true",
             "DO_NOT_TRACK": "true",

@@ -10,9 +10,12 @@
     DELETE /sensors/{sensor}/triggers/{id}      remove one
     GET    /decisions?limit=20&fired=true       recent decisions, newest first
     GET    /events?limit=20                     recent events of this agent, newest first
+    GET    /messages?status=dead&limit=50       its messages (dead letters: last error, tries)
+    POST   /messages/{id}/requeue               deliver a dead-lettered message again
 
-An unknown sensor or trigger is a 404, a bad trigger body a 422 that names the field, a
-trigger id already used a 409. Changes made here are stored and survive a restart.
+An unknown sensor, trigger or message is a 404, a bad trigger body a 422 that names the field,
+a trigger id already used (or requeueing a message that is not dead-lettered) a 409. Changes
+made here are stored and survive a restart.
 """
 
 from __future__ import annotations
@@ -21,13 +24,13 @@ import os
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from scanflow.agents.runtime import DuplicateTrigger, UnknownSensor, UnknownTrigger
+from scanflow.agents.runtime import DuplicateTrigger, UnknownMessage, UnknownSensor, UnknownTrigger
 from scanflow.spec.models import Trigger
 
 if TYPE_CHECKING:
@@ -41,6 +44,7 @@ def create_app(agent: Agent) -> FastAPI:
 
     @api.exception_handler(UnknownSensor)
     @api.exception_handler(UnknownTrigger)
+    @api.exception_handler(UnknownMessage)
     async def _not_found(_req: Request, exc: Exception) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=404)
 
@@ -59,7 +63,8 @@ def create_app(agent: Agent) -> FastAPI:
     def health() -> dict[str, Any]:
         return {"agent": agent.name, "app": agent.ctx.app.app, "role": agent.spec.role,
                 "service": agent.ctx.service, "pid": os.getpid(),
-                "paused": sorted(agent._paused), "sensors": list(agent._sensors)}
+                "paused": sorted(agent._paused), "sensors": list(agent._sensors),
+                "messages": agent.store.count_messages(agent.name), "max_attempts": agent.max_attempts}
 
     @api.get("/sensors")
     def sensors() -> list[dict[str, Any]]:
@@ -120,6 +125,20 @@ def create_app(agent: Agent) -> FastAPI:
     @api.get("/events")
     def events(limit: int = Query(20, ge=1, le=1000)) -> list[dict[str, Any]]:
         return agent.recent_events(limit)
+
+    @api.get("/messages")
+    def messages(status: Literal["pending", "done", "dead"] | None = None,
+                 limit: int = Query(50, ge=1, le=1000)) -> list[dict[str, Any]]:
+        return agent.messages(status, limit)
+
+    @api.post("/messages/{message_id}/requeue")
+    def requeue(message_id: int) -> Any:
+        try:
+            return agent.requeue(message_id)
+        except UnknownMessage:
+            raise
+        except ValueError as exc:  # not dead-lettered
+            return JSONResponse({"detail": str(exc)}, status_code=409)
 
     return api
 

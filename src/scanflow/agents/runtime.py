@@ -10,6 +10,13 @@ Crash safety comes from keys and from the order of writes:
    crash is called again with the same key (`ctx.action`), so it can tell and not repeat its
    effect (the built-in actuators do), or is recorded `interrupted` (`on_interrupted: abandon`);
 4. watermarks, cursors and message acknowledgements advance only after that.
+
+A message whose handling fails (its sensor, rule or an actuator raises) is tried again after a
+backoff, `max_attempts` tries in all (a try the agent died in counts), then dead-lettered:
+kept with status `dead`, its last error and its tries, until `requeue`. Messages behind it
+keep flowing. A scheduled fire is written down before it runs (replayed under the same key
+after a crash) and its time is kept, so that fires missed while the agent was down are
+coalesced into one at restart, or skipped (the trigger's `misfire`).
 """
 
 from __future__ import annotations
@@ -38,7 +45,8 @@ from scanflow.agents.triggers import (
     TriggerEvent,
     event_source,
     manual_event,
-    scheduler_trigger,
+    plan_schedule,
+    poll_trigger,
     time_event,
 )
 from scanflow.settings import Settings
@@ -71,9 +79,12 @@ class ActionCall:
     key: str
     name: str
     attempt: int
+    after_failure: bool = False  # the call before failed (its message is being tried again)
 
     @property
     def resumed(self) -> bool:
+        """An earlier call with this key exists (cut off by a crash, or failed): it may have
+        done part of its effect."""
         return self.attempt > 1
 
 
@@ -91,6 +102,16 @@ class DuplicateTrigger(ValueError):
     """The sensor already has a trigger with this id."""
 
 
+class UnknownMessage(KeyError):
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class ActionFailed(RuntimeError):
+    """An actuator of a decision on a message failed: the message is tried again (the actions
+    that succeeded are not repeated), then dead-lettered."""
+
+
 def _digest(text: str) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:20]
 
@@ -99,6 +120,11 @@ def bounded_key(key: str, limit: int = 240) -> str:
     """Keys fit their columns (300 chars) however long an observation key grows as messages
     are forwarded from agent to agent; the digest keeps them unique and replay-stable."""
     return key if len(key) <= limit else f"{key[:limit - 42]}~{hashlib.sha1(key.encode()).hexdigest()}"
+
+
+def _fire_key(sensor: str, trigger: str) -> str:
+    """Agent state of a time trigger: its last fire (replayed if cut off) and served-until."""
+    return f"_fire:{sensor}/{trigger}"
 
 
 def _pending_key(dkey: str) -> str:
@@ -275,6 +301,10 @@ class Agent:
         self._stats: dict[str, dict[str, Any]] = {
             s: {"ticks": 0, "observations": 0, "last_tick": None, "last_error": None} for s in self._sensors
         }
+        self._startup: dict[tuple[str, str], dict[str, Any]] = {}  # what a trigger's first run owes
+        self.max_attempts = self.spec.max_attempts or settings.agent_max_attempts
+        self.retry_backoff = self.spec.retry_backoff or settings.agent_retry_backoff
+        self.retry_max_backoff = settings.agent_retry_max_backoff
         self.api_url: str | None = None
 
     @classmethod
@@ -303,7 +333,12 @@ class Agent:
             try:
                 items = self._observe(spec, event)
                 for obs in items:
-                    self._judge(spec, obs)
+                    if obs.message_id is not None and (event is None or event.message_id is None):
+                        # a sensor reading the inbox itself: each message succeeds or fails alone
+                        self._handle_message(obs.message_id, sensor_name,
+                                             lambda obs=obs: self._judge_noting(spec, obs))
+                    else:
+                        self._judge(spec, obs)
             except Exception as exc:
                 self._failed(sensor_name, exc)
                 raise
@@ -312,6 +347,13 @@ class Agent:
             stats["last_tick"] = time.time()
             stats["last_error"] = None
         return len(items)
+
+    def _judge_noting(self, spec: SensorSpec, obs: Observation) -> None:
+        try:
+            self._judge(spec, obs)
+        except Exception as exc:
+            self._failed(spec.name, exc)
+            raise
 
     def _observe(self, spec: SensorSpec, event: TriggerEvent | None) -> list[Observation]:
         fn = self._funcs[spec.name]
@@ -355,7 +397,8 @@ class Agent:
         pending = None
         if parts:
             pending = (_pending_key(dkey), {"decision": dkey, "sensor": spec.name, "key": obs.key,
-                                            "evidence": evidence, "data": jsonable(obs.data)})
+                                            "evidence": evidence, "data": jsonable(obs.data),
+                                            "message_id": self._message_of(obs)})
         rule_name = name_of(spec.rule.func, "rule") if spec.rule else "always"
         _failpoint("before_decision")
         self.store.record_decision(self.name, spec.name, rule_name, bool(fired), evidence,
@@ -366,31 +409,51 @@ class Agent:
         _failpoint("before_commit")
         self._finish(obs)
 
+    def _message_of(self, obs: Observation) -> int | None:
+        """The message being handled when `obs` is judged (its failures are retried), if any."""
+        if obs.message_id is not None:
+            return obs.message_id
+        ev = self.ctx.trigger_event
+        return ev.message_id if ev is not None else None
+
     def _complete(self, spec: SensorSpec, dkey: str, pending: dict[str, Any],
-                  obs: Observation | None = None) -> None:
-        """Run the decision's actions not finished yet, then store their outcome."""
+                  obs: Observation | None = None, retry: bool | None = None) -> None:
+        """Run the decision's actions not finished yet, then store their outcome. On a message
+        (`retry`), a failed action keeps the decision pending and raises `ActionFailed`: the
+        message's next try calls it again, with the same key."""
         if obs is None:  # resumed after a crash: the observation as it was judged
             obs = Observation(key=pending["key"], evidence=pending.get("evidence", {}),
                               data=pending.get("data", {}))
-        results = [self._act(dkey, p, obs) for p in self._actuators[spec.name]]
+        if retry is None:
+            retry = pending.get("message_id") is not None
+        results = [self._act(dkey, p, obs, retry) for p in self._actuators[spec.name]]
+        failed = [r for r in results if r["status"] == "failed"] if retry else []
+        if failed:
+            self.store.complete_decision(dkey, results, self.name, None)  # still pending
+            raise ActionFailed("; ".join(f"actuator {r['action']} failed: {r.get('error', '?')}"
+                                         for r in failed))
         self.store.complete_decision(dkey, results, self.name, _pending_key(dkey))
 
-    def _act(self, dkey: str, part: _Part, obs: Observation) -> dict[str, Any]:
+    def _act(self, dkey: str, part: _Part, obs: Observation, retry: bool = False) -> dict[str, Any]:
         key = bounded_key(f"{dkey}:{part.name}")
-        row, attempt = self.store.claim_action(key, self.name, part.name)
+        row, attempt = self.store.claim_action(key, self.name, part.name, retry_failed=retry)
         if attempt == 0:  # finished before: never again
             return {**_summary(row.result or {}), "action": part.name, "key": key,
                     "status": row.status, "replayed": True}
+        after_failure = (row.result or {}).get("retry") == "failed"
         remembered = False
-        if attempt > 1 and part.call.on_interrupted == "abandon":
+        if attempt > 1 and part.call.on_interrupted == "abandon" and not after_failure:
             result: dict[str, Any] = {"error": "cut off by a crash; not called again "
                                       "(on_interrupted: abandon)", "attempt": attempt}
             status = "interrupted"
         else:
-            if attempt > 1:
+            if after_failure:
+                log.warning("action %s failed before: calling it again (attempt %d)", key, attempt)
+            elif attempt > 1:
                 log.warning("action %s was cut off by a crash: calling it again (attempt %d)", key, attempt)
             try:
-                with self.ctx._scope(action=ActionCall(key, part.name, attempt), remembered=False):
+                with self.ctx._scope(action=ActionCall(key, part.name, attempt, after_failure),
+                                     remembered=False):
                     out = part.fn(obs, self.ctx, **part.call.params)
                     remembered = bool(getattr(self.ctx._local, "remembered", False))
                 result = out if isinstance(out, dict) else ({} if out is None else {"result": out})
@@ -403,8 +466,9 @@ class Agent:
             if attempt > 1:
                 result = {**result, "attempt": attempt}
         self.store.finish_action(key, status, jsonable(result))
-        if attempt > 1 or remembered:
-            self.store.delete_state(self.name, _intent_key(key))  # what `remember` kept
+        if (attempt > 1 or remembered) and not (status == "failed" and retry):
+            self.store.delete_state(self.name, _intent_key(key))  # what `remember` kept (a call
+            # to be tried again keeps it: the next try gets the first call's values)
         _failpoint("after_action")
         return {**_summary(result), "action": part.name, "key": key, "status": status}
 
@@ -415,21 +479,89 @@ class Agent:
             self.store.ack_message(obs.message_id)
 
     def recover(self) -> int:
-        """Finish the actions of decisions a crash cut off; returns how many were resumed."""
+        """Finish the actions of decisions a crash cut off; returns how many were resumed.
+        A decision on a message still to be handled (pending: its next try; dead-lettered: a
+        requeue) is left to that message, which owns its tries and backoff."""
         n = 0
         for pkey, pending in self.store.state_items(self.name, "_pending:").items():
             spec = self._sensors.get(pending.get("sensor", ""))
             if spec is None:
                 log.warning("pending decision %s names a sensor no longer in the spec", pending)
                 continue
+            mid = pending.get("message_id")
+            if mid is not None:
+                msg = self.store.get_message(int(mid))
+                if msg is not None and msg.status in ("pending", "dead"):
+                    continue
             with self._locks[spec.name], self.ctx._scope(sensor=spec.name):
                 current = self.store.get_state(self.name, pkey)
                 if current is None:  # a replayed tick finished it meanwhile
                     continue
                 log.info("resuming the actions of decision %s", current["decision"])
-                self._complete(spec, current["decision"], current)
+                try:
+                    self._complete(spec, current["decision"], current, retry=False)
+                except Exception:  # noqa: BLE001 - one failing resume must not stop the others
+                    log.exception("resuming decision %s failed", current["decision"])
+                    continue
                 n += 1
         return n
+
+    # -- messages: tries, backoff, dead letters ----------------------------------------------------
+    def _backoff(self, attempt: int) -> float:
+        """Seconds to wait after failed try `attempt` (1, 2, ...): doubling, capped."""
+        return float(min(self.retry_backoff * 2 ** (attempt - 1), self.retry_max_backoff))
+
+    def _handle_message(self, message_id: int, sensor: str, handle: Callable[[], None],
+                        commit: Callable[[], None] | None = None) -> bool:
+        """One try at a message: counted first (durably), then `handle`d and acknowledged
+        (`commit`); a failure schedules the next try or, after the last, dead-letters it.
+        True if it was handled."""
+        attempt = self.store.start_message_attempt(message_id, self.max_attempts)
+        if attempt == 0:  # its last try was cut off (the agent died handling it): no more
+            msg = self.store.get_message(message_id)
+            if msg is not None and msg.status == "pending":
+                self._dead_letter(message_id, sensor, msg.attempts, msg.error or
+                                  "the agent died while handling it (its last try was cut off)")
+            return False
+        try:
+            handle()
+        except Exception as exc:  # noqa: BLE001 - recorded on the message, tried again or dead
+            error = f"{type(exc).__name__}: {exc}"
+            if attempt >= self.max_attempts:
+                self._dead_letter(message_id, sensor, attempt, error)
+            else:
+                wait = self._backoff(attempt)
+                log.warning("message %d failed (try %d of %d), next try in %.1fs: %s", message_id,
+                            attempt, self.max_attempts, wait, error)
+                self.store.fail_message(message_id, error, retry_at=time.time() + wait)
+            return False
+        if commit is not None:
+            _failpoint("before_cursor")
+            commit()
+        return True
+
+    def _dead_letter(self, message_id: int, sensor: str, attempts: int, error: str) -> None:
+        msg = self.store.get_message(message_id)
+        payload = jsonable({"message_id": message_id, "key": msg.key if msg else None,
+                            "message_kind": msg.kind if msg else None,
+                            "from": msg.sender if msg else None,
+                            "sensor": sensor, "attempts": attempts, "error": error[:2000]})
+        log.error("message %d dead-lettered after %d tries: %s", message_id, attempts, error)
+        self.store.fail_message(message_id, error, dead_letter=(self.name, payload))
+
+    def messages(self, status: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        """This agent's messages (newest `limit`, oldest first): dead letters with `status='dead'`."""
+        return [message_info(m) for m in self.store.list_messages(self.name, status=status, limit=limit)]
+
+    def requeue(self, message_id: int) -> dict[str, Any]:
+        """Deliver a dead-lettered message again, its tries counted from zero; a decision it
+        left pending finishes its failed actions (the succeeded ones are not repeated)."""
+        try:
+            msg = self.store.requeue_message(self.name, message_id)
+        except KeyError as exc:
+            raise UnknownMessage(str(exc).strip("'\"")) from None
+        log.info("message %d requeued", message_id)
+        return message_info(msg)
 
     def _failed(self, sensor: str, exc: BaseException) -> None:
         """Log and record a failure once per distinct error (a poll may fail every second)."""
@@ -503,32 +635,96 @@ class Agent:
         return f"{sensor}/{key}"
 
     def _schedule(self, sensor: str, t: Trigger) -> None:
+        job_id, name = self._job_id(sensor, t.key), f"{sensor}: {t.describe()}"
         if t.event is not None:
             self._sources[(sensor, t.key)] = event_source(self.ctx, sensor, t)
-        if t.date is not None and self._date_fired(sensor, t):
-            return  # a date fires once, ever
-        trig, first = scheduler_trigger(t)
+            poll, first = poll_trigger(t)
+            self._sched.add_job(self._poll_job, poll, args=[sensor, t.key], id=job_id, name=name,
+                                replace_existing=True,
+                                next_run_time=None if sensor in self._paused else first)
+            return
+        record = self.store.get_state(self.name, _fire_key(sensor, t.key))
+        replay = record if record and not record.get("done", True) and record.get("key") else None
+        if t.date is not None and replay is None and (
+                self._date_fired(sensor, t) or (record or {}).get("skipped")):
+            return  # a date fires once, ever (or never: skipped)
+        now = datetime.now(UTC)
+        plan = plan_schedule(t, record, now)
+        if record is None:  # the schedule is served from now on
+            self._save_fire(sensor, t.key, {"last": None, "key": None, "done": True,
+                                            "covered": now.timestamp()})
+        paused = sensor in self._paused
+        startup: dict[str, Any] = {}
+        if replay is not None:  # a fire cut off by a crash: again, under the same key
+            startup["replay"] = replay
+        if plan.missed and (not paused or t.date is not None):
+            missed = {"missed": plan.missed, "missed_since": _iso(plan.missed_since),
+                      "misfire": t.misfire_policy}
+            if plan.fire_now and not (replay is not None and t.date is not None):
+                startup["coalesce"] = missed
+                log.info("%s/%s missed %d fire(s) since %s: firing once now", sensor, t.key,
+                         plan.missed, missed["missed_since"])
+            elif not plan.fire_now:
+                log.info("%s/%s missed %d fire(s) since %s: skipped", sensor, t.key, plan.missed,
+                         missed["missed_since"])
+                self.ctx.event("misfire_skipped", sensor=sensor, trigger=t.key, schedule=t.describe(),
+                               **missed)
+                rec = {**(record or {}), "covered": now.timestamp()}  # not counted again next time
+                if t.date is not None:
+                    rec["skipped"] = now.timestamp()
+                self._save_fire(sensor, t.key, rec)
+        aps, first = plan.trigger, plan.first
+        if not plan.scheduled:
+            if replay is None:
+                return
+            from apscheduler.triggers.date import DateTrigger
+
+            aps = DateTrigger(run_date=now, timezone=UTC)
+        if startup:
+            self._startup[(sensor, t.key)] = startup
+            first = now
         kwargs: dict[str, Any] = {}
-        if sensor in self._paused:
+        if paused:
             kwargs["next_run_time"] = None  # added paused
         elif first is not None:
             kwargs["next_run_time"] = first
-        job = self._poll_job if t.event is not None else self._time_job
-        self._sched.add_job(job, trig, args=[sensor, t.key], id=self._job_id(sensor, t.key),
-                            name=f"{sensor}: {t.describe()}", replace_existing=True, **kwargs)
+        self._sched.add_job(self._time_job, aps, args=[sensor, t.key], id=job_id, name=name,
+                            replace_existing=True, **kwargs)
+
+    def _save_fire(self, sensor: str, key: str, record: dict[str, Any]) -> None:
+        self.store.set_state(self.name, _fire_key(sensor, key), jsonable(record))
 
     def _time_job(self, sensor: str, key: str) -> None:
         entry = self._triggers.get(sensor, {}).get(key)
         if entry is None or self._stopping.is_set():
             return
         t = entry[0]
+        startup = self._startup.pop((sensor, key), None) or {}
+        replay = startup.get("replay")
+        if replay is not None:
+            ev = TriggerEvent(kind=t.kind, key=replay["key"], trigger=t.key,
+                              evidence={**replay.get("evidence", {}), "replayed": True})
+            self._fire_time(sensor, t, ev, replay)
+            if "coalesce" not in startup:
+                return  # this run was for the replay; the schedule goes on as planned
+        extra = startup.get("coalesce") or {}
+        self._fire_time(sensor, t, time_event(t, **extra))
+
+    def _fire_time(self, sensor: str, t: Trigger, ev: TriggerEvent,
+                   record: dict[str, Any] | None = None) -> None:
+        """A scheduled fire: written down first (a crash replays it under the same key, so it
+        is judged once), then judged; its time is the trigger's last fire time."""
+        now = time.time()
+        rec = record or {"last": now, "key": ev.key, "evidence": ev.evidence, "covered": now}
+        self._save_fire(sensor, t.key, {**rec, "done": False})
         try:
-            self.tick(sensor, time_event(t))
+            self.tick(sensor, ev)
         except Exception:  # noqa: BLE001 - a failing sensor must not kill the agent (logged)
             pass
         finally:
             if t.date is not None:
-                self.store.set_state(self.name, f"_fired:{sensor}/{key}", _iso(time.time()))
+                self.store.set_state(self.name, f"_fired:{sensor}/{t.key}", _iso(time.time()))
+            self._save_fire(sensor, t.key, {**rec, "done": True})
 
     def _poll_job(self, sensor: str, key: str) -> None:
         src = self._sources.get((sensor, key))
@@ -542,6 +738,10 @@ class Agent:
         for ev in events:
             if self._stopping.is_set() or sensor in self._paused:
                 break
+            if ev.message_id is not None:  # each message on its own: one failing blocks none
+                self._handle_message(ev.message_id, sensor, lambda ev=ev: self.tick(sensor, ev),
+                                     commit=ev.commit)
+                continue
             try:
                 self.tick(sensor, ev)
             except Exception:  # noqa: BLE001 - logged; retried at the next poll, in order
@@ -582,8 +782,13 @@ class Agent:
                 entry["next_poll_time"] = _iso(nxt)
                 src = self._sources.get((name, key))
                 entry["cursor"] = src.cursor() if src is not None else None
+            else:
+                rec = self.store.get_state(self.name, _fire_key(name, key)) or {}
+                entry["misfire"] = t.misfire_policy
+                entry["last_fire_time"] = _iso(rec.get("last"))
             if t.date is not None:
                 entry["fired_at"] = self._date_fired(name, t)
+                entry["skipped_at"] = _iso(rec.get("skipped"))
             trigs.append(entry)
         nexts = sorted(e["next_fire_time"] for e in trigs if e["next_fire_time"])
         stats = self._stats[name]
@@ -635,9 +840,19 @@ class Agent:
             for n in names:
                 if n in self._paused:
                     self._paused.discard(n)
+                    self._served_from_now(n)
                     self._each_job(n, "resume_job")
                     self.ctx.event("sensor_resumed", sensor=n)
         return names
+
+    def _served_from_now(self, sensor: str) -> None:
+        """A resumed sensor's schedule is served from now: fires due while it was paused were
+        skipped on purpose, not missed (a restart does not fire them)."""
+        now = time.time()
+        for key, (t, _) in self._triggers.get(sensor, {}).items():
+            if t.event is None:
+                rec = self.store.get_state(self.name, _fire_key(sensor, key)) or {"last": None, "done": True}
+                self._save_fire(sensor, key, {**rec, "covered": now})
 
     def _each_job(self, sensor: str, method: str) -> None:
         if self._sched is None:
@@ -694,6 +909,7 @@ class Agent:
             else:
                 ov["removed"].setdefault(name, []).append(key)
             self._save_overrides(ov)
+            self.store.delete_state(self.name, _fire_key(name, key))  # added again: a new history
             self._sources.pop((name, key), None)
             if self._sched is not None and self._sched.get_job(self._job_id(name, key)) is not None:
                 self._sched.remove_job(self._job_id(name, key))
@@ -710,7 +926,8 @@ class Agent:
 
     # -- the process loop --------------------------------------------------------------------
     def run_forever(self, stop: Callable[[], bool] | None = None, api: bool = True) -> None:
-        """Serve the HTTP API, schedule every trigger, heartbeat, until `stop()` is true."""
+        """Register, schedule every trigger, serve the HTTP API, heartbeat, until `stop()` is
+        true. The API answers only once the triggers are scheduled (never an empty list)."""
         server = None
         host = port = None
         if api:
@@ -721,10 +938,10 @@ class Agent:
             self.api_url = f"http://{host}:{port}"
         self.store.register_agent(self.name, self.ctx.app.app, self.spec.role, os.getpid(),
                                   api_host=host, api_port=port)
-        if server is not None:
-            server.start()
         self.start()
         try:
+            if server is not None:
+                server.start()
             while not (stop and stop()):
                 time.sleep(0.5)
                 self.store.agent_heartbeat(self.name)
@@ -733,6 +950,13 @@ class Agent:
             if server is not None:
                 server.stop()
             self.store.agent_heartbeat(self.name, status="stopped")
+
+
+def message_info(m: Any) -> dict[str, Any]:
+    """A message as the API lists it (dead letters with their last error and tries)."""
+    return {"id": m.id, "key": m.key, "kind": m.kind, "from": m.sender, "status": m.status,
+            "attempts": m.attempts, "error": m.error, "sent": _iso(m.ts),
+            "retry_at": _iso(m.retry_at), "handled_at": _iso(m.handled_at), "payload": m.payload}
 
 
 def _summary(result: dict[str, Any]) -> dict[str, Any]:

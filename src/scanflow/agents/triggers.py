@@ -48,16 +48,18 @@ def _iso(ts: float | datetime | None = None) -> str:
     return datetime.fromtimestamp(time.time() if ts is None else ts, UTC).isoformat(timespec="seconds")
 
 
-def time_event(trig: Trigger, kind: str | None = None) -> TriggerEvent:
-    """The event of a scheduled (or manual) fire."""
+def time_event(trig: Trigger, kind: str | None = None, at: datetime | None = None,
+               **evidence: Any) -> TriggerEvent:
+    """The event of a scheduled (or manual) fire at `at` (default: now)."""
     kind = kind or trig.kind
-    now = _iso()
+    at = at or datetime.now(UTC)
     if trig.date is not None and kind == "date":
         key = f"date:{_iso(trig.date)}"
     else:  # milliseconds: two fires of a fast interval must not look like one replayed
-        key = f"{trig.key}@{datetime.now(UTC).isoformat(timespec='milliseconds')}"
+        key = f"{trig.key}@{at.astimezone(UTC).isoformat(timespec='milliseconds')}"
     return TriggerEvent(kind=kind, key=key, trigger=trig.key,
-                        evidence={"trigger": trig.key, "fired_at": now, "schedule": trig.describe()})
+                        evidence={"trigger": trig.key, "fired_at": _iso(at), "schedule": trig.describe(),
+                                  **evidence})
 
 
 def manual_event(sensor: str) -> TriggerEvent:
@@ -68,37 +70,95 @@ def manual_event(sensor: str) -> TriggerEvent:
                         evidence={"trigger": "manual", "fired_at": now})
 
 
-def scheduler_trigger(trig: Trigger) -> tuple[Any, datetime | None]:
-    """(APScheduler trigger, first run time) for a trigger; event triggers become their poll."""
+def poll_trigger(trig: Trigger) -> tuple[Any, datetime]:
+    """(APScheduler trigger, first run time) of an event trigger: its poll, from now."""
+    from apscheduler.triggers.interval import IntervalTrigger
+
+    assert trig.event is not None
+    return IntervalTrigger(seconds=trig.event.poll, timezone=UTC), datetime.now(UTC)
+
+
+MAX_COUNTED_MISSES = 1000  # a cron fire every second over a week is "1000 or more" missed
+
+
+@dataclass
+class SchedulePlan:
+    """How a time trigger is scheduled at start, given when its schedule was last served.
+
+    `first` is the first run time (None: the scheduler's own next time after now; nothing at
+    all when `scheduled` is false). `missed` counts the fire times that went by unserved (up
+    to `MAX_COUNTED_MISSES`), the first of them at `missed_since`; `fire_now` is the one fire
+    that stands for them all (policy `coalesce`)."""
+
+    trigger: Any
+    first: datetime | None
+    scheduled: bool = True
+    missed: int = 0
+    missed_since: datetime | None = None
+    fire_now: bool = False
+
+
+def plan_schedule(trig: Trigger, record: dict[str, Any] | None, now: datetime | None = None) -> SchedulePlan:
+    """Apply the trigger's misfire policy, given its durable `record`: when it last fired
+    (`last`) and until when its schedule was served (`covered`: the last fire, the first start,
+    a resume), in UNIX seconds. Without a record nothing can have been missed: an interval
+    fires at start, a cron waits for its time, a date already past fires (coalesce) or not."""
     from apscheduler.triggers.date import DateTrigger
     from apscheduler.triggers.interval import IntervalTrigger
 
-    now = datetime.now(UTC)
+    now = now or datetime.now(UTC)
+    t_now = now.timestamp()
+    coalesce = trig.misfire_policy == "coalesce"
+    last = (record or {}).get("last")
+    covered = (record or {}).get("covered", last)
     if trig.interval is not None:
-        return IntervalTrigger(seconds=trig.interval, timezone=UTC), now
+        every = trig.interval
+        if last is None:  # never fired: at start, then every `interval`
+            return SchedulePlan(IntervalTrigger(seconds=every, start_date=now, timezone=UTC), now)
+        last = float(last)
+        aps = IntervalTrigger(seconds=every, start_date=datetime.fromtimestamp(last, UTC), timezone=UTC)
+        base = max(last, float(covered if covered is not None else last))  # a resume moves it on
+        # the next tick of the grid `last + k * every` after `base` (and after now, if missed)
+        nxt = last + every * (int((base - last) // every) + 1)
+        if nxt > t_now:
+            return SchedulePlan(aps, datetime.fromtimestamp(nxt, UTC))
+        missed = min(int((t_now - nxt) // every) + 1, MAX_COUNTED_MISSES)
+        since = datetime.fromtimestamp(nxt, UTC)
+        if coalesce:
+            return SchedulePlan(aps, now, missed=missed, missed_since=since, fire_now=True)
+        ahead = last + every * (int((t_now - last) // every) + 1)
+        return SchedulePlan(aps, datetime.fromtimestamp(ahead, UTC), missed=missed, missed_since=since)
     if trig.cron is not None:
-        return cron_trigger(trig.cron), None
-    if trig.date is not None:
-        # A date already past fires once, now (a restart must not make the spec invalid).
-        when = max(trig.date, now)
-        return DateTrigger(run_date=when, timezone=UTC), when
-    assert trig.event is not None
-    return IntervalTrigger(seconds=trig.event.poll, timezone=UTC), now
+        aps = cron_trigger(trig.cron)
+        if covered is None:
+            return SchedulePlan(aps, None)
+        slot = aps.get_next_fire_time(datetime.fromtimestamp(float(covered), UTC), now)
+        since, missed = slot, 0
+        while slot is not None and slot <= now and missed < MAX_COUNTED_MISSES:
+            missed += 1
+            slot = aps.get_next_fire_time(slot, now)
+        if not missed:
+            return SchedulePlan(aps, None)
+        return SchedulePlan(aps, now if coalesce else None, missed=missed, missed_since=since,
+                            fire_now=coalesce)
+    assert trig.date is not None, "event triggers are polled, not planned"
+    if trig.date > now:
+        return SchedulePlan(DateTrigger(run_date=trig.date, timezone=UTC), trig.date)
+    if coalesce:  # a date already past fires once, now
+        return SchedulePlan(DateTrigger(run_date=now, timezone=UTC), now, missed=1,
+                            missed_since=trig.date, fire_now=True)
+    return SchedulePlan(None, None, scheduled=False, missed=1, missed_since=trig.date)
 
 
-# -- registry helpers (the same queries as the workflow TriggerService) ---------------------------
+# -- registry helpers (kept for callers; the queries live in `scanflow.tracking.Tracker`) ---------
 def model_versions(tracker: Any, model: str) -> list[Any]:
-    try:
-        return list(tracker.client.search_model_versions(f"name='{model}'"))
-    except Exception:  # noqa: BLE001 - a model not registered yet has no versions
-        return []
+    """Every registered version of `model` (none for a model not registered yet)."""
+    return list(tracker.model_versions(model))
 
 
 def alias_version(tracker: Any, model: str, alias: str) -> str | None:
-    try:
-        return str(tracker.version_by_alias(model, alias))
-    except ValueError:
-        return None
+    """The version `model@alias` points to, or None."""
+    return tracker.alias_version(model, alias)  # type: ignore[no-any-return]
 
 
 # -- event sources --------------------------------------------------------------------------------
@@ -170,7 +230,7 @@ class ModelRegistry(EventSource):
         tracker = self.ctx.tracker
         cur = self._get()
         if ev.event == "version_registered":
-            versions = sorted(model_versions(tracker, ev.name), key=lambda v: int(v.version))
+            versions = sorted(tracker.model_versions(ev.name), key=lambda v: int(v.version))
             latest = int(versions[-1].version) if versions else 0
             if cur is None:  # versions registered before the trigger existed do not fire
                 self._set(latest)
@@ -188,7 +248,7 @@ class ModelRegistry(EventSource):
                 ))
             return out
         assert ev.alias is not None
-        now = alias_version(tracker, ev.name, ev.alias)
+        now = tracker.alias_version(ev.name, ev.alias)
         if cur is None:
             self._set({"version": now, "moves": 0})
             return []

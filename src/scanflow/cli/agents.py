@@ -1,6 +1,7 @@
 """`scanflow agents ...`: start and stop agent processes, and drive a running agent through its
-HTTP API (list sensors and their next fire time, fire a sensor now, pause, resume, add and
-remove triggers). Exit codes: 0 ok, 1 the agent did not answer, 2 bad input or unknown name.
+HTTP API (list sensors and their next and last fire time, fire a sensor now, pause, resume, add
+and remove triggers, list and requeue dead-lettered messages). Exit codes: 0 ok, 1 the agent did
+not answer, 2 bad input or unknown name.
 """
 
 from __future__ import annotations
@@ -127,13 +128,16 @@ def status(
     decisions: Annotated[int, typer.Option(help="recent decisions to show")] = 10,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """A running agent's sensors (triggers, paused, next fire time) and recent decisions."""
+    """A running agent's sensors (triggers, paused, next and last fire time), its dead-lettered
+    messages and recent decisions."""
     sensors = _call(agent, "GET", "/sensors")
+    dead = _call(agent, "GET", "/messages", params={"status": "dead"})
     recent = _call(agent, "GET", "/decisions", params={"limit": decisions}) if decisions else []
     if as_json:
-        print(json.dumps({"sensors": sensors, "decisions": recent}))
+        print(json.dumps({"sensors": sensors, "dead_letters": dead, "decisions": recent}))
         return
-    t = Table("sensor", "trigger", "id", "next fire", "state", "ticks", "last error", title=agent)
+    t = Table("sensor", "trigger", "id", "next fire", "last fire", "state", "ticks", "last error",
+              title=agent)
     for s in sensors:
         state = "paused" if s["paused"] else "active"
         trigs = s["triggers"] or [{"schedule": "(none: fire by hand)", "id": "-"}]
@@ -142,9 +146,17 @@ def status(
                 f"polls {tr['next_poll_time']}" if tr.get("next_poll_time")
                 else f"fired {tr['fired_at']}" if tr.get("fired_at") else "-")
             t.add_row(s["name"] if i == 0 else "", tr["schedule"], tr["id"], nxt,
+                      tr.get("last_fire_time") or "-",
                       state if i == 0 else "", str(s["ticks"]) if i == 0 else "",
                       (s["last_error"] or "")[:60] if i == 0 else "")
     out.print(t)
+    if dead:
+        d = Table("id", "kind", "key", "from", "tries", "dead since", "last error",
+                  title=f"dead-lettered messages (`scanflow agents requeue {agent} <id>`)")
+        for m in dead:
+            d.add_row(str(m["id"]), m["kind"], m["key"][:40], m["from"], str(m["attempts"]),
+                      m["handled_at"] or "-", (m["error"] or "")[:80])
+        out.print(d)
     if recent:
         d = Table("time", "sensor", "fired", "reason", "actions", title="recent decisions")
         for row in recent:
@@ -200,10 +212,13 @@ def add_trigger(
     date: Annotated[str | None, typer.Option(help="ISO 8601, fires once")] = None,
     event: Annotated[str | None, typer.Option(help='JSON, e.g. \'{"message": {"kind": "retrain"}}\'')] = None,
     trigger_id: Annotated[str | None, typer.Option("--id", help="name it (default: derived)")] = None,
+    misfire: Annotated[str | None, typer.Option(
+        help="fires missed while the agent was down: coalesce (once at restart, default) or skip")] = None,
 ) -> None:
     """Add a trigger to a running agent's sensor (kept across restarts)."""
     body: dict[str, Any] = {k: v for k, v in
-                            {"interval": interval, "cron": cron, "date": date, "id": trigger_id}.items()
+                            {"interval": interval, "cron": cron, "date": date, "id": trigger_id,
+                             "misfire": misfire}.items()
                             if v is not None}
     if event is not None:
         try:
@@ -221,3 +236,34 @@ def remove_trigger(agent: AgentName, sensor: SensorName,
     """Remove a trigger from a running agent's sensor (kept across restarts)."""
     _call(agent, "DELETE", f"/sensors/{sensor}/triggers/{trigger_id}")
     out.print(f"{agent}/{sensor}: removed trigger {trigger_id}")
+
+
+@agents_app.command("requeue")
+def requeue(
+    agent: AgentName,
+    message_ids: Annotated[list[int] | None, typer.Argument(help="as `agents status` lists them")] = None,
+    all_dead: Annotated[bool, typer.Option("--all", help="every dead-lettered message of the agent")] = False,
+) -> None:
+    """Deliver dead-lettered messages again (their tries start from zero). Through the running
+    agent's API; an agent that is not running gets them at its next start."""
+    if bool(message_ids) == all_dead:
+        fail("give message ids, or --all")
+    sup = _supervisor()
+    running = {r["name"]: r for r in sup.status()}.get(agent, {}).get("status") == "running"
+    if running:
+        ids = message_ids or [m["id"] for m in _call(agent, "GET", "/messages",
+                                                     params={"status": "dead", "limit": 1000})]
+        for mid in ids:
+            m = _call(agent, "POST", f"/messages/{mid}/requeue")
+            out.print(f"{agent}: requeued message {m['id']} ({m['kind']}, {m['key']})", highlight=False)
+    else:  # the store is the queue: no agent needs to be up
+        ids = message_ids or [m.id for m in sup.store.list_messages(agent, status="dead")]
+        for mid in ids:
+            try:
+                m = sup.store.requeue_message(agent, mid)
+            except (KeyError, ValueError) as exc:
+                fail(str(exc).strip("'\""))
+            out.print(f"{agent}: requeued message {m.id} ({m.kind}, {m.key}); it is delivered when "
+                      "the agent runs", highlight=False)
+    if not ids:
+        out.print(f"{agent}: no dead-lettered messages")

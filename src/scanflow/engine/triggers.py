@@ -29,11 +29,12 @@ class TriggerService:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.fired: list[str] = []
+        tracker = engine.tracker
         for _, _, trig in self._triggers():
             if trig.model is not None:
-                self._versions.setdefault(trig.model, self._latest_version(trig.model))
+                self._versions.setdefault(trig.model, tracker.latest_version(trig.model))
                 if trig.alias:
-                    self._aliases[(trig.model, trig.alias)] = self._alias(trig.model, trig.alias)
+                    self._aliases[(trig.model, trig.alias)] = tracker.alias_version(trig.model, trig.alias)
 
     def _triggers(self) -> list[tuple[Application, str, WorkflowTrigger]]:
         return [(app, name, t) for app in self.apps for name, wf in app.workflows.items()
@@ -48,22 +49,9 @@ class TriggerService:
         self.fired.append(run_id)
         return run_id
 
-    # -- registry -----------------------------------------------------------------------------
-    def _latest_version(self, model: str) -> int:
-        try:
-            versions = self.engine.tracker.client.search_model_versions(f"name='{model}'")
-        except Exception:  # noqa: BLE001 - a model not registered yet has no versions
-            return 0
-        return max((int(v.version) for v in versions), default=0)
-
-    def _alias(self, model: str, alias: str) -> str | None:
-        try:
-            return self.engine.tracker.version_by_alias(model, alias)
-        except ValueError:
-            return None
-
     def poll_once(self) -> list[str]:
-        """Check the event triggers (workflow success, registry); returns the runs queued."""
+        """Check the event triggers (workflow success, registry: the same `Tracker` queries as
+        the agents' model triggers); returns the runs queued."""
         queued: list[str] = []
         ended = [r for r in self.engine.store.list_runs(status=["succeeded"], limit=1000)
                  if (r.ended_at or 0) > self._since]
@@ -78,14 +66,14 @@ class TriggerService:
                             "by": "workflow", "after_run": r.id, "after_workflow": r.workflow,
                             "reason": f"{r.workflow} run {r.id[:12]} succeeded"}))
             elif trig.model is not None and trig.event == "version_registered":
-                latest = self._latest_version(trig.model)
+                latest = self.engine.tracker.latest_version(trig.model)
                 if latest > self._versions.get(trig.model, 0):
                     queued.append(self._fire(app, name, trig, {
                         "by": "model", "event": "version_registered", "model": trig.model,
                         "version": str(latest),
                         "reason": f"{trig.model} version {latest} was registered"}))
             elif trig.model is not None and trig.alias:
-                now = self._alias(trig.model, trig.alias)
+                now = self.engine.tracker.alias_version(trig.model, trig.alias)
                 before = self._aliases.get((trig.model, trig.alias))
                 if now != before and now is not None:
                     queued.append(self._fire(app, name, trig, {
@@ -96,7 +84,7 @@ class TriggerService:
         for _, _, trig in self._triggers():
             if trig.model is not None:
                 self._versions[trig.model] = max(self._versions.get(trig.model, 0),
-                                                 self._latest_version(trig.model))
+                                                 self.engine.tracker.latest_version(trig.model))
         self._since = max(self._since, newest)
         return queued
 

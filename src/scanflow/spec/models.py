@@ -369,6 +369,11 @@ class Trigger(_Strict):
     cron: str | None = Field(default=None, description="5 crontab fields, or 6 with seconds first; UTC")
     date: datetime | None = Field(default=None, description="ISO 8601; without an offset, UTC")
     event: EventTrigger | None = None
+    misfire: Literal["coalesce", "skip"] | None = Field(
+        default=None,
+        description="fires missed while the agent was down (interval, cron, date): `coalesce` "
+        "(default) fires once at restart, `skip` does not fire",
+    )
 
     @field_validator("interval", mode="before")
     @classmethod
@@ -403,7 +408,15 @@ class Trigger(_Strict):
                 raise ValueError(f"bad cron expression {self.cron!r}: {exc}") from None
         if self.date is not None:
             object.__setattr__(self, "date", _utc(self.date))
+        if self.event is not None and self.misfire is not None:
+            raise ValueError("`misfire` applies to interval, cron and date triggers (an event "
+                             "trigger catches up from its cursor)")
         return self
+
+    @property
+    def misfire_policy(self) -> str:
+        """`coalesce` unless the trigger says `skip`."""
+        return self.misfire or "coalesce"
 
     @property
     def kind(self) -> str:
@@ -411,10 +424,11 @@ class Trigger(_Strict):
 
     @property
     def key(self) -> str:
-        """Stable id (given, or kind + digest of the content): durable state hangs on it."""
+        """Stable id (given, or kind + digest of the content): durable state hangs on it (the
+        misfire policy is not part of it: changing it keeps the trigger's last fire time)."""
         if self.id:
             return self.id
-        body = self.model_dump(mode="json", exclude={"id"}, exclude_none=True)
+        body = self.model_dump(mode="json", exclude={"id", "misfire"}, exclude_none=True)
         digest = hashlib.sha1(json.dumps(body, sort_keys=True).encode()).hexdigest()[:8]
         kind = self.kind if self.event is None else self.event.kind
         return f"{kind}-{digest}"
@@ -496,7 +510,21 @@ class AgentSpec(_Strict):
         default_factory=list, description="modules (from the app folder) whose @sensor/@rule/@actuator "
         "functions this agent names",
     )
+    max_attempts: int | None = Field(
+        default=None, ge=1, le=1000,
+        description="tries at handling one message (sensor, rule and actuators) before it is "
+        "dead-lettered; default: the `agent_max_attempts` setting (5)",
+    )
+    retry_backoff: float | None = Field(
+        default=None, description="seconds before the 2nd try of a failed message, doubling each "
+        "try; default: the `agent_retry_backoff` setting (1s)",
+    )
     sensors: list[SensorSpec] = Field(min_length=1)
+
+    @field_validator("retry_backoff", mode="before")
+    @classmethod
+    def _backoff(cls, v: Any) -> Any:
+        return None if v is None else parse_duration(v)
 
     @field_validator("imports")
     @classmethod

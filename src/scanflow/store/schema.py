@@ -173,9 +173,15 @@ class Message(Base):
     recipient: Mapped[str] = mapped_column(String(200))
     kind: Mapped[str] = mapped_column(String(100))
     payload: Mapped[dict[str, Any]] = mapped_column(default=dict)
-    status: Mapped[str] = mapped_column(String(20))
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    status: Mapped[str] = mapped_column(String(20))  # pending | done | dead (dead-lettered)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # handling tries started
     handled_at: Mapped[float | None] = mapped_column(Float)
+    error: Mapped[str | None] = mapped_column(Text, default=None)  # of the last failed try
+    retry_at: Mapped[float | None] = mapped_column(Float, default=None)  # not delivered before
+
+
+# Columns added after the first release: `Store` adds them to an older database (all nullable).
+MESSAGE_COLUMNS_ADDED = {"error": "TEXT", "retry_at": "FLOAT"}
 
 
 class AgentState(Base):

@@ -10,12 +10,26 @@ from typing import Any
 
 import numpy as np
 import orjson
-from sqlalchemy import Text, create_engine, delete, event, func, insert, select, type_coerce, update
+from sqlalchemy import (
+    Text,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    inspect,
+    or_,
+    select,
+    text,
+    type_coerce,
+    update,
+)
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from scanflow.store.schema import (
+    MESSAGE_COLUMNS_ADDED,
     Action,
     AgentProcess,
     AgentState,
@@ -74,7 +88,22 @@ class Store:
         self.url = normalise_url(url)
         self.engine = _make_engine(self.url)
         Base.metadata.create_all(self.engine)
+        self._add_message_columns()
         self._session = sessionmaker(self.engine, expire_on_commit=False)
+
+    def _add_message_columns(self) -> None:
+        """A database made before messages had `error`/`retry_at` gets them (nullable), so an
+        existing workspace keeps working; a concurrent process adding them first is fine."""
+        have = {c["name"] for c in inspect(self.engine).get_columns("messages")}
+        for name, sql_type in MESSAGE_COLUMNS_ADDED.items():
+            if name in have:
+                continue
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(text(f"ALTER TABLE messages ADD COLUMN {name} {sql_type}"))
+            except DBAPIError:
+                if name not in {c["name"] for c in inspect(self.engine).get_columns("messages")}:
+                    raise
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -460,11 +489,14 @@ class Store:
             return False
         return True
 
-    def complete_decision(self, key: str, actions: list[Any], agent: str, pending_key: str) -> None:
-        """Store the outcome of a decision's actions and drop its pending marker, atomically."""
+    def complete_decision(self, key: str, actions: list[Any], agent: str, pending_key: str | None) -> None:
+        """Store the outcome of a decision's actions and drop its pending marker, atomically
+        (`pending_key` None: the outcome so far, the decision stays pending)."""
         with self.session() as s:
             s.execute(update(Decision).where(Decision.key == key).values(actions=actions))
-            s.execute(delete(AgentState).where(AgentState.agent == agent, AgentState.key == pending_key))
+            if pending_key is not None:
+                s.execute(delete(AgentState).where(AgentState.agent == agent,
+                                                   AgentState.key == pending_key))
 
     def get_decision(self, key: str) -> Decision | None:
         with self.session() as s:
@@ -519,9 +551,13 @@ class Store:
                 return a, True
             return a, False
 
-    def claim_action(self, key: str, agent: str, kind: str) -> tuple[Action, int]:
+    def claim_action(
+        self, key: str, agent: str, kind: str, retry_failed: bool = False,
+    ) -> tuple[Action, int]:
         """Claim an action key: (action, attempt) where attempt is 1 for a new action, 2, 3 ...
-        when an earlier claimant died while running it, and 0 when it already finished."""
+        when an earlier claimant died while running it, and 0 when it already finished. With
+        `retry_failed`, a failed action is claimed again too (its result says `retry: failed`:
+        the earlier call ended in an error, it was not cut off)."""
         try:
             with self.session() as s:
                 a = Action(key=key, agent=agent, kind=kind, status="running", created_at=time.time(),
@@ -531,10 +567,15 @@ class Store:
         except IntegrityError:
             with self.session() as s:
                 a = s.scalars(select(Action).where(Action.key == key)).one()
-                if a.status != "running":
+                last = dict(a.result or {})
+                attempt = int(last.get("attempt", 1)) + 1
+                if a.status == "failed" and retry_failed:
+                    a.status, a.ended_at = "running", None
+                    a.result = {"attempt": attempt, "retry": "failed"}
+                elif a.status != "running":
                     return a, 0
-                attempt = int((a.result or {}).get("attempt", 1)) + 1
-                a.result = {**(a.result or {}), "attempt": attempt}
+                else:  # cut off by a crash (also while retrying a failure)
+                    a.result = {"attempt": attempt}
             return a, attempt
 
     def finish_action(self, key: str, status: str, result: dict[str, Any]) -> None:
@@ -580,39 +621,102 @@ class Store:
             return False
 
     def inbox(self, recipient: str, kinds: Sequence[str] | None = None, limit: int = 100) -> list[Message]:
-        """Messages not yet acknowledged, oldest first (re-delivered after a crash)."""
+        """Messages not yet acknowledged, oldest first (re-delivered after a crash); one that
+        failed waits until its `retry_at`, and a dead-lettered one is not delivered."""
+        now = time.time()
         q = (
             select(Message)
-            .where(Message.recipient == recipient, Message.status == "pending")
+            .where(Message.recipient == recipient, Message.status == "pending",
+                   or_(Message.retry_at.is_(None), Message.retry_at <= now))
             .order_by(Message.id)
             .limit(limit)
         )
         if kinds:
             q = q.where(Message.kind.in_(list(kinds)))
         with self.session() as s:
-            msgs = list(s.scalars(q).all())
-            if msgs:
-                s.execute(
-                    update(Message)
-                    .where(Message.id.in_([m.id for m in msgs]))
-                    .values(attempts=Message.attempts + 1)
-                )
-        return msgs
+            return list(s.scalars(q).all())
 
     def ack_message(self, message_id: int) -> None:
         with self.session() as s:
             s.execute(
                 update(Message)
                 .where(Message.id == message_id)
-                .values(status="done", handled_at=time.time())
+                .values(status="done", handled_at=time.time(), retry_at=None)
             )
 
-    def list_messages(self, recipient: str | None = None) -> Sequence[Message]:
-        q = select(Message).order_by(Message.id)
+    def start_message_attempt(self, message_id: int, max_attempts: int) -> int:
+        """Count one more try at handling a message, durably and before it starts (a message
+        that kills its agent is counted too); returns this try's number (1, 2, ...), or 0 when
+        `max_attempts` tries were started already (the last one was cut off)."""
+        with self.session() as s:
+            done = s.execute(update(Message).where(Message.id == message_id,
+                                                   Message.attempts < max_attempts)
+                             .values(attempts=Message.attempts + 1)).rowcount
+            if not done:
+                return 0
+            return int(s.scalars(select(Message.attempts).where(Message.id == message_id)).one())
+
+    def fail_message(
+        self, message_id: int, error: str, *, retry_at: float | None = None,
+        dead_letter: tuple[str, dict[str, Any]] | None = None,
+    ) -> None:
+        """Record a failed try: the message waits until `retry_at`, or is dead-lettered with
+        `dead_letter` = (agent, event payload) stored as a `message_dead_lettered` event in the
+        same transaction."""
+        values: dict[str, Any] = {"error": error[:4000], "retry_at": retry_at}
+        if dead_letter is not None:
+            values.update(status="dead", handled_at=time.time(), retry_at=None)
+        with self.session() as s:
+            s.execute(update(Message).where(Message.id == message_id, Message.status == "pending")
+                      .values(**values))
+            if dead_letter is not None:
+                s.add(Event(ts=time.time(), source=dead_letter[0], kind="message_dead_lettered",
+                            service=None, payload=dead_letter[1]))
+
+    def requeue_message(self, recipient: str, message_id: int) -> Message:
+        """Deliver a dead-lettered message again, with its tries counted from zero. KeyError
+        if `recipient` has no such message, ValueError if it is not dead-lettered."""
+        with self.session() as s:
+            m = s.get(Message, message_id)
+            if m is None or m.recipient != recipient:
+                raise KeyError(f"agent {recipient!r} has no message {message_id}")
+            if m.status != "dead":
+                raise ValueError(f"message {message_id} is {m.status}, not dead-lettered: "
+                                 "only a dead-lettered message can be requeued")
+            s.add(Event(ts=time.time(), source=recipient, kind="message_requeued", service=None,
+                        payload={"message_id": m.id, "key": m.key, "message_kind": m.kind,
+                                 "attempts": m.attempts, "last_error": m.error}))
+            m.status, m.attempts, m.retry_at, m.handled_at, m.error = "pending", 0, None, None, None
+            s.flush()
+            return m
+
+    def get_message(self, message_id: int) -> Message | None:
+        with self.session() as s:
+            return s.get(Message, message_id)
+
+    def list_messages(
+        self, recipient: str | None = None, status: str | None = None, limit: int | None = None,
+    ) -> Sequence[Message]:
+        """Oldest first; with `limit`, the newest `limit` of them."""
+        q = select(Message)
         if recipient:
             q = q.where(Message.recipient == recipient)
+        if status:
+            q = q.where(Message.status == status)
+        if limit is not None:
+            q = q.order_by(Message.id.desc()).limit(limit)
+        else:
+            q = q.order_by(Message.id)
         with self.session() as s:
-            return s.scalars(q).all()
+            rows = list(s.scalars(q).all())
+        return rows[::-1] if limit is not None else rows
+
+    def count_messages(self, recipient: str) -> dict[str, int]:
+        """{status: n} of a recipient's messages."""
+        with self.session() as s:
+            rows = s.execute(select(Message.status, func.count()).where(Message.recipient == recipient)
+                             .group_by(Message.status)).all()
+        return {str(st): int(n) for st, n in rows}
 
     # -- agent state ---------------------------------------------------------------------------
     def get_state(self, agent: str, key: str, default: Any = None) -> Any:

@@ -113,6 +113,25 @@ class Tracker:
         except MlflowException as exc:
             raise ValueError(f"models:/{model}@{alias} not found in the registry") from exc
 
+    def model_versions(self, model: str) -> list[Any]:
+        """Every version of `model`; none for a model not registered (yet) or a registry that
+        does not answer (a trigger watching it polls again)."""
+        try:
+            return list(self.client.search_model_versions(f"name='{model}'"))
+        except Exception:  # noqa: BLE001 - a model not registered yet has no versions
+            return []
+
+    def latest_version(self, model: str) -> int:
+        """The highest version number of `model`, 0 when it has none."""
+        return max((int(v.version) for v in self.model_versions(model)), default=0)
+
+    def alias_version(self, model: str, alias: str) -> str | None:
+        """The version `model@alias` points to, None when the alias (or model) does not exist."""
+        try:
+            return self.version_by_alias(model, alias)
+        except ValueError:
+            return None
+
     def set_alias(self, model: str, alias: str, version: str) -> None:
         self.client.set_registered_model_alias(model, alias, str(version))
 
