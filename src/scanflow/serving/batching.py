@@ -18,22 +18,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-
-class BatchConfig(BaseModel):
-    """Micro-batching knobs of a service (per worker)."""
-
-    enabled: bool = Field(default=True, description="off: one model call per request")
-    max_batch_size: int = Field(default=64, ge=1, le=100_000,
-                                description="instances per model call (a bigger request runs alone)")
-    max_wait_ms: float = Field(default=2.0, ge=0, le=1000,
-                               description="longest a batch waits for more requests being received")
-    max_concurrent_batches: int = Field(
-        default=2, ge=1, le=64,
-        description="model calls in flight per worker: 2 lets one slow batch not stall the rest",
-    )
+from scanflow.spec.batching import BatchConfig  # the knobs live with the spec
 
 
 @dataclass

@@ -244,7 +244,7 @@ class Workflow(_Strict):
         raise KeyError(name)
 
 
-from scanflow.serving.batching import BatchConfig  # noqa: E402 - keeps spec.models light to import
+from scanflow.spec.batching import BatchConfig  # noqa: E402
 from scanflow.spec.policy import Policy  # noqa: E402 - the service policy has its own module
 
 
