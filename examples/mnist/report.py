@@ -75,7 +75,7 @@ def write_report(settings: Any, store: Any, served: list[Any], phases: list[dict
         windows.append({"time": _iso(d.evidence.get("t1", d.ts)), "t1": d.evidence.get("t1", d.ts),
                         "decided": d.ts,
                         "first_id": d.evidence.get("first_id"), "last_id": d.evidence.get("last_id"),
-                        "drift": d.fired,
+                        "drift": bool(d.evidence.get("drift", d.fired)),
                         **{f"{k}_p": v.get("p_value") for k, v in tests.items()},
                         **{f"{k}_threshold": v.get("threshold") for k, v in tests.items()}})
 
