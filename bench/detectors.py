@@ -7,13 +7,16 @@ Not a test: a benchmark you run by hand (see bench/README.md)::
     .venv/bin/python bench/detectors.py --quick        # 2 corruptions, few windows (~5 min + install)
 
 Protocol (MNIST test set, shuffled once with seed 0): 1,000 images are the reference; the next
-2,000 are the calibration pool (scanflow's detectors calibrate on 200 windows drawn from it;
-alibi's need no calibration); the other 7,000 are the evaluation pool. The false-alarm rate is
+2,000 are the calibration pool (scanflow's detectors calibrate on 300 pool-bootstrap windows
+drawn from it, PAC threshold at confidence 0.9; alibi's need no calibration); the other 7,000
+are the evaluation pool. The false-alarm rate is
 measured on ``--clean-windows`` (200) windows of 500 drawn from the evaluation pool, the detection
 rate on ``--windows`` windows of 500 per corruption and severity, drawn from the evaluation pool
 corrupted by examples/mnist/corruptions.py. Reference, calibration and evaluation images are
 disjoint. Every detector sees exactly the same windows; each records one p-value per window, so
-the figures at alpha 0.01 and 0.05 come from the same run.
+the figures at alpha 0.01 and 0.05 come from the same run (for scanflow, the PAC threshold at
+each alpha from the same calibration). ``scanflow_check`` is ``DriftCheck`` of the three scanflow
+detectors with its one calibrated rule for their OR (``DriftCheck.verdict``).
 
 alibi-detect (KSDrift, MMDDrift with the PyTorch backend, its defaults otherwise, on raw pixels
 scaled to [0, 1]) runs in bench/.venvs/alibi, created here on first use (it pins numpy<2).
@@ -49,18 +52,28 @@ sys.path.insert(0, str(ROOT / "examples" / "mnist"))
 from corruptions import CORRUPTIONS, corrupt  # noqa: E402
 from mnist_data import load_mnist  # noqa: E402
 
-from scanflow.monitor import KSDrift, MMDDrift, PCAEmbedding, ReconstructionDrift  # noqa: E402
-from scanflow.monitor.base import WindowDetector, draw_windows  # noqa: E402
+from scanflow.monitor import (  # noqa: E402
+    DriftCheck,
+    KSDrift,
+    MMDDrift,
+    PCAEmbedding,
+    ReconstructionDrift,
+    pac_exceedances,
+)
+from scanflow.monitor.base import DEFAULT_CONFIDENCE, WindowDetector, draw_windows  # noqa: E402
 
 MARKER = "BENCH_RESULT "
 WINDOW = 500
 N_REFERENCE, N_CALIBRATION = 1000, 2000
 ALPHAS = (0.01, 0.05)
+CAL_WINDOWS, CAL_SEED = 300, 7
 SCANFLOW = {
     "scanflow_ks": ("KSDrift(embedding=PCAEmbedding(32)): pixels + 32 PCA coordinates + "
                     "out-of-fold reconstruction error, Bonferroni, calibrated"),
     "scanflow_mmd": "MMDDrift(): RBF MMD² on 32 PCA coordinates + residual norm, calibrated",
     "scanflow_ae": "ReconstructionDrift(): PCA-32 reconstruction error, two-sided KS, calibrated",
+    "scanflow_check": ("DriftCheck(the three above): one PAC threshold on the smallest "
+                       "per-detector tail p-value, i.e. for the OR of the three"),
 }
 ALIBI = {
     "alibi_ks": "alibi_detect.cd.KSDrift(x_ref, p_val, correction='bonferroni') on raw pixels",
@@ -77,6 +90,17 @@ def make_detector(name: str) -> WindowDetector:
     if name == "scanflow_ae":
         return ReconstructionDrift(alpha=0.01)
     raise ValueError(name)
+
+
+def make_check() -> DriftCheck:
+    return DriftCheck(make_detector("scanflow_ks"), make_detector("scanflow_mmd"),
+                      make_detector("scanflow_ae"))
+
+
+def p_thresholds(n_windows: int) -> dict[str, float]:
+    """Conformal p-value thresholds of the PAC rule at each alpha (drift when p <= it)."""
+    return {str(a): (pac_exceedances(n_windows, a, DEFAULT_CONFIDENCE) + 1) / (n_windows + 1)
+            for a in ALPHAS}
 
 
 # --------------------------------------------------------------------------------------------
@@ -108,14 +132,16 @@ def build_windows(args: argparse.Namespace, log: Any) -> tuple[dict[str, np.ndar
 
 
 def run_scanflow(name: str, data: dict[str, np.ndarray], windows: np.ndarray, log: Any) -> dict[str, Any]:
+    if name == "scanflow_check":
+        return run_check(data, windows, log)
     det = make_detector(name)
     t0 = time.perf_counter()
     det.fit(data["reference"])
     fit_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    cal = det.calibrate(data["calibration"], window_size=WINDOW, n_windows=200, seed=7)
+    cal = det.calibrate(data["calibration"], window_size=WINDOW, n_windows=CAL_WINDOWS, seed=CAL_SEED)
     cal_s = time.perf_counter() - t0
-    log(f"{name}: fit {fit_s:.1f} s, calibrated on 200 windows in {cal_s:.1f} s "
+    log(f"{name}: fit {fit_s:.1f} s, calibrated on {CAL_WINDOWS} windows in {cal_s:.1f} s "
         f"(uncalibrated test flagged {cal.nominal_false_alarm_rate} of them)")
     p_values, seconds = [], []
     for i, w in enumerate(windows):
@@ -127,7 +153,37 @@ def run_scanflow(name: str, data: dict[str, np.ndarray], windows: np.ndarray, lo
             log(f"{name}: {i}/{len(windows)} windows")
     return {"p_values": p_values, "seconds": seconds, "fit_seconds": fit_s,
             "calibration_seconds": cal_s, "nominal_false_alarm_rate": cal.nominal_false_alarm_rate,
-            "rule": "drift when the conformal p-value <= alpha"}
+            "p_thresholds": p_thresholds(cal.n_windows), "calibration": cal.to_dict(),
+            "rule": (f"PAC: drift when the conformal p-value <= (j + 1) / ({cal.n_windows} + 1), j the "
+                     f"largest with Beta(j + 1, n - j).cdf(alpha) >= {cal.confidence}")}
+
+
+def run_check(data: dict[str, np.ndarray], windows: np.ndarray, log: Any) -> dict[str, Any]:
+    """DriftCheck of the three detectors, timed on its combined verdict."""
+    check = make_check()
+    t0 = time.perf_counter()
+    check.fit(data["reference"])
+    fit_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    cal = check.calibrate(data["calibration"], window_size=WINDOW, n_windows=CAL_WINDOWS,
+                          seed=CAL_SEED)
+    cal_s = time.perf_counter() - t0
+    log(f"scanflow_check: fit {fit_s:.1f} s, calibrated on {CAL_WINDOWS} windows in {cal_s:.1f} s")
+    p_values, seconds, fired = [], [], []
+    for i, w in enumerate(windows):
+        t = time.perf_counter()
+        verdict = check.verdict(w)
+        seconds.append(time.perf_counter() - t)
+        p_values.append(verdict.p_value)
+        fired.append(list(verdict.fired))
+        if i % 200 == 0:
+            log(f"scanflow_check: {i}/{len(windows)} windows")
+    doc = cal.to_dict()
+    doc.pop("detectors")
+    return {"p_values": p_values, "seconds": seconds, "fit_seconds": fit_s,
+            "calibration_seconds": cal_s, "p_thresholds": p_thresholds(cal.combined.n_windows),
+            "calibration": doc, "fired_at_0.01": fired,
+            "rule": "PAC threshold (confidence 0.9) on the smallest per-detector tail p-value"}
 
 
 def far_over_splits(names: list[str], splits: int, log: Any, workspace: Path) -> dict[str, Any]:
@@ -135,7 +191,9 @@ def far_over_splits(names: list[str], splits: int, log: Any, workspace: Path) ->
 
     One split's rate depends on that split's calibration and evaluation pools (every window of
     one pool shares its deviation from the population); this shows the spread over splits.
-    Only clean windows: no detection rate is computed here.
+    Only clean windows: no detection rate is computed here. The three detectors are fitted once
+    per split inside one DriftCheck, whose calibration gives each detector the calibration its
+    own ``calibrate`` would (the same windows) plus the combined rule.
     """
     _, _, x_test, _ = load_mnist(workspace)
     flat = x_test.reshape(len(x_test), -1)
@@ -145,12 +203,21 @@ def far_over_splits(names: list[str], splits: int, log: Any, workspace: Path) ->
         ref = flat[order[:N_REFERENCE]]
         cal = flat[order[N_REFERENCE:N_REFERENCE + N_CALIBRATION]]
         clean = draw_windows(flat[order[N_REFERENCE + N_CALIBRATION:]], WINDOW, 200, seed=10 + split)
+        check = make_check().fit(ref)
+        check.calibrate(cal, window_size=WINDOW, n_windows=CAL_WINDOWS, seed=CAL_SEED)
+        p: dict[str, list[float]] = {n: [] for n in names}
+        for w in clean:
+            results = check.check(w)
+            for r in results:
+                if f"scanflow_{r.test}" in p:
+                    p[f"scanflow_{r.test}"].append(r.p_value)
+            if "scanflow_check" in p:
+                p["scanflow_check"].append(check.combine(results).p_value)
+        thresholds = p_thresholds(CAL_WINDOWS)
         for name in names:
-            det = make_detector(name)
-            det.fit(ref).calibrate(cal, window_size=WINDOW, n_windows=200, seed=7)
-            p = np.array([det.check(w).p_value for w in clean])
             for a in ALPHAS:
-                out[name][str(a)].append(float((p <= a + 1e-12).mean()))
+                arr = np.asarray(p[name])
+                out[name][str(a)].append(float((arr <= thresholds[str(a)] + 1e-12).mean()))
         log(f"split {split}: " + ", ".join(f"{n} {out[n]['0.01'][-1]:.3f}/{out[n]['0.05'][-1]:.3f}"
                                             for n in names) + " (false alarms at 0.01/0.05)")
     return out
@@ -255,7 +322,7 @@ def flags(name: str, raw: dict[str, Any], alpha: float) -> np.ndarray:
         return p < alpha / raw["n_features"]
     if name == "alibi_mmd":
         return p < alpha
-    return p <= alpha + 1e-12  # conformal p-values: drift when p <= alpha
+    return p <= raw["p_thresholds"][str(alpha)] + 1e-12  # conformal p-values, PAC threshold
 
 
 def summarise(name: str, raw: dict[str, Any], labels: list[str], alpha: float) -> dict[str, Any]:
@@ -276,6 +343,8 @@ def summarise(name: str, raw: dict[str, Any], labels: list[str], alpha: float) -
         **({"calibration_seconds": round(raw["calibration_seconds"], 2)}
            if "calibration_seconds" in raw else {}),
         "rule": raw["rule"],
+        **({"p_threshold": raw["p_thresholds"][str(alpha)]} if "p_thresholds" in raw else {}),
+        **({"calibration": raw["calibration"]} if "calibration" in raw else {}),
     }
 
 
@@ -333,7 +402,9 @@ def main() -> None:
                     "platform": platform.platform(),
                     "loadavg_start": [round(x, 2) for x in os.getloadavg()]},
         "protocol": {"reference": N_REFERENCE, "calibration_pool": N_CALIBRATION,
-                     "calibration_windows": 200, "evaluation_pool": 10_000 - N_REFERENCE - N_CALIBRATION,
+                     "calibration_windows": CAL_WINDOWS, "calibration_confidence": DEFAULT_CONFIDENCE,
+                     "calibration_sampling": "pool_bootstrap",
+                     "evaluation_pool": 10_000 - N_REFERENCE - N_CALIBRATION,
                      "window": WINDOW, "clean_windows": args.clean_windows,
                      "windows_per_case": args.windows, "severities": args.severities,
                      "corruptions": args.corruptions},
