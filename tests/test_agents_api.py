@@ -148,7 +148,7 @@ def test_api_lists_fires_pauses_and_changes_triggers(served: tuple[Agent, httpx.
 
 
 def test_api_errors_are_clear_4xx(served: tuple[Agent, httpx.Client]) -> None:
-    _, c = served
+    agent, c = served
     r = c.post("/sensors/ghost/fire")
     assert r.status_code == 404 and r.json()["detail"].startswith("agent 'watcher' has no sensor 'ghost'")
     assert c.get("/sensors/ghost").status_code == 404
@@ -177,6 +177,17 @@ def test_api_errors_are_clear_4xx(served: tuple[Agent, httpx.Client]) -> None:
     assert c.get("/messages", params={"status": "lost"}).status_code == 422
     r = c.post("/messages/424242/requeue")
     assert r.status_code == 404 and r.json()["detail"] == "agent 'watcher' has no message 424242"
+    r = c.get("/why/ghost")
+    assert r.status_code == 404 and r.json()["detail"].startswith("no service 'ghost'")
+    agent.store.put_deployment(service="svc", app="demo", team="ops", model_name="m", alias="champion",
+                               model_version="7", host="127.0.0.1", port=1, pid=None, replicas=2,
+                               status="running", workdir="/nonexistent")
+    agent.store.add_event("deployer", "deployed", "svc", model_version="7", replicas=2, actor="alice")
+    r = c.get("/why/svc")
+    assert r.status_code == 200, r.text
+    why = r.json()
+    assert why["current"]["model_version"] == "7" and why["current"]["replicas"] == 2
+    assert why["model_change"]["approved_by"] == "person:alice"
 
     # a sensor that fails says why, and the agent lives on
     r = c.post("/sensors/broken/fire")

@@ -20,6 +20,7 @@ made here are stored and survive a restart.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
@@ -125,6 +126,17 @@ def create_app(agent: Agent) -> FastAPI:
     @api.get("/events")
     def events(limit: int = Query(20, ge=1, le=1000)) -> list[dict[str, Any]]:
         return agent.recent_events(limit)
+
+    @api.get("/why/{service}")
+    def why(service: str) -> JSONResponse:
+        """`scanflow why` over HTTP: the chain behind a service's current model and replicas."""
+        from scanflow.audit import why as audit_why
+
+        try:
+            chain = audit_why(agent.store, service)
+        except KeyError as exc:
+            return JSONResponse({"detail": str(exc).strip("'\"")}, status_code=404)
+        return JSONResponse(json.loads(json.dumps(chain, default=str)))
 
     @api.get("/messages")
     def messages(status: Literal["pending", "done", "dead"] | None = None,
