@@ -48,14 +48,17 @@ def test_windows_are_judged_against_the_reference_of_the_version_that_served_the
     for k, (first, last) in enumerate(((ids[0], ids[199]), (ids[200], ids[399]))):
         store.send_message("monitor", "analyzer", "window",
                            {"service": "svc", "first_id": first, "last_id": last}, key=f"w{k}")
+    # A window the analyzer cannot judge (its service is not deployed) fails alone.
+    store.send_message("monitor", "analyzer", "window", {"service": "ghost", "first_id": 1, "last_id": 2},
+                       key="bad")
     app = Application(app="demo", team="ops", services={"svc": Service(model="m")},
                       agents={"analyzer": AgentSpec(
-        role="analyzer", service="svc", sensors=[SensorSpec(
+        role="analyzer", service="svc", max_attempts=1, sensors=[SensorSpec(
             name="drift", func="drift_check", params={"n_components": 4, "n_permutations": 50},
             triggers=[{"interval": "1h"}], rule="drift_detected")])})
     app.base_dir = Path.cwd()
     agent = Agent(settings, store, validate_application(app), "analyzer")
-    assert agent.tick("drift") == 2
+    assert agent.tick("drift") == 3
     by_key = {d.key.rsplit(":", 1)[-1]: d for d in store.list_decisions("analyzer")}
     old, new = by_key["w0"].evidence, by_key["w1"].evidence
     # Clean inputs version 1 answered: judged against version 1's clean reference, no drift.
@@ -63,3 +66,7 @@ def test_windows_are_judged_against_the_reference_of_the_version_that_served_the
     # The same clean stream answered by version 2 (trained for the shifted one): drift.
     assert new["reference_version"] == v2 and new["drift"] is True, new
     assert not by_key["w0"].fired and by_key["w1"].fired
+    # ... and, with one try allowed, is dead-lettered with its error; the other two were judged.
+    (dead,) = store.list_messages("analyzer", status="dead")
+    assert dead.key == "bad" and "not deployed" in (dead.error or ""), dead.error
+    assert len(store.list_decisions("analyzer")) == 2

@@ -84,12 +84,16 @@ def test_offered_versions_pass_the_gate_or_never_serve(served: tuple[DigitsWorks
     # Bad input fails clearly (exit 2) and changes nothing.
     (tmp / "bad.npz").write_bytes(b"not an npz")
     np.savez(tmp / "wrong.npz", a=np.zeros(3))
+    np.save(tmp / "bare.npy", np.zeros((3, 64)))
+    np.savez(tmp / "narrow.npz", x=np.zeros((3, 5)), y=np.zeros(3, dtype=int))  # 5 features, not 64
     for args, message in [
         (["nope", "1"], "not deployed"),
         ([service, "9"], "is not registered"),
         ([service, "2"], "already serves version 2"),
         ([service, "1", "--holdout", str(tmp / "bad.npz")], "cannot read it"),
         ([service, "1", "--holdout", str(tmp / "wrong.npz")], "needs arrays"),
+        ([service, "1", "--holdout", str(tmp / "bare.npy")], "not a bare array"),
+        ([service, "1", "--holdout", str(tmp / "narrow.npz")], "cannot score the holdout"),
     ]:
         code, out = _promote(*args)
         assert code == 2 and message in " ".join(out.split()), (args, out)
@@ -105,10 +109,15 @@ def test_offered_versions_pass_the_gate_or_never_serve(served: tuple[DigitsWorks
     assert ev["n_labelled"] == 200  # both versions re-scored on the same 200 labelled requests
     assert ev["candidate_acc_new"] < 0.3 < 0.8 < ev["champion_acc_new"]
     assert store.get_deployment(service).model_version == "2"
-    (rej,) = store.list_events(service, ["promotion_rejected"])
+    rej = store.list_events(service, ["promotion_rejected"])[0]
     assert rej.payload["approved_by"] == "person:alice" and rej.payload["candidate_version"] == "3"
     assert "not enough" in rej.payload["reasons"]
     assert not store.list_events(service, ["promoted"])
+
+    # Without a clean holdout, what the candidate forgot is unknown: not passed.
+    code, out = _promote(service, "1", "--spec", str(tmp / "app"))
+    assert code == 1 and "no clean holdout given" in out, out
+    assert store.get_deployment(service).model_version == "2"
 
     # A better one passes (with a clean holdout), is promoted, rolled out and audited.
     np.savez(tmp / "holdout.npz", x=ws.X[:300], y=ws.y[:300])

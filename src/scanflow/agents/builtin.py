@@ -78,17 +78,17 @@ def _reference_for(ctx: AgentContext, service: str, artifact: str, version: str 
     dep = ctx.store.get_deployment(service)
     if dep is None or dep.model_version is None:
         raise ValueError(f"service {service!r} is not deployed")
-    cache: dict[str, dict[str, Any]] = ctx.__dict__.setdefault("_ref_cache", {})
+    cache: dict[tuple[str, str], dict[str, Any]] = ctx.__dict__.setdefault("_ref_cache", {})
     version = str(version or dep.model_version)
-    if version not in cache:
+    if (service, version) not in cache:
         mv = ctx.tracker.model_version(dep.model_name, version)
         dst = ctx.settings.agents_dir / ctx.name / f"reference-v{version}"
         dst.mkdir(parents=True, exist_ok=True)
         data = np.load(ctx.tracker.download(mv.run_id, artifact, str(dst)))
         while len(cache) >= 3:
             cache.pop(next(iter(cache)))
-        cache[version] = {"data": data.reshape(-1, _width(data))}
-    return version, cache[version]
+        cache[(service, version)] = {"data": data.reshape(-1, _width(data))}
+    return version, cache[(service, version)]
 
 
 def _width(a: np.ndarray) -> int:
@@ -106,37 +106,47 @@ def drift_check(
     limit: int = 5,
 ) -> list[Observation]:
     """Judge each window the monitor sent: KS (Bonferroni) and MMD against the reference."""
-    from scanflow.monitor.drift import DriftCheck, KSDrift, MMDDrift, any_drift
-
     out = []
     for m in ctx.store.inbox(ctx.name, ["window"], limit):
-        w = m.payload
-        svc = w["service"]
-        rows = ctx.store.predictions(svc, after_id=w["first_id"] - 1, upto_id=w["last_id"])
-        # Judge the window against the reference of the version that served it (most of it):
-        # inputs a previous model served say nothing about the current model's reference.
-        served = [str(r["model_version"]) for r in rows if r.get("model_version") is not None]
-        by = max(set(served), key=served.count) if served else None
-        version, cache = _reference_for(ctx, svc, reference_artifact, by)
-        if "check" not in cache:
-            cache["check"] = DriftCheck(
-                KSDrift(alpha=ks_alpha),
-                MMDDrift(alpha=mmd_alpha, n_components=n_components, n_permutations=n_permutations),
-            ).fit(cache["data"])
-        x = np.asarray([r["inputs"] for r in rows], dtype=np.float64).reshape(len(rows), -1)
-        t = time.perf_counter()
-        results = cache["check"].test(x)
-        seconds = time.perf_counter() - t
-        drift = any_drift(results)
-        out.append(Observation(
-            key=m.key,
-            evidence={**w, "drift": drift, "reference_version": version, "check_seconds": seconds,
-                      "tests": [r.to_dict() for r in results]},
-            data={**w, "drift": drift, "reference_version": version,
-                  "tests": [r.to_dict() for r in results]},
-            message_id=m.id,
-        ))
+        try:
+            out.append(_judge_window(ctx, m, reference_artifact, ks_alpha, mmd_alpha, n_components,
+                                     n_permutations))
+        except Exception as exc:  # noqa: BLE001 - this window fails alone; the runtime retries it
+            out.append(Observation(key=m.key, message_id=m.id, error=f"{type(exc).__name__}: {exc}"))
     return out
+
+
+def _judge_window(ctx: AgentContext, m: Any, reference_artifact: str, ks_alpha: float, mmd_alpha: float,
+                  n_components: int, n_permutations: int) -> Observation:
+    """One monitor window judged against the reference of the version that served it."""
+    from scanflow.monitor.drift import DriftCheck, KSDrift, MMDDrift, any_drift
+
+    w = m.payload
+    svc = w["service"]
+    rows = ctx.store.predictions(svc, after_id=w["first_id"] - 1, upto_id=w["last_id"])
+    # Judge the window against the reference of the version that served it (most of it):
+    # inputs a previous model served say nothing about the current model's reference.
+    served = [str(r["model_version"]) for r in rows if r.get("model_version") is not None]
+    by = max(set(served), key=served.count) if served else None
+    version, cache = _reference_for(ctx, svc, reference_artifact, by)
+    if "check" not in cache:
+        cache["check"] = DriftCheck(
+            KSDrift(alpha=ks_alpha),
+            MMDDrift(alpha=mmd_alpha, n_components=n_components, n_permutations=n_permutations),
+        ).fit(cache["data"])
+    x = np.asarray([r["inputs"] for r in rows], dtype=np.float64).reshape(len(rows), -1)
+    t = time.perf_counter()
+    results = cache["check"].test(x)
+    seconds = time.perf_counter() - t
+    drift = any_drift(results)
+    return Observation(
+        key=m.key,
+        evidence={**w, "drift": drift, "reference_version": version, "check_seconds": seconds,
+                  "tests": [r.to_dict() for r in results]},
+        data={**w, "drift": drift, "reference_version": version,
+              "tests": [r.to_dict() for r in results]},
+        message_id=m.id,
+    )
 
 
 # -- rules --------------------------------------------------------------------------------
@@ -224,7 +234,8 @@ def _start_or_continue(
     ctx: AgentContext, target: Any, workflow: str, params: dict[str, Any], trigger: dict[str, Any]
 ) -> Any:
     """Run a workflow once per action: a call resumed after a crash continues the run the first
-    call started (its finished steps are kept) instead of starting a second one."""
+    call started (its finished steps are kept) instead of starting a second one; a retry after
+    a failed try resumes the failed run (its failed steps run again)."""
     engine = ctx.engine()  # marks the runs of a dead engine (our previous life) interrupted
     key = ctx.action_key
     prior = _run_of_action(ctx, workflow, key) if ctx.action and ctx.action.resumed else None
@@ -232,7 +243,9 @@ def _start_or_continue(
         return engine.run(target, workflow, params, trigger={**trigger, "action_key": key})
     prior = ctx.store.get_run(prior.id)
     log.info("action %s: continuing workflow run %s (%s)", key, prior.id[:12], prior.status)
-    if prior.status in ("interrupted",):
+    if prior.status == "interrupted" or (ctx.action is not None and ctx.action.after_failure
+                                         and prior.status in ("failed", "cancelled")):
+        # after a crash, or a retry of a failed try: resume re-runs only the unfinished steps
         return engine.resume(prior.id, target)
     if prior.status == "running" and prior.owner_pid is None:  # recorded, never started
         return engine.execute(prior.id, target)
@@ -451,21 +464,27 @@ def retrain_and_promote(
     if len(rows) < max(20, min_labels // 4):
         raise RuntimeError(f"only {len(rows)} labelled samples since id {since_id}; need {min_labels}")
 
-    x = np.asarray([r["inputs"] for r in rows], dtype=np.float64).reshape(len(rows), -1)
-    y = np.asarray([r["label"] for r in rows])
-    order = np.random.default_rng(seed).permutation(len(rows))
     n_hold = max(1, int(len(rows) * holdout_fraction))
-    hold, train = order[:n_hold], order[n_hold:]
-    folder = ctx.settings.agents_dir / ctx.name
-    folder.mkdir(parents=True, exist_ok=True)
-    data_path = folder / f"retrain-episode{episode}-{int(time.time())}.npz"
-    np.savez_compressed(data_path, x_new=x[train], y_new=y[train], x_holdout=x[hold], y_holdout=y[hold])
 
+    def write_data() -> str:
+        x = np.asarray([r["inputs"] for r in rows], dtype=np.float64).reshape(len(rows), -1)
+        y = np.asarray([r["label"] for r in rows])
+        order = np.random.default_rng(seed).permutation(len(rows))
+        hold, train = order[:n_hold], order[n_hold:]
+        folder = ctx.settings.agents_dir / ctx.name
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"retrain-episode{episode}-{int(time.time())}.npz"
+        np.savez_compressed(path, x_new=x[train], y_new=y[train], x_holdout=x[hold], y_holdout=y[hold])
+        return str(path)
+
+    # A call tried again (after a crash or a failed try) retrains on the same data, announced once.
+    data_path = ctx.remember("retrain_data", write_data)
     target = load_application(_relative(ctx, app))
-    ctx.event("retrain_started", episode=episode, labelled=len(rows), since_id=since_id,
-              champion_version=dep.model_version, data=str(data_path))
+    if not (ctx.action is not None and ctx.action.resumed):
+        ctx.event("retrain_started", episode=episode, labelled=len(rows), since_id=since_id,
+                  champion_version=dep.model_version, data=data_path)
     res = _start_or_continue(
-        ctx, target, workflow, {"new_data": str(data_path)},
+        ctx, target, workflow, {"new_data": data_path},
         {"by": "agent", "agent": ctx.name, "reason": "drift held", "episode": episode,
          "observation": obs.key},
     )
@@ -489,10 +508,15 @@ def retrain_and_promote(
         ctx.event("promotion_rejected", candidate_version=cand, **gate)
         return {"promoted": False, "candidate_version": cand, "run_id": res.run_id, **gate}
 
-    old = ctx.tracker.version_by_alias(model, dep.alias)
-    ctx.tracker.set_alias(model, dep.alias, cand)
-    ctx.event("promoted", model=model, alias=dep.alias, version=cand, previous_version=old,
-              approved_by="policy:promotion-gate", run_id=res.run_id, **gate)
+    old = ctx.remember("previous", lambda: ctx.tracker.version_by_alias(model, dep.alias))
+    if ctx.tracker.version_by_alias(model, dep.alias) != cand:
+        ctx.tracker.set_alias(model, dep.alias, cand)
+    recorded = ctx.action_key is not None and any(
+        e.kind == "promoted" and e.payload.get("action") == ctx.action_key
+        for e in ctx.store.recent_events(ctx.name, 200))
+    if not recorded:  # a try after a failed rollout must not record a second promotion
+        ctx.event("promoted", model=model, alias=dep.alias, version=cand, previous_version=old,
+                  approved_by="policy:promotion-gate", run_id=res.run_id, action=ctx.action_key, **gate)
     t = time.time()
     ctx.deployer.rollout(svc)  # records `rollout_completed` once every replica serves `cand`
     return {"promoted": True, "candidate_version": cand, "previous_version": old,

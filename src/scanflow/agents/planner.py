@@ -737,13 +737,18 @@ def _replayed_accuracy(ctx: AgentContext, service: str, version: str, win: dict[
     if model is None:
         return None, 0
     try:
-        preds = model.predict(np.asarray(inputs[: len(labels)], dtype=np.float64))
+        return rescored_accuracy(model, inputs[: len(labels)], labels), len(labels)
     except Exception as exc:  # noqa: BLE001 - fall back to the model's own history
         log.warning("probation: version %s cannot re-score the window: %s", version, exc)
         return None, 0
+
+
+def rescored_accuracy(model: Any, x: Any, labels: Any) -> float:
+    """Accuracy of `model` (anything with `predict`) re-scoring inputs whose true labels are known."""
+    preds = model.predict(np.asarray(x, dtype=np.float64))
     preds = preds.tolist() if hasattr(preds, "tolist") else list(preds)
-    hits = [predicted_class(p_) == lab for p_, lab in zip(preds, labels, strict=False)]
-    return float(np.mean(hits)), len(labels)
+    truth = labels.tolist() if isinstance(labels, np.ndarray) else list(labels)
+    return float(np.mean([predicted_class(p_) == lab for p_, lab in zip(preds, truth, strict=True)]))
 
 
 def _first_accuracy(win: dict[str, Any], first: int) -> tuple[float | None, int]:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from scanflow.agents.planner import GateResult, predicted_class, promotion_gate
+from scanflow.agents.planner import GateResult, LeaseBusy, promotion_gate, rescored_accuracy, service_lease
 from scanflow.settings import Settings
 from scanflow.spec.policy import Policy
 from scanflow.store import Store
@@ -61,11 +61,14 @@ def load_holdout(path: Path) -> tuple[np.ndarray, np.ndarray]:
         data = np.load(path)
     except (OSError, ValueError) as exc:
         raise ValueError(f"holdout {path}: cannot read it as .npz ({exc})") from exc
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ValueError(f"holdout {path}: an .npz with named arrays is needed, not a bare array")
     for xk, yk in HOLDOUT_KEYS:
         if xk in data and yk in data:
             x, y = np.asarray(data[xk]), np.asarray(data[yk])
-            if len(x) != len(y) or not len(y):
-                raise ValueError(f"holdout {path}: {xk} has {len(x)} rows and {yk} {len(y)}")
+            if x.ndim < 1 or y.ndim != 1 or len(x) != len(y) or not len(y):
+                raise ValueError(f"holdout {path}: {xk} (shape {x.shape}) and {yk} (shape {y.shape}) "
+                                 "must hold the same number of rows, one label each")
             return x.reshape(len(x), -1), y
     raise ValueError(f"holdout {path}: needs arrays {' or '.join('/'.join(k) for k in HOLDOUT_KEYS)}; "
                      f"it has {', '.join(data.files) or 'none'}")
@@ -87,11 +90,11 @@ def recent_labelled(store: Store, service: str, n: int) -> tuple[np.ndarray, lis
     return inputs[len(w.ids) - k:], list(w.labels)[len(w.ids) - k:]
 
 
-def _accuracy(model: Any, x: np.ndarray, y: list[Any] | np.ndarray) -> float:
-    preds = model.predict(np.asarray(x, dtype=np.float64))
-    preds = preds.tolist() if hasattr(preds, "tolist") else list(preds)
-    labels = y.tolist() if isinstance(y, np.ndarray) else list(y)
-    return float(np.mean([predicted_class(p) == lab for p, lab in zip(preds, labels, strict=True)]))
+def _accuracy(model: Any, x: np.ndarray, y: list[Any] | np.ndarray, what: str) -> float:
+    try:
+        return rescored_accuracy(model, x, y)
+    except Exception as exc:  # noqa: BLE001 - e.g. the holdout's width does not fit the model
+        raise ValueError(f"the model cannot score {what} ({x.shape[0]} x {x.shape[1:]}): {exc}") from exc
 
 
 def offer(
@@ -102,7 +105,7 @@ def offer(
     version: str,
     *,
     policy: Policy | None = None,
-    alias: str = "champion",
+    alias: str | None = None,
     holdout: Path | None = None,
     force: bool = False,
     reason: str = "",
@@ -116,6 +119,7 @@ def offer(
     if dep is None:
         raise ValueError(f"service {service!r} is not deployed")
     model, champion, version = dep.model_name, str(dep.model_version), str(version)
+    alias = alias or dep.alias  # the alias the service follows
     tracker = Tracker(settings)
     try:
         tracker.model_version(model, version)
@@ -132,19 +136,25 @@ def offer(
     cand, champ = load_version(settings, model, version), load_version(settings, model, champion)
     notes: list[str] = []
     if len(y_new):
-        cand_new, champ_new = _accuracy(cand, x_new, y_new), _accuracy(champ, x_new, y_new)
+        cand_new = _accuracy(cand, x_new, y_new, "the labelled requests")
+        champ_new = _accuracy(champ, x_new, y_new, "the labelled requests")
     else:
         cand_new = champ_new = math.nan
         notes.append(f"{service} has no labelled requests to compare on")
     if x_hold is not None and y_hold is not None:
-        cand_hold, champ_hold = _accuracy(cand, x_hold, y_hold), _accuracy(champ, x_hold, y_hold)
+        cand_hold = _accuracy(cand, x_hold, y_hold, "the holdout")
+        champ_hold = _accuracy(champ, x_hold, y_hold, "the holdout")
     else:
         cand_hold = champ_hold = 0.0
     gate = promotion_gate(cand_new, champ_new, cand_hold, champ_hold, len(y_new), policy)
-    if x_hold is None:
+    if x_hold is None:  # what it forgot is unknown: not passed (a person may still --force)
         gate.reasons = [r for r in gate.reasons if not r.startswith("on the clean holdout")]
-        gate.reasons.append("no clean holdout given: the loss on it was not checked")
+        gate.reasons.append("no clean holdout given: the loss on it is unknown, so the gate is not passed")
+        gate.passed = False
         gate.evidence.update(candidate_acc_holdout=None, champion_acc_holdout=None, loss_on_holdout=None)
+    for k, v in list(gate.evidence.items()):  # JSON has no NaN (no labelled requests)
+        if isinstance(v, float) and not math.isfinite(v):
+            gate.evidence[k] = None
     gate.evidence.update(holdout=str(holdout) if holdout else None,
                          n_holdout=len(y_hold) if y_hold is not None else 0)
     actor = deployer.actor
@@ -159,15 +169,23 @@ def offer(
         return result
     approved = (f"person:{actor} via policy:promotion-gate" if gate.passed
                 else f"person:{actor} (forced past the promotion gate)")
-    try:
-        previous: str | None = tracker.version_by_alias(model, alias)
-    except ValueError:  # the alias does not exist yet
-        previous = None
-    tracker.set_alias(model, alias, version)
-    ev = store.add_event(SOURCE, "promoted", service, approved_by=approved, previous_version=previous,
-                         forced=not gate.passed, **common)
     why = reason or ("promotion gate passed" if gate.passed else "forced past the promotion gate")
-    new = deployer.rollout(service, version, reason=f"{why} ({approved})")
+    try:
+        with service_lease(store, service, f"person:{actor}", wait_s=10.0, purpose="promote"):
+            now = store.get_deployment(service)
+            if now is None or str(now.model_version) != champion:
+                raise ValueError(f"{service} changed while the candidate was judged (it serves version "
+                                 f"{now.model_version if now else '-'} now, not {champion}): offer it again")
+            try:
+                previous: str | None = tracker.version_by_alias(model, alias)
+            except ValueError:  # the alias does not exist yet
+                previous = None
+            tracker.set_alias(model, alias, version)
+            ev = store.add_event(SOURCE, "promoted", service, approved_by=approved, previous_version=previous,
+                                 forced=not gate.passed, **common)
+            new = deployer.rollout(service, version, reason=f"{why} ({approved})")
+    except LeaseBusy as exc:
+        raise ValueError(f"{exc}: an agent is acting on {service}; offer it again later") from exc
     result.promoted, result.forced, result.event_id = True, not gate.passed, ev.id
     result.served_version = str(getattr(new, "model_version", version))
     return result

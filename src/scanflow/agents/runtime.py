@@ -69,6 +69,13 @@ class Observation:
     data: dict[str, Any] = field(default_factory=dict)
     message_id: int | None = None
     commit: Callable[[], None] | None = None  # advances a watermark once judged
+    # A sensor reading its inbox that could not observe one message says so here: that message
+    # fails alone (counted, retried with backoff, dead-lettered) while the others are judged.
+    error: str | None = None
+
+
+class SensorMessageError(RuntimeError):
+    """The sensor could not observe one message of its inbox (`Observation.error`)."""
 
 
 @dataclass(frozen=True)
@@ -350,6 +357,8 @@ class Agent:
 
     def _judge_noting(self, spec: SensorSpec, obs: Observation) -> None:
         try:
+            if obs.error is not None:
+                raise SensorMessageError(obs.error)
             self._judge(spec, obs)
         except Exception as exc:
             self._failed(spec.name, exc)

@@ -406,12 +406,18 @@ def promote(
     from scanflow.spec.policy import Policy
 
     policy = Policy()
+    deployer, store = _deployer()
     if spec is not None:
         app_spec = _load(spec)
         if service not in app_spec.services:
             fail(f"no service {service!r} in {app_spec.source} (known: {', '.join(app_spec.services)})")
+        dep = store.get_deployment(service)
+        if dep is not None and dep.app and dep.app != app_spec.app:
+            fail(f"{app_spec.source} is app {app_spec.app!r}, but {service} was deployed from "
+                 f"app {dep.app!r}")
         policy = app_spec.services[service].policy or Policy()
-    deployer, store = _deployer()
+    elif not as_json:
+        err.print("no --spec: judging with the default policy, not the service's own", highlight=False)
     res = _service_call(lambda: offer(deployer.settings, store, deployer, service, version,
                                       policy=policy, holdout=holdout, force=force, reason=reason))
     if as_json:
