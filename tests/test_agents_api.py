@@ -304,6 +304,8 @@ def test_cli_drives_agent_processes_and_changes_survive_restarts(
         assert "it is delivered when the agent runs" in _cli(ws, "agents", "requeue", "watcher",
                                                               str(poison.id)).stdout
         assert store.list_messages("watcher", status="dead") == []
+        typo = _cli(ws, "agents", "requeue", "wacher", "--all", ok=False)
+        assert typo.returncode == 2 and "no agent 'wacher'" in typo.stderr, typo.stderr
         _cli(ws, "agents", "start", str(app_dir), "-a", "watcher")
         info = json.loads(_cli(ws, "agents", "status", "watcher", "--json").stdout)
         clock = next(s for s in info["sensors"] if s["name"] == "clock")

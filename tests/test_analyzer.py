@@ -70,3 +70,4 @@ def test_windows_are_judged_against_the_reference_of_the_version_that_served_the
     (dead,) = store.list_messages("analyzer", status="dead")
     assert dead.key == "bad" and "not deployed" in (dead.error or ""), dead.error
     assert len(store.list_decisions("analyzer")) == 2
+    assert "not deployed" in (agent.sensor_info("drift")["last_error"] or "")

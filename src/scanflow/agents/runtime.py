@@ -337,13 +337,14 @@ class Agent:
         spec = self._sensor(sensor_name)
         stats = self._stats[sensor_name]
         with self._locks[sensor_name], self.ctx._scope(sensor=sensor_name, event=event):
+            all_ok = True
             try:
                 items = self._observe(spec, event)
                 for obs in items:
                     if obs.message_id is not None and (event is None or event.message_id is None):
                         # a sensor reading the inbox itself: each message succeeds or fails alone
-                        self._handle_message(obs.message_id, sensor_name,
-                                             lambda obs=obs: self._judge_noting(spec, obs))
+                        all_ok &= self._handle_message(obs.message_id, sensor_name,
+                                                       lambda obs=obs: self._judge_noting(spec, obs))
                     else:
                         self._judge(spec, obs)
             except Exception as exc:
@@ -352,7 +353,8 @@ class Agent:
             stats["ticks"] += 1
             stats["observations"] += len(items)
             stats["last_tick"] = time.time()
-            stats["last_error"] = None
+            if all_ok:  # a message that failed alone keeps its error visible in `agents status`
+                stats["last_error"] = None
         return len(items)
 
     def _judge_noting(self, spec: SensorSpec, obs: Observation) -> None:

@@ -249,7 +249,10 @@ def requeue(
     if bool(message_ids) == all_dead:
         fail("give message ids, or --all")
     sup = _supervisor()
-    running = {r["name"]: r for r in sup.status()}.get(agent, {}).get("status") == "running"
+    known = {r["name"]: r for r in sup.status()}
+    if agent not in known and not sup.store.list_messages(agent, limit=1):
+        fail(f"no agent {agent!r} (known: {', '.join(sorted(known)) or 'none'})")
+    running = known.get(agent, {}).get("status") == "running"
     if running:
         ids = message_ids or [m["id"] for m in _call(agent, "GET", "/messages",
                                                      params={"status": "dead", "limit": 1000})]
