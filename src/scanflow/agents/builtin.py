@@ -19,7 +19,6 @@ import numpy as np
 
 from scanflow.agents.registry import actuator, rule, sensor
 from scanflow.agents.runtime import AgentContext, Observation, bounded_key, jsonable
-from scanflow.agents.triggers import alias_version
 
 log = logging.getLogger("scanflow.agents.builtin")
 
@@ -353,7 +352,7 @@ def promote(
     target = version or next((obs.data.get(k) for k in ("version", "candidate_version", "to_version")
                               if obs.data.get(k) is not None), None)
     if target is None and from_alias:
-        target = alias_version(tracker, model, from_alias)
+        target = tracker.alias_version(model, from_alias)
         if target is None:
             raise ValueError(f"models:/{model}@{from_alias} does not exist")
     if target is None:
@@ -364,10 +363,10 @@ def promote(
         tracker.model_version(model, target)
     except Exception as exc:  # noqa: BLE001 - MLflow's own error is not user-friendly
         raise ValueError(f"models:/{model}/{target} is not registered") from exc
-    previous = ctx.remember("previous", lambda: alias_version(tracker, model, alias))
+    previous = ctx.remember("previous", lambda: tracker.alias_version(model, alias))
     out = {"model": model, "alias": alias, "version": target, "previous_version": previous,
            "changed": previous != target}
-    if alias_version(tracker, model, alias) != target:
+    if tracker.alias_version(model, alias) != target:
         tracker.set_alias(model, alias, target)
     elif not (ctx.action and ctx.action.resumed and previous != target):
         return out  # nothing to do, nothing to record

@@ -176,10 +176,7 @@ def offer(
             if now is None or str(now.model_version) != champion:
                 raise ValueError(f"{service} changed while the candidate was judged (it serves version "
                                  f"{now.model_version if now else '-'} now, not {champion}): offer it again")
-            try:
-                previous: str | None = tracker.version_by_alias(model, alias)
-            except ValueError:  # the alias does not exist yet
-                previous = None
+            previous = tracker.alias_version(model, alias)  # None if the alias is new
             tracker.set_alias(model, alias, version)
             ev = store.add_event(SOURCE, "promoted", service, approved_by=approved, previous_version=previous,
                                  forced=not gate.passed, **common)

@@ -150,17 +150,6 @@ def plan_schedule(trig: Trigger, record: dict[str, Any] | None, now: datetime | 
     return SchedulePlan(None, None, scheduled=False, missed=1, missed_since=trig.date)
 
 
-# -- registry helpers (kept for callers; the queries live in `scanflow.tracking.Tracker`) ---------
-def model_versions(tracker: Any, model: str) -> list[Any]:
-    """Every registered version of `model` (none for a model not registered yet)."""
-    return list(tracker.model_versions(model))
-
-
-def alias_version(tracker: Any, model: str, alias: str) -> str | None:
-    """The version `model@alias` points to, or None."""
-    return tracker.alias_version(model, alias)  # type: ignore[no-any-return]
-
-
 # -- event sources --------------------------------------------------------------------------------
 class EventSource:
     """Polls one event trigger of one sensor; its cursor lives in the agent's state."""
