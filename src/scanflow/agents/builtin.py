@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -122,18 +123,18 @@ def _judge_window(ctx: AgentContext, m: Any, reference_artifact: str, ks_alpha: 
 
     w = m.payload
     svc = w["service"]
-    rows = ctx.store.predictions(svc, after_id=w["first_id"] - 1, upto_id=w["last_id"])
+    win = ctx.store.prediction_window(svc, after_id=w["first_id"] - 1, upto_id=w["last_id"])
     # Judge the window against the reference of the version that served it (most of it):
     # inputs a previous model served say nothing about the current model's reference.
-    served = [str(r["model_version"]) for r in rows if r.get("model_version") is not None]
-    by = max(set(served), key=served.count) if served else None
+    served = Counter(str(v) for v in win.model_versions if v is not None)
+    by = served.most_common(1)[0][0] if served else None
     version, cache = _reference_for(ctx, svc, reference_artifact, by)
     if "check" not in cache:
         cache["check"] = DriftCheck(
             KSDrift(alpha=ks_alpha),
             MMDDrift(alpha=mmd_alpha, n_components=n_components, n_permutations=n_permutations),
         ).fit(cache["data"])
-    x = np.asarray([r["inputs"] for r in rows], dtype=np.float64).reshape(len(rows), -1)
+    x = np.asarray(win.inputs, dtype=np.float64).reshape(len(win.ids), -1)
     t = time.perf_counter()
     results = cache["check"].test(x)
     seconds = time.perf_counter() - t
