@@ -25,7 +25,7 @@ from scanflow.agents import (
     rule,
     sensor,
 )
-from scanflow.agents.triggers import MAX_COUNTED_MISSES, plan_schedule
+from scanflow.control.triggers import MAX_COUNTED_MISSES, plan_schedule
 from scanflow.settings import Settings
 from scanflow.spec import SpecError, load_application
 from scanflow.store import Store

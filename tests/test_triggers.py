@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 
+from scanflow.control.workflow_triggers import WorkflowTriggers as TriggerService
 from scanflow.engine import LocalEngine
 from scanflow.engine.resources import ResourcePool
-from scanflow.engine.triggers import TriggerService
 from scanflow.settings import Settings
 from scanflow.spec import SpecError, load_application
 from scanflow.store import Store

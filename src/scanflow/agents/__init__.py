@@ -14,7 +14,7 @@ directly in an agent declared in Python (`Agent.define(...)`).
 
 from scanflow.agents.registry import actuator, registered, rule, sensor
 from scanflow.agents.runtime import ActionCall, Agent, AgentContext, Observation
-from scanflow.agents.triggers import TriggerEvent
+from scanflow.control.triggers import TriggerEvent
 from scanflow.spec.models import AgentSpec, CallSpec, SensorSpec, Trigger
 
 __all__ = [

@@ -20,11 +20,15 @@ import numpy as np
 
 from scanflow.agents.registry import actuator, rule, sensor
 from scanflow.agents.runtime import AgentContext, Observation, bounded_key, jsonable
+from scanflow.control.events import Messages, PredictionWindow
+from scanflow.spec.models import MessageEvent, PredictionWindowEvent
 
 log = logging.getLogger("scanflow.agents.builtin")
 
 
 # -- sensors ------------------------------------------------------------------------------
+# The control layer's event sources, as sensors a spec names with params (older specs, and the
+# MNIST example, use these; `trigger: {event: {prediction_window: ...}}` is the same source).
 @sensor
 def prediction_window(
     ctx: AgentContext, window_size: int = 500, settle_s: float = 1.0, service: str | None = None
@@ -38,36 +42,18 @@ def prediction_window(
     svc = service or ctx.service
     if svc is None:
         raise ValueError("prediction_window needs a service (agent `service:` or param)")
-    # One watermark per sensor (an agent may cut windows of several services); "watermark"
-    # is where a workspace of an earlier version kept it.
-    wkey = f"watermark:{ctx.sensor}" if ctx.sensor else "watermark"
-    mark = int(ctx.get(wkey, ctx.get("watermark", 0)))
-    rows = ctx.store.prediction_ids(svc, after_id=mark, before_ts=time.time() - settle_s)
-    out = []
-    for start in range(0, len(rows) - window_size + 1, window_size):
-        chunk = rows[start:start + window_size]
-        first, last = chunk[0][0], chunk[-1][0]
-
-        def commit(last: int = last) -> None:
-            ctx.set(wkey, last)
-
-        out.append(Observation(
-            key=f"{svc}:{first}-{last}",
-            evidence={"service": svc, "first_id": first, "last_id": last, "n": len(chunk),
-                      "t0": chunk[0][1], "t1": chunk[-1][1]},
-            commit=commit,
-        ))
-    return out
+    # one watermark per sensor: an agent may cut windows of several services
+    src = PredictionWindow(ctx, f"watermark:{ctx.sensor}" if ctx.sensor else "watermark",
+                           PredictionWindowEvent(service=svc, size=window_size, settle=settle_s))
+    return [Observation(key=ev.key, evidence=ev.evidence, commit=ev.commit) for ev in src.poll()]
 
 
 @sensor
 def inbox(ctx: AgentContext, kinds: list[str] | None = None, limit: int = 20) -> list[Observation]:
     """Messages for this agent, oldest first; acknowledged only once judged and acted on."""
-    return [
-        Observation(key=m.key, evidence={"message": m.kind, "from": m.sender, **_scalars(m.payload)},
-                    data={"kind": m.kind, **m.payload}, message_id=m.id)
-        for m in ctx.store.inbox(ctx.name, kinds, limit)
-    ]
+    src = Messages(ctx, "", MessageEvent(kind=kinds), limit=limit)
+    return [Observation(key=ev.key, evidence=ev.evidence, data=ev.data, message_id=ev.message_id)
+            for ev in src.poll()]
 
 
 def _reference_for(ctx: AgentContext, service: str, artifact: str, version: str | None = None

@@ -40,15 +40,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from scanflow.agents.registry import name_of, resolve
-from scanflow.agents.triggers import (
-    EventSource,
-    TriggerEvent,
-    event_source,
-    manual_event,
-    plan_schedule,
-    poll_trigger,
-    time_event,
-)
+from scanflow.control.events import EventSource, event_source
+from scanflow.control.triggers import TimeTrigger, TriggerEvent, manual_event, poll_trigger
+from scanflow.control.triggers import fire_key as _fire_key
 from scanflow.settings import Settings
 from scanflow.spec.loader import validate_application
 from scanflow.spec.models import AgentSpec, Application, CallSpec, SensorSpec, Trigger
@@ -127,11 +121,6 @@ def bounded_key(key: str, limit: int = 240) -> str:
     """Keys fit their columns (300 chars) however long an observation key grows as messages
     are forwarded from agent to agent; the digest keeps them unique and replay-stable."""
     return key if len(key) <= limit else f"{key[:limit - 42]}~{hashlib.sha1(key.encode()).hexdigest()}"
-
-
-def _fire_key(sensor: str, trigger: str) -> str:
-    """Agent state of a time trigger: its last fire (replayed if cut off) and served-until."""
-    return f"_fire:{sensor}/{trigger}"
 
 
 def _pending_key(dkey: str) -> str:
@@ -647,59 +636,27 @@ class Agent:
 
     def _schedule(self, sensor: str, t: Trigger) -> None:
         job_id, name = self._job_id(sensor, t.key), f"{sensor}: {t.describe()}"
+        paused = sensor in self._paused
         if t.event is not None:
             self._sources[(sensor, t.key)] = event_source(self.ctx, sensor, t)
             poll, first = poll_trigger(t)
             self._sched.add_job(self._poll_job, poll, args=[sensor, t.key], id=job_id, name=name,
-                                replace_existing=True,
-                                next_run_time=None if sensor in self._paused else first)
+                                replace_existing=True, next_run_time=None if paused else first)
             return
-        record = self.store.get_state(self.name, _fire_key(sensor, t.key))
-        replay = record if record and not record.get("done", True) and record.get("key") else None
-        if t.date is not None and replay is None and (
-                self._date_fired(sensor, t) or (record or {}).get("skipped")):
-            return  # a date fires once, ever (or never: skipped)
-        now = datetime.now(UTC)
-        plan = plan_schedule(t, record, now)
-        if record is None:  # the schedule is served from now on
-            self._save_fire(sensor, t.key, {"last": None, "key": None, "done": True,
-                                            "covered": now.timestamp()})
-        paused = sensor in self._paused
-        startup: dict[str, Any] = {}
-        if replay is not None:  # a fire cut off by a crash: again, under the same key
-            startup["replay"] = replay
-        if plan.missed and (not paused or t.date is not None):
-            missed = {"missed": plan.missed, "missed_since": _iso(plan.missed_since),
-                      "misfire": t.misfire_policy}
-            if plan.fire_now and not (replay is not None and t.date is not None):
-                startup["coalesce"] = missed
-                log.info("%s/%s missed %d fire(s) since %s: firing once now", sensor, t.key,
-                         plan.missed, missed["missed_since"])
-            elif not plan.fire_now:
-                log.info("%s/%s missed %d fire(s) since %s: skipped", sensor, t.key, plan.missed,
-                         missed["missed_since"])
-                self.ctx.event("misfire_skipped", sensor=sensor, trigger=t.key, schedule=t.describe(),
-                               **missed)
-                rec = {**(record or {}), "covered": now.timestamp()}  # not counted again next time
-                if t.date is not None:
-                    rec["skipped"] = now.timestamp()
-                self._save_fire(sensor, t.key, rec)
-        aps, first = plan.trigger, plan.first
-        if not plan.scheduled:
-            if replay is None:
-                return
-            from apscheduler.triggers.date import DateTrigger
-
-            aps = DateTrigger(run_date=now, timezone=UTC)
-        if startup:
-            self._startup[(sensor, t.key)] = startup
-            first = now
+        plan = TimeTrigger(self.store, self.name, sensor, t).start(paused)
+        if plan.skipped is not None:
+            self.ctx.event("misfire_skipped", sensor=sensor, trigger=t.key, schedule=t.describe(),
+                           **plan.skipped)
+        if plan.aps is None:
+            return
+        if plan.startup:
+            self._startup[(sensor, t.key)] = plan.startup
         kwargs: dict[str, Any] = {}
         if paused:
             kwargs["next_run_time"] = None  # added paused
-        elif first is not None:
-            kwargs["next_run_time"] = first
-        self._sched.add_job(self._time_job, aps, args=[sensor, t.key], id=job_id, name=name,
+        elif plan.first is not None:
+            kwargs["next_run_time"] = plan.first
+        self._sched.add_job(self._time_job, plan.aps, args=[sensor, t.key], id=job_id, name=name,
                             replace_existing=True, **kwargs)
 
     def _save_fire(self, sensor: str, key: str, record: dict[str, Any]) -> None:
@@ -710,32 +667,21 @@ class Agent:
         if entry is None or self._stopping.is_set():
             return
         t = entry[0]
-        startup = self._startup.pop((sensor, key), None) or {}
-        replay = startup.get("replay")
-        if replay is not None:
-            ev = TriggerEvent(kind=t.kind, key=replay["key"], trigger=t.key,
-                              evidence={**replay.get("evidence", {}), "replayed": True})
-            self._fire_time(sensor, t, ev, replay)
-            if "coalesce" not in startup:
-                return  # this run was for the replay; the schedule goes on as planned
-        extra = startup.get("coalesce") or {}
-        self._fire_time(sensor, t, time_event(t, **extra))
+        for ev, record in TimeTrigger(self.store, self.name, sensor, t).due(
+                self._startup.pop((sensor, key), None)):
+            self._fire_time(sensor, t, ev, record)
 
     def _fire_time(self, sensor: str, t: Trigger, ev: TriggerEvent,
                    record: dict[str, Any] | None = None) -> None:
         """A scheduled fire: written down first (a crash replays it under the same key, so it
         is judged once), then judged; its time is the trigger's last fire time."""
-        now = time.time()
-        rec = record or {"last": now, "key": ev.key, "evidence": ev.evidence, "covered": now}
-        self._save_fire(sensor, t.key, {**rec, "done": False})
-        try:
-            self.tick(sensor, ev)
-        except Exception:  # noqa: BLE001 - a failing sensor must not kill the agent (logged)
-            pass
-        finally:
-            if t.date is not None:
-                self.store.set_state(self.name, f"_fired:{sensor}/{t.key}", _iso(time.time()))
-            self._save_fire(sensor, t.key, {**rec, "done": True})
+        def judge(ev: TriggerEvent) -> None:
+            try:
+                self.tick(sensor, ev)
+            except Exception:  # noqa: BLE001 - a failing sensor must not kill the agent (logged)
+                pass
+
+        TimeTrigger(self.store, self.name, sensor, t).fire(ev, record, judge)
 
     def _poll_job(self, sensor: str, key: str) -> None:
         src = self._sources.get((sensor, key))

@@ -92,7 +92,7 @@ def validate(
     registry: Annotated[bool, typer.Option(help="check that services' models exist")] = False,
 ) -> None:
     """Check a spec without running anything."""
-    spec = _load(path, with_registry=registry)
+    spec = _load_noting(path, with_registry=registry)
     out.print(f"[green]ok[/] {spec.source}: app {spec.app!r}, team {spec.team!r}, "
               f"{len(spec.workflows)} workflow(s), {len(spec.services)} service(s), "
               f"{len(spec.agents)} agent(s)")
@@ -287,27 +287,44 @@ engine_app = typer.Typer(no_args_is_help=True, help="Run queued and triggered wo
 app.add_typer(engine_app, name="engine")
 
 
+def _load_noting(path: Path, with_registry: bool = False) -> Any:
+    """`_load`, printing the spec's deprecated spellings (Python hides DeprecationWarning)."""
+    import warnings
+
+    from scanflow.spec.models import SpecDeprecationWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", SpecDeprecationWarning)
+        spec = _load(path, with_registry=with_registry)
+    for w in caught:
+        if issubclass(w.category, SpecDeprecationWarning):
+            err.print(f"[yellow]deprecated[/] {spec.source}: {w.message}", highlight=False)
+    return spec
+
+
 @engine_app.command("serve")
 def engine_serve(
     paths: Annotated[list[Path], typer.Argument(help="specs whose workflow triggers to watch")],
     max_runs: Annotated[int, typer.Option(min=1, help="runs at once")] = 2,
 ) -> None:
-    """Watch the specs' triggers (cron, workflow success, registry events) and run queued runs
-    fairly across teams, until Ctrl-C."""
+    """Fire the specs' workflow triggers (interval, cron, date; a workflow run finished, a model
+    version registered or an alias moved, a prediction window full) and run queued runs fairly
+    across teams, until Ctrl-C. What happened while it was down fires when it starts."""
     import signal as _signal
 
+    from scanflow.control.workflow_triggers import WorkflowTriggers
     from scanflow.engine import LocalEngine
-    from scanflow.engine.triggers import TriggerService
 
-    specs = [_load(p) for p in paths]
+    specs = [_load_noting(p) for p in paths]
     settings, store = _ctx()
-    engine = LocalEngine(settings, store)
-    triggers = TriggerService(engine, specs)
+    engine = LocalEngine(settings, store)  # until scanflow.control.backends picks the backend
+    triggers = WorkflowTriggers(engine, specs)
     stopping = {"flag": False}
     _signal.signal(_signal.SIGTERM, lambda *_: stopping.update(flag=True))
-    triggers.start()
-    n = sum(len(w.triggers) for s in specs for w in s.workflows.values())
-    out.print(f"watching {n} trigger(s) in {len(specs)} spec(s); running queued runs (Ctrl-C stops)")
+    caught_up = triggers.start()
+    out.print(f"watching {triggers.triggers} trigger(s) in {len(specs)} spec(s); caught up: "
+              f"{len(caught_up)} run(s) queued for what happened while down; running queued runs "
+              "(Ctrl-C stops)")
     try:
         engine.serve(lambda: stopping["flag"], max_runs=max_runs)
     except KeyboardInterrupt:

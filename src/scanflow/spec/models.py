@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import warnings
 from collections.abc import Callable
 from datetime import UTC, datetime
 from datetime import date as date_type
@@ -203,39 +204,39 @@ def cron_trigger(expr: str) -> Any:
     raise ValueError(f"expected 5 fields (or 6 with seconds first), got {len(fields)}")
 
 
-class WorkflowTrigger(_Strict):
-    """What starts a workflow on its own: a cron schedule, another workflow's success, or a
-    model-registry event. Exactly one kind per trigger."""
-
-    cron: str | None = Field(default=None, description="crontab (5 fields, or 6 with seconds), UTC")
-    after_workflow: str | None = Field(default=None, description="'wf', 'team/wf' or 'app/team/wf'")
-    model: str | None = Field(default=None, description="registered model name to watch")
-    event: Literal["version_registered", "alias_moved"] = "version_registered"
-    alias: str | None = Field(default=None, description="for alias_moved: which alias")
-    params: dict[str, Any] = Field(default_factory=dict)
-
-    @model_validator(mode="after")
-    def _one_kind(self) -> WorkflowTrigger:
-        kinds = [k for k in ("cron", "after_workflow", "model") if getattr(self, k) is not None]
-        if len(kinds) != 1:
-            raise ValueError("a trigger needs exactly one of `cron`, `after_workflow`, `model`")
-        if self.cron is not None:
-            try:
-                cron_trigger(self.cron)
-            except ValueError as exc:
-                raise ValueError(f"bad cron expression {self.cron!r}: {exc}") from None
-        if self.model is not None and self.event == "alias_moved" and not self.alias:
-            raise ValueError("`event: alias_moved` needs `alias`")
-        return self
-
-
 class Workflow(_Strict):
     description: str = ""
-    triggers: list[WorkflowTrigger] = Field(default_factory=list)
+    triggers: list[Trigger] = Field(
+        default_factory=list, description="what starts this workflow on its own (`engine serve`): "
+        "the triggers agents' sensors use; `params` are the run's")
     steps: list[Step] = Field(min_length=1)
     params: dict[str, ParamSpec] = Field(default_factory=dict, description="shared by all steps")
 
     _short_params = field_validator("params", mode="before")(_params_from_short_form)
+
+    @field_validator("triggers", mode="before")
+    @classmethod
+    def _legacy_triggers(cls, v: Any) -> Any:
+        return [legacy_workflow_trigger(t) for t in v] if isinstance(v, list) else v
+
+    @model_validator(mode="after")
+    def _workflow_triggers(self) -> Workflow:
+        problems, seen = [], {}
+        for i, t in enumerate(self.triggers):
+            if t.event is not None and t.event.message is not None:
+                problems.append(f"triggers[{i}].event.message: a workflow has no inbox (messages go "
+                                "to agents: let an agent's `run_workflow` start it)")
+            pw = t.event.prediction_window if t.event is not None else None
+            if pw is not None and pw.service is None:
+                problems.append(f"triggers[{i}].event.prediction_window.service: needed (a "
+                                "workflow has no service of its own)")
+            if t.key in seen:
+                problems.append(f"triggers[{i}] repeats triggers[{seen[t.key]}] (id {t.key!r}: "
+                                "give one an `id`)")
+            seen.setdefault(t.key, i)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
     def step(self, name: str) -> Step:
         for s in self.steps:
@@ -290,6 +291,16 @@ class WorkflowFinishedEvent(_Strict):
         if len(parts) > 3 or not all(re.match(NAME, p) for p in parts):
             raise ValueError(f"expected 'workflow', 'team/workflow' or 'app/team/workflow', got {v!r}")
         return v
+
+    def target(self, app: str, team: str) -> tuple[str, str, str]:
+        """(app, team, workflow) that the ref names, seen from a spec of `app`/`team`."""
+        return workflow_ref(self.workflow, app, team)
+
+
+def workflow_ref(ref: str, app: str, team: str) -> tuple[str, str, str]:
+    """The one resolution of a workflow ref: 'wf' (this app's team), 'team/wf' or 'app/team/wf'."""
+    a, t, w = (app, team, *ref.split("/"))[-3:]
+    return a, t, w
 
 
 class ModelEvent(_Strict):
@@ -369,6 +380,8 @@ class Trigger(_Strict):
     cron: str | None = Field(default=None, description="5 crontab fields, or 6 with seconds first; UTC")
     date: datetime | None = Field(default=None, description="ISO 8601; without an offset, UTC")
     event: EventTrigger | None = None
+    params: dict[str, Any] | None = Field(
+        default=None, description="a workflow trigger: the params of the run it starts")
     misfire: Literal["coalesce", "skip"] | None = Field(
         default=None,
         description="fires missed while the agent was down (interval, cron, date): `coalesce` "
@@ -425,10 +438,11 @@ class Trigger(_Strict):
     @property
     def key(self) -> str:
         """Stable id (given, or kind + digest of the content): durable state hangs on it (the
-        misfire policy is not part of it: changing it keeps the trigger's last fire time)."""
+        misfire policy and a workflow run's params are not part of it: changing them keeps the
+        trigger's last fire time and cursor)."""
         if self.id:
             return self.id
-        body = self.model_dump(mode="json", exclude={"id", "misfire"}, exclude_none=True)
+        body = self.model_dump(mode="json", exclude={"id", "misfire", "params"}, exclude_none=True)
         digest = hashlib.sha1(json.dumps(body, sort_keys=True).encode()).hexdigest()[:8]
         kind = self.kind if self.event is None else self.event.kind
         return f"{kind}-{digest}"
@@ -443,6 +457,48 @@ class Trigger(_Strict):
         assert self.event is not None
         ev = getattr(self.event, self.event.kind)
         return f"on {self.event.kind} {ev.model_dump(exclude_none=True)}"
+
+
+class SpecDeprecationWarning(DeprecationWarning):
+    """A spelling in a spec that still works but goes away (`scanflow validate` shows it)."""
+
+
+LEGACY_TRIGGER_KEYS = {"after_workflow", "model", "alias"}
+
+
+def legacy_workflow_trigger(raw: Any) -> Any:
+    """A workflow trigger in the 0.1 spelling (`after_workflow:`, `model:` with `event:`
+    version_registered|alias_moved, `alias:`) as a `Trigger`, with a DeprecationWarning that
+    shows the new spelling. Anything else is returned as it is. Accepted for one release."""
+    if not isinstance(raw, dict) or not (LEGACY_TRIGGER_KEYS & raw.keys()
+                                         or isinstance(raw.get("event"), str)):
+        return raw
+    rest = {k: v for k, v in raw.items() if k not in LEGACY_TRIGGER_KEYS | {"event"}}
+    if "after_workflow" in raw:
+        event: dict[str, Any] = {"workflow_finished": {"workflow": raw["after_workflow"],
+                                                       "status": ["succeeded"]}}
+        rest.update({k: raw[k] for k in ("model", "alias") if k in raw})  # refused: one kind
+    else:
+        model = {"name": raw.get("model"), "event": raw.get("event"), "alias": raw.get("alias")}
+        if model["event"] == "version_registered":
+            model["event"] = None  # the default
+        event = {"model": {k: v for k, v in model.items() if v is not None}}
+    new = {"event": event, **rest}
+    warnings.warn(
+        f"workflow trigger {_flow(raw)} uses the 0.1 spelling, accepted for one more release: "
+        f"write {_flow(new)}", SpecDeprecationWarning, stacklevel=2)
+    return new
+
+
+def _flow(value: Any) -> str:
+    """A value in YAML flow style, as a user would write it in a spec."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_flow(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_flow(v) for v in value) + "]"
+    if isinstance(value, str) and not re.match(r"^[\w./@-]+$", value):
+        return json.dumps(value)
+    return str(value)
 
 
 class CallSpec(_Strict):
@@ -494,6 +550,9 @@ class SensorSpec(_Strict):
             self.triggers = [Trigger(interval=5.0)]  # the historical default
         seen: dict[str, int] = {}
         for i, t in enumerate(self.triggers):
+            if t.params is not None:
+                raise ValueError(f"triggers[{i}].params: only a workflow trigger takes `params` "
+                                 "(a sensor has its own)")
             if t.key in seen:
                 raise ValueError(f"triggers[{i}] repeats triggers[{seen[t.key]}] (id {t.key!r})")
             seen[t.key] = i
