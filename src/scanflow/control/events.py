@@ -88,17 +88,21 @@ class WorkflowFinished(EventSource):
         super().__init__(env, cursor_key, trigger)
         self.event = event
 
+    def _runs(self, after: float) -> list[Any]:
+        want = self.event.target(self.env.app.app, self.env.app.team)
+        runs = [r for r in self.env.store.list_runs(want[2], limit=500, status=self.event.status)
+                if (r.app, r.team, r.workflow) == want and (r.ended_at or 0) > after]
+        return sorted(runs, key=lambda r: (r.ended_at or 0, r.id))
+
     def poll(self) -> list[TriggerEvent]:
         cur = self._get()
         if cur is None:  # runs that ended before the trigger existed do not fire
-            self._set({"ts": time.time(), "seen": {}})
+            now = time.time()
+            self._set({"ts": now, "seen": {f"run:{r.id}:{r.status}": float(r.ended_at or 0)
+                                           for r in self._runs(now - RUN_OVERLAP_S)}})
             return []
-        want = self.event.target(self.env.app.app, self.env.app.team)
-        since = float(cur["ts"]) - RUN_OVERLAP_S
-        runs = [r for r in self.env.store.list_runs(want[2], limit=500, status=self.event.status)
-                if (r.app, r.team, r.workflow) == want and (r.ended_at or 0) > since]
         out = []
-        for r in sorted(runs, key=lambda r: (r.ended_at or 0, r.id)):
+        for r in self._runs(float(cur["ts"]) - RUN_OVERLAP_S):
             key = f"run:{r.id}:{r.status}"
             if key in cur["seen"]:
                 continue
