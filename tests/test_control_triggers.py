@@ -25,7 +25,8 @@ from scanflow.engine import LocalEngine
 from scanflow.engine.resources import ResourcePool
 from scanflow.settings import Settings
 from scanflow.spec import SpecError, load_application
-from scanflow.spec.models import SpecDeprecationWarning, Trigger, Workflow
+from scanflow.spec.models import Trigger, Workflow
+from scanflow.spec.triggers import SpecDeprecationWarning
 from scanflow.store import Store
 
 SPEC = '''

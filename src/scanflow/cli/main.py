@@ -291,7 +291,7 @@ def _load_noting(path: Path, with_registry: bool = False) -> Any:
     """`_load`, printing the spec's deprecated spellings (Python hides DeprecationWarning)."""
     import warnings
 
-    from scanflow.spec.models import SpecDeprecationWarning
+    from scanflow.spec.triggers import SpecDeprecationWarning
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", SpecDeprecationWarning)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import warnings
 from collections.abc import Callable
 from datetime import UTC, datetime
 from datetime import date as date_type
@@ -13,6 +12,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from scanflow.spec.triggers import cron_trigger, legacy_workflow_trigger, workflow_ref
 
 NAME = r"^[A-Za-z][A-Za-z0-9_.-]{0,99}$"
 PARAM_TYPES: dict[str, type] = {"int": int, "float": float, "str": str, "bool": bool, "path": str}
@@ -190,20 +191,6 @@ class Step(_Strict):
         return self
 
 
-def cron_trigger(expr: str) -> Any:
-    """An APScheduler trigger from 5 crontab fields, or 6 with seconds first."""
-    from apscheduler.triggers.cron import CronTrigger
-
-    fields = expr.split()
-    if len(fields) == 5:
-        return CronTrigger.from_crontab(expr, timezone="UTC")
-    if len(fields) == 6:
-        sec, minute, hour, day, month, dow = fields
-        return CronTrigger(second=sec, minute=minute, hour=hour, day=day, month=month,
-                           day_of_week=dow, timezone="UTC")
-    raise ValueError(f"expected 5 fields (or 6 with seconds first), got {len(fields)}")
-
-
 class Workflow(_Strict):
     description: str = ""
     triggers: list[Trigger] = Field(
@@ -295,12 +282,6 @@ class WorkflowFinishedEvent(_Strict):
     def target(self, app: str, team: str) -> tuple[str, str, str]:
         """(app, team, workflow) that the ref names, seen from a spec of `app`/`team`."""
         return workflow_ref(self.workflow, app, team)
-
-
-def workflow_ref(ref: str, app: str, team: str) -> tuple[str, str, str]:
-    """The one resolution of a workflow ref: 'wf' (this app's team), 'team/wf' or 'app/team/wf'."""
-    a, t, w = (app, team, *ref.split("/"))[-3:]
-    return a, t, w
 
 
 class ModelEvent(_Strict):
@@ -457,48 +438,6 @@ class Trigger(_Strict):
         assert self.event is not None
         ev = getattr(self.event, self.event.kind)
         return f"on {self.event.kind} {ev.model_dump(exclude_none=True)}"
-
-
-class SpecDeprecationWarning(DeprecationWarning):
-    """A spelling in a spec that still works but goes away (`scanflow validate` shows it)."""
-
-
-LEGACY_TRIGGER_KEYS = {"after_workflow", "model", "alias"}
-
-
-def legacy_workflow_trigger(raw: Any) -> Any:
-    """A workflow trigger in the 0.1 spelling (`after_workflow:`, `model:` with `event:`
-    version_registered|alias_moved, `alias:`) as a `Trigger`, with a DeprecationWarning that
-    shows the new spelling. Anything else is returned as it is. Accepted for one release."""
-    if not isinstance(raw, dict) or not (LEGACY_TRIGGER_KEYS & raw.keys()
-                                         or isinstance(raw.get("event"), str)):
-        return raw
-    rest = {k: v for k, v in raw.items() if k not in LEGACY_TRIGGER_KEYS | {"event"}}
-    if "after_workflow" in raw:
-        event: dict[str, Any] = {"workflow_finished": {"workflow": raw["after_workflow"],
-                                                       "status": ["succeeded"]}}
-        rest.update({k: raw[k] for k in ("model", "alias") if k in raw})  # refused: one kind
-    else:
-        model = {"name": raw.get("model"), "event": raw.get("event"), "alias": raw.get("alias")}
-        if model["event"] == "version_registered":
-            model["event"] = None  # the default
-        event = {"model": {k: v for k, v in model.items() if v is not None}}
-    new = {"event": event, **rest}
-    warnings.warn(
-        f"workflow trigger {_flow(raw)} uses the 0.1 spelling, accepted for one more release: "
-        f"write {_flow(new)}", SpecDeprecationWarning, stacklevel=2)
-    return new
-
-
-def _flow(value: Any) -> str:
-    """A value in YAML flow style, as a user would write it in a spec."""
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k}: {_flow(v)}" for k, v in value.items()) + "}"
-    if isinstance(value, list):
-        return "[" + ", ".join(_flow(v) for v in value) + "]"
-    if isinstance(value, str) and not re.match(r"^[\w./@-]+$", value):
-        return json.dumps(value)
-    return str(value)
 
 
 class CallSpec(_Strict):
