@@ -13,6 +13,7 @@ existed does not fire (prediction windows start at the beginning of the log).
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
 
 from scanflow.control.triggers import TriggerEvent
@@ -111,7 +112,7 @@ class WorkflowFinished(EventSource):
                     "status": r.status, "ended_at": ended, "error": (r.error or "")[:500] or None}
             out.append(TriggerEvent(kind="workflow_finished", key=key, trigger=self.trigger,
                                     evidence=info, data=dict(info),
-                                    commit=lambda key=key, ended=ended: self._seen(key, ended)))
+                                    commit=partial(self._seen, key, ended)))
         return out
 
     def _seen(self, key: str, ended: float) -> None:
@@ -149,9 +150,12 @@ class ModelRegistry(EventSource):
             out.append(TriggerEvent(
                 kind="version_registered", key=f"model:{name}:v{mv.version}",
                 trigger=self.trigger, evidence=info, data=dict(info),
-                commit=lambda v=int(mv.version): self._set(max(int(self._get() or 0), v)),
+                commit=partial(self._raise_to, int(mv.version)),
             ))
         return out
+
+    def _raise_to(self, version: int) -> None:
+        self._set(max(int(self._get() or 0), version))
 
     def _alias(self) -> list[TriggerEvent]:
         name, alias, cur = self.event.name, self.event.alias, self._get()
@@ -171,7 +175,7 @@ class ModelRegistry(EventSource):
         return [TriggerEvent(
             kind="alias_moved", key=f"model:{name}@{alias}:move{moves}:v{now}",
             trigger=self.trigger, evidence=info, data=dict(info),
-            commit=lambda: self._set({"version": now, "moves": moves}),
+            commit=partial(self._set, {"version": now, "moves": moves}),
         )]
 
 
@@ -202,7 +206,7 @@ class PredictionWindow(EventSource):
                     "t0": chunk[0][1], "t1": chunk[-1][1]}
             out.append(TriggerEvent(
                 kind="prediction_window", key=f"{svc}:{first}-{last}", trigger=self.trigger,
-                evidence=info, data=dict(info), commit=lambda last=last: self._set(last),
+                evidence=info, data=dict(info), commit=partial(self._set, last),
             ))
         return out
 
@@ -226,20 +230,12 @@ class Messages(EventSource):
                 kind="message", key=m.key, trigger=self.trigger,
                 evidence={"message": m.kind, "from": m.sender, **scalars(m.payload)},
                 data={"kind": m.kind, "from": m.sender, **m.payload}, message_id=m.id,
-                commit=lambda mid=m.id: store.ack_message(mid),
+                commit=partial(store.ack_message, m.id),
             ))
         return out
 
     def cursor(self) -> Any:
         return None
-
-
-SOURCES: dict[str, type[EventSource]] = {
-    "workflow_finished": WorkflowFinished,
-    "model": ModelRegistry,
-    "prediction_window": PredictionWindow,
-    "message": Messages,
-}
 
 
 def cursor_key(scope: str, trig: Trigger) -> str:
@@ -249,7 +245,13 @@ def cursor_key(scope: str, trig: Trigger) -> str:
 
 def event_source(env: SourceEnv, scope: str, trig: Trigger) -> EventSource:
     """The source that polls `trig`, an event trigger, for a consumer."""
-    assert trig.event is not None
-    kind = trig.event.kind
-    return SOURCES[kind](env, cursor_key(scope, trig), getattr(trig.event, kind),  # type: ignore[call-arg]
-                         trigger=trig.key)
+    ev, key = trig.event, cursor_key(scope, trig)
+    assert ev is not None
+    if ev.workflow_finished is not None:
+        return WorkflowFinished(env, key, ev.workflow_finished, trig.key)
+    if ev.model is not None:
+        return ModelRegistry(env, key, ev.model, trig.key)
+    if ev.prediction_window is not None:
+        return PredictionWindow(env, key, ev.prediction_window, trig.key)
+    assert ev.message is not None
+    return Messages(env, key, ev.message, trig.key)

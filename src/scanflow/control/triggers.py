@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from scanflow.spec.models import Trigger, cron_trigger
+from scanflow.spec.models import Trigger
+from scanflow.spec.triggers import cron_trigger
 from scanflow.store import Store
 
 log = logging.getLogger("scanflow.triggers")
