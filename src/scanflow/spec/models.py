@@ -353,8 +353,9 @@ TRIGGER_KINDS = ("interval", "cron", "date", "event")
 
 
 class Trigger(_Strict):
-    """When a sensor fires: every `interval`, on a `cron` schedule (UTC), once at a `date`
-    (ISO 8601; a date already past fires once at start, never twice), or on an `event`."""
+    """When a sensor fires, or a workflow starts (`engine serve`): every `interval`, on a `cron`
+    schedule (UTC), once at a `date` (ISO 8601; a date already past fires once at start, never
+    twice), or on an `event`. One vocabulary, served by `scanflow.control`."""
 
     id: str | None = Field(default=None, pattern=NAME, description="default: derived from the content")
     interval: float | None = Field(default=None, description="seconds between fires")
