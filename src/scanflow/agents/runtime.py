@@ -39,7 +39,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from scanflow.agents.registry import name_of, resolve
+from scanflow.agents.registry import agent_issues, name_of, resolve
 from scanflow.agents.triggers import (
     EventSource,
     TriggerEvent,
@@ -322,7 +322,7 @@ class Agent:
         """An agent declared in Python: its spec may hold functions or registered names."""
         application = Application(app=app, team=team, agents={name: spec})
         application.base_dir = (base_dir or Path.cwd()).resolve()
-        return cls(settings, store, validate_application(application), name)
+        return cls(settings, store, validate_application(application, checks=[agent_issues]), name)
 
     # -- judging ---------------------------------------------------------------------------------
     def _sensor(self, name: str) -> SensorSpec:
