@@ -25,22 +25,60 @@ import os
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from scanflow.agents.runtime import DuplicateTrigger, UnknownMessage, UnknownSensor, UnknownTrigger
-from scanflow.spec.models import Trigger
-
-if TYPE_CHECKING:
-    from scanflow.agents.runtime import Agent
+from scanflow.agents.errors import DuplicateTrigger, UnknownMessage, UnknownSensor, UnknownTrigger
+from scanflow.audit import why as audit_why
+from scanflow.spec.models import AgentSpec, Application, SensorSpec, Trigger
+from scanflow.store import Store
 
 HOST = "127.0.0.1"
 
 
-def create_app(agent: Agent) -> FastAPI:
+class _Context(Protocol):
+    @property
+    def app(self) -> Application: ...
+    @property
+    def service(self) -> str | None: ...
+
+
+class ServedAgent(Protocol):
+    """What the API needs of an agent (`scanflow.agents.runtime.Agent` is one). The runtime
+    hands its agent to `ApiServer`; this module never imports the runtime."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def ctx(self) -> _Context: ...
+    @property
+    def spec(self) -> AgentSpec: ...
+    @property
+    def store(self) -> Store: ...
+    @property
+    def max_attempts(self) -> int: ...
+    @property
+    def _paused(self) -> set[str]: ...
+    @property
+    def _sensors(self) -> dict[str, SensorSpec]: ...
+
+    def sensors_info(self) -> list[dict[str, Any]]: ...
+    def sensor_info(self, name: str) -> dict[str, Any]: ...
+    def fire(self, name: str, wait: bool = True) -> dict[str, Any]: ...
+    def pause(self, name: str | None = None) -> list[str]: ...
+    def resume(self, name: str | None = None) -> list[str]: ...
+    def add_trigger(self, name: str, trig: Trigger) -> dict[str, Any]: ...
+    def remove_trigger(self, name: str, key: str) -> None: ...
+    def recent_decisions(self, limit: int = 20, fired: bool | None = None) -> list[dict[str, Any]]: ...
+    def recent_events(self, limit: int = 20) -> list[dict[str, Any]]: ...
+    def messages(self, status: str | None = None, limit: int = 50) -> list[dict[str, Any]]: ...
+    def requeue(self, message_id: int) -> dict[str, Any]: ...
+
+
+def create_app(agent: ServedAgent) -> FastAPI:
     api = FastAPI(title=f"scanflow agent {agent.name}", version="1")
 
     @api.exception_handler(UnknownSensor)
@@ -130,8 +168,6 @@ def create_app(agent: Agent) -> FastAPI:
     @api.get("/why/{service}")
     def why(service: str) -> JSONResponse:
         """`scanflow why` over HTTP: the chain behind a service's current model and replicas."""
-        from scanflow.audit import why as audit_why
-
         try:
             chain = audit_why(agent.store, service)
         except KeyError as exc:
@@ -158,7 +194,7 @@ def create_app(agent: Agent) -> FastAPI:
 class ApiServer:
     """uvicorn in a daemon thread, on a socket bound first (so the port is known up front)."""
 
-    def __init__(self, agent: Agent, host: str = HOST, port: int = 0) -> None:
+    def __init__(self, agent: ServedAgent, host: str = HOST, port: int = 0) -> None:
         self.agent = agent
         self.host = host
         self.port = port

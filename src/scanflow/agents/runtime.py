@@ -39,6 +39,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from scanflow.agents.api import ApiServer
+from scanflow.agents.errors import DuplicateTrigger, UnknownMessage, UnknownSensor, UnknownTrigger
 from scanflow.agents.registry import agent_issues, name_of, resolve
 from scanflow.agents.triggers import (
     EventSource,
@@ -93,25 +95,6 @@ class ActionCall:
         """An earlier call with this key exists (cut off by a crash, or failed): it may have
         done part of its effect."""
         return self.attempt > 1
-
-
-class UnknownSensor(KeyError):
-    def __str__(self) -> str:
-        return str(self.args[0])
-
-
-class UnknownTrigger(KeyError):
-    def __str__(self) -> str:
-        return str(self.args[0])
-
-
-class DuplicateTrigger(ValueError):
-    """The sensor already has a trigger with this id."""
-
-
-class UnknownMessage(KeyError):
-    def __str__(self) -> str:
-        return str(self.args[0])
 
 
 class ActionFailed(RuntimeError):
@@ -942,8 +925,6 @@ class Agent:
         server = None
         host = port = None
         if api:
-            from scanflow.agents.api import ApiServer
-
             server = ApiServer(self)
             host, port = server.bind()
             self.api_url = f"http://{host}:{port}"
