@@ -584,12 +584,12 @@ class DriftCheck:
         n = len(windows)
         tail = _tail_size(n)
         smallest = np.ones(n)
-        for scores in raw.values():  # each clean window against the *other* clean windows
-            order = np.argsort(scores, kind="stable")
-            ranked = scores[order]
+        for det_scores in raw.values():  # each clean window against the *other* clean windows
+            order = np.argsort(det_scores, kind="stable")
+            ranked = det_scores[order]
             for pos, i in enumerate(order):
                 others = np.delete(ranked, pos)
-                p = _tail_p_values(others, scores[i:i + 1], tail)[0]
+                p = _tail_p_values(others, det_scores[i:i + 1], tail)[0]
                 smallest[i] = min(smallest[i], p)
         combined_scores = -np.log(np.maximum(smallest, 1e-300))
         j = pac_exceedances(n, alpha, confidence)
