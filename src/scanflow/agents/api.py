@@ -79,8 +79,15 @@ class ServedAgent(Protocol):
 
 
 def create_app(agent: ServedAgent) -> FastAPI:
+    """The agent's FastAPI app: errors as 404/409/422, then the routes over `agent`."""
     api = FastAPI(title=f"scanflow agent {agent.name}", version="1")
+    _error_handlers(api)
+    _sensor_routes(api, agent)
+    _record_routes(api, agent)
+    return api
 
+
+def _error_handlers(api: FastAPI) -> None:
     @api.exception_handler(UnknownSensor)
     @api.exception_handler(UnknownTrigger)
     @api.exception_handler(UnknownMessage)
@@ -98,6 +105,9 @@ def create_app(agent: ServedAgent) -> FastAPI:
     async def _conflict(_req: Request, exc: Exception) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=409)
 
+
+def _sensor_routes(api: FastAPI, agent: ServedAgent) -> None:
+    """Health, sensors, firing by hand, pause/resume and run-time triggers."""
     @api.get("/health")
     def health() -> dict[str, Any]:
         return {"agent": agent.name, "app": agent.ctx.app.app, "role": agent.spec.role,
@@ -157,6 +167,9 @@ def create_app(agent: ServedAgent) -> FastAPI:
         agent.remove_trigger(sensor, trigger_id)
         return {"sensor": sensor, "removed": trigger_id}
 
+
+def _record_routes(api: FastAPI, agent: ServedAgent) -> None:
+    """What the agent decided and did, `why`, and its messages (dead letters, requeue)."""
     @api.get("/decisions")
     def decisions(limit: int = Query(20, ge=1, le=1000), fired: bool | None = None) -> list[dict[str, Any]]:
         return agent.recent_decisions(limit, fired)
@@ -188,8 +201,6 @@ def create_app(agent: ServedAgent) -> FastAPI:
         except ValueError as exc:  # not dead-lettered
             return JSONResponse({"detail": str(exc)}, status_code=409)
 
-    return api
-
 
 class ApiServer:
     """uvicorn in a daemon thread, on a socket bound first (so the port is known up front)."""
@@ -215,7 +226,7 @@ class ApiServer:
         return f"http://{self.host}:{self.port}"
 
     def start(self, timeout: float = 15.0) -> None:
-        import uvicorn
+        import uvicorn  # lazy: the server itself is needed only once the API is started
 
         if self._sock is None:
             self.bind()

@@ -127,6 +127,12 @@ def create_app(config_path: str | None = None) -> FastAPI:
 
     app = FastAPI(title="scanflow model server", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.add_middleware(CloseWhenDraining)
+    _routes(app, predictions)
+    return app
+
+
+def _routes(app: FastAPI, predictions: PredictionService) -> None:
+    """`/predict` and the V2 protocol (both through `predictions`), `/labels`, `/health`, `/metrics`."""
 
     @app.post("/predict")
     async def predict(request: Request) -> Response:
@@ -175,8 +181,6 @@ def create_app(config_path: str | None = None) -> FastAPI:
     @app.get("/metrics")
     async def get_metrics() -> Response:
         return Response(metrics.render(), media_type=metrics.CONTENT_TYPE)
-
-    return app
 
 
 def _render_predict(result: dict[str, Any]) -> dict[str, Any]:

@@ -137,7 +137,7 @@ PRELOADED: dict[str, Any] = {}
 
 def preload_models(cfg: ServiceConfig) -> None:
     """In the master: load every version from its local copy; drop versions no longer served."""
-    import mlflow.pyfunc
+    import mlflow.pyfunc  # lazy: MLflow (heavy) only where models load, not in the deployer
 
     for v in list(PRELOADED):
         if v not in cfg.versions:
@@ -150,7 +150,7 @@ def preload_models(cfg: ServiceConfig) -> None:
 
 def load_models(cfg: ServiceConfig, arrivals: Arrivals) -> dict[str, Loaded]:
     """Load every version the config serves (champion, canary, shadow) with a batcher each."""
-    import mlflow.pyfunc
+    import mlflow.pyfunc  # lazy: MLflow (heavy) only where models load, not in the deployer
 
     svc = cfg.service
     out: dict[str, Loaded] = {}
