@@ -11,7 +11,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: demo test test-fast lint install data clean
+.PHONY: demo test test-fast typecheck lint install data clean
 
 install: $(STAMP)
 
@@ -29,7 +29,12 @@ $(WHEEL): | $(STAMP)
 demo: $(STAMP) $(WHEEL)
 	$(BIN)/python examples/mnist/run.py --workspace $(WS)
 
+# mypy on src/ at the strictness stated in pyproject.toml ([tool.mypy]); `make test` runs it first.
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
 test: $(STAMP) $(WHEEL)
+	$(MAKE) --no-print-directory typecheck
 	SCANFLOW_TEST_MNIST_DOWNLOADS=$(abspath $(WS)/downloads) $(BIN)/pytest -n 2 --dist loadfile tests
 
 test-fast: $(STAMP)

@@ -12,6 +12,7 @@ and named in a spec (`rule: big_window`, with the module in the agent's `imports
 directly in an agent declared in Python (`Agent.define(...)`).
 """
 
+import scanflow.agents.builtin  # noqa: F401 - registers the built-in parts by name
 from scanflow.agents.registry import actuator, registered, rule, sensor
 from scanflow.agents.runtime import ActionCall, Agent, AgentContext, Observation
 from scanflow.control.triggers import TriggerEvent

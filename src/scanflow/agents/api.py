@@ -25,24 +25,69 @@ import os
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from scanflow.agents.runtime import DuplicateTrigger, UnknownMessage, UnknownSensor, UnknownTrigger
-from scanflow.spec.models import Trigger
-
-if TYPE_CHECKING:
-    from scanflow.agents.runtime import Agent
+from scanflow.agents.errors import DuplicateTrigger, UnknownMessage, UnknownSensor, UnknownTrigger
+from scanflow.audit import why as audit_why
+from scanflow.spec.models import AgentSpec, Application, SensorSpec, Trigger
+from scanflow.store import Store
 
 HOST = "127.0.0.1"
 
 
-def create_app(agent: Agent) -> FastAPI:
-    api = FastAPI(title=f"scanflow agent {agent.name}", version="1")
+class _Context(Protocol):
+    @property
+    def app(self) -> Application: ...
+    @property
+    def service(self) -> str | None: ...
 
+
+class ServedAgent(Protocol):
+    """What the API needs of an agent (`scanflow.agents.runtime.Agent` is one). The runtime
+    hands its agent to `ApiServer`; this module never imports the runtime."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def ctx(self) -> _Context: ...
+    @property
+    def spec(self) -> AgentSpec: ...
+    @property
+    def store(self) -> Store: ...
+    @property
+    def max_attempts(self) -> int: ...
+    @property
+    def _paused(self) -> set[str]: ...
+    @property
+    def _sensors(self) -> dict[str, SensorSpec]: ...
+
+    def sensors_info(self) -> list[dict[str, Any]]: ...
+    def sensor_info(self, name: str) -> dict[str, Any]: ...
+    def fire(self, name: str, wait: bool = True) -> dict[str, Any]: ...
+    def pause(self, name: str | None = None) -> list[str]: ...
+    def resume(self, name: str | None = None) -> list[str]: ...
+    def add_trigger(self, name: str, trig: Trigger) -> dict[str, Any]: ...
+    def remove_trigger(self, name: str, key: str) -> None: ...
+    def recent_decisions(self, limit: int = 20, fired: bool | None = None) -> list[dict[str, Any]]: ...
+    def recent_events(self, limit: int = 20) -> list[dict[str, Any]]: ...
+    def messages(self, status: str | None = None, limit: int = 50) -> list[dict[str, Any]]: ...
+    def requeue(self, message_id: int) -> dict[str, Any]: ...
+
+
+def create_app(agent: ServedAgent) -> FastAPI:
+    """The agent's FastAPI app: errors as 404/409/422, then the routes over `agent`."""
+    api = FastAPI(title=f"scanflow agent {agent.name}", version="1")
+    _error_handlers(api)
+    _sensor_routes(api, agent)
+    _record_routes(api, agent)
+    return api
+
+
+def _error_handlers(api: FastAPI) -> None:
     @api.exception_handler(UnknownSensor)
     @api.exception_handler(UnknownTrigger)
     @api.exception_handler(UnknownMessage)
@@ -60,6 +105,9 @@ def create_app(agent: Agent) -> FastAPI:
     async def _conflict(_req: Request, exc: Exception) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=409)
 
+
+def _sensor_routes(api: FastAPI, agent: ServedAgent) -> None:
+    """Health, sensors, firing by hand, pause/resume and run-time triggers."""
     @api.get("/health")
     def health() -> dict[str, Any]:
         return {"agent": agent.name, "app": agent.ctx.app.app, "role": agent.spec.role,
@@ -119,6 +167,9 @@ def create_app(agent: Agent) -> FastAPI:
         agent.remove_trigger(sensor, trigger_id)
         return {"sensor": sensor, "removed": trigger_id}
 
+
+def _record_routes(api: FastAPI, agent: ServedAgent) -> None:
+    """What the agent decided and did, `why`, and its messages (dead letters, requeue)."""
     @api.get("/decisions")
     def decisions(limit: int = Query(20, ge=1, le=1000), fired: bool | None = None) -> list[dict[str, Any]]:
         return agent.recent_decisions(limit, fired)
@@ -130,8 +181,6 @@ def create_app(agent: Agent) -> FastAPI:
     @api.get("/why/{service}")
     def why(service: str) -> JSONResponse:
         """`scanflow why` over HTTP: the chain behind a service's current model and replicas."""
-        from scanflow.audit import why as audit_why
-
         try:
             chain = audit_why(agent.store, service)
         except KeyError as exc:
@@ -152,13 +201,11 @@ def create_app(agent: Agent) -> FastAPI:
         except ValueError as exc:  # not dead-lettered
             return JSONResponse({"detail": str(exc)}, status_code=409)
 
-    return api
-
 
 class ApiServer:
     """uvicorn in a daemon thread, on a socket bound first (so the port is known up front)."""
 
-    def __init__(self, agent: Agent, host: str = HOST, port: int = 0) -> None:
+    def __init__(self, agent: ServedAgent, host: str = HOST, port: int = 0) -> None:
         self.agent = agent
         self.host = host
         self.port = port
@@ -179,7 +226,7 @@ class ApiServer:
         return f"http://{self.host}:{self.port}"
 
     def start(self, timeout: float = 15.0) -> None:
-        import uvicorn
+        import uvicorn  # lazy: the server itself is needed only once the API is started
 
         if self._sock is None:
             self.bind()

@@ -21,6 +21,7 @@ from typing import Any
 
 import httpx
 
+from scanflow.agents.registry import agent_issues
 from scanflow.procs import pid_alive
 from scanflow.settings import Settings, get_settings
 from scanflow.spec.loader import load_application, validate_application
@@ -40,7 +41,7 @@ def load_app(ref: str | Path) -> Application:
     """A spec file/folder, or an Application declared in Python ('file.py:app', 'mod:app')."""
     py = _python_ref(str(ref))
     if py is None:
-        return load_application(ref)
+        return load_application(ref, checks=[agent_issues])
     target, attr = py
     if target.endswith(".py"):
         path = Path(target).resolve()
@@ -66,7 +67,7 @@ def load_app(ref: str | Path) -> Application:
         raise TypeError(f"{ref} is a {type(app).__name__}, not a scanflow Application")
     if app.base_dir == Path("."):
         app.base_dir = base.resolve()
-    return validate_application(app)
+    return validate_application(app, checks=[agent_issues])
 
 
 def _absolute(ref: str | Path) -> str:

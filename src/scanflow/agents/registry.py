@@ -2,7 +2,9 @@
 under a name a spec can use (`func: windows`) instead of a 'module:function' path.
 
 A YAML agent lists the modules that define them in `imports:` (looked up in the app folder
-first); a Python-declared agent may pass the functions themselves or their names.
+first); a Python-declared agent may pass the functions themselves or their names. The built-in
+parts register when `scanflow.agents` is imported (its `__init__` imports `builtin`), so this
+module imports nothing of the agents: `builtin` depends on it, not the other way round.
 """
 
 from __future__ import annotations
@@ -11,6 +13,10 @@ import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal, TypeVar, overload
+
+from scanflow.spec.errors import SpecIssue
+from scanflow.spec.loader import import_from_app, resolve_callable
+from scanflow.spec.models import AgentSpec, Application
 
 Kind = Literal["sensor", "rule", "actuator"]
 F = TypeVar("F", bound=Callable[..., Any])
@@ -79,10 +85,8 @@ def name_of(fn: str | Callable[..., Any], kind: Kind) -> str:
 
 
 def import_modules(modules: Iterable[str], base_dir: Path | None) -> None:
-    from scanflow.spec.loader import _import_from
-
     for m in modules:
-        _import_from(m, base_dir)
+        import_from_app(m, base_dir)
 
 
 def resolve(
@@ -90,12 +94,8 @@ def resolve(
     imports: Iterable[str] = (),
 ) -> Callable[..., Any]:
     """A callable from a function, 'module:function', or a registered name."""
-    from scanflow.spec.loader import resolve_callable
-
     if callable(ref) or ":" in ref:
         return resolve_callable(ref, base_dir)
-    import scanflow.agents.builtin  # noqa: F401 - registers the built-in parts
-
     import_modules(imports, base_dir)
     found = registered(kind).get(ref)
     if found is None:
@@ -105,7 +105,7 @@ def resolve(
     return found
 
 
-def spec_issues(agent: Any, base_dir: Path | None) -> list[tuple[str, str]]:
+def spec_issues(agent: AgentSpec, base_dir: Path | None) -> list[tuple[str, str]]:
     """(path under the agent, problem) for every part of an AgentSpec that does not resolve."""
     out: list[tuple[str, str]] = []
     try:
@@ -128,3 +128,12 @@ def spec_issues(agent: Any, base_dir: Path | None) -> list[tuple[str, str]]:
             except Exception as exc:  # noqa: BLE001
                 out.append((path, f"cannot import {ref!r}: {exc}"))
     return out
+
+
+def agent_issues(app: Application) -> list[SpecIssue]:
+    """Every agent part of `app` that does not resolve, as spec issues (`agents.<name>...`).
+
+    The spec cannot check these names itself (they live in this registry); pass this to
+    `load_application(..., checks=[agent_issues])` to get them in the same report."""
+    return [SpecIssue(f"agents.{name}.{path}", msg, app.source)
+            for name, ag in app.agents.items() for path, msg in spec_issues(ag, app.base_dir)]

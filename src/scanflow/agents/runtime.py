@@ -39,7 +39,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from scanflow.agents.registry import name_of, resolve
+from scanflow.agents.api import ApiServer
+from scanflow.agents.errors import DuplicateTrigger, UnknownMessage, UnknownSensor, UnknownTrigger
+from scanflow.agents.registry import agent_issues, name_of, resolve
 from scanflow.control.events import EventSource, event_source
 from scanflow.control.triggers import TimeTrigger, TriggerEvent, manual_event, poll_trigger
 from scanflow.control.triggers import fire_key as _fire_key
@@ -87,25 +89,6 @@ class ActionCall:
         """An earlier call with this key exists (cut off by a crash, or failed): it may have
         done part of its effect."""
         return self.attempt > 1
-
-
-class UnknownSensor(KeyError):
-    def __str__(self) -> str:
-        return str(self.args[0])
-
-
-class UnknownTrigger(KeyError):
-    def __str__(self) -> str:
-        return str(self.args[0])
-
-
-class DuplicateTrigger(ValueError):
-    """The sensor already has a trigger with this id."""
-
-
-class UnknownMessage(KeyError):
-    def __str__(self) -> str:
-        return str(self.args[0])
 
 
 class ActionFailed(RuntimeError):
@@ -311,7 +294,7 @@ class Agent:
         """An agent declared in Python: its spec may hold functions or registered names."""
         application = Application(app=app, team=team, agents={name: spec})
         application.base_dir = (base_dir or Path.cwd()).resolve()
-        return cls(settings, store, validate_application(application), name)
+        return cls(settings, store, validate_application(application, checks=[agent_issues]), name)
 
     # -- judging ---------------------------------------------------------------------------------
     def _sensor(self, name: str) -> SensorSpec:
@@ -888,8 +871,6 @@ class Agent:
         server = None
         host = port = None
         if api:
-            from scanflow.agents.api import ApiServer
-
             server = ApiServer(self)
             host, port = server.bind()
             self.api_url = f"http://{host}:{port}"

@@ -69,7 +69,17 @@ def _ctx() -> tuple[Any, Any]:
     return settings, Store(settings.store)
 
 
+def _agent_issues(app: Any) -> list[Any]:
+    """The agents' checks, importing the agent runtime only for an app that has agents."""
+    if not app.agents:
+        return []
+    from scanflow.agents.registry import agent_issues  # lazy: the agent runtime (CLI start-up)
+
+    return agent_issues(app)
+
+
 def _load(path: Path, with_registry: bool = False) -> Any:
+    """The spec with every issue, the agents' parts included (`validate` and every command)."""
     from scanflow.spec import load_application
 
     known = None
@@ -79,7 +89,7 @@ def _load(path: Path, with_registry: bool = False) -> Any:
 
         known = Tracker(get_settings().ensure()).registered_models()
     try:
-        return load_application(path, known_models=known)
+        return load_application(path, known_models=known, checks=[_agent_issues])
     except SpecError as exc:
         for issue in exc.issues:
             err.print(f"[red]{issue}[/]", highlight=False)

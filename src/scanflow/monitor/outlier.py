@@ -64,6 +64,7 @@ class ReconstructionDrift(WindowDetector):
     def score(self, x: Any) -> np.ndarray:
         """Outlier score per sample: its reconstruction error (higher = less like the reference)."""
         arr = check_window(x, self._n_features, "ReconstructionDrift", 1, "input")
+        assert self._cross is not None  # check_window refused an unfitted detector
         return self._cross.errors(arr)
 
     def is_outlier(self, x: Any) -> np.ndarray:

@@ -1,16 +1,18 @@
 """The Open Inference (KServe V2) REST protocol over the same model, validation, prediction
-log and metrics as `/predict`, so standard V2 clients work unchanged."""
+log and metrics as `/predict`, so standard V2 clients work unchanged: its routes are given the
+worker's `PredictionService` (`create_router`), the same object `/predict` calls."""
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
+from scanflow.serving.predict import PredictionService, Served
 from scanflow.serving.validation import RequestError, parse_body
-
-router = APIRouter(prefix="/v2")
 
 _DATATYPES = {
     "float64": "FP64", "float32": "FP32", "float16": "FP16", "int64": "INT64", "int32": "INT32",
@@ -27,11 +29,7 @@ def datatype(kind: str) -> str:
     return _DATATYPES.get(str(kind), "BYTES")
 
 
-def _served(request: Request) -> Any:
-    return request.app.state.served
-
-
-def _check_model(s: Any, name: str, version: str | None = None) -> None:
+def _check_model(s: Served, name: str, version: str | None = None) -> None:
     if name not in (s.config.model_name, s.config.service):
         raise RequestError(404, f"model {name!r} is not served here (this service serves "
                                 f"{s.config.model_name!r} version {s.config.model_version})")
@@ -41,8 +39,6 @@ def _check_model(s: Any, name: str, version: str | None = None) -> None:
 
 
 def _error(exc: RequestError) -> Response:
-    import json
-
     return Response(json.dumps({"error": exc.message, "detail": exc.message}), exc.status,
                     media_type="application/json")
 
@@ -61,7 +57,7 @@ def _flatten(v: Any) -> list[Any]:
     return [v]
 
 
-def v2_instances(body: Any, s: Any) -> list[Any]:
+def v2_instances(body: Any, s: Served) -> list[Any]:
     """V2 `inputs` -> per-instance values in the layout `/predict` takes."""
     if not isinstance(body, dict):
         raise RequestError(422, "body: expected a JSON object with `inputs`")
@@ -103,7 +99,7 @@ def v2_instances(body: Any, s: Any) -> list[Any]:
     return _reshape(data, shape)
 
 
-def _extract_v2(s: Any, raw: bytes, ctype: str | None, rid: str | None) -> tuple[list[Any], str | None]:
+def _extract_v2(s: Served, raw: bytes, ctype: str | None, rid: str | None) -> tuple[list[Any], str | None]:
     body = parse_body(raw, ctype)
     instances = v2_instances(body, s)
     if len(instances) > s.config.limits.max_instances:
@@ -111,7 +107,7 @@ def _extract_v2(s: Any, raw: bytes, ctype: str | None, rid: str | None) -> tuple
     return instances, rid or (body.get("id") if isinstance(body.get("id"), str) else None)
 
 
-def _render(s: Any) -> Any:
+def _render(s: Served) -> Callable[[dict[str, Any]], dict[str, Any]]:
     def render(result: dict[str, Any]) -> dict[str, Any]:
         preds = result["predictions"]
         flat = _flatten(preds)
@@ -129,58 +125,57 @@ def _render(s: Any) -> Any:
     return render
 
 
-@router.get("/health/live")
-async def live() -> dict[str, bool]:
-    return {"live": True}
+def create_router(predictions: PredictionService) -> APIRouter:
+    """The `/v2` routes over `predictions` (the worker's models, limits, log and metrics)."""
+    router = APIRouter(prefix="/v2")
 
+    @router.get("/health/live")
+    async def live() -> dict[str, bool]:
+        return {"live": True}
 
-@router.get("/health/ready")
-async def ready(request: Request) -> Response:
-    from scanflow.serving.app import LIFECYCLE
+    @router.get("/health/ready")
+    async def ready() -> Response:
+        ok = predictions.ready
+        return Response('{"ready": %s}' % ("true" if ok else "false"), 200 if ok else 503,
+                        media_type="application/json")
 
-    ok = getattr(request.app.state, "served", None) is not None and not LIFECYCLE.draining
-    return Response('{"ready": %s}' % ("true" if ok else "false"), 200 if ok else 503,
-                    media_type="application/json")
+    @router.get("/models/{name}")
+    @router.get("/models/{name}/versions/{version}")
+    async def metadata(name: str, version: str | None = None) -> Any:
+        s = predictions.current()
+        try:
+            _check_model(s, name, version)
+        except RequestError as exc:
+            return _error(exc)
+        spec = s.spec.describe()
+        if spec["kind"] == "tensor":
+            inputs = [{"name": "input", "datatype": datatype(spec["dtype"]), "shape": spec["shape"]}]
+        elif spec["kind"] == "columns":
+            inputs = [{"name": c["name"], "datatype": datatype(c["type"]), "shape": [-1]}
+                      for c in spec["columns"]]
+        else:
+            inputs = []
+        return {"name": s.config.model_name, "versions": list(s.models),
+                "platform": "mlflow_pyfunc", "inputs": inputs,
+                "outputs": [{"name": "predictions", "datatype": "BYTES", "shape": [-1]}]}
 
+    @router.get("/models/{name}/ready")
+    @router.get("/models/{name}/versions/{version}/ready")
+    async def model_ready(name: str, version: str | None = None) -> Response:
+        try:
+            _check_model(predictions.current(), name, version)
+        except RequestError as exc:
+            return _error(exc)
+        return await ready()
 
-@router.get("/models/{name}")
-@router.get("/models/{name}/versions/{version}")
-async def metadata(request: Request, name: str, version: str | None = None) -> Any:
-    s = _served(request)
-    try:
-        _check_model(s, name, version)
-    except RequestError as exc:
-        return _error(exc)
-    spec = s.spec.describe()
-    if spec["kind"] == "tensor":
-        inputs = [{"name": "input", "datatype": datatype(spec["dtype"]), "shape": spec["shape"]}]
-    elif spec["kind"] == "columns":
-        inputs = [{"name": c["name"], "datatype": datatype(c["type"]), "shape": [-1]}
-                  for c in spec["columns"]]
-    else:
-        inputs = []
-    return {"name": s.config.model_name, "versions": list(s.models),
-            "platform": "mlflow_pyfunc", "inputs": inputs,
-            "outputs": [{"name": "predictions", "datatype": "BYTES", "shape": [-1]}]}
+    @router.post("/models/{name}/infer")
+    @router.post("/models/{name}/versions/{version}/infer")
+    async def infer(request: Request, name: str, version: str | None = None) -> Response:
+        s = predictions.current()
+        try:
+            _check_model(s, name, version)
+        except RequestError as exc:
+            return _error(exc)
+        return await predictions.handle(request, "v2_infer", _extract_v2, _render(s), version)
 
-
-@router.get("/models/{name}/ready")
-@router.get("/models/{name}/versions/{version}/ready")
-async def model_ready(request: Request, name: str, version: str | None = None) -> Response:
-    try:
-        _check_model(_served(request), name, version)
-    except RequestError as exc:
-        return _error(exc)
-    return await ready(request)
-
-
-@router.post("/models/{name}/infer")
-@router.post("/models/{name}/versions/{version}/infer")
-async def infer(request: Request, name: str, version: str | None = None) -> Response:
-    s = _served(request)
-    try:
-        _check_model(s, name, version)
-    except RequestError as exc:
-        return _error(exc)
-    return await request.app.state.serve_prediction(request, "v2_infer", _extract_v2, _render(s),
-                                                    version)
+    return router

@@ -16,6 +16,11 @@ from pydantic import ValidationError
 from scanflow.spec.errors import SpecError, SpecIssue, format_path
 from scanflow.spec.models import NAME, Application
 
+AppCheck = Callable[[Application], Iterable[SpecIssue]]
+"""A further check of a whole application, run by `validate_application` with its own: how a
+higher layer (the agents, with their registered sensors, rules and actuators) adds its checks
+without the spec importing it."""
+
 
 class _UniqueKeyLoader(yaml.SafeLoader):
     """PyYAML keeps the last of two equal keys; a spec must refuse them instead."""
@@ -24,7 +29,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
     seen: dict[Any, int] = {}
     for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+        key = loader.construct_object(key_node, deep=deep)
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key {key!r} (first at line {seen[key] + 1})",
@@ -36,7 +41,7 @@ def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: b
 
 _UniqueKeyLoader.add_constructor(
     yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
-    _construct_mapping,  # type: ignore[arg-type]
+    _construct_mapping,
 )
 
 
@@ -80,7 +85,7 @@ def _find_cycle(graph: dict[str, list[str]]) -> list[str] | None:
     return None
 
 
-def _import_from(mod_name: str, base_dir: Path | None) -> Any:
+def import_from_app(mod_name: str, base_dir: Path | None) -> Any:
     """Import `mod_name`, preferring the app folder's own file: two apps may both have a
     `steps.py`, and the one already in `sys.modules` may belong to the other."""
     if base_dir is None:
@@ -108,7 +113,7 @@ def resolve_callable(path: str | Callable[..., Any], base_dir: Path | None = Non
     if callable(path):
         return path
     mod_name, _, attr = path.partition(":")
-    mod = _import_from(mod_name, base_dir)
+    mod = import_from_app(mod_name, base_dir)
     obj: Any = mod
     for part in attr.split("."):
         obj = getattr(obj, part)
@@ -118,7 +123,8 @@ def resolve_callable(path: str | Callable[..., Any], base_dir: Path | None = Non
 
 
 def _semantic_issues(
-    app: Application, file: str | None, known_models: Iterable[str] | None, check_imports: bool
+    app: Application, file: str | None, known_models: Iterable[str] | None, check_imports: bool,
+    checks: Iterable[AppCheck],
 ) -> list[SpecIssue]:
     issues: list[SpecIssue] = []
 
@@ -181,13 +187,9 @@ def _semantic_issues(
     for name, ag in app.agents.items():
         if ag.service is not None and ag.service not in app.services:
             add(f"agents.{name}.service", f"no service named {ag.service!r} in this application")
-        if not check_imports:
-            continue
-        # Sensors, rules and actuators may be registered names (@sensor...): resolved there.
-        from scanflow.agents.registry import spec_issues
-
-        for path, msg in spec_issues(ag, app.base_dir):
-            add(f"agents.{name}.{path}", msg)
+    if check_imports:
+        for check in checks:
+            issues.extend(check(app))
     return issues
 
 
@@ -196,9 +198,13 @@ def validate_application(
     *,
     known_models: Iterable[str] | None = None,
     check_imports: bool = True,
+    checks: Iterable[AppCheck] = (),
 ) -> Application:
-    """Raise SpecError with every semantic problem; `known_models` are the registry's names."""
-    issues = _semantic_issues(app, app.source, known_models, check_imports)
+    """Raise SpecError with every semantic problem; `known_models` are the registry's names.
+
+    `checks` (run only with `check_imports`, since they import the app's code) add a higher
+    layer's issues to the same report, e.g. `scanflow.agents.registry.agent_issues`."""
+    issues = _semantic_issues(app, app.source, known_models, check_imports, checks)
     if issues:
         raise SpecError(issues)
     return app
@@ -211,7 +217,9 @@ def parse_application(
     base_dir: Path | None = None,
     known_models: Iterable[str] | None = None,
     check_imports: bool = True,
+    checks: Iterable[AppCheck] = (),
 ) -> Application:
+    """A spec already read into Python data (`file` and `base_dir` say where it came from)."""
     if not isinstance(data, dict):
         raise SpecError([SpecIssue("<root>", "the spec must be a mapping (app, team, ...)", file)])
     try:
@@ -220,7 +228,8 @@ def parse_application(
         raise SpecError(_issues_from_pydantic(err, file)) from None
     app.base_dir = (base_dir or Path(".")).resolve()
     app.source = file
-    return validate_application(app, known_models=known_models, check_imports=check_imports)
+    return validate_application(app, known_models=known_models, check_imports=check_imports,
+                                checks=checks)
 
 
 def load_application(
@@ -228,8 +237,9 @@ def load_application(
     *,
     known_models: Iterable[str] | None = None,
     check_imports: bool = True,
+    checks: Iterable[AppCheck] = (),
 ) -> Application:
-    """Read a spec file (a folder means its `scanflow.yaml`)."""
+    """Read a spec file (a folder means its `scanflow.yaml`); see `validate_application`."""
     p = Path(path)
     if p.is_dir():
         p = p / "scanflow.yaml"
@@ -246,5 +256,6 @@ def load_application(
         problem = getattr(exc, "problem", None) or str(exc)
         raise SpecError([SpecIssue(where, f"invalid YAML: {problem}", file)]) from None
     return parse_application(
-        data, file=file, base_dir=p.parent, known_models=known_models, check_imports=check_imports
+        data, file=file, base_dir=p.parent, known_models=known_models, check_imports=check_imports,
+        checks=checks,
     )

@@ -13,28 +13,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from scanflow.spec.batching import BatchConfig
+from scanflow.spec.durations import parse_duration
+from scanflow.spec.policy import Policy
 from scanflow.spec.triggers import cron_trigger, legacy_workflow_trigger, workflow_ref
 
 NAME = r"^[A-Za-z][A-Za-z0-9_.-]{0,99}$"
 PARAM_TYPES: dict[str, type] = {"int": int, "float": float, "str": str, "bool": bool, "path": str}
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-
-
-def parse_duration(value: float | int | str) -> float:
-    """Seconds from 2, 2.5, '500ms', '2s', '1m' or '1h'."""
-    if isinstance(value, bool):
-        raise ValueError("a duration must be a number of seconds or a string like '2s'")
-    if isinstance(value, int | float):
-        if value <= 0:
-            raise ValueError("a duration must be positive")
-        return float(value)
-    m = _DURATION.match(str(value))
-    if not m:
-        raise ValueError(f"cannot read {value!r} as a duration (use e.g. 2, '500ms', '2s', '1m')")
-    n = float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[m.group(2)]
-    if n <= 0:
-        raise ValueError("a duration must be positive")
-    return n
 
 
 class _Strict(BaseModel):
@@ -230,10 +215,6 @@ class Workflow(_Strict):
             if s.name == name:
                 return s
         raise KeyError(name)
-
-
-from scanflow.spec.batching import BatchConfig  # noqa: E402
-from scanflow.spec.policy import Policy  # noqa: E402 - the service policy has its own module
 
 
 class Service(_Strict):

@@ -23,6 +23,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from scanflow.spec.durations import parse_duration
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -36,8 +38,6 @@ def _seconds_or_zero(v: Any) -> Any:
         return 0.0
     if isinstance(v, str) and v.strip() in {"0", "0s", "0ms", "0m", "0h"}:
         return 0.0
-    from scanflow.spec.models import parse_duration  # models imports this module
-
     return parse_duration(v)
 
 
