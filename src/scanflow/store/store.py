@@ -51,12 +51,11 @@ class Store:
     agents: AgentRepository
     decisions: DecisionRepository
 
-    def __init__(self, url: str, *, migrate: bool = True) -> None:
+    def __init__(self, url: str) -> None:
         self.db = Database(url)
         self.url = self.db.url
         self.engine: Engine = self.db.engine
-        if migrate:
-            ensure_schema(self.engine)
+        ensure_schema(self.engine)
         self.runs = SqlRunRepository(self.db)
         self.deployments = SqlDeploymentRepository(self.db)
         self.prediction_log = SqlPredictionRepository(self.db)
