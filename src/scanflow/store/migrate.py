@@ -79,8 +79,9 @@ def upgrade(engine: Engine) -> SchemaStatus:
         _check_known(rev)
         url = engine.url.render_as_string(hide_password=True)
         if legacy:
+            then = "" if before.head == BASELINE else f", then upgrading it to {before.head}"
             log.warning("store %s was made before schema migrations: bringing it to the baseline "
-                        "(%s) in place, then upgrading to %s", url, BASELINE, before.head)
+                        "(%s) in place%s", url, BASELINE, then)
             _add_legacy_message_columns(conn)
         elif rev is None:
             log.info("store %s is new: creating its schema at %s", url, before.head)
