@@ -330,3 +330,59 @@ def test_db_current_on_an_old_and_on_a_missing_store(url: str, raw: Engine, sett
     assert not (settings.root / "nope.db").exists()
     res = CliRunner().invoke(cli_app, ["db", "upgrade", "--url", "nosuchdb://x"])
     assert res.exit_code == 2 and "bad store URL" in res.output
+
+
+_PROBE_REVISION = '''
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0002_probe"
+down_revision = "0001_baseline"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    # SQLite copies the table, at which a foreign key with ON DELETE CASCADE points
+    recreate = "always" if op.get_bind().dialect.name == "sqlite" else "auto"
+    with op.batch_alter_table("workflow_runs", recreate=recreate) as batch:
+        batch.add_column(sa.Column("probe", sa.Text(), nullable=True))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("workflow_runs") as batch:
+        batch.drop_column("probe")
+'''
+
+
+def test_a_store_behind_head_is_upgraded_on_open_with_a_message(
+    url: str, raw: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A release that adds a revision: a store at the previous head is upgraded when opened,
+    in place (a table copied in SQLite's batch mode keeps its rows, and the rows that point at
+    it are not cascaded away)."""
+    import shutil
+
+    import scanflow.store.migrate as migrate
+
+    store = Store(url)
+    run = store.create_run("app", "team", "wf", {"a": 1})
+    store.create_steps(run.id, ["s1", "s2"])
+    store.close()
+    scripts = tmp_path / "migrations"
+    shutil.copytree(Path(migrate.__file__).parent / "migrations", scripts)
+    (scripts / "versions" / "0002_probe.py").write_text(_PROBE_REVISION)
+    monkeypatch.setattr(migrate, "SCRIPT_LOCATION", str(scripts))
+    monkeypatch.setattr(migrate, "HEAD", "0002_probe")
+    with caplog.at_level(logging.INFO, logger="scanflow.store"):
+        store = Store(url)
+    try:
+        assert [r.getMessage().split(": ", 1)[1] for r in caplog.records if r.name == "scanflow.store"] == [
+            "upgrading it to 0002_probe"]
+        assert [s.step for s in store.list_steps(run.id)] == ["s1", "s2"]
+        with raw.connect() as conn:
+            assert conn.execute(text("SELECT id, probe FROM workflow_runs")).all() == [(run.id, None)]
+        assert ensure_schema(store.engine) is None
+    finally:
+        store.close()

@@ -6,6 +6,7 @@ bad or unreachable store URL.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
@@ -50,11 +51,8 @@ def _engine(url: str | None, *, create: bool) -> tuple[Engine, str]:
         parsed = make_url(normalise_url(url))
         shown = parsed.render_as_string(hide_password=True)
         db_file = parsed.database if parsed.get_backend_name() == "sqlite" else None
-        if db_file and db_file != ":memory:" and not create:
-            from pathlib import Path
-
-            if not Path(db_file).exists():
-                fail(f"no store at {shown} (the file does not exist)")
+        if db_file and db_file != ":memory:" and not create and not Path(db_file).exists():
+            fail(f"no store at {shown} (the file does not exist)")
         engine = make_engine(url)
         with engine.connect():
             pass
@@ -113,3 +111,15 @@ def current(
               highlight=False)
     if check:
         raise typer.Exit(1)
+
+
+@db_app.command("revision")
+def revision(
+    message: Annotated[str, typer.Option("--message", "-m", help="what the revision changes")],
+) -> None:
+    """Draft a new revision from the models (`store/schema.py`), for developers: review it."""
+    from scanflow.store.migrate import draft_revision
+
+    path = Path(draft_revision(message))
+    out.print(f"wrote {path}: review it, then set HEAD = {path.stem!r} in scanflow/store/migrate.py",
+              highlight=False, soft_wrap=True)
