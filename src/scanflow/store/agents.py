@@ -12,7 +12,7 @@ from typing import Any, Protocol
 from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
-from scanflow.store.db import Database
+from scanflow.store.db import Database, rowcount
 from scanflow.store.schema import AgentProcess, AgentState, Event, Lease, Message
 
 
@@ -114,9 +114,9 @@ class SqlMessages:
         that kills its agent is counted too); returns this try's number (1, 2, ...), or 0 when
         `max_attempts` tries were started already (the last one was cut off)."""
         with self.db.session() as s:
-            done = s.execute(update(Message).where(Message.id == message_id,
-                                                   Message.attempts < max_attempts)
-                             .values(attempts=Message.attempts + 1)).rowcount
+            done = rowcount(s.execute(update(Message).where(Message.id == message_id,
+                                                            Message.attempts < max_attempts)
+                                      .values(attempts=Message.attempts + 1)))
             if not done:
                 return 0
             return int(s.scalars(select(Message.attempts).where(Message.id == message_id)).one())
@@ -243,16 +243,16 @@ class SqlAgentRepository(SqlMessages):
             raise ValueError(f"a lease needs a positive ttl, got {ttl_s}")
         t = time.time() if now is None else now
         with self.db.session() as s:
-            took = s.execute(  # expired (or released): whoever asks first takes it over
+            took = rowcount(s.execute(  # expired (or released): whoever asks first takes it over
                 update(Lease)
                 .where(Lease.name == name, Lease.expires_at <= t)
                 .values(holder=holder, expires_at=t + ttl_s, acquired_at=t, purpose=purpose,
                         generation=Lease.generation + 1)
-            ).rowcount or s.execute(  # still ours: extend it
+            )) or rowcount(s.execute(  # still ours: extend it
                 update(Lease)
                 .where(Lease.name == name, Lease.holder == holder)
                 .values(expires_at=t + ttl_s, purpose=purpose)
-            ).rowcount
+            ))
         if took:
             return True
         try:  # never leased: the primary key lets one of two racing inserts through
@@ -267,20 +267,20 @@ class SqlAgentRepository(SqlMessages):
         """Extend a lease `holder` still has (not one that expired and was taken over)."""
         t = time.time() if now is None else now
         with self.db.session() as s:
-            return bool(s.execute(
+            return bool(rowcount(s.execute(
                 update(Lease).where(Lease.name == name, Lease.holder == holder, Lease.expires_at > t)
                 .values(expires_at=t + ttl_s)
-            ).rowcount)
+            )))
 
     def release_lease(self, name: str, holder: str, *, now: float | None = None) -> bool:
         """Give a lease back early (the row stays, so `generation` keeps counting); False if
         `holder` did not hold it."""
         t = time.time() if now is None else now
         with self.db.session() as s:
-            return bool(s.execute(
+            return bool(rowcount(s.execute(
                 update(Lease).where(Lease.name == name, Lease.holder == holder, Lease.expires_at > t)
                 .values(expires_at=t)
-            ).rowcount)
+            )))
 
     def get_lease(self, name: str, *, now: float | None = None) -> Lease | None:
         """The live lease on `name`, or None when it is free or expired."""

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from sqlalchemy import create_engine, event
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import CursorResult, Engine, Result
 from sqlalchemy.orm import Session, sessionmaker
 
 
@@ -47,6 +47,11 @@ def make_engine(url: str) -> Engine:
 def json_values(values: Sequence[Any]) -> list[Any]:
     """JSON text (SQLite) or already-decoded values (psycopg decodes json itself)."""
     return [orjson.loads(v) if isinstance(v, str | bytes) else v for v in values]
+
+
+def rowcount(result: Result[Any]) -> int:
+    """Rows an UPDATE/DELETE matched (its result is a cursor result; the type says less)."""
+    return int(cast(CursorResult[Any], result).rowcount or 0)
 
 
 class Database:

@@ -133,7 +133,7 @@ class SqlPredictionRepository:
         if limit is not None:
             q = q.order_by(p.id).limit(limit)
         with self.db.engine.connect() as conn:
-            rows = conn.execute(q).all()
+            rows = list(conn.execute(q).all())
         # Sorted here, not by the database: an ORDER BY makes SQLite sort the input blobs.
         rows.sort(key=lambda r: r[0])
         cols_ = list(zip(*rows, strict=True)) if rows else [()] * len(cols)

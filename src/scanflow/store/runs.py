@@ -140,4 +140,5 @@ class SqlRunRepository:
         if exclude_run is not None:
             q = q.where(StepRun.run_id != exclude_run)
         with self.db.session() as s:
-            return {k: (r, n, o or {}) for k, r, n, o in s.execute(q).all()}
+            rows = s.execute(q).tuples().all()
+        return {str(k): (r, n, o or {}) for k, r, n, o in rows}
