@@ -25,7 +25,7 @@ from scanflow.cli.main import app as cli_app
 from scanflow.settings import Settings
 from scanflow.store import Store
 from scanflow.store.db import normalise_url
-from scanflow.store.migrate import HEAD, SchemaError, ensure_schema, status
+from scanflow.store.migrate import HEAD, VERSION_TABLE, SchemaError, ensure_schema, status
 
 FIXTURES = Path(__file__).parent / "fixtures" / "store_15096dd"
 RUN_ID = "0123456789abcdef0123456789abcdef"
@@ -222,7 +222,7 @@ def test_a_store_from_15096dd_is_upgraded_with_every_row_intact(
         assert any("made before schema migrations" in r.getMessage() for r in caplog.records)
     after = _dump(raw)
     with raw.connect() as conn:
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == [HEAD]
+        assert conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalars().all() == [HEAD]
     # Every row as it was (ids included); new ones only from _assert_store_reads.
     for table, rows in before.items():
         assert after[table][: len(rows)] == rows, table
@@ -260,7 +260,7 @@ def test_migrations_build_the_tables_the_models_declare(url: str, raw: Engine) -
     with raw.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
     assert [d for d in diff if not (isinstance(d, tuple) and d[0] == "remove_table"
-                                    and d[1].name == "alembic_version")] == []
+                                    and d[1].name == VERSION_TABLE)] == []
 
 
 def test_a_store_at_head_is_opened_without_migrating(url: str, caplog: pytest.LogCaptureFixture) -> None:
@@ -279,7 +279,7 @@ def test_a_store_at_head_is_opened_without_migrating(url: str, caplog: pytest.Lo
 def test_a_store_from_a_newer_release_is_refused(url: str, raw: Engine) -> None:
     Store(url).close()
     with raw.begin() as conn:
-        conn.execute(text("UPDATE alembic_version SET version_num = '9999_future'"))
+        conn.execute(text(f"UPDATE {VERSION_TABLE} SET version_num = '9999_future'"))
     with pytest.raises(SchemaError, match="9999_future"):
         Store(url)
     res = CliRunner().invoke(cli_app, ["db", "upgrade", "--url", url])
@@ -316,7 +316,7 @@ def test_processes_opening_one_fresh_store_at_once_all_succeed(url: str, raw: En
     assert [p.returncode for p in procs] == [0] * 4, outs
     assert sum("Running upgrade" in o for o in outs) == 1, outs  # one migrated, the others waited
     with raw.connect() as conn:
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == [HEAD]
+        assert conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalars().all() == [HEAD]
         assert conn.execute(text("SELECT count(*) FROM messages")).scalar() == 4
 
 
@@ -386,3 +386,15 @@ def test_a_store_behind_head_is_upgraded_on_open_with_a_message(
         assert ensure_schema(store.engine) is None
     finally:
         store.close()
+
+
+def test_a_database_shared_with_mlflow_keeps_both_versions(url: str, raw: Engine) -> None:
+    """MLflow stamps its own Alembic revision in `alembic_version`; one database may hold both."""
+    with raw.begin() as conn:
+        conn.execute(text("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)"))
+        conn.execute(text("INSERT INTO alembic_version VALUES ('mlflow_rev_1')"))
+    Store(url).close()
+    with raw.connect() as conn:
+        mlflow_rev = conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
+        assert mlflow_rev == ["mlflow_rev_1"]
+        assert conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalars().all() == [HEAD]

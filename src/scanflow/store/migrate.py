@@ -5,7 +5,7 @@ At head it costs one small query and never imports Alembic. Behind head it takes
 by the database itself (PostgreSQL: a transaction-level advisory lock; SQLite: BEGIN IMMEDIATE,
 the write lock), reads the revision again (another process may have just upgraded), and runs
 the missing revisions in that same transaction, so a crash leaves the old schema, not half of
-the new one. A database made before Alembic (tables, no `alembic_version`) is brought to the
+the new one. A database made before Alembic (tables, no version table) is brought to the
 baseline in place and upgraded; an empty one is built by the same revisions.
 """
 
@@ -30,6 +30,9 @@ log = logging.getLogger("scanflow.store")
 BASELINE = "0001_baseline"  # the schema at commit 15096dd
 HEAD = "0001_baseline"  # the newest revision: tests/test_migrations.py checks it is Alembic's head
 SCRIPT_LOCATION = "scanflow.store:migrations"
+# Not Alembic's default `alembic_version`: MLflow keeps its own there, and one PostgreSQL database
+# may well hold both the MLflow tables and the store.
+VERSION_TABLE = "scanflow_alembic_version"
 # Columns releases before 15096dd added to `messages` by hand (all nullable): a database made
 # before them gets them before it is brought to the baseline.
 LEGACY_MESSAGE_COLUMNS = {"error": "TEXT", "retry_at": "FLOAT"}
@@ -41,7 +44,7 @@ class SchemaError(RuntimeError):
 
 @dataclass(frozen=True)
 class SchemaStatus:
-    revision: str | None  # None: no `alembic_version` (empty, or made before Alembic)
+    revision: str | None  # None: no version table (empty, or made before Alembic)
     head: str
     legacy: bool  # scanflow tables present but never stamped
 
@@ -52,9 +55,9 @@ class SchemaStatus:
 
 def revision_of(conn: Connection) -> str | None:
     """The revision stamped in the database, None if it was never stamped."""
-    if not inspect(conn).has_table("alembic_version"):
+    if not inspect(conn).has_table(VERSION_TABLE):
         return None
-    return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+    return conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar()
 
 
 def status(engine: Engine) -> SchemaStatus:

@@ -9,12 +9,13 @@ from alembic import context
 from sqlalchemy import Connection
 
 from scanflow.store.db import make_engine
+from scanflow.store.migrate import VERSION_TABLE
 from scanflow.store.schema import Base
 
 
 def _run(connection: Connection) -> None:
     # Batch mode: SQLite alters a table by copying it, which Alembic does only in batch mode.
-    context.configure(connection=connection, target_metadata=Base.metadata,
+    context.configure(connection=connection, target_metadata=Base.metadata, version_table=VERSION_TABLE,
                       render_as_batch=True, compare_type=True)
     with context.begin_transaction():
         context.run_migrations()
