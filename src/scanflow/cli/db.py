@@ -32,35 +32,21 @@ def fail(message: str, code: int = 2) -> NoReturn:
 
 
 def _engine(url: str | None, *, create: bool) -> tuple[Engine, str]:
-    """A connected engine and the URL to print (password hidden); exit 2 on a bad URL, a missing
-    SQLite file (unless `create`) or a server that does not answer."""
+    """A connected engine and the URL to print; exit 2 on a bad URL, a missing SQLite file
+    (unless `create`) or a server that does not answer."""
     # The store pulls in SQLAlchemy and numpy (~0.3 s): imported for db commands only.
-    from sqlalchemy import make_url
-    from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
-
     from scanflow.settings import get_settings
-    from scanflow.store.db import make_engine, normalise_url
+    from scanflow.store.db import StoreUrlError, connect_engine
 
     if url is None:
         settings = get_settings()
         if create:
             settings.ensure()
         url = settings.store
-    shown = url
     try:
-        parsed = make_url(normalise_url(url))
-        shown = parsed.render_as_string(hide_password=True)
-        db_file = parsed.database if parsed.get_backend_name() == "sqlite" else None
-        if db_file and db_file != ":memory:" and not create and not Path(db_file).exists():
-            fail(f"no store at {shown} (the file does not exist)")
-        engine = make_engine(url)
-        with engine.connect():
-            pass
-    except (ArgumentError, NoSuchModuleError, ValueError) as e:
-        fail(f"bad store URL {url!r}: {e}")
-    except DBAPIError as e:
-        fail(f"cannot open the store at {shown}: {e.orig}")
-    return engine, shown
+        return connect_engine(url, must_exist=not create)
+    except StoreUrlError as e:
+        fail(str(e))
 
 
 @db_app.command("upgrade")

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, cast
 
 import orjson
-from sqlalchemy import create_engine, event
+from sqlalchemy import create_engine, event, make_url
 from sqlalchemy.engine import CursorResult, Engine, Result
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 from sqlalchemy.orm import Session, sessionmaker
 
 
@@ -42,6 +44,30 @@ def make_engine(url: str) -> Engine:
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+
+
+class StoreUrlError(ValueError):
+    """A store URL that does not parse, names an unknown driver, or whose database does not answer."""
+
+
+def connect_engine(url: str, *, must_exist: bool = False) -> tuple[Engine, str]:
+    """An engine that has connected once, and the URL to print (password hidden). With
+    `must_exist`, a SQLite file that is not there is an error rather than a new empty store."""
+    shown = url
+    try:
+        parsed = make_url(normalise_url(url))
+        shown = parsed.render_as_string(hide_password=True)
+        db_file = parsed.database if parsed.get_backend_name() == "sqlite" else None
+        if must_exist and db_file and db_file != ":memory:" and not Path(db_file).exists():
+            raise StoreUrlError(f"no store at {shown} (the file does not exist)")
+        engine = make_engine(url)
+        with engine.connect():
+            pass
+    except (ArgumentError, NoSuchModuleError) as e:
+        raise StoreUrlError(f"bad store URL {url!r}: {e}") from e
+    except DBAPIError as e:
+        raise StoreUrlError(f"cannot open the store at {shown}: {e.orig}") from e
+    return engine, shown
 
 
 def json_values(values: Sequence[Any]) -> list[Any]:
