@@ -1,7 +1,7 @@
 """`scanflow db ...`: the store's schema. `upgrade` brings it to this release's head (what every
 process also does when it opens the store); `current` shows its revision and whether it is at
-head. Exit codes: 0 ok, 1 the schema could not be upgraded (or, with --check, is behind), 2 a
-bad or unreachable store URL.
+head; `revision` drafts a new migration from the models (for developers). Exit codes: 0 ok, 1 the
+schema could not be upgraded (or, with --check, is behind), 2 a bad or unreachable store URL.
 """
 
 from __future__ import annotations

@@ -44,6 +44,8 @@ class SchemaError(RuntimeError):
 
 @dataclass(frozen=True)
 class SchemaStatus:
+    """Where a store's schema stands (what `scanflow db current` prints)."""
+
     revision: str | None  # None: no version table (empty, or made before Alembic)
     head: str
     legacy: bool  # scanflow tables present but never stamped
@@ -90,11 +92,12 @@ def upgrade(engine: Engine) -> SchemaStatus:
             then = "" if before.head == BASELINE else f", then upgrading it to {before.head}"
             log.warning("store %s was made before schema migrations: bringing it to the baseline "
                         "(%s) in place%s", url, BASELINE, then)
-            _add_legacy_message_columns(conn)
         elif rev is None:
             log.info("store %s is new: creating its schema at %s", url, before.head)
         else:
             log.warning("store %s has schema %s: upgrading it to %s", url, rev, before.head)
+        if rev is None:  # never stamped: whatever tables it has are kept by the baseline
+            _add_legacy_message_columns(conn)
         _alembic_upgrade(conn)
         return before
 
