@@ -82,3 +82,65 @@ def test_deployments(store: Store) -> None:
     dep = store.get_deployment("s")
     assert dep is not None and dep.replicas == 3 and dep.model_version == "1"
     assert [d.service for d in store.list_deployments()] == ["s"]
+
+
+def test_repositories_behind_the_store(store: Store) -> None:
+    """Each aggregate is reachable as its own repository; the flat methods are the same calls."""
+    from scanflow.store import (
+        AgentRepository,
+        DecisionRepository,
+        DeploymentRepository,
+        PredictionRepository,
+        RunRepository,
+    )
+
+    for repo, proto in ((store.runs, RunRepository), (store.deployments, DeploymentRepository),
+                        (store.prediction_log, PredictionRepository), (store.agents, AgentRepository),
+                        (store.decisions, DecisionRepository)):
+        missing = [m for m in dir(proto) if not m.startswith("_") and not hasattr(repo, m)]
+        assert missing == [], (proto.__name__, missing)
+    run = store.runs.create_run("app", "team", "wf", {})
+    assert store.get_run(run.id) is not None and not hasattr(store, "find_cached")
+    assert not hasattr(store, "get_decision")
+
+
+def test_cache_index_of_a_workflow(store: Store) -> None:
+    runs = [store.create_run("app", "t", "wf", {}) for _ in range(2)]
+    other = store.create_run("other", "t", "wf", {})
+    for i, r in enumerate([*runs, other]):
+        store.upsert_step(r.id, "fit", status="succeeded", cache_key="k1", outputs={"m": f"/{i}"})
+        store.upsert_step(r.id, "eval", status="failed", cache_key="k2")
+    assert store.runs.cache_index("app", "wf") == {"k1": (runs[1].id, "fit", {"m": "/1"})}  # newest wins
+    assert store.runs.cache_index("app", "wf", exclude_run=runs[1].id) == {
+        "k1": (runs[0].id, "fit", {"m": "/0"})}
+    assert store.runs.cache_index("app", "nope") == {}
+
+
+def test_lookups_for_the_planner_and_the_audit(store: Store) -> None:
+    store.add_event("a", "rollout_completed", "svc", to_version="2")
+    store.add_event("a", "rollback_completed", "svc", to_version="1")
+    store.add_event("a", "rollout_completed", "other", to_version="9")
+    store.add_event("a", "scaled", "svc", to=3)
+    last = store.latest_events("svc", ["rollout_completed", "rollback_completed"])
+    assert [e.payload["to_version"] for e in last] == ["1"]
+    assert [e.kind for e in store.latest_events("svc", ["rollout_completed", "scaled"], limit=5)] == [
+        "scaled", "rollout_completed"]
+    assert len(store.list_events("svc", limit=None)) == 3
+    for k in ("m1", "m2", "m3"):
+        store.send_message("mon", "plan", "drift_report", {"k": k}, key=k)
+    ids = [m.id for m in store.list_messages("plan")]
+    store.ack_message(ids[0])
+    assert [m.key for m in store.messages_by_ids([ids[2], ids[0], 10**9])] == ["m1", "m3"]
+    assert store.messages_by_ids([]) == []
+    assert store.agents.message_by_key("m2") is not None and store.agents.message_by_key("x") is None
+    store.add_decision("mon", "s", "r", True, {}, key="mon:s:obs1")
+    store.add_decision("mon", "s", "r", True, {}, key="mon:t:obs1")
+    assert store.decisions.decision_by_key("mon:t:obs1") is not None
+    first = store.decisions.first_decision_ending("mon", ":obs1")
+    assert first is not None and first.key == "mon:s:obs1"
+    assert store.decisions.decision_agents() == {"mon"}
+    store.begin_action("k1", "plan", "rollout")
+    store.finish_action("k1", "succeeded", {})
+    near = store.decisions.actions_around(time.time(), 2.0)
+    assert [a.key for a in near] == ["k1"] and store.decisions.actions_around(time.time(), 2.0, "x") == []
+    assert store.decisions.actions_around(time.time() + 3600, 2.0) == []

@@ -14,10 +14,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select
-
 from scanflow.store import Store
-from scanflow.store.schema import Action, AgentProcess, Decision, Event, Message
+from scanflow.store.schema import Action, Decision, Event, Message
 
 VERSION_EVENTS = ("deployed", "rollout_completed", "rollback_completed")
 REPLICA_EVENTS = ("deployed", "scaled")
@@ -64,30 +62,18 @@ class _Chain:
     def __init__(self, store: Store, service: str) -> None:
         self.store = store
         self.service = service
-        with store.session() as s:
-            self.agents = set(s.scalars(select(Decision.agent).distinct()).all())
-            self.agents |= set(s.scalars(select(AgentProcess.name)).all())
-
-    def _one(self, q: Any) -> Any:
-        with self.store.session() as s:
-            return s.scalars(q).first()
+        self.agents = store.decisions.decision_agents() | {a.name for a in store.list_agents()}
 
     def decision(self, key: str) -> Decision | None:
-        return self._one(select(Decision).where(Decision.key == key))
+        return self.store.decisions.decision_by_key(key)
 
     def message(self, key: str) -> Message | None:
-        return self._one(select(Message).where(Message.key == key))
+        return self.store.agents.message_by_key(key)
 
     def action_at(self, ts: float, agent: str | None, keys: tuple[str, ...], target: Any) -> Action | None:
         """The action running when the event was recorded, preferring one whose result names
         the event's target (replicas, version); by `agent` when the event names it."""
-        q = (select(Action).where(Action.created_at <= ts + _SLACK_S)
-             .where((Action.ended_at.is_(None)) | (Action.ended_at >= ts - _SLACK_S))
-             .order_by(Action.created_at.desc()).limit(50))
-        if agent is not None:
-            q = q.where(Action.agent == agent)
-        with self.store.session() as s:
-            found = list(s.scalars(q).all())
+        found = list(self.store.decisions.actions_around(ts, _SLACK_S, agent, limit=50))
         for a in found:
             if _mentions(a.result, keys, target):
                 return a
@@ -131,10 +117,7 @@ class _Chain:
         if not (msg.key.startswith(prefix) and msg.key.endswith(suffix)):
             return None
         obs = msg.key[len(prefix):-len(suffix)]
-        return self._one(
-            select(Decision).where(Decision.agent == msg.sender, Decision.key.endswith(f":{obs}"))
-            .order_by(Decision.id)
-        )
+        return self.store.decisions.first_decision_ending(msg.sender, f":{obs}")
 
 
 def _approved_by(actor: str | None, agents: set[str], action: Action | None) -> str:
@@ -156,11 +139,7 @@ def _link(ch: _Chain, ev: Event, keys: tuple[str, ...], target: Any) -> dict[str
                             "promotion": None}
     version = ev.payload.get("to_version") or ev.payload.get("model_version")
     if version is not None:
-        with ch.store.session() as s:
-            promo = s.scalars(
-                select(Event).where(Event.service == ch.service, Event.kind == "promoted")
-                .order_by(Event.id.desc()).limit(20)
-            ).all()
+        promo = ch.store.latest_events(ch.service, ["promoted"], limit=20)
         for p in promo:
             if str(p.payload.get("version")) == str(version) and p.ts <= ev.ts + _SLACK_S:
                 link["promotion"] = _event(p)
@@ -281,10 +260,7 @@ def why(store: Store, service: str) -> dict[str, Any]:
         raise KeyError(f"no service {service!r} (known: {known})")
     ch = _Chain(store, service)
     kinds = sorted(set(VERSION_EVENTS + REPLICA_EVENTS))
-    with store.session() as s:
-        changes = list(s.scalars(
-            select(Event).where(Event.service == service, Event.kind.in_(kinds)).order_by(Event.id)
-        ).all())
+    changes = list(store.list_events(service=service, kinds=kinds, limit=None))
     model_ev = next((e for e in reversed(changes) if e.kind in VERSION_EVENTS
                      and str(_version_of(e)) == str(dep.model_version)), None)
     replica_ev = next((e for e in reversed(changes) if e.kind in REPLICA_EVENTS

@@ -19,12 +19,14 @@ from rich.console import Console
 from rich.table import Table
 
 from scanflow.cli.agents import agents_app
+from scanflow.cli.db import db_app
 from scanflow.spec.errors import SpecError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 runs_app = typer.Typer(no_args_is_help=True, help="Inspect workflow runs.")
 app.add_typer(runs_app, name="runs")
 app.add_typer(agents_app, name="agents")
+app.add_typer(db_app, name="db")
 out = Console()
 err = Console(stderr=True)
 

@@ -482,20 +482,7 @@ class LocalEngine(Engine):
 
     def _cache_index(self, run: WorkflowRun) -> dict[str, tuple[str, str, dict[str, str]]]:
         """Cache keys of successful earlier step runs of this app's workflow, loaded once."""
-        from sqlalchemy import select
-
-        from scanflow.store.schema import StepRun
-        from scanflow.store.schema import WorkflowRun as WR
-
-        q = (
-            select(StepRun.cache_key, StepRun.run_id, StepRun.step, StepRun.outputs)
-            .join(WR, WR.id == StepRun.run_id)
-            .where(WR.app == run.app, WR.workflow == run.workflow, StepRun.status == "succeeded",
-                   StepRun.cache_key.is_not(None), StepRun.run_id != run.id)
-            .order_by(StepRun.id)
-        )
-        with self.store.session() as s:
-            return {k: (r, n, o or {}) for k, r, n, o in s.execute(q).all()}
+        return self.store.runs.cache_index(run.app, run.workflow, exclude_run=run.id)
 
     def _cancel_requested(self, run_id: str) -> bool:
         run = self.store.get_run(run_id)

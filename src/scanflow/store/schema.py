@@ -1,4 +1,7 @@
-"""Tables of the store. Times are UNIX seconds (float): portable, indexable, cheap to window."""
+"""Tables of the store. Times are UNIX seconds (float): portable, indexable, cheap to window.
+
+A change here needs a new Alembic revision in `migrations/versions/` (tests/test_migrations.py
+fails when the revisions and these tables disagree)."""
 
 from __future__ import annotations
 
@@ -178,10 +181,6 @@ class Message(Base):
     handled_at: Mapped[float | None] = mapped_column(Float)
     error: Mapped[str | None] = mapped_column(Text, default=None)  # of the last failed try
     retry_at: Mapped[float | None] = mapped_column(Float, default=None)  # not delivered before
-
-
-# Columns added after the first release: `Store` adds them to an older database (all nullable).
-MESSAGE_COLUMNS_ADDED = {"error": "TEXT", "retry_at": "FLOAT"}
 
 
 class AgentState(Base):

@@ -1,0 +1,102 @@
+"""The connection every repository shares: engine, sessions and the SQLite pragmas.
+
+Repositories hold a `Database` rather than an engine so that several of them share one pool
+and one session factory (and so one `Store` is still one set of connections).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, cast
+
+import orjson
+from sqlalchemy import create_engine, event, make_url
+from sqlalchemy.engine import CursorResult, Engine, Result
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
+from sqlalchemy.orm import Session, sessionmaker
+
+
+def normalise_url(url: str) -> str:
+    """Use psycopg 3 for PostgreSQL URLs given without a driver."""
+    if url.startswith("postgresql://") or url.startswith("postgres://"):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for `url`; SQLite in WAL mode with a long busy timeout, since agents, the
+    engine and serving workers all write to one file."""
+    url = normalise_url(url)
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA page_size=16384")  # new files only: rows of 3 KB inputs
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA busy_timeout=60000")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+
+
+class StoreUrlError(ValueError):
+    """A store URL that does not parse, names an unknown driver, or whose database does not answer."""
+
+
+def connect_engine(url: str, *, must_exist: bool = False) -> tuple[Engine, str]:
+    """An engine that has connected once, and the URL to print (password hidden). With
+    `must_exist`, a SQLite file that is not there is an error rather than a new empty store."""
+    shown = url
+    try:
+        parsed = make_url(normalise_url(url))
+        shown = parsed.render_as_string(hide_password=True)
+        db_file = parsed.database if parsed.get_backend_name() == "sqlite" else None
+        if must_exist and db_file and db_file != ":memory:" and not Path(db_file).exists():
+            raise StoreUrlError(f"no store at {shown} (the file does not exist)")
+        engine = make_engine(url)
+        with engine.connect():
+            pass
+    except (ArgumentError, NoSuchModuleError) as e:
+        raise StoreUrlError(f"bad store URL {url!r}: {e}") from e
+    except DBAPIError as e:
+        raise StoreUrlError(f"cannot open the store at {shown}: {e.orig}") from e
+    return engine, shown
+
+
+def json_values(values: Sequence[Any]) -> list[Any]:
+    """JSON text (SQLite) or already-decoded values (psycopg decodes json itself)."""
+    return [orjson.loads(v) if isinstance(v, str | bytes) else v for v in values]
+
+
+def rowcount(result: Result[Any]) -> int:
+    """Rows an UPDATE/DELETE matched (its result is a cursor result; the type says less)."""
+    return int(cast(CursorResult[Any], result).rowcount or 0)
+
+
+class Database:
+    """One engine and session factory, shared by every repository of a store."""
+
+    def __init__(self, url: str, engine: Engine | None = None) -> None:
+        self.url = normalise_url(url)
+        self.engine = engine if engine is not None else make_engine(self.url)
+        self._session = sessionmaker(self.engine, expire_on_commit=False)
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """One transaction: committed when the block ends, rolled back on an exception."""
+        with self._session.begin() as s:
+            yield s
+
+    def dispose(self) -> None:
+        self.engine.dispose()

@@ -1,0 +1,2 @@
+"""Alembic migrations of the store (environment and revisions), shipped inside the package so
+that `scanflow.store.migrate` runs them without an alembic.ini."""
