@@ -186,7 +186,7 @@ def test_scale_rollout_and_rollback_a_running_service(digits_workspace: DigitsWo
         moved = act("v2", {"func": "rollout", "params": {"version": "2"}})
         assert moved["status"] == "succeeded", moved
         assert moved["model_version"] == "2" and moved["from_version"] == "1"
-        back = act("back", {"func": "rollback"})
+        back = act("back", {"func": "rollback_now"})
         assert back["status"] == "succeeded", back
         assert back["model_version"] == "1" and back["from_version"] == "2"
 

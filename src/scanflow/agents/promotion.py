@@ -19,7 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from scanflow.agents.planner import GateResult, LeaseBusy, promotion_gate, rescored_accuracy, service_lease
+from scanflow.agents.gate import GateResult, promotion_gate, rescored_accuracy
+from scanflow.control.leases import LeaseBusy
+from scanflow.control.operations import Actor, ModelOps, ServiceChanged, check_registered
 from scanflow.settings import Settings
 from scanflow.spec.policy import Policy
 from scanflow.store import Store
@@ -121,10 +123,7 @@ def offer(
     model, champion, version = dep.model_name, str(dep.model_version), str(version)
     alias = alias or dep.alias  # the alias the service follows
     tracker = Tracker(settings)
-    try:
-        tracker.model_version(model, version)
-    except Exception as exc:  # noqa: BLE001 - MLflow's own message names no model
-        raise ValueError(f"models:/{model}/{version} is not registered") from exc
+    check_registered(tracker, model, version)
     if version == champion:
         raise ValueError(f"{service} already serves version {version}")
     x_hold = y_hold = None
@@ -158,32 +157,29 @@ def offer(
     gate.evidence.update(holdout=str(holdout) if holdout else None,
                          n_holdout=len(y_hold) if y_hold is not None else 0)
     actor = deployer.actor
-    common = {"model": model, "alias": alias, "version": version, "candidate_version": version,
-              "champion_version": champion, "actor": actor, "reason": reason,
+    common = {"candidate_version": version, "champion_version": champion,
               "reasons": "; ".join(gate.reasons), "passed": gate.passed, **gate.evidence}
     result = Offer(service=service, model=model, version=version, champion_version=champion,
                    promoted=False, forced=False, gate=gate, notes=notes)
     if not gate.passed and not force:
-        ev = store.add_event(SOURCE, "promotion_rejected", service, approved_by=f"person:{actor}", **common)
+        ev = store.add_event(SOURCE, "promotion_rejected", service, approved_by=f"person:{actor}",
+                             model=model, alias=alias, version=version, actor=actor, reason=reason, **common)
         result.event_id, result.served_version = ev.id, champion
         return result
     approved = (f"person:{actor} via policy:promotion-gate" if gate.passed
                 else f"person:{actor} (forced past the promotion gate)")
     why = reason or ("promotion gate passed" if gate.passed else "forced past the promotion gate")
+    ops = ModelOps(deployer, store, tracker, lease_wait_s=10.0)
     try:
-        with service_lease(store, service, f"person:{actor}", wait_s=10.0, purpose="promote"):
-            now = store.get_deployment(service)
-            if now is None or str(now.model_version) != champion:
-                raise ValueError(f"{service} changed while the candidate was judged (it serves version "
-                                 f"{now.model_version if now else '-'} now, not {champion}): offer it again")
-            previous = tracker.alias_version(model, alias)  # None if the alias is new
-            tracker.set_alias(model, alias, version)
-            ev = store.add_event(SOURCE, "promoted", service, approved_by=approved, previous_version=previous,
-                                 forced=not gate.passed, **common)
-            new = deployer.rollout(service, version, reason=f"{why} ({approved})")
+        done = ops.promote(service, version, actor=Actor.person(actor, source=SOURCE), evidence=common,
+                           force=force, reason=why, alias=alias, expect_serving=champion,
+                           approved_by=approved)
+    except ServiceChanged as exc:
+        raise ValueError(f"{exc}: offer it again") from exc
     except LeaseBusy as exc:
         raise ValueError(f"{exc}: an agent is acting on {service}; offer it again later") from exc
-    result.promoted, result.forced, result.event_id = True, not gate.passed, ev.id
+    ev_id, new = done.event_id, done.deployment
+    result.promoted, result.forced, result.event_id = True, not gate.passed, ev_id
     result.served_version = str(getattr(new, "model_version", version))
     return result
 

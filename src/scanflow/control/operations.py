@@ -108,7 +108,7 @@ def check_registered(registry: ModelRegistry, model: str, version: str) -> None:
 
 
 def record_once(store: Store, actor: Actor, kind: str, service: str | None, key: str | None,
-                **payload: Any) -> int:
+                payload: dict[str, Any]) -> int:
     """Add the event, unless a call with the same `key` recorded it already (a retry or a resume
     after a crash); returns the event's id either way."""
     if key is not None:
@@ -116,6 +116,8 @@ def record_once(store: Store, actor: Actor, kind: str, service: str | None, key:
             if e.kind == kind and e.payload.get("action") == key:
                 return int(e.id)
     body = {**payload, "actor": actor.who, **({"action": key} if key is not None else {})}
+    # `Store.add_event` takes source, kind and service as arguments: evidence keys so named are kept
+    body = {f"{k}_" if k in ("source", "kind", "service") else k: v for k, v in body.items()}
     return int(store.add_event(actor.source, kind, service, **_json(body)).id)
 
 
@@ -149,7 +151,7 @@ class ModelOps:
                 reason: str, evidence: dict[str, Any] | None, record_as: str | None,
                 **payload: Any) -> int:
         return record_once(self.store, actor, record_as or EVENTS[operation], service, key,
-                           **(evidence or {}), reason=reason, **payload)
+                           {**(evidence or {}), "reason": reason, **payload})
 
     # -- the operations -----------------------------------------------------------------------
     def scale(self, service: str, replicas: int, *, actor: Actor, reason: str = "",
