@@ -466,38 +466,12 @@ def retrain_and_promote(
     dep = ctx.store.get_deployment(svc)
     if dep is None:
         raise ValueError(f"service {svc!r} is not deployed")
-    since_id = int(obs.data.get("since_id") or obs.data.get("first_id") or 0)
-    # Labels from before the current champion served belong to an older distribution (the one
-    # the champion was trained for): learn from what the champion itself has been failing on.
-    first_of_champion = ctx.store.prediction_window(svc, model_version=dep.model_version, limit=1,
-                                                    with_inputs=False).ids
-    if len(first_of_champion):
-        since_id = max(since_id, int(first_of_champion[0]))
     episode = obs.data.get("episode", 1)
-
-    deadline = time.time() + label_wait_s
-    rows = ctx.store.predictions(svc, after_id=since_id - 1, labelled_only=True)
-    while len(rows) < min_labels and time.time() < deadline:
-        time.sleep(1.0)
-        rows = ctx.store.predictions(svc, after_id=since_id - 1, labelled_only=True)
-    if len(rows) < max(20, min_labels // 4):
-        raise RuntimeError(f"only {len(rows)} labelled samples since id {since_id}; need {min_labels}")
-
+    since_id, rows = _labelled_rows(ctx, obs, svc, dep.model_version, min_labels, label_wait_s)
     n_hold = max(1, int(len(rows) * holdout_fraction))
 
-    def write_data() -> str:
-        x = np.asarray([r["inputs"] for r in rows], dtype=np.float64).reshape(len(rows), -1)
-        y = np.asarray([r["label"] for r in rows])
-        order = np.random.default_rng(seed).permutation(len(rows))
-        hold, train = order[:n_hold], order[n_hold:]
-        folder = ctx.settings.agents_dir / ctx.name
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"retrain-episode{episode}-{int(time.time())}.npz"
-        np.savez_compressed(path, x_new=x[train], y_new=y[train], x_holdout=x[hold], y_holdout=y[hold])
-        return str(path)
-
     # A call tried again (after a crash or a failed try) retrains on the same data, announced once.
-    data_path = ctx.remember("retrain_data", write_data)
+    data_path = ctx.remember("retrain_data", lambda: _write_retrain_data(ctx, rows, n_hold, seed, episode))
     target = load_application(_relative(ctx, app))
     if not (ctx.action is not None and ctx.action.resumed):
         ctx.event("retrain_started", episode=episode, labelled=len(rows), since_id=since_id,
@@ -512,14 +486,7 @@ def retrain_and_promote(
         raise RuntimeError(f"retrain run {res.run_id} failed: {res.error}")
 
     model = dep.model_name
-    cand = ctx.tracker.version_by_alias(model, CHALLENGER_ALIAS)
-    ev = candidate_evaluation(ctx.tracker, model, cand)  # names a missing eval.* tag
-    ctx.event("retrain_finished", episode=episode, run_id=res.run_id, candidate_version=cand, **ev.figures)
-    verdict = promotion_gate(ev.candidate_acc_new, ev.champion_acc_new, ev.candidate_acc_clean,
-                             ev.champion_acc_clean, ev.n_holdout if ev.n_holdout is not None else n_hold,
-                             policy_for(ctx, svc))
-    gate = {**verdict.evidence, "passed": verdict.passed, "reasons": "; ".join(verdict.reasons),
-            "candidate_acc_clean": ev.candidate_acc_clean, "champion_acc_clean": ev.champion_acc_clean}
+    cand, verdict, gate = _judge_candidate(ctx, svc, model, n_hold, episode, res.run_id)
     if not verdict.passed:
         ctx.event("promotion_rejected", candidate_version=cand, **gate)
         return {"promoted": False, "candidate_version": cand, "run_id": res.run_id, **gate}
@@ -534,6 +501,57 @@ def retrain_and_promote(
         approved_by="policy:promotion-gate", key=ctx.action_key)
     return {"promoted": True, "candidate_version": cand, "previous_version": old,
             "run_id": res.run_id, "rollout_seconds": time.time() - t, **gate}
+
+
+def _labelled_rows(ctx: AgentContext, obs: Observation, svc: str, champion: str | None, min_labels: int,
+                   label_wait_s: float) -> tuple[int, list[dict[str, Any]]]:
+    """The labelled predictions to retrain on (waiting up to `label_wait_s` for `min_labels`),
+    and the id they start from."""
+    since_id = int(obs.data.get("since_id") or obs.data.get("first_id") or 0)
+    # Labels from before the current champion served belong to an older distribution (the one
+    # the champion was trained for): learn from what the champion itself has been failing on.
+    first_of_champion = ctx.store.prediction_window(svc, model_version=champion, limit=1,
+                                                    with_inputs=False).ids
+    if len(first_of_champion):
+        since_id = max(since_id, int(first_of_champion[0]))
+    deadline = time.time() + label_wait_s
+    rows = ctx.store.predictions(svc, after_id=since_id - 1, labelled_only=True)
+    while len(rows) < min_labels and time.time() < deadline:
+        time.sleep(1.0)
+        rows = ctx.store.predictions(svc, after_id=since_id - 1, labelled_only=True)
+    if len(rows) < max(20, min_labels // 4):
+        raise RuntimeError(f"only {len(rows)} labelled samples since id {since_id}; need {min_labels}")
+    return since_id, rows
+
+
+def _write_retrain_data(ctx: AgentContext, rows: list[dict[str, Any]], n_hold: int, seed: int,
+                        episode: Any) -> str:
+    """The new data as an .npz the retrain workflow reads: `x_new/y_new` to learn from,
+    `x_holdout/y_holdout` (n_hold rows) to judge the candidate on."""
+    x = np.asarray([r["inputs"] for r in rows], dtype=np.float64).reshape(len(rows), -1)
+    y = np.asarray([r["label"] for r in rows])
+    order = np.random.default_rng(seed).permutation(len(rows))
+    hold, train = order[:n_hold], order[n_hold:]
+    folder = ctx.settings.agents_dir / ctx.name
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"retrain-episode{episode}-{int(time.time())}.npz"
+    np.savez_compressed(path, x_new=x[train], y_new=y[train], x_holdout=x[hold], y_holdout=y[hold])
+    return str(path)
+
+
+def _judge_candidate(ctx: AgentContext, svc: str, model: str, n_hold: int, episode: Any, run_id: str
+                     ) -> tuple[str, Any, dict[str, Any]]:
+    """The challenger the retrain registered, the gate's verdict on its published evaluation
+    (:mod:`scanflow.control.evaluation`), and the evidence to record."""
+    cand = ctx.tracker.version_by_alias(model, CHALLENGER_ALIAS)
+    ev = candidate_evaluation(ctx.tracker, model, cand)  # names a missing eval.* tag
+    ctx.event("retrain_finished", episode=episode, run_id=run_id, candidate_version=cand, **ev.figures)
+    verdict = promotion_gate(ev.candidate_acc_new, ev.champion_acc_new, ev.candidate_acc_clean,
+                             ev.champion_acc_clean, ev.n_holdout if ev.n_holdout is not None else n_hold,
+                             policy_for(ctx, svc))
+    gate = {**verdict.evidence, "passed": verdict.passed, "reasons": "; ".join(verdict.reasons),
+            "candidate_acc_clean": ev.candidate_acc_clean, "champion_acc_clean": ev.champion_acc_clean}
+    return cand, verdict, gate
 
 
 # -- helpers ------------------------------------------------------------------------------

@@ -99,6 +99,40 @@ def _accuracy(model: Any, x: np.ndarray, y: list[Any] | np.ndarray, what: str) -
         raise ValueError(f"the model cannot score {what} ({x.shape[0]} x {x.shape[1:]}): {exc}") from exc
 
 
+def _judge(settings: Settings, store: Store, service: str, model: str, version: str, champion: str,
+           policy: Policy, holdout: Path | None, x_hold: np.ndarray | None, y_hold: np.ndarray | None
+           ) -> tuple[GateResult, list[str]]:
+    """The gate on the candidate and the champion re-scored on the same recent labelled requests
+    (and the holdout); without a holdout the gate is not passed (a person may still force)."""
+    want = max(policy.promotion.min_labelled, policy.rollback.window)
+    x_new, y_new = recent_labelled(store, service, want)
+    cand, champ = load_version(settings, model, version), load_version(settings, model, champion)
+    notes: list[str] = []
+    if len(y_new):
+        cand_new = _accuracy(cand, x_new, y_new, "the labelled requests")
+        champ_new = _accuracy(champ, x_new, y_new, "the labelled requests")
+    else:
+        cand_new = champ_new = math.nan
+        notes.append(f"{service} has no labelled requests to compare on")
+    if x_hold is not None and y_hold is not None:
+        cand_hold = _accuracy(cand, x_hold, y_hold, "the holdout")
+        champ_hold = _accuracy(champ, x_hold, y_hold, "the holdout")
+    else:
+        cand_hold = champ_hold = 0.0
+    gate = promotion_gate(cand_new, champ_new, cand_hold, champ_hold, len(y_new), policy)
+    if x_hold is None:  # what it forgot is unknown: not passed (a person may still --force)
+        gate.reasons = [r for r in gate.reasons if not r.startswith("on the clean holdout")]
+        gate.reasons.append("no clean holdout given: the loss on it is unknown, so the gate is not passed")
+        gate.passed = False
+        gate.evidence.update(candidate_acc_holdout=None, champion_acc_holdout=None, loss_on_holdout=None)
+    for k, v in list(gate.evidence.items()):  # JSON has no NaN (no labelled requests)
+        if isinstance(v, float) and not math.isfinite(v):
+            gate.evidence[k] = None
+    gate.evidence.update(holdout=str(holdout) if holdout else None,
+                         n_holdout=len(y_hold) if y_hold is not None else 0)
+    return gate, notes
+
+
 def offer(
     settings: Settings,
     store: Store,
@@ -129,33 +163,7 @@ def offer(
     x_hold = y_hold = None
     if holdout is not None:
         x_hold, y_hold = load_holdout(holdout)  # before any work: a bad file changes nothing
-
-    want = max(policy.promotion.min_labelled, policy.rollback.window)
-    x_new, y_new = recent_labelled(store, service, want)
-    cand, champ = load_version(settings, model, version), load_version(settings, model, champion)
-    notes: list[str] = []
-    if len(y_new):
-        cand_new = _accuracy(cand, x_new, y_new, "the labelled requests")
-        champ_new = _accuracy(champ, x_new, y_new, "the labelled requests")
-    else:
-        cand_new = champ_new = math.nan
-        notes.append(f"{service} has no labelled requests to compare on")
-    if x_hold is not None and y_hold is not None:
-        cand_hold = _accuracy(cand, x_hold, y_hold, "the holdout")
-        champ_hold = _accuracy(champ, x_hold, y_hold, "the holdout")
-    else:
-        cand_hold = champ_hold = 0.0
-    gate = promotion_gate(cand_new, champ_new, cand_hold, champ_hold, len(y_new), policy)
-    if x_hold is None:  # what it forgot is unknown: not passed (a person may still --force)
-        gate.reasons = [r for r in gate.reasons if not r.startswith("on the clean holdout")]
-        gate.reasons.append("no clean holdout given: the loss on it is unknown, so the gate is not passed")
-        gate.passed = False
-        gate.evidence.update(candidate_acc_holdout=None, champion_acc_holdout=None, loss_on_holdout=None)
-    for k, v in list(gate.evidence.items()):  # JSON has no NaN (no labelled requests)
-        if isinstance(v, float) and not math.isfinite(v):
-            gate.evidence[k] = None
-    gate.evidence.update(holdout=str(holdout) if holdout else None,
-                         n_holdout=len(y_hold) if y_hold is not None else 0)
+    gate, notes = _judge(settings, store, service, model, version, champion, policy, holdout, x_hold, y_hold)
     actor = deployer.actor
     common = {"candidate_version": version, "champion_version": champion,
               "reasons": "; ".join(gate.reasons), "passed": gate.passed, **gate.evidence}
