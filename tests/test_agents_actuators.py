@@ -186,7 +186,7 @@ def test_scale_rollout_and_rollback_a_running_service(digits_workspace: DigitsWo
         moved = act("v2", {"func": "rollout", "params": {"version": "2"}})
         assert moved["status"] == "succeeded", moved
         assert moved["model_version"] == "2" and moved["from_version"] == "1"
-        back = act("back", {"func": "rollback"})
+        back = act("back", {"func": "rollback_now"})
         assert back["status"] == "succeeded", back
         assert back["model_version"] == "1" and back["from_version"] == "2"
 
@@ -200,3 +200,18 @@ def test_scale_rollout_and_rollback_a_running_service(digits_workspace: DigitsWo
         assert "agent ops" in done["rollback_completed"].payload.get("reason", "")
     finally:
         deployer.stop(svc)
+
+
+def test_bare_rollback_is_the_guarded_one(settings: Settings, store: Store) -> None:
+    """`func: rollback` judges the probation first: a model that was deployed, not promoted,
+    is left serving (`rollback_now` is the unconditional one)."""
+    store.put_deployment(service="svc", app="demo", team="ops", model_name="m", alias="champion",
+                         model_version="1", host="127.0.0.1", port=1, pid=None, replicas=1,
+                         status="running", workdir="/nonexistent")
+    store.add_event("deployer", "deployed", "svc", actor="alice", model_version="1", replicas=1)
+    agent = _agent(settings, store, [{"func": "rollback"}], {"svc": Service(model="m")}, "svc")
+    action = _go(agent, "rb1")
+    assert action["status"] == "succeeded" and action["rolled_back"] is False
+    assert action["why"] == "the served model is not on probation"
+    assert store.get_deployment("svc").model_version == "1"
+    assert not store.list_events("svc", ["rolled_back", "rollback_started"])

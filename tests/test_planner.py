@@ -878,3 +878,74 @@ def test_rollback_actuator_leaves_a_model_alone_unless_it_lost(planner_app: Any,
     assert out["rolled_back"] is False and "within margin so far" in out["why"]
     assert store.get_deployment("svc").model_version == "2"
     assert not store.list_events("svc", ["rolled_back"])
+
+
+# -- the steps of `plan`, one at a time --------------------------------------------------------
+def _sig(**kw: Any) -> Signals:
+    base: dict[str, Any] = {"window": "w", "now": T0, "replicas": 1, "model_version": "1", "n_requests": 50,
+                            "p95_latency_ms": 50.0, "throughput_rps": 5.0}
+    return Signals(**{**base, **kw})
+
+
+def test_step_absorb_ends_a_lost_retrain_and_resets_streaks_for_a_new_model() -> None:
+    from scanflow.agents.planner.policy import absorb
+
+    st = PlannerState(model_version="1", drift_streak=3, episode_start_id=7, retraining=True,
+                      retrain_started_at=T0 - 10_000, retrains=[T0 - 90_000, T0 - 100])
+    hold = absorb(_sig(model_version="2"), st, fast(limits={"retrain_timeout": 3600}))
+    assert st.model_version == "2" and st.drift_streak == 0 and st.episode_start_id is None
+    assert not st.retraining and st.retrains == [T0 - 100]  # a day old: out of the budget
+    assert len(hold) == 1 and "never reported done (timeout 3600s): given up" in hold[0]
+
+
+def test_step_assess_load_counts_streaks_and_remembers_the_breach_level() -> None:
+    from scanflow.agents.planner.policy import assess_load
+
+    st = PlannerState(cold_streak=2)
+    load = assess_load(_sig(p95_latency_ms=250.0, throughput_rps=8.0, replicas=2), st, fast())
+    assert load.hot and not load.cold and st.hot_streak == 1 and st.cold_streak == 0
+    assert st.breach_rps_per_replica == 4.0 and load.evidence["scale_up_above_ms"] == 100
+    idle = assess_load(_sig(n_requests=0, p95_latency_ms=None), st, fast())
+    assert idle.idle and idle.cold and st.cold_streak == 1 and st.breach_rps_per_replica == 4.0
+
+
+def test_step_judge_probation_rolls_back_a_loser_unless_in_cooldown() -> None:
+    from scanflow.agents.planner.policy import judge_probation
+
+    pr = ProbationSignal(promoted_version="2", previous_version="1", promoted_at=T0 - 60,
+                         promoted_accuracy=0.70, promoted_n=300, previous_accuracy=0.90, previous_n=300)
+    p = fast(rollback={"window": 300, "min_labelled": 100, "margin": 0.02})
+    evidence: dict[str, Any] = {}
+    hold: list[str] = []
+    act = judge_probation(_sig(model_version="2", probation=pr), PlannerState(), p, evidence, hold)
+    assert act is not None and act.kind == "rollback"
+    assert act.params == {"from_version": "2", "to_version": "1"}
+    assert evidence["probation"]["decision"] == "rollback" and not hold
+    busy = PlannerState(last_action_at={"rollback": T0 - 10})
+    assert judge_probation(_sig(model_version="2", probation=pr), busy, p, {}, hold) is None
+    assert "rollback wanted but in cooldown (90s left)" in hold[0]
+    kept = pr.model_copy(update={"promoted_accuracy": 0.91})
+    st = PlannerState()
+    assert judge_probation(_sig(model_version="2", probation=kept), st, p, {}, []) is None
+    assert st.judged_versions == {"2": "kept"}
+
+
+def test_step_plan_replicas_and_plan_retrain_respect_limits_budget_and_cooldown() -> None:
+    from scanflow.agents.planner.policy import Load, Quality, plan_replicas, plan_retrain
+
+    p = fast()
+    hot = Load(hot=True, cold=False, idle=False, hot_latency=True, p95=250.0, rps=10.0)
+    hold: list[str] = []
+    at_max = plan_replicas(_sig(replicas=4), PlannerState(hot_streak=2), p, hot, hold)
+    assert at_max is None and "already at max_replicas 4" in hold[0]
+    up = plan_replicas(_sig(replicas=1), PlannerState(hot_streak=2), p, hot, [])
+    assert up is not None and up.kind == "scale_up" and up.params == {"replicas": 2}
+    drifted = Quality(drift_holds=True, accuracy_low=False, accuracy=None, source="none")
+    hold = []
+    spent = PlannerState(drift_streak=2, retrains=[T0 - 500, T0 - 400, T0 - 300])
+    assert plan_retrain(_sig(), spent, p, drifted, None, hold) is None
+    assert "the retrain budget is spent: 3 of 3" in hold[0]
+    st = PlannerState(drift_streak=2, episode_start_id=42)
+    after = plan_retrain(_sig(), st, p, drifted, "scale_up", [])
+    assert after is not None and after.after == "scale_up" and after.params == {"since_id": 42, "episode": 1}
+    assert after.reason.endswith(" - after scaling up")

@@ -18,9 +18,13 @@ from typing import Any
 
 import numpy as np
 
+from scanflow.agents.gate import policy_for, promotion_gate
+from scanflow.agents.planner import rollback as guarded_rollback
 from scanflow.agents.registry import actuator, rule, sensor
 from scanflow.agents.runtime import AgentContext, Observation, bounded_key, jsonable
+from scanflow.control.evaluation import CHALLENGER_ALIAS, candidate_evaluation
 from scanflow.control.events import Messages, PredictionWindow
+from scanflow.control.operations import Actor, ModelOps, check_registered
 from scanflow.spec.models import MessageEvent, PredictionWindowEvent
 
 log = logging.getLogger("scanflow.agents.builtin")
@@ -271,6 +275,15 @@ def _reason(obs: Observation, ctx: AgentContext) -> str:
     return f"agent {ctx.name}: {why}" if why else f"agent {ctx.name}, observation {obs.key}"
 
 
+def _ops(ctx: AgentContext, lease_ttl_s: float = 30.0, lease_wait_s: float | None = None,
+         registry: bool = False) -> ModelOps:
+    """The control operations as this agent: under the service's lease (waiting ttl + 5 s for
+    another holder unless told), recorded with `agent:<name>`."""
+    wait = lease_ttl_s + 5.0 if lease_wait_s is None else lease_wait_s
+    return ModelOps(ctx.deployer, ctx.store, ctx.tracker if registry else None, lease_ttl_s=lease_ttl_s,
+                    lease_wait_s=wait)
+
+
 @actuator
 def scale(
     obs: Observation, ctx: AgentContext, replicas: int | None = None, by: int | None = None,
@@ -288,8 +301,9 @@ def scale(
         target = int(replicas)  # type: ignore[arg-type]
     if target == before:
         return {"service": dep.service, "replicas": before, "changed": False}
-    new = ctx.deployer.scale(dep.service, target, reason=_reason(obs, ctx))
-    return {"service": dep.service, "replicas": new.replicas, "from_replicas": before, "changed": True}
+    out = _ops(ctx).scale(dep.service, target, actor=Actor.agent(ctx.name), reason=_reason(obs, ctx),
+                          key=ctx.action_key)
+    return {"service": dep.service, "replicas": out.after, "from_replicas": before, "changed": out.changed}
 
 
 @actuator
@@ -299,38 +313,49 @@ def rollout(
     """Move a service's replicas onto `version`, or onto the version its alias points to now."""
     dep = _deployment(ctx, service)
     before = dep.model_version
-    new = ctx.deployer.rollout(dep.service, None if version is None else str(version),
-                               reason=_reason(obs, ctx))
-    return {"service": dep.service, "model_version": new.model_version, "from_version": before}
+    out = _ops(ctx).rollout(dep.service, None if version is None else str(version),
+                            actor=Actor.agent(ctx.name), reason=_reason(obs, ctx), key=ctx.action_key)
+    return {"service": dep.service, "model_version": out.after, "from_version": before}
 
 
 @actuator
-def rollback(obs: Observation, ctx: AgentContext, service: str | None = None) -> dict[str, Any]:
-    """Put a service back on the version it served before its last rollout."""
+def rollback(obs: Observation, ctx: AgentContext, service: str | None = None, lease_ttl_s: float = 30.0,
+             lease_wait_s: float | None = None) -> dict[str, Any]:
+    """The guarded rollback: judge the probation of the model the service serves and roll it
+    back only if it lost to the champion it replaced (the planner's judgement, under the
+    service's lease, recorded as `rolled_back` with the numbers). `rollback_now` rolls back
+    without judging."""
+    return guarded_rollback(obs, ctx, service=service, lease_ttl_s=lease_ttl_s, lease_wait_s=lease_wait_s)
+
+
+@actuator
+def rollback_now(obs: Observation, ctx: AgentContext, service: str | None = None) -> dict[str, Any]:
+    """Put a service back on the version it served before its last rollout, unconditionally
+    (an operator's "roll back now"): under the service's lease, recorded as `rolled_back`."""
     dep = _deployment(ctx, service)
     start = ctx.remember("from_version", lambda: dep.model_version)
-    if ctx.action is not None and ctx.action.resumed and dep.model_version != start:
-        # The first call rolled back before the crash: do not roll back a second step.
-        return {"service": dep.service, "model_version": dep.model_version, "from_version": start,
-                "changed": True}
-    new = ctx.deployer.rollback(dep.service, reason=_reason(obs, ctx))
-    return {"service": dep.service, "model_version": getattr(new, "model_version", None),
-            "from_version": start, "changed": getattr(new, "model_version", None) != start}
+    # A resumed call whose first try rolled back already does not roll back a second step.
+    out = _ops(ctx).rollback(dep.service, actor=Actor.agent(ctx.name), reason=_reason(obs, ctx),
+                             expect_serving=start, key=ctx.action_key)
+    return {"service": dep.service, "model_version": out.after, "from_version": start,
+            "changed": str(out.after) != str(start)}
 
 
 @actuator
 def promote(
     obs: Observation, ctx: AgentContext, model: str | None = None, alias: str = "champion",
     version: str | int | None = None, from_alias: str | None = None, service: str | None = None,
+    rollout: bool = False,
 ) -> dict[str, Any]:
-    """Point `alias` of `model` at a version in the MLflow registry, recorded as `promoted`.
+    """Point `alias` of `model` at a version in the MLflow registry, recorded as `promoted`
+    (`rollout: true` also rolls the agent's service out onto it).
 
     The version is `version`, else the observation's `version`/`candidate_version`/`to_version`,
     else the one `from_alias` points to (e.g. promote the `challenger`). `model` defaults to
     the model of the agent's service."""
+    svc = service or ctx.service
+    dep = ctx.store.get_deployment(svc) if svc else None
     if model is None:
-        svc = service or ctx.service
-        dep = ctx.store.get_deployment(svc) if svc else None
         spec_svc = ctx.app.services.get(svc) if svc else None
         model = dep.model_name if dep else spec_svc.model if spec_svc else None
         if model is None:
@@ -346,24 +371,15 @@ def promote(
         raise ValueError("promote needs a version: `version`, `from_alias`, or a `version` in the "
                          "observation")
     target = str(target)
-    try:
-        tracker.model_version(model, target)
-    except Exception as exc:  # noqa: BLE001 - MLflow's own error is not user-friendly
-        raise ValueError(f"models:/{model}/{target} is not registered") from exc
+    check_registered(tracker, model, target)
     previous = ctx.remember("previous", lambda: tracker.alias_version(model, alias))
-    out = {"model": model, "alias": alias, "version": target, "previous_version": previous,
-           "changed": previous != target}
-    if tracker.alias_version(model, alias) != target:
-        tracker.set_alias(model, alias, target)
-    elif not (ctx.action and ctx.action.resumed and previous != target):
-        return out  # nothing to do, nothing to record
-    recorded = ctx.action_key is not None and any(
-        e.kind == "promoted" and e.payload.get("action") == ctx.action_key
-        for e in ctx.store.recent_events(ctx.name, 200))
-    if not recorded:
-        ctx.event("promoted", model=model, alias=alias, version=target, previous_version=previous,
-                  observation=obs.key, action=ctx.action_key, approved_by=f"agent:{ctx.name}")
-    return out
+    on_service = dep is not None and dep.model_name == model
+    out = _ops(ctx, registry=True).promote(
+        dep.service if on_service and dep is not None else None, target, actor=Actor.agent(ctx.name),
+        model=model, alias=alias, previous=previous, key=ctx.action_key, rollout=rollout,
+        evidence={"observation": obs.key}, reason=_reason(obs, ctx))
+    return {"model": model, "alias": alias, "version": target, "previous_version": previous,
+            "changed": previous != target, "recorded": out.event_id is not None}
 
 
 RETRY_STATUSES = {408, 425, 429, 500, 502, 503, 504}
@@ -424,47 +440,24 @@ def retrain_and_promote(
 ) -> dict[str, Any]:
     """Retrain on labelled samples of the drifted stream (plus the original data, inside the
     workflow), then promote the candidate only through the service policy's promotion gate
-    (`planner.promotion_gate`: better than the champion on held-out data of the new
-    distribution, at most a set loss on the clean test set, enough labelled samples)."""
-    from scanflow.agents.planner import policy_for, promotion_gate
+    (`gate.promotion_gate`: better than the champion on held-out data of the new
+    distribution, at most a set loss on the clean test set, enough labelled samples).
+
+    The workflow must register its candidate as `challenger` with the figures of
+    :mod:`scanflow.control.evaluation` as `eval.*` version tags; the promotion goes through
+    :meth:`scanflow.control.operations.ModelOps.promote` with the gate's evidence."""
     from scanflow.spec.loader import load_application
 
     svc = obs.data.get("service") or ctx.service
     dep = ctx.store.get_deployment(svc)
     if dep is None:
         raise ValueError(f"service {svc!r} is not deployed")
-    since_id = int(obs.data.get("since_id") or obs.data.get("first_id") or 0)
-    # Labels from before the current champion served belong to an older distribution (the one
-    # the champion was trained for): learn from what the champion itself has been failing on.
-    first_of_champion = ctx.store.prediction_window(svc, model_version=dep.model_version, limit=1,
-                                                    with_inputs=False).ids
-    if len(first_of_champion):
-        since_id = max(since_id, int(first_of_champion[0]))
     episode = obs.data.get("episode", 1)
-
-    deadline = time.time() + label_wait_s
-    rows = ctx.store.predictions(svc, after_id=since_id - 1, labelled_only=True)
-    while len(rows) < min_labels and time.time() < deadline:
-        time.sleep(1.0)
-        rows = ctx.store.predictions(svc, after_id=since_id - 1, labelled_only=True)
-    if len(rows) < max(20, min_labels // 4):
-        raise RuntimeError(f"only {len(rows)} labelled samples since id {since_id}; need {min_labels}")
-
+    since_id, rows = _labelled_rows(ctx, obs, svc, dep.model_version, min_labels, label_wait_s)
     n_hold = max(1, int(len(rows) * holdout_fraction))
 
-    def write_data() -> str:
-        x = np.asarray([r["inputs"] for r in rows], dtype=np.float64).reshape(len(rows), -1)
-        y = np.asarray([r["label"] for r in rows])
-        order = np.random.default_rng(seed).permutation(len(rows))
-        hold, train = order[:n_hold], order[n_hold:]
-        folder = ctx.settings.agents_dir / ctx.name
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"retrain-episode{episode}-{int(time.time())}.npz"
-        np.savez_compressed(path, x_new=x[train], y_new=y[train], x_holdout=x[hold], y_holdout=y[hold])
-        return str(path)
-
     # A call tried again (after a crash or a failed try) retrains on the same data, announced once.
-    data_path = ctx.remember("retrain_data", write_data)
+    data_path = ctx.remember("retrain_data", lambda: _write_retrain_data(ctx, rows, n_hold, seed, episode))
     target = load_application(_relative(ctx, app))
     if not (ctx.action is not None and ctx.action.resumed):
         ctx.event("retrain_started", episode=episode, labelled=len(rows), since_id=since_id,
@@ -479,34 +472,72 @@ def retrain_and_promote(
         raise RuntimeError(f"retrain run {res.run_id} failed: {res.error}")
 
     model = dep.model_name
-    cand = ctx.tracker.version_by_alias(model, "challenger")
-    tags = ctx.tracker.model_version(model, cand).tags
-    ev = {k.removeprefix("eval."): float(v) for k, v in tags.items() if k.startswith("eval.")}
-    ctx.event("retrain_finished", episode=episode, run_id=res.run_id, candidate_version=cand, **ev)
-
-    verdict = promotion_gate(ev["candidate_acc_new"], ev["champion_acc_new"],
-                             ev["candidate_acc_clean"], ev["champion_acc_clean"],
-                             int(ev.get("n_holdout", n_hold)), policy_for(ctx, svc))
-    gate = {**verdict.evidence, "passed": verdict.passed, "reasons": "; ".join(verdict.reasons),
-            "candidate_acc_clean": ev["candidate_acc_clean"],
-            "champion_acc_clean": ev["champion_acc_clean"]}
+    cand, verdict, gate = _judge_candidate(ctx, svc, model, n_hold, episode, res.run_id)
     if not verdict.passed:
         ctx.event("promotion_rejected", candidate_version=cand, **gate)
         return {"promoted": False, "candidate_version": cand, "run_id": res.run_id, **gate}
 
     old = ctx.remember("previous", lambda: ctx.tracker.version_by_alias(model, dep.alias))
-    if ctx.tracker.version_by_alias(model, dep.alias) != cand:
-        ctx.tracker.set_alias(model, dep.alias, cand)
-    recorded = ctx.action_key is not None and any(
-        e.kind == "promoted" and e.payload.get("action") == ctx.action_key
-        for e in ctx.store.recent_events(ctx.name, 200))
-    if not recorded:  # a try after a failed rollout must not record a second promotion
-        ctx.event("promoted", model=model, alias=dep.alias, version=cand, previous_version=old,
-                  approved_by="policy:promotion-gate", run_id=res.run_id, action=ctx.action_key, **gate)
     t = time.time()
-    ctx.deployer.rollout(svc)  # records `rollout_completed` once every replica serves `cand`
+    # Moves the alias and rolls out under the service's lease; a try after a failed rollout
+    # records no second promotion (`rollout_completed` once every replica serves `cand`).
+    _ops(ctx, registry=True).promote(
+        svc, cand, actor=Actor.agent(ctx.name), evidence={**gate, "run_id": res.run_id},
+        reason=f"retrain episode {episode}", alias=dep.alias, expect_serving=dep.model_version, previous=old,
+        approved_by="policy:promotion-gate", key=ctx.action_key)
     return {"promoted": True, "candidate_version": cand, "previous_version": old,
             "run_id": res.run_id, "rollout_seconds": time.time() - t, **gate}
+
+
+def _labelled_rows(ctx: AgentContext, obs: Observation, svc: str, champion: str | None, min_labels: int,
+                   label_wait_s: float) -> tuple[int, list[dict[str, Any]]]:
+    """The labelled predictions to retrain on (waiting up to `label_wait_s` for `min_labels`),
+    and the id they start from."""
+    since_id = int(obs.data.get("since_id") or obs.data.get("first_id") or 0)
+    # Labels from before the current champion served belong to an older distribution (the one
+    # the champion was trained for): learn from what the champion itself has been failing on.
+    first_of_champion = ctx.store.prediction_window(svc, model_version=champion, limit=1,
+                                                    with_inputs=False).ids
+    if len(first_of_champion):
+        since_id = max(since_id, int(first_of_champion[0]))
+    deadline = time.time() + label_wait_s
+    rows = ctx.store.predictions(svc, after_id=since_id - 1, labelled_only=True)
+    while len(rows) < min_labels and time.time() < deadline:
+        time.sleep(1.0)
+        rows = ctx.store.predictions(svc, after_id=since_id - 1, labelled_only=True)
+    if len(rows) < max(20, min_labels // 4):
+        raise RuntimeError(f"only {len(rows)} labelled samples since id {since_id}; need {min_labels}")
+    return since_id, rows
+
+
+def _write_retrain_data(ctx: AgentContext, rows: list[dict[str, Any]], n_hold: int, seed: int,
+                        episode: Any) -> str:
+    """The new data as an .npz the retrain workflow reads: `x_new/y_new` to learn from,
+    `x_holdout/y_holdout` (n_hold rows) to judge the candidate on."""
+    x = np.asarray([r["inputs"] for r in rows], dtype=np.float64).reshape(len(rows), -1)
+    y = np.asarray([r["label"] for r in rows])
+    order = np.random.default_rng(seed).permutation(len(rows))
+    hold, train = order[:n_hold], order[n_hold:]
+    folder = ctx.settings.agents_dir / ctx.name
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"retrain-episode{episode}-{int(time.time())}.npz"
+    np.savez_compressed(path, x_new=x[train], y_new=y[train], x_holdout=x[hold], y_holdout=y[hold])
+    return str(path)
+
+
+def _judge_candidate(ctx: AgentContext, svc: str, model: str, n_hold: int, episode: Any, run_id: str
+                     ) -> tuple[str, Any, dict[str, Any]]:
+    """The challenger the retrain registered, the gate's verdict on its published evaluation
+    (:mod:`scanflow.control.evaluation`), and the evidence to record."""
+    cand = ctx.tracker.version_by_alias(model, CHALLENGER_ALIAS)
+    ev = candidate_evaluation(ctx.tracker, model, cand)  # names a missing eval.* tag
+    ctx.event("retrain_finished", episode=episode, run_id=run_id, candidate_version=cand, **ev.figures)
+    verdict = promotion_gate(ev.candidate_acc_new, ev.champion_acc_new, ev.candidate_acc_clean,
+                             ev.champion_acc_clean, ev.n_holdout if ev.n_holdout is not None else n_hold,
+                             policy_for(ctx, svc))
+    gate = {**verdict.evidence, "passed": verdict.passed, "reasons": "; ".join(verdict.reasons),
+            "candidate_acc_clean": ev.candidate_acc_clean, "champion_acc_clean": ev.champion_acc_clean}
+    return cand, verdict, gate
 
 
 # -- helpers ------------------------------------------------------------------------------

@@ -19,7 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from scanflow.agents.planner import GateResult, LeaseBusy, promotion_gate, rescored_accuracy, service_lease
+from scanflow.agents.gate import GateResult, promotion_gate, rescored_accuracy
+from scanflow.control.leases import LeaseBusy
+from scanflow.control.operations import Actor, ModelOps, ServiceChanged, check_registered
 from scanflow.settings import Settings
 from scanflow.spec.policy import Policy
 from scanflow.store import Store
@@ -97,40 +99,11 @@ def _accuracy(model: Any, x: np.ndarray, y: list[Any] | np.ndarray, what: str) -
         raise ValueError(f"the model cannot score {what} ({x.shape[0]} x {x.shape[1:]}): {exc}") from exc
 
 
-def offer(
-    settings: Settings,
-    store: Store,
-    deployer: Any,
-    service: str,
-    version: str,
-    *,
-    policy: Policy | None = None,
-    alias: str | None = None,
-    holdout: Path | None = None,
-    force: bool = False,
-    reason: str = "",
-) -> Offer:
-    """Judge `version` against the version `service` serves; promote `alias` to it and roll it
-    out if the gate passes (or `force`). Records `promoted` or `promotion_rejected`."""
-    from scanflow.tracking import Tracker
-
-    policy = policy or Policy()
-    dep = store.get_deployment(service)
-    if dep is None:
-        raise ValueError(f"service {service!r} is not deployed")
-    model, champion, version = dep.model_name, str(dep.model_version), str(version)
-    alias = alias or dep.alias  # the alias the service follows
-    tracker = Tracker(settings)
-    try:
-        tracker.model_version(model, version)
-    except Exception as exc:  # noqa: BLE001 - MLflow's own message names no model
-        raise ValueError(f"models:/{model}/{version} is not registered") from exc
-    if version == champion:
-        raise ValueError(f"{service} already serves version {version}")
-    x_hold = y_hold = None
-    if holdout is not None:
-        x_hold, y_hold = load_holdout(holdout)  # before any work: a bad file changes nothing
-
+def _judge(settings: Settings, store: Store, service: str, model: str, version: str, champion: str,
+           policy: Policy, holdout: Path | None, x_hold: np.ndarray | None, y_hold: np.ndarray | None
+           ) -> tuple[GateResult, list[str]]:
+    """The gate on the candidate and the champion re-scored on the same recent labelled requests
+    (and the holdout); without a holdout the gate is not passed (a person may still force)."""
     want = max(policy.promotion.min_labelled, policy.rollback.window)
     x_new, y_new = recent_labelled(store, service, want)
     cand, champ = load_version(settings, model, version), load_version(settings, model, champion)
@@ -157,33 +130,64 @@ def offer(
             gate.evidence[k] = None
     gate.evidence.update(holdout=str(holdout) if holdout else None,
                          n_holdout=len(y_hold) if y_hold is not None else 0)
+    return gate, notes
+
+
+def offer(
+    settings: Settings,
+    store: Store,
+    deployer: Any,
+    service: str,
+    version: str,
+    *,
+    policy: Policy | None = None,
+    alias: str | None = None,
+    holdout: Path | None = None,
+    force: bool = False,
+    reason: str = "",
+) -> Offer:
+    """Judge `version` against the version `service` serves; promote `alias` to it and roll it
+    out if the gate passes (or `force`). Records `promoted` or `promotion_rejected`."""
+    from scanflow.tracking import Tracker
+
+    policy = policy or Policy()
+    dep = store.get_deployment(service)
+    if dep is None:
+        raise ValueError(f"service {service!r} is not deployed")
+    model, champion, version = dep.model_name, str(dep.model_version), str(version)
+    alias = alias or dep.alias  # the alias the service follows
+    tracker = Tracker(settings)
+    check_registered(tracker, model, version)
+    if version == champion:
+        raise ValueError(f"{service} already serves version {version}")
+    x_hold = y_hold = None
+    if holdout is not None:
+        x_hold, y_hold = load_holdout(holdout)  # before any work: a bad file changes nothing
+    gate, notes = _judge(settings, store, service, model, version, champion, policy, holdout, x_hold, y_hold)
     actor = deployer.actor
-    common = {"model": model, "alias": alias, "version": version, "candidate_version": version,
-              "champion_version": champion, "actor": actor, "reason": reason,
+    common = {"candidate_version": version, "champion_version": champion,
               "reasons": "; ".join(gate.reasons), "passed": gate.passed, **gate.evidence}
     result = Offer(service=service, model=model, version=version, champion_version=champion,
                    promoted=False, forced=False, gate=gate, notes=notes)
     if not gate.passed and not force:
-        ev = store.add_event(SOURCE, "promotion_rejected", service, approved_by=f"person:{actor}", **common)
+        ev = store.add_event(SOURCE, "promotion_rejected", service, approved_by=f"person:{actor}",
+                             model=model, alias=alias, version=version, actor=actor, reason=reason, **common)
         result.event_id, result.served_version = ev.id, champion
         return result
     approved = (f"person:{actor} via policy:promotion-gate" if gate.passed
                 else f"person:{actor} (forced past the promotion gate)")
     why = reason or ("promotion gate passed" if gate.passed else "forced past the promotion gate")
+    ops = ModelOps(deployer, store, tracker, lease_wait_s=10.0)
     try:
-        with service_lease(store, service, f"person:{actor}", wait_s=10.0, purpose="promote"):
-            now = store.get_deployment(service)
-            if now is None or str(now.model_version) != champion:
-                raise ValueError(f"{service} changed while the candidate was judged (it serves version "
-                                 f"{now.model_version if now else '-'} now, not {champion}): offer it again")
-            previous = tracker.alias_version(model, alias)  # None if the alias is new
-            tracker.set_alias(model, alias, version)
-            ev = store.add_event(SOURCE, "promoted", service, approved_by=approved, previous_version=previous,
-                                 forced=not gate.passed, **common)
-            new = deployer.rollout(service, version, reason=f"{why} ({approved})")
+        done = ops.promote(service, version, actor=Actor.person(actor, source=SOURCE), evidence=common,
+                           force=force, reason=why, alias=alias, expect_serving=champion,
+                           approved_by=approved)
+    except ServiceChanged as exc:
+        raise ValueError(f"{exc}: offer it again") from exc
     except LeaseBusy as exc:
         raise ValueError(f"{exc}: an agent is acting on {service}; offer it again later") from exc
-    result.promoted, result.forced, result.event_id = True, not gate.passed, ev.id
+    ev_id, new = done.event_id, done.deployment
+    result.promoted, result.forced, result.event_id = True, not gate.passed, ev_id
     result.served_version = str(getattr(new, "model_version", version))
     return result
 

@@ -31,6 +31,7 @@ out = Console()
 err = Console(stderr=True)
 
 AppPath = Annotated[Path, typer.Argument(help="spec file or folder with scanflow.yaml")]
+Reason = Annotated[str, typer.Option(help="recorded in the audit trail")]
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -376,19 +377,30 @@ def deploy(
 
 
 def _service_call(action: Any) -> Any:
-    """Run a deployer action; an unknown service or a bad request is exit 2 with its message."""
+    """Run a service action; bad input is exit 2 with its message, a held service lease exit 1."""
+    from scanflow.control.leases import LeaseBusy  # the CLI starts fast: imports on use
+
     try:
         return action()
     except (ValueError, KeyError) as exc:
         fail(str(exc).strip("'\""))
+    except LeaseBusy as exc:
+        fail(f"{exc}; try again later", code=1)
+
+
+def _operate(action: Any) -> Any:
+    """Run a control operation (under the service's lease, recorded) as the person at the CLI."""
+    from scanflow.control.operations import Actor, ModelOps  # the CLI starts fast: imports on use
+
+    deployer, store = _deployer()
+    return _service_call(lambda: action(ModelOps(deployer, store), Actor.person(deployer.actor)))
 
 
 @app.command()
 def scale(service: str, replicas: Annotated[int, typer.Argument(min=1, max=64)]) -> None:
     """Change the number of replicas of a running service."""
-    deployer, _ = _deployer()
-    dep = _service_call(lambda: deployer.scale(service, replicas))
-    out.print(f"{service}: {dep.replicas} replica(s)")
+    done = _operate(lambda ops, me: ops.scale(service, replicas, actor=me))
+    out.print(f"{service}: {done.deployment.replicas} replica(s)")
 
 
 @app.command()
@@ -398,20 +410,15 @@ def rollout(
     reason: Annotated[str, typer.Option(help="recorded in the audit trail")] = "",
 ) -> None:
     """Rolling update of a service's replicas (0 failed requests)."""
-    deployer, _ = _deployer()
-    dep = _service_call(lambda: deployer.rollout(service, version, reason=reason))
-    out.print(f"{service}: serving version {dep.model_version}")
+    done = _operate(lambda ops, me: ops.rollout(service, version, actor=me, reason=reason))
+    out.print(f"{service}: serving version {done.deployment.model_version}")
 
 
 @app.command()
-def rollback(
-    service: str, reason: Annotated[str, typer.Option(help="recorded in the audit trail")] = "",
-) -> None:
+def rollback(service: str, reason: Reason = "") -> None:
     """Serve the previous version again, in one step (the alias follows)."""
-    deployer, _ = _deployer()
-    dep = _service_call(lambda: deployer.rollback(service, reason=reason))
-    out.print(f"{service}: rolled back to version {dep.model_version} "
-              f"(was {dep.previous_version})")
+    dep = _operate(lambda ops, me: ops.rollback(service, actor=me, reason=reason)).deployment
+    out.print(f"{service}: rolled back to version {dep.model_version} (was {dep.previous_version})")
 
 
 @app.command()
@@ -473,8 +480,7 @@ def canary(
     """Send a share of live traffic to a challenger version (answers returned and logged)."""
     if (version is None) == (not off):
         fail("give a VERSION, or --off to stop the canary")
-    deployer, _ = _deployer()
-    _service_call(lambda: deployer.set_canary(service, None if off else version, share))
+    _operate(lambda ops, me: ops.canary(service, None if off else version, share, actor=me))
     out.print(f"{service}: canary stopped" if off else
               f"{service}: version {version} answers {share:.1%} of requests")
 
@@ -488,8 +494,7 @@ def shadow(
     """Let a version score a copy of live traffic: logged, never returned."""
     if (version is None) == (not off):
         fail("give a VERSION, or --off to stop the shadow")
-    deployer, _ = _deployer()
-    _service_call(lambda: deployer.set_shadow(service, None if off else version))
+    _operate(lambda ops, me: ops.shadow(service, None if off else version, actor=me))
     out.print(f"{service}: shadow stopped" if off else f"{service}: version {version} shadows live traffic")
 
 
