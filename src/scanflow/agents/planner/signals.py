@@ -15,7 +15,6 @@ import time
 from typing import Any
 
 import numpy as np
-from sqlalchemy import select
 
 from scanflow.agents.gate import policy_for, predicted_class, rescored_accuracy
 from scanflow.agents.planner.model import (
@@ -29,7 +28,6 @@ from scanflow.agents.planner.model import (
 from scanflow.agents.runtime import AgentContext, Observation
 from scanflow.spec.policy import Policy
 from scanflow.store import Store
-from scanflow.store.schema import Event, Message
 
 log = logging.getLogger("scanflow.agents.planner")
 
@@ -140,13 +138,7 @@ def _probation(ctx: AgentContext, service: str, version: str | None, policy: Pol
     """Figures of the model now served if it arrived by a forward rollout (not a rollback)."""
     if version is None or version in state.judged_versions:
         return None
-    with ctx.store.session() as s:
-        last = s.scalars(
-            select(Event)
-            .where(Event.service == service, Event.kind.in_(["rollout_completed", "rollback_completed"]))
-            .order_by(Event.id.desc())
-            .limit(1)
-        ).first()
+    last = next(iter(ctx.store.latest_events(service, ["rollout_completed", "rollback_completed"])), None)
     if last is None or last.kind != "rollout_completed" or str(last.payload.get("to_version")) != version:
         return None
     prev = last.payload.get("from_version")
@@ -227,9 +219,7 @@ def _open_window(ctx: AgentContext, now: float, window_s: float, settle_s: float
 def _read_messages(ctx: AgentContext, message_ids: list[int], drift_kinds: set[str], done_kinds: set[str]
                    ) -> tuple[list[DriftReport], list[dict[str, Any]]]:
     """The drift reports and retrain outcomes among the window's messages, oldest first."""
-    with ctx.store.session() as s:
-        msgs = list(s.scalars(select(Message).where(Message.id.in_(message_ids)).order_by(Message.id)).all()
-                    ) if message_ids else []
+    msgs = ctx.store.messages_by_ids(message_ids)
     reports = [DriftReport(drift=bool(m.payload.get("drift")), first_id=m.payload.get("first_id"),
                            last_id=m.payload.get("last_id"), key=m.key,
                            reference_version=(None if m.payload.get("reference_version") is None
