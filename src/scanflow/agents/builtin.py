@@ -231,7 +231,7 @@ def _start_or_continue(
     prior = _run_of_action(ctx, workflow, key) if ctx.action and ctx.action.resumed else None
     if prior is None:
         return engine.run(target, workflow, params, trigger={**trigger, "action_key": key})
-    prior = ctx.store.get_run(prior.id)
+    prior = ctx.store.get_run(prior.id) or prior  # the run as it is now
     log.info("action %s: continuing workflow run %s (%s)", key, prior.id[:12], prior.status)
     if prior.status == "interrupted" or (ctx.action is not None and ctx.action.after_failure
                                          and prior.status in ("failed", "cancelled")):
@@ -449,6 +449,8 @@ def retrain_and_promote(
     from scanflow.spec.loader import load_application
 
     svc = obs.data.get("service") or ctx.service
+    if svc is None:
+        raise ValueError("retrain_and_promote needs a service (agent `service:` or the observation's)")
     dep = ctx.store.get_deployment(svc)
     if dep is None:
         raise ValueError(f"service {svc!r} is not deployed")
@@ -551,4 +553,4 @@ def _scalars(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
-    return jsonable(d)  # type: ignore[no-any-return]
+    return jsonable(d)

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
@@ -316,7 +316,7 @@ class Agent:
                     if obs.message_id is not None and (event is None or event.message_id is None):
                         # a sensor reading the inbox itself: each message succeeds or fails alone
                         all_ok &= self._handle_message(obs.message_id, sensor_name,
-                                                       lambda obs=obs: self._judge_noting(spec, obs))
+                                                       partial(self._judge_noting, spec, obs))
                     else:
                         self._judge(spec, obs)
             except Exception as exc:
@@ -494,7 +494,7 @@ class Agent:
         """Seconds to wait after failed try `attempt` (1, 2, ...): doubling, capped."""
         return float(min(self.retry_backoff * 2 ** (attempt - 1), self.retry_max_backoff))
 
-    def _handle_message(self, message_id: int, sensor: str, handle: Callable[[], None],
+    def _handle_message(self, message_id: int, sensor: str, handle: Callable[[], object],
                         commit: Callable[[], None] | None = None) -> bool:
         """One try at a message: counted first (durably), then `handle`d and acknowledged
         (`commit`); a failure schedules the next try or, after the last, dead-letters it.
@@ -679,7 +679,7 @@ class Agent:
             if self._stopping.is_set() or sensor in self._paused:
                 break
             if ev.message_id is not None:  # each message on its own: one failing blocks none
-                self._handle_message(ev.message_id, sensor, lambda ev=ev: self.tick(sensor, ev),
+                self._handle_message(ev.message_id, sensor, partial(self.tick, sensor, ev),
                                      commit=ev.commit)
                 continue
             try:

@@ -234,8 +234,8 @@ class ModelOps:
         if forced and not force:
             raise ValueError(f"version {candidate} did not pass the gate; force it to overrule")
         if service is not None:
-            dep = self._deployment(service)
-            model, alias = model or dep.model_name, alias or dep.alias
+            known = self._deployment(service)
+            model, alias = model or known.model_name, alias or known.alias
         if model is None:
             raise ValueError("promote needs a service or a model")
         alias = alias or "champion"

@@ -123,7 +123,11 @@ class MicroBatcher:
                     break
             task = loop.create_task(self._run(batch, items))
             self._running.add(task)
-            task.add_done_callback(lambda t: (self._running.discard(t), slots.release()))
+            def finished(t: asyncio.Task[None]) -> None:
+                self._running.discard(t)
+                slots.release()
+
+            task.add_done_callback(finished)
 
     async def _run(self, batch: list[_Job], items: int) -> None:
         try:

@@ -193,7 +193,8 @@ class Workflow(_Strict):
 
     @model_validator(mode="after")
     def _workflow_triggers(self) -> Workflow:
-        problems, seen = [], {}
+        problems: list[str] = []
+        seen: dict[str, int] = {}
         for i, t in enumerate(self.triggers):
             if t.event is not None and t.event.message is not None:
                 problems.append(f"triggers[{i}].event.message: a workflow has no inbox (messages go "
@@ -238,14 +239,16 @@ def _utc(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+RunEnd = Literal["succeeded", "failed", "cancelled", "interrupted"]
+_FINISHED: tuple[RunEnd, ...] = ("succeeded", "failed", "cancelled")  # an interrupted run can resume
+
+
 class WorkflowFinishedEvent(_Strict):
     """A run of `workflow` ended with one of `status` ('wf', 'team/wf' or 'app/team/wf';
     a bare name means this application's team)."""
 
     workflow: str
-    status: list[Literal["succeeded", "failed", "cancelled", "interrupted"]] = Field(
-        default_factory=lambda: ["succeeded", "failed", "cancelled"], min_length=1
-    )
+    status: list[RunEnd] = Field(default_factory=lambda: list(_FINISHED), min_length=1)
 
     @model_validator(mode="before")
     @classmethod

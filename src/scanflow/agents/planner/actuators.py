@@ -27,10 +27,18 @@ def lease_holder(ctx: AgentContext) -> str:
     return process_holder(ctx.name)
 
 
+def _service(obs: Observation, ctx: AgentContext) -> str:
+    """The service the observation is about (else the agent's): the planner acts on one."""
+    svc = obs.data.get("service") or ctx.service
+    if not svc:
+        raise ValueError("the planner needs a service (agent `service:` or the observation's)")
+    return str(svc)
+
+
 def decide(obs: Observation, ctx: AgentContext) -> tuple[bool, str]:
     """Rule: run :func:`plan` on the observation; the plan goes to the actuators in
     `obs.data['plan']` and into the decision's evidence."""
-    svc = obs.data.get("service") or ctx.service
+    svc = _service(obs, ctx)
     sig = Signals.model_validate(obs.data["signals"])
     state = load_state(ctx)
     policy = policy_for(ctx, svc)
@@ -65,7 +73,7 @@ def execute(obs: Observation, ctx: AgentContext, executor: str = "executor", lea
     operations (under the service's lease); a retrain is a durable message to `executor`
     (keyed by the window, so a replay does not send it twice). Steps done before a crash are
     not done again."""
-    svc = obs.data.get("service") or ctx.service
+    svc = _service(obs, ctx)
     p = Plan.model_validate(obs.data["plan"])
     done_key = f"planner.done.{p.window}"
     done: list[str] = list(ctx.get(done_key, []))

@@ -109,7 +109,7 @@ def _cbpe_estimate(ctx: AgentContext, service: str, version: str, win: dict[str,
         if conf is None:
             notes.append("CBPE: no class probabilities (neither logged nor from the model)")
             return None, 0
-        y_pred = [predicted_class(o) for o in ref["outputs"]]
+        y_pred = [predicted_class(o) for o in ref["outputs"] or []]
         cbpe = CBPE(min_reference=min_calibration).fit(conf, np.asarray(ref["labels"], dtype=object),
                                                        y_pred=np.asarray(y_pred, dtype=object))
         cache[version] = cbpe
