@@ -246,7 +246,7 @@ class ModelOps:
             if expect_serving is not None and served is not None and served != str(expect_serving):
                 raise ServiceChanged(
                     f"{service} changed while the candidate was judged (it serves version "
-                    f"{dep.model_version} now, not {expect_serving})")
+                    f"{served} now, not {expect_serving})")
             now = self.registry.alias_version(model, alias)  # None if the alias is new
             before = now if previous is None else previous
             serves = dep is None or not rollout or str(dep.model_version) == candidate
