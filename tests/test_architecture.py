@@ -25,15 +25,9 @@ from importlinter.configuration import configure
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Known violations left on this branch, each removed by another branch of issue 12. The lead
-# empties these after merging; an entry that no longer matches fails the test too, so that the
-# lists only shrink. Anything not listed fails.
-ALLOWED_CYCLES: dict[frozenset[str], str] = {
-    frozenset({"scanflow.agents.runtime", "scanflow.agents.triggers"}): (
-        "agents/triggers.py:22 imports agents.runtime (under TYPE_CHECKING, for AgentContext) and "
-        "agents/runtime.py imports agents.triggers: the event sources move to the control layer"
-    ),
-}
+# Known cycles, each with the file and why (empty: any cycle fails). An entry that no longer
+# matches fails the test too, so that the list only shrinks.
+ALLOWED_CYCLES: dict[frozenset[str], str] = {}
 # Function-level imports without a comment, per file, in files other branches of issue 12 are
 # rewriting: each becomes a module-level import (its cycle is gone) or says which heavy or
 # optional dependency it defers. A file may go below its count, never above.
