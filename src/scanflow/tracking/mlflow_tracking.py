@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -11,22 +14,65 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from scanflow.settings import Settings
+from scanflow.tracking.base import TAG_APP, TAG_RUN, TAG_STEP, TAG_TEAM, TAG_WORKFLOW
 
-TAG_RUN = "scanflow.run_id"
-TAG_WORKFLOW = "scanflow.workflow"
-TAG_STEP = "scanflow.step"
-TAG_APP = "scanflow.app"
-TAG_TEAM = "scanflow.team"
+__all__ = ["TAG_APP", "TAG_RUN", "TAG_STEP", "TAG_TEAM", "TAG_WORKFLOW", "MlflowTracker",
+           "configure_mlflow", "log_sklearn_model"]
+
 TAG_PARENT = "mlflow.parentRunId"
 
 
-class Tracker:
-    """Thin, typed wrapper over MlflowClient; never touches the fluent global state."""
+def configure_mlflow(tracking_uri: str, registry_uri: str | None = None) -> None:
+    """Point MLflow's process-wide (fluent) API at our stores, never a default ./mlruns: the one
+    place scanflow sets MLflow's global state (in-process steps, the model server, loaders)."""
+    mlflow.set_tracking_uri(tracking_uri)
+    if registry_uri:
+        mlflow.set_registry_uri(registry_uri)
+
+
+class MlflowTracker:
+    """The `Tracker` over MLflow: a typed wrapper of one MlflowClient, opened on first use
+    (opening creates the tracking database), so that building one costs nothing."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.uri = settings.tracking
-        self.client = MlflowClient(tracking_uri=self.uri, registry_uri=settings.registry_uri)
+        self._client: MlflowClient | None = None
+        self._opening = threading.Lock()
+
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            with self._opening:  # two threads must not create the same database at once
+                if self._client is None:
+                    self._client = MlflowClient(tracking_uri=self.uri,
+                                                registry_uri=self.settings.registry_uri)
+        return self._client
+
+    # -- this process and child processes -------------------------------------------------------
+    def use_in_process(self) -> None:
+        """Log through this tracker from this process: the fluent API points here, and the
+        connection opens now, so that the first run does not pay for creating the database."""
+        configure_mlflow(self.uri, self.settings.registry_uri)
+        _ = self.client
+
+    @contextmanager
+    def active_run(self, run_id: str) -> Iterator[Any]:
+        """The run as MLflow's active run, for code that logs with `mlflow.log_*`."""
+        with mlflow.start_run(run_id=run_id) as run:
+            yield run
+
+    def step_env(self, experiment_id: str, run_id: str) -> dict[str, str]:
+        """What a step process needs so that `mlflow.start_run()` resumes the engine's child run."""
+        env = {
+            "MLFLOW_TRACKING_URI": self.uri,
+            "MLFLOW_EXPERIMENT_ID": experiment_id,
+            "MLFLOW_RUN_ID": run_id,
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+        }
+        if self.settings.registry_uri:
+            env["MLFLOW_REGISTRY_URI"] = self.settings.registry_uri
+        return env
 
     # -- experiments and runs -----------------------------------------------------------------
     def experiment_id(self, app: str, team: str) -> str:
@@ -82,6 +128,12 @@ class Tracker:
 
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self.client.log_text(run_id, text, artifact_file)
+
+    def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), artifact_path)
+
     def end_run(self, run_id: str, status: str) -> None:
         mapping = {
             "succeeded": RunStatus.FINISHED,
@@ -111,7 +163,10 @@ class Tracker:
         try:
             return str(self.client.get_model_version_by_alias(model, alias).version)
         except MlflowException as exc:
-            raise ValueError(f"models:/{model}@{alias} not found in the registry") from exc
+            raise ValueError(
+                f"models:/{model}@{alias} not found in the registry at "
+                f"{self.settings.registry_uri or self.uri}: {exc.message}"
+            ) from None
 
     def model_versions(self, model: str) -> list[Any]:
         """Every version of `model`; none for a model not registered (yet) or a registry that
@@ -138,14 +193,22 @@ class Tracker:
     def model_version(self, model: str, version: str) -> Any:
         return self.client.get_model_version(model, str(version))
 
-    def version_run_metrics(self, model: str, version: str) -> dict[str, float]:
-        mv = self.model_version(model, version)
-        return self.run_metrics(mv.run_id) if mv.run_id else {}
-
     def download(self, run_id: str, path: str, dst: str) -> str:
         return mlflow.artifacts.download_artifacts(
             run_id=run_id, artifact_path=path, dst_path=dst, tracking_uri=self.uri
         )
+
+    def download_model(self, model: str, version: str, dst: Path | None = None,
+                       path: str = "") -> Path:
+        """The files of `models:/model/version` (or its file `path`) under `dst` (default: a
+        temporary folder), read from where the registry stores them."""
+        uri = self.client.get_model_version_download_uri(model, str(version))
+        if path:
+            uri = uri.rstrip("/") + "/" + path
+        return Path(mlflow.artifacts.download_artifacts(
+            artifact_uri=uri, dst_path=str(dst) if dst is not None else None,
+            tracking_uri=self.uri,
+        ))
 
 
 def log_sklearn_model(
@@ -181,20 +244,3 @@ def log_sklearn_model(
         mv = mlflow.register_model(info.model_uri, registered_name)
         version = str(mv.version)
     return info.model_uri, version
-
-
-def tracking_env(tracker: Tracker, experiment_id: str, run_id: str) -> dict[str, str]:
-    """What a step process needs so that `mlflow.start_run()` resumes the engine's child run."""
-    env = {
-        "MLFLOW_TRACKING_URI": tracker.uri,
-        "MLFLOW_EXPERIMENT_ID": experiment_id,
-        "MLFLOW_RUN_ID": run_id,
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-    }
-    if tracker.settings.registry_uri:
-        env["MLFLOW_REGISTRY_URI"] = tracker.settings.registry_uri
-    return env
-
-
-def in_step() -> bool:
-    return "MLFLOW_RUN_ID" in os.environ and "SCANFLOW_RUN_ID" in os.environ
