@@ -112,7 +112,7 @@ def offer(
 ) -> Offer:
     """Judge `version` against the version `service` serves; promote `alias` to it and roll it
     out if the gate passes (or `force`). Records `promoted` or `promotion_rejected`."""
-    from scanflow.tracking import Tracker
+    from scanflow.control import backends
 
     policy = policy or Policy()
     dep = store.get_deployment(service)
@@ -120,7 +120,7 @@ def offer(
         raise ValueError(f"service {service!r} is not deployed")
     model, champion, version = dep.model_name, str(dep.model_version), str(version)
     alias = alias or dep.alias  # the alias the service follows
-    tracker = Tracker(settings)
+    tracker = backends.tracker(settings)
     try:
         tracker.model_version(model, version)
     except Exception as exc:  # noqa: BLE001 - MLflow's own message names no model

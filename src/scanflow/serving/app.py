@@ -40,6 +40,7 @@ from scanflow.serving.validation import (
     to_model_input,
 )
 from scanflow.store import Store
+from scanflow.tracking import configure_mlflow
 
 CONFIG_ENV = "SCANFLOW_SERVICE_CONFIG"
 log = logging.getLogger("scanflow.serving")
@@ -480,11 +481,7 @@ def create_app(config_path: str | None = None) -> FastAPI:
         if not path:
             raise RuntimeError(f"no service config: set {CONFIG_ENV}")
         cfg = ServiceConfig.load(path)
-        import mlflow
-
-        mlflow.set_tracking_uri(cfg.tracking_uri)
-        if cfg.registry_uri:
-            mlflow.set_registry_uri(cfg.registry_uri)
+        configure_mlflow(cfg.tracking_uri, cfg.registry_uri)
         arrivals = Arrivals()
         models = await run_in_threadpool(load_models, cfg, arrivals)
         store = Store(cfg.store_url)

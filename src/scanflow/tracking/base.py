@@ -96,3 +96,7 @@ class Tracker(Protocol):
                        path: str = "") -> Path:
         """The files of a model version (or one file of it, `path`) copied locally."""
         ...
+
+    def model_loader(self, model: str, version: str) -> str | None:
+        """The Python module that loads the version (how the model server preloads it)."""
+        ...

@@ -1,4 +1,8 @@
-"""Everything scanflow asks of MLflow goes through here, so the tracking URI is set in one place."""
+"""Everything scanflow asks of MLflow goes through here, so the tracking URI is set in one place.
+
+MLflow is imported inside the functions that use it: it takes ~1.5 s to load, and a tracker is
+also built by commands that never track (`scanflow status`, `scanflow stop`).
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
-
-import mlflow
-from mlflow.entities import RunStatus
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
+from typing import TYPE_CHECKING, Any
 
 from scanflow.settings import Settings
 from scanflow.tracking.base import TAG_APP, TAG_RUN, TAG_STEP, TAG_TEAM, TAG_WORKFLOW
@@ -21,10 +20,15 @@ __all__ = ["TAG_APP", "TAG_RUN", "TAG_STEP", "TAG_TEAM", "TAG_WORKFLOW", "Mlflow
 
 TAG_PARENT = "mlflow.parentRunId"
 
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+
 
 def configure_mlflow(tracking_uri: str, registry_uri: str | None = None) -> None:
     """Point MLflow's process-wide (fluent) API at our stores, never a default ./mlruns: the one
     place scanflow sets MLflow's global state (in-process steps, the model server, loaders)."""
+    import mlflow  # lazy: MLflow, see the module doc
+
     mlflow.set_tracking_uri(tracking_uri)
     if registry_uri:
         mlflow.set_registry_uri(registry_uri)
@@ -45,6 +49,8 @@ class MlflowTracker:
         if self._client is None:
             with self._opening:  # two threads must not create the same database at once
                 if self._client is None:
+                    from mlflow.tracking import MlflowClient  # lazy: MLflow, see the module doc
+
                     self._client = MlflowClient(tracking_uri=self.uri,
                                                 registry_uri=self.settings.registry_uri)
         return self._client
@@ -59,6 +65,8 @@ class MlflowTracker:
     @contextmanager
     def active_run(self, run_id: str) -> Iterator[Any]:
         """The run as MLflow's active run, for code that logs with `mlflow.log_*`."""
+        import mlflow  # lazy: MLflow, see the module doc
+
         with mlflow.start_run(run_id=run_id) as run:
             yield run
 
@@ -77,6 +85,8 @@ class MlflowTracker:
     # -- experiments and runs -----------------------------------------------------------------
     def experiment_id(self, app: str, team: str) -> str:
         """One experiment per (app, team); artifacts kept in the workspace for local URIs."""
+        from mlflow.exceptions import MlflowException  # lazy: MLflow, see the module doc
+
         name = f"{app}/{team}"
         exp = self.client.get_experiment_by_name(name)
         if exp is not None:
@@ -109,14 +119,14 @@ class MlflowTracker:
         return run.info.run_id
 
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
-        from mlflow.entities import Param
+        from mlflow.entities import Param  # lazy: MLflow, see the module doc
 
         self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
         import time
 
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # lazy: MLflow, see the module doc
 
         ts = int(time.time() * 1000)
         self.client.log_batch(
@@ -124,7 +134,7 @@ class MlflowTracker:
         )
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
-        from mlflow.entities import RunTag
+        from mlflow.entities import RunTag  # lazy: MLflow, see the module doc
 
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
@@ -135,6 +145,8 @@ class MlflowTracker:
         self.client.log_artifact(run_id, str(path), artifact_path)
 
     def end_run(self, run_id: str, status: str) -> None:
+        from mlflow.entities import RunStatus  # lazy: MLflow, see the module doc
+
         mapping = {
             "succeeded": RunStatus.FINISHED,
             "failed": RunStatus.FAILED,
@@ -160,6 +172,8 @@ class MlflowTracker:
         return {m.name for m in self.client.search_registered_models(max_results=1000)}
 
     def version_by_alias(self, model: str, alias: str) -> str:
+        from mlflow.exceptions import MlflowException  # lazy: MLflow, see the module doc
+
         try:
             return str(self.client.get_model_version_by_alias(model, alias).version)
         except MlflowException as exc:
@@ -194,6 +208,8 @@ class MlflowTracker:
         return self.client.get_model_version(model, str(version))
 
     def download(self, run_id: str, path: str, dst: str) -> str:
+        import mlflow.artifacts  # lazy: MLflow, see the module doc
+
         return mlflow.artifacts.download_artifacts(
             run_id=run_id, artifact_path=path, dst_path=dst, tracking_uri=self.uri
         )
@@ -202,6 +218,8 @@ class MlflowTracker:
                        path: str = "") -> Path:
         """The files of `models:/model/version` (or its file `path`) under `dst` (default: a
         temporary folder), read from where the registry stores them."""
+        import mlflow.artifacts  # lazy: MLflow, see the module doc
+
         uri = self.client.get_model_version_download_uri(model, str(version))
         if path:
             uri = uri.rstrip("/") + "/" + path
@@ -210,6 +228,15 @@ class MlflowTracker:
             tracking_uri=self.uri,
         ))
 
+
+    def model_loader(self, model: str, version: str) -> str | None:
+        """The module that loads the version (its pyfunc `loader_module`, e.g. mlflow.sklearn),
+        read from its MLmodel file; None when it does not say."""
+        from mlflow.models import Model  # lazy: MLflow, see the module doc
+
+        path = self.download_model(model, version, path="MLmodel")
+        loader = Model.load(path).flavors.get("python_function", {}).get("loader_module")
+        return str(loader) if loader else None
 
 def log_sklearn_model(
     model: Any,
