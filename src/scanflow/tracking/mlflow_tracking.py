@@ -116,7 +116,7 @@ class MlflowTracker:
         run = self.client.create_run(experiment_id, run_name=name, tags=tags)
         if params:
             self.log_params(run.info.run_id, params)
-        return run.info.run_id
+        return str(run.info.run_id)
 
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param  # lazy: MLflow, see the module doc
