@@ -7,8 +7,7 @@ also built by commands that never track (`scanflow status`, `scanflow stop`).
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -62,13 +61,12 @@ class MlflowTracker:
         configure_mlflow(self.uri, self.settings.registry_uri)
         _ = self.client
 
-    @contextmanager
-    def active_run(self, run_id: str) -> Iterator[Any]:
-        """The run as MLflow's active run, for code that logs with `mlflow.log_*`."""
+    def active_run(self, run_id: str) -> AbstractContextManager[Any]:
+        """The run as MLflow's active run (until the `with` ends), for code that logs with
+        `mlflow.log_*`."""
         import mlflow  # lazy: MLflow, see the module doc
 
-        with mlflow.start_run(run_id=run_id) as run:
-            yield run
+        return mlflow.start_run(run_id=run_id)
 
     def step_env(self, experiment_id: str, run_id: str) -> dict[str, str]:
         """What a step process needs so that `mlflow.start_run()` resumes the engine's child run."""
