@@ -48,6 +48,8 @@ def test_the_factory_engine_runs_a_workflow(settings: Settings, tmp_path: Path) 
     assert res.ok, res.error
     assert engine.status(res.run_id).steps == {"hello": "succeeded"}
     assert [(s, t.strip()) for s, t in engine.logs(res.run_id)] == [("hello", "hello world")]
+    followed = "".join(t for _, t in engine.logs(res.run_id, "hello", follow=True, poll=0.05))
+    assert followed.strip() == "hello world"  # the run has ended: what was written, then stop
     with pytest.raises(ValueError, match="no step 'nope'"):
         engine.logs(res.run_id, "nope")
 

@@ -97,7 +97,6 @@ class RunState:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-
 class StepRunner:
     """Runs the steps of local runs; one per engine, shared by its worker threads."""
 
@@ -126,17 +125,9 @@ class StepRunner:
         fn = resolve_callable(step.call, st.app.base_dir) if step.call is not None else None
         key = None
         if st.use_cache and step.cache:
-            code = st.fingerprints.get(step.name)
-            if code is None:
-                code = st.fingerprints[step.name] = code_fingerprint(step, st.app.base_dir, fn)
-            key = cache_key(code, params, inputs, step.env)
-            hit = st.cache_index.get(key)
-            if hit is not None and all(Path(p).exists() for p in hit[2].values()):
-                out = Outcome("cached", 0, cache_key=key, cached_from=f"{hit[0]}/{hit[1]}",
-                               outputs=dict(hit[2]), started_at=started, ended_at=time.time())
-                st.journal.write(step.name, "cached", cache_key=key, cached_from=out.cached_from,
-                                 outputs=out.outputs, ended_at=out.ended_at)
-                return out
+            key, hit = self._cache_lookup(st, step, fn, params, inputs, started)
+            if hit is not None:
+                return hit
         if outputs:
             (st.run_dir / step.name).mkdir(parents=True, exist_ok=True)
         log_path = st.run_dir / f"{step.name}.log"
@@ -167,7 +158,7 @@ class StepRunner:
                 missing = [k for k, p in outputs.items() if not p.exists()]
                 if missing:
                     out = Outcome("failed", out.exit_code,
-                                   f"step {step.name} did not write its declared outputs {missing}")
+                                  f"step {step.name} did not write its declared outputs {missing}")
             if out.status == "succeeded" or st.cancel.is_set() or attempt > policy.count:
                 break
             if not _retryable(policy, out):
@@ -191,6 +182,24 @@ class StepRunner:
         st.journal.write(step.name, out.status, exit_code=out.exit_code, error=out.error,
                          attempts=attempt, cache_key=key, outputs=out.outputs, ended_at=out.ended_at)
         return out
+
+    def _cache_lookup(self, st: RunState, step: Step, fn: Callable[..., Any] | None,
+                      params: dict[str, Any], inputs: dict[str, Path],
+                      started: float) -> tuple[str, Outcome | None]:
+        """The step's cache key, and a journalled `cached` outcome when an earlier run of the
+        same key left its outputs in place."""
+        code = st.fingerprints.get(step.name)
+        if code is None:
+            code = st.fingerprints[step.name] = code_fingerprint(step, st.app.base_dir, fn)
+        key = cache_key(code, params, inputs, step.env)
+        hit = st.cache_index.get(key)
+        if hit is None or not all(Path(p).exists() for p in hit[2].values()):
+            return key, None
+        out = Outcome("cached", 0, cache_key=key, cached_from=f"{hit[0]}/{hit[1]}",
+                      outputs=dict(hit[2]), started_at=started, ended_at=time.time())
+        st.journal.write(step.name, "cached", cache_key=key, cached_from=out.cached_from,
+                         outputs=out.outputs, ended_at=out.ended_at)
+        return key, out
 
     def _run_subprocess(self, st: RunState, step: Step, params: dict[str, Any],
                         inputs: dict[str, Path], outputs: dict[str, Path], log_path: Path,
@@ -231,12 +240,12 @@ class StepRunner:
                 pass
         if timed_out:
             return Outcome("failed", code, f"step {step.name} timed out after {step.timeout:g}s "
-                            f"(process tree killed); last lines of its log ({log_path}):\n"
-                            f"{log_tail(log_path)}", timed_out=True)
+                           f"(process tree killed); last lines of its log ({log_path}):\n"
+                           f"{log_tail(log_path)}", timed_out=True)
         if code == 0:
             return Outcome("succeeded", 0)
         return Outcome("failed", code, f"step {step.name} failed with exit code {code}; last "
-                        f"lines of its log ({log_path}):\n{log_tail(log_path)}")
+                       f"lines of its log ({log_path}):\n{log_tail(log_path)}")
 
     def _run_callable(self, st: RunState, step: Step, fn: Callable[..., Any], params: dict[str, Any],
                       inputs: dict[str, Path], outputs: dict[str, Path], log_path: Path,
@@ -266,13 +275,13 @@ class StepRunner:
                 t.join(step.timeout)
                 if t.is_alive():
                     return Outcome("failed", None, f"step {step.name} timed out after "
-                                    f"{step.timeout:g}s (an in-process step cannot be killed; "
-                                    "use `run:` for a hard kill)", timed_out=True)
+                                   f"{step.timeout:g}s (an in-process step cannot be killed; "
+                                   "use `run:` for a hard kill)", timed_out=True)
             if "error" in box:
                 exc = box["error"]
                 return Outcome("failed", 1, f"step {step.name} raised {type(exc).__name__}: {exc}; "
-                                f"last lines of its log ({log_path}):\n{log_tail(log_path)}",
-                                exception=type(exc).__name__)
+                               f"last lines of its log ({log_path}):\n{log_tail(log_path)}",
+                               exception=type(exc).__name__)
             result = box.get("result")
             if isinstance(result, dict) and make_child is not None:
                 numeric = {k: float(v) for k, v in result.items()
