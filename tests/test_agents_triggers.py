@@ -124,7 +124,7 @@ def test_each_event_is_judged_once_across_replays_and_restarts(
     tmp_path: Path, settings: Settings, store: Store
 ) -> None:
     from scanflow.engine import LocalEngine
-    from scanflow.tracking import Tracker
+    from scanflow.tracking import MlflowTracker
 
     app = load_application(_app_dir(tmp_path, EVENTS))
     agent = Agent(settings, store, app, "watcher")
@@ -133,7 +133,7 @@ def test_each_event_is_judged_once_across_replays_and_restarts(
 
     run = LocalEngine(settings, store).run(app, "ingest")
     v1 = _new_version(settings, tmp_path)
-    Tracker(settings).set_alias("tiny", "champion", v1)
+    MlflowTracker(settings).set_alias("tiny", "champion", v1)
     _log(store, 9)  # two full windows of 4; one record waits
     store.send_message("someone", "watcher", "ping", {"n": 1}, key="ping-1")
     store.send_message("someone", "watcher", "other", {"n": 2}, key="not-for-pings")
@@ -161,14 +161,14 @@ def test_each_event_is_judged_once_across_replays_and_restarts(
 
     # Events while the agent is down fire after its restart: the cursors are in the store.
     v2 = _new_version(settings, tmp_path)
-    Tracker(settings).set_alias("tiny", "champion", v2)
+    MlflowTracker(settings).set_alias("tiny", "champion", v2)
     _log(store, 3, start=9)
     restarted = Agent(settings, store, app, "watcher")
     restarted.poll()
     new = _notes(tmp_path)[6:]
     assert sorted(new) == sorted([f"versions model:tiny:v{v2}", f"champion model:tiny@champion:move2:v{v2}",
                                   "windows svc:9-12"])
-    Tracker(settings).set_alias("tiny", "champion", v1)  # moving back is a new, distinct event
+    MlflowTracker(settings).set_alias("tiny", "champion", v1)  # moving back is a new, distinct event
     restarted.poll()
     assert _notes(tmp_path)[-1] == f"champion model:tiny@champion:move3:v{v1}"
 

@@ -38,9 +38,9 @@ def served(digits_workspace: DigitsWorkspace) -> Iterator[tuple[DigitsWorkspace,
 
 
 def _tracker(ws: DigitsWorkspace) -> Any:
-    from scanflow.tracking import Tracker
+    from scanflow.tracking import MlflowTracker
 
-    return Tracker(ws.settings)
+    return MlflowTracker(ws.settings)
 
 
 def _snapshot(ws: DigitsWorkspace) -> tuple[Any, ...]:
@@ -169,21 +169,21 @@ def test_a_model_without_a_service_is_promoted_under_the_model_lease(settings: S
                                                                     tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
-    from scanflow.tracking import Tracker
+    from scanflow.tracking import MlflowTracker
 
     store = Store(settings.store)
     client = MlflowClient(tracking_uri=settings.tracking)
     client.create_registered_model("tiny")
     for _ in range(2):
         client.create_model_version("tiny", source=str(tmp_path))
-    ops = ModelOps(None, store, Tracker(settings), lease_wait_s=0.2)  # type: ignore[arg-type]
+    ops = ModelOps(None, store, MlflowTracker(settings), lease_wait_s=0.2)  # type: ignore[arg-type]
     with service_lease(store, "unused", "x:1"):  # another service's lease does not matter
         done = ops.promote(None, "2", actor=Actor.agent("ops"), model="tiny", key="k")
-    assert done.changed and Tracker(settings).alias_version("tiny", "champion") == "2"
+    assert done.changed and MlflowTracker(settings).alias_version("tiny", "champion") == "2"
     assert store.acquire_lease("model:tiny", "other:1", 60)
     with pytest.raises(LeaseBusy, match="model 'tiny' is leased by other:1"):
         ops.promote(None, "1", actor=Actor.agent("ops"), model="tiny")
-    assert Tracker(settings).alias_version("tiny", "champion") == "2"
+    assert MlflowTracker(settings).alias_version("tiny", "champion") == "2"
     (ev,) = store.list_events(kinds=["promoted"])
     assert ev.source == "ops" and ev.service is None and ev.payload["action"] == "k"
     store.close()
@@ -192,7 +192,7 @@ def test_a_model_without_a_service_is_promoted_under_the_model_lease(settings: S
 def test_the_evaluation_contract_names_a_missing_tag(settings: Settings, tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
-    from scanflow.tracking import Tracker
+    from scanflow.tracking import MlflowTracker
 
     client = MlflowClient(tracking_uri=settings.tracking)
     client.create_registered_model("cand")
@@ -201,7 +201,7 @@ def test_the_evaluation_contract_names_a_missing_tag(settings: Settings, tmp_pat
             "n_holdout": "450", "loss": "0.2"}
     for k, v in tags.items():
         client.set_model_version_tag("cand", "1", f"eval.{k}", v)
-    tracker = Tracker(settings)
+    tracker = MlflowTracker(settings)
     with pytest.raises(MissingEvaluation, match=r"missing tag\(s\) eval\.champion_acc_clean"):
         candidate_evaluation(tracker, "cand", "1")
     client.set_model_version_tag("cand", "1", "eval.champion_acc_clean", "n/a")

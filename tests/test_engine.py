@@ -9,8 +9,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from scanflow.engine import LocalEngine, ParamError
+from scanflow.engine.dag import Scheduler
 from scanflow.settings import Settings
 from scanflow.spec import load_application
+from scanflow.spec.models import Step, Workflow
 from scanflow.store import Store
 
 STEPS = '''
@@ -163,3 +165,52 @@ def test_bad_params_are_refused_before_anything_runs(app, settings: Settings, st
     assert store.list_runs() == []
     with pytest.raises(KeyError, match="no workflow 'missing'"):
         eng.run(app, "missing")
+
+
+# -- the Scheduler alone: no threads, no store ---------------------------------------------------
+def _wf(**deps: list[str]) -> Workflow:
+    return Workflow(steps=[Step(name=n, call="steps:noop", after=d) for n, d in deps.items()])
+
+
+def _drain(sched: Scheduler) -> list[str]:
+    out = []
+    while (s := sched.take()) is not None:
+        out.append(s.name)
+    return out
+
+
+def test_scheduler_releases_a_step_when_its_last_dependency_is_done() -> None:
+    sched = Scheduler(_wf(a=[], b=[], left=["a"], right=["a"], join=["left", "right", "b"]))
+    assert _drain(sched) == ["a", "b"]  # roots, in workflow order, now running
+    assert sched.status["a"] == "running" and sched.take() is None
+    assert sched.settle("a", "succeeded") == []
+    assert _drain(sched) == ["left", "right"]
+    sched.settle("left", "cached")  # a cache hit counts as done
+    sched.settle("b", "succeeded")
+    assert not sched.has_ready()  # join still waits for right
+    sched.settle("right", "succeeded")
+    assert _drain(sched) == ["join"]
+    sched.settle("join", "succeeded")
+    assert sched.outcome() == "succeeded"
+
+
+def test_scheduler_skips_everything_downstream_of_a_failure_only() -> None:
+    sched = Scheduler(_wf(a=[], b=["a"], c=["b"], d=[], e=["d"]))
+    assert _drain(sched) == ["a", "d"]
+    assert sorted(sched.settle("a", "failed")) == ["b", "c"]
+    assert sched.status == {"a": "failed", "b": "skipped", "c": "skipped", "d": "running",
+                            "e": "pending"}
+    sched.settle("d", "succeeded")
+    assert _drain(sched) == ["e"]  # the independent branch goes on
+    sched.settle("e", "succeeded")
+    assert sched.outcome() == "failed"
+
+
+def test_scheduler_cancellation_and_resume() -> None:
+    sched = Scheduler(_wf(a=[], b=["a"], c=["b"], d=[]))
+    _drain(sched)
+    assert sorted(sched.settle("a", "cancelled")) == ["b", "c"]
+    assert sched.status["b"] == sched.status["c"] == "cancelled"
+    assert sched.cancel_rest() == ["d"]  # was running
+    resumed = Scheduler(_wf(a=[], b=["a"], c=["b"]), done=["a"])  # a finished last time
+    assert resumed.status["a"] == "succeeded" and _drain(resumed) == ["b"]

@@ -18,7 +18,7 @@ from scanflow.engine import LocalEngine
 from scanflow.settings import Settings
 from scanflow.spec import load_application
 from scanflow.store import Store
-from scanflow.tracking import Tracker
+from scanflow.tracking import MlflowTracker
 
 STEP = '''
 import mlflow, numpy as np
@@ -91,7 +91,7 @@ def _check_registry(settings: Settings, tmp_path: Path) -> None:
     store = Store(settings.store)
     res = LocalEngine(settings, store).run(_app(tmp_path), "train")
     assert res.ok, res.error
-    tr = Tracker(settings)
+    tr = MlflowTracker(settings)
     assert "tiny" in tr.registered_models()
     tr.set_alias("tiny", "champion", "1")
     assert tr.version_by_alias("tiny", "champion") == "1"

@@ -52,11 +52,11 @@ def app(tmp_path: Path):  # type: ignore[no-untyped-def]
 def _register(settings: Settings) -> str:
     import mlflow
 
-    from scanflow.tracking import Tracker, log_sklearn_model
+    from scanflow.tracking import MlflowTracker, log_sklearn_model
 
     mlflow.set_tracking_uri(settings.tracking)
     x = np.random.default_rng(0).normal(size=(40, 3))
-    with mlflow.start_run(experiment_id=Tracker(settings).experiment_id("demo", "ds")):
+    with mlflow.start_run(experiment_id=MlflowTracker(settings).experiment_id("demo", "ds")):
         _, version = log_sklearn_model(LogisticRegression().fit(x, x[:, 0] > 0), x[:2], "tiny")
     assert version is not None
     return version

@@ -48,14 +48,13 @@ def say(t0: float, msg: str) -> None:
 def reset(settings: Any) -> None:
     """A fresh case study: stop what a previous run left, keep only the downloaded data."""
     from scanflow.agents.process import AgentSupervisor
-    from scanflow.serving import LocalDeployer
-    from scanflow.store import Store
+    from scanflow.control import backends
 
     root = settings.root
     if (root / "scanflow.db").exists():
-        store = Store(settings.store)
+        store = backends.store(settings)
         AgentSupervisor(settings, store).stop()
-        dep = LocalDeployer(settings, store)
+        dep = backends.deployer(settings, store)
         for d in store.list_deployments():
             if d.status == "running":
                 try:
@@ -98,11 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     from traffic import OracleLabeller, Traffic, accuracy
 
     from scanflow.agents.process import AgentSupervisor
-    from scanflow.engine import LocalEngine
-    from scanflow.serving import LocalDeployer
+    from scanflow.control import backends
     from scanflow.settings import get_settings
     from scanflow.spec import load_application
-    from scanflow.store import Store
 
     get_settings.cache_clear()
     settings = get_settings().ensure()
@@ -110,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         reset(settings)
     settings.ensure()
     t0 = time.time()
-    store = Store(settings.store)
-    engine = LocalEngine(settings, store)
+    store = backends.store(settings)
+    engine = backends.engine(settings, store)
     data_app = load_application(HERE / "data")
     ds_app = load_application(HERE / "datascience")
     de_app = load_application(HERE / "dataengineer")
@@ -130,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(res.error)
         return 1
 
-    deployer = LocalDeployer(settings, store)
+    deployer = backends.deployer(settings, store)
     supervisor = AgentSupervisor(settings, store)
     svc = de_app.services[SERVICE]
     _, _, x_test, y_test = load_mnist(settings.root)

@@ -25,7 +25,8 @@ class Settings(BaseSettings):
     store_url: str | None = Field(default=None, description="SQLAlchemy URL of the control-plane store")
     tracking_uri: str | None = Field(default=None, description="MLflow tracking URI")
     registry_uri: str | None = Field(default=None, description="MLflow registry URI")
-    backend: str = Field(default="local", description="execution backend: local (ray comes later)")
+    backend: str = Field(default="local", description="engine/deployer backend: local (ray comes "
+                         "later); read by scanflow.control.backends")
     concurrency: int = Field(default=2, ge=1, description="max steps run at once by the engine")
     host: str = Field(default="127.0.0.1", description="address services bind to")
     max_cpus: float | None = Field(default=None, description="CPUs steps may use [all]")

@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 
 from scanflow.agents.registry import agent_issues
+from scanflow.control import backends
 from scanflow.procs import pid_alive
 from scanflow.settings import Settings, get_settings
 from scanflow.spec.loader import load_application, validate_application
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     # expected (one tick per trigger at a time), not worth a line a second.
     logging.getLogger("apscheduler").setLevel(logging.ERROR)
     settings = get_settings().ensure()
-    store = Store(settings.store)
+    store = backends.store(settings)
     app = load_app(args.app)
     agent = Agent(settings, store, app, args.agent)
     stopping = {"flag": False}

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from scanflow.agents.gate import GateResult, promotion_gate, rescored_accuracy
+from scanflow.control import backends
 from scanflow.control.leases import LeaseBusy
 from scanflow.control.operations import Actor, ModelOps, ServiceChanged, check_registered
 from scanflow.settings import Settings
@@ -148,15 +149,13 @@ def offer(
 ) -> Offer:
     """Judge `version` against the version `service` serves; promote `alias` to it and roll it
     out if the gate passes (or `force`). Records `promoted` or `promotion_rejected`."""
-    from scanflow.tracking import Tracker
-
     policy = policy or Policy()
     dep = store.get_deployment(service)
     if dep is None:
         raise ValueError(f"service {service!r} is not deployed")
     model, champion, version = dep.model_name, str(dep.model_version), str(version)
     alias = alias or dep.alias  # the alias the service follows
-    tracker = Tracker(settings)
+    tracker = backends.tracker(settings)
     check_registered(tracker, model, version)
     if version == champion:
         raise ValueError(f"{service} already serves version {version}")

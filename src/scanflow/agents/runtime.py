@@ -35,13 +35,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property, partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from scanflow.agents.api import ApiServer
 from scanflow.agents.errors import DuplicateTrigger, UnknownMessage, UnknownSensor, UnknownTrigger
 from scanflow.agents.registry import agent_issues, name_of, resolve
+from scanflow.control import backends
 from scanflow.control.events import EventSource, event_source
 from scanflow.control.triggers import TimeTrigger, TriggerEvent, manual_event, poll_trigger
 from scanflow.control.triggers import fire_key as _fire_key
@@ -49,6 +50,11 @@ from scanflow.settings import Settings
 from scanflow.spec.loader import validate_application
 from scanflow.spec.models import AgentSpec, Application, CallSpec, SensorSpec, Trigger
 from scanflow.store import Store
+
+if TYPE_CHECKING:
+    from scanflow.engine import Engine
+    from scanflow.serving import Deployer
+    from scanflow.tracking import Tracker
 
 log = logging.getLogger("scanflow.agents")
 
@@ -216,24 +222,16 @@ class AgentContext:
         log.info("event %s %s", kind, payload)
 
     @cached_property
-    def tracker(self) -> Any:
-        from scanflow.tracking import Tracker
-
-        return Tracker(self.settings)
+    def tracker(self) -> Tracker:
+        return backends.tracker(self.settings)
 
     @cached_property
-    def deployer(self) -> Any:
-        from scanflow.serving import LocalDeployer
+    def deployer(self) -> Deployer:
+        # What it does is recorded as done by this agent.
+        return backends.deployer(self.settings, self.store, actor=self.name, tracker=self.tracker)
 
-        try:  # what it does is recorded as done by this agent
-            return LocalDeployer(self.settings, self.store, actor=self.name)
-        except TypeError:
-            return LocalDeployer(self.settings, self.store)
-
-    def engine(self) -> Any:
-        from scanflow.engine import LocalEngine
-
-        return LocalEngine(self.settings, self.store, self.tracker)
+    def engine(self) -> Engine:
+        return backends.engine(self.settings, self.store, self.tracker)
 
 
 @dataclass

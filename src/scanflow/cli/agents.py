@@ -35,11 +35,14 @@ def iso(ts: float | str | None) -> str:
 
 def _supervisor() -> Any:
     from scanflow.agents.process import AgentSupervisor
+    from scanflow.control import backends
     from scanflow.settings import get_settings
-    from scanflow.store import Store
 
     settings = get_settings().ensure()
-    return AgentSupervisor(settings, Store(settings.store))
+    try:
+        return AgentSupervisor(settings, backends.store(settings))
+    except backends.UnknownBackend as exc:
+        fail(str(exc))
 
 
 def _load(ref: str) -> Any:

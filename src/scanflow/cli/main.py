@@ -65,11 +65,14 @@ def _quiet_logs() -> None:
 
 
 def _ctx() -> tuple[Any, Any]:
+    from scanflow.control import backends
     from scanflow.settings import get_settings
-    from scanflow.store import Store
 
     settings = get_settings().ensure()
-    return settings, Store(settings.store)
+    try:
+        return settings, backends.store(settings)
+    except backends.UnknownBackend as exc:
+        fail(str(exc))
 
 
 def _agent_issues(app: Any) -> list[Any]:
@@ -87,10 +90,13 @@ def _load(path: Path, with_registry: bool = False) -> Any:
 
     known = None
     if with_registry:
+        from scanflow.control import backends
         from scanflow.settings import get_settings
-        from scanflow.tracking import Tracker
 
-        known = Tracker(get_settings().ensure()).registered_models()
+        try:
+            known = backends.tracker(get_settings().ensure()).registered_models()
+        except backends.UnknownBackend as exc:
+            fail(str(exc))
     try:
         return load_application(path, known_models=known, checks=[_agent_issues])
     except SpecError as exc:
@@ -121,7 +127,8 @@ def run(
     no_cache: Annotated[bool, typer.Option("--no-cache", help="re-execute every step")] = False,
 ) -> None:
     """Run a workflow in the foreground, with progress."""
-    from scanflow.engine import LocalEngine, ParamError
+    from scanflow.control import backends
+    from scanflow.engine import ParamError
     from scanflow.engine.params import parse_assignments, resolve_params
 
     spec = _load(path)
@@ -133,7 +140,7 @@ def run(
     except ParamError as exc:
         fail(str(exc))
     settings, store = _ctx()
-    engine = LocalEngine(settings, store)
+    engine = backends.engine(settings, store)
     try:
         run_id = engine.submit(spec, workflow, params, cache=not no_cache, status="running")
     except ParamError as exc:
@@ -268,11 +275,11 @@ def logs(
 @app.command()
 def cancel(run_id: str) -> None:
     """Stop a running (or queued) run: running steps are killed, pending ones never start."""
-    from scanflow.engine import LocalEngine
+    from scanflow.control import backends
 
     settings, store = _ctx()
     try:
-        state = LocalEngine(settings, store).cancel(run_id)
+        state = backends.engine(settings, store).cancel(run_id)
     except (KeyError, ValueError) as exc:
         fail(str(exc).strip("'\""))
     out.print(f"run {run_id}: {state}")
@@ -281,10 +288,10 @@ def cancel(run_id: str) -> None:
 @app.command()
 def resume(run_id: str) -> None:
     """Re-run only the failed, cancelled, interrupted or never-started steps of a run."""
-    from scanflow.engine import LocalEngine
+    from scanflow.control import backends
 
     settings, store = _ctx()
-    engine = LocalEngine(settings, store)  # recovers runs of dead engines first
+    engine = backends.engine(settings, store)  # recovers runs of dead engines first
     r = store.get_run(run_id)
     if r is None:
         fail(f"no run {run_id!r}")
@@ -325,12 +332,12 @@ def engine_serve(
     across teams, until Ctrl-C. What happened while it was down fires when it starts."""
     import signal as _signal
 
+    from scanflow.control import backends
     from scanflow.control.workflow_triggers import WorkflowTriggers
-    from scanflow.engine import LocalEngine
 
     specs = [_load_noting(p) for p in paths]
     settings, store = _ctx()
-    engine = LocalEngine(settings, store)  # until scanflow.control.backends picks the backend
+    engine = backends.engine(settings, store)
     triggers = WorkflowTriggers(engine, specs)
     stopping = {"flag": False}
     _signal.signal(_signal.SIGTERM, lambda *_: stopping.update(flag=True))
@@ -347,10 +354,10 @@ def engine_serve(
 
 
 def _deployer() -> tuple[Any, Any]:
-    from scanflow.serving import LocalDeployer
+    from scanflow.control import backends
 
     settings, store = _ctx()
-    return LocalDeployer(settings, store), store
+    return backends.deployer(settings, store), store
 
 
 @app.command()
@@ -512,9 +519,9 @@ def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     from scanflow.agents.process import AgentSupervisor
 
     settings, store = _ctx()
-    from scanflow.serving import LocalDeployer
+    from scanflow.control import backends
 
-    deployer = LocalDeployer(settings, store)
+    deployer = backends.deployer(settings, store)
     if as_json:
         print(json.dumps({
             "services": [deployer.status(d.service) for d in store.list_deployments()],

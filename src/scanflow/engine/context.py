@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -45,21 +46,15 @@ class StepContext:
             self._mlflow_run_id = self.make_mlflow_run()
         return self._mlflow_run_id
 
-    @property
-    def has_mlflow_run(self) -> bool:
-        return self._mlflow_run_id is not None
-
     def log(self, *parts: object) -> None:
         print(*parts, file=self.log_file, flush=True)
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
         self.tracker.log_metrics(self.mlflow_run_id, metrics, step)
 
-    def mlflow_run(self) -> Any:
+    def mlflow_run(self) -> AbstractContextManager[Any]:
         """`with ctx.mlflow_run():` makes this step's MLflow run the active one (fluent API)."""
-        import mlflow
-
-        return mlflow.start_run(run_id=self.mlflow_run_id)
+        return self.tracker.active_run(self.mlflow_run_id)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self.tracker.client.log_artifact(self.mlflow_run_id, str(path), artifact_path)
+        self.tracker.log_artifact(self.mlflow_run_id, path, artifact_path)

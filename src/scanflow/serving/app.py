@@ -41,6 +41,7 @@ from scanflow.serving.predlog import PredictionLog, journal_dir
 from scanflow.serving.validation import RequestError, extract_labels, parse_body
 from scanflow.serving.workers import LIFECYCLE, WorkerLifecycle, read_workers, workers_dir
 from scanflow.store import Store
+from scanflow.tracking import configure_mlflow
 
 # Re-exported: the deployer, gunicorn_conf and users import these from here.
 __all__ = [
@@ -91,11 +92,7 @@ def create_app(config_path: str | None = None) -> FastAPI:
         if not path:
             raise RuntimeError(f"no service config: set {CONFIG_ENV}")
         cfg = ServiceConfig.load(path)
-        import mlflow
-
-        mlflow.set_tracking_uri(cfg.tracking_uri)
-        if cfg.registry_uri:
-            mlflow.set_registry_uri(cfg.registry_uri)
+        configure_mlflow(cfg.tracking_uri, cfg.registry_uri)
         arrivals = Arrivals()
         models = await run_in_threadpool(load_models, cfg, arrivals)
         store = Store(cfg.store_url)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any
 
+from scanflow.settings import Settings
 from scanflow.store.schema import Deployment
 
 
@@ -22,6 +23,9 @@ class UnknownService(KeyError):
 
 class Deployer(ABC):
     """Runs model services: deploy, scale, roll out a new model version, stop, inspect."""
+
+    settings: Settings
+    actor: str  # who the audit trail says acted: a person at the CLI, or an agent's name
 
     @abstractmethod
     def deploy(

@@ -44,6 +44,7 @@ from scanflow.serving.predlog import collect_all
 from scanflow.settings import Settings
 from scanflow.store import Store
 from scanflow.store.schema import Deployment
+from scanflow.tracking import MlflowTracker, Tracker
 
 WORKER_CLASS = "scanflow.serving.gunicorn_conf.DrainingUvicornWorker"
 APP_FACTORY = "scanflow.serving.app:create_app()"
@@ -90,9 +91,11 @@ class LocalDeployer(Deployer):
         batching: BatchConfig | None = None,
         predlog: PredLogConfig | None = None,
         actor: str | None = None,
+        tracker: Tracker | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
+        self.tracker: Tracker = tracker or MlflowTracker(settings)  # connects on first use
         self.limits = limits or Limits()
         self.batching = batching or BatchConfig()
         self.predlog = predlog or PredLogConfig()
@@ -157,22 +160,8 @@ class LocalDeployer(Deployer):
             )
         return dep
 
-    def _client(self) -> Any:
-        from mlflow import MlflowClient
-
-        return MlflowClient(tracking_uri=self.settings.tracking,
-                            registry_uri=self.settings.registry_uri)
-
     def _resolve(self, model: str, alias: str) -> str:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            return str(self._client().get_model_version_by_alias(model, alias).version)
-        except MlflowException as exc:
-            raise ValueError(
-                f"models:/{model}@{alias} not found in the registry at "
-                f"{self.settings.registry_uri or self.settings.tracking}: {exc.message}"
-            ) from None
+        return self.tracker.version_by_alias(model, alias)
 
     def _preload(self, model: str, version: str) -> list[str]:
         """Modules worth importing in the master for this model version."""
@@ -180,13 +169,7 @@ class LocalDeployer(Deployer):
         kind = "rest" if self.settings.tracking.startswith(("http:", "https:")) else "sqlalchemy"
         mods += [f"mlflow.store.tracking.{kind}_store", f"mlflow.store.model_registry.{kind}_store"]
         try:
-            from mlflow.artifacts import download_artifacts
-            from mlflow.models import Model
-
-            uri = self._client().get_model_version_download_uri(model, version)
-            path = download_artifacts(artifact_uri=uri.rstrip("/") + "/MLmodel",
-                                      tracking_uri=self.settings.tracking)
-            loader = Model.load(path).flavors.get("python_function", {}).get("loader_module")
+            loader = self.tracker.model_loader(model, version)
         except Exception:  # an unreadable model fails in the worker with a proper message
             loader = None
         if loader:
@@ -418,7 +401,7 @@ class LocalDeployer(Deployer):
             alias_moved = False
             try:
                 if self._resolve(cfg.model_name, cfg.alias) == bad:
-                    self._client().set_registered_model_alias(cfg.model_name, cfg.alias, prev)
+                    self.tracker.set_alias(cfg.model_name, cfg.alias, prev)
                     alias_moved = True
             except ValueError:
                 pass  # the alias is gone: serving still rolls back
@@ -517,19 +500,15 @@ class LocalDeployer(Deployer):
     def _materialise(self, cfg: ServiceConfig) -> None:
         """A local copy of every served version under the workdir (downloaded once): workers
         load from disk, not through the registry, and survive a registry outage."""
-        from mlflow.artifacts import download_artifacts
-
         root = self.workdir(cfg.service) / "models"
         for v in cfg.versions:
             dst = root / v
             if v in cfg.model_paths and (dst / "MLmodel").exists():
                 continue
-            uri = self._client().get_model_version_download_uri(cfg.model_name, v)
             tmp = root / f".{v}.{os.getpid()}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            path = Path(download_artifacts(artifact_uri=uri, dst_path=str(tmp),
-                                           tracking_uri=self.settings.tracking))
+            path = self.tracker.download_model(cfg.model_name, v, tmp)
             shutil.rmtree(dst, ignore_errors=True)
             os.replace(path if path != tmp else tmp, dst)
             shutil.rmtree(tmp, ignore_errors=True)

@@ -1,36 +1,90 @@
-"""Everything scanflow asks of MLflow goes through here, so the tracking URI is set in one place."""
+"""Everything scanflow asks of MLflow goes through here, so the tracking URI is set in one place.
+
+MLflow is imported inside the functions that use it: it takes ~1.5 s to load, and a tracker is
+also built by commands that never track (`scanflow status`, `scanflow stop`).
+"""
 
 from __future__ import annotations
 
-import os
-from typing import Any
-
-import mlflow
-from mlflow.entities import RunStatus
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
+import threading
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from scanflow.settings import Settings
+from scanflow.tracking.base import TAG_APP, TAG_RUN, TAG_STEP, TAG_TEAM, TAG_WORKFLOW
 
-TAG_RUN = "scanflow.run_id"
-TAG_WORKFLOW = "scanflow.workflow"
-TAG_STEP = "scanflow.step"
-TAG_APP = "scanflow.app"
-TAG_TEAM = "scanflow.team"
+__all__ = ["TAG_APP", "TAG_RUN", "TAG_STEP", "TAG_TEAM", "TAG_WORKFLOW", "MlflowTracker",
+           "configure_mlflow", "log_sklearn_model"]
+
 TAG_PARENT = "mlflow.parentRunId"
 
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
-class Tracker:
-    """Thin, typed wrapper over MlflowClient; never touches the fluent global state."""
+
+def configure_mlflow(tracking_uri: str, registry_uri: str | None = None) -> None:
+    """Point MLflow's process-wide (fluent) API at our stores, never a default ./mlruns: the one
+    place scanflow sets MLflow's global state (in-process steps, the model server, loaders)."""
+    import mlflow  # lazy: MLflow, see the module doc
+
+    mlflow.set_tracking_uri(tracking_uri)
+    if registry_uri:
+        mlflow.set_registry_uri(registry_uri)
+
+
+class MlflowTracker:
+    """The `Tracker` over MLflow: a typed wrapper of one MlflowClient, opened on first use
+    (opening creates the tracking database), so that building one costs nothing."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.uri = settings.tracking
-        self.client = MlflowClient(tracking_uri=self.uri, registry_uri=settings.registry_uri)
+        self._client: MlflowClient | None = None
+        self._opening = threading.Lock()
+
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            with self._opening:  # two threads must not create the same database at once
+                if self._client is None:
+                    from mlflow.tracking import MlflowClient  # lazy: MLflow, see the module doc
+
+                    self._client = MlflowClient(tracking_uri=self.uri,
+                                                registry_uri=self.settings.registry_uri)
+        return self._client
+
+    # -- this process and child processes -------------------------------------------------------
+    def use_in_process(self) -> None:
+        """Log through this tracker from this process: the fluent API points here, and the
+        connection opens now, so that the first run does not pay for creating the database."""
+        configure_mlflow(self.uri, self.settings.registry_uri)
+        _ = self.client
+
+    def active_run(self, run_id: str) -> AbstractContextManager[Any]:
+        """The run as MLflow's active run (until the `with` ends), for code that logs with
+        `mlflow.log_*`."""
+        import mlflow  # lazy: MLflow, see the module doc
+
+        return mlflow.start_run(run_id=run_id)
+
+    def step_env(self, experiment_id: str, run_id: str) -> dict[str, str]:
+        """What a step process needs so that `mlflow.start_run()` resumes the engine's child run."""
+        env = {
+            "MLFLOW_TRACKING_URI": self.uri,
+            "MLFLOW_EXPERIMENT_ID": experiment_id,
+            "MLFLOW_RUN_ID": run_id,
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+        }
+        if self.settings.registry_uri:
+            env["MLFLOW_REGISTRY_URI"] = self.settings.registry_uri
+        return env
 
     # -- experiments and runs -----------------------------------------------------------------
     def experiment_id(self, app: str, team: str) -> str:
         """One experiment per (app, team); artifacts kept in the workspace for local URIs."""
+        from mlflow.exceptions import MlflowException  # lazy: MLflow, see the module doc
+
         name = f"{app}/{team}"
         exp = self.client.get_experiment_by_name(name)
         if exp is not None:
@@ -60,17 +114,17 @@ class Tracker:
         run = self.client.create_run(experiment_id, run_name=name, tags=tags)
         if params:
             self.log_params(run.info.run_id, params)
-        return run.info.run_id
+        return str(run.info.run_id)
 
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
-        from mlflow.entities import Param
+        from mlflow.entities import Param  # lazy: MLflow, see the module doc
 
         self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
         import time
 
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # lazy: MLflow, see the module doc
 
         ts = int(time.time() * 1000)
         self.client.log_batch(
@@ -78,11 +132,19 @@ class Tracker:
         )
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
-        from mlflow.entities import RunTag
+        from mlflow.entities import RunTag  # lazy: MLflow, see the module doc
 
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self.client.log_text(run_id, text, artifact_file)
+
+    def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), artifact_path)
+
     def end_run(self, run_id: str, status: str) -> None:
+        from mlflow.entities import RunStatus  # lazy: MLflow, see the module doc
+
         mapping = {
             "succeeded": RunStatus.FINISHED,
             "failed": RunStatus.FAILED,
@@ -108,10 +170,15 @@ class Tracker:
         return {m.name for m in self.client.search_registered_models(max_results=1000)}
 
     def version_by_alias(self, model: str, alias: str) -> str:
+        from mlflow.exceptions import MlflowException  # lazy: MLflow, see the module doc
+
         try:
             return str(self.client.get_model_version_by_alias(model, alias).version)
         except MlflowException as exc:
-            raise ValueError(f"models:/{model}@{alias} not found in the registry") from exc
+            raise ValueError(
+                f"models:/{model}@{alias} not found in the registry at "
+                f"{self.settings.registry_uri or self.uri}: {exc.message}"
+            ) from None
 
     def model_versions(self, model: str) -> list[Any]:
         """Every version of `model`; none for a model not registered (yet) or a registry that
@@ -138,15 +205,36 @@ class Tracker:
     def model_version(self, model: str, version: str) -> Any:
         return self.client.get_model_version(model, str(version))
 
-    def version_run_metrics(self, model: str, version: str) -> dict[str, float]:
-        mv = self.model_version(model, version)
-        return self.run_metrics(mv.run_id) if mv.run_id else {}
-
     def download(self, run_id: str, path: str, dst: str) -> str:
+        import mlflow.artifacts  # lazy: MLflow, see the module doc
+
         return mlflow.artifacts.download_artifacts(
             run_id=run_id, artifact_path=path, dst_path=dst, tracking_uri=self.uri
         )
 
+    def download_model(self, model: str, version: str, dst: Path | None = None,
+                       path: str = "") -> Path:
+        """The files of `models:/model/version` (or its file `path`) under `dst` (default: a
+        temporary folder), read from where the registry stores them."""
+        import mlflow.artifacts  # lazy: MLflow, see the module doc
+
+        uri = self.client.get_model_version_download_uri(model, str(version))
+        if path:
+            uri = uri.rstrip("/") + "/" + path
+        return Path(mlflow.artifacts.download_artifacts(
+            artifact_uri=uri, dst_path=str(dst) if dst is not None else None,
+            tracking_uri=self.uri,
+        ))
+
+
+    def model_loader(self, model: str, version: str) -> str | None:
+        """The module that loads the version (its pyfunc `loader_module`, e.g. mlflow.sklearn),
+        read from its MLmodel file; None when it does not say."""
+        from mlflow.models import Model  # lazy: MLflow, see the module doc
+
+        path = self.download_model(model, version, path="MLmodel")
+        loader = Model.load(path).flavors.get("python_function", {}).get("loader_module")
+        return str(loader) if loader else None
 
 def log_sklearn_model(
     model: Any,
@@ -181,20 +269,3 @@ def log_sklearn_model(
         mv = mlflow.register_model(info.model_uri, registered_name)
         version = str(mv.version)
     return info.model_uri, version
-
-
-def tracking_env(tracker: Tracker, experiment_id: str, run_id: str) -> dict[str, str]:
-    """What a step process needs so that `mlflow.start_run()` resumes the engine's child run."""
-    env = {
-        "MLFLOW_TRACKING_URI": tracker.uri,
-        "MLFLOW_EXPERIMENT_ID": experiment_id,
-        "MLFLOW_RUN_ID": run_id,
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-    }
-    if tracker.settings.registry_uri:
-        env["MLFLOW_REGISTRY_URI"] = tracker.settings.registry_uri
-    return env
-
-
-def in_step() -> bool:
-    return "MLFLOW_RUN_ID" in os.environ and "SCANFLOW_RUN_ID" in os.environ

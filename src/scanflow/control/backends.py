@@ -1,0 +1,78 @@
+"""The one place that builds backends: the engine, deployer, tracker and store that settings
+choose (`SCANFLOW_BACKEND`, `backend:`), like MLflow picks a store from its URI or Dagster its
+storage from dagster.yaml. Everything else types against the interfaces (`Engine`, `Deployer`,
+`Tracker`, `Store`) and never names a concrete class, so adding a backend changes only here.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from scanflow.settings import Settings
+from scanflow.store import Store
+
+if TYPE_CHECKING:
+    from scanflow.engine import Engine
+    from scanflow.serving import Deployer
+    from scanflow.tracking import Tracker
+
+BACKENDS = ("local",)  # what `SCANFLOW_BACKEND` may name today
+COMING = {"ray": "the Ray backend comes in a later release"}
+
+
+class UnknownBackend(ValueError):
+    """`SCANFLOW_BACKEND` names no backend this scanflow has."""
+
+
+def backend_of(settings: Settings) -> str:
+    """The backend settings name, refused with the allowed values when unknown."""
+    name = settings.backend.strip().lower()
+    if name in BACKENDS:
+        return name
+    why = f" ({COMING[name]})" if name in COMING else ""
+    raise UnknownBackend(f"unknown backend {settings.backend!r} in SCANFLOW_BACKEND{why}; "
+                         f"allowed: {', '.join(BACKENDS)}")
+
+
+def store(settings: Settings) -> Store:
+    """The control-plane store at `settings.store` (SQLite or PostgreSQL, by URL). Settings
+    are checked first, so a bad backend is refused before any state is touched."""
+    backend_of(settings)
+    return Store(settings.store)
+
+
+def tracker(settings: Settings) -> Tracker:
+    """The experiment tracker and model registry (MLflow at `settings.tracking`)."""
+    backend_of(settings)
+    # Lazy: importing the tracker loads MLflow (~1.5 s), which commands that only read the
+    # store must not pay for.
+    from scanflow.tracking import MlflowTracker
+
+    return MlflowTracker(settings)
+
+
+def engine(settings: Settings, store: Store, tracker: Tracker | None = None, **options: Any) -> Engine:
+    """The workflow engine; `options` go to the backend (e.g. `concurrency`, `track`, `pool`)."""
+    if backend_of(settings) == "local":
+        # Lazy: only the chosen backend is imported (the local engine loads MLflow; a Ray
+        # engine will load ray).
+        from scanflow.engine.local import LocalEngine
+
+        return LocalEngine(settings, store, tracker, **options)
+    raise AssertionError("unreachable: backend_of refused it")
+
+
+def deployer(settings: Settings, store: Store, *, actor: str | None = None,
+             tracker: Tracker | None = None, **options: Any) -> Deployer:
+    """The service deployer; what it does is recorded as done by `actor` (a person at the
+    CLI by default, or an agent's name). `options` go to the backend (timeouts, limits...)."""
+    if backend_of(settings) == "local":
+        # Lazy: only the chosen backend is imported (the local deployer loads the model
+        # server's modules: FastAPI, gunicorn's config; a Ray deployer will load Ray Serve).
+        from scanflow.serving.deployer import LocalDeployer
+
+        return LocalDeployer(settings, store, actor=actor, tracker=tracker, **options)
+    raise AssertionError("unreachable: backend_of refused it")
+
+
+__all__ = ["BACKENDS", "UnknownBackend", "backend_of", "deployer", "engine", "store", "tracker"]

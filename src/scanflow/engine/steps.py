@@ -1,0 +1,320 @@
+"""Running one step of a local run: admission against the resource pool, the cache, retries
+with backoff, and the step itself, as a subprocess (`run:`, killed with its process tree on
+timeout or cancel) or an in-process callable (`call:`). Every transition is journalled before
+it is acted on; the run loop (`engine.loop`) decides what runs when.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import random
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from scanflow.engine.cache import cache_key, code_fingerprint
+from scanflow.engine.context import StepContext
+from scanflow.engine.journal import Journal
+from scanflow.engine.resources import ResourcePool
+from scanflow.procs import kill_group
+from scanflow.settings import Settings
+from scanflow.spec.loader import resolve_callable
+from scanflow.spec.models import Application, Step
+from scanflow.store.schema import WorkflowRun
+from scanflow.tracking import Tracker
+from scanflow.tracking.base import TAG_APP, TAG_RUN, TAG_STEP, TAG_TEAM
+
+TAIL_LINES = 20
+
+
+def log_tail(path: Path, lines: int = TAIL_LINES) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 16384))
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def command_for(step: Step, params: dict[str, Any], paths: dict[str, Path]) -> list[str]:
+    """Scanflow-style executors: params (then inputs/outputs) become `--name value` options."""
+    assert step.run is not None
+    argv = shlex.split(step.run)
+    if argv and argv[0] in {"python", "python3"}:
+        argv[0] = sys.executable
+    for k, v in params.items():
+        argv += [f"--{k}", str(v).lower() if isinstance(v, bool) else str(v)]
+    for k, p in paths.items():
+        argv += [f"--{k}", str(p)]
+    return argv
+
+
+@dataclass
+class Outcome:
+    """How one step ended (what the journal, the store and the lineage record)."""
+
+    status: str
+    exit_code: int | None = None
+    error: str | None = None
+    attempts: int = 0
+    cache_key: str | None = None
+    cached_from: str | None = None
+    outputs: dict[str, str] = field(default_factory=dict)
+    mlflow_run_id: str | None = None
+    started_at: float | None = None
+    ended_at: float | None = None
+    timed_out: bool = False
+    exception: str | None = None
+
+
+@dataclass
+class RunState:
+    """What every step of one run shares: where it writes, its tracking runs, its cancel flag."""
+
+    app: Application
+    run: WorkflowRun
+    run_dir: Path
+    journal: Journal
+    exp: str | None
+    parent: str | None
+    use_cache: bool
+    cancel: threading.Event
+    cache_index: dict[str, tuple[str, str, dict[str, str]]]
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    fingerprints: dict[str, str] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class StepRunner:
+    """Runs the steps of local runs; one per engine, shared by its worker threads."""
+
+    def __init__(self, settings: Settings, tracker: Tracker, pool: ResourcePool, track: bool) -> None:
+        self.settings = settings
+        self.tracker = tracker
+        self.pool = pool
+        self.track = track
+
+    def run_step(self, st: RunState, step: Step, params: dict[str, Any], inputs: dict[str, Path],
+                  outputs: dict[str, Path]) -> Outcome:
+        if st.cancel.is_set():
+            return Outcome("cancelled", error="the run was cancelled before it started")
+        team = st.app.team
+        res = step.resources
+        if not self.pool.acquire(team, res.cpus, res.memory, st.cancel):
+            return Outcome("cancelled", error="the run was cancelled before it started")
+        try:
+            return self._run_step_admitted(st, step, params, inputs, outputs)
+        finally:
+            self.pool.release(team, res.cpus, res.memory)
+
+    def _run_step_admitted(self, st: RunState, step: Step, params: dict[str, Any],
+                           inputs: dict[str, Path], outputs: dict[str, Path]) -> Outcome:
+        started = time.time()
+        fn = resolve_callable(step.call, st.app.base_dir) if step.call is not None else None
+        key = None
+        if st.use_cache and step.cache:
+            key, hit = self._cache_lookup(st, step, fn, params, inputs, started)
+            if hit is not None:
+                return hit
+        if outputs:
+            (st.run_dir / step.name).mkdir(parents=True, exist_ok=True)
+        log_path = st.run_dir / f"{step.name}.log"
+        policy = step.retries
+        attempt = 0
+        child: list[str] = []
+
+        def make_child() -> str:
+            if not child:
+                assert st.exp is not None and st.parent is not None
+                tags = {TAG_RUN: st.run.id, TAG_STEP: step.name, TAG_APP: st.app.app,
+                        TAG_TEAM: st.app.team}
+                child.append(self.tracker.start_run(st.exp, step.name, tags, params=params,
+                                                    parent=st.parent))
+            return child[0]
+
+        while True:
+            attempt += 1
+            st.journal.write(step.name, "running", attempt=attempt, started_at=started)
+            if step.run is not None:
+                out = self._run_subprocess(st, step, params, inputs, outputs, log_path, attempt,
+                                           make_child if self.track else None)
+            else:
+                assert fn is not None
+                out = self._run_callable(st, step, fn, params, inputs, outputs, log_path, attempt,
+                                         make_child if self.track else None)
+            if out.status == "succeeded":
+                missing = [k for k, p in outputs.items() if not p.exists()]
+                if missing:
+                    out = Outcome("failed", out.exit_code,
+                                  f"step {step.name} did not write its declared outputs {missing}")
+            if out.status == "succeeded" or st.cancel.is_set() or attempt > policy.count:
+                break
+            if not _retryable(policy, out):
+                break
+            delay = min(policy.max_backoff, policy.backoff * 2 ** (attempt - 1))
+            delay += delay * policy.jitter * random.random()
+            with open(log_path, "a") as f:
+                f.write(f"\n--- attempt {attempt} {out.status}: retrying in {delay:.2f}s ---\n")
+            if st.cancel.wait(delay):
+                break
+        if st.cancel.is_set() and out.status != "succeeded":
+            out = Outcome("cancelled", out.exit_code, "cancelled by request")
+        if child and self.track:
+            self.tracker.end_run(child[0], out.status)
+        out.attempts = attempt
+        out.cache_key = key
+        out.started_at = started
+        out.ended_at = time.time()
+        out.mlflow_run_id = child[0] if child else None
+        out.outputs = {k: str(v) for k, v in outputs.items()}
+        st.journal.write(step.name, out.status, exit_code=out.exit_code, error=out.error,
+                         attempts=attempt, cache_key=key, outputs=out.outputs, ended_at=out.ended_at)
+        return out
+
+    def _cache_lookup(self, st: RunState, step: Step, fn: Callable[..., Any] | None,
+                      params: dict[str, Any], inputs: dict[str, Path],
+                      started: float) -> tuple[str, Outcome | None]:
+        """The step's cache key, and a journalled `cached` outcome when an earlier run of the
+        same key left its outputs in place."""
+        code = st.fingerprints.get(step.name)
+        if code is None:
+            code = st.fingerprints[step.name] = code_fingerprint(step, st.app.base_dir, fn)
+        key = cache_key(code, params, inputs, step.env)
+        hit = st.cache_index.get(key)
+        if hit is None or not all(Path(p).exists() for p in hit[2].values()):
+            return key, None
+        out = Outcome("cached", 0, cache_key=key, cached_from=f"{hit[0]}/{hit[1]}",
+                      outputs=dict(hit[2]), started_at=started, ended_at=time.time())
+        st.journal.write(step.name, "cached", cache_key=key, cached_from=out.cached_from,
+                         outputs=out.outputs, ended_at=out.ended_at)
+        return key, out
+
+    def _run_subprocess(self, st: RunState, step: Step, params: dict[str, Any],
+                        inputs: dict[str, Path], outputs: dict[str, Path], log_path: Path,
+                        attempt: int, make_child: Callable[[], str] | None) -> Outcome:
+        argv = command_for(step, params, {**inputs, **outputs})
+        env = {**os.environ, **self.settings.child_env(), "SCANFLOW_RUN_ID": st.run.id,
+               "SCANFLOW_STEP": step.name, "SCANFLOW_ATTEMPT": str(attempt), "PYTHONUNBUFFERED": "1"}
+        if make_child is not None:
+            assert st.exp is not None
+            env.update(self.tracker.step_env(st.exp, make_child()))
+        env.update(step.env)
+        with open(log_path, "ab") as logf:
+            logf.write(f"$ {shlex.join(argv)}\n".encode())
+            logf.flush()
+            try:
+                proc = subprocess.Popen(argv, cwd=st.app.base_dir, env=env, stdout=logf,
+                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        start_new_session=True)
+            except OSError as exc:
+                return Outcome("failed", None, f"step {step.name} could not start: {exc}")
+            st.journal.write(step.name, "running", attempt=attempt, pid=proc.pid, pgid=proc.pid)
+            with st.lock:
+                st.procs[step.name] = proc
+            timed_out = False
+            try:
+                code = proc.wait(timeout=step.timeout)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                kill_group(proc.pid)
+                code = proc.wait()
+            finally:
+                with st.lock:
+                    st.procs.pop(step.name, None)
+            # Nothing of the step's process tree may outlive it.
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if timed_out:
+            return Outcome("failed", code, f"step {step.name} timed out after {step.timeout:g}s "
+                           f"(process tree killed); last lines of its log ({log_path}):\n"
+                           f"{log_tail(log_path)}", timed_out=True)
+        if code == 0:
+            return Outcome("succeeded", 0)
+        return Outcome("failed", code, f"step {step.name} failed with exit code {code}; last "
+                       f"lines of its log ({log_path}):\n{log_tail(log_path)}")
+
+    def _run_callable(self, st: RunState, step: Step, fn: Callable[..., Any], params: dict[str, Any],
+                      inputs: dict[str, Path], outputs: dict[str, Path], log_path: Path,
+                      attempt: int, make_child: Callable[[], str] | None) -> Outcome:
+        def no_tracking() -> str:
+            raise RuntimeError("MLflow tracking is off for this engine")
+
+        ctx = StepContext(st.run.id, step.name, st.exp or "", self.tracker, params, inputs,
+                          outputs, log_path, make_child or no_tracking, attempt)
+        try:
+            kwargs = _kwargs_for(fn, {**params, **inputs, **outputs, "ctx": ctx})
+            box: dict[str, Any] = {}
+
+            def target() -> None:
+                try:
+                    box["result"] = fn(**kwargs)
+                except BaseException as exc:  # noqa: BLE001 - reported as the step's failure
+                    box["error"] = exc
+                    traceback.print_exc(file=ctx.log_file)
+                    ctx.log_file.flush()
+
+            if step.timeout is None:
+                target()
+            else:
+                t = threading.Thread(target=target, daemon=True, name=f"step-{step.name}")
+                t.start()
+                t.join(step.timeout)
+                if t.is_alive():
+                    return Outcome("failed", None, f"step {step.name} timed out after "
+                                   f"{step.timeout:g}s (an in-process step cannot be killed; "
+                                   "use `run:` for a hard kill)", timed_out=True)
+            if "error" in box:
+                exc = box["error"]
+                return Outcome("failed", 1, f"step {step.name} raised {type(exc).__name__}: {exc}; "
+                               f"last lines of its log ({log_path}):\n{log_tail(log_path)}",
+                               exception=type(exc).__name__)
+            result = box.get("result")
+            if isinstance(result, dict) and make_child is not None:
+                numeric = {k: float(v) for k, v in result.items()
+                           if isinstance(v, int | float) and not isinstance(v, bool)}
+                if numeric:
+                    ctx.log_metrics(numeric)
+        finally:
+            ctx.close()
+        return Outcome("succeeded", 0)
+
+
+_sig_memo: dict[Any, tuple[bool, frozenset[str]]] = {}
+
+
+def _kwargs_for(fn: Callable[..., Any], available: dict[str, Any]) -> dict[str, Any]:
+    try:
+        var_kw, names = _sig_memo[fn]
+    except (KeyError, TypeError):
+        sig = inspect.signature(fn)
+        var_kw = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+        names = frozenset(sig.parameters)
+        try:
+            _sig_memo[fn] = (var_kw, names)
+        except TypeError:
+            pass
+    return available if var_kw else {k: v for k, v in available.items() if k in names}
+
+
+def _retryable(policy: Any, out: Outcome) -> bool:
+    if out.timed_out:
+        return bool(policy.on_timeout)
+    if out.exception is not None:
+        return policy.on_exceptions is None or out.exception in policy.on_exceptions
+    if policy.on_exit_codes is not None:
+        return out.exit_code in policy.on_exit_codes
+    return True
