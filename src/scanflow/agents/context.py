@@ -30,9 +30,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("scanflow.agents")
 
-
-log = logging.getLogger("scanflow.agents")
-
 FAILPOINT_ENV = "SCANFLOW_AGENT_FAILPOINT"
 
 

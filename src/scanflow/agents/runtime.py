@@ -17,6 +17,10 @@ kept with status `dead`, its last error and its tries, until `requeue`. Messages
 keep flowing. A scheduled fire is written down before it runs (replayed under the same key
 after a crash) and its time is kept, so that fires missed while the agent was down are
 coalesced into one at restart, or skipped (the trigger's `misfire`).
+
+What sensors, rules and actuators are handed lives in `scanflow.agents.context`, the
+scheduling of triggers in `scanflow.agents.scheduling` (a mixin of `Agent`); their public
+names are importable from here too.
 """
 
 from __future__ import annotations
