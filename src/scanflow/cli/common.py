@@ -36,6 +36,7 @@ def iso(ts: float | None) -> str:
 
 
 def context() -> tuple[Any, Any]:
+    """The settings and the workspace's store (exit 2 for a backend this release lacks)."""
     from scanflow.control import backends  # lazy: the store (SQLAlchemy, ~0.5 s)
     from scanflow.settings import get_settings  # lazy: pydantic-settings (~90 ms)
 
@@ -59,7 +60,7 @@ def load(path: Path, with_registry: bool = False) -> Any:
     """The spec with every issue, the agents' parts included (`validate` and every command)."""
     known = None
     if with_registry:
-        from scanflow.control import backends  # lazy: MLflow, for the registry
+        from scanflow.control import backends  # lazy: SQLAlchemy, MLflow (~2 s)
         from scanflow.settings import get_settings  # lazy: pydantic-settings (~90 ms)
 
         try:
@@ -86,6 +87,7 @@ def load_noting(path: Path, with_registry: bool = False) -> Any:
 
 
 def deployer_and_store() -> tuple[Any, Any]:
+    """The deployer the settings choose, acting as the person at the CLI, and its store."""
     from scanflow.control import backends  # lazy: the store (SQLAlchemy, ~0.5 s)
 
     settings, store = context()
