@@ -28,20 +28,6 @@ ROOT = Path(__file__).resolve().parents[1]
 # Known cycles, each with the file and why (empty: any cycle fails). An entry that no longer
 # matches fails the test too, so that the list only shrinks.
 ALLOWED_CYCLES: dict[frozenset[str], str] = {}
-# Function-level imports without a comment, per file, in files other branches of issue 12 are
-# rewriting: each becomes a module-level import (its cycle is gone) or says which heavy or
-# optional dependency it defers. A file may go below its count, never above.
-ALLOWED_UNCOMMENTED_LAZY: dict[str, int] = {
-    "agents/builtin.py": 6, "agents/planner.py": 2, "agents/process.py": 1, "agents/promotion.py": 1,
-    "agents/runtime.py": 5, "agents/triggers.py": 4, "cli/agents.py": 6, "cli/main.py": 23,
-    "engine/context.py": 1, "engine/local.py": 4, "engine/triggers.py": 1,
-    "serving/app.py": 1,  # `import mlflow` for the global URIs, which the tracking branch removes
-    "serving/batching.py": 1, "serving/deployer.py": 5, "serving/gunicorn_conf.py": 10,
-    "serving/metrics.py": 1, "serving/validation.py": 1,
-    "spec/models.py": 1,  # apscheduler's CronTrigger in the trigger models (control-layer branch)
-    "store/store.py": 3, "tracking/mlflow_tracking.py": 9, "tracking/models.py": 1,
-}
-
 # There is no upward import left on this branch. Should one have to stay for a while, it goes in
 # the `ignore_imports` of the layers contract in pyproject.toml ("importer -> imported", with a
 # comment saying why); import-linter then fails once it no longer matches.
@@ -157,8 +143,7 @@ def test_lazy_imports_say_why() -> None:
     src = ROOT / "src" / "scanflow"
     over = []
     for path in sorted(src.rglob("*.py")):
-        rel = path.relative_to(src).as_posix()
         lines = _uncommented_lazy_imports(path)
-        if len(lines) > ALLOWED_UNCOMMENTED_LAZY.get(rel, 0):
-            over.append(f"  {rel}: lines {lines} (allowed {ALLOWED_UNCOMMENTED_LAZY.get(rel, 0)})")
+        if lines:
+            over.append(f"  {path.relative_to(src).as_posix()}: lines {lines}")
     assert not over, "function-level imports without a comment saying why:\n" + "\n".join(over)

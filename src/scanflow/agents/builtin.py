@@ -16,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 
 from scanflow.agents.gate import policy_for, promotion_gate
@@ -25,6 +26,8 @@ from scanflow.agents.runtime import AgentContext, Observation, bounded_key, json
 from scanflow.control.evaluation import CHALLENGER_ALIAS, candidate_evaluation
 from scanflow.control.events import Messages, PredictionWindow
 from scanflow.control.operations import Actor, ModelOps, check_registered
+from scanflow.engine import RunResult
+from scanflow.spec.loader import load_application
 from scanflow.spec.models import MessageEvent, PredictionWindowEvent
 
 log = logging.getLogger("scanflow.agents.builtin")
@@ -109,7 +112,7 @@ def drift_check(
 def _judge_window(ctx: AgentContext, m: Any, reference_artifact: str, ks_alpha: float, mmd_alpha: float,
                   n_components: int, n_permutations: int) -> Observation:
     """One monitor window judged against the reference of the version that served it."""
-    from scanflow.monitor.drift import DriftCheck, KSDrift, MMDDrift, any_drift
+    from scanflow.monitor.drift import DriftCheck, KSDrift, MMDDrift, any_drift  # lazy: sklearn (~1.5 s)
 
     w = m.payload
     svc = w["service"]
@@ -239,8 +242,6 @@ def _start_or_continue(
         return engine.resume(prior.id, target)
     if prior.status == "running" and prior.owner_pid is None:  # recorded, never started
         return engine.execute(prior.id, target)
-    from scanflow.engine import RunResult
-
     return RunResult(run_id=prior.id, status=prior.status, mlflow_run_id=prior.mlflow_run_id,
                      error=prior.error)
 
@@ -250,8 +251,6 @@ def run_workflow(
     obs: Observation, ctx: AgentContext, app: str, workflow: str, params: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """Run a workflow of an application (a spec path, relative to this agent's app folder)."""
-    from scanflow.spec.loader import load_application
-
     target = load_application(_relative(ctx, app))
     res = _start_or_continue(ctx, target, workflow, params or {},
                              {"by": "agent", "agent": ctx.name, "observation": obs.key})
@@ -395,8 +394,6 @@ def webhook(
     are retried `retries` times (backoff doubling, or the server's Retry-After up to 30 s);
     other 4xx fail at once. The `Idempotency-Key` header is the action's key: the same on every
     retry and after a crash, so the receiver can drop what it already handled."""
-    import httpx
-
     if not url.startswith(("http://", "https://")):
         raise ValueError(f"webhook url must be http(s)://..., got {url!r}")
     body = {"agent": ctx.name, "sensor": ctx.sensor, "observation": obs.key,
@@ -446,8 +443,6 @@ def retrain_and_promote(
     The workflow must register its candidate as `challenger` with the figures of
     :mod:`scanflow.control.evaluation` as `eval.*` version tags; the promotion goes through
     :meth:`scanflow.control.operations.ModelOps.promote` with the gate's evidence."""
-    from scanflow.spec.loader import load_application
-
     svc = obs.data.get("service") or ctx.service
     if svc is None:
         raise ValueError("retrain_and_promote needs a service (agent `service:` or the observation's)")

@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 
 from scanflow.agents.registry import agent_issues
+from scanflow.agents.runtime import Agent
 from scanflow.control import backends
 from scanflow.procs import pid_alive
 from scanflow.settings import Settings, get_settings
@@ -167,8 +168,6 @@ class AgentSupervisor:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from scanflow.agents.runtime import Agent
-
     parser = argparse.ArgumentParser(prog="scanflow-agent")
     parser.add_argument("--app", required=True, help="spec file/folder, or file.py:attr / module:attr")
     parser.add_argument("--agent", required=True)

@@ -14,6 +14,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from scanflow.spec.errors import SpecError
+
 agents_app = typer.Typer(no_args_is_help=True, help="Start, stop, inspect and steer agents.")
 out = Console()
 err = Console(stderr=True)
@@ -34,9 +36,9 @@ def iso(ts: float | str | None) -> str:
 
 
 def _supervisor() -> Any:
-    from scanflow.agents.process import AgentSupervisor
-    from scanflow.control import backends
-    from scanflow.settings import get_settings
+    from scanflow.agents.process import AgentSupervisor  # lazy: the agent runtime (~2 s)
+    from scanflow.control import backends  # lazy: the store (SQLAlchemy, ~0.5 s)
+    from scanflow.settings import get_settings  # lazy: pydantic-settings (~90 ms)
 
     settings = get_settings().ensure()
     try:
@@ -46,9 +48,7 @@ def _supervisor() -> Any:
 
 
 def _load(ref: str) -> Any:
-    from scanflow.agents.process import load_app
-    from scanflow.spec.errors import SpecError
-
+    from scanflow.agents.process import load_app  # lazy: the agent runtime (~2 s)
     try:
         return load_app(ref)
     except SpecError as exc:
@@ -61,7 +61,7 @@ def _load(ref: str) -> Any:
 
 def _call(agent: str, method: str, path: str, **kw: Any) -> Any:
     """One request to a running agent's API; its 4xx answers become exit code 2 with the detail."""
-    import httpx
+    import httpx  # lazy: httpx (~50 ms), for commands that call an agent
 
     sup = _supervisor()
     try:

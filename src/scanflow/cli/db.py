@@ -35,8 +35,8 @@ def _engine(url: str | None, *, create: bool) -> tuple[Engine, str]:
     """A connected engine and the URL to print; exit 2 on a bad URL, a missing SQLite file
     (unless `create`) or a server that does not answer."""
     # The store pulls in SQLAlchemy and numpy (~0.3 s): imported for db commands only.
-    from scanflow.settings import get_settings
-    from scanflow.store.db import StoreUrlError, connect_engine
+    from scanflow.settings import get_settings  # lazy: pydantic-settings (~90 ms)
+    from scanflow.store.db import StoreUrlError, connect_engine  # lazy: SQLAlchemy, see above
 
     if url is None:
         settings = get_settings()
@@ -52,8 +52,8 @@ def _engine(url: str | None, *, create: bool) -> tuple[Engine, str]:
 @db_app.command("upgrade")
 def upgrade(url: UrlOption = None) -> None:
     """Bring the store's schema to this release's head (a no-op when it is there)."""
-    from scanflow.store.migrate import SchemaError
-    from scanflow.store.migrate import upgrade as do_upgrade
+    from scanflow.store.migrate import SchemaError  # lazy: SQLAlchemy, see _engine
+    from scanflow.store.migrate import upgrade as do_upgrade  # lazy: SQLAlchemy, see _engine
 
     engine, shown = _engine(url, create=True)
     try:
@@ -77,7 +77,7 @@ def current(
     check: Annotated[bool, typer.Option("--check", help="exit 1 when not at head")] = False,
 ) -> None:
     """Show the store's schema revision and whether it is at head (changes nothing)."""
-    from scanflow.store.migrate import status
+    from scanflow.store.migrate import status  # lazy: SQLAlchemy, see _engine
 
     engine, shown = _engine(url, create=False)
     try:
@@ -104,7 +104,7 @@ def revision(
     message: Annotated[str, typer.Option("--message", "-m", help="what the revision changes")],
 ) -> None:
     """Draft a new revision from the models (`store/schema.py`), for developers: review it."""
-    from scanflow.store.migrate import draft_revision
+    from scanflow.store.migrate import draft_revision  # lazy: SQLAlchemy, see _engine
 
     path = Path(draft_revision(message))
     out.print(f"wrote {path}: review it, then set HEAD = {path.stem!r} in scanflow/store/migrate.py",

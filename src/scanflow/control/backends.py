@@ -46,7 +46,7 @@ def tracker(settings: Settings) -> Tracker:
     backend_of(settings)
     # Lazy: importing the tracker loads MLflow (~1.5 s), which commands that only read the
     # store must not pay for.
-    from scanflow.tracking import MlflowTracker
+    from scanflow.tracking import MlflowTracker  # lazy: MLflow (~1.5 s)
 
     return MlflowTracker(settings)
 
@@ -56,7 +56,7 @@ def engine(settings: Settings, store: Store, tracker: Tracker | None = None, **o
     if backend_of(settings) == "local":
         # Lazy: only the chosen backend is imported (the local engine loads MLflow; a Ray
         # engine will load ray).
-        from scanflow.engine.local import LocalEngine
+        from scanflow.engine.local import LocalEngine  # lazy: MLflow, via the engine
 
         return LocalEngine(settings, store, tracker, **options)
     raise AssertionError("unreachable: backend_of refused it")
@@ -69,7 +69,7 @@ def deployer(settings: Settings, store: Store, *, actor: str | None = None,
     if backend_of(settings) == "local":
         # Lazy: only the chosen backend is imported (the local deployer loads the model
         # server's modules: FastAPI, gunicorn's config; a Ray deployer will load Ray Serve).
-        from scanflow.serving.deployer import LocalDeployer
+        from scanflow.serving.deployer import LocalDeployer  # lazy: FastAPI, gunicorn config
 
         return LocalDeployer(settings, store, actor=actor, tracker=tracker, **options)
     raise AssertionError("unreachable: backend_of refused it")

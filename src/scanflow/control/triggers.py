@@ -21,6 +21,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from apscheduler.triggers.date import DateTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+
 from scanflow.spec.models import Trigger
 from scanflow.spec.triggers import cron_trigger
 from scanflow.store import Store
@@ -83,8 +86,6 @@ def manual_event(sensor: str) -> TriggerEvent:
 
 def poll_trigger(trig: Trigger, every: float | None = None) -> tuple[Any, datetime]:
     """(APScheduler trigger, first run time) of an event trigger: its poll (or `every`), from now."""
-    from apscheduler.triggers.interval import IntervalTrigger
-
     assert trig.event is not None
     return IntervalTrigger(seconds=every or trig.event.poll, timezone=UTC), datetime.now(UTC)
 
@@ -122,8 +123,6 @@ def plan_schedule(trig: Trigger, record: dict[str, Any] | None, now: datetime | 
 
 
 def _plan_interval(trig: Trigger, last: Any, covered: Any, now: datetime) -> SchedulePlan:
-    from apscheduler.triggers.interval import IntervalTrigger
-
     every, t_now = float(trig.interval or 0), now.timestamp()
     if last is None:  # never fired: at start, then every `interval`
         return SchedulePlan(IntervalTrigger(seconds=every, start_date=now, timezone=UTC), now)
@@ -159,8 +158,6 @@ def _plan_cron(trig: Trigger, covered: Any, now: datetime) -> SchedulePlan:
 
 
 def _plan_date(trig: Trigger, now: datetime) -> SchedulePlan:
-    from apscheduler.triggers.date import DateTrigger
-
     assert trig.date is not None, "event triggers are polled, not planned"
     if trig.date > now:
         return SchedulePlan(DateTrigger(run_date=trig.date, timezone=UTC), trig.date)
@@ -250,8 +247,6 @@ class TimeTrigger:
         if not plan.scheduled:
             if replay is None:
                 return StartPlan(None, None, skipped=out.skipped)
-            from apscheduler.triggers.date import DateTrigger
-
             out.aps = DateTrigger(run_date=now, timezone=UTC)
         if out.startup:
             out.first = now

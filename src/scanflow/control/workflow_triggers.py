@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from apscheduler.schedulers.background import BackgroundScheduler
+
 from scanflow.control.events import EventSource, event_source
 from scanflow.control.triggers import TimeTrigger, TriggerEvent, poll_trigger
 from scanflow.spec.models import Application, Trigger
@@ -181,8 +183,6 @@ class WorkflowTriggers:
     def start(self) -> list[str]:
         """Catch up (events while no consumer ran fire now: returns the runs queued), then
         schedule every trigger until `stop`."""
-        from apscheduler.schedulers.background import BackgroundScheduler
-
         caught_up = self.poll_once()
         self._sched = BackgroundScheduler(
             timezone=UTC, job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None})

@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -40,40 +39,21 @@ from scanflow.serving.app import (
 )
 from scanflow.serving.backend import Deployer, UnknownService
 from scanflow.serving.batching import BatchConfig
+from scanflow.serving.master import (
+    BASE_PRELOAD,
+    FLAVOUR_LIBS,
+    free_port,
+    start_master,
+    tail,
+)
 from scanflow.serving.predlog import collect_all
 from scanflow.settings import Settings
 from scanflow.store import Store
 from scanflow.store.schema import Deployment
 from scanflow.tracking import MlflowTracker, Tracker
 
-WORKER_CLASS = "scanflow.serving.gunicorn_conf.DrainingUvicornWorker"
-APP_FACTORY = "scanflow.serving.app:create_app()"
-GUNICORN_CONF = Path(__file__).with_name("gunicorn_conf.py")
-# Heavy libraries behind MLflow flavours, preloaded by the master (see gunicorn_conf._preload).
-FLAVOUR_LIBS = {
-    "mlflow.sklearn": ["sklearn", "skops.io"],
-    "mlflow.pytorch": ["torch"],
-    "mlflow.xgboost": ["xgboost"],
-    "mlflow.lightgbm": ["lightgbm"],
-    "mlflow.onnx": ["onnxruntime"],
-}
-BASE_PRELOAD = ["scanflow.serving.app", "mlflow.pyfunc"]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 SOURCE = "deployer"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port nobody listens on right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
 
 
 class LocalDeployer(Deployer):
@@ -244,14 +224,7 @@ class LocalDeployer(Deployer):
         if replicas < 1:
             raise ValueError(f"replicas must be >= 1, got {replicas}")
         with self._locked(service):
-            old = self.store.get_deployment(service)
-            if old is not None and old.status == "running" and self._master_alive(old):
-                raise ValueError(
-                    f"service {service!r} is already running (pid {old.pid}, "
-                    f"http://{old.host}:{old.port}): stop it first, or use scale/rollout"
-                )
-            if old is not None and old.pid and group_pids(old.pid):
-                self._kill_tree(old.pid, grace=10.0)  # orphans of a master that died
+            self._clear_previous(service)
             version = self._resolve(model, alias)
             host = self.settings.host
             port = port or free_port(host)
@@ -269,25 +242,13 @@ class LocalDeployer(Deployer):
             )
             self._materialise(cfg)
             cfg.save(self._config_path(service))
-            cmd = [
-                sys.executable, "-m", "gunicorn",
-                "-c", str(GUNICORN_CONF),
-                "-k", WORKER_CLASS,
-                "-b", f"{host}:{port}",
-                APP_FACTORY,
-            ]
-            logf = open(self._log_path(service), "ab")
-            try:
-                proc = subprocess.Popen(
-                    cmd, cwd=wd, stdin=subprocess.DEVNULL, stdout=logf,
-                    stderr=subprocess.STDOUT, env=self._env(self._config_path(service),
-                                                            metrics_dir),
-                    start_new_session=True,
-                )
-            finally:
-                logf.close()
+            proc = start_master(host, port, wd, self._log_path(service),
+                                self._env(self._config_path(service), metrics_dir))
             self._procs[proc.pid] = proc
             t0 = time.monotonic()
+            facts: dict[str, Any] = dict(
+                service=service, app=app, team=team, model_name=model, alias=alias,
+                model_version=version, host=host, port=port, replicas=replicas, workdir=str(wd))
             try:
                 self._wait(
                     f"{replicas} ready worker(s)",
@@ -297,25 +258,28 @@ class LocalDeployer(Deployer):
                 )
             except Exception:
                 self._kill_tree(proc.pid, grace=5.0)
-                self.store.put_deployment(
-                    service=service, app=app, team=team, model_name=model, alias=alias,
-                    model_version=version, host=host, port=port, pid=None, replicas=replicas,
-                    status="failed", workdir=str(wd),
-                )
+                self.store.put_deployment(**facts, pid=None, status="failed")
                 self.store.add_event(SOURCE, "deploy_failed", service, model=model,
                                      model_version=version)
                 raise
-            dep = self.store.put_deployment(
-                service=service, app=app, team=team, model_name=model, alias=alias,
-                model_version=version, host=host, port=port, pid=proc.pid, replicas=replicas,
-                status="running", workdir=str(wd),
-            )
+            dep = self.store.put_deployment(**facts, pid=proc.pid, status="running")
             self.store.add_event(
                 SOURCE, "deployed", service, app=app, team=team, model=model, alias=alias,
                 model_version=version, replicas=replicas, port=port, pid=proc.pid,
                 seconds=round(time.monotonic() - t0, 3), actor=self.actor,
             )
             return dep
+
+    def _clear_previous(self, service: str) -> None:
+        """Refuse a service that runs; stop the orphaned workers of a master that died."""
+        old = self.store.get_deployment(service)
+        if old is not None and old.status == "running" and self._master_alive(old):
+            raise ValueError(
+                f"service {service!r} is already running (pid {old.pid}, "
+                f"http://{old.host}:{old.port}): stop it first, or use scale/rollout"
+            )
+        if old is not None and old.pid and group_pids(old.pid):
+            self._kill_tree(old.pid, grace=10.0)  # orphans of a master that died
 
     def _all_serving(self, master: int, wd: Path, generation: int, n: int) -> bool:
         """Exactly n workers, all announced with config `generation`, none draining."""

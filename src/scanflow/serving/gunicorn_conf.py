@@ -18,16 +18,22 @@ a count changed with SIGTTIN/SIGTTOU to the command-line value).
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from gunicorn.arbiter import Arbiter
+from prometheus_client import multiprocess
 from uvicorn.server import Server
 from uvicorn_worker import UvicornWorker
+
+from scanflow.procs import child_pids
 
 
 def _service_config() -> dict[str, Any]:
@@ -48,9 +54,6 @@ def _preload(modules: list[str]) -> None:
     a fraction of a second instead of paying ~3 s of imports (on a busy machine much more),
     which shortens scale-ups and the overlap of a rollout. A failure here is not fatal:
     the worker imports again and reports the error itself."""
-    import importlib
-    import sys
-
     for mod in modules:
         try:
             importlib.import_module(mod)
@@ -68,12 +71,10 @@ def _preload_models() -> None:
     if not _cfg or not _cfg.get("preload_models", True):
         return
     try:
-        from scanflow.serving.app import ServiceConfig, preload_models
+        from scanflow.serving.app import ServiceConfig, preload_models  # lazy: FastAPI, MLflow (see _preload)
 
         preload_models(ServiceConfig.model_validate(_cfg))
     except Exception as exc:  # the worker loads it itself and reports a real error
-        import sys
-
         print(f"scanflow: model preload failed: {exc}", file=sys.stderr)
 
 
@@ -96,8 +97,6 @@ if os.path.isdir("/dev/shm"):
 def child_exit(server: Any, worker: Any) -> None:
     """A worker is gone: drop its live gauges and its announcement file."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        from prometheus_client import multiprocess
-
         multiprocess.mark_process_dead(worker.pid)
     workdir = _service_config().get("workdir")
     if workdir:
@@ -119,7 +118,7 @@ class DrainingServer(Server):
         await super().serve(sockets=sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        from scanflow.serving.app import LIFECYCLE
+        from scanflow.serving.app import LIFECYCLE  # lazy: FastAPI, MLflow (see _preload)
 
         if sig == signal.SIGTERM and self._drain_requested:
             # The master repeats SIGTERM every loop while it has too many workers: one drain.
@@ -146,8 +145,7 @@ class DrainingServer(Server):
             super().handle_exit(signal.SIGTERM, None)
 
     async def _hand_over(self) -> None:
-        from scanflow.procs import child_pids
-        from scanflow.serving.app import LIFECYCLE, read_workers
+        from scanflow.serving.app import LIFECYCLE, read_workers  # lazy: FastAPI, MLflow (see _preload)
 
         cfg = LIFECYCLE.config
         assert cfg is not None
@@ -175,10 +173,6 @@ class DrainingUvicornWorker(UvicornWorker):
     """UvicornWorker (uvloop + httptools) running a DrainingServer."""
 
     async def _serve(self) -> None:
-        import sys
-
-        from gunicorn.arbiter import Arbiter
-
         self.config.app = self.wsgi
         server = DrainingServer(config=self.config)
         self._install_sigquit_handler()

@@ -17,6 +17,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
+    multiprocess,
 )
 
 REQUESTS = Counter(
@@ -73,8 +74,6 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 def render() -> bytes:
     """Text exposition of all workers' metrics (or this process's when not multiprocess)."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        from prometheus_client import multiprocess
-
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
         return generate_latest(registry)

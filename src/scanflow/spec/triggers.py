@@ -12,7 +12,7 @@ from typing import Any
 
 def cron_trigger(expr: str) -> Any:
     """An APScheduler trigger from 5 crontab fields, or 6 with seconds first."""
-    from apscheduler.triggers.cron import CronTrigger
+    from apscheduler.triggers.cron import CronTrigger  # lazy: APScheduler (~30 ms), spec loads light
 
     fields = expr.split()
     if len(fields) == 5:

@@ -139,7 +139,7 @@ def _add_legacy_message_columns(conn: Connection) -> None:
 def _config(conn: Connection | None = None) -> Any:
     # Alembic is imported only here: it costs ~0.1 s, and a process opening a store at head
     # (every agent, worker and engine) never needs it.
-    from alembic.config import Config
+    from alembic.config import Config  # lazy: Alembic (~0.1 s), see the comment above
 
     cfg = Config()
     cfg.set_main_option("script_location", SCRIPT_LOCATION)
@@ -158,7 +158,7 @@ def _script_head() -> str:
 
 def _check_known(rev: str | None) -> None:
     from alembic.script import ScriptDirectory  # ~0.1 s, see _config
-    from alembic.util import CommandError
+    from alembic.util import CommandError  # lazy: Alembic (~0.1 s), see _config
 
     if rev is None:
         return
@@ -180,7 +180,7 @@ def draft_revision(message: str) -> str:
     into the package's versions folder; returns its path. For developers: review it, then set
     `HEAD` above to its id."""
     from alembic import command  # ~0.1 s, see _config
-    from alembic.script import ScriptDirectory
+    from alembic.script import ScriptDirectory  # lazy: Alembic (~0.1 s), see _config
 
     n = len(list(ScriptDirectory.from_config(_config()).walk_revisions()))
     slug = re.sub(r"[^a-z0-9]+", "_", message.lower()).strip("_")[:40]

@@ -57,11 +57,11 @@ class SqlPredictionRepository:
         # The dialect module in use only: importing both costs ~0.1 s at every `import scanflow.store`.
         stmt: Any
         if self.db.dialect == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert as pg_insert
+            from sqlalchemy.dialects.postgresql import insert as pg_insert  # lazy: this dialect only
 
             stmt = pg_insert(table).on_conflict_do_nothing()
         else:
-            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+            from sqlalchemy.dialects.sqlite import insert as sqlite_insert  # lazy: this dialect only
 
             stmt = sqlite_insert(table).on_conflict_do_nothing()
         with self.db.session() as s:

@@ -285,7 +285,7 @@ class Store:
 
 
 def open_store(url: str | None = None) -> Store:
-    from scanflow.settings import get_settings
+    from scanflow.settings import get_settings  # lazy: pydantic-settings (~0.1 s), only without a URL
 
     settings = get_settings()
     if url is None:

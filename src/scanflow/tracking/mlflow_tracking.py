@@ -7,6 +7,7 @@ also built by commands that never track (`scanflow status`, `scanflow stop`).
 from __future__ import annotations
 
 import threading
+import time
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -122,8 +123,6 @@ class MlflowTracker:
         self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
-        import time
-
         from mlflow.entities import Metric  # lazy: MLflow, see the module doc
 
         ts = int(time.time() * 1000)
@@ -246,11 +245,11 @@ def log_sklearn_model(
 ) -> tuple[str, str | None]:
     """Log into the active MLflow run with an explicit signature and requirements (≈2x faster
     than inference); register the returned `model_uri`, as MLflow 3 wants. -> (uri, version)."""
-    import mlflow.sklearn
-    import sklearn
-    import skops
-    import skops.io
-    from mlflow.models import infer_signature
+    import mlflow.sklearn  # lazy: MLflow's sklearn flavour, skops, see the module doc
+    import sklearn  # lazy: MLflow's sklearn flavour, skops, see the module doc
+    import skops  # lazy: MLflow's sklearn flavour, skops, see the module doc
+    import skops.io  # lazy: MLflow's sklearn flavour, skops, see the module doc
+    from mlflow.models import infer_signature  # lazy: MLflow's sklearn flavour, skops, see the module doc
 
     signature = infer_signature(x_example, model.predict(x_example))
     # skops (MLflow's safe default) refuses types it does not know; this model was trained by

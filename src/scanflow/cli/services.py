@@ -1,0 +1,188 @@
+"""Service commands: `deploy`, `scale`, `rollout`, `rollback`, `promote`, `canary`, `shadow`,
+`stop`, `status`. Every change goes through the control layer's model operations (under the
+service's lease, recorded as done by the person at the CLI)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from scanflow.cli.common import (
+    AppPath,
+    Reason,
+    context,
+    deployer_and_store,
+    err,
+    fail,
+    iso,
+    load,
+    operate,
+    out,
+    service_call,
+)
+from scanflow.spec.policy import Policy
+
+
+def deploy(
+    path: AppPath,
+    service: Annotated[str | None, typer.Argument(help="one service (default: all)")] = None,
+) -> None:
+    """Start the model server(s) of an application on 127.0.0.1."""
+    spec = load(path, with_registry=True)
+    names = [service] if service else list(spec.services)
+    if service and service not in spec.services:
+        fail(f"no service {service!r} in {spec.source} (known: {', '.join(spec.services)})")
+    deployer, _ = deployer_and_store()
+    for name in names:
+        svc = spec.services[name]
+        try:
+            dep = deployer.deploy(name, app=spec.app, team=spec.team, model=svc.model,
+                                  alias=svc.alias, replicas=svc.replicas, port=svc.port,
+                                  batching=svc.batching)
+        except (ValueError, KeyError) as exc:
+            fail(str(exc))
+        out.print(f"[green]deployed[/] {name}: models:/{dep.model_name}@{dep.alias} "
+                  f"(version {dep.model_version}) x{dep.replicas} at http://{dep.host}:{dep.port}")
+
+
+def scale(service: str, replicas: Annotated[int, typer.Argument(min=1, max=64)]) -> None:
+    """Change the number of replicas of a running service."""
+    done = operate(lambda ops, me: ops.scale(service, replicas, actor=me))
+    out.print(f"{service}: {done.deployment.replicas} replica(s)")
+
+
+def rollout(
+    service: str,
+    version: Annotated[str | None, typer.Option(help="this version (default: what the alias says)")] = None,
+    reason: Annotated[str, typer.Option(help="recorded in the audit trail")] = "",
+) -> None:
+    """Rolling update of a service's replicas (0 failed requests)."""
+    done = operate(lambda ops, me: ops.rollout(service, version, actor=me, reason=reason))
+    out.print(f"{service}: serving version {done.deployment.model_version}")
+
+
+def rollback(service: str, reason: Reason = "") -> None:
+    """Serve the previous version again, in one step (the alias follows)."""
+    dep = operate(lambda ops, me: ops.rollback(service, actor=me, reason=reason)).deployment
+    out.print(f"{service}: rolled back to version {dep.model_version} (was {dep.previous_version})")
+
+
+def promote(
+    service: str,
+    version: Annotated[str, typer.Argument(help="the registered version offered")],
+    spec: Annotated[Path | None, typer.Option(
+        help="the application that declares the service's policy (default: the default policy)")] = None,
+    holdout: Annotated[Path | None, typer.Option(
+        help="clean labelled holdout .npz (x/y): the candidate may lose at most the policy's margin on it")
+    ] = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="promote even if the gate says no (recorded)")] = False,
+    reason: Annotated[str, typer.Option(help="recorded in the audit trail")] = "",
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Offer a version for promotion: the service policy's gate compares it with the champion on
+    the same recent labelled requests (and the holdout); promoted and rolled out only if it
+    passes. Exit 1 when rejected."""
+    from scanflow.agents.promotion import offer  # lazy: the agents' gate (MLflow, numpy)
+
+    policy = Policy()
+    deployer, store = deployer_and_store()
+    if spec is not None:
+        app_spec = load(spec)
+        if service not in app_spec.services:
+            fail(f"no service {service!r} in {app_spec.source} (known: {', '.join(app_spec.services)})")
+        dep = store.get_deployment(service)
+        if dep is not None and dep.app and dep.app != app_spec.app:
+            fail(f"{app_spec.source} is app {app_spec.app!r}, but {service} was deployed from "
+                 f"app {dep.app!r}")
+        policy = app_spec.services[service].policy or Policy()
+    elif not as_json:
+        err.print("no --spec: judging with the default policy, not the service's own", highlight=False)
+    res = service_call(lambda: offer(deployer.settings, store, deployer, service, version,
+                                      policy=policy, holdout=holdout, force=force, reason=reason))
+    if as_json:
+        print(json.dumps(res.to_dict(), default=str))
+    else:
+        verdict = ("[green]passed[/]" if res.gate.passed else
+                   "[yellow]failed, forced[/]" if res.forced else "[red]rejected[/]")
+        out.print(f"{service}: promotion gate {verdict} for version {version} "
+                  f"(champion {res.champion_version})")
+        for line in [*res.gate.reasons, *res.notes]:
+            out.print(f"  - {line}", highlight=False)
+        out.print(f"{service}: serving version {res.served_version}")
+    if not res.promoted:
+        raise typer.Exit(1)
+
+
+def canary(
+    service: str,
+    version: Annotated[str | None, typer.Argument(help="the challenger; omit with --off")] = None,
+    share: Annotated[float, typer.Option(min=0.001, max=1.0, help="fraction of requests")] = 0.1,
+    off: Annotated[bool, typer.Option("--off", help="stop the canary")] = False,
+) -> None:
+    """Send a share of live traffic to a challenger version (answers returned and logged)."""
+    if (version is None) == (not off):
+        fail("give a VERSION, or --off to stop the canary")
+    operate(lambda ops, me: ops.canary(service, None if off else version, share, actor=me))
+    out.print(f"{service}: canary stopped" if off else
+              f"{service}: version {version} answers {share:.1%} of requests")
+
+
+def shadow(
+    service: str,
+    version: Annotated[str | None, typer.Argument(help="the challenger; omit with --off")] = None,
+    off: Annotated[bool, typer.Option("--off", help="stop shadowing")] = False,
+) -> None:
+    """Let a version score a copy of live traffic: logged, never returned."""
+    if (version is None) == (not off):
+        fail("give a VERSION, or --off to stop the shadow")
+    operate(lambda ops, me: ops.shadow(service, None if off else version, actor=me))
+    out.print(f"{service}: shadow stopped" if off else f"{service}: version {version} shadows live traffic")
+
+
+def stop(service: str) -> None:
+    """Stop a service."""
+    deployer, _ = deployer_and_store()
+    service_call(lambda: deployer.stop(service))
+    out.print(f"{service}: stopped")
+
+
+def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Services (champion, canary, shadow, previous version, live replicas per version) and agents."""
+    from scanflow.agents.process import AgentSupervisor  # lazy: the agent runtime (APScheduler)
+
+    settings, store = context()
+    from scanflow.control import backends  # lazy: the store (SQLAlchemy, ~0.5 s)
+
+    deployer = backends.deployer(settings, store)
+    if as_json:
+        print(json.dumps({
+            "services": [deployer.status(d.service) for d in store.list_deployments()],
+            "agents": AgentSupervisor(settings, store).status(),
+        }, indent=2, default=str))
+        return
+    t = Table("service", "model", "champion", "canary", "shadow", "previous", "replicas (live)",
+              "url", "status")
+    for d in store.list_deployments():
+        live = deployer.status(d.service) if d.status == "running" else None
+        by_version: dict[str, int] = {}
+        for w in (live or {}).get("workers", []):
+            if not w["draining"] and w["model_version"]:
+                by_version[w["model_version"]] = by_version.get(w["model_version"], 0) + 1
+        canary = (live or {}).get("canary")
+        t.add_row(
+            d.service, f"{d.model_name}@{d.alias}", str(d.model_version),
+            f"v{canary['version']} {canary['share']:.0%}" if canary else "-",
+            (live or {}).get("shadow_version") or "-", str(d.previous_version or "-"),
+            f"{d.replicas} ({', '.join(f'v{v}: {n}' for v, n in sorted(by_version.items())) or 0})",
+            f"http://{d.host}:{d.port}", live["status"] if live else d.status,
+        )
+    out.print(t)
+    a = Table("agent", "role", "pid", "status", "heartbeat")
+    for row in AgentSupervisor(settings, store).status():
+        a.add_row(row["name"], row["role"], str(row["pid"]), row["status"], iso(row["heartbeat"]))
+    out.print(a)

@@ -1,0 +1,228 @@
+"""Workflow commands: `run`, `runs list|show`, `logs`, `cancel`, `resume`, `engine serve`."""
+
+from __future__ import annotations
+
+import json
+import signal as _signal
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.live import Live
+from rich.table import Table
+
+from scanflow.cli.common import AppPath, context, err, fail, iso, load, load_noting, out
+
+runs_app = typer.Typer(no_args_is_help=True, help="Inspect workflow runs.")
+engine_app = typer.Typer(no_args_is_help=True, help="Run queued and triggered workflows.")
+
+
+def run(
+    path: AppPath,
+    workflow: Annotated[str, typer.Argument(help="workflow name")],
+    param: Annotated[
+        list[str] | None, typer.Option("--param", "-p", help="name=value or step.name=value")
+    ] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="re-execute every step")] = False,
+) -> None:
+    """Run a workflow in the foreground, with progress."""
+    from scanflow.control import backends  # lazy: the store (SQLAlchemy, ~0.5 s)
+    from scanflow.engine import ParamError  # lazy: the engine (SQLAlchemy, MLflow)
+    from scanflow.engine.params import parse_assignments, resolve_params  # lazy: the engine
+
+    spec = load(path)
+    if workflow not in spec.workflows:
+        fail(f"no workflow {workflow!r} in {spec.source} (known: {', '.join(sorted(spec.workflows))})")
+    try:
+        params = parse_assignments(param or [])
+        resolve_params(spec.workflows[workflow], params)
+    except ParamError as exc:
+        fail(str(exc))
+    settings, store = context()
+    engine = backends.engine(settings, store)
+    try:
+        run_id = engine.submit(spec, workflow, params, cache=not no_cache, status="running")
+    except ParamError as exc:
+        fail(str(exc))
+    _follow_run(engine, run_id, spec, workflow, lambda progress: engine.execute(run_id, spec, progress))
+
+
+def _follow_run(engine: Any, run_id: str, spec: Any, workflow: str, go: Any) -> None:
+    states = {s.name: "pending" for s in spec.workflows[workflow].steps}
+    for row in engine.store.list_steps(run_id):
+        states[row.step] = row.status
+    started = time.time()
+
+    def table() -> Table:
+        t = Table(title=f"{spec.app}/{workflow} {run_id[:12]}  {time.time() - started:5.1f}s",
+                  expand=False)
+        t.add_column("step")
+        t.add_column("status")
+        colours = {"succeeded": "green", "failed": "red", "running": "yellow", "skipped": "dim",
+                   "cached": "cyan", "cancelled": "magenta"}
+        for k, v in states.items():
+            t.add_row(k, f"[{colours.get(v, 'white')}]{v}[/]")
+        return t
+
+    with Live(table(), console=out, refresh_per_second=4, transient=False) as live:
+        def progress(step: str, status: str) -> None:
+            states[step] = status
+            live.update(table())
+
+        try:
+            result = go(progress)
+        except KeyboardInterrupt:
+            err.print(f"interrupted; `scanflow resume {run_id[:12]}` continues it")
+            raise typer.Exit(130) from None
+        live.update(table())
+    out.print(f"run [bold]{result.run_id}[/] {result.status}")
+    if not result.ok:
+        err.print(result.error or "", highlight=False, markup=False)
+        raise typer.Exit(1)
+
+
+@runs_app.command("list")
+def runs_list(
+    workflow: Annotated[str | None, typer.Option(help="only this workflow")] = None,
+    limit: int = 20,
+) -> None:
+    _, store = context()
+    t = Table("run", "app/team", "workflow", "status", "started", "by")
+    for r in store.list_runs(workflow, limit):
+        t.add_row(r.id[:12], f"{r.app}/{r.team}", r.workflow, r.status, iso(r.started_at),
+                  str(r.trigger.get("by", "")))
+    out.print(t)
+
+
+@runs_app.command("show")
+def runs_show(run_id: str) -> None:
+    _, store = context()
+    r = store.get_run(run_id)
+    if r is None:
+        fail(f"no run {run_id!r}")
+    out.print(f"run {r.id}  {r.app}/{r.team}  workflow {r.workflow}  [bold]{r.status}[/]")
+    out.print(f"started {iso(r.started_at)}  ended {iso(r.ended_at)}  mlflow {r.mlflow_run_id}")
+    out.print(f"params {json.dumps(r.params)}  trigger {json.dumps(r.trigger)}")
+    t = Table("step", "status", "exit", "tries", "secs", "cache key", "cached from")
+    steps = store.list_steps(r.id)
+    for s in steps:
+        secs = f"{s.ended_at - s.started_at:.2f}" if s.ended_at and s.started_at else "-"
+        src = s.cached_from.split("/") if s.cached_from else None
+        t.add_row(s.step, s.status, str(s.exit_code if s.exit_code is not None else "-"),
+                  str(s.attempts or 0), secs, (s.cache_key or "-")[:12],
+                  f"{src[0][:12]}/{src[1]}" if src else "-")
+    out.print(t)
+    for s in steps:
+        out.print(f"  {s.step}: log {s.log_path or '-'}  mlflow run {s.mlflow_run_id or '-'}",
+                  highlight=False, soft_wrap=True)
+    if r.error:
+        err.print(r.error, markup=False, highlight=False)
+
+
+def logs(
+    run_id: str,
+    step: Annotated[str | None, typer.Argument()] = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing until the run ends")]
+    = False,
+) -> None:
+    """Print a run's step logs."""
+    from scanflow.store.store import TERMINAL  # lazy: the store (SQLAlchemy, ~0.5 s)
+
+    _, store = context()
+    r = store.get_run(run_id)
+    if r is None:
+        fail(f"no run {run_id!r}")
+    steps = store.list_steps(r.id)
+    if step is not None and step not in {s.step for s in steps}:
+        fail(f"run {r.id[:12]} has no step {step!r} (steps: {', '.join(s.step for s in steps)})")
+    if not follow:
+        for s in steps:
+            if step and s.step != step:
+                continue
+            out.rule(s.step)
+            if s.log_path and Path(s.log_path).exists():
+                sys.stdout.write(Path(s.log_path).read_text(errors="replace"))
+                sys.stdout.flush()
+        return
+    from scanflow.settings import get_settings  # lazy: pydantic-settings (~90 ms)
+
+    run_dir = get_settings().runs_dir / r.id
+    offsets: dict[str, int] = {}
+    while True:
+        names = [step] if step else [s.step for s in store.list_steps(r.id)]
+        for name in names:
+            path = run_dir / f"{name}.log"
+            if not path.exists():
+                continue
+            with open(path, "rb") as f:
+                f.seek(offsets.get(name, 0))
+                chunk = f.read()
+                offsets[name] = f.tell()
+            if chunk:
+                for line in chunk.decode("utf-8", "replace").splitlines():
+                    sys.stdout.write(f"[{name}] {line}\n" if not step else line + "\n")
+                sys.stdout.flush()
+        cur = store.get_run(r.id)
+        if cur is None or cur.status in TERMINAL:
+            break
+        time.sleep(0.3)
+
+
+def cancel(run_id: str) -> None:
+    """Stop a running (or queued) run: running steps are killed, pending ones never start."""
+    from scanflow.control import backends  # lazy: the store (SQLAlchemy, ~0.5 s)
+
+    settings, store = context()
+    try:
+        state = backends.engine(settings, store).cancel(run_id)
+    except (KeyError, ValueError) as exc:
+        fail(str(exc).strip("'\""))
+    out.print(f"run {run_id}: {state}")
+
+
+def resume(run_id: str) -> None:
+    """Re-run only the failed, cancelled, interrupted or never-started steps of a run."""
+    from scanflow.control import backends  # lazy: the store (SQLAlchemy, ~0.5 s)
+
+    settings, store = context()
+    engine = backends.engine(settings, store)  # recovers runs of dead engines first
+    r = store.get_run(run_id)
+    if r is None:
+        fail(f"no run {run_id!r}")
+    if r.status not in {"failed", "cancelled", "interrupted"}:
+        fail(f"run {r.id[:12]} is {r.status}; only failed, cancelled or interrupted runs resume")
+    if not r.spec_path:
+        fail(f"run {r.id[:12]} was built in Python: resume it with LocalEngine.resume(run, app)")
+    spec = load(Path(r.spec_path))
+    _follow_run(engine, r.id, spec, r.workflow, lambda progress: engine.resume(r.id, spec, progress))
+
+
+@engine_app.command("serve")
+def engine_serve(
+    paths: Annotated[list[Path], typer.Argument(help="specs whose workflow triggers to watch")],
+    max_runs: Annotated[int, typer.Option(min=1, help="runs at once")] = 2,
+) -> None:
+    """Fire the specs' workflow triggers (interval, cron, date; a workflow run finished, a model
+    version registered or an alias moved, a prediction window full) and run queued runs fairly
+    across teams, until Ctrl-C. What happened while it was down fires when it starts."""
+    from scanflow.control import backends  # lazy: the store (SQLAlchemy, ~0.5 s)
+    from scanflow.control.workflow_triggers import WorkflowTriggers  # lazy: the store, APScheduler
+
+    specs = [load_noting(p) for p in paths]
+    settings, store = context()
+    engine = backends.engine(settings, store)
+    triggers = WorkflowTriggers(engine, specs)
+    stopping = {"flag": False}
+    _signal.signal(_signal.SIGTERM, lambda *_: stopping.update(flag=True))
+    caught_up = triggers.start()
+    out.print(f"watching {triggers.triggers} trigger(s) in {len(specs)} spec(s); caught up: "
+              f"{len(caught_up)} run(s) queued for what happened while down; running queued runs "
+              "(Ctrl-C stops)")
+    try:
+        engine.serve(lambda: stopping["flag"], max_runs=max_runs)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        triggers.stop()
