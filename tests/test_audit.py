@@ -16,7 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from scanflow.agents import Agent
-from scanflow.audit import why
+from scanflow.control.audit import why
 from scanflow.settings import Settings
 from scanflow.spec import load_application
 from scanflow.store import Store

@@ -694,8 +694,8 @@ def test_planner_scales_and_rolls_back_a_real_service(tmp_path: Path,
     from typer.testing import CliRunner
 
     from scanflow.agents import Agent
-    from scanflow.audit import why
     from scanflow.cli.main import app as cli
+    from scanflow.control.audit import why
     from scanflow.serving import LocalDeployer
     from scanflow.settings import Settings, get_settings
     from scanflow.spec import load_application

@@ -77,7 +77,7 @@ def _promote(*args: str) -> tuple[int, str]:
 
 
 def test_offered_versions_pass_the_gate_or_never_serve(served: tuple[DigitsWorkspace, str, Path]) -> None:
-    from scanflow.audit import why
+    from scanflow.control.audit import why
 
     ws, service, tmp = served
     store = ws.store

@@ -32,7 +32,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from scanflow.agents.errors import DuplicateTrigger, UnknownMessage, UnknownSensor, UnknownTrigger
-from scanflow.audit import why as audit_why
+from scanflow.control.audit import why as audit_why
 from scanflow.spec.models import AgentSpec, Application, SensorSpec, Trigger
 from scanflow.store import Store
 

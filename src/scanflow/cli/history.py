@@ -51,7 +51,7 @@ def why(
 ) -> None:
     """Why the service serves this model version with this many replicas: each decision with
     its evidence, the action, the run and model version it produced, and who approved it."""
-    from scanflow.audit import why as audit_why  # lazy: the store (SQLAlchemy, ~0.5 s)
+    from scanflow.control.audit import why as audit_why  # lazy: the store (SQLAlchemy, ~0.5 s)
 
     _, store = context()
     try:
