@@ -29,7 +29,7 @@ from scanflow.serving.validation import (
     to_model_input,
 )
 from scanflow.store import Store
-from serving_helpers import (
+from support.serving import (
     COLUMN_MODEL,
     MODEL,
     DigitsWorkspace,
