@@ -38,8 +38,8 @@ from support.serving import (
     register_broken_version,
     register_column_model,
     stop_everything,
-    wait_for,
 )
+from support.waiting import wait_for
 
 SERVICE = "digits-svc"
 

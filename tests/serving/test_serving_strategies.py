@@ -24,8 +24,8 @@ from support.serving import (
     digits_workspace,  # noqa: F401 - fixture
     register_column_model,
     stop_everything,
-    wait_for,
 )
+from support.waiting import wait_for
 
 SERVICE = "digits-rollouts"
 
