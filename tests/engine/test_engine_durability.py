@@ -21,6 +21,7 @@ from scanflow.procs import pid_alive
 from scanflow.settings import Settings
 from scanflow.spec import load_application
 from scanflow.store import Store
+from support.waiting import wait_for
 
 STEPS = '''
 import json, os, time
@@ -136,15 +137,6 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def counts(env: Path) -> dict[str, int]:
     p = env / "counter.json"
     return json.loads(p.read_text()) if p.exists() else {}
-
-
-def wait_for(cond, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
 
 
 def engine(settings: Settings, store: Store, **kw) -> LocalEngine:  # type: ignore[no-untyped-def]

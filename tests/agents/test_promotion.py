@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from scanflow.cli.main import app as cli
 from scanflow.serving import LocalDeployer
 from scanflow.settings import Settings, get_settings
-from serving_helpers import MODEL, DigitsWorkspace, _train_and_register
+from support.serving import MODEL, DigitsWorkspace, _train_and_register
 
 SPEC = textwrap.dedent(f"""
     app: demo

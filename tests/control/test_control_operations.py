@@ -17,7 +17,7 @@ from scanflow.control.leases import LeaseBusy, service_lease, service_lease_name
 from scanflow.control.operations import Actor, ModelOps, ServiceChanged
 from scanflow.settings import Settings
 from scanflow.store import Store
-from serving_helpers import MODEL, DigitsWorkspace, digits_workspace, stop_everything  # noqa: F401
+from support.serving import MODEL, DigitsWorkspace, digits_workspace, stop_everything  # noqa: F401
 
 SERVICE = "control-ops"
 ALICE = Actor.person("alice")

@@ -19,7 +19,7 @@ from scanflow.agents import Agent, AgentSpec, SensorSpec
 from scanflow.settings import Settings
 from scanflow.spec import Application, Service, validate_application
 from scanflow.store import Store
-from serving_helpers import MODEL, DigitsWorkspace, digits_workspace  # noqa: F401
+from support.serving import MODEL, DigitsWorkspace, digits_workspace  # noqa: F401
 
 
 class Hook:

@@ -699,7 +699,7 @@ def test_planner_scales_and_rolls_back_a_real_service(tmp_path: Path,
     from scanflow.serving import LocalDeployer
     from scanflow.settings import Settings, get_settings
     from scanflow.spec import load_application
-    from serving_helpers import MODEL, _train_and_register
+    from support.serving import MODEL, _train_and_register
 
     ws_root = tmp_path / "ws"
     monkeypatch.setenv("SCANFLOW_WORKSPACE", str(ws_root))
@@ -806,7 +806,7 @@ def test_sensor_estimates_accuracy_without_labels(tmp_path: Path, monkeypatch: p
     from scanflow.agents.planner import decide, service_signals
     from scanflow.settings import Settings, get_settings
     from scanflow.spec import load_application
-    from serving_helpers import MODEL, _train_and_register
+    from support.serving import MODEL, _train_and_register
 
     ws_root = tmp_path / "ws"
     monkeypatch.setenv("SCANFLOW_WORKSPACE", str(ws_root))

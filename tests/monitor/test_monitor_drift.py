@@ -28,7 +28,7 @@ from scanflow.monitor import (
     split_reference,
 )
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "mnist"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "mnist"
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ from scanflow.serving.validation import (
     to_model_input,
 )
 from scanflow.store import Store
-from serving_helpers import (
+from support.serving import (
     COLUMN_MODEL,
     MODEL,
     DigitsWorkspace,
@@ -38,8 +38,8 @@ from serving_helpers import (
     register_broken_version,
     register_column_model,
     stop_everything,
-    wait_for,
 )
+from support.waiting import wait_for
 
 SERVICE = "digits-svc"
 

@@ -30,6 +30,7 @@ from scanflow.settings import Settings
 from scanflow.spec import SpecError, load_application
 from scanflow.store import Store
 from scanflow.store.schema import Message
+from support.waiting import wait_for
 
 PARTS = '''
 from scanflow.agents import actuator
@@ -108,16 +109,6 @@ def _new_version(settings: Settings, tmp_path: Path) -> str:
     src = tmp_path / "model-files"
     src.mkdir(exist_ok=True)
     return str(client.create_model_version("tiny", source=str(src)).version)
-
-
-def _wait(cond: Any, timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
 
 
 def test_each_event_is_judged_once_across_replays_and_restarts(
@@ -202,7 +193,7 @@ def test_cron_fires_on_schedule_and_a_date_fires_once_ever(tmp_path: Path, setti
     agent = Agent(settings, store, app, "clock")
     agent.start()
     try:
-        _wait(lambda: len(fired("tick")) >= 2 and all(
+        wait_for(lambda: len(fired("tick")) >= 2 and all(
             t["fired_at"] for t in agent.sensor_info("once")["triggers"]), timeout=20)
         info = agent.sensor_info("tick")
         assert info["triggers"][0]["next_fire_time"] is not None and not info["paused"]
@@ -219,7 +210,7 @@ def test_cron_fires_on_schedule_and_a_date_fires_once_ever(tmp_path: Path, setti
     again = Agent(settings, store, app, "clock")
     again.start()
     try:
-        _wait(lambda: len(fired("tick")) >= len(ticks) + 2, timeout=20)
+        wait_for(lambda: len(fired("tick")) >= len(ticks) + 2, timeout=20)
     finally:
         again.stop()
     assert len(fired("once")) == 2
@@ -324,7 +315,7 @@ def test_fires_missed_while_down_are_coalesced_or_skipped(tmp_path: Path, settin
     first = Agent(settings, store, app, "clock")
     first.start()
     try:
-        _wait(lambda: decisions("every_c") and decisions("every_s"))  # an interval fires at start
+        wait_for(lambda: decisions("every_c") and decisions("every_s"))  # an interval fires at start
     finally:
         first.stop()
     time.sleep(max(0.0, (soon - datetime.now(UTC)).total_seconds()) + 0.5)  # down past the date
@@ -333,7 +324,7 @@ def test_fires_missed_while_down_are_coalesced_or_skipped(tmp_path: Path, settin
     again = Agent(settings, store, app, "clock")
     again.start()
     try:
-        _wait(lambda: all(coalesced(s) for s in ("cron_c", "every_c", "date_c")) and len(skipped()) == 3)
+        wait_for(lambda: all(coalesced(s) for s in ("cron_c", "every_c", "date_c")) and len(skipped()) == 3)
         info = {s["name"]: s["triggers"][0] for s in again.sensors_info()}
     finally:
         again.stop()

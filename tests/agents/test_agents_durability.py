@@ -21,6 +21,7 @@ from scanflow.agents.runtime import FAILPOINT_ENV
 from scanflow.procs import pid_alive
 from scanflow.settings import Settings
 from scanflow.store import Store
+from support.waiting import wait_for
 
 PARTS = '''
 import hashlib, os, signal, time
@@ -229,16 +230,6 @@ def _log(store: Store, n: int, start: int = 0) -> None:
     )
 
 
-def _wait(cond: Any, timeout: float = 60.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(0.05)
-    raise AssertionError(f"{what} not met within {timeout}s")
-
-
 def _pids(sup: AgentSupervisor) -> dict[str, int]:
     return {r["name"]: r["pid"] for r in sup.status() if r["status"] == "running"}
 
@@ -280,7 +271,7 @@ def test_kill_at_each_point_loses_and_repeats_nothing(
                 all(m.status == "done" for m in store.list_messages("receiver")) and \
                 store.get_state("receiver", "judged") is not None and \
                 not store.state_items("receiver", "_pending:")
-        _wait(settled, what=f"recovery from a kill at {point}")
+        wait_for(settled, what=f"recovery from a kill at {point}", timeout=60)
     finally:
         sup.stop()
     assert crashes == {"monitor": 1, "receiver": 1}  # each agent really died at the point
@@ -306,13 +297,15 @@ def test_kill_in_the_middle_of_an_actuator(agent: str, tmp_path: Path, settings:
     store.send_message("someone", agent, "hang", {}, key="h1")
     log = tmp_path / "effects" / "hang.log"
     try:
-        _wait(lambda: log.exists() and "begin" in log.read_text(), what="the actuator to start")
+        wait_for(lambda: log.exists() and "begin" in log.read_text(),
+                 what="the actuator to start", timeout=60)
         os.kill(pid, signal.SIGKILL)
-        _wait(lambda: not pid_alive(pid))
+        wait_for(lambda: not pid_alive(pid), timeout=60)
         (cut,) = store.list_decisions(agent)  # decided before acting: not lost
         assert [a["status"] for a in cut.actions] == ["pending"]
         sup.start(app, [agent])
-        _wait(lambda: store.list_messages(agent)[0].status == "done", what="the message to be handled")
+        wait_for(lambda: store.list_messages(agent)[0].status == "done",
+                 what="the message to be handled", timeout=60)
     finally:
         sup.stop()
     key = f"{agent}:jobs:h1:hang_once"
@@ -335,13 +328,16 @@ def test_kill_during_a_workflow_run_continues_that_run(tmp_path: Path, settings:
     pid = sup.start(app, ["runner"])["runner"]
     store.send_message("someone", "runner", "run", {}, key="go")
     try:
-        _wait(lambda: steps.exists() and "second" in steps.read_text(), what="step `second` to start")
+        wait_for(lambda: steps.exists() and "second" in steps.read_text(),
+                 what="step `second` to start", timeout=60)
         os.kill(pid, signal.SIGKILL)
-        _wait(lambda: not pid_alive(pid))
+        wait_for(lambda: not pid_alive(pid), timeout=60)
         sup.start(app, ["runner"])
-        _wait(lambda: steps.read_text().splitlines().count("second") == 2, what="`second` to run again")
+        wait_for(lambda: steps.read_text().splitlines().count("second") == 2,
+                 what="`second` to run again", timeout=60)
         (tmp_path / "release").touch()
-        _wait(lambda: store.list_messages("runner")[0].status == "done", what="the message to be handled")
+        wait_for(lambda: store.list_messages("runner")[0].status == "done",
+                 what="the message to be handled", timeout=60)
     finally:
         sup.stop()
     assert steps.read_text().splitlines() == ["first", "second", "second", "second done"]
@@ -369,12 +365,12 @@ def test_random_kills_of_sender_and_receiver(tmp_path: Path, settings: Settings)
             pid = _pids(sup).get(name)
             if pid is not None:
                 os.kill(pid, signal.SIGKILL)
-                _wait(lambda pid=pid: not pid_alive(pid))
+                wait_for(lambda pid=pid: not pid_alive(pid), timeout=60)
                 kills += 1
                 sup.start(app, [name])
-        _wait(lambda: _cursor(store) == 100 and len(_effects(tmp_path)) == 20
-              and all(m.status == "done" for m in store.list_messages("receiver")), timeout=120,
-              what="all 20 windows handled")
+        wait_for(lambda: _cursor(store) == 100 and len(_effects(tmp_path)) == 20
+                 and all(m.status == "done" for m in store.list_messages("receiver")), timeout=120,
+                 what="all 20 windows handled")
         time.sleep(0.5)  # a duplicate would have time to show
     finally:
         sup.stop()
@@ -417,8 +413,9 @@ def test_poison_messages_are_dead_lettered_while_the_others_flow(tmp_path: Path,
         return {m.key: m for m in store.list_messages("picky")}
 
     try:
-        _wait(lambda: {m.status for m in messages().values()} == {"dead", "done"}
-              and sum(m.status == "dead" for m in messages().values()) == 3, what="three dead letters")
+        wait_for(lambda: {m.status for m in messages().values()} == {"dead", "done"}
+                 and sum(m.status == "dead" for m in messages().values()) == 3,
+                 what="three dead letters", timeout=60)
         got = messages()
         for kind in kinds:
             bad, good = got[f"bad-{kind}"], got[f"good-{kind}"]
@@ -445,7 +442,8 @@ def test_poison_messages_are_dead_lettered_while_the_others_flow(tmp_path: Path,
             again = c.post(f"/messages/{dead[0]['id']}/requeue")
             assert again.status_code == 409 and "not dead-lettered" in again.json()["detail"]
             assert c.post("/messages/999999/requeue").status_code == 404
-            _wait(lambda: all(m.status == "done" for m in messages().values()), what="requeued handled")
+            wait_for(lambda: all(m.status == "done" for m in messages().values()),
+                     what="requeued handled", timeout=60)
     finally:
         sup.stop()
     assert all(m.attempts == 1 for k, m in messages().items() if k.startswith("bad-"))
@@ -484,7 +482,7 @@ def test_a_message_that_kills_its_agent_is_dead_lettered(tmp_path: Path, setting
         return {m.key: m.status for m in store.list_messages("killer")} == {"deadly": "dead", "after": "done"}
 
     try:
-        _wait(settled, what="the deadly message dead-lettered")
+        wait_for(settled, what="the deadly message dead-lettered", timeout=60)
     finally:
         sup.stop()
     assert deaths == 2
@@ -498,7 +496,8 @@ def test_a_message_that_kills_its_agent_is_dead_lettered(tmp_path: Path, setting
     assert store.requeue_message("killer", deadly.id).status == "pending"
     sup.start(app, ["killer"])
     try:
-        _wait(lambda: all(m.status == "done" for m in store.list_messages("killer")), what="requeued handled")
+        wait_for(lambda: all(m.status == "done" for m in store.list_messages("killer")),
+                 what="requeued handled", timeout=60)
     finally:
         sup.stop()
     assert _effects(tmp_path) == ["after", "deadly"]
@@ -515,10 +514,10 @@ def test_fires_missed_across_kill_9_are_coalesced_or_skipped(tmp_path: Path, set
     app = _app(tmp_path)
     sup = AgentSupervisor(settings, store)
     pid = sup.start(app, ["clock"])["clock"]
-    _wait(lambda: {d.sensor for d in store.list_decisions("clock")} == {"coalescing", "skipping"},
-          what="the fires at start")
+    wait_for(lambda: {d.sensor for d in store.list_decisions("clock")} == {"coalescing", "skipping"},
+             what="the fires at start", timeout=60)
     os.kill(pid, signal.SIGKILL)
-    _wait(lambda: not pid_alive(pid))
+    wait_for(lambda: not pid_alive(pid), timeout=60)
     before = len(store.list_decisions("clock"))
     time.sleep(2.5)  # down across at least two fire times of each trigger
     sup.start(app, ["clock"])
@@ -527,7 +526,8 @@ def test_fires_missed_across_kill_9_are_coalesced_or_skipped(tmp_path: Path, set
         return [d for d in store.list_decisions("clock")[before:] if d.sensor == sensor]
 
     try:
-        _wait(lambda: len(after("coalescing")) >= 2 and after("skipping"), what="fires after the restart")
+        wait_for(lambda: len(after("coalescing")) >= 2 and after("skipping"),
+                 what="fires after the restart", timeout=60)
         with sup.client("clock") as c:
             triggers = {s["name"]: s["triggers"][0] for s in c.get("/sensors").json()}
     finally:
@@ -554,12 +554,12 @@ def test_a_scheduled_fire_cut_off_by_kill_9_is_replayed_under_its_key(
     monkeypatch.setenv(FAILPOINT_ENV, "before_decision")
     pid = sup.start(app, ["hourly"])["hourly"]
     monkeypatch.delenv(FAILPOINT_ENV)
-    _wait(lambda: not pid_alive(pid), what="the kill at the first fire")
+    wait_for(lambda: not pid_alive(pid), what="the kill at the first fire", timeout=60)
     (record,) = store.state_items("hourly", "_fire:").values()
     assert record["done"] is False and not store.list_decisions("hourly")
     sup.start(app, ["hourly"])
     try:
-        _wait(lambda: _effects(tmp_path), what="the replayed fire")
+        wait_for(lambda: _effects(tmp_path), what="the replayed fire", timeout=60)
         time.sleep(0.5)  # a second fire would have time to show
     finally:
         sup.stop()

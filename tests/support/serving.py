@@ -180,18 +180,6 @@ class KeepAliveLoad:
                         self.result.errors.append(f"HTTP {r.status_code}: {r.text[:200]}")
 
 
-def wait_for(cond: Any, timeout: float = 30.0, interval: float = 0.05) -> Any:
-    """Poll until `cond()` is truthy; returns its value (fails the test on timeout)."""
-    end = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > end:
-            pytest.fail(f"condition not met within {timeout}s")
-        time.sleep(interval)
-
-
 # -- a column-signature model that can fail ---------------------------------------------------
 COLUMN_MODEL = "adder"
 _ADDER_CODE = '''

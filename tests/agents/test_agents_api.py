@@ -23,6 +23,7 @@ from scanflow.procs import pid_alive
 from scanflow.settings import Settings
 from scanflow.spec import load_application
 from scanflow.store import Store
+from support.waiting import wait_for
 
 PARTS = '''
 from scanflow.agents import actuator, rule, sensor
@@ -82,7 +83,7 @@ def served(app_dir: Path, settings: Settings) -> Iterator[tuple[Agent, httpx.Cli
     stop = threading.Event()
     t = threading.Thread(target=agent.run_forever, args=(stop.is_set,), daemon=True)
     t.start()
-    _wait(lambda: agent.api_url is not None and _up(agent.api_url))
+    wait_for(lambda: agent.api_url is not None and _up(agent.api_url))
     with httpx.Client(base_url=str(agent.api_url), timeout=30) as client:
         yield agent, client
     stop.set()
@@ -94,16 +95,6 @@ def _up(url: str) -> bool:
         return httpx.get(f"{url}/health", timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
-
-
-def _wait(cond: Any, timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
 
 
 def test_api_lists_fires_pauses_and_changes_triggers(served: tuple[Agent, httpx.Client],
@@ -130,7 +121,7 @@ def test_api_lists_fires_pauses_and_changes_triggers(served: tuple[Agent, httpx.
     time.sleep(0.6)  # a few poll periods
     assert [m.key for m in agent.store.inbox("watcher")] == ["while-paused"]
     assert c.post("/sensors/pings/resume").json()["paused"] is False
-    _wait(lambda: agent.store.inbox("watcher") == [])
+    wait_for(lambda: agent.store.inbox("watcher") == [])
     decision = next(d for d in c.get("/decisions").json() if d["sensor"] == "pings")
     assert decision["fired"] and decision["evidence"]["reason"] == "n=1"
 
@@ -206,7 +197,7 @@ def test_api_lists_dead_letters_and_requeues_them(served: tuple[Agent, httpx.Cli
     def dead() -> list[dict[str, Any]]:
         return c.get("/messages", params={"status": "dead"}).json()  # type: ignore[no-any-return]
 
-    (bad,) = _wait(dead)
+    (bad,) = wait_for(dead)
     assert (bad["key"], bad["attempts"], bad["kind"]) == ("bad-ping", 2, "ping")  # max_attempts: 2
     assert bad["error"].startswith("TypeError: ") and bad["handled_at"]
     (good,) = c.get("/messages", params={"status": "done"}).json()
@@ -221,7 +212,7 @@ def test_api_lists_dead_letters_and_requeues_them(served: tuple[Agent, httpx.Cli
     assert requeued.status_code == 200
     assert [requeued.json()[k] for k in ("status", "attempts", "error")] == ["pending", 0, None]
     # tried again (twice: the rule still fails) and dead-lettered again
-    _wait(lambda: [e["kind"] for e in c.get("/events").json()].count("message_dead_lettered") == 2)
+    wait_for(lambda: [e["kind"] for e in c.get("/events").json()].count("message_dead_lettered") == 2)
     assert [(m["key"], m["attempts"]) for m in dead()] == [("bad-ping", 2)]
     assert "message_requeued" in [e["kind"] for e in c.get("/events").json()]
     r = c.post(f"/messages/{good['id']}/requeue")
@@ -275,9 +266,9 @@ def test_cli_drives_agent_processes_and_changes_survive_restarts(
         # an agent declared in Python handles its messages like any other
         store.send_message("x", "pyagent", "hello", {}, key="hello-1")
         store.send_message("x", "watcher", "ping", {"n": "x"}, key="bad-cli")  # its rule raises
-        _wait(lambda: (tmp_path / "py-notes.txt").exists())
+        wait_for(lambda: (tmp_path / "py-notes.txt").exists())
         assert (tmp_path / "py-notes.txt").read_text() == "hello-1\n"
-        (poison,) = _wait(lambda: store.list_messages("watcher", status="dead"))
+        (poison,) = wait_for(lambda: store.list_messages("watcher", status="dead"))
 
         status = _cli(ws, "agents", "status", "watcher").stdout
         assert "nightly" in status and "cron '0 3 * * *' (UTC)" in status and "active" in status
@@ -297,7 +288,7 @@ def test_cli_drives_agent_processes_and_changes_survive_restarts(
         # kill -9 and start again: the pause and the trigger changes were stored
         old = rows["watcher"]["pid"]
         os.kill(old, 9)
-        _wait(lambda: not pid_alive(old))
+        wait_for(lambda: not pid_alive(old))
         sup = AgentSupervisor(settings, store)
         assert {r["name"]: r["status"] for r in sup.status()}["watcher"] == "dead"
         # requeue works with the agent down (the store is the queue): tried again at its start
@@ -316,7 +307,7 @@ def test_cli_drives_agent_processes_and_changes_survive_restarts(
         assert "resumed" in _cli(ws, "agents", "resume", "watcher").stdout
         with sup.client("watcher") as c:
             assert not any(s["paused"] for s in c.get("/sensors").json())
-        (again,) = _wait(lambda: store.list_messages("watcher", status="dead"))  # failed twice more
+        (again,) = wait_for(lambda: store.list_messages("watcher", status="dead"))  # failed twice more
         assert again.id == poison.id and again.attempts == 2
         assert f"requeued message {poison.id}" in _cli(ws, "agents", "requeue", "watcher", "--all").stdout
     finally:

@@ -27,7 +27,7 @@ from scanflow.store import Store
 from scanflow.store.db import normalise_url
 from scanflow.store.migrate import HEAD, VERSION_TABLE, SchemaError, ensure_schema, status
 
-FIXTURES = Path(__file__).parent / "fixtures" / "store_15096dd"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "store_15096dd"
 RUN_ID = "0123456789abcdef0123456789abcdef"
 NOW = 1_760_000_000.125
 F32 = np.asarray([0.5, 1.25, -2.0, 3.75], dtype=np.float32)

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 import warnings
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -28,6 +27,7 @@ from scanflow.spec import SpecError, load_application
 from scanflow.spec.models import Trigger, Workflow
 from scanflow.spec.triggers import SpecDeprecationWarning
 from scanflow.store import Store
+from support.waiting import wait_for
 
 SPEC = '''
 app: demo
@@ -51,16 +51,6 @@ def _app_dir(tmp_path: Path, spec: str = SPEC) -> Path:
     return d
 
 
-def _wait(cond: Any, timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(0.1)
-    raise AssertionError("condition not met in time")
-
-
 class _Serve:
     """`scanflow engine serve APP` as a process of its own, its output collected."""
 
@@ -79,8 +69,8 @@ class _Serve:
 
     def started(self) -> str:
         """The line `engine serve` prints once it has caught up and watches its triggers."""
-        return _wait(lambda: next((ln for ln in self.lines if "caught up" in ln), None)
-                     or (self.proc.poll() is not None and self._died()))
+        return wait_for(lambda: next((ln for ln in self.lines if "caught up" in ln), None)
+                        or (self.proc.poll() is not None and self._died()), timeout=60)
 
     def _died(self) -> None:
         raise AssertionError("engine serve exited:\n" + "\n".join(self.lines))
@@ -110,7 +100,7 @@ def test_a_run_finished_while_engine_serve_was_down_fires_once_at_restart(
     second = _Serve(d)
     try:
         assert "caught up: 1 run(s)" in second.started()
-        (run,) = _wait(lambda: [r for r in downstream() if r.status == "succeeded"])
+        (run,) = wait_for(lambda: [r for r in downstream() if r.status == "succeeded"], timeout=60)
     finally:
         second.stop()
     assert run.trigger["by"] == "workflow" and run.trigger["after_run"] == upstream.run_id
@@ -171,7 +161,7 @@ def test_time_triggers_of_workflows_are_durable(settings: Settings, tmp_path: Pa
     svc = WorkflowTriggers(eng, [app])
     svc.start()
     try:
-        _wait(lambda: runs("hourly") and runs("once"))
+        wait_for(lambda: runs("hourly") and runs("once"), timeout=60)
     finally:
         svc.stop()
     (hourly,) = runs("hourly")

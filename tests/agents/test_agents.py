@@ -16,6 +16,7 @@ from scanflow.procs import pid_alive
 from scanflow.settings import Settings
 from scanflow.spec import load_application
 from scanflow.store import Store
+from support.waiting import wait_for
 
 CUSTOM = '''
 from pathlib import Path
@@ -122,13 +123,13 @@ def test_agent_processes_deliver_messages_across_restarts(app_dir: Path, setting
     store.send_message("someone", "receiver", "window", {"n": 1}, key="sent-while-down")
     pids = sup.start(app_dir, ["receiver"])
     try:
-        _wait(lambda: record.exists() and "sent-while-down" in record.read_text())
+        wait_for(lambda: record.exists() and "sent-while-down" in record.read_text())
         os.kill(pids["receiver"], signal.SIGKILL)  # crash
-        _wait(lambda: not pid_alive(pids["receiver"]))
+        wait_for(lambda: not pid_alive(pids["receiver"]))
         store.send_message("someone", "receiver", "window", {"n": 2}, key="sent-while-dead")
         assert sup.status()[0]["status"] == "dead"
         pids = sup.start(app_dir, ["receiver"])
-        _wait(lambda: "sent-while-dead" in record.read_text())
+        wait_for(lambda: "sent-while-dead" in record.read_text())
         time.sleep(1.0)  # give a duplicate a chance to appear
         assert record.read_text().splitlines() == ["sent-while-down", "sent-while-dead"]
         assert len(store.list_decisions("receiver")) == 2
@@ -143,15 +144,6 @@ def test_unknown_agent_is_refused(app_dir: Path, settings: Settings, store: Stor
         Agent(settings, store, load_application(app_dir), "ghost")
     with pytest.raises(KeyError, match="ghost"):
         AgentSupervisor(settings, store).start(app_dir, ["ghost"])
-
-
-def _wait(cond, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if cond():
-            return
-        time.sleep(0.1)
-    raise AssertionError("condition not met in time")
 
 
 def test_long_keys_forwarded_between_agents_still_fit(settings: Settings, store: Store) -> None:

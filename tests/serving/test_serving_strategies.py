@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from scanflow.serving import LocalDeployer
 from scanflow.serving.batching import BatchConfig
-from serving_helpers import (
+from support.serving import (
     COLUMN_MODEL,
     MODEL,
     DigitsWorkspace,
@@ -24,8 +24,8 @@ from serving_helpers import (
     digits_workspace,  # noqa: F401 - fixture
     register_column_model,
     stop_everything,
-    wait_for,
 )
+from support.waiting import wait_for
 
 SERVICE = "digits-rollouts"
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from scanflow.serving import LocalDeployer
-from serving_helpers import (
+from support.serving import (
     MODEL,
     DigitsWorkspace,
     KeepAliveLoad,

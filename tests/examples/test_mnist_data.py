@@ -15,7 +15,7 @@ import pytest
 from scipy import ndimage
 from sklearn.datasets import load_digits
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "mnist"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples" / "mnist"))
 
 import corruptions  # noqa: E402
 import mnist_data  # noqa: E402
