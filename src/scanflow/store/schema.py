@@ -1,6 +1,6 @@
 """Tables of the store. Times are UNIX seconds (float): portable, indexable, cheap to window.
 
-A change here needs a new Alembic revision in `migrations/versions/` (tests/test_migrations.py
+A change here needs a new Alembic revision in `migrations/versions/` (tests/store/test_migrations.py
 fails when the revisions and these tables disagree)."""
 
 from __future__ import annotations
