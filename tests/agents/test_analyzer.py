@@ -21,8 +21,12 @@ def _register(settings: Settings, reference: np.ndarray) -> str:
     from sklearn.dummy import DummyClassifier
 
     mlflow.set_tracking_uri(settings.tracking)
+    # artifacts in the test's workspace (the default experiment would write ./mlruns in the cwd)
+    exp = mlflow.get_experiment_by_name("analyzer")
+    exp_id = exp.experiment_id if exp else mlflow.create_experiment(
+        "analyzer", artifact_location=settings.artifacts.as_uri())
     model = DummyClassifier().fit(reference, np.zeros(len(reference)))
-    with mlflow.start_run(), tempfile.TemporaryDirectory() as tmp:
+    with mlflow.start_run(experiment_id=exp_id), tempfile.TemporaryDirectory() as tmp:
         np.save(Path(tmp) / "reference.npy", reference)
         mlflow.log_artifact(str(Path(tmp) / "reference.npy"), "reference")
         info = mlflow.sklearn.log_model(model, name="model", pip_requirements=["scikit-learn"])
