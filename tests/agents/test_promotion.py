@@ -45,7 +45,8 @@ def served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Di
     ws = _train_and_register(settings)
     X, y = ws.X, ws.y
     bad = LogisticRegression(max_iter=200).fit(X, np.random.default_rng(0).permutation(y))
-    with mlflow.start_run():
+    exp = mlflow.get_experiment_by_name("serving-tests")  # artifacts in the workspace, not ./mlruns
+    with mlflow.start_run(experiment_id=exp.experiment_id if exp else None):
         info = mlflow.sklearn.log_model(bad, name="model", pip_requirements=["scikit-learn"])
     assert mlflow.register_model(info.model_uri, MODEL).version == 3
     (tmp_path / "app").mkdir()
