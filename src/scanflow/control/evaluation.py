@@ -21,14 +21,16 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-EVAL_TAG_PREFIX = "eval."
-CHALLENGER_ALIAS = "challenger"
-CANDIDATE_ACC_NEW = "candidate_acc_new"
-CHAMPION_ACC_NEW = "champion_acc_new"
-CANDIDATE_ACC_CLEAN = "candidate_acc_clean"
-CHAMPION_ACC_CLEAN = "champion_acc_clean"
-N_HOLDOUT = "n_holdout"
-REQUIRED_FIGURES = (CANDIDATE_ACC_NEW, CHAMPION_ACC_NEW, CANDIDATE_ACC_CLEAN, CHAMPION_ACC_CLEAN)
+from scanflow.tracking.contracts import (  # the contract's names live with its writers
+    CANDIDATE_ACC_CLEAN,
+    CANDIDATE_ACC_NEW,
+    CHALLENGER_ALIAS,
+    CHAMPION_ACC_CLEAN,
+    CHAMPION_ACC_NEW,
+    EVAL_TAG_PREFIX,
+    N_HOLDOUT,
+    REQUIRED_FIGURES,
+)
 
 
 class VersionTags(Protocol):
