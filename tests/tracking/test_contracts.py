@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from scanflow.control.evaluation import candidate_evaluation
+from scanflow.settings import Settings
+from scanflow.tracking import (
+    MlflowTracker,
+    log_model_with_reference,
+    publish_evaluation,
+)
 from scanflow.tracking.contracts import (
+    REFERENCE_ARTIFACT,
     ContractError,
     NewData,
     evaluate_candidate,
@@ -49,3 +58,94 @@ def test_evaluation_counts_the_rows_only_one_model_gets_right() -> None:
     assert ev["n_holdout"] == 10 and ev["n_clean"] == 5
     with pytest.raises(ContractError, match="empty"):
         evaluate_candidate(Threshold(4), Threshold(6), (x[:0], y[:0]), (x, y))
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowTracker]:
+    """A real MLflow (sqlite) for the module, its artifacts in the tmp folder (creating the
+    database costs seconds); the fluent API points at it while the module runs."""
+    import mlflow
+
+    root = tmp_path_factory.mktemp("contracts-mlflow")
+    settings = Settings(workspace=root).ensure()
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(settings.tracking)
+    exp = mlflow.create_experiment("contracts", artifact_location=(root / "artifacts").as_uri())
+    mlflow.set_experiment(experiment_id=exp)
+    try:
+        yield MlflowTracker(settings)
+    finally:
+        mlflow.set_tracking_uri(before)
+
+
+def _fitted(seed: int) -> tuple[object, np.ndarray]:
+    from sklearn.linear_model import LogisticRegression
+
+    x = np.random.default_rng(seed).normal(size=(60, 3))
+    return LogisticRegression().fit(x, (x[:, 0] > 0).astype(int)), x
+
+
+def test_a_model_is_logged_with_its_reference_where_the_analyzer_reads_it(
+    registry: MlflowTracker, tmp_path: Path
+) -> None:
+    import mlflow
+
+    model, x = _fitted(0)
+    version = log_model_with_reference(model, x[:40], "ref-model", alias="champion")
+    assert registry.alias_version("ref-model", "champion") == version
+    run_id = registry.model_version("ref-model", version).run_id
+    assert REFERENCE_ARTIFACT in registry.list_artifacts(run_id, "reference")
+    assert mlflow.active_run() is None  # the run it started is closed
+    got = np.load(registry.download(run_id, REFERENCE_ARTIFACT, str(tmp_path)))
+    assert np.array_equal(got, x[:40])
+    assert registry.model_loader("ref-model", version) == "mlflow.sklearn"
+
+    with mlflow.start_run() as run:  # a step's run is active: the model and sample go there
+        again = log_model_with_reference(model, x[40:], "ref-model")
+    assert registry.model_version("ref-model", again).run_id == run.info.run_id
+    assert int(again) == int(version) + 1 and registry.alias_version("ref-model", "champion") == version
+
+    with pytest.raises(ContractError, match="at least 2 rows"):
+        log_model_with_reference(model, x[:1], "ref-model")
+    with pytest.raises(ContractError, match="must be numeric"):
+        log_model_with_reference(model, np.array([["a", "b"], ["c", "d"]]), "ref-model")
+
+
+def test_published_evaluation_is_what_the_gate_reads(registry: MlflowTracker) -> None:
+    candidate, x = _fitted(1)
+    champion, _ = _fitted(2)
+    y = (x[:, 0] > 0).astype(int)
+    version = log_model_with_reference(candidate, x, "eval-model")
+    figures = evaluate_candidate(candidate, champion, (x[:30], y[:30]), (x[30:], y[30:]))
+    publish_evaluation("eval-model", version, figures)
+
+    assert registry.alias_version("eval-model", "challenger") == version
+    tags = registry.model_version("eval-model", version).tags
+    assert set(tags) >= {f"eval.{k}" for k in figures}
+    ev = candidate_evaluation(registry, "eval-model", version)  # the executor's reader
+    assert ev.candidate_acc_new == pytest.approx(figures["candidate_acc_new"], abs=1e-6)
+    assert ev.figures["new_candidate_only"] == figures["new_candidate_only"]
+    assert ev.n_holdout == 30
+
+    with pytest.raises(ContractError, match="lacks champion_acc_new"):
+        publish_evaluation("eval-model", version, {k: v for k, v in figures.items()
+                                                   if k != "champion_acc_new"})
+    with pytest.raises(ContractError, match="candidate_acc_clean is nan"):
+        publish_evaluation("eval-model", version, {**figures, "candidate_acc_clean": float("nan")})
+    with pytest.raises(ContractError, match="n_clean is 'many', not a number"):
+        publish_evaluation("eval-model", version, {**figures, "n_clean": "many"})  # type: ignore[dict-item]
+    later = log_model_with_reference(candidate, x, "eval-model")
+    publish_evaluation("eval-model", later, figures, alias=None)  # tags only: the alias stays
+    assert registry.alias_version("eval-model", "challenger") == version
+
+
+def test_the_helpers_are_exported_without_loading_mlflow() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, scanflow.tracking as t; assert 'mlflow' not in sys.modules; "
+            "assert 'numpy' not in sys.modules; "
+            "from scanflow.tracking import log_model_with_reference, read_new_data, evaluate_candidate, "
+            "publish_evaluation; assert 'mlflow' not in sys.modules; print(publish_evaluation.__module__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "scanflow.tracking.contracts"

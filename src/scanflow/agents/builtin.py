@@ -13,8 +13,9 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import numpy as np
@@ -22,6 +23,7 @@ import numpy as np
 from scanflow.agents.gate import policy_for, promotion_gate
 from scanflow.agents.planner import rollback as guarded_rollback
 from scanflow.agents.registry import actuator, rule, sensor
+from scanflow.agents.retrain_contract import ContractViolation, RetrainRun, check_candidate, check_workflow
 from scanflow.agents.runtime import AgentContext, Observation, bounded_key, jsonable
 from scanflow.control.evaluation import CHALLENGER_ALIAS, candidate_evaluation
 from scanflow.control.events import Messages, PredictionWindow
@@ -29,8 +31,10 @@ from scanflow.control.operations import Actor, ModelOps, check_registered
 from scanflow.engine import RunResult
 from scanflow.spec.loader import load_application
 from scanflow.spec.models import MessageEvent, PredictionWindowEvent
+from scanflow.tracking.contracts import NEW_DATA_PARAM, NewData, write_new_data
 
 log = logging.getLogger("scanflow.agents.builtin")
+T = TypeVar("T")
 
 
 # -- sensors ------------------------------------------------------------------------------
@@ -440,8 +444,10 @@ def retrain_and_promote(
     (`gate.promotion_gate`: better than the champion on held-out data of the new
     distribution, at most a set loss on the clean test set, enough labelled samples).
 
-    The workflow must register its candidate as `challenger` with the figures of
-    :mod:`scanflow.control.evaluation` as `eval.*` version tags; the promotion goes through
+    The contracts of :mod:`scanflow.tracking.contracts` are checked before the run (the
+    workflow takes `new_data`) and after it (a new `challenger` with its reference sample and
+    `eval.*` tags): a violation is a `contract_violation` event naming the helper that writes
+    what is missing. The promotion goes through
     :meth:`scanflow.control.operations.ModelOps.promote` with the gate's evidence."""
     svc = obs.data.get("service") or ctx.service
     if svc is None:
@@ -450,25 +456,31 @@ def retrain_and_promote(
     if dep is None:
         raise ValueError(f"service {svc!r} is not deployed")
     episode = obs.data.get("episode", 1)
+    model = dep.model_name
+    target = load_application(_relative(ctx, app))
+    warnings = _contract(ctx, episode, None, lambda: check_workflow(target, workflow, model))
     since_id, rows = _labelled_rows(ctx, obs, svc, dep.model_version, min_labels, label_wait_s)
     n_hold = max(1, int(len(rows) * holdout_fraction))
 
     # A call tried again (after a crash or a failed try) retrains on the same data, announced once.
     data_path = ctx.remember("retrain_data", lambda: _write_retrain_data(ctx, rows, n_hold, seed, episode))
-    target = load_application(_relative(ctx, app))
     if not (ctx.action is not None and ctx.action.resumed):
         ctx.event("retrain_started", episode=episode, labelled=len(rows), since_id=since_id,
                   champion_version=dep.model_version, data=data_path)
     res = _start_or_continue(
-        ctx, target, workflow, {"new_data": data_path},
+        ctx, target, workflow, {NEW_DATA_PARAM: data_path},
         {"by": "agent", "agent": ctx.name, "reason": "drift held", "episode": episode,
          "observation": obs.key},
     )
     if not res.ok:
         ctx.event("retrain_failed", episode=episode, run_id=res.run_id, error=res.error)
         raise RuntimeError(f"retrain run {res.run_id} failed: {res.error}")
+    record = ctx.store.get_run(res.run_id)
+    run = RetrainRun(res.run_id, res.mlflow_run_id, record.created_at if record else time.time())
+    _, after = _contract(ctx, episode, res.run_id, lambda: check_candidate(ctx.tracker, model, run))
+    for w in warnings + after:
+        ctx.event("contract_warning", episode=episode, run_id=res.run_id, warning=w)
 
-    model = dep.model_name
     cand, verdict, gate = _judge_candidate(ctx, svc, model, n_hold, episode, res.run_id)
     if not verdict.passed:
         ctx.event("promotion_rejected", candidate_version=cand, **gate)
@@ -484,6 +496,17 @@ def retrain_and_promote(
         approved_by="policy:promotion-gate", key=ctx.action_key)
     return {"promoted": True, "candidate_version": cand, "previous_version": old,
             "run_id": res.run_id, "rollout_seconds": time.time() - t, **gate}
+
+
+def _contract(ctx: AgentContext, episode: Any, run_id: str | None, check: Callable[[], T]) -> T:
+    """Run a contract check; a violation is recorded as `contract_violation` (what broke, the
+    message naming the helper) before it fails the action."""
+    try:
+        return check()
+    except ContractViolation as exc:
+        ctx.event("contract_violation", contract=exc.contract, helper=exc.helper, error=str(exc),
+                  episode=episode, run_id=run_id)
+        raise
 
 
 def _labelled_rows(ctx: AgentContext, obs: Observation, svc: str, champion: str | None, min_labels: int,
@@ -509,17 +532,15 @@ def _labelled_rows(ctx: AgentContext, obs: Observation, svc: str, champion: str 
 
 def _write_retrain_data(ctx: AgentContext, rows: list[dict[str, Any]], n_hold: int, seed: int,
                         episode: Any) -> str:
-    """The new data as an .npz the retrain workflow reads: `x_new/y_new` to learn from,
-    `x_holdout/y_holdout` (n_hold rows) to judge the candidate on."""
+    """The new data where the retrain workflow's `read_new_data` reads it: `x_new/y_new` to
+    learn from, `x_holdout/y_holdout` (n_hold rows) to judge the candidate on."""
     x = np.asarray([r["inputs"] for r in rows], dtype=np.float64).reshape(len(rows), -1)
     y = np.asarray([r["label"] for r in rows])
     order = np.random.default_rng(seed).permutation(len(rows))
     hold, train = order[:n_hold], order[n_hold:]
-    folder = ctx.settings.agents_dir / ctx.name
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"retrain-episode{episode}-{int(time.time())}.npz"
-    np.savez_compressed(path, x_new=x[train], y_new=y[train], x_holdout=x[hold], y_holdout=y[hold])
-    return str(path)
+    path = ctx.settings.agents_dir / ctx.name / f"retrain-episode{episode}-{int(time.time())}.npz"
+    return str(write_new_data(path, NewData(x_new=x[train], y_new=y[train], x_holdout=x[hold],
+                                            y_holdout=y[hold])))
 
 
 def _judge_candidate(ctx: AgentContext, svc: str, model: str, n_hold: int, episode: Any, run_id: str

@@ -57,6 +57,11 @@ class Tracker(Protocol):
         """A run's artifact copied under `dst`; the local path."""
         ...
 
+    def list_artifacts(self, run_id: str, path: str = "") -> list[str]:
+        """The artifact paths of a run directly under `path` (relative to the run's root), so
+        that a contract check can name a missing file without downloading anything."""
+        ...
+
     # -- this process and child processes -------------------------------------------------------
     def active_run(self, run_id: str) -> AbstractContextManager[Any]:
         """`with tracker.active_run(id):` lets code in this process log to that run through the

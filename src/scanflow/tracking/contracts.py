@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from scanflow.tracking.mlflow_tracking import log_sklearn_model
+
 REFERENCE_ARTIFACT = "reference/reference.npy"
 NEW_DATA_PARAM = "new_data"
 NEW_DATA_ARRAYS = ("x_new", "y_new", "x_holdout", "y_holdout")
@@ -64,11 +66,12 @@ def log_model_with_reference(
     """
     import mlflow  # lazy: MLflow loads in ~2 s; `scanflow validate` must not pay for it
 
-    from scanflow.tracking.mlflow_tracking import log_sklearn_model
-
     ref = np.asarray(reference)
     if ref.ndim == 0 or len(ref) < 2:
         raise ContractError(f"the reference sample needs at least 2 rows, got shape {ref.shape}")
+    if ref.dtype.kind not in "biuf":  # the analyzer reads it without pickle and tests numbers
+        raise ContractError(f"the reference sample must be numeric (the model's input features), got "
+                            f"dtype {ref.dtype}")
     example = ref[: min(5, len(ref))] if x_example is None else x_example
     active = mlflow.active_run()
     run = mlflow.start_run() if active is None else None
@@ -165,10 +168,17 @@ def publish_evaluation(registered_name: str, version: str, figures: dict[str, fl
     missing = [k for k in REQUIRED_FIGURES if k not in figures]
     if missing:
         raise ContractError(f"the evaluation lacks {', '.join(missing)} (use evaluate_candidate)")
-    client = mlflow.MlflowClient()
+    values: dict[str, float] = {}
     for k, v in figures.items():
-        client.set_model_version_tag(registered_name, str(version), f"{EVAL_TAG_PREFIX}{k}",
-                                     f"{float(v):.6f}")
+        try:
+            values[k] = float(v)
+        except (TypeError, ValueError):
+            raise ContractError(f"the evaluation's {k} is {v!r}, not a number") from None
+        if not np.isfinite(values[k]):
+            raise ContractError(f"the evaluation's {k} is {v!r}; the promotion gate needs a finite number")
+    client = mlflow.MlflowClient()
+    for k, f in values.items():
+        client.set_model_version_tag(registered_name, str(version), f"{EVAL_TAG_PREFIX}{k}", f"{f:.6f}")
     if alias:
         client.set_registered_model_alias(registered_name, alias, str(version))
 

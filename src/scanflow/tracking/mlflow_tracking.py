@@ -211,6 +211,9 @@ class MlflowTracker:
             run_id=run_id, artifact_path=path, dst_path=dst, tracking_uri=self.uri
         )
 
+    def list_artifacts(self, run_id: str, path: str = "") -> list[str]:
+        return [f.path for f in self.client.list_artifacts(run_id, path or None)]
+
     def download_model(self, model: str, version: str, dst: Path | None = None,
                        path: str = "") -> Path:
         """The files of `models:/model/version` (or its file `path`) under `dst` (default: a
@@ -225,7 +228,6 @@ class MlflowTracker:
             tracking_uri=self.uri,
         ))
 
-
     def model_loader(self, model: str, version: str) -> str | None:
         """The module that loads the version (its pyfunc `loader_module`, e.g. mlflow.sklearn),
         read from its MLmodel file; None when it does not say."""
@@ -234,6 +236,7 @@ class MlflowTracker:
         path = self.download_model(model, version, path="MLmodel")
         loader = Model.load(path).flavors.get("python_function", {}).get("loader_module")
         return str(loader) if loader else None
+
 
 def log_sklearn_model(
     model: Any,
