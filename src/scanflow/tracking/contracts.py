@@ -15,6 +15,10 @@ documented way to do each, used by the MNIST example and by `scanflow init`'s te
    candidate and of the champion on the new holdout and on the clean test set, with the paired
    counts the promotion gate tests (rows only one of the two models gets right):
    :func:`evaluate_candidate` then :func:`publish_evaluation`.
+
+The executor checks each contract (`scanflow.agents.retrain_contract`) and, when one is broken,
+fails naming what is missing and the helper here that writes it. All of these are exported by
+`scanflow.tracking` too.
 """
 
 from __future__ import annotations
