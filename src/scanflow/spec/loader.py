@@ -103,7 +103,12 @@ def import_from_app(mod_name: str, base_dir: Path | None) -> Any:
             assert spec is not None and spec.loader is not None
             module = importlib.util.module_from_spec(spec)
             sys.modules[mod_name] = module
-            spec.loader.exec_module(module)
+            try:
+                spec.loader.exec_module(module)
+            except BaseException:  # a half-run module must not be found next time as if it worked
+                if sys.modules.get(mod_name) is module:
+                    del sys.modules[mod_name]
+                raise
             return module
     return importlib.import_module(mod_name)
 
