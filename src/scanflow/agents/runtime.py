@@ -114,6 +114,7 @@ class Agent(TriggerScheduling):
                 "failed_ticks": 0, "failing_since": None, "succeeded": False} for s in self._sensors
         }
         self._health_lock = threading.Lock()
+        self._health_written: tuple[list[tuple[str, Any]], float] = ([], -1e9)  # (failing, when)
         self._startup: dict[tuple[str, str], dict[str, Any]] = {}  # what a trigger's first run owes
         self.max_attempts = self.spec.max_attempts or settings.agent_max_attempts
         self.retry_backoff = self.spec.retry_backoff or settings.agent_retry_backoff
@@ -180,7 +181,12 @@ class Agent(TriggerScheduling):
                 stats["failing_since"] = time.time()
             stats["failed_ticks"] += 1
         with self._health_lock:
-            self.store.set_state(self.name, HEALTH, self.health())
+            health = self.health()
+            brief = [(f["sensor"], f["error"]) for f in health["failing"]]
+            if brief == self._health_written[0] and time.monotonic() - self._health_written[1] < 1.0:
+                return  # only the count grew: a sensor failing every 0.1 s writes once a second
+            self.store.set_state(self.name, HEALTH, health)
+            self._health_written = (brief, time.monotonic())
 
     def sensor_failing(self, sensor: str) -> bool:
         """Its last tick failed, and so did `FAILING_AFTER` in a row or every one since start."""
