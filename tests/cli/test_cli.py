@@ -168,6 +168,7 @@ BAD_FILES = {
     "binary": (b"\x7fELF\x02\x01\x01\x00\x00\x00\xff\xfe", "a binary file, not a YAML spec"),
     "latin-1": ("app: café\nteam: ds\n".encode("latin-1"), "not UTF-8 text (byte 0xe9 at line 1)"),
     "invalid YAML": (b"app: [demo\nteam: ds\n", "invalid YAML"),
+    "a control character": (b"app: demo\nteam: \x07\n", "line 2: invalid YAML: character #x0007"),
     "a list": (b"- app: demo\n- team: ds\n", "a spec is a YAML mapping (app:, team:, ...), got a list"),
     "empty": (b"\n", "the file is empty"),
 }

@@ -266,6 +266,10 @@ def _read_yaml(p: Path, file: str) -> Any:
                                    file)])
     try:
         return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.reader.ReaderError as exc:  # a control character: say where, not "<unicode string>"
+        line = text[:exc.position].count("\n") + 1
+        raise SpecError([SpecIssue(f"line {line}", f"invalid YAML: character #x{exc.character:04x} is "
+                                   "not allowed", file)]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
