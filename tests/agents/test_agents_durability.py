@@ -231,7 +231,7 @@ def _log(store: Store, n: int, start: int = 0) -> None:
 
 
 def _pids(sup: AgentSupervisor) -> dict[str, int]:
-    return {r["name"]: r["pid"] for r in sup.status() if r["status"] == "running"}
+    return {r["name"]: r["pid"] for r in sup.status() if r["status"] in ("running", "failing")}
 
 
 def _effects(tmp_path: Path) -> list[str]:

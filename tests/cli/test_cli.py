@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -159,3 +162,43 @@ def test_cancel_and_follow_from_the_cli(spec: Path, settings) -> None:  # type: 
     t.join(30)
     assert box["r"].status == "cancelled"  # type: ignore[attr-defined]
     assert cli(settings, "cancel", "nope")[0] == 2
+
+
+BAD_FILES = {
+    "binary": (b"\x7fELF\x02\x01\x01\x00\x00\x00\xff\xfe", "a binary file, not a YAML spec"),
+    "latin-1": ("app: café\nteam: ds\n".encode("latin-1"), "not UTF-8 text (byte 0xe9 at line 1)"),
+    "invalid YAML": (b"app: [demo\nteam: ds\n", "invalid YAML"),
+    "a control character": (b"app: demo\nteam: \x07\n", "line 2: invalid YAML: character #x0007"),
+    "a list": (b"- app: demo\n- team: ds\n", "a spec is a YAML mapping (app:, team:, ...), got a list"),
+    "empty": (b"\n", "the file is empty"),
+}
+
+
+@pytest.mark.parametrize("kind, command", [
+    *[(kind, command) for kind in sorted(BAD_FILES)
+      for command in (["validate"], ["run", "{file}", "ok"], ["agents", "start"])],
+    ("binary", ["deploy"]),  # (deploy reads the MLflow registry first: one case is enough)
+])
+def test_a_spec_file_that_is_not_yaml_is_exit_2_naming_it(  # type: ignore[no-untyped-def]
+        tmp_path: Path, settings, kind: str, command: list[str]) -> None:
+    content, problem = BAD_FILES[kind]
+    f = tmp_path / "scanflow.yaml"
+    f.write_bytes(content)
+    args = [a.replace("{file}", str(f)) for a in command]
+    res = CliRunner().invoke(app, ["--workspace", str(settings.root), *args,
+                                   *([] if "{file}" in command else [str(f)])])
+    assert res.exit_code == 2, (res.output, res.exception)
+    text = " ".join(res.output.split())
+    assert text.startswith(f"{f}: ") and problem in text.splitlines()[0]
+    assert "Traceback" not in res.output
+
+
+def test_a_binary_spec_is_one_line_on_stderr_from_the_installed_command(tmp_path: Path) -> None:
+    f = tmp_path / "model.bin"
+    f.write_bytes(bytes(range(256)))
+    res = subprocess.run([str(Path(sys.executable).parent / "scanflow"), "validate", str(f)],
+                         capture_output=True, text=True, timeout=60, env={
+                             **os.environ, "COLUMNS": "200", "SCANFLOW_WORKSPACE": str(tmp_path / "ws")})
+    assert res.returncode == 2
+    assert res.stderr.splitlines()[0] == f"{f}: a binary file, not a YAML spec"
+    assert "Traceback" not in res.stderr and res.stdout == ""

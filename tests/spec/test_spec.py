@@ -99,8 +99,9 @@ def test_duplicate_step_names_and_duplicate_yaml_keys(tmp_path: Path) -> None:
 
 def test_unknown_model_only_with_a_registry(tmp_path: Path) -> None:
     assert issues_of(tmp_path, GOOD, known_models={"other"}) == [
-        "services.web.model: unknown model 'digits': not registered in MLflow and not "
-        "produced by this app"
+        "services.web.model: unknown model 'digits': not registered in MLflow and not declared "
+        "by this app (declare it in the top-level `models:`, or in the `registers:` of the step "
+        "that registers it; declared here: none)"
     ]
     app = load_application(write(tmp_path, GOOD), known_models={"digits"}, check_imports=False)
     assert app.services["web"].model == "digits"

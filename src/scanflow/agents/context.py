@@ -104,6 +104,10 @@ def _iso(dt: datetime | float | None) -> str | None:
     return dt.astimezone(UTC).isoformat(timespec="seconds")
 
 
+def _iso_ms(ts: float | None) -> str | None:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds") if ts else None
+
+
 def _failpoint(name: str) -> None:
     """Test hook: with SCANFLOW_AGENT_FAILPOINT=<name> the process kills itself (SIGKILL)
     right there, as a crash would. The durability tests use it; nothing else sets it."""

@@ -22,13 +22,16 @@ from typing import Any
 import httpx
 
 from scanflow.agents.registry import agent_issues
-from scanflow.agents.runtime import Agent
+from scanflow.agents.runtime import HEALTH, Agent
 from scanflow.control import backends
 from scanflow.procs import pid_alive
 from scanflow.settings import Settings, get_settings
 from scanflow.spec.loader import load_application, validate_application
 from scanflow.spec.models import Application
 from scanflow.store import Store
+
+LIVE = ("running", "failing")
+"""The statuses of an agent whose process is up (and answers on its API)."""
 
 
 def _python_ref(ref: str) -> tuple[str, str] | None:
@@ -141,12 +144,17 @@ class AgentSupervisor:
         return stopped
 
     def status(self) -> list[dict[str, Any]]:
+        """Every agent started here: `running`, `failing` (running, but a sensor's ticks fail:
+        see `Agent.health`; `failing` lists them with their last error), `stopped` or `dead`."""
         out = []
         for a in self.store.list_agents():
             alive = pid_alive(a.pid)
             state = a.status if alive or a.status != "running" else "dead"
             url = f"http://{a.api_host}:{a.api_port}" if a.api_port and state == "running" else None
-            out.append({"name": a.name, "app": a.app, "role": a.role, "pid": a.pid, "status": state,
+            health = self.store.get_state(a.name, HEALTH) if state == "running" else None
+            failing = (health or {}).get("failing")
+            out.append({"name": a.name, "app": a.app, "role": a.role, "pid": a.pid,
+                        "status": "failing" if failing else state, "failing": failing or [],
                         "heartbeat": a.heartbeat, "started_at": a.started_at, "api": url})
         return out
 
@@ -157,7 +165,7 @@ class AgentSupervisor:
         if row is None:
             known = ", ".join(sorted(rows)) or "none"
             raise KeyError(f"no agent {name!r} has been started here (agents: {known})")
-        if row["status"] != "running":
+        if row["status"] not in LIVE:
             raise ValueError(f"agent {name!r} is {row['status']}; start it with `scanflow agents start`")
         if not row["api"]:
             raise ValueError(f"agent {name!r} runs without an HTTP API")

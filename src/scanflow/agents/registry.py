@@ -9,6 +9,8 @@ module imports nothing of the agents: `builtin` depends on it, not the other way
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -105,8 +107,53 @@ def resolve(
     return found
 
 
+LEADING = {"sensor": ("ctx",), "rule": ("obs", "ctx"), "actuator": ("obs", "ctx")}
+"""What the runtime passes a part before its params: a sensor `fn(ctx, **params)`, a rule and
+an actuator `fn(obs, ctx, **params)`; these are not the user's params."""
+
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
+def param_issues(kind: Kind, fn: Callable[..., Any], params: dict[str, Any]) -> list[tuple[str, str]]:
+    """(param or '', problem) for `params` that `fn` would refuse when the runtime calls it:
+    an unknown name (unless it takes **kwargs), a required one missing, or too few leading
+    parameters for what the runtime passes. A signature Python cannot read is not checked."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return []
+    origin = _origin(fn)
+    leading = LEADING[kind]
+    rest = list(sig.parameters.values())
+    takes_args = any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in rest)
+    n_positional = sum(1 for p in rest if p.kind in _POSITIONAL)
+    if n_positional < len(leading) and not takes_args:
+        return [("", f"{origin} must take ({', '.join(leading)}, ...) first: the runtime calls "
+                     f"{kind}s as {name_of(fn, kind)}({', '.join(leading)}, **params)")]
+    rest = rest[len(leading):] if n_positional >= len(leading) else rest[n_positional:]
+    accepted = [p for p in rest if p.kind in (*_POSITIONAL, inspect.Parameter.KEYWORD_ONLY)
+                and p.kind is not inspect.Parameter.POSITIONAL_ONLY]
+    names = [p.name for p in accepted]
+    var_kw = [f"**{p.name}" for p in rest if p.kind is inspect.Parameter.VAR_KEYWORD]
+    accepts = ", ".join(names + var_kw) or "none"
+    out: list[tuple[str, str]] = []
+    if not var_kw:
+        for key in params:
+            if key not in names:
+                close = difflib.get_close_matches(str(key), names, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                out.append((str(key), f"unknown param {key!r} of {origin} "
+                                      f"(accepts: {accepts}){hint}"))
+    for p in accepted:
+        if p.default is inspect.Parameter.empty and p.name not in params:
+            out.append((p.name, f"required param {p.name!r} of {origin} is missing "
+                                f"(accepts: {accepts})"))
+    return out
+
+
 def spec_issues(agent: AgentSpec, base_dir: Path | None) -> list[tuple[str, str]]:
-    """(path under the agent, problem) for every part of an AgentSpec that does not resolve."""
+    """(path under the agent, problem) for every part of an AgentSpec that does not resolve,
+    or whose params its function would refuse (see `param_issues`)."""
     out: list[tuple[str, str]] = []
     try:
         import_modules(agent.imports, base_dir)
@@ -114,19 +161,24 @@ def spec_issues(agent: AgentSpec, base_dir: Path | None) -> list[tuple[str, str]
         return [("imports", f"cannot import: {type(exc).__name__}: {exc}")]
     for i, s in enumerate(agent.sensors):
         where = f"sensors[{i}]"
-        parts: list[tuple[str, Kind, Any]] = []
+        parts: list[tuple[str, Kind, Any, dict[str, Any]]] = []
         if s.func is not None:
-            parts.append((f"{where}.func", "sensor", s.func))
+            parts.append((where, "sensor", s.func, s.params))
         if s.rule is not None:
-            parts.append((f"{where}.rule.func", "rule", s.rule.func))
-        parts += [(f"{where}.actuators[{k}].func", "actuator", a.func) for k, a in enumerate(s.actuators)]
-        for path, kind, ref in parts:
+            parts.append((f"{where}.rule", "rule", s.rule.func, s.rule.params))
+        parts += [(f"{where}.actuators[{k}]", "actuator", a.func, a.params)
+                  for k, a in enumerate(s.actuators)]
+        for path, kind, ref, params in parts:
             try:
-                resolve(kind, ref, base_dir, agent.imports)
+                fn = resolve(kind, ref, base_dir, agent.imports)
             except LookupError as exc:
-                out.append((path, str(exc)))
-            except Exception as exc:  # noqa: BLE001
-                out.append((path, f"cannot import {ref!r}: {exc}"))
+                out.append((f"{path}.func", str(exc)))
+                continue
+            except Exception as exc:  # noqa: BLE001 - any import failure is a spec issue
+                out.append((f"{path}.func", f"cannot import {ref!r}: {type(exc).__name__}: {exc}"))
+                continue
+            out += [(f"{path}.params.{p}" if p else f"{path}.func", msg)
+                    for p, msg in param_issues(kind, fn, params)]
     return out
 
 

@@ -46,6 +46,7 @@ from scanflow.agents.context import (
     _failpoint,
     _intent_key,
     _iso,
+    _iso_ms,
     _Part,
     _pending_key,
     bounded_key,
@@ -63,8 +64,15 @@ from scanflow.store import Store
 
 log = logging.getLogger("scanflow.agents")
 
-__all__ = ["FAILPOINT_ENV", "OVERRIDES", "ActionCall", "ActionFailed", "Agent", "AgentContext",
-           "Observation", "SensorMessageError", "bounded_key", "jsonable", "message_info"]
+HEALTH = "_health"
+"""The agent's state key holding its failing sensors (see `Agent.health`), which
+`scanflow agents list` reads from the store."""
+FAILING_AFTER = 3
+"""A sensor whose last tick failed is failing after this many failed ticks in a row, or at
+once if none of its ticks succeeded since the agent started."""
+
+__all__ = ["FAILING_AFTER", "FAILPOINT_ENV", "HEALTH", "OVERRIDES", "ActionCall", "ActionFailed", "Agent",
+           "AgentContext", "Observation", "SensorMessageError", "bounded_key", "jsonable", "message_info"]
 
 
 class Agent(TriggerScheduling):
@@ -102,8 +110,11 @@ class Agent(TriggerScheduling):
         self._paused: set[str] = set()
         self._stopping = threading.Event()
         self._stats: dict[str, dict[str, Any]] = {
-            s: {"ticks": 0, "observations": 0, "last_tick": None, "last_error": None} for s in self._sensors
+            s: {"ticks": 0, "observations": 0, "last_tick": None, "last_error": None, "last_error_at": None,
+                "failed_ticks": 0, "failing_since": None, "succeeded": False} for s in self._sensors
         }
+        self._health_lock = threading.Lock()
+        self._health_written: tuple[list[tuple[str, Any]], float] = ([], -1e9)  # (failing, when)
         self._startup: dict[tuple[str, str], dict[str, Any]] = {}  # what a trigger's first run owes
         self.max_attempts = self.spec.max_attempts or settings.agent_max_attempts
         self.retry_backoff = self.spec.retry_backoff or settings.agent_retry_backoff
@@ -145,13 +156,51 @@ class Agent(TriggerScheduling):
                         self._judge(spec, obs)
             except Exception as exc:
                 self._failed(sensor_name, exc)
+                self._tick_outcome(sensor_name, ok=False)
                 raise
             stats["ticks"] += 1
             stats["observations"] += len(items)
             stats["last_tick"] = time.time()
             if all_ok:  # a message that failed alone keeps its error visible in `agents status`
                 stats["last_error"] = None
+            self._tick_outcome(sensor_name, ok=all_ok)
         return len(items)
+
+    # -- health: failing sensors -------------------------------------------------------------------
+    def _tick_outcome(self, sensor: str, ok: bool) -> None:
+        """Count a tick in its sensor's run of failures (one that raised, or whose message
+        failed); store the agent's health when that run starts, grows or ends."""
+        stats = self._stats[sensor]
+        if ok:
+            stats["succeeded"] = True
+            if not stats["failed_ticks"]:
+                return  # the common case writes nothing
+            stats["failed_ticks"], stats["failing_since"] = 0, None
+        else:
+            if not stats["failed_ticks"]:
+                stats["failing_since"] = time.time()
+            stats["failed_ticks"] += 1
+        with self._health_lock:
+            health = self.health()
+            brief = [(f["sensor"], f["error"]) for f in health["failing"]]
+            if brief == self._health_written[0] and time.monotonic() - self._health_written[1] < 1.0:
+                return  # only the count grew: a sensor failing every 0.1 s writes once a second
+            self.store.set_state(self.name, HEALTH, health)
+            self._health_written = (brief, time.monotonic())
+
+    def sensor_failing(self, sensor: str) -> bool:
+        """Its last tick failed, and so did `FAILING_AFTER` in a row or every one since start."""
+        stats = self._stats[sensor]
+        n = stats["failed_ticks"]
+        return bool(n) and (n >= FAILING_AFTER or not stats["succeeded"])
+
+    def health(self) -> dict[str, Any]:
+        """`{"status": "failing" | "running", "failing": [...]}`: each failing sensor with its
+        last error, since when its ticks fail and how many failed in a row."""
+        failing = [{"sensor": name, "error": stats["last_error"], "since": _iso_ms(stats["failing_since"]),
+                    "failed_ticks": stats["failed_ticks"]}
+                   for name, stats in self._stats.items() if self.sensor_failing(name)]
+        return {"status": "failing" if failing else "running", "failing": failing}
 
     def _judge_noting(self, spec: SensorSpec, obs: Observation) -> None:
         try:
@@ -399,6 +448,7 @@ class Agent(TriggerScheduling):
             server = ApiServer(self)
             host, port = server.bind()
             self.api_url = f"http://{host}:{port}"
+        self.store.delete_state(self.name, HEALTH)  # a new process: its sensors have not failed yet
         self.store.register_agent(self.name, self.ctx.app.app, self.spec.role, os.getpid(),
                                   api_host=host, api_port=port)
         self.start()

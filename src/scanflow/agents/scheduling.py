@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from apscheduler.schedulers.background import BackgroundScheduler
 from pydantic import ValidationError
 
-from scanflow.agents.context import AgentContext, _failpoint, _iso, _Part, jsonable
+from scanflow.agents.context import AgentContext, _failpoint, _iso, _iso_ms, _Part, jsonable
 from scanflow.agents.errors import DuplicateTrigger, UnknownTrigger
 from scanflow.agents.registry import name_of
 from scanflow.control.events import EventSource, event_source
@@ -52,6 +52,7 @@ class TriggerScheduling:
         def recover(self) -> int: ...
         def _sensor(self, name: str) -> SensorSpec: ...
         def _failed(self, sensor: str, exc: BaseException) -> None: ...
+        def sensor_failing(self, sensor: str) -> bool: ...
         def _handle_message(self, message_id: int, sensor: str, handle: Callable[[], object],
                             commit: Callable[[], None] | None = None) -> bool: ...
 
@@ -237,6 +238,8 @@ class TriggerScheduling:
             "next_fire_time": nexts[0] if nexts else None,
             "ticks": stats["ticks"], "observations": stats["observations"],
             "last_tick": _iso(stats["last_tick"]), "last_error": stats["last_error"],
+            "failing": self.sensor_failing(name), "failed_ticks": stats["failed_ticks"],
+            "failing_since": _iso_ms(stats["failing_since"]),
         }
 
     def fire(self, name: str, wait: bool = True) -> dict[str, Any]:

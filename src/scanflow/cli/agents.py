@@ -113,16 +113,27 @@ def stop(agent: Annotated[list[str] | None, typer.Option("--agent", "-a", help="
 
 @agents_app.command("list")
 def list_(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """Every agent started in this workspace: role, pid, status, heartbeat, API address."""
+    """Every agent started in this workspace: role, pid, status (running, failing, stopped, dead),
+    heartbeat, API address; each failing sensor's last error."""
     rows = _supervisor().status()
     if as_json:
         print(json.dumps(rows))
         return
     t = Table("agent", "role", "pid", "status", "heartbeat", "api")
     for row in rows:
-        t.add_row(row["name"], row["role"], str(row["pid"]), row["status"], iso(row["heartbeat"]),
+        status = f"[red]{row['status']}[/]" if row["status"] == "failing" else row["status"]
+        t.add_row(row["name"], row["role"], str(row["pid"]), status, iso(row["heartbeat"]),
                   row["api"] or "-")
     out.print(t)
+    for row in rows:
+        for f in row["failing"]:
+            err.print(f"{row['name']}: {_failing_line(f)}", markup=False, highlight=False)
+
+
+def _failing_line(f: dict[str, Any]) -> str:
+    """One failing sensor, as `agents list` and `agents status` say it."""
+    return (f"sensor {f['sensor']} failing: {f['failed_ticks']} tick(s) in a row failed since "
+            f"{f['since']}; last error: {f['error']}")
 
 
 @agents_app.command("status")
@@ -131,18 +142,25 @@ def status(
     decisions: Annotated[int, typer.Option(help="recent decisions to show")] = 10,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """A running agent's sensors (triggers, paused, next and last fire time), its dead-lettered
-    messages and recent decisions."""
+    """A running agent's status (`failing` while a sensor's ticks fail, with its last error), its
+    sensors (triggers, paused, next and last fire time), dead-lettered messages, recent decisions."""
     sensors = _call(agent, "GET", "/sensors")
     dead = _call(agent, "GET", "/messages", params={"status": "dead"})
     recent = _call(agent, "GET", "/decisions", params={"limit": decisions}) if decisions else []
+    failing = [{"sensor": s["name"], "error": s["last_error"], "since": s["failing_since"],
+                "failed_ticks": s["failed_ticks"]} for s in sensors if s.get("failing")]
+    state = "failing" if failing else "running"
     if as_json:
-        print(json.dumps({"sensors": sensors, "dead_letters": dead, "decisions": recent}))
+        print(json.dumps({"status": state, "failing": failing, "sensors": sensors, "dead_letters": dead,
+                          "decisions": recent}))
         return
+    out.print(f"{agent}: [{'red' if failing else 'green'}]{state}[/]", highlight=False)
+    for f in failing:
+        err.print(f"{agent}: {_failing_line(f)}", markup=False, highlight=False)
     t = Table("sensor", "trigger", "id", "next fire", "last fire", "state", "ticks", "last error",
               title=agent)
     for s in sensors:
-        state = "paused" if s["paused"] else "active"
+        state = "paused" if s["paused"] else "failing" if s.get("failing") else "active"
         trigs = s["triggers"] or [{"schedule": "(none: fire by hand)", "id": "-"}]
         for i, tr in enumerate(trigs):
             nxt = tr.get("next_fire_time") or (
@@ -255,7 +273,7 @@ def requeue(
     known = {r["name"]: r for r in sup.status()}
     if agent not in known and not sup.store.list_messages(agent, limit=1):
         fail(f"no agent {agent!r} (known: {', '.join(sorted(known)) or 'none'})")
-    running = known.get(agent, {}).get("status") == "running"
+    running = known.get(agent, {}).get("status") in ("running", "failing")  # its process is up
     if running:
         ids = message_ids or [m["id"] for m in _call(agent, "GET", "/messages",
                                                      params={"status": "dead", "limit": 1000})]

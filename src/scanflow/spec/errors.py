@@ -19,13 +19,15 @@ def format_path(loc: Sequence[str | int]) -> str:
 
 @dataclass(frozen=True)
 class SpecIssue:
+    """One problem at `path` in the spec (empty for the whole file: unreadable, not YAML)."""
+
     path: str
     message: str
     file: str | None = None
 
     def __str__(self) -> str:
-        where = f"{self.file}: " if self.file else ""
-        return f"{where}{self.path}: {self.message}"
+        where = "".join(f"{part}: " for part in (self.file, self.path) if part)
+        return f"{where}{self.message}"
 
 
 class SpecError(ValueError):

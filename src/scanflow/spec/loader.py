@@ -103,7 +103,12 @@ def import_from_app(mod_name: str, base_dir: Path | None) -> Any:
             assert spec is not None and spec.loader is not None
             module = importlib.util.module_from_spec(spec)
             sys.modules[mod_name] = module
-            spec.loader.exec_module(module)
+            try:
+                spec.loader.exec_module(module)
+            except BaseException:  # a half-run module must not be found next time as if it worked
+                if sys.modules.get(mod_name) is module:
+                    del sys.modules[mod_name]
+                raise
             return module
     return importlib.import_module(mod_name)
 
@@ -181,8 +186,11 @@ def _semantic_issues(
     models = set(app.registered_models()) | set(known_models or ())
     for name, svc in app.services.items():
         if known_models is not None and svc.model not in models:
+            declared = ", ".join(sorted(app.registered_models())) or "none"
             add(f"services.{name}.model",
-                f"unknown model {svc.model!r}: not registered in MLflow and not produced by this app")
+                f"unknown model {svc.model!r}: not registered in MLflow and not declared by this "
+                f"app (declare it in the top-level `models:`, or in the `registers:` of the step "
+                f"that registers it; declared here: {declared})")
 
     for name, ag in app.agents.items():
         if ag.service is not None and ag.service not in app.services:
@@ -210,6 +218,11 @@ def validate_application(
     return app
 
 
+def _yaml_kind(data: Any) -> str:
+    kinds = {list: "list", str: "string", int: "number", float: "number", bool: "boolean"}
+    return kinds.get(type(data), type(data).__name__)
+
+
 def parse_application(
     data: Any,
     *,
@@ -221,7 +234,8 @@ def parse_application(
 ) -> Application:
     """A spec already read into Python data (`file` and `base_dir` say where it came from)."""
     if not isinstance(data, dict):
-        raise SpecError([SpecIssue("<root>", "the spec must be a mapping (app, team, ...)", file)])
+        got = "nothing" if data is None else f"a {_yaml_kind(data)}"
+        raise SpecError([SpecIssue("", f"a spec is a YAML mapping (app:, team:, ...), got {got}", file)])
     try:
         app = Application.model_validate(data)
     except ValidationError as err:
@@ -230,6 +244,39 @@ def parse_application(
     app.source = file
     return validate_application(app, known_models=known_models, check_imports=check_imports,
                                 checks=checks)
+
+
+def _read_yaml(p: Path, file: str) -> Any:
+    """The YAML data of a spec file; an unreadable, binary, non-UTF-8 or non-YAML file is a
+    SpecError naming the file (never a traceback, whatever the file holds)."""
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise SpecError([SpecIssue("", f"cannot read: {exc.strerror or exc}", file)]) from None
+    if b"\x00" in raw:
+        raise SpecError([SpecIssue("", "a binary file, not a YAML spec", file)])
+    try:
+        text = raw.decode("utf-8-sig")  # a BOM is fine
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise SpecError([SpecIssue("", f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at line {line}); "
+                                   "save the spec as UTF-8", file)]) from None
+    if not text.strip():
+        raise SpecError([SpecIssue("", "the file is empty; a spec is a YAML mapping (app:, team:, ...)",
+                                   file)])
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.reader.ReaderError as exc:  # a control character: say where, not "<unicode string>"
+        line = text[:exc.position].count("\n") + 1
+        raise SpecError([SpecIssue(f"line {line}", f"invalid YAML: character #x{exc.character:04x} is "
+                                   "not allowed", file)]) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SpecError([SpecIssue(where, f"invalid YAML: {problem}", file)]) from None
+    except (ValueError, RecursionError) as exc:  # e.g. a date PyYAML cannot build, absurd nesting
+        raise SpecError([SpecIssue("", f"invalid YAML: {exc}", file)]) from None
 
 
 def load_application(
@@ -244,17 +291,7 @@ def load_application(
     if p.is_dir():
         p = p / "scanflow.yaml"
     file = str(p)
-    try:
-        text = p.read_text()
-    except OSError as exc:
-        raise SpecError([SpecIssue("<file>", f"cannot read: {exc.strerror or exc}", file)]) from None
-    try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "<yaml>"
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise SpecError([SpecIssue(where, f"invalid YAML: {problem}", file)]) from None
+    data = _read_yaml(p, file)
     return parse_application(
         data, file=file, base_dir=p.parent, known_models=known_models, check_imports=check_imports,
         checks=checks,
