@@ -154,8 +154,9 @@ def stop(service: str) -> None:
     out.print(f"{service}: stopped")
 
 
-def _service_row(d: Any, live: dict[str, Any] | None) -> dict[str, str]:
+def _service_row(d: Any, deployer: Any) -> dict[str, str]:
     """What the tables show of one service, every value whole."""
+    live = deployer.status(d.service) if d.status == "running" else None
     by_version: dict[str, int] = {}
     for w in (live or {}).get("workers", []):
         if not w["draining"] and w["model_version"]:
@@ -167,7 +168,7 @@ def _service_row(d: Any, live: dict[str, Any] | None) -> dict[str, str]:
         "canary": f"v{canary['version']} {canary['share']:.0%}" if canary else "-",
         "shadow": (live or {}).get("shadow_version") or "-", "previous": str(d.previous_version or "-"),
         "replicas (live)": f"{d.replicas} ({per_version})",
-        "url": f"http://{d.host}:{d.port}", "status": live["status"] if live else d.status,
+        "url": deployer.url(d.service), "status": live["status"] if live else d.status,
     }
 
 
@@ -210,10 +211,10 @@ def status(
             fail(f"no service {service!r} in this workspace (known: {known})")
     deployer = backends.deployer(settings, store)
     if url and service is not None:
-        live = deployer.status(service)
-        if live["status"] != "running":
-            fail(f"{service} is {live['status']}: nothing answers at {live['url']}", code=1)
-        print(live["url"])
+        state, link = deployer.status(service)["status"], deployer.url(service)
+        if state != "running":
+            fail(f"{service} is {state}: nothing answers at {link}", code=1)
+        print(link)
         return
     agents = [] if service is not None else AgentSupervisor(settings, store).status()
     if as_json:
@@ -222,7 +223,7 @@ def status(
         print_json(services[0] if service is not None else {"services": services, "agents": listed},
                    indent=2)
         return
-    rows = [_service_row(d, deployer.status(d.service) if d.status == "running" else None) for d in deps]
+    rows = [_service_row(d, deployer) for d in deps]
     if rows:
         _print_services(rows)
     else:
