@@ -202,3 +202,21 @@ def test_a_binary_spec_is_one_line_on_stderr_from_the_installed_command(tmp_path
     assert res.returncode == 2
     assert res.stderr.splitlines()[0] == f"{f}: a binary file, not a YAML spec"
     assert "Traceback" not in res.stderr and res.stdout == ""
+
+
+def test_runs_list_and_show_as_json(spec: Path, settings) -> None:  # type: ignore[no-untyped-def]
+    import json
+    import re
+
+    assert cli(settings, "run", str(spec), "ok")[0] == 0
+    code, out = cli(settings, "runs", "list", "--json")
+    assert code == 0, out
+    [run] = json.loads(out)
+    assert run["workflow"] == "ok" and run["status"] == "succeeded"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", run["started_at"])
+    assert isinstance(run["started_at_ts"], float)
+    code, out = cli(settings, "runs", "show", run["id"][:10], "--json")
+    assert code == 0, out
+    shown = json.loads(out)
+    assert shown["id"] == run["id"] and [s["step"] for s in shown["steps"]] == ["hello", "bye"]
+    assert all(s["status"] == "succeeded" and s["ended_at"].endswith("Z") for s in shown["steps"])

@@ -238,6 +238,7 @@ class Agent(TriggerScheduling):
             self._finish(obs)
             return
         rule_fn = self._rules[spec.name]
+        rule_name = name_of(spec.rule.func, "rule") if spec.rule else "always"
         reason = ""
         txn: dict[str, Any] = {}
         with self.ctx._scope(txn=txn):
@@ -246,7 +247,8 @@ class Agent(TriggerScheduling):
             else:
                 verdict = rule_fn(obs, self.ctx, **(spec.rule.params if spec.rule else {}))
                 fired, reason = verdict if isinstance(verdict, tuple) else (bool(verdict), "")
-        evidence = jsonable({**obs.evidence, **({"reason": reason} if reason else {})})
+        reason = str(reason or _default_reason(obs.evidence, rule_name, bool(fired)))
+        evidence = jsonable({**obs.evidence, "reason": reason})
         parts = self._actuators[spec.name] if fired else []
         planned = [{"action": p.name, "key": bounded_key(f"{dkey}:{p.name}"), "status": "pending"}
                    for p in parts]
@@ -255,7 +257,6 @@ class Agent(TriggerScheduling):
             pending = (_pending_key(dkey), {"decision": dkey, "sensor": spec.name, "key": obs.key,
                                             "evidence": evidence, "data": jsonable(obs.data),
                                             "message_id": self._message_of(obs)})
-        rule_name = name_of(spec.rule.func, "rule") if spec.rule else "always"
         _failpoint("before_decision")
         self.store.record_decision(self.name, spec.name, rule_name, bool(fired), evidence,
                                    self.ctx.service, planned, dkey, state=txn, pending=pending)
@@ -470,6 +471,15 @@ def message_info(m: Any) -> dict[str, Any]:
     return {"id": m.id, "key": m.key, "kind": m.kind, "from": m.sender, "status": m.status,
             "attempts": m.attempts, "error": m.error, "sent": _iso(m.ts),
             "retry_at": _iso(m.retry_at), "handled_at": _iso(m.handled_at), "payload": m.payload}
+
+
+def _default_reason(evidence: dict[str, Any], rule: str, fired: bool) -> str:
+    """The reason of a rule that gave none (a bare bool): what the sensor said of its
+    observation (`summary`, else `reason`), so that `scanflow decisions` always says why."""
+    for key in ("summary", "reason"):
+        if evidence.get(key):
+            return str(evidence[key])
+    return f"rule {rule}: {'fired' if fired else 'not fired'}"
 
 
 def _summary(result: dict[str, Any]) -> dict[str, Any]:

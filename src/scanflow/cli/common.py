@@ -7,6 +7,7 @@ backends and the agents are imported inside the function that needs them.
 
 from __future__ import annotations
 
+import json
 import warnings
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,6 +15,8 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.measure import Measurement
+from rich.table import Table
 
 from scanflow.spec import load_application
 from scanflow.spec.errors import SpecError
@@ -31,8 +34,69 @@ def fail(message: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
+def when(ts: float | None) -> str | None:
+    """A time as every `--json` writes it: ISO 8601 UTC to the millisecond
+    ("2026-12-06T06:10:00.123Z"); None stays None."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def iso(ts: float | None) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds") if ts else "-"
+    """A time as the tables show it: the same text as in `--json`, "-" for none."""
+    return when(ts) or "-"
+
+
+def timed(row: dict[str, Any], *fields: str) -> dict[str, Any]:
+    """`row` for `--json`: each epoch field becomes its ISO time, its number kept as `<field>_ts`."""
+    for f in fields:
+        if f in row:
+            ts = row[f]
+            row[f], row[f"{f}_ts"] = when(ts), ts
+    return row
+
+
+def print_json(value: Any, indent: int | None = None) -> None:
+    """Print `value` for scripts: JSON has no NaN or infinity (they become null), numpy
+    scalars become numbers, anything else without a JSON form its text."""
+    from scanflow.control.operations import _json  # lazy: the control layer (SQLAlchemy)
+
+    print(json.dumps(_json(value), indent=indent, default=str))
+
+
+def table(*columns: str, title: str | None = None) -> Table:
+    """A table whose cells wrap, never cut with "…" (a time column stays whole); print it with
+    `show`."""
+    t = Table(title=title)
+    for c in columns:
+        t.add_column(c, overflow="fold", no_wrap=c.startswith("time"))
+    return t
+
+
+def show(t: Table, head: int = 1) -> None:
+    """Print a table so that nothing is cut: whole on a terminal wide enough for it; on a
+    narrower one (80 columns) one block per row, its first `head` cells then one line per
+    column; in a pipe one whole line per row however long (`grep` finds it)."""
+    natural = Measurement.get(out, out.options.update_width(100_000), t).maximum
+    if not out.is_terminal:
+        Console(width=max(natural, out.width)).print(t)  # (`print(width=)` is capped at the console's)
+    elif natural <= out.width:
+        out.print(t)
+    else:
+        _stacked(t, head)
+
+
+def _stacked(t: Table, head: int) -> None:
+    if t.title:
+        out.print(t.title, style="bold")
+    cells = [[str(v) for v in c.cells] for c in t.columns]
+    labels = [str(c.header) for c in t.columns]
+    pad = max((len(label) for label in labels[head:]), default=0)
+    for i in range(t.row_count):
+        out.print("  ".join(col[i] for col in cells[:head]), style="bold", highlight=False)
+        for label, col in zip(labels[head:], cells[head:], strict=True):
+            if col[i] not in ("", "-"):
+                out.print(f"  {label:<{pad}}  {col[i]}", highlight=False)
 
 
 def context() -> tuple[Any, Any]:

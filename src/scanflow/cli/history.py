@@ -1,14 +1,18 @@
-"""Audit commands: `events`, `decisions`, `why` (read the store, change nothing)."""
+"""Audit commands: `events`, `decisions`, `why` (read the store, change nothing).
+
+Times are ISO 8601 UTC to the millisecond in the tables and in `--json` alike; `--json` also
+gives each time's epoch seconds (`ts`)."""
 
 from __future__ import annotations
 
-import json
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
-from scanflow.cli.common import context, fail, iso, out
+from scanflow.cli.common import context, fail, iso, out, print_json, show, table, when
+
+# What an action's stored summary says about itself rather than about what it did.
+_ACTION_BOOKKEEPING = {"action", "key", "status", "replayed"}
 
 
 def events(
@@ -20,28 +24,51 @@ def events(
     _, store = context()
     rows = store.list_events(service, kind)
     if as_json:
-        print(json.dumps([{"time": iso(e.ts), "kind": e.kind, "source": e.source,
-                           "service": e.service, **e.payload} for e in rows], default=str))
+        listed = []
+        for e in rows:
+            row = {"id": e.id, "time": when(e.ts), "ts": e.ts, "kind": e.kind, "source": e.source,
+                   "service": e.service}
+            listed.append({**row, **{k: v for k, v in e.payload.items() if k not in row}})
+        print_json(listed)
         return
-    t = Table("time", "source", "kind", "service", "details")
+    t = table("time", "source", "kind", "service", "details")
     for e in rows:
         details = ", ".join(f"{k}={v}" for k, v in e.payload.items() if not isinstance(v, list | dict))
-        t.add_row(iso(e.ts), e.source, e.kind, e.service or "-", details[:120])
-    out.print(t)
+        t.add_row(iso(e.ts), e.source, e.kind, e.service or "-", details)
+    show(t)
+
+
+def _action_text(a: dict[str, Any]) -> str:
+    """One action as `decisions` shows it: its name, how it ended, and what it reported."""
+    said = ", ".join(f"{k}={v}" for k, v in a.items() if k not in _ACTION_BOOKKEEPING)
+    return f"{a.get('action', '?').split(':')[-1]}: {a.get('status')}" + (f" ({said})" if said else "")
 
 
 def decisions(
     agent: Annotated[str | None, typer.Option(help="only this agent")] = None,
+    service: Annotated[str | None, typer.Option(help="only this service")] = None,
     fired: Annotated[bool, typer.Option("--fired", help="only decisions that acted")] = False,
+    limit: Annotated[int | None, typer.Option(min=1, help="only the newest N")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="every decision with its evidence")] = False,
 ) -> None:
-    """Every judgement of the agents, with its evidence and actions."""
+    """Every judgement of the agents: when, which sensor, whether its rule fired and why, and
+    the actions it took with how they ended."""
     _, store = context()
-    t = Table("time", "agent", "sensor", "fired", "reason", "actions")
-    for d in store.list_decisions(agent, fired=True if fired else None):
-        acts = ", ".join(f"{a.get('action', '?').split(':')[-1]}:{a.get('status')}" for a in d.actions)
+    rows = list(store.list_decisions(agent, service, fired=True if fired else None))
+    if limit is not None:
+        rows = rows[-limit:]
+    if as_json:
+        print_json([{"id": d.id, "time": when(d.ts), "ts": d.ts, "agent": d.agent, "sensor": d.sensor,
+                     "rule": d.rule, "fired": d.fired, "reason": d.evidence.get("reason", ""),
+                     "service": d.service, "key": d.key, "evidence": d.evidence, "actions": d.actions}
+                    for d in rows])
+        return
+    t = table("time", "agent", "sensor", "fired", "reason", "actions")
+    for d in rows:
         t.add_row(iso(d.ts), d.agent, d.sensor, "yes" if d.fired else "no",
-                  str(d.evidence.get("reason", ""))[:60], acts)
-    out.print(t)
+                  str(d.evidence.get("reason", "")) or "-",
+                  "; ".join(_action_text(a) for a in d.actions) or "-")
+    show(t, head=3)
 
 
 def why(
@@ -59,7 +86,7 @@ def why(
     except KeyError as exc:
         fail(str(exc).strip("'\""))
     if as_json:
-        print(json.dumps(res, default=str))
+        print_json(res)
         return
     cur = res["current"]
     out.print(f"[bold]{service}[/]: models:/{cur['model']}@{cur['alias']} version "
@@ -68,14 +95,14 @@ def why(
         if link:
             out.print(f"  {label}: {link['event']['kind']} at {link['event']['time']}, "
                       f"approved by [bold]{link['approved_by']}[/]")
-    t = Table("time (UTC)", "for", "step", "who", "what")
+    t = table("time (UTC)", "for", "step", "who", "what")
     for s in res["chain"]:
-        t.add_row(iso(s["ts"]).replace("T", " ")[5:19], s["what"], s["step"], s["who"], s["summary"])
-    out.print(t)
+        t.add_row(iso(s["ts"]), s["what"], s["step"], s["who"], s["summary"])
+    show(t)
     if history:
-        h = Table("time", "change", "by", "version", "replicas")
+        h = table("time", "change", "by", "version", "replicas")
         for e in res["history"]:
             ver = f"{e['from_version'] or ''} -> {e['to_version']}" if e["to_version"] is not None else ""
             rep = f"{e['from_replicas'] or ''} -> {e['to_replicas']}" if e["to_replicas"] is not None else ""
             h.add_row(e["time"], e["kind"], e["approved_by"], ver, rep)
-        out.print(h)
+        show(h)

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
 from scanflow.cli.common import (
     AppPath,
@@ -22,7 +21,11 @@ from scanflow.cli.common import (
     load,
     operate,
     out,
+    print_json,
     service_call,
+    show,
+    table,
+    timed,
 )
 from scanflow.spec.policy import Policy
 
@@ -151,38 +154,78 @@ def stop(service: str) -> None:
     out.print(f"{service}: stopped")
 
 
-def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """Services (champion, canary, shadow, previous version, live replicas per version) and agents."""
-    from scanflow.agents.process import AgentSupervisor  # lazy: the agent runtime (APScheduler)
+def _service_row(d: Any, deployer: Any) -> dict[str, str]:
+    """What the tables show of one service, every value whole."""
+    live = deployer.status(d.service) if d.status == "running" else None
+    by_version: dict[str, int] = {}
+    for w in (live or {}).get("workers", []):
+        if not w["draining"] and w["model_version"]:
+            by_version[w["model_version"]] = by_version.get(w["model_version"], 0) + 1
+    canary = (live or {}).get("canary")
+    per_version = ", ".join(f"v{v}: {n}" for v, n in sorted(by_version.items())) or 0
+    return {
+        "service": d.service, "model": f"{d.model_name}@{d.alias}", "champion": str(d.model_version),
+        "canary": f"v{canary['version']} {canary['share']:.0%}" if canary else "-",
+        "shadow": (live or {}).get("shadow_version") or "-", "previous": str(d.previous_version or "-"),
+        "replicas (live)": f"{d.replicas} ({per_version})",
+        "url": deployer.url(d.service), "status": live["status"] if live else d.status,
+    }
 
-    settings, store = context()
+
+def _print_services(rows: list[dict[str, str]]) -> None:
+    t = table(*rows[0])
+    for row in rows:
+        t.add_row(*row.values())
+    show(t)
+
+
+def _print_agents(rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    a = table("agent", "role", "pid", "status", "heartbeat")
+    for row in rows:
+        a.add_row(row["name"], row["role"], str(row["pid"]), row["status"], iso(row["heartbeat"]))
+    show(a)
+
+
+def status(
+    service: Annotated[str | None, typer.Argument(help="only this service (default: all, and the agents)")]
+    = None,
+    url: Annotated[bool, typer.Option("--url", help="print only SERVICE's URL, for scripts: "
+                                      "curl $(scanflow status SERVICE --url)/predict")] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Services (URL, champion, canary, shadow, previous version, live replicas per version) and
+    agents. A table on a wide terminal, a block per service at 80 columns, whole lines in a pipe."""
+    from scanflow.agents.process import AgentSupervisor  # lazy: the agent runtime (APScheduler)
     from scanflow.control import backends  # lazy: the store (SQLAlchemy, ~0.5 s)
 
+    if url and service is None:
+        fail("--url needs a SERVICE: scanflow status SERVICE --url")
+    settings, store = context()
+    deps = list(store.list_deployments())
+    if service is not None:
+        known = ", ".join(d.service for d in deps) or "none deployed"
+        deps = [d for d in deps if d.service == service]
+        if not deps:
+            fail(f"no service {service!r} in this workspace (known: {known})")
     deployer = backends.deployer(settings, store)
-    if as_json:
-        print(json.dumps({
-            "services": [deployer.status(d.service) for d in store.list_deployments()],
-            "agents": AgentSupervisor(settings, store).status(),
-        }, indent=2, default=str))
+    if url and service is not None:
+        state, link = deployer.status(service)["status"], deployer.url(service)
+        if state != "running":
+            fail(f"{service} is {state}: nothing answers at {link}", code=1)
+        print(link)
         return
-    t = Table("service", "model", "champion", "canary", "shadow", "previous", "replicas (live)",
-              "url", "status")
-    for d in store.list_deployments():
-        live = deployer.status(d.service) if d.status == "running" else None
-        by_version: dict[str, int] = {}
-        for w in (live or {}).get("workers", []):
-            if not w["draining"] and w["model_version"]:
-                by_version[w["model_version"]] = by_version.get(w["model_version"], 0) + 1
-        canary = (live or {}).get("canary")
-        t.add_row(
-            d.service, f"{d.model_name}@{d.alias}", str(d.model_version),
-            f"v{canary['version']} {canary['share']:.0%}" if canary else "-",
-            (live or {}).get("shadow_version") or "-", str(d.previous_version or "-"),
-            f"{d.replicas} ({', '.join(f'v{v}: {n}' for v, n in sorted(by_version.items())) or 0})",
-            f"http://{d.host}:{d.port}", live["status"] if live else d.status,
-        )
-    out.print(t)
-    a = Table("agent", "role", "pid", "status", "heartbeat")
-    for row in AgentSupervisor(settings, store).status():
-        a.add_row(row["name"], row["role"], str(row["pid"]), row["status"], iso(row["heartbeat"]))
-    out.print(a)
+    agents = [] if service is not None else AgentSupervisor(settings, store).status()
+    if as_json:
+        services = [deployer.status(d.service) for d in deps]
+        listed = [timed(dict(a), "heartbeat", "started_at") for a in agents]
+        print_json(services[0] if service is not None else {"services": services, "agents": listed},
+                   indent=2)
+        return
+    rows = [_service_row(d, deployer) for d in deps]
+    if rows:
+        _print_services(rows)
+    else:
+        out.print("no services deployed here (scanflow deploy APP)", highlight=False)
+    _print_agents(agents)

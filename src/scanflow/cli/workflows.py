@@ -13,7 +13,20 @@ import typer
 from rich.live import Live
 from rich.table import Table
 
-from scanflow.cli.common import AppPath, context, err, fail, iso, load, load_noting, out
+from scanflow.cli.common import (
+    AppPath,
+    context,
+    err,
+    fail,
+    iso,
+    load,
+    load_noting,
+    out,
+    print_json,
+    show,
+    table,
+    timed,
+)
 
 runs_app = typer.Typer(no_args_is_help=True, help="Inspect workflow runs.")
 engine_app = typer.Typer(no_args_is_help=True, help="Run queued and triggered workflows.")
@@ -83,37 +96,62 @@ def _follow_run(engine: Any, run_id: str, spec: Any, workflow: str, go: Any) -> 
         raise typer.Exit(1)
 
 
+def _run_row(r: Any) -> dict[str, Any]:
+    """A run for `--json` (times ISO 8601 UTC to the millisecond, epochs as `<field>_ts`)."""
+    return timed({"id": r.id, "app": r.app, "team": r.team, "workflow": r.workflow, "status": r.status,
+                  "params": r.params, "trigger": r.trigger, "mlflow_run_id": r.mlflow_run_id,
+                  "error": r.error, "created_at": r.created_at, "started_at": r.started_at,
+                  "ended_at": r.ended_at}, "created_at", "started_at", "ended_at")
+
+
+def _step_row(s: Any) -> dict[str, Any]:
+    return timed({"step": s.step, "status": s.status, "exit_code": s.exit_code, "attempts": s.attempts or 0,
+                  "cache_key": s.cache_key, "cached_from": s.cached_from, "log_path": s.log_path,
+                  "mlflow_run_id": s.mlflow_run_id, "outputs": s.outputs, "error": s.error,
+                  "started_at": s.started_at, "ended_at": s.ended_at}, "started_at", "ended_at")
+
+
 @runs_app.command("list")
 def runs_list(
     workflow: Annotated[str | None, typer.Option(help="only this workflow")] = None,
     limit: int = 20,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
+    """The newest runs first: status, when they started, who or what started them."""
     _, store = context()
-    t = Table("run", "app/team", "workflow", "status", "started", "by")
-    for r in store.list_runs(workflow, limit):
+    rows = store.list_runs(workflow, limit)
+    if as_json:
+        print_json([_run_row(r) for r in rows])
+        return
+    t = table("run", "app/team", "workflow", "status", "started", "by")
+    for r in rows:
         t.add_row(r.id[:12], f"{r.app}/{r.team}", r.workflow, r.status, iso(r.started_at),
                   str(r.trigger.get("by", "")))
-    out.print(t)
+    show(t)
 
 
 @runs_app.command("show")
-def runs_show(run_id: str) -> None:
+def runs_show(run_id: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """One run: its params, what triggered it, and each step (status, exit, tries, cache)."""
     _, store = context()
     r = store.get_run(run_id)
     if r is None:
         fail(f"no run {run_id!r}")
+    steps = store.list_steps(r.id)
+    if as_json:
+        print_json({**_run_row(r), "steps": [_step_row(s) for s in steps]})
+        return
     out.print(f"run {r.id}  {r.app}/{r.team}  workflow {r.workflow}  [bold]{r.status}[/]")
     out.print(f"started {iso(r.started_at)}  ended {iso(r.ended_at)}  mlflow {r.mlflow_run_id}")
     out.print(f"params {json.dumps(r.params)}  trigger {json.dumps(r.trigger)}")
-    t = Table("step", "status", "exit", "tries", "secs", "cache key", "cached from")
-    steps = store.list_steps(r.id)
+    t = table("step", "status", "exit", "tries", "secs", "cache key", "cached from")
     for s in steps:
         secs = f"{s.ended_at - s.started_at:.2f}" if s.ended_at and s.started_at else "-"
         src = s.cached_from.split("/") if s.cached_from else None
         t.add_row(s.step, s.status, str(s.exit_code if s.exit_code is not None else "-"),
                   str(s.attempts or 0), secs, (s.cache_key or "-")[:12],
                   f"{src[0][:12]}/{src[1]}" if src else "-")
-    out.print(t)
+    show(t)
     for s in steps:
         out.print(f"  {s.step}: log {s.log_path or '-'}  mlflow run {s.mlflow_run_id or '-'}",
                   highlight=False, soft_wrap=True)

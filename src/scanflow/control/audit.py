@@ -24,7 +24,10 @@ _SLACK_S = 2.0  # an event is recorded just after the action that caused it retu
 
 
 def _iso(ts: float | None) -> str | None:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds") if ts else None
+    """ISO 8601 UTC to the millisecond, as the CLI writes every time ("...T06:10:00.123Z")."""
+    if not ts:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _event(e: Event) -> dict[str, Any]:
