@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import re
 import string
+import types
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -66,9 +67,16 @@ def read_dataset(path: Path, template: str, target: str | None) -> Dataset:
     if template == "image":
         raise InitError(f"--data {path}: the image template reads an .npz with `x` of shape (n, h, w) or "
                         "(n, h, w, c) and labels `y`")
+    frame = _read_frame(path)
     if not target:
-        raise InitError("--target is required for a table: the name of the column to predict")
-    return _from_frame(_read_frame(path), path, target)
+        raise InitError(f"--target is required for a table: the column to predict (columns: "
+                        f"{_columns(frame)})")
+    return _from_frame(frame, path, target)
+
+
+def _columns(frame: Any) -> str:
+    names = ", ".join(map(str, frame.columns[:30])) + (" ..." if len(frame.columns) > 30 else "")
+    return names or "none"
 
 
 def _read_frame(path: Path) -> Any:
@@ -88,8 +96,7 @@ def _from_frame(frame: Any, path: Path, target: str) -> Dataset:
     import pandas as pd  # lazy: pandas (~0.3 s), only for tables
 
     if target not in frame.columns:
-        cols = ", ".join(map(str, frame.columns[:30])) + (" ..." if len(frame.columns) > 30 else "")
-        raise InitError(f"--target {target!r}: no such column in {path.name} (columns: {cols or 'none'})")
+        raise InitError(f"--target {target!r}: no such column in {path.name} (columns: {_columns(frame)})")
     notes = []
     unlabelled = int(frame[target].isna().sum())
     if unlabelled:
@@ -229,8 +236,6 @@ def max_loss(accuracy: float, n_test: int) -> float:
 
 def _template_module(template: str) -> Any:
     """The app's `steps/model.py` as a module, so init fits exactly what `train` will fit."""
-    import types
-
     source = (resources.files("scanflow") / "templates" / template / "steps" / "model.py.tmpl").read_text()
     module = types.ModuleType(f"scanflow_init_{template}_model")
     module.__file__ = "app/steps/model.py"  # its SCHEMA path is never read: init passes the schema
