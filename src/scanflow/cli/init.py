@@ -291,7 +291,7 @@ def app_name(folder: Path) -> str:
 
 
 def _example_row(ds: Dataset) -> str:
-    row = [float(v) if not float(v).is_integer() else int(v) for v in ds.x[0]]
+    row = [round(float(v), 4) if not float(v).is_integer() else int(v) for v in ds.x[0]]
     text = json.dumps(row)
     return text if len(text) <= 400 else json.dumps(row[:8])[:-1] + ", ...]"
 
@@ -308,7 +308,7 @@ def values_for(ds: Dataset, template: str, app: str, folder: Path, data: Path,
         "data_source": data.name, "init_accuracy": f"{accuracy:.2f}",
         "accuracy_floor": f"{max(0.0, np.floor((accuracy - 0.1) * 100) / 100):.2f}",
         "max_loss_on_holdout": f"{max_loss(accuracy, sizes(n)['n_test']):.2f}",
-        "example_row": _example_row(ds),
+        "example_row": _example_row(ds), "example_label": json.dumps(_class_list(ds.y[:1])[0]),
         "feature_note": _feature_note(ds),
         **sizes(n),
     }
