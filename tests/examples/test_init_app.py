@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -51,10 +52,17 @@ def test_an_init_app_detects_retrains_promotes_and_rolls_out(tmp_path: Path) -> 
     table(1000, seed=1).to_csv(tmp_path / "clean.csv", index=False)
     table(6000, seed=2, shifted=True).to_csv(tmp_path / "shifted.csv", index=False)
 
+    t0, phases = time.monotonic(), []  # (seconds since start, what happened): printed, never asserted
+
+    def done(what: str) -> None:
+        phases.append((round(time.monotonic() - t0, 1), what))
+        print(f"{phases[-1][0]:7.1f}s {what}")
+
     def scanflow(*args: str, timeout: float = 180) -> str:
         res = subprocess.run([sys.executable, "-m", "scanflow.cli.main", *args], cwd=tmp_path, env=env,
                              capture_output=True, text=True, timeout=timeout)
-        assert res.returncode == 0, (args, res.stdout[-3000:], res.stderr[-3000:])
+        assert res.returncode == 0, (args, res.stdout[-3000:], res.stderr[-3000:], phases)
+        done(" ".join(args[:2]))
         return res.stdout
 
     def send(file: str, rows: int, start: int = 0) -> dict[str, Any]:
@@ -89,10 +97,14 @@ def test_an_init_app_detects_retrains_promotes_and_rolls_out(tmp_path: Path) -> 
             d = store.get_deployment(SERVICE)
             return d.model_version if d.model_version != "1" and events("rollout_completed") else None
 
+        done("clean traffic")
         version = wait_for(rolled_out, timeout=300, interval=0, what="a retrained model rolled out")
+        done(f"version {version} serves, after {sent['rows']} shifted rows")
         assert sent["accuracy"][0] < 0.3, sent  # the champion is wrong on the shifted rows
         for kind in ("drift_detected", "retrain_started", "retrain_finished", "promoted"):
             assert events(kind), (kind, [e.kind for e in store.list_events(SERVICE)])
+        # drift was raised on the shifted rows (ids after the 1,000 clean ones)
+        assert any(e.payload["window"]["first_id"] > 1000 for e in events("drift_detected"))
         (promoted,) = events("promoted")
         assert str(promoted.payload.get("version") or promoted.payload.get("to_version")) == version, promoted
         assert not events("promotion_rejected")

@@ -346,12 +346,13 @@ def _check_folder(folder: Path, force: bool) -> None:
 # -- the command ------------------------------------------------------------------------------------
 def init(
     folder: Annotated[Path, typer.Argument(help="the new application's folder")],
-    data: Annotated[Path, typer.Option("--data", help="your data: .csv, .parquet or .npz (x, y)")],
+    data: Annotated[Path, typer.Option("--data", help="your data: .csv, .parquet, or .npz with arrays "
+                                       "x and y (images: x of shape (n, h, w[, c]))")],
     template: Annotated[str, typer.Option(help="tabular | image")] = "tabular",
     target: Annotated[str | None, typer.Option(
-        help="the column to predict (a table), or the labels array of an .npz [y]")] = None,
+        help="the column to predict (a table), or the labels array of an .npz (default: y)")] = None,
     name: Annotated[str | None, typer.Option(
-        help="app, service and model name prefix [the folder's name]")] = None,
+        help="app, service and model name prefix (default: the folder's name)")] = None,
     force: Annotated[bool, typer.Option(help="write into a folder that is not empty")] = False,
 ) -> None:
     """Write a complete application for your data: train/retrain workflows, a service, the agents."""
