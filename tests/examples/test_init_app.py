@@ -42,7 +42,7 @@ def table(n: int, seed: int, shifted: bool = False) -> Any:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)  # ≈ 3-6 min on 2 cores; far more when the machine is shared
 def test_an_init_app_detects_retrains_promotes_and_rolls_out(tmp_path: Path) -> None:
     from scanflow.store import Store
 
@@ -51,6 +51,7 @@ def test_an_init_app_detects_retrains_promotes_and_rolls_out(tmp_path: Path) -> 
     table(3000, seed=0).to_csv(tmp_path / "customers.csv", index=False)
     table(1000, seed=1).to_csv(tmp_path / "clean.csv", index=False)
     table(6000, seed=2, shifted=True).to_csv(tmp_path / "shifted.csv", index=False)
+    table(500, seed=3, shifted=True).to_csv(tmp_path / "unseen.csv", index=False)  # never labelled
 
     t0, phases = time.monotonic(), []  # (seconds since start, what happened): printed, never asserted
 
@@ -110,7 +111,7 @@ def test_an_init_app_detects_retrains_promotes_and_rolls_out(tmp_path: Path) -> 
         assert not events("promotion_rejected")
         (retrain,) = [r for r in store.list_runs(workflow="retrain")]
         assert retrain.status == "succeeded" and retrain.trigger["agent"] == "executor"
-        after = send("shifted.csv", 500, start=5500)
+        after = send("unseen.csv", 500)
         assert after["versions"] == {version: 500} and after["accuracy"] > 0.8, after
         assert "promot" in scanflow("why", SERVICE)
     finally:
