@@ -51,7 +51,7 @@ def test_an_init_app_detects_retrains_promotes_and_rolls_out(tmp_path: Path) -> 
     table(3000, seed=0).to_csv(tmp_path / "customers.csv", index=False)
     table(1000, seed=1).to_csv(tmp_path / "clean.csv", index=False)
     table(6000, seed=2, shifted=True).to_csv(tmp_path / "shifted.csv", index=False)
-    table(500, seed=3, shifted=True).to_csv(tmp_path / "unseen.csv", index=False)  # rows the retrain never saw
+    table(500, seed=3, shifted=True).to_csv(tmp_path / "unseen.csv", index=False)  # unseen by the retrain
 
     t0, phases = time.monotonic(), []  # (seconds since start, what happened): printed, never asserted
 
