@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from scanflow.cli import history, services, workflows
+from scanflow.cli import history, init, services, workflows
 from scanflow.cli.agents import agents_app
 from scanflow.cli.common import AppPath, err, fail, iso, load_noting, out
 from scanflow.cli.db import db_app
@@ -63,6 +63,7 @@ for command in (
     history.events, history.decisions, history.why,
 ):
     app.command()(command)
+app.command(name="init")(init.init)
 app.add_typer(workflows.runs_app, name="runs")
 app.add_typer(agents_app, name="agents")
 app.add_typer(db_app, name="db")
