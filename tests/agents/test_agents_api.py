@@ -104,7 +104,7 @@ def test_api_lists_fires_pauses_and_changes_triggers(served: tuple[Agent, httpx.
     clock = sensors["clock"]
     assert [t["id"] for t in clock["triggers"]][0] == "nightly"
     assert clock["triggers"][0]["schedule"] == "cron '0 3 * * *' (UTC)"
-    assert clock["next_fire_time"] and clock["triggers"][0]["next_fire_time"].endswith("03:00:00+00:00")
+    assert clock["next_fire_time"] and clock["triggers"][0]["next_fire_time"].endswith("03:00:00.000Z")
     assert sensors["pings"]["triggers"][0]["kind"] == "message"
     assert sensors["pings"]["triggers"][0]["next_poll_time"]
 

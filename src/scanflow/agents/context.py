@@ -101,7 +101,8 @@ def _iso(dt: datetime | float | None) -> str | None:
         return None
     if not isinstance(dt, datetime):
         dt = datetime.fromtimestamp(dt, UTC)
-    return dt.astimezone(UTC).isoformat(timespec="seconds")
+    # the CLI's `--json` form: ISO 8601 UTC to the millisecond, "Z"
+    return dt.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _iso_ms(ts: float | None) -> str | None:

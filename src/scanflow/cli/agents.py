@@ -7,13 +7,14 @@ not answer, 2 bad input or unknown name.
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
 from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from scanflow.cli.common import iso as common_iso
+from scanflow.cli.common import print_json, timed
 from scanflow.spec.errors import SpecError
 
 agents_app = typer.Typer(no_args_is_help=True, help="Start, stop, inspect and steer agents.")
@@ -30,9 +31,8 @@ def fail(message: str, code: int = 2) -> NoReturn:
 
 
 def iso(ts: float | str | None) -> str:
-    if isinstance(ts, str):
-        return ts
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds") if ts else "-"
+    """A time as every command shows it (the agents' API already sends text)."""
+    return ts if isinstance(ts, str) else common_iso(ts)
 
 
 def _supervisor() -> Any:
@@ -117,7 +117,7 @@ def list_(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     heartbeat, API address; each failing sensor's last error."""
     rows = _supervisor().status()
     if as_json:
-        print(json.dumps(rows))
+        print_json([timed(dict(row), "heartbeat", "started_at") for row in rows])
         return
     t = Table("agent", "role", "pid", "status", "heartbeat", "api")
     for row in rows:
@@ -169,7 +169,7 @@ def status(
             t.add_row(s["name"] if i == 0 else "", tr["schedule"], tr["id"], nxt,
                       tr.get("last_fire_time") or "-",
                       state if i == 0 else "", str(s["ticks"]) if i == 0 else "",
-                      (s["last_error"] or "")[:60] if i == 0 else "")
+                      (s["last_error"] or "") if i == 0 else "")
     out.print(t)
     if dead:
         d = Table("id", "kind", "key", "from", "tries", "dead since", "last error",
@@ -184,7 +184,7 @@ def status(
             acts = ", ".join(f"{a.get('action', '?').split(':')[-1]}:{a.get('status')}"
                              for a in row["actions"])
             d.add_row(row["time"], row["sensor"], "yes" if row["fired"] else "no",
-                      str(row["evidence"].get("reason", ""))[:60], acts)
+                      str(row["evidence"].get("reason", "")), acts)
         out.print(d)
 
 
