@@ -76,10 +76,27 @@ class CheckParams:
     standardize: bool = True
 
 
+def _split_rows(ref: np.ndarray, n_pool: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(fit part, held-out pool) of a reference, identical rows always on the same side.
+
+    Why not a plain shuffle (`split_reference`): a reference cut from a stream that repeats
+    inputs (a retrain's labelled requests, integer-coded tabular rows) holds duplicates, and a
+    pool sharing rows with the fitted part looks closer to it than fresh data does: the
+    threshold comes out too low and clean windows fire. Groups of identical rows are shuffled
+    and go to the pool until it holds `n_pool` rows."""
+    rows = np.ascontiguousarray(ref)
+    _, group = np.unique(rows.view(f"V{rows.shape[1] * rows.itemsize}"), return_inverse=True)
+    group = group.ravel()
+    sizes = np.bincount(group)
+    order = np.random.default_rng(seed).permutation(len(sizes))
+    k = int(np.searchsorted(np.cumsum(sizes[order]), n_pool)) + 1
+    in_pool = np.isin(group, order[:k])
+    return ref[~in_pool], ref[in_pool]
+
+
 def fitted_check(ref: np.ndarray, size: int, p: CheckParams, where: str) -> dict[str, Any]:
     """A DriftCheck fitted (and calibrated, unless told not to or the reference is too small)
     for windows of `size` rows, with what to say about its calibration."""
-    from scanflow.monitor.base import split_reference  # lazy: with the detectors above
     from scanflow.monitor.drift import DriftCheck, KSDrift, MMDDrift  # lazy: sklearn (~1.5 s)
 
     def build(alpha_ks: float, alpha_mmd: float, rows: int) -> DriftCheck:
@@ -91,12 +108,11 @@ def fitted_check(ref: np.ndarray, size: int, p: CheckParams, where: str) -> dict
     if not p.calibrate:
         return {"check": build(p.ks_alpha, p.mmd_alpha, len(ref)).fit(ref), "calibrated": False,
                 "note": "fixed alphas (calibrate: false)"}
-    n_pool = int(round(len(ref) * p.calibration_share))
     t = time.perf_counter()
-    why = (f"the reference has {len(ref)} rows; calibration needs {2 * MIN_CALIBRATION_ROWS} "
-           f"(half to fit, half held out)")
-    if min(n_pool, len(ref) - n_pool) >= MIN_CALIBRATION_ROWS:
-        fit, pool = split_reference(ref, len(ref) - n_pool, seed=0)
+    fit, pool = _split_rows(ref, int(round(len(ref) * p.calibration_share)))
+    why = (f"the reference has {len(ref)} rows, split {len(fit)} to fit and {len(pool)} held out "
+           f"(identical rows on one side); calibration needs {MIN_CALIBRATION_ROWS} on each")
+    if min(len(fit), len(pool)) >= MIN_CALIBRATION_ROWS:
         check = build(p.false_alarm_rate, p.false_alarm_rate, len(fit))
         check.alpha = p.false_alarm_rate
         try:
@@ -115,6 +131,48 @@ def fitted_check(ref: np.ndarray, size: int, p: CheckParams, where: str) -> dict
             "note": f"not calibrated: {why}; fixed alphas {half:g} per test"}
 
 
+def _checked(svc: str, version: str, cache: dict[str, Any], size: int, p: CheckParams) -> dict[str, Any]:
+    """The check for windows of `size` rows: fitted (and calibrated) once per version and size."""
+    key = (size, p)
+    if key not in cache["checks"]:
+        cache["checks"][key] = fitted_check(cache["data"], size, p, f"{svc} v{version}")
+    return dict(cache["checks"][key])
+
+
+def warm_up(ctx: AgentContext, reference_artifact: str, p: CheckParams, sizes: list[int]) -> None:
+    """Fit and calibrate the check of the version the agent's service serves now, for the
+    monitor's window sizes, before its windows arrive: a calibration takes seconds (~10 s for
+    MNIST, more on busy cores), and a window waiting for it is drift seen late. A failure here
+    is left to the windows' judgement, which reports it (tried once per version)."""
+    svc = ctx.service
+    dep = ctx.store.get_deployment(svc) if svc else None
+    if svc is None or dep is None or dep.model_version is None or not sizes:
+        return
+    tried: set[tuple[str, str]] = ctx.__dict__.setdefault("_warm_tried", set())
+    if (svc, str(dep.model_version)) in tried:
+        return
+    tried.add((svc, str(dep.model_version)))
+    try:
+        version, cache = _reference_for(ctx, svc, reference_artifact)
+        for size in sizes:
+            _checked(svc, version, cache, size, p)
+    except Exception as exc:  # noqa: BLE001 - the window that needs it raises it again, with context
+        log.info("%s: no drift check fitted ahead of its windows: %s", svc, exc)
+
+
+def monitor_window_sizes(ctx: AgentContext, default: int) -> list[int]:
+    """The window sizes of the app's `prediction_window` sensors watching the agent's service."""
+    sizes = set()
+    for agent in ctx.app.agents.values():
+        for sensor in agent.sensors:
+            name = sensor.func if isinstance(sensor.func, str) else getattr(sensor.func, "__name__", "")
+            if str(name).rsplit(":", 1)[-1].rsplit(".", 1)[-1] != "prediction_window":
+                continue
+            if (sensor.params.get("service") or agent.service) == ctx.service:
+                sizes.add(int(sensor.params.get("window_size", default)))
+    return sorted(sizes)
+
+
 def judge_window(ctx: AgentContext, m: Any, reference_artifact: str, p: CheckParams) -> Observation:
     """One monitor window judged against the reference of the version that served it."""
     w = m.payload
@@ -126,10 +184,7 @@ def judge_window(ctx: AgentContext, m: Any, reference_artifact: str, p: CheckPar
     by = served.most_common(1)[0][0] if served else None
     version, cache = _reference_for(ctx, svc, reference_artifact, by)
     x = np.asarray(win.inputs, dtype=np.float64).reshape(len(win.ids), -1)
-    key = (len(x), p)
-    if key not in cache["checks"]:  # fitted (and calibrated) once per version and window size
-        cache["checks"][key] = fitted_check(cache["data"], len(x), p, f"{svc} v{version}")
-    fitted = cache["checks"][key]
+    fitted = _checked(svc, version, cache, len(x), p)
     t = time.perf_counter()
     verdict = fitted["check"].verdict(x)
     seconds = time.perf_counter() - t
@@ -160,4 +215,5 @@ def _summary(verdict: Any, fitted: dict[str, Any], p: CheckParams) -> str:
     return f"{'drift' if verdict.drift else 'no drift'}: {', '.join(parts)} ({how})"
 
 
-__all__ = ["MIN_CALIBRATION_ROWS", "CheckParams", "fitted_check", "judge_window"]
+__all__ = ["MIN_CALIBRATION_ROWS", "CheckParams", "fitted_check", "judge_window", "monitor_window_sizes",
+           "warm_up"]

@@ -10,6 +10,7 @@ remembers the version it started from, and a webhook re-sends the same `Idempote
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from dataclasses import replace
@@ -19,7 +20,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from scanflow.agents.analyzer import CheckParams, judge_window
+from scanflow.agents.analyzer import CheckParams, judge_window, monitor_window_sizes, warm_up
 from scanflow.agents.gate import policy_for, promotion_gate
 from scanflow.agents.planner import rollback as guarded_rollback
 from scanflow.agents.registry import actuator, rule, sensor
@@ -78,6 +79,8 @@ def drift_check(
     mmd_alpha: float = 0.05,
     n_components: int = 32,
     n_permutations: int = 100,
+    standardize: bool = True,
+    window_size: int | None = None,
     limit: int = 5,
 ) -> list[Observation]:
     """Judge each window the monitor sent against the reference of the version that served it:
@@ -93,7 +96,12 @@ def drift_check(
     (fewer than 2 x 20 rows, or a pool the calibration refuses) falls back to fixed alphas of
     `false_alarm_rate / 2` per test (logged once; evidence `calibrated: false`).
     `calibrate: false` is the old mode: KS (Bonferroni) at `ks_alpha`, MMD (permutations) at
-    `mmd_alpha`, drift when either fires.
+    `mmd_alpha`, drift when either fires. MMD scales each feature by its reference std
+    (`standardize`: tabular columns come in mixed units; with one global range a column in
+    thousands hides the others); false alarms stay controlled under any scaling (calibration, or
+    the permutation test), and on MNIST both detect the demo's corruptions. The check of the
+    version the agent's service serves is fitted ahead of its windows, for `window_size` (default:
+    the sizes of the app's `prediction_window` sensors).
     """
     from scanflow.monitor._validate import check_alpha, check_int  # lazy: the monitor loads scipy
 
@@ -102,7 +110,11 @@ def drift_check(
                      check_int(calibration_windows, "calibration_windows", 1),
                      check_alpha(calibration_share, "calibration_share"), check_alpha(ks_alpha, "ks_alpha"),
                      check_alpha(mmd_alpha, "mmd_alpha"), check_int(n_components, "n_components", 1),
-                     check_int(n_permutations, "n_permutations", 1))
+                     check_int(n_permutations, "n_permutations", 1), bool(standardize))
+    default_size = int(inspect.signature(prediction_window).parameters["window_size"].default)
+    sizes = ([check_int(window_size, "window_size", 2)] if window_size
+             else monitor_window_sizes(ctx, default_size))
+    warm_up(ctx, reference_artifact, p, sizes)
     out = []
     for m in ctx.store.inbox(ctx.name, ["window"], limit):
         try:
