@@ -17,8 +17,8 @@ the check is fitted and calibrated on them, and windows of ``--window`` rows are
 *other* rows: ``--clean-windows`` clean ones (false-alarm rate) and ``--shift-windows`` per shift
 (detection rate). Shifts (on one window's rows, in units of the feature's own std):
 
-- ``mean_shift``: one feature moved by ``--mean-shift`` standard deviations;
-- ``scale_change``: one feature's spread around its mean multiplied by ``--scale``;
+- ``mean_shift_*``: one feature moved by ``--mean-shift`` standard deviations, and by twice that;
+- ``scale_x*``: one feature's spread around its mean multiplied by ``--scale``, and by twice that;
 - ``correlation``: one feature shuffled within the window (its marginal kept, its correlation
   with the others broken: only a joint test can see it);
 - ``covariate_subset``: rows sampled with weight ``exp(w * z)`` on a standardized informative
@@ -71,24 +71,31 @@ def correlated_with_categories(rows: int, seed: int) -> np.ndarray:
     return np.column_stack([z * [1, 10, 100, 0.5, 3, 1, 20, 7], *cats])
 
 
-def shifts(feature: int, mean_shift: float, scale: float, weight: float) -> dict[str, Shift]:
-    def mean(w: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        out = w.copy()
-        out[:, feature] += mean_shift * SD[feature]
-        return out
+def shifts(feature: int, mean_shift: float, scale: float) -> dict[str, Shift]:
+    """The shifts, each at the given magnitude and at twice it."""
+    def mean(k: float) -> Shift:
+        def fn(w: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+            out = w.copy()
+            out[:, feature] += k * SD[feature]
+            return out
+        return fn
 
-    def spread(w: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        out = w.copy()
-        out[:, feature] = MU[feature] + (out[:, feature] - MU[feature]) * scale
-        return out
+    def spread(k: float) -> Shift:
+        def fn(w: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+            out = w.copy()
+            out[:, feature] = MU[feature] + (out[:, feature] - MU[feature]) * k
+            return out
+        return fn
 
     def corr(w: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         out = w.copy()
         out[:, feature] = rng.permutation(out[:, feature])
         return out
 
-    return {"mean_shift": mean, "scale_change": spread, "correlation": corr,
-            "covariate_subset": lambda w, rng: w}  # drawn by weight (see windows_of)
+    return {f"mean_shift_{mean_shift:g}sd": mean(mean_shift),
+            f"mean_shift_{2 * mean_shift:g}sd": mean(2 * mean_shift),
+            f"scale_x{scale:g}": spread(scale), f"scale_x{2 * scale:g}": spread(2 * scale),
+            "correlation": corr, "covariate_subset": lambda w, rng: w}  # drawn by weight (see draw)
 
 
 MU = np.zeros(0)
@@ -111,7 +118,7 @@ def measure(name: str, data: np.ndarray, args: argparse.Namespace) -> dict[str, 
     MU, SD = data.mean(axis=0), data.std(axis=0)
     # The feature that moves: the first one (the largest-variance informative ones differ per
     # dataset; the first is informative in both).
-    kinds = shifts(0, args.mean_shift, args.scale, args.weight)
+    kinds = shifts(0, args.mean_shift, args.scale)
     rng = np.random.default_rng(args.seed)
     flagged = {"clean": 0, "clean_fixed_alpha": 0, **{k: 0 for k in kinds}}
     total = {"clean": 0, **{k: 0 for k in kinds}}
@@ -141,7 +148,7 @@ def measure(name: str, data: np.ndarray, args: argparse.Namespace) -> dict[str, 
         "clean_windows": total["clean"], "false_alarm_rate": flagged["clean"] / total["clean"],
         "false_alarm_rate_fixed_alpha_0.05": flagged["clean_fixed_alpha"] / total["clean"],
         "detection_rate": {k: flagged[k] / total[k] for k in kinds},
-        "windows_per_shift": total["mean_shift"],
+        "windows_per_shift": args.references * args.shift_windows,
         "calibration_seconds_median": float(np.median(seconds)),
     }
 
@@ -171,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     kinds = list(results[0]["detection_rate"])
     print(f"{'dataset':48} {'rows':>6} {'feat':>4} {'false alarms':>12} {'fixed 0.05':>10} "
           + " ".join(f"{k:>16}" for k in kinds))
+    rows = [f"| {r['name']} | {r['rows']:,} x {r['features']} | {r['false_alarm_rate']:.3f} | "
+            f"{r['false_alarm_rate_fixed_alpha_0.05']:.3f} | "
+            + " | ".join(f"{r['detection_rate'][k]:.2f}" for k in kinds) + " |" for r in results]
     for r in results:
         print(f"{r['name']:48} {r['rows']:>6} {r['features']:>4} {r['false_alarm_rate']:>12.3f} "
               f"{r['false_alarm_rate_fixed_alpha_0.05']:>10.3f} "
@@ -180,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
            "shifts": {"mean_shift_sd": args.mean_shift, "scale": args.scale, "covariate_weight": args.weight,
                       "feature": 0},
            "seconds": round(time.time() - t0, 1)}
+    print("\n".join([f"| dataset | rows x features | false alarms | fixed 0.05 | {' | '.join(kinds)} |",
+                      "|---|---|---:|---:|" + "---:|" * len(kinds), *rows]))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {args.out} ({out['seconds']:.0f}s)")
