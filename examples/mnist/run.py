@@ -326,23 +326,19 @@ def bad_candidate_phase(t0: float, settings: Any, store: Any, deployer: Any, tra
 
 def register_bad_candidate(settings: Any) -> str:
     """A small MLP on 1,000 clean digits for one epoch: fine on paper, bad on today's traffic."""
-    import tempfile
-
     import mlflow
     from mnist_common import MODEL_NAME, build_model, flat
     from mnist_data import load_mnist
 
-    from scanflow.tracking import log_sklearn_model
+    from scanflow.tracking.contracts import log_model_with_reference
 
     x_train, y_train, x_test, _ = load_mnist(settings.root)
     model = build_model(flat(x_train[:1000]), y_train[:1000], hidden=8, max_iter=1, seed=3)
     mlflow.set_tracking_uri(settings.tracking)
     mlflow.set_experiment("mnist/datascience")
-    with mlflow.start_run(run_name="hand-made candidate"), tempfile.TemporaryDirectory() as tmp:
+    with mlflow.start_run(run_name="hand-made candidate"):
         ref = np.clip(flat(x_test[:1000]), 0, 255).astype(np.uint8)
-        np.save(Path(tmp) / "reference.npy", ref)
-        mlflow.log_artifact(str(Path(tmp) / "reference.npy"), "reference")
-        _, version = log_sklearn_model(model, flat(x_test[:5]), MODEL_NAME)
+        version = log_model_with_reference(model, ref, MODEL_NAME, x_example=flat(x_test[:5]))
     return str(version)
 
 

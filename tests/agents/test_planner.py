@@ -12,6 +12,7 @@ import sys
 import textwrap
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from scanflow.agents.planner import (
     record_outcome,
     rollback_judgement,
 )
+from scanflow.control.evaluation import CandidateEvaluation
 from scanflow.spec.policy import Policy
 from scanflow.store import Store
 
@@ -358,16 +360,17 @@ def test_a_failed_action_starts_no_cooldown() -> None:
 
 # -- promotion gate and rollback judgement ----------------------------------------------------
 def test_promotion_gate() -> None:
+    """The planner's gate is the paired one (its cases are in tests/agents/test_promotion.py)."""
     p = pol(promotion={"min_gain_on_new": 0.02, "max_loss_on_holdout": 0.01, "min_labelled": 300})
-    ok = promotion_gate(0.93, 0.57, 0.965, 0.969, 1000, p)
+    ev = CandidateEvaluation(version="2", candidate_acc_new=0.93, champion_acc_new=0.57, n_holdout=1000,
+                             new_candidate_only=380, new_champion_only=20, candidate_acc_clean=0.965,
+                             champion_acc_clean=0.969, n_clean=9000, clean_candidate_only=60,
+                             clean_champion_only=96)
+    ok = promotion_gate(ev, p)
     assert ok.passed and ok.evidence["gain_on_new"] == pytest.approx(0.36)
-    small = promotion_gate(0.58, 0.57, 0.97, 0.969, 1000, p)
-    assert not small.passed and "gain +0.0100, must exceed +0.0200): not enough" in " ".join(small.reasons)
-    forgets = promotion_gate(0.93, 0.57, 0.94, 0.969, 1000, p)
-    assert not forgets.passed and "too much" in " ".join(forgets.reasons)
-    thin = promotion_gate(0.93, 0.57, 0.97, 0.969, 100, p)
-    assert not thin.passed and "only 100 labelled samples" in thin.reasons[0]
-    assert not promotion_gate(math.nan, 0.5, 0.9, 0.9, 1000, p).passed
+    thin = promotion_gate(replace(ev, n_holdout=100), p)
+    assert not thin.passed and "only 100 labelled rows" in thin.reasons[0]
+    assert not promotion_gate(replace(ev, candidate_acc_new=math.nan), p).passed
 
 
 def _probation(new: float | None, n_new: int, old: float | None = 0.95, n_old: int = 500,

@@ -59,7 +59,18 @@ def test_the_documented_example_loads(tmp_path: Path) -> None:
     (tmp_path / "scanflow.yaml").write_text(yaml.safe_dump(spec))
     pol = load_application(tmp_path, check_imports=False).services["mnist"].policy
     assert pol.cooldowns.scale_down == 300 and pol.rollback.within == 3600
-    assert pol.promotion.max_loss_on_holdout == 0.01
+    assert pol.promotion.max_loss_on_clean == 0.02 and pol.promotion.alpha == 0.05
+
+
+def test_promotion_gate_keeps_the_old_knob_names() -> None:
+    """Specs written for the fixed-margin gate still validate: the old tolerance name is the new
+    one's, and giving both is refused by name."""
+    old = Policy.model_validate({"promotion": {"min_gain_on_new": 0.0, "max_loss_on_holdout": 0.01,
+                                               "min_labelled": 300}})
+    assert old.promotion.max_loss_on_clean == 0.01 == old.promotion.max_loss_on_holdout
+    assert old.promotion.min_labelled == 300
+    with pytest.raises(ValueError, match="max_loss_on_clean only"):
+        Policy.model_validate({"promotion": {"max_loss_on_holdout": 0.01, "max_loss_on_clean": 0.02}})
 
 
 def test_durations_and_zero_cooldowns(tmp_path: Path) -> None:

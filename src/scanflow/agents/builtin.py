@@ -10,16 +10,18 @@ remembers the version it started from, and a webhook re-sends the same `Idempote
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
 import numpy as np
 
+from scanflow.agents.analyzer import CheckParams, judge_window, monitor_window_sizes, warm_up
 from scanflow.agents.gate import policy_for, promotion_gate
 from scanflow.agents.planner import rollback as guarded_rollback
 from scanflow.agents.registry import actuator, rule, sensor
@@ -31,7 +33,7 @@ from scanflow.control.operations import Actor, ModelOps, check_registered
 from scanflow.engine import RunResult
 from scanflow.spec.loader import load_application
 from scanflow.spec.models import MessageEvent, PredictionWindowEvent
-from scanflow.tracking.contracts import NEW_DATA_PARAM, NewData, write_new_data
+from scanflow.tracking.contracts import NEW_DATA_PARAM, REFERENCE_ARTIFACT, NewData, write_new_data
 
 log = logging.getLogger("scanflow.agents.builtin")
 T = TypeVar("T")
@@ -67,83 +69,62 @@ def inbox(ctx: AgentContext, kinds: list[str] | None = None, limit: int = 20) ->
             for ev in src.poll()]
 
 
-def _reference_for(ctx: AgentContext, service: str, artifact: str, version: str | None = None
-                   ) -> tuple[str, dict[str, Any]]:
-    """The reference sample logged with a model version of the service (default: the version it
-    serves now), and a cache entry for what is fitted on it. The last few versions stay cached:
-    windows that straddle a rollout alternate between two."""
-    dep = ctx.store.get_deployment(service)
-    if dep is None or dep.model_version is None:
-        raise ValueError(f"service {service!r} is not deployed")
-    cache: dict[tuple[str, str], dict[str, Any]] = ctx.__dict__.setdefault("_ref_cache", {})
-    version = str(version or dep.model_version)
-    if (service, version) not in cache:
-        mv = ctx.tracker.model_version(dep.model_name, version)
-        dst = ctx.settings.agents_dir / ctx.name / f"reference-v{version}"
-        dst.mkdir(parents=True, exist_ok=True)
-        data = np.load(ctx.tracker.download(mv.run_id, artifact, str(dst)))
-        while len(cache) >= 3:
-            cache.pop(next(iter(cache)))
-        cache[(service, version)] = {"data": data.reshape(-1, _width(data))}
-    return version, cache[(service, version)]
-
-
-def _width(a: np.ndarray) -> int:
-    return int(np.prod(a.shape[1:])) if a.ndim > 1 else 1
-
-
 @sensor
 def drift_check(
     ctx: AgentContext,
-    reference_artifact: str = "reference/reference.npy",
+    reference_artifact: str = REFERENCE_ARTIFACT,
+    calibrate: bool = True,
+    false_alarm_rate: float = 0.01,
+    confidence: float = 0.9,
+    calibration_windows: int = 300,
+    calibration_share: float = 0.5,
     ks_alpha: float = 0.05,
     mmd_alpha: float = 0.05,
     n_components: int = 32,
     n_permutations: int = 100,
+    standardize: bool = True,
+    window_size: int | None = None,
     limit: int = 5,
 ) -> list[Observation]:
-    """Judge each window the monitor sent: KS (Bonferroni) and MMD against the reference."""
+    """Judge each window the monitor sent against the reference of the version that served it:
+    KS and MMD, one verdict for both.
+
+    Calibrated (the default): the reference is split into a part the detectors are fitted on and
+    a held-out clean pool (`calibration_share` of it); `calibration_windows` windows of the
+    window's own size drawn from the pool set one threshold for the OR of the tests such that,
+    with probability `confidence`, at most `false_alarm_rate` of clean windows are flagged
+    (`DriftCheck.calibrate`). Why 1 %: a window every few seconds and a planner that needs drift
+    in consecutive windows make a false retrain about one in 10,000 windows; 300 windows is the
+    smallest round number above the 230 that 1 % at 0.9 needs. A reference too small to split
+    (fewer than 2 x 20 rows, or a pool the calibration refuses) falls back to fixed alphas of
+    `false_alarm_rate / 2` per test (logged once; evidence `calibrated: false`).
+    `calibrate: false` is the old mode: KS (Bonferroni) at `ks_alpha`, MMD (permutations) at
+    `mmd_alpha`, drift when either fires. MMD scales each feature by its reference std
+    (`standardize`: tabular columns come in mixed units; with one global range a column in
+    thousands hides the others); false alarms stay controlled under any scaling (calibration, or
+    the permutation test), and on MNIST both detect the demo's corruptions. The check of the
+    version the agent's service serves is fitted ahead of its windows, for `window_size` (default:
+    the sizes of the app's `prediction_window` sensors).
+    """
+    from scanflow.monitor._validate import check_alpha, check_int  # lazy: the monitor loads scipy
+
+    p = CheckParams(bool(calibrate), check_alpha(false_alarm_rate, "false_alarm_rate"),
+                     check_alpha(confidence, "confidence"),
+                     check_int(calibration_windows, "calibration_windows", 1),
+                     check_alpha(calibration_share, "calibration_share"), check_alpha(ks_alpha, "ks_alpha"),
+                     check_alpha(mmd_alpha, "mmd_alpha"), check_int(n_components, "n_components", 1),
+                     check_int(n_permutations, "n_permutations", 1), bool(standardize))
+    default_size = int(inspect.signature(prediction_window).parameters["window_size"].default)
+    sizes = ([check_int(window_size, "window_size", 2)] if window_size
+             else monitor_window_sizes(ctx, default_size))
+    warm_up(ctx, reference_artifact, p, sizes)
     out = []
     for m in ctx.store.inbox(ctx.name, ["window"], limit):
         try:
-            out.append(_judge_window(ctx, m, reference_artifact, ks_alpha, mmd_alpha, n_components,
-                                     n_permutations))
+            out.append(judge_window(ctx, m, reference_artifact, p))
         except Exception as exc:  # noqa: BLE001 - this window fails alone; the runtime retries it
             out.append(Observation(key=m.key, message_id=m.id, error=f"{type(exc).__name__}: {exc}"))
     return out
-
-
-def _judge_window(ctx: AgentContext, m: Any, reference_artifact: str, ks_alpha: float, mmd_alpha: float,
-                  n_components: int, n_permutations: int) -> Observation:
-    """One monitor window judged against the reference of the version that served it."""
-    from scanflow.monitor.drift import DriftCheck, KSDrift, MMDDrift, any_drift  # lazy: sklearn (~1.5 s)
-
-    w = m.payload
-    svc = w["service"]
-    win = ctx.store.prediction_window(svc, after_id=w["first_id"] - 1, upto_id=w["last_id"])
-    # Judge the window against the reference of the version that served it (most of it):
-    # inputs a previous model served say nothing about the current model's reference.
-    served = Counter(str(v) for v in win.model_versions if v is not None)
-    by = served.most_common(1)[0][0] if served else None
-    version, cache = _reference_for(ctx, svc, reference_artifact, by)
-    if "check" not in cache:
-        cache["check"] = DriftCheck(
-            KSDrift(alpha=ks_alpha),
-            MMDDrift(alpha=mmd_alpha, n_components=n_components, n_permutations=n_permutations),
-        ).fit(cache["data"])
-    x = np.asarray(win.inputs, dtype=np.float64).reshape(len(win.ids), -1)
-    t = time.perf_counter()
-    results = cache["check"].test(x)
-    seconds = time.perf_counter() - t
-    drift = any_drift(results)
-    return Observation(
-        key=m.key,
-        evidence={**w, "drift": drift, "reference_version": version, "check_seconds": seconds,
-                  "tests": [r.to_dict() for r in results]},
-        data={**w, "drift": drift, "reference_version": version,
-              "tests": [r.to_dict() for r in results]},
-        message_id=m.id,
-    )
 
 
 # -- rules --------------------------------------------------------------------------------
@@ -546,15 +527,15 @@ def _write_retrain_data(ctx: AgentContext, rows: list[dict[str, Any]], n_hold: i
 def _judge_candidate(ctx: AgentContext, svc: str, model: str, n_hold: int, episode: Any, run_id: str
                      ) -> tuple[str, Any, dict[str, Any]]:
     """The challenger the retrain registered, the gate's verdict on its published evaluation
-    (:mod:`scanflow.control.evaluation`), and the evidence to record."""
+    (:mod:`scanflow.control.evaluation`; paired counts when the workflow published them), and
+    the evidence to record."""
     cand = ctx.tracker.version_by_alias(model, CHALLENGER_ALIAS)
     ev = candidate_evaluation(ctx.tracker, model, cand)  # names a missing eval.* tag
     ctx.event("retrain_finished", episode=episode, run_id=run_id, candidate_version=cand, **ev.figures)
-    verdict = promotion_gate(ev.candidate_acc_new, ev.champion_acc_new, ev.candidate_acc_clean,
-                             ev.champion_acc_clean, ev.n_holdout if ev.n_holdout is not None else n_hold,
-                             policy_for(ctx, svc))
-    gate = {**verdict.evidence, "passed": verdict.passed, "reasons": "; ".join(verdict.reasons),
-            "candidate_acc_clean": ev.candidate_acc_clean, "champion_acc_clean": ev.champion_acc_clean}
+    if ev.n_holdout is None:  # an older workflow: the holdout is the one the executor wrote
+        ev = replace(ev, n_holdout=n_hold)
+    verdict = promotion_gate(ev, policy_for(ctx, svc))
+    gate = {**verdict.evidence, "passed": verdict.passed, "reasons": "; ".join(verdict.reasons)}
     return cand, verdict, gate
 
 

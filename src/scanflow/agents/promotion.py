@@ -1,10 +1,11 @@
 """A person offers a model version for promotion: the service policy's gate decides.
 
-The executor agent promotes what *it* trained through `planner.promotion_gate`; a person with
+The executor agent promotes what *it* trained through `gate.promotion_gate`; a person with
 a candidate of their own must pass the same gate, or the loop has a hole: "it looked good
 offline" is how bad models reach users. `offer` re-scores the candidate **and** the champion on
 the same recent labelled requests of the service (the distribution it serves now) and, when
-given, on a clean holdout; promotes and rolls out only if the gate passes. `force` lets a person
+given, on a clean holdout, so the gate has the paired counts of its exact tests; promotes and
+rolls out only if the gate passes. `force` lets a person
 overrule the gate, recorded as such; the planner's probation still judges the model afterwards
 and rolls it back if it loses to the old champion.
 """
@@ -19,8 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from scanflow.agents.gate import GateResult, promotion_gate, rescored_accuracy
+from scanflow.agents.gate import GateResult, promotion_gate, rescored_correct
 from scanflow.control import backends
+from scanflow.control.evaluation import CandidateEvaluation
 from scanflow.control.leases import LeaseBusy
 from scanflow.control.operations import Actor, ModelOps, ServiceChanged, check_registered
 from scanflow.settings import Settings
@@ -93,44 +95,50 @@ def recent_labelled(store: Store, service: str, n: int) -> tuple[np.ndarray, lis
     return inputs[len(w.ids) - k:], list(w.labels)[len(w.ids) - k:]
 
 
-def _accuracy(model: Any, x: np.ndarray, y: list[Any] | np.ndarray, what: str) -> float:
+def _correct(model: Any, x: np.ndarray, y: list[Any] | np.ndarray, what: str) -> np.ndarray:
     try:
-        return rescored_accuracy(model, x, y)
+        return rescored_correct(model, x, y)
     except Exception as exc:  # noqa: BLE001 - e.g. the holdout's width does not fit the model
         raise ValueError(f"the model cannot score {what} ({x.shape[0]} x {x.shape[1:]}): {exc}") from exc
+
+
+def _paired(cand: Any, champ: Any, x: np.ndarray, y: list[Any] | np.ndarray, what: str
+            ) -> tuple[float, float, int, int, int]:
+    """Both models on the same rows: accuracies, rows, candidate-only and champion-only rows."""
+    a, b = _correct(cand, x, y, what), _correct(champ, x, y, what)
+    return (float(a.mean()), float(b.mean()), len(a), int(np.sum(a & ~b)), int(np.sum(b & ~a)))
 
 
 def _judge(settings: Settings, store: Store, service: str, model: str, version: str, champion: str,
            policy: Policy, holdout: Path | None, x_hold: np.ndarray | None, y_hold: np.ndarray | None
            ) -> tuple[GateResult, list[str]]:
     """The gate on the candidate and the champion re-scored on the same recent labelled requests
-    (and the holdout); without a holdout the gate is not passed (a person may still force)."""
+    (and the holdout): paired counts, so the gate's exact paired tests apply. Without a clean
+    holdout the gate is not passed (a person may still force)."""
     want = max(policy.promotion.min_labelled, policy.rollback.window)
     x_new, y_new = recent_labelled(store, service, want)
     cand, champ = load_version(settings, model, version), load_version(settings, model, champion)
     notes: list[str] = []
+    new: tuple[float, float, int, int, int] = (math.nan, math.nan, 0, 0, 0)
     if len(y_new):
-        cand_new = _accuracy(cand, x_new, y_new, "the labelled requests")
-        champ_new = _accuracy(champ, x_new, y_new, "the labelled requests")
+        new = _paired(cand, champ, x_new, y_new, "the labelled requests")
     else:
-        cand_new = champ_new = math.nan
         notes.append(f"{service} has no labelled requests to compare on")
+    clean: tuple[float | None, float | None, int | None, int | None, int | None] = (None,) * 5
     if x_hold is not None and y_hold is not None:
-        cand_hold = _accuracy(cand, x_hold, y_hold, "the holdout")
-        champ_hold = _accuracy(champ, x_hold, y_hold, "the holdout")
-    else:
-        cand_hold = champ_hold = 0.0
-    gate = promotion_gate(cand_new, champ_new, cand_hold, champ_hold, len(y_new), policy)
+        clean = _paired(cand, champ, x_hold, y_hold, "the holdout")
+    ev = CandidateEvaluation(
+        version=version, candidate_acc_new=new[0], champion_acc_new=new[1], n_holdout=new[2],
+        new_candidate_only=new[3], new_champion_only=new[4], candidate_acc_clean=clean[0],
+        champion_acc_clean=clean[1], n_clean=clean[2], clean_candidate_only=clean[3],
+        clean_champion_only=clean[4])
+    gate = promotion_gate(ev, policy)
     if x_hold is None:  # what it forgot is unknown: not passed (a person may still --force)
-        gate.reasons = [r for r in gate.reasons if not r.startswith("on the clean holdout")]
-        gate.reasons.append("no clean holdout given: the loss on it is unknown, so the gate is not passed")
-        gate.passed = False
-        gate.evidence.update(candidate_acc_holdout=None, champion_acc_holdout=None, loss_on_holdout=None)
+        gate.reasons[-1] = "no clean holdout given: the loss on it is unknown, so the gate is not passed"
     for k, v in list(gate.evidence.items()):  # JSON has no NaN (no labelled requests)
         if isinstance(v, float) and not math.isfinite(v):
             gate.evidence[k] = None
-    gate.evidence.update(holdout=str(holdout) if holdout else None,
-                         n_holdout=len(y_hold) if y_hold is not None else 0)
+    gate.evidence.update(holdout=str(holdout) if holdout else None)
     return gate, notes
 
 

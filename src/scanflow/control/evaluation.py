@@ -8,11 +8,16 @@ A retrain workflow run by `retrain_and_promote` registers its candidate under th
   serving champion on held-out labelled data of the new (drifted) distribution;
 - :data:`CANDIDATE_ACC_CLEAN`, :data:`CHAMPION_ACC_CLEAN` - the same on the clean test set of
   the original distribution (what the candidate may have forgotten);
-- :data:`N_HOLDOUT` (optional) - how many held-out samples of the new distribution the first
-  two rest on (the promotion gate's `min_labelled`).
+- the paired figures (optional, but the gate's best evidence): :data:`N_HOLDOUT`,
+  :data:`N_CLEAN` (rows of each set) and :data:`NEW_CANDIDATE_ONLY`, :data:`NEW_CHAMPION_ONLY`,
+  :data:`CLEAN_CANDIDATE_ONLY`, :data:`CLEAN_CHAMPION_ONLY` (rows only one of the two models gets
+  right). With them the promotion gate runs exact paired tests; without them it falls back to
+  an unpaired bound from the accuracies and the set sizes, and says so.
 
-The promotion gate (`scanflow.agents.gate.promotion_gate`) judges exactly these four numbers.
-Any other `eval.*` tag is carried into the `retrain_finished` event as extra evidence.
+`scanflow.tracking.contracts.evaluate_candidate` computes all of them and
+`scanflow.tracking.contracts.publish_evaluation` writes them (and the `challenger` alias). The
+promotion gate (`scanflow.agents.gate.promotion_gate`) judges these figures. Any other `eval.*`
+tag is carried into the `retrain_finished` event as extra evidence.
 """
 
 from __future__ import annotations
@@ -27,8 +32,13 @@ from scanflow.tracking.contracts import (  # the contract's names live with its 
     CHALLENGER_ALIAS,
     CHAMPION_ACC_CLEAN,
     CHAMPION_ACC_NEW,
+    CLEAN_CANDIDATE_ONLY,
+    CLEAN_CHAMPION_ONLY,
     EVAL_TAG_PREFIX,
+    N_CLEAN,
     N_HOLDOUT,
+    NEW_CANDIDATE_ONLY,
+    NEW_CHAMPION_ONLY,
     REQUIRED_FIGURES,
 )
 
@@ -45,15 +55,31 @@ class MissingEvaluation(ValueError):
 
 @dataclass(frozen=True)
 class CandidateEvaluation:
-    """The figures a retrain workflow published for one candidate version."""
+    """The figures a retrain workflow published for one candidate version (or that `scanflow
+    promote` measured): accuracies, and the paired counts when the rows were scored by both
+    models (None when an older workflow did not publish them). A clean accuracy of None means
+    the clean set is unknown (the gate then does not pass)."""
 
     version: str
     candidate_acc_new: float
     champion_acc_new: float
-    candidate_acc_clean: float
-    champion_acc_clean: float
+    candidate_acc_clean: float | None
+    champion_acc_clean: float | None
     n_holdout: int | None = None
     figures: dict[str, float] = field(default_factory=dict)  # every eval.* tag, by figure name
+    n_clean: int | None = None
+    new_candidate_only: int | None = None  # new-holdout rows only the candidate gets right
+    new_champion_only: int | None = None
+    clean_candidate_only: int | None = None
+    clean_champion_only: int | None = None
+
+    @property
+    def paired_new(self) -> bool:
+        return None not in (self.n_holdout, self.new_candidate_only, self.new_champion_only)
+
+    @property
+    def paired_clean(self) -> bool:
+        return None not in (self.n_clean, self.clean_candidate_only, self.clean_champion_only)
 
 
 def candidate_evaluation(registry: VersionTags, model: str, version: str) -> CandidateEvaluation:
@@ -75,16 +101,25 @@ def candidate_evaluation(registry: VersionTags, model: str, version: str) -> Can
         what = "; ".join(([f"missing tag(s) {', '.join(missing)}"] if missing else []) + bad)
         raise MissingEvaluation(
             f"models:/{model}/{version}: the retrain workflow must publish its evaluation as version "
-            f"tags ({', '.join(EVAL_TAG_PREFIX + n for n in REQUIRED_FIGURES)}): {what}")
-    n = figures.get(N_HOLDOUT)
+            f"tags ({', '.join(EVAL_TAG_PREFIX + n for n in REQUIRED_FIGURES)}): {what}. "
+            "scanflow.tracking.contracts.evaluate_candidate computes them and "
+            "scanflow.tracking.contracts.publish_evaluation writes them")
+
+    def count(name: str) -> int | None:
+        v = figures.get(name)
+        return None if v is None else int(round(v))
+
     return CandidateEvaluation(
         version=str(version), candidate_acc_new=figures[CANDIDATE_ACC_NEW],
         champion_acc_new=figures[CHAMPION_ACC_NEW], candidate_acc_clean=figures[CANDIDATE_ACC_CLEAN],
-        champion_acc_clean=figures[CHAMPION_ACC_CLEAN], n_holdout=None if n is None else int(n),
-        figures=figures,
+        champion_acc_clean=figures[CHAMPION_ACC_CLEAN], n_holdout=count(N_HOLDOUT), figures=figures,
+        n_clean=count(N_CLEAN), new_candidate_only=count(NEW_CANDIDATE_ONLY),
+        new_champion_only=count(NEW_CHAMPION_ONLY), clean_candidate_only=count(CLEAN_CANDIDATE_ONLY),
+        clean_champion_only=count(CLEAN_CHAMPION_ONLY),
     )
 
 
 __all__ = ["CANDIDATE_ACC_CLEAN", "CANDIDATE_ACC_NEW", "CHALLENGER_ALIAS", "CHAMPION_ACC_CLEAN",
-           "CHAMPION_ACC_NEW", "EVAL_TAG_PREFIX", "N_HOLDOUT", "REQUIRED_FIGURES", "CandidateEvaluation",
+           "CHAMPION_ACC_NEW", "CLEAN_CANDIDATE_ONLY", "CLEAN_CHAMPION_ONLY", "EVAL_TAG_PREFIX", "N_CLEAN",
+           "NEW_CANDIDATE_ONLY", "NEW_CHAMPION_ONLY", "N_HOLDOUT", "REQUIRED_FIGURES", "CandidateEvaluation",
            "MissingEvaluation", "candidate_evaluation"]

@@ -3,6 +3,7 @@
 from scanflow.monitor.base import (
     Calibration,
     WindowDetector,
+    draw_window_indices,
     draw_windows,
     min_calibration_windows,
     pac_exceedances,
@@ -25,5 +26,5 @@ __all__ = [
     "ADWIN", "AutoencoderEmbedding", "Calibration", "CheckCalibration", "CrossFitted", "DriftCheck",
     "DriftResult", "DriftVerdict", "InputEmbedding", "KSDrift", "MMDDrift", "PCAEmbedding",
     "PageHinkley", "ReconstructionDrift", "StreamDetector", "WindowDetector", "any_drift",
-    "draw_windows", "min_calibration_windows", "pac_exceedances", "split_reference",
+    "draw_window_indices", "draw_windows", "min_calibration_windows", "pac_exceedances", "split_reference",
 ]

@@ -51,7 +51,7 @@ from scipy import stats
 
 from scanflow.monitor._validate import as_matrix, check_alpha, check_int, check_window, json_safe
 
-__all__ = ["Calibration", "DriftResult", "Sampling", "WindowDetector", "draw_windows",
+__all__ = ["Calibration", "DriftResult", "Sampling", "WindowDetector", "draw_window_indices", "draw_windows",
            "min_calibration_windows", "pac_exceedances", "split_reference"]
 
 Sampling = Literal["pool_bootstrap", "bootstrap", "subsample"]
@@ -204,6 +204,14 @@ def draw_windows(pool: Any, window_size: int, n_windows: int, seed: int = 0,
     ``"pool_bootstrap"`` (each window a bootstrap sample of a fresh bootstrap of the pool).
     """
     arr = np.asarray(pool)
+    return [arr[idx] for idx in draw_window_indices(arr, window_size, n_windows, seed, replace, sampling)]
+
+
+def draw_window_indices(pool: Any, window_size: int, n_windows: int, seed: int = 0,
+                        replace: bool = False, sampling: str | None = None) -> list[np.ndarray]:
+    """The row indices of :func:`draw_windows`' windows (same seed, same windows): a detector
+    can then score windows from what it computed once on the whole pool."""
+    arr = np.asarray(pool)
     size = check_int(window_size, "window_size", 2)
     count = check_int(n_windows, "n_windows", 1)
     how = check_sampling(sampling) if sampling is not None else (
@@ -213,10 +221,10 @@ def draw_windows(pool: Any, window_size: int, n_windows: int, seed: int = 0,
     rng = np.random.default_rng(seed)
     n = len(arr)
     if how == "subsample":
-        return [arr[rng.choice(n, size, replace=False)] for _ in range(count)]
+        return [rng.choice(n, size, replace=False) for _ in range(count)]
     if how == "bootstrap":
-        return [arr[rng.integers(0, n, size)] for _ in range(count)]
-    return [arr[rng.integers(0, n, n)[rng.integers(0, n, size)]] for _ in range(count)]
+        return [rng.integers(0, n, size) for _ in range(count)]
+    return [rng.integers(0, n, n)[rng.integers(0, n, size)] for _ in range(count)]
 
 
 def split_reference(pool: Any, n_reference: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -306,9 +314,28 @@ class WindowDetector:
                             seed: int = 0, sampling: str | None = None, alpha: float | None = None,
                             confidence: float = DEFAULT_CONFIDENCE) -> tuple[list[np.ndarray], str]:
         """Validate a calibration request and draw its windows (``DriftCheck`` shares them)."""
+        pool, idx, how = self.calibration_indices(clean, window_size, n_windows, seed, sampling, alpha,
+                                                  confidence)
+        return [pool[i] for i in idx], how
+
+    def calibration_indices(self, clean: Any, window_size: int, n_windows: int = DEFAULT_N_WINDOWS,
+                            seed: int = 0, sampling: str | None = None, alpha: float | None = None,
+                            confidence: float = DEFAULT_CONFIDENCE
+                            ) -> tuple[np.ndarray, list[np.ndarray], str]:
+        """Validate a calibration request; the checked pool and its windows as row indices."""
         pool, size, count, how = self.validate_calibration(clean, window_size, n_windows, sampling,
                                                            alpha, confidence)
-        return draw_windows(pool, size, count, seed, sampling=how), how
+        return pool, draw_window_indices(pool, size, count, seed, sampling=how), how
+
+    def pool_scores(self, pool: np.ndarray, windows: list[np.ndarray]) -> list[float]:
+        """``_score`` of each window ``pool[idx]`` (a detector may override it to embed the pool
+        once instead of every window: calibration scores hundreds of windows of one pool)."""
+        return [self._score(pool[idx])[0] for idx in windows]
+
+    def pool_flags(self, pool: np.ndarray, windows: list[np.ndarray], scores: list[float]
+                   ) -> list[bool | None]:
+        """``_nominal_flag`` of each window (recorded with the calibration)."""
+        return [self._nominal_flag(pool[idx], s) for idx, s in zip(windows, scores, strict=True)]
 
     def calibrate(self, clean: Any, window_size: int, n_windows: int = DEFAULT_N_WINDOWS,
                   seed: int = 0, sampling: str | None = None,
@@ -322,12 +349,12 @@ class WindowDetector:
         ``sampling`` (default the detector's ``calibration_sampling``) says how windows are
         drawn from the pool.
         """
-        windows, how = self.calibration_windows(clean, window_size, n_windows, seed, sampling,
-                                                confidence=confidence)
+        pool, windows, how = self.calibration_indices(clean, window_size, n_windows, seed, sampling,
+                                                      confidence=confidence)
         self.calibration = None
-        scores = [self._score(win)[0] for win in windows]
-        flags = [self._nominal_flag(win, s) for win, s in zip(windows, scores, strict=True)]
-        return self.set_calibration(scores, windows[0].shape[0], how, confidence, flags)
+        scores = self.pool_scores(pool, windows)
+        return self.set_calibration(scores, len(windows[0]), how, confidence,
+                                    self.pool_flags(pool, windows, scores))
 
     def set_calibration(self, scores: list[float], window_size: int, sampling: str,
                         confidence: float = DEFAULT_CONFIDENCE,

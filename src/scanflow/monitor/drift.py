@@ -183,17 +183,17 @@ class DriftCheck:
         detectors = self.detectors
         alpha = self.combined_alpha
         pac_exceedances(check_int(n_windows, "n_windows", 1), alpha, confidence)  # or raise
-        windows, how = detectors[0].calibration_windows(clean, window_size, n_windows, seed,
-                                                        sampling, confidence=confidence)
+        pool, windows, how = detectors[0].calibration_indices(clean, window_size, n_windows, seed,
+                                                              sampling, confidence=confidence)
         for det in detectors[1:]:  # the same checks against each detector's own reference
             det.validate_calibration(clean, window_size, n_windows, sampling, confidence=confidence)
         self.calibration = None
-        size = windows[0].shape[0]
+        size = len(windows[0])
         per: dict[str, Calibration] = {}
         raw: dict[str, np.ndarray] = {}
         for det in detectors:
-            scores = [det._score(win)[0] for win in windows]
-            flags = [det._nominal_flag(win, s) for win, s in zip(windows, scores, strict=True)]
+            scores = det.pool_scores(pool, windows)
+            flags = det.pool_flags(pool, windows, scores)
             per[det.name] = det.set_calibration(scores, size, how, confidence, flags)
             raw[det.name] = np.asarray(scores, dtype=np.float64)
         n = len(windows)

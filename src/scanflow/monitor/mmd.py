@@ -138,6 +138,32 @@ class MMDDrift(WindowDetector):
         mmd2 = self._k_xx_sum / (n * (n - 1)) + k_yy_mean - 2.0 * k_xy.sum() / (n * m)
         return float(mmd2), float(mmd2), self._details()
 
+    def pool_scores(self, pool: np.ndarray, windows: list[np.ndarray]) -> list[float]:
+        """``_score`` of windows of one pool from the pool's embedding and kernels, computed once
+        (the same numbers: the embedding and the kernel are row-wise). Calibration scores 300
+        windows; embedding each (cross-fitted residuals included) took ~0.1-0.3 s per window on
+        MNIST, the lookups take milliseconds. Pools above 4,000 rows score window by window."""
+        if len(pool) > 4000:
+            return super().pool_scores(pool, windows)
+        assert self._ref is not None and self._ref_sq is not None
+        z = self._embed(pool)
+        z_sq = np.einsum("ij,ij->i", z, z)
+        k_pp = self._kernel(z, z_sq, z, z_sq)
+        k_ref = self._kernel(self._ref, self._ref_sq, z, z_sq).sum(axis=0)  # per pool row
+        _, group = np.unique(np.ascontiguousarray(pool).view(f"V{pool.shape[1] * pool.itemsize}"),
+                             return_inverse=True)
+        group = group.ravel()
+        n = len(self._ref)
+        out = []
+        for idx in windows:
+            g = group[idx]
+            distinct = g[:, None] != g[None, :]
+            pairs = int(np.count_nonzero(distinct))
+            k_yy_mean = float(k_pp[np.ix_(idx, idx)][distinct].sum()) / pairs if pairs else 1.0
+            k_xy_mean = float(k_ref[idx].sum()) / (n * len(idx))
+            out.append(self._k_xx_sum / (n * (n - 1)) + k_yy_mean - 2.0 * k_xy_mean)
+        return out
+
     def _nominal_flag(self, win: np.ndarray, score: float) -> None:
         return None  # a permutation test per calibration window is not worth its time
 

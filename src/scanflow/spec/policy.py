@@ -9,7 +9,7 @@ services:
       limits: {min_replicas: 1, max_replicas: 4, retrain_budget_per_day: 6}
       cooldowns: {scale_up: 30s, scale_down: 5m, retrain: 10m, rollback: 10m}
       hysteresis: {scale_up_windows: 2, scale_down_windows: 6, drift_windows: 2}
-      promotion: {min_gain_on_new: 0.0, max_loss_on_holdout: 0.01, min_labelled: 300}
+      promotion: {alpha: 0.05, max_loss_on_clean: 0.02, min_labelled: 30}
       rollback: {window: 500, min_labelled: 200, margin: 0.02, within: 1h}
 ```
 
@@ -136,21 +136,55 @@ class Hysteresis(_Strict):
 
 
 class PromotionGate(_Strict):
-    """A candidate replaces the champion only if it is better where it matters now and not
-    meaningfully worse where it used to matter."""
+    """A candidate replaces the champion only if it is shown better where it matters now and not
+    shown meaningfully worse where it used to matter, by tests on the same rows (paired), so the
+    sample size is accounted for by the test instead of by a fixed margin.
 
+    Why these defaults: `alpha` 0.05 - one candidate in twenty that is not really better may pass
+    (the planner's probation rolls back one that then loses on live traffic); a smaller alpha needs
+    larger holdouts. `max_loss_on_clean` 0.02 - two points on the original distribution is a
+    price most users accept for a significant gain on what is served now, and it is refused only
+    when the data *show* a loss beyond it (a small clean set cannot, so the gate does not fail on
+    one extra error as a fixed margin did). `min_labelled` 30 - a floor below which no test of
+    a proportion is trusted at all; the test itself needs more when the gain is small.
+    `max_loss_on_holdout` (the old name) is read as `max_loss_on_clean`.
+    """
+
+    alpha: float = Field(
+        default=0.05, gt=0, lt=1,
+        description="significance of both tests: the candidate must be better on the new holdout with "
+        "a one-sided exact McNemar p-value <= alpha; it is refused on the clean set only when a loss "
+        "beyond max_loss_on_clean is significant at alpha",
+    )
+    max_loss_on_clean: float = Field(
+        default=0.02, ge=0, le=1,
+        description="tolerated accuracy loss on the clean test set: refused only when the data show "
+        "(at alpha) that the candidate loses more than this",
+    )
     min_gain_on_new: float = Field(
         default=0.0, ge=0, le=1,
-        description="candidate accuracy on recent labelled data of the new distribution must beat "
-        "the champion's by more than this",
-    )
-    max_loss_on_holdout: float = Field(
-        default=0.01, ge=0, le=1,
-        description="candidate accuracy on the clean holdout may be at most this much below the champion's",
+        description="besides the test, the observed accuracy gain on the new holdout must exceed this "
+        "(0: the test alone decides)",
     )
     min_labelled: int = Field(
-        default=300, ge=1, description="labelled samples of the new distribution the comparison needs"
+        default=30, ge=1, description="fewest held-out labelled rows of the new distribution to test on"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_names(cls, data: Any) -> Any:
+        """`max_loss_on_holdout` (before the paired gate) is the clean-set tolerance."""
+        if isinstance(data, dict) and "max_loss_on_holdout" in data:
+            data = dict(data)
+            if "max_loss_on_clean" in data:
+                raise ValueError("give max_loss_on_clean only (max_loss_on_holdout is its old name)")
+            data["max_loss_on_clean"] = data.pop("max_loss_on_holdout")
+        return data
+
+    @property
+    def max_loss_on_holdout(self) -> float:
+        """The old name of :attr:`max_loss_on_clean`."""
+        return self.max_loss_on_clean
 
 
 class RollbackPolicy(_Strict):

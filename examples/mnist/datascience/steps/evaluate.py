@@ -1,12 +1,14 @@
 """Evaluate a retrained candidate against the champion on held-out data of the new
-distribution and on the clean test set; register it as `challenger` with the figures as
-version tags. Promotion is the executor agent's decision (its gate), not this step's."""
+distribution and on the clean test set (the same rows for both, so the promotion gate gets
+paired counts); register it as `challenger` with the figures as version tags. Promotion is the
+executor agent's decision (its gate), not this step's. Uses the contracts of
+`scanflow.tracking.contracts`: `read_new_data`, `evaluate_candidate`, `log_model_with_reference`,
+`publish_evaluation`."""
 
 import argparse
 import json
 import pickle
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -14,10 +16,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import mlflow
 import mlflow.sklearn
 import numpy as np
-from mlflow.tracking import MlflowClient
-from mnist_common import MODEL_NAME, accuracy, flat, load_npz
+from mnist_common import MODEL_NAME, flat, load_npz
 
-from scanflow.tracking import log_sklearn_model
+from scanflow.tracking.contracts import (
+    evaluate_candidate,
+    log_model_with_reference,
+    publish_evaluation,
+    read_new_data,
+)
 
 p = argparse.ArgumentParser()
 p.add_argument("--dataset", required=True)
@@ -28,27 +34,17 @@ p.add_argument("--reference_size", type=int, default=1000)
 a = p.parse_args()
 
 d = load_npz(Path(a.dataset))
-new = load_npz(Path(a.new_data))
+new = read_new_data(a.new_data)
 with open(a.model, "rb") as f:
     candidate = pickle.load(f)
 champion = mlflow.sklearn.load_model(f"models:/{MODEL_NAME}@champion")
-ev = {
-    "candidate_acc_new": accuracy(candidate, new["x_holdout"], new["y_holdout"]),
-    "champion_acc_new": accuracy(champion, new["x_holdout"], new["y_holdout"]),
-    "candidate_acc_clean": accuracy(candidate, d["x_test"], d["y_test"]),
-    "champion_acc_clean": accuracy(champion, d["x_test"], d["y_test"]),
-    "n_holdout": float(len(new["y_holdout"])),
-}
+ev = evaluate_candidate(candidate, champion, (flat(new.x_holdout), new.y_holdout),
+                        (flat(d["x_test"]), d["y_test"]))
 # The candidate is adapted to the new distribution: that is the reference it is judged against.
-ref = flat(new["x_new"])[: a.reference_size]
-with mlflow.start_run(), tempfile.TemporaryDirectory() as tmp:
+ref = np.clip(flat(new.x_new)[: a.reference_size], 0, 255).astype(np.uint8)
+with mlflow.start_run():
     mlflow.log_metrics(ev)
-    np.save(Path(tmp) / "reference.npy", np.clip(ref, 0, 255).astype(np.uint8))
-    mlflow.log_artifact(str(Path(tmp) / "reference.npy"), "reference")
-    _, version = log_sklearn_model(candidate, flat(d["x_test"][:5]), MODEL_NAME)
-client = MlflowClient()
-client.set_registered_model_alias(MODEL_NAME, "challenger", version)
-for k, v in ev.items():
-    client.set_model_version_tag(MODEL_NAME, version, f"eval.{k}", f"{v:.6f}")
+    version = log_model_with_reference(candidate, ref, MODEL_NAME, x_example=flat(d["x_test"][:5]))
+publish_evaluation(MODEL_NAME, version, ev)  # eval.* tags and the `challenger` alias
 Path(a.report).write_text(json.dumps({"version": version, **ev}))
 print(f"candidate v{version}: " + ", ".join(f"{k}={v:.4f}" for k, v in ev.items()))
