@@ -422,8 +422,9 @@ def retrain_and_promote(
 ) -> dict[str, Any]:
     """Retrain on labelled samples of the drifted stream (plus the original data, inside the
     workflow), then promote the candidate only through the service policy's promotion gate
-    (`gate.promotion_gate`: better than the champion on held-out data of the new
-    distribution, at most a set loss on the clean test set, enough labelled samples).
+    (`gate.promotion_gate`: shown better than the champion on the same held-out rows of the new
+    distribution by an exact paired test, and not shown to lose more than a tolerance on the
+    clean test set).
 
     The contracts of :mod:`scanflow.tracking.contracts` are checked before the run (the
     workflow takes `new_data`) and after it (a new `challenger` with its reference sample and

@@ -222,16 +222,7 @@ def sizes(n_rows: int) -> dict[str, int]:
     reference = min(2000, n_train)
     window = min(500, max(100, (reference // 8) // 50 * 50))
     min_labels = min(1500, max(200, 2 * window))
-    return {"n_test": n_test, "reference_size": reference, "window_size": window, "min_labels": min_labels,
-            "promotion_min_labelled": int(min_labels * 0.3)}
-
-
-def max_loss(accuracy: float, n_test: int) -> float:
-    """The promotion gate's tolerated loss on the clean test set: two standard errors of an
-    accuracy like the one measured at init on `n_test` rows (at least 0.01), so that a candidate
-    is not refused for a difference of a few rows."""
-    se = float(np.sqrt(max(accuracy * (1 - accuracy), 0.01) / max(n_test, 1)))
-    return max(0.01, float(np.ceil(2 * se * 100) / 100))
+    return {"n_test": n_test, "reference_size": reference, "window_size": window, "min_labels": min_labels}
 
 
 def _template_module(template: str) -> Any:
@@ -307,7 +298,6 @@ def values_for(ds: Dataset, template: str, app: str, folder: Path, data: Path,
         "data_note": f"data copied from {data.name} at init into data/dataset.npz",
         "data_source": data.name, "init_accuracy": f"{accuracy:.2f}",
         "accuracy_floor": f"{max(0.0, np.floor((accuracy - 0.1) * 100) / 100):.2f}",
-        "max_loss_on_holdout": f"{max_loss(accuracy, sizes(n)['n_test']):.2f}",
         "example_row": _example_row(ds), "example_label": json.dumps(_class_list(ds.y[:1])[0]),
         "feature_note": _feature_note(ds),
         **sizes(n),
