@@ -59,9 +59,9 @@ def timed(row: dict[str, Any], *fields: str) -> dict[str, Any]:
 def print_json(value: Any, indent: int | None = None) -> None:
     """Print `value` for scripts: JSON has no NaN or infinity (they become null), numpy
     scalars become numbers, anything else without a JSON form its text."""
-    from scanflow.control.operations import _json  # lazy: the control layer (SQLAlchemy)
+    from scanflow.control.operations import json_payload  # lazy: the control layer (SQLAlchemy)
 
-    print(json.dumps(_json(value), indent=indent, default=str))
+    print(json.dumps(json_payload(value), indent=indent, default=str))
 
 
 def table(*columns: str, title: str | None = None) -> Table:

@@ -118,7 +118,7 @@ def record_once(store: Store, actor: Actor, kind: str, service: str | None, key:
     body = {**payload, "actor": actor.who, **({"action": key} if key is not None else {})}
     # `Store.add_event` takes source, kind and service as arguments: evidence keys so named are kept
     body = {f"{k}_" if k in ("source", "kind", "service") else k: v for k, v in body.items()}
-    return int(store.add_event(actor.source, kind, service, **_json(body)).id)
+    return int(store.add_event(actor.source, kind, service, **json_payload(body)).id)
 
 
 class ModelOps:
@@ -276,12 +276,12 @@ class ModelOps:
             yield None
 
 
-def _json(value: Any) -> Any:
+def json_payload(value: Any) -> Any:
     """Event payloads are JSON: numpy scalars become numbers, NaN becomes None."""
     if isinstance(value, dict):
-        return {str(k): _json(v) for k, v in value.items()}
+        return {str(k): json_payload(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_json(v) for v in value]
+        return [json_payload(v) for v in value]
     if hasattr(value, "item") and not isinstance(value, str | bytes):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
@@ -290,4 +290,4 @@ def _json(value: Any) -> Any:
 
 
 __all__ = ["EVENTS", "Actor", "ModelOps", "ModelRegistry", "Outcome", "ServiceChanged", "check_registered",
-           "record_once"]
+           "json_payload", "record_once"]
