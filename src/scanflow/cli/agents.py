@@ -26,7 +26,7 @@ SensorName = Annotated[str, typer.Argument(help="sensor name")]
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -53,7 +53,7 @@ def _load(ref: str) -> Any:
         return load_app(ref)
     except SpecError as exc:
         for issue in exc.issues:
-            err.print(f"[red]{issue}[/]", highlight=False)
+            err.print(str(issue), style="red", markup=False, highlight=False, soft_wrap=True)
         fail(f"{len(exc.issues)} problem(s) in the spec; nothing was started")
     except (OSError, ImportError, AttributeError, TypeError) as exc:
         fail(f"cannot load {ref}: {exc}")

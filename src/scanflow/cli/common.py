@@ -30,7 +30,7 @@ Reason = Annotated[str, typer.Option(help="recorded in the audit trail")]
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -135,7 +135,7 @@ def load(path: Path, with_registry: bool = False) -> Any:
         return load_application(path, known_models=known, checks=[_agent_issues])
     except SpecError as exc:
         for issue in exc.issues:
-            err.print(f"[red]{issue}[/]", highlight=False)
+            err.print(str(issue), style="red", markup=False, highlight=False, soft_wrap=True)
         fail(f"{len(exc.issues)} problem(s) in the spec; nothing was started")
 
 

@@ -74,7 +74,7 @@ def main() -> None:
     try:
         app()
     except SpecError as exc:
-        err.print(str(exc), markup=False)
+        err.print(str(exc), markup=False, soft_wrap=True)
         sys.exit(2)
 
 
