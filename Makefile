@@ -35,7 +35,7 @@ typecheck: $(STAMP)
 
 test: $(STAMP) $(WHEEL)
 	$(MAKE) --no-print-directory typecheck
-	SCANFLOW_TEST_MNIST_DOWNLOADS=$(abspath $(WS)/downloads) $(BIN)/pytest -n 2 --dist loadfile tests
+	SCANFLOW_TEST_MNIST_DOWNLOADS=$(abspath $(WS)/downloads) $(BIN)/pytest -n 2 --dist loadfile --durations=15 tests
 
 test-fast: $(STAMP)
 	$(BIN)/pytest -n 2 --dist loadfile -m "not slow" tests
