@@ -166,46 +166,24 @@ def logs(
     = False,
 ) -> None:
     """Print a run's step logs."""
-    from scanflow.store.store import TERMINAL  # lazy: the store (SQLAlchemy, ~0.5 s)
+    from scanflow.engine.logs import step_logs  # lazy: the store (SQLAlchemy, ~0.5 s)
 
-    _, store = context()
-    r = store.get_run(run_id)
-    if r is None:
-        fail(f"no run {run_id!r}")
-    steps = store.list_steps(r.id)
-    if step is not None and step not in {s.step for s in steps}:
-        fail(f"run {r.id[:12]} has no step {step!r} (steps: {', '.join(s.step for s in steps)})")
-    if not follow:
-        for s in steps:
-            if step and s.step != step:
-                continue
-            out.rule(s.step)
-            if s.log_path and Path(s.log_path).exists():
-                sys.stdout.write(Path(s.log_path).read_text(errors="replace"))
-                sys.stdout.flush()
-        return
-    from scanflow.settings import get_settings  # lazy: pydantic-settings (~90 ms)
-
-    run_dir = get_settings().runs_dir / r.id
-    offsets: dict[str, int] = {}
-    while True:
-        names = [step] if step else [s.step for s in store.list_steps(r.id)]
-        for name in names:
-            path = run_dir / f"{name}.log"
-            if not path.exists():
-                continue
-            with open(path, "rb") as f:
-                f.seek(offsets.get(name, 0))
-                chunk = f.read()
-                offsets[name] = f.tell()
-            if chunk:
-                for line in chunk.decode("utf-8", "replace").splitlines():
-                    sys.stdout.write(f"[{name}] {line}\n" if not step else line + "\n")
-                sys.stdout.flush()
-        cur = store.get_run(r.id)
-        if cur is None or cur.status in TERMINAL:
-            break
-        time.sleep(0.3)
+    settings, store = context()
+    try:
+        pieces = step_logs(store, settings.runs_dir, run_id, step, follow=follow)
+    except (KeyError, ValueError) as exc:
+        fail(str(exc.args[0]) if exc.args else str(exc))
+    shown: set[str] = set()
+    for name, text in pieces:
+        if follow:  # interleaved pieces of several steps: each line says whose it is
+            for line in text.splitlines():
+                sys.stdout.write(f"[{name}] {line}\n" if not step else line + "\n")
+        else:
+            if name not in shown:
+                out.rule(name)
+                shown.add(name)
+            sys.stdout.write(text)
+        sys.stdout.flush()
 
 
 def cancel(run_id: str) -> None:

@@ -23,6 +23,7 @@ from scanflow.engine.backend import Engine, ProgressFn, RunResult
 from scanflow.engine.cache import file_digest
 from scanflow.engine.dag import DONE, Scheduler
 from scanflow.engine.journal import Journal, replay
+from scanflow.engine.logs import step_logs
 from scanflow.engine.loop import RunLoop
 from scanflow.engine.params import ParamError, resolve_params
 from scanflow.engine.resources import ResourcePool, default_pool
@@ -33,7 +34,6 @@ from scanflow.spec.loader import load_application
 from scanflow.spec.models import Application, Step
 from scanflow.store import Store
 from scanflow.store.schema import WorkflowRun
-from scanflow.store.store import TERMINAL
 from scanflow.tracking import MlflowTracker, Tracker
 from scanflow.tracking.base import TAG_APP, TAG_RUN, TAG_TEAM, TAG_WORKFLOW
 
@@ -218,36 +218,7 @@ class LocalEngine(Engine):
 
     def logs(self, run_id: str, step: str | None = None, *, follow: bool = False,
              poll: float = 0.3) -> Iterator[tuple[str, str]]:
-        run = self.store.get_run(run_id)
-        if run is None:
-            raise KeyError(f"no run {run_id!r}")
-        steps = self.store.list_steps(run.id)
-        if step is not None and step not in {s.step for s in steps}:
-            raise ValueError(f"run {run.id[:12]} has no step {step!r} "
-                             f"(steps: {', '.join(s.step for s in steps)})")
-        if not follow:
-            return iter([(s.step, _read(s.log_path)) for s in steps if step in (None, s.step)])
-        return self._follow_logs(run.id, step, poll)
-
-    def _follow_logs(self, run_id: str, step: str | None, poll: float) -> Iterator[tuple[str, str]]:
-        run_dir = self.settings.runs_dir / run_id
-        offsets: dict[str, int] = {}
-        while True:
-            names = [step] if step else [s.step for s in self.store.list_steps(run_id)]
-            for name in names:
-                path = run_dir / f"{name}.log"
-                if not path.exists():
-                    continue
-                with open(path, "rb") as f:
-                    f.seek(offsets.get(name, 0))
-                    chunk = f.read()
-                    offsets[name] = f.tell()
-                if chunk:
-                    yield name, chunk.decode("utf-8", "replace")
-            cur = self.store.get_run(run_id)
-            if cur is None or cur.status in TERMINAL:
-                return
-            time.sleep(poll)
+        return step_logs(self.store, self.settings.runs_dir, run_id, step, follow=follow, poll=poll)
 
     # -- one run ------------------------------------------------------------------------------
     def _execute(
@@ -339,9 +310,3 @@ class LocalEngine(Engine):
         self.tracker.log_text(st.parent, json.dumps(lineage, indent=1, default=str),
                               "scanflow/steps.json")
 
-
-def _read(path: str | None) -> str:
-    """A log's text; empty when the step wrote none."""
-    if path and Path(path).exists():
-        return Path(path).read_text(errors="replace")
-    return ""
