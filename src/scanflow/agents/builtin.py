@@ -26,11 +26,12 @@ from scanflow.agents.gate import policy_for, promotion_gate
 from scanflow.agents.planner import rollback as guarded_rollback
 from scanflow.agents.registry import actuator, rule, sensor
 from scanflow.agents.retrain_contract import ContractViolation, RetrainRun, check_candidate, check_workflow
-from scanflow.agents.runtime import AgentContext, Observation, bounded_key, jsonable
+from scanflow.agents.runtime import AgentContext, Observation, bounded_key
 from scanflow.control.evaluation import CHALLENGER_ALIAS, candidate_evaluation
 from scanflow.control.events import Messages, PredictionWindow
 from scanflow.control.operations import Actor, ModelOps, check_registered
 from scanflow.engine import RunResult
+from scanflow.jsonsafe import json_safe
 from scanflow.spec.loader import load_application
 from scanflow.spec.models import MessageEvent, PredictionWindowEvent
 from scanflow.tracking.contracts import NEW_DATA_PARAM, REFERENCE_ARTIFACT, NewData, write_new_data
@@ -178,7 +179,7 @@ def plan_retrain(
 @actuator
 def send(obs: Observation, ctx: AgentContext, to: str, kind: str, **extra: Any) -> dict[str, Any]:
     """Forward what was observed to another agent (durable, deduplicated by key)."""
-    payload = {**_jsonable(obs.data or obs.evidence), **extra}
+    payload = {**json_safe(obs.data or obs.evidence), **extra}
     key = bounded_key(f"{ctx.name}:{obs.key}:{kind}")
     new = ctx.send(to, kind, payload, key=key)
     return {"to": to, "kind": kind, "new": new}
@@ -382,7 +383,7 @@ def webhook(
     if not url.startswith(("http://", "https://")):
         raise ValueError(f"webhook url must be http(s)://..., got {url!r}")
     body = {"agent": ctx.name, "sensor": ctx.sensor, "observation": obs.key,
-            "evidence": jsonable(obs.evidence), "data": jsonable(obs.data), **(payload or {})}
+            "evidence": json_safe(obs.evidence), "data": json_safe(obs.data), **(payload or {})}
     sent_headers = {"Idempotency-Key": ctx.action_key or f"{ctx.name}:{obs.key}",
                     "User-Agent": "scanflow-agent", **(headers or {})}
     last = ""
@@ -550,5 +551,3 @@ def _scalars(d: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in d.items() if isinstance(v, str | int | float | bool) or v is None}
 
 
-def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
-    return jsonable(d)

@@ -5,7 +5,6 @@ call, state that survives restarts, messages, events, the backends) and the valu
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import signal
@@ -13,12 +12,12 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from scanflow.control import backends
 from scanflow.control.triggers import TriggerEvent
+from scanflow.jsonsafe import json_safe
 from scanflow.settings import Settings
 from scanflow.spec.models import AgentSpec, Application, CallSpec
 from scanflow.store import Store
@@ -91,24 +90,6 @@ def _intent_key(action_key: str) -> str:
     return f"_intent:{_digest(action_key)}"
 
 
-def jsonable(value: Any) -> Any:
-    """What survives a JSON column: numpy scalars become numbers, the rest strings."""
-    return json.loads(json.dumps(value, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
-
-
-def _iso(dt: datetime | float | None) -> str | None:
-    if dt is None:
-        return None
-    if not isinstance(dt, datetime):
-        dt = datetime.fromtimestamp(dt, UTC)
-    # the CLI's `--json` form: ISO 8601 UTC to the millisecond, "Z"
-    return dt.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def _iso_ms(ts: float | None) -> str | None:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds") if ts else None
-
-
 def _failpoint(name: str) -> None:
     """Test hook: with SCANFLOW_AGENT_FAILPOINT=<name> the process kills itself (SIGKILL)
     right there, as a crash would. The durability tests use it; nothing else sets it."""
@@ -171,7 +152,7 @@ class AgentContext:
     def set(self, key: str, value: Any) -> None:
         txn = getattr(self._local, "txn", None)
         if txn is not None:  # a rule's writes commit with its decision, atomically
-            txn[key] = jsonable(value)
+            txn[key] = json_safe(value)
             return
         self.store.set_state(self.name, key, value)
 
@@ -185,7 +166,7 @@ class AgentContext:
         saved = self.store.get_state(self.name, key) or {}
         if name in saved:
             return saved[name]
-        value = jsonable(compute())
+        value = json_safe(compute())
         self.store.set_state(self.name, key, {**saved, name: value})
         self._local.remembered = True
         return value
@@ -194,7 +175,7 @@ class AgentContext:
         return self.store.send_message(self.name, to, kind, payload, key=key)
 
     def event(self, kind: str, **payload: Any) -> None:
-        self.store.add_event(self.name, kind, self.service, **jsonable(payload))
+        self.store.add_event(self.name, kind, self.service, **json_safe(payload))
         log.info("event %s %s", kind, payload)
 
     @cached_property

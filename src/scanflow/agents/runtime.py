@@ -45,22 +45,21 @@ from scanflow.agents.context import (
     SensorMessageError,
     _failpoint,
     _intent_key,
-    _iso,
-    _iso_ms,
     _Part,
     _pending_key,
     bounded_key,
-    jsonable,
 )
 from scanflow.agents.errors import UnknownMessage, UnknownSensor
 from scanflow.agents.registry import agent_issues, name_of, resolve
 from scanflow.agents.scheduling import OVERRIDES, TriggerScheduling
 from scanflow.control.events import EventSource
 from scanflow.control.triggers import TriggerEvent, manual_event
+from scanflow.jsonsafe import json_safe
 from scanflow.settings import Settings
 from scanflow.spec.loader import validate_application
 from scanflow.spec.models import AgentSpec, Application, SensorSpec, Trigger
 from scanflow.store import Store
+from scanflow.times import iso_utc
 
 log = logging.getLogger("scanflow.agents")
 
@@ -72,7 +71,7 @@ FAILING_AFTER = 3
 once if none of its ticks succeeded since the agent started."""
 
 __all__ = ["FAILING_AFTER", "FAILPOINT_ENV", "HEALTH", "OVERRIDES", "ActionCall", "ActionFailed", "Agent",
-           "AgentContext", "Observation", "SensorMessageError", "bounded_key", "jsonable", "message_info"]
+           "AgentContext", "Observation", "SensorMessageError", "bounded_key", "message_info"]
 
 
 class Agent(TriggerScheduling):
@@ -197,7 +196,7 @@ class Agent(TriggerScheduling):
     def health(self) -> dict[str, Any]:
         """`{"status": "failing" | "running", "failing": [...]}`: each failing sensor with its
         last error, since when its ticks fail and how many failed in a row."""
-        failing = [{"sensor": name, "error": stats["last_error"], "since": _iso_ms(stats["failing_since"]),
+        failing = [{"sensor": name, "error": stats["last_error"], "since": iso_utc(stats["failing_since"]),
                     "failed_ticks": stats["failed_ticks"]}
                    for name, stats in self._stats.items() if self.sensor_failing(name)]
         return {"status": "failing" if failing else "running", "failing": failing}
@@ -248,14 +247,14 @@ class Agent(TriggerScheduling):
                 verdict = rule_fn(obs, self.ctx, **(spec.rule.params if spec.rule else {}))
                 fired, reason = verdict if isinstance(verdict, tuple) else (bool(verdict), "")
         reason = str(reason or _default_reason(obs.evidence, rule_name, bool(fired)))
-        evidence = jsonable({**obs.evidence, "reason": reason})
+        evidence = json_safe({**obs.evidence, "reason": reason})
         parts = self._actuators[spec.name] if fired else []
         planned = [{"action": p.name, "key": bounded_key(f"{dkey}:{p.name}"), "status": "pending"}
                    for p in parts]
         pending = None
         if parts:
             pending = (_pending_key(dkey), {"decision": dkey, "sensor": spec.name, "key": obs.key,
-                                            "evidence": evidence, "data": jsonable(obs.data),
+                                            "evidence": evidence, "data": json_safe(obs.data),
                                             "message_id": self._message_of(obs)})
         _failpoint("before_decision")
         self.store.record_decision(self.name, spec.name, rule_name, bool(fired), evidence,
@@ -322,7 +321,7 @@ class Agent(TriggerScheduling):
                 status = "failed"
             if attempt > 1:
                 result = {**result, "attempt": attempt}
-        self.store.finish_action(key, status, jsonable(result))
+        self.store.finish_action(key, status, json_safe(result))
         if (attempt > 1 or remembered) and not (status == "failed" and retry):
             self.store.delete_state(self.name, _intent_key(key))  # what `remember` kept (a call
             # to be tried again keeps it: the next try gets the first call's values)
@@ -399,7 +398,7 @@ class Agent(TriggerScheduling):
 
     def _dead_letter(self, message_id: int, sensor: str, attempts: int, error: str) -> None:
         msg = self.store.get_message(message_id)
-        payload = jsonable({"message_id": message_id, "key": msg.key if msg else None,
+        payload = json_safe({"message_id": message_id, "key": msg.key if msg else None,
                             "message_kind": msg.kind if msg else None,
                             "from": msg.sender if msg else None,
                             "sensor": sensor, "attempts": attempts, "error": error[:2000]})
@@ -431,12 +430,12 @@ class Agent(TriggerScheduling):
         stats["last_error_at"] = time.time()
 
     def recent_decisions(self, limit: int = 20, fired: bool | None = None) -> list[dict[str, Any]]:
-        return [{"id": d.id, "time": _iso(d.ts), "sensor": d.sensor, "key": d.key, "rule": d.rule,
+        return [{"id": d.id, "time": iso_utc(d.ts), "sensor": d.sensor, "key": d.key, "rule": d.rule,
                  "fired": d.fired, "evidence": d.evidence, "actions": d.actions}
                 for d in self.store.recent_decisions(self.name, limit, fired)]
 
     def recent_events(self, limit: int = 20) -> list[dict[str, Any]]:
-        return [{"id": e.id, "time": _iso(e.ts), "kind": e.kind, "service": e.service, **e.payload}
+        return [{"id": e.id, "time": iso_utc(e.ts), "kind": e.kind, "service": e.service, **e.payload}
                 for e in self.store.recent_events(self.name, limit)]
 
     # -- the process loop --------------------------------------------------------------------
@@ -469,8 +468,8 @@ class Agent(TriggerScheduling):
 def message_info(m: Any) -> dict[str, Any]:
     """A message as the API lists it (dead letters with their last error and tries)."""
     return {"id": m.id, "key": m.key, "kind": m.kind, "from": m.sender, "status": m.status,
-            "attempts": m.attempts, "error": m.error, "sent": _iso(m.ts),
-            "retry_at": _iso(m.retry_at), "handled_at": _iso(m.handled_at), "payload": m.payload}
+            "attempts": m.attempts, "error": m.error, "sent": iso_utc(m.ts),
+            "retry_at": iso_utc(m.retry_at), "handled_at": iso_utc(m.handled_at), "payload": m.payload}
 
 
 def _default_reason(evidence: dict[str, Any], rule: str, fired: bool) -> str:

@@ -15,14 +15,16 @@ from typing import TYPE_CHECKING, Any
 from apscheduler.schedulers.background import BackgroundScheduler
 from pydantic import ValidationError
 
-from scanflow.agents.context import AgentContext, _failpoint, _iso, _iso_ms, _Part, jsonable
+from scanflow.agents.context import AgentContext, _failpoint, _Part
 from scanflow.agents.errors import DuplicateTrigger, UnknownTrigger
 from scanflow.agents.registry import name_of
 from scanflow.control.events import EventSource, event_source
 from scanflow.control.triggers import TimeTrigger, TriggerEvent, manual_event, poll_trigger
 from scanflow.control.triggers import fire_key as _fire_key
+from scanflow.jsonsafe import json_safe
 from scanflow.spec.models import AgentSpec, SensorSpec, Trigger
 from scanflow.store import Store
+from scanflow.times import iso_utc
 
 log = logging.getLogger("scanflow.agents")
 
@@ -141,7 +143,7 @@ class TriggerScheduling:
                             replace_existing=True, **kwargs)
 
     def _save_fire(self, sensor: str, key: str, record: dict[str, Any]) -> None:
-        self.store.set_state(self.name, _fire_key(sensor, key), jsonable(record))
+        self.store.set_state(self.name, _fire_key(sensor, key), json_safe(record))
 
     def _time_job(self, sensor: str, key: str) -> None:
         entry = self._triggers.get(sensor, {}).get(key)
@@ -214,19 +216,19 @@ class TriggerScheduling:
                 "id": key, "kind": t.kind if t.event is None else t.event.kind,
                 "trigger": t.model_dump(mode="json", exclude_none=True),
                 "schedule": t.describe(), "origin": origin,
-                "next_fire_time": _iso(nxt) if t.event is None else None,
+                "next_fire_time": iso_utc(nxt) if t.event is None else None,
             }
             if t.event is not None:
-                entry["next_poll_time"] = _iso(nxt)
+                entry["next_poll_time"] = iso_utc(nxt)
                 src = self._sources.get((name, key))
                 entry["cursor"] = src.cursor() if src is not None else None
             else:
                 rec = self.store.get_state(self.name, _fire_key(name, key)) or {}
                 entry["misfire"] = t.misfire_policy
-                entry["last_fire_time"] = _iso(rec.get("last"))
+                entry["last_fire_time"] = iso_utc(rec.get("last"))
             if t.date is not None:
                 entry["fired_at"] = self._date_fired(name, t)
-                entry["skipped_at"] = _iso(rec.get("skipped"))
+                entry["skipped_at"] = iso_utc(rec.get("skipped"))
             trigs.append(entry)
         nexts = sorted(e["next_fire_time"] for e in trigs if e["next_fire_time"])
         stats = self._stats[name]
@@ -237,9 +239,9 @@ class TriggerScheduling:
             "paused": name in self._paused, "triggers": trigs,
             "next_fire_time": nexts[0] if nexts else None,
             "ticks": stats["ticks"], "observations": stats["observations"],
-            "last_tick": _iso(stats["last_tick"]), "last_error": stats["last_error"],
+            "last_tick": iso_utc(stats["last_tick"]), "last_error": stats["last_error"],
             "failing": self.sensor_failing(name), "failed_ticks": stats["failed_ticks"],
-            "failing_since": _iso_ms(stats["failing_since"]),
+            "failing_since": iso_utc(stats["failing_since"]),
         }
 
     def fire(self, name: str, wait: bool = True) -> dict[str, Any]:

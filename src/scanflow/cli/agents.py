@@ -7,27 +7,19 @@ not answer, 2 bad input or unknown name.
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from scanflow.cli.common import err, fail, out, print_json, timed
 from scanflow.cli.common import iso as common_iso
-from scanflow.cli.common import print_json, timed
 from scanflow.spec.errors import SpecError
 
 agents_app = typer.Typer(no_args_is_help=True, help="Start, stop, inspect and steer agents.")
-out = Console()
-err = Console(stderr=True)
 
 AgentName = Annotated[str, typer.Argument(help="agent name")]
 SensorName = Annotated[str, typer.Argument(help="sensor name")]
-
-
-def fail(message: str, code: int = 2) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
 
 
 def iso(ts: float | str | None) -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import warnings
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -18,9 +17,11 @@ from rich.console import Console
 from rich.measure import Measurement
 from rich.table import Table
 
+from scanflow.jsonsafe import json_safe
 from scanflow.spec import load_application
 from scanflow.spec.errors import SpecError
 from scanflow.spec.triggers import SpecDeprecationWarning
+from scanflow.times import iso_utc
 
 out = Console()
 err = Console(stderr=True)
@@ -37,9 +38,7 @@ def fail(message: str, code: int = 2) -> NoReturn:
 def when(ts: float | None) -> str | None:
     """A time as every `--json` writes it: ISO 8601 UTC to the millisecond
     ("2026-12-06T06:10:00.123Z"); None stays None."""
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return iso_utc(ts)
 
 
 def iso(ts: float | None) -> str:
@@ -59,9 +58,8 @@ def timed(row: dict[str, Any], *fields: str) -> dict[str, Any]:
 def print_json(value: Any, indent: int | None = None) -> None:
     """Print `value` for scripts: JSON has no NaN or infinity (they become null), numpy
     scalars become numbers, anything else without a JSON form its text."""
-    from scanflow.control.operations import json_payload  # lazy: the control layer (SQLAlchemy)
 
-    print(json.dumps(json_payload(value), indent=indent, default=str))
+    print(json.dumps(json_safe(value), indent=indent, default=str))
 
 
 def table(*columns: str, title: str | None = None) -> Table:

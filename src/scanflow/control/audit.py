@@ -11,11 +11,11 @@ Everything comes from the store; the answer is a plain dict, ready for JSON (the
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 from scanflow.store import Store
 from scanflow.store.schema import Action, Decision, Event, Message
+from scanflow.times import iso_utc
 
 VERSION_EVENTS = ("deployed", "rollout_completed", "rollback_completed")
 REPLICA_EVENTS = ("deployed", "scaled")
@@ -23,27 +23,20 @@ _VERSION_KEYS = ("candidate_version", "to_version", "model_version", "version")
 _SLACK_S = 2.0  # an event is recorded just after the action that caused it returns
 
 
-def _iso(ts: float | None) -> str | None:
-    """ISO 8601 UTC to the millisecond, as the CLI writes every time ("...T06:10:00.123Z")."""
-    if not ts:
-        return None
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 def _event(e: Event) -> dict[str, Any]:
-    return {"id": e.id, "ts": e.ts, "time": _iso(e.ts), "kind": e.kind, "source": e.source,
+    return {"id": e.id, "ts": e.ts, "time": iso_utc(e.ts), "kind": e.kind, "source": e.source,
             "actor": e.payload.get("actor"), "payload": e.payload}
 
 
 def _decision(d: Decision) -> dict[str, Any]:
-    return {"key": d.key, "ts": d.ts, "time": _iso(d.ts), "agent": d.agent, "sensor": d.sensor,
+    return {"key": d.key, "ts": d.ts, "time": iso_utc(d.ts), "agent": d.agent, "sensor": d.sensor,
             "rule": d.rule, "fired": d.fired, "reason": d.evidence.get("reason", ""),
             "evidence": d.evidence, "actions": d.actions}
 
 
 def _action(a: Action) -> dict[str, Any]:
     return {"key": a.key, "agent": a.agent, "kind": a.kind, "status": a.status, "result": a.result,
-            "started": _iso(a.created_at), "ended": _iso(a.ended_at), "ts": a.created_at}
+            "started": iso_utc(a.created_at), "ended": iso_utc(a.ended_at), "ts": a.created_at}
 
 
 def _mentions(value: Any, keys: tuple[str, ...], target: Any) -> bool:
@@ -162,7 +155,7 @@ def _link(ch: _Chain, ev: Event, keys: tuple[str, ...], target: Any) -> dict[str
             link["workflow_run"] = {"id": run.id, "workflow": run.workflow, "app": run.app, "team": run.team,
                                     "status": run.status, "trigger": run.trigger,
                                     "mlflow_run_id": run.mlflow_run_id, "ts": run.created_at,
-                                    "created": _iso(run.created_at)}
+                                    "created": iso_utc(run.created_at)}
     return link
 
 
@@ -273,11 +266,11 @@ def why(store: Store, service: str) -> dict[str, Any]:
     steps = _steps(model_link, "model") + _steps(replica_link, "replicas")
     chain = sorted({(s_["step"], s_["key"]): s_ for s_ in steps}.values(), key=lambda x: x["ts"])
     for s_ in chain:
-        s_["time"] = _iso(s_["ts"])
+        s_["time"] = iso_utc(s_["ts"])
     history = []
     for e in changes:
         actor = e.payload.get("actor")
-        history.append({"time": _iso(e.ts), "kind": e.kind, "actor": actor,
+        history.append({"time": iso_utc(e.ts), "kind": e.kind, "actor": actor,
                         "approved_by": _approved_by(actor, ch.agents, None) if actor else "unknown",
                         "from_version": e.payload.get("from_version"),
                         "to_version": _version_of(e),
@@ -286,7 +279,7 @@ def why(store: Store, service: str) -> dict[str, Any]:
     return {
         "service": service,
         "current": {"model": dep.model_name, "alias": dep.alias, "model_version": dep.model_version,
-                    "replicas": dep.replicas, "status": dep.status, "updated": _iso(dep.updated_at)},
+                    "replicas": dep.replicas, "status": dep.status, "updated": iso_utc(dep.updated_at)},
         "model_change": model_link,
         "replica_change": replica_link,
         "chain": chain,

@@ -19,13 +19,13 @@ no backend themselves, so a Ray deployer plugs in unchanged.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from scanflow.control.leases import lease, process_holder, service_lease
+from scanflow.jsonsafe import json_safe
 from scanflow.serving.backend import Deployer, UnknownService
 from scanflow.store import Store
 from scanflow.store.schema import Deployment
@@ -118,7 +118,7 @@ def record_once(store: Store, actor: Actor, kind: str, service: str | None, key:
     body = {**payload, "actor": actor.who, **({"action": key} if key is not None else {})}
     # `Store.add_event` takes source, kind and service as arguments: evidence keys so named are kept
     body = {f"{k}_" if k in ("source", "kind", "service") else k: v for k, v in body.items()}
-    return int(store.add_event(actor.source, kind, service, **json_payload(body)).id)
+    return int(store.add_event(actor.source, kind, service, **json_safe(body)).id)
 
 
 class ModelOps:
@@ -276,18 +276,5 @@ class ModelOps:
             yield None
 
 
-def json_payload(value: Any) -> Any:
-    """Event payloads are JSON: numpy scalars become numbers, NaN becomes None."""
-    if isinstance(value, dict):
-        return {str(k): json_payload(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_payload(v) for v in value]
-    if hasattr(value, "item") and not isinstance(value, str | bytes):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 __all__ = ["EVENTS", "Actor", "ModelOps", "ModelRegistry", "Outcome", "ServiceChanged", "check_registered",
-           "json_payload", "record_once"]
+           "record_once"]

@@ -12,7 +12,6 @@ workflow triggers of `engine serve` (scope: a workflow).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
@@ -24,6 +23,7 @@ from typing import Any
 from apscheduler.triggers.date import DateTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
+from scanflow.jsonsafe import json_safe
 from scanflow.spec.models import Trigger
 from scanflow.spec.triggers import cron_trigger
 from scanflow.store import Store
@@ -58,10 +58,6 @@ def iso(ts: float | datetime | None) -> str | None:
     if not isinstance(ts, datetime):
         ts = datetime.fromtimestamp(ts, UTC)
     return ts.astimezone(UTC).isoformat(timespec="seconds")
-
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))
 
 
 def time_event(trig: Trigger, kind: str | None = None, at: datetime | None = None,
@@ -207,7 +203,7 @@ class TimeTrigger:
         return rec if isinstance(rec, dict) else None
 
     def save(self, record: dict[str, Any]) -> None:
-        self.store.set_state(self.consumer, self.key, _jsonable(record))
+        self.store.set_state(self.consumer, self.key, json_safe(record))
 
     def fired_at(self) -> str | None:
         """When a date trigger fired (None: not yet)."""

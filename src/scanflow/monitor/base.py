@@ -49,7 +49,8 @@ from typing import Any, Literal, Self
 import numpy as np
 from scipy import stats
 
-from scanflow.monitor._validate import as_matrix, check_alpha, check_int, check_window, json_safe
+from scanflow.jsonsafe import json_safe
+from scanflow.monitor._validate import as_matrix, check_alpha, check_int, check_window
 
 __all__ = ["Calibration", "DriftResult", "Sampling", "WindowDetector", "draw_window_indices", "draw_windows",
            "min_calibration_windows", "pac_exceedances", "split_reference"]

@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from scanflow.monitor._validate import check_alpha, check_int, json_safe
+from scanflow.jsonsafe import json_safe
+from scanflow.monitor._validate import check_alpha, check_int
 from scanflow.monitor.base import (
     DEFAULT_CONFIDENCE,
     DEFAULT_N_WINDOWS,
