@@ -192,18 +192,72 @@ def test_replica_over_its_memory_limit_is_killed_and_replaced(deployer: LocalDep
     assert r.json()["predictions"] == [50]
     log = (Path(deployer._get(svc).workdir) / "server.log").read_text()
     assert f"replica {first} of {svc} was killed by the kernel" in log
-    assert not any(d.exists() for d in group_dirs(deployer._plan(svc).dirs, first))
+    plan = deployer._plan(svc)
+    assert not any(d.exists() for d in group_dirs(plan.dirs, first))
+
+    # Scaling and a rollout (SIGHUP re-forks every worker) keep one group per live replica.
+    deployer.scale(svc, 2)
+    assert groups_of(plan.dirs) == set(child_pids(master))
+    assert all(w["in_cgroup"] and w["memory_limit"] == 400 * 2**20
+               for w in deployer.status(svc)["workers"])
+    deployer.scale(svc, 1)
+    wait_for(lambda: groups_of(plan.dirs) == set(child_pids(master)),
+             what="the retired replica's group removed")
+    status_shows_replicas(deployer, svc)
     deployer.stop(svc)
+    assert not any(Path(d).exists() for d in plan.dirs.values()), "groups left after stop"
 
 
-def test_spec_refuses_bad_resources() -> None:
-    from pydantic import ValidationError
+def groups_of(plan_dirs: dict[str, str]) -> set[int]:
+    """Pids that have a replica group, the same in every controller's hierarchy."""
+    found = [{int(p.name) for p in Path(d).iterdir() if p.is_dir()} for d in plan_dirs.values()]
+    assert all(f == found[0] for f in found), found
+    return found[0]
 
-    assert Resources.model_validate({"cpus": "250m"}).cpus == 0.25
+
+def status_shows_replicas(deployer: LocalDeployer, svc: str) -> None:
+    """`scanflow status SERVICE` lists each replica with its limits and use; `--json` too."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from scanflow.cli.main import app
+
+    root = str(deployer.settings.root)
+    res = CliRunner().invoke(app, ["--workspace", root, "status", svc], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    (w,) = deployer.status(svc)["workers"]
+    line = next(ln for ln in res.output.splitlines() if str(w["pid"]) in ln)
+    assert "400 MiB" in line and "MiB" in line.split("400 MiB", 1)[1], line
+    res = CliRunner().invoke(app, ["--workspace", root, "status", svc, "--json"])
+    got = json.loads(res.output)
+    assert got["resources"]["memory"] == 400 * 2**20 and got["resources"]["enforced"]
+    (jw,) = got["workers"]
+    assert jw["memory_limit"] == 400 * 2**20 and jw["memory_use"] > 0 and jw["cpu_use"] is not None
+
+
+def test_declared_limits_only() -> None:
+    """Only what the spec writes is a limit; Kubernetes' millicores are understood."""
+    assert Resources.model_validate({"cpus": "250m"}).declared() == (0.25, None)
     assert Resources.model_validate({"cpus": 0.5, "memory": "1GiB"}).declared() == (0.5, 2**30)
     assert Resources.model_validate({"memory": "512Mi"}).declared() == (None, 512 * 2**20)
-    for bad in ({"cpus": -1}, {"cpus": "lots"}, {"memory": "-5Mi"}, {"memory": "big"},
-                {"memory": -1}, {"cpus": 0}):
-        with pytest.raises(ValidationError):
-            Resources.model_validate(bad)
+
+
+@pytest.mark.parametrize("bad, field", [
+    ("{cpus: -1}", "cpus"), ("{cpus: lots}", "cpus"), ("{cpus: 0}", "cpus"),
+    ("{memory: -5Mi}", "memory"), ("{memory: big}", "memory"), ("{memory: 1Mi}", "memory"),
+    ("{gpus: 1}", "gpus"),
+])
+def test_bad_resources_are_exit_2_naming_the_field(tmp_path: Path, bad: str, field: str) -> None:
+    from typer.testing import CliRunner
+
+    from scanflow.cli.main import app
+
+    (tmp_path / "scanflow.yaml").write_text(
+        f"app: a\nteam: t\nservices:\n  web:\n    model: m\n    resources: {bad}\n")
+    res = CliRunner().invoke(app, ["--workspace", str(tmp_path / "ws"), "validate",
+                                   str(tmp_path / "scanflow.yaml")])
+    assert res.exit_code == 2, res.output
+    assert f"services.web.resources.{field}" in res.output, res.output
+    assert "Traceback" not in res.output
 
