@@ -73,8 +73,9 @@ def register_burner(ws: DigitsWorkspace) -> None:
     with mlflow.start_run(experiment_id=exp.experiment_id):
         info = mlflow.pyfunc.log_model(name="model", python_model=str(code), signature=sig,
                                        pip_requirements=["pandas"])
-    mv = mlflow.register_model(info.model_uri, BURNER)
-    client.set_registered_model_alias(BURNER, "champion", mv.version)
+    for _ in range(2):  # v1 champion, v2 to roll out to
+        mlflow.register_model(info.model_uri, BURNER)
+    client.set_registered_model_alias(BURNER, "champion", "1")
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +148,13 @@ def test_cpu_quota_holds_a_busy_replica_to_its_limit(deployer: LocalDeployer) ->
         stop.set()
         for t in threads:
             t.join(timeout=60)
+    # A rollout (SIGHUP: every worker re-forked) leaves one group per live replica, limited.
+    deployer.rollout(svc, "2")
+    master = int(deployer._get(svc).pid or 0)
     dirs = deployer._plan(svc).dirs
+    wait_for(lambda: groups_of(dirs) == set(child_pids(master)), what="old replicas' groups removed")
+    (w,) = deployer.status(svc)["workers"]
+    assert w["model_version"] == "2" and w["in_cgroup"] and w["cpu_limit"] == pytest.approx(0.25)
     deployer.stop(svc)
     assert not any(d.exists() for d in group_dirs(dirs, pid)), "a replica's cgroup outlived stop"
     assert not any(Path(d).exists() for d in dirs.values())
