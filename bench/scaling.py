@@ -3,14 +3,14 @@ held to the same CPU limit by its cgroup (`resources: {cpus: 0.5}`), loaded with
 
 Not a test: a benchmark you run by hand (as root, on a machine whose cgroups are writable)::
 
-    .venv/bin/python bench/scaling.py                     # ~1 min
-    .venv/bin/python bench/scaling.py --cpus 0.5 --spin-ms 20 --seconds 15 --connections 8
+    .venv/bin/python bench/scaling.py                     # ~2 min
+    .venv/bin/python bench/scaling.py --cpus 0.5 --spin-ms 20 --rounds 4 --seconds 5 --connections 8
 
 The model burns `--spin-ms` of CPU per request (a busy loop on the thread's CPU clock), so a
-replica's capacity is its CPU limit divided by that. Each configuration is deployed fresh in a
-temporary workspace, warmed up, then loaded by `wrk -t1 -c<connections>`; CPU use is read from
-the replicas' own cgroup counters over the measured interval (CPU-seconds per second, summed
-over the replicas). Prints a table and writes bench/results/scaling.json.
+replica's capacity is its CPU limit divided by that. Every configuration is deployed at once in a
+temporary workspace, warmed up, then loaded by `wrk -t1 -c<connections>` in alternating turns;
+CPU use is read from the replicas' own cgroup counters over the measured turns (CPU-seconds per
+second, summed over the replicas). Prints a table and writes bench/results/scaling.json.
 
 Refuses to run (exit 2) without wrk (it tries `apt-get install -y wrk` first) or when the
 limits cannot be enforced here: an in-process client or unlimited replicas would measure
@@ -36,7 +36,7 @@ RESULTS = BENCH / "results"
 sys.path.insert(0, str(BENCH))
 
 from engine import machine  # noqa: E402 - bench/engine.py: cores, CPU, memory, load
-from serving import lua_script, parse_wrk  # noqa: E402 - bench/serving.py: wrk's body, its output
+from serving import lua_script, merge, parse_wrk  # noqa: E402 - bench/serving.py: wrk body, output
 
 MODEL = "spin"
 _MODEL_CODE = '''
@@ -105,35 +105,63 @@ def cpu_seconds(deployer: Any, service: str) -> float:
     return sum(float(cgroups.usage(plan, p)["cpu_seconds"] or 0.0) for p in pids)
 
 
-def run_one(deployer: Any, wrk: str, lua: Path, replicas: int, cpus: float, args: argparse.Namespace
-            ) -> dict[str, Any]:
+def deploy(deployer: Any, replicas: int, cpus: float) -> str:
     from scanflow.spec.models import ServiceResources
 
     service = f"spin-{replicas}r"
     deployer.deploy(service, app="bench", team="bench", model=MODEL, replicas=replicas,
                     resources=ServiceResources.model_validate({"cpus": cpus}))
+    st = deployer.status(service)
+    if not st["resources"]["enforced"]:
+        raise SystemExit(f"error: {st['resources']['warning']}: refusing to measure unlimited "
+                         "replicas")
+    return service
+
+
+def turn(deployer: Any, service: str, wrk: str, lua: Path, args: argparse.Namespace
+         ) -> tuple[Any, float, float]:
+    """One measured turn of wrk on `service`: its point, CPU-seconds used, wall seconds."""
+    url = f"{deployer.url(service)}/predict"
+    c0, t0 = cpu_seconds(deployer, service), time.monotonic()
+    res = subprocess.run([wrk, "-t1", f"-c{args.connections}", f"-d{args.seconds}s", "--latency",
+                          "--timeout", "10s", "-s", str(lua), url],
+                         capture_output=True, text=True, timeout=args.seconds + 60)
+    used, wall = cpu_seconds(deployer, service) - c0, time.monotonic() - t0
+    if res.returncode != 0:
+        raise RuntimeError(f"wrk failed: {res.stderr or res.stdout}")
+    return parse_wrk(res.stdout), used, wall
+
+
+def measure(deployer: Any, wrk: str, lua: Path, counts: list[int], args: argparse.Namespace
+            ) -> list[dict[str, Any]]:
+    """Every configuration up at once, measured in alternating turns (`--rounds` of
+    `--seconds` each, the order rotating), so a change in what else the machine does hits
+    them alike; the turns of one configuration are merged (exact percentiles)."""
+    services = {n: deploy(deployer, n, args.cpus) for n in counts}
     try:
-        st = deployer.status(service)
-        if not st["resources"]["enforced"]:
-            raise SystemExit(f"error: {st['resources']['warning']}: refusing to measure "
-                             "unlimited replicas")
-        url = f"{deployer.url(service)}/predict"
-        subprocess.run([wrk, "-t1", f"-c{args.connections}", f"-d{args.warmup}s", "-s", str(lua),
-                        url], capture_output=True, check=True, timeout=args.warmup + 60)
-        c0, t0 = cpu_seconds(deployer, service), time.monotonic()
-        res = subprocess.run([wrk, "-t1", f"-c{args.connections}", f"-d{args.seconds}s",
-                              "--latency", "--timeout", "10s", "-s", str(lua), url],
-                             capture_output=True, text=True, timeout=args.seconds + 60)
-        used, wall = cpu_seconds(deployer, service) - c0, time.monotonic() - t0
-        if res.returncode != 0:
-            raise RuntimeError(f"wrk failed: {res.stderr or res.stdout}")
-        p = parse_wrk(res.stdout)
-        return {"replicas": replicas, "cpus_per_replica": cpus, "req_per_s": round(p.rps, 1),
-                "p50_ms": round(p.p50_ms, 1), "p99_ms": round(p.p99_ms, 1),
-                "cpu_s_per_s": round(used / wall, 3), "requests": p.requests,
-                "non_2xx": p.non2xx, "socket_errors": p.errors}
+        for svc in services.values():  # warm-up, not measured
+            subprocess.run([wrk, "-t1", f"-c{args.connections}", f"-d{args.warmup}s", "-s",
+                            str(lua), f"{deployer.url(svc)}/predict"], capture_output=True,
+                           check=True, timeout=args.warmup + 60)
+        turns: dict[int, list[tuple[Any, float, float]]] = {n: [] for n in counts}
+        for r in range(args.rounds):
+            order = counts[r % len(counts):] + counts[:r % len(counts)]
+            for n in order:
+                turns[n].append(turn(deployer, services[n], wrk, lua, args))
+                print(f"  round {r + 1}: {n} replica(s) {turns[n][-1][0].rps:.1f} req/s", flush=True)
+        out = []
+        for n in counts:
+            p = merge([t[0] for t in turns[n]])
+            used, wall = sum(t[1] for t in turns[n]), sum(t[2] for t in turns[n])
+            out.append({"replicas": n, "cpus_per_replica": args.cpus, "req_per_s": round(p.rps, 1),
+                        "p50_ms": round(p.p50_ms, 1), "p99_ms": round(p.p99_ms, 1),
+                        "cpu_s_per_s": round(used / wall, 3), "requests": p.requests,
+                        "non_2xx": p.non2xx, "socket_errors": p.errors,
+                        "turns_req_per_s": [round(t[0].rps, 1) for t in turns[n]]})
+        return out
     finally:
-        deployer.stop(service)
+        for svc in services.values():
+            deployer.stop(svc)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--replicas", default="1,2", help="replica counts to compare")
     ap.add_argument("--spin-ms", type=float, default=20.0, help="CPU milliseconds per request")
     ap.add_argument("--connections", type=int, default=8, help="wrk connections")
-    ap.add_argument("--seconds", type=int, default=15, help="measured seconds per configuration")
+    ap.add_argument("--seconds", type=int, default=5, help="seconds of one measured turn")
+    ap.add_argument("--rounds", type=int, default=4, help="measured turns per configuration")
     ap.add_argument("--warmup", type=int, default=3, help="seconds of load before measuring")
     ap.add_argument("--out", type=Path, default=RESULTS / "scaling.json")
     args = ap.parse_args(argv)
@@ -150,8 +179,9 @@ def main(argv: list[str] | None = None) -> int:
         counts = [int(n) for n in args.replicas.split(",")]
     except ValueError:
         ap.error(f"--replicas: a comma-separated list of integers, got {args.replicas!r}")
-    if not 0 < args.cpus <= 64 or args.spin_ms <= 0 or args.seconds < 1 or min(counts) < 1:
-        ap.error("--cpus in (0, 64], --spin-ms > 0, --seconds >= 1, replicas >= 1")
+    if (not 0 < args.cpus <= 64 or args.spin_ms <= 0 or args.seconds < 1 or args.rounds < 1
+            or min(counts) < 1):
+        ap.error("--cpus in (0, 64], --spin-ms > 0, --seconds >= 1, --rounds >= 1, replicas >= 1")
     wrk = find_wrk()
 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -171,17 +201,15 @@ def main(argv: list[str] | None = None) -> int:
         body = json.dumps({"instances": [{"ms": args.spin_ms}]}).encode()
         lua = lua_script(body, Path(tmp) / "body.lua")
         deployer = LocalDeployer(settings, store)
-        results = []
-        for n in counts:
-            print(f"{n} replica(s) x {args.cpus} CPU ...", flush=True)
-            results.append(run_one(deployer, wrk, lua, n, args.cpus, args))
+        results = measure(deployer, wrk, lua, counts, args)
         store.close()
     meta["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     meta["cgroup"] = f"v{probe.version}"
     out = {"bench": "scaling", "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
            "machine": meta,
            "setup": {"model": f"pyfunc burning {args.spin_ms} ms of CPU per request",
-                     "loadgen": f"wrk -t1 -c{args.connections} -d{args.seconds}s (after "
+                     "loadgen": f"wrk -t1 -c{args.connections}, {args.rounds} turns of "
+                                f"{args.seconds}s per configuration, alternating (after a "
                                 f"{args.warmup}s warm-up)",
                      "capacity_per_replica_req_per_s": round(args.cpus * 1000 / args.spin_ms, 1)},
            "results": results}
@@ -192,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     from rich.table import Table
 
     t = Table(title=f"{args.spin_ms:g} ms of CPU per request, {args.cpus:g} CPU per replica, "
-                    f"wrk -c{args.connections} ({args.seconds}s)")
+                    f"wrk -c{args.connections} ({args.rounds} x {args.seconds}s)")
     for c in ("replicas", "req/s", "p50 ms", "p99 ms", "CPU-s/s (all replicas)", "non-2xx"):
         t.add_column(c, justify="right")
     for r in results:

@@ -160,7 +160,7 @@ def test_cpu_quota_holds_a_busy_replica_to_its_limit(deployer: LocalDeployer) ->
     assert not any(Path(d).exists() for d in dirs.values())
 
 
-def test_unlimited_service_has_no_cgroups(deployer: LocalDeployer) -> None:
+def test_no_declared_limit_needs_no_cgroup() -> None:
     """No `resources:` in the spec: no group, no limit, nothing said about enforcement."""
     plan = cgroups.plan("x", None, None)
     assert not plan.wanted and not plan.dirs and plan.unenforced is None
