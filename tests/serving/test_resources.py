@@ -166,9 +166,22 @@ def test_no_declared_limit_needs_no_cgroup() -> None:
     assert not plan.wanted and not plan.dirs and plan.unenforced is None
 
 
-def test_unwritable_hierarchy_is_a_warning_not_a_failure(tmp_path: Path) -> None:
-    plan = cgroups.plan("svc", 0.5, None, root=tmp_path / "nothing-here")
-    assert not plan.enforced and "no cgroup hierarchy" in (plan.unenforced or "")
+def test_without_cgroups_the_service_serves_unlimited_and_says_so(
+        deployer: LocalDeployer, tmp_path: Path) -> None:
+    """No hierarchy at SCANFLOW_CGROUP_ROOT: deployed anyway, one clear warning in status."""
+    settings = deployer.settings.model_copy(update={"cgroup_root": tmp_path / "no-cgroups"})
+    d = LocalDeployer(settings, deployer.store, tracker=deployer.tracker)
+    d.deploy("burner-free", app="t", team="t", model=BURNER,
+             resources=Resources.model_validate({"cpus": 0.25, "memory": "400Mi"}))
+    try:
+        assert predict(d.url("burner-free"), mib=1).status_code == 200
+        res = d.status("burner-free")["resources"]
+        assert not res["enforced"] and res["cpus"] == 0.25
+        assert res["warning"] == f"limits not enforced: no cgroup hierarchy at {tmp_path / 'no-cgroups'}"
+        (w,) = d.status("burner-free")["workers"]
+        assert w.get("cpu_limit") is None and w.get("memory_limit") is None
+    finally:
+        d.stop("burner-free")
 
 
 def _oom_events(deployer: LocalDeployer, svc: str) -> list[Any]:
