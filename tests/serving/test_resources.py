@@ -249,11 +249,14 @@ def status_shows_replicas(deployer: LocalDeployer, svc: str) -> None:
     (w,) = deployer.status(svc)["workers"]
     line = next(ln for ln in res.output.splitlines() if str(w["pid"]) in ln)
     assert "400 MiB" in line and "MiB" in line.split("400 MiB", 1)[1], line
+    killed = deployer.status(svc)["last_oom_kill"]["pid"]
+    assert f"replica {killed} was killed by the kernel" in res.output
     res = CliRunner().invoke(app, ["--workspace", root, "status", svc, "--json"])
     got = json.loads(res.output)
     assert got["resources"]["memory"] == 400 * 2**20 and got["resources"]["enforced"]
     (jw,) = got["workers"]
     assert jw["memory_limit"] == 400 * 2**20 and jw["memory_use"] > 0 and jw["cpu_use"] is not None
+    assert got["last_oom_kill"]["pid"] == killed and got["last_oom_kill"]["at"].endswith("Z")
 
 
 def test_declared_limits_only() -> None:

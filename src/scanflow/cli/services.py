@@ -211,6 +211,11 @@ def _print_replicas(live: dict[str, Any]) -> None:
                   _mib(w.get("memory_limit")), _mib(w.get("memory_use")))
     if live.get("workers"):
         show(t)
+    oom = live.get("last_oom_kill")
+    if oom:
+        out.print(f"{live['service']}: replica {oom['pid']} was killed by the kernel at "
+                  f"{iso(oom['at'])}: over its memory limit of {_mib(oom['memory_limit'])} "
+                  "(replaced)", highlight=False)
 
 
 def status(
@@ -246,6 +251,9 @@ def status(
     agents = [] if service is not None else AgentSupervisor(settings, store).status()
     if as_json:
         services = [deployer.status(d.service) for d in deps]
+        for s in services:
+            if s.get("last_oom_kill"):
+                timed(s["last_oom_kill"], "at")
         listed = [timed(dict(a), "heartbeat", "started_at") for a in agents]
         print_json(services[0] if service is not None else {"services": services, "agents": listed},
                    indent=2)

@@ -595,6 +595,16 @@ class LocalDeployer(Deployer):
         tmp.write_text(json.dumps({p: [now, u["cpu_seconds"]] for p, u in use.items()}))
         os.replace(tmp, samples_path)
 
+    def _last_oom_kill(self, service: str) -> dict[str, Any] | None:
+        """The newest replica of this deployment the kernel killed for memory (pid, time)."""
+        deployed = self.store.latest_events(service, ["deployed"], limit=1)
+        since = deployed[0].ts if deployed else 0.0
+        for e in self.store.latest_events(service, ["replica_oom_killed"], limit=1):
+            if e.ts >= since:
+                return {"pid": e.payload.get("pid"), "at": e.ts,
+                        "memory_limit": e.payload.get("memory_limit")}
+        return None
+
     def status(self, service: str) -> dict[str, Any]:
         dep = self._get(service)
         alive = self._master_alive(dep)
@@ -614,6 +624,7 @@ class LocalDeployer(Deployer):
             "previous_version": cfg.previous_version if cfg else None,
             "batching": cfg.batching.model_dump() if cfg else None,
             "resources": _limits(cfg.resources) if cfg else None,
+            "last_oom_kill": self._last_oom_kill(service) if cfg and cfg.resources.memory else None,
             "pid": dep.pid,
             "alive": alive,
             "port": dep.port,
