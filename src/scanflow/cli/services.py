@@ -45,11 +45,14 @@ def deploy(
         try:
             dep = deployer.deploy(name, app=spec.app, team=spec.team, model=svc.model,
                                   alias=svc.alias, replicas=svc.replicas, port=svc.port,
-                                  batching=svc.batching)
+                                  batching=svc.batching, resources=svc.resources)
         except (ValueError, KeyError) as exc:
             fail(str(exc))
         out.print(f"[green]deployed[/] {name}: models:/{dep.model_name}@{dep.alias} "
                   f"(version {dep.model_version}) x{dep.replicas} at http://{dep.host}:{dep.port}")
+        warning = (deployer.status(name).get("resources") or {}).get("warning")
+        if warning:
+            err.print(f"[yellow]warning[/] {name}: {warning}; serving anyway", highlight=False)
 
 
 def scale(service: str, replicas: Annotated[int, typer.Argument(min=1, max=64)]) -> None:
@@ -188,6 +191,33 @@ def _print_agents(rows: list[dict[str, Any]]) -> None:
     show(a)
 
 
+def _mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.0f} MiB"
+
+
+def _print_replicas(live: dict[str, Any]) -> None:
+    """One row per replica of a service: its state, and its limits and use where it has any."""
+    res = live.get("resources") or {}
+    if res.get("warning"):
+        err.print(f"[yellow]warning[/] {live['service']}: {res['warning']}", highlight=False)
+    t = table("replica pid", "version", "state", "cpu limit", "cpu use", "memory limit",
+              "memory use")
+    for w in live.get("workers", []):
+        state = "draining" if w["draining"] else "serving" if w["ready"] else "starting"
+        cpu_use = w.get("cpu_use")
+        t.add_row(str(w["pid"]), str(w["model_version"] or "-"), state,
+                  f"{w['cpu_limit']:g}" if w.get("cpu_limit") else "-",
+                  f"{cpu_use:.2f}" if cpu_use is not None else "-",
+                  _mib(w.get("memory_limit")), _mib(w.get("memory_use")))
+    if live.get("workers"):
+        show(t)
+    oom = live.get("last_oom_kill")
+    if oom:
+        out.print(f"{live['service']}: replica {oom['pid']} was killed by the kernel at "
+                  f"{iso(oom['at'])}: over its memory limit of {_mib(oom['memory_limit'])} "
+                  "(replaced)", highlight=False)
+
+
 def status(
     service: Annotated[str | None, typer.Argument(help="only this service (default: all, and the agents)")]
     = None,
@@ -196,7 +226,9 @@ def status(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Services (URL, champion, canary, shadow, previous version, live replicas per version) and
-    agents. A table on a wide terminal, a block per service at 80 columns, whole lines in a pipe."""
+    agents; with SERVICE, each replica's CPU and memory limit and use (CPU use: CPU-seconds per
+    second over the last fraction of a second). A table on a wide terminal, a block per service
+    at 80 columns, whole lines in a pipe."""
     from scanflow.agents.process import AgentSupervisor  # lazy: the agent runtime (APScheduler)
     from scanflow.control import backends  # lazy: the store (SQLAlchemy, ~0.5 s)
 
@@ -219,6 +251,9 @@ def status(
     agents = [] if service is not None else AgentSupervisor(settings, store).status()
     if as_json:
         services = [deployer.status(d.service) for d in deps]
+        for s in services:
+            if s.get("last_oom_kill"):
+                timed(s["last_oom_kill"], "at")
         listed = [timed(dict(a), "heartbeat", "started_at") for a in agents]
         print_json(services[0] if service is not None else {"services": services, "agents": listed},
                    indent=2)
@@ -226,6 +261,8 @@ def status(
     rows = [_service_row(d, deployer) for d in deps]
     if rows:
         _print_services(rows)
+    if service is not None and deps[0].status == "running":
+        _print_replicas(deployer.status(service))
     else:
         out.print("no services deployed here (scanflow deploy APP)", highlight=False)
     _print_agents(agents)

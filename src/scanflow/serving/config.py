@@ -9,6 +9,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from scanflow.serving.batching import BatchConfig
+from scanflow.serving.cgroups import CgroupPlan
 
 CONFIG_ENV = "SCANFLOW_SERVICE_CONFIG"
 
@@ -19,6 +20,9 @@ class Limits(BaseModel):
     max_instances: int = Field(default=10_000, ge=1, le=99_999)
     max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     request_timeout_s: float = Field(default=30.0, gt=0, description="slower requests get 504")
+    keepalive_max_s: float = Field(
+        default=2.0, ge=0, description="a keep-alive connection older than this is told to "
+        "reconnect (Connection: close), so added replicas get clients; 0: never")
 
 
 class PredLogConfig(BaseModel):
@@ -82,6 +86,10 @@ class ServiceConfig(BaseModel):
         default=True, description="load models in the gunicorn master, before forking workers"
     )
     drain: DrainConfig = Field(default_factory=DrainConfig)
+    resources: CgroupPlan = Field(
+        default_factory=CgroupPlan,
+        description="per-replica CPU/memory limits and their cgroups (see serving.cgroups)",
+    )
 
     @property
     def model_uri(self) -> str:
