@@ -118,7 +118,7 @@ def create_app(config_path: str | None = None) -> FastAPI:
             yield
         finally:
             if plog is not None:
-                await run_in_threadpool(plog.close)
+                await run_in_threadpool(plog.close, 3.0)
             store.close()
             LIFECYCLE.retire()
 

@@ -234,10 +234,14 @@ def _read_offset(seg: Path) -> tuple[int, int]:
 
 
 def _write_offset(seg: Path, offset: int, records: int) -> None:
-    p = _offset_path(seg)
-    tmp = p.with_name(f".{p.name}.tmp")
-    tmp.write_text(f"{offset} {records}")
-    os.replace(tmp, p)
+    """Overwrite the side file in place: one `pwrite` of a fixed-width line, no new file and
+    rename per batch (that cost more than the insert). A torn side file after a power loss
+    reads as 0 and the segment is collected again, which inserts nothing twice."""
+    fd = os.open(_offset_path(seg), os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.pwrite(fd, f"{offset:>20} {records:>20}\n".encode(), 0)
+    finally:
+        os.close(fd)
 
 
 def process_prefix(pid: int) -> str:
@@ -555,7 +559,9 @@ class PredictionLog:
         return True
 
     def close(self, timeout: float = 10.0) -> None:
-        """Collect what is left (bounded by `timeout`), then stop the collector."""
+        """Collect what is left (waiting at most `timeout`), then stop the collector. A collector
+        process still busy then finishes on its own (it has been told the journal is closed;
+        the service's stop waits for it), so a retiring worker is not held up by it."""
         self.journal.close()  # nothing more is appended: the collector may finish the segments
         self._stop.set()
         self._thread.join(timeout)
@@ -566,10 +572,9 @@ class PredictionLog:
             try:
                 child.wait(max(0.1, timeout))
             except subprocess.TimeoutExpired:
-                log.error("prediction log: collector %d still busy after %.0fs; stopping it",
-                          child.pid, timeout)
-                child.kill()
-                child.wait()
+                log.warning("prediction log: collector %d still busy after %.0fs; it finishes "
+                            "the journal on its own", child.pid, timeout)
+                return
         if self.pending:
             log.error("prediction log: %d requests not yet in the store at shutdown; they stay in "
                       "%s and are collected by a sibling or at service stop", self.pending,
@@ -612,8 +617,8 @@ def collect_all(store: Store, workdir: str | os.PathLike[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """The collector process of one worker: its segments until it closes stdin or dies."""
-    import argparse
-    import signal
+    import argparse  # lazy: the collector process only, not every worker importing this module
+    import signal  # lazy: as above
 
     ap = argparse.ArgumentParser(prog="python -m scanflow.serving.predlog")
     ap.add_argument("--dir", type=Path, required=True)
@@ -642,7 +647,7 @@ def main(argv: list[str] | None = None) -> int:
     written: Hook | None = None
     dropped: Callable[[int, str], None] | None = None
     if args.service:
-        from scanflow.serving import metrics
+        from scanflow.serving import metrics  # lazy: prometheus, only when counting a service
 
         svc = args.service
 
