@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from scanflow.procs import child_pids, pid_alive
 from scanflow.serving import Deployer, LocalDeployer, UnknownService
-from scanflow.serving.predlog import PredictionLog, collect_all
+from scanflow.serving.predlog import PredictionLog, collect_all, encode_prediction, encode_shadow
 from scanflow.serving.validation import (
     RequestError,
     extract_instances,
@@ -103,49 +103,74 @@ def test_validation_tensor_and_columns() -> None:
     assert e.value.status == 413
 
 
-def _line(base: str, n: int, version: str = "1", kind: str = "p") -> dict[str, object]:
-    line: dict[str, object] = {"k": kind, "rid": base, "svc": "s", "v": version, "ts": time.time(),
-                               "lat": 1.0, "out": list(range(n))}
-    if kind == "p":
-        line["in"] = [[float(i), 0.5] for i in range(n)]
-    return line
+def _record(base: str, n: int, version: str = "1", kind: str = "p") -> bytes:
+    """A journal record of a request of `n` instances [i, 0.5] answered 0..n-1."""
+    if kind == "s":
+        return encode_shadow(base, "s", version, time.time(), 1.0, list(range(n)))
+    inst = [[float(i), 0.5] for i in range(n)]
+    return encode_prediction(base, "s", version, time.time(), 1.0, np.asarray(inst), inst,
+                             list(range(n)))
 
 
-def test_prediction_log_journal_reaches_the_store_and_skips_duplicates(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    store = Store(f"sqlite:///{tmp_path / 'log.db'}")
-    plog = PredictionLog(store, tmp_path / "predlog", interval=0.05, batch_size=100).start()
+@pytest.mark.parametrize("process", [True, False], ids=["collector-process", "collector-thread"])
+def test_prediction_log_journal_reaches_the_store_and_skips_duplicates(  # type: ignore[no-untyped-def]
+    tmp_path, process, store_url
+) -> None:
+    store = Store(store_url)  # SQLite: bytes as they are; PostgreSQL: decoded for its JSON type
+    plog = PredictionLog(store, tmp_path / "predlog", interval=0.05, batch_size=100,
+                         process=process).start()
     for i in range(300):
-        plog.add([_line(f"r{i}", 4)])
-    plog.add([_line("r7", 4)])  # a client reusing an X-Request-ID: stored once, counted
-    plog.add([_line("r1", 4, version="2", kind="s")])  # the shadow's answer to r1
-    assert plog.flush(timeout=30)
+        plog.add(_record(f"r{i}", 4))
+    plog.add(_record("r7", 4))  # a client reusing an X-Request-ID: stored once, counted
+    plog.add(_record("r1", 4, version="2", kind="s"))  # the shadow's answer to r1
+    # inputs the store keeps as JSON: nested rows, column records, scalars
+    nested = [[[1, 2], [3, 4]]]
+    plog.add(encode_prediction("nest", "s", "1", time.time(), 1.0, np.asarray(nested, float),
+                               nested, [{"label": 1, "p": [0.25, 0.75]}]))
+    cols = [{"a": 1.5, "b": "x"}]
+    plog.add(encode_prediction("cols", "s", "1", time.time(), 1.0, None, cols, ["y"]))
+    assert plog.flush(timeout=30) and plog.pending == 0
     plog.close()
+    assert not list((tmp_path / "predlog").glob("*.plog"))  # collected segments are removed
     win = store.prediction_window("s", with_shadow=True)
-    assert len(win) == 1200 and len(set(win.request_ids)) == 1200
-    assert isinstance(win.inputs, np.ndarray) and win.inputs.shape == (1200, 2)
-    assert plog.collector.dropped == 4
+    assert len(win) == 1202 and len(set(win.request_ids)) == 1202
+    if not process and store_url.startswith("sqlite"):  # counted where the collector runs;
+        assert plog.collector.dropped == 4  # PostgreSQL's executemany reports no row count
     r1 = [i for i, r in enumerate(win.request_ids) if r.startswith("r1-")]
     assert [win.shadow_versions[i] for i in r1] == ["2"] * 4
     assert [win.shadow_outputs[i] for i in r1] == [0, 1, 2, 3]
+    rows = {p["request_id"]: p for p in store.predictions("s")}
+    assert rows["r3-2"]["inputs"] == [2.0, 0.5] and rows["r3-2"]["outputs"] == 2
+    assert rows["nest-0"]["inputs"] == nested[0]
+    assert rows["nest-0"]["outputs"] == {"label": 1, "p": [0.25, 0.75]}
+    assert rows["cols-0"]["inputs"] == cols[0] and rows["cols-0"]["outputs"] == "y"
+    flat = store.prediction_window("s", until=win.ts[r1[0]] + 1e-9)  # flat rows only: one array
+    assert isinstance(flat.inputs, np.ndarray) and flat.inputs.shape[1] == 2
     store.close()
 
 
 def test_orphan_journal_of_a_dead_worker_is_collected_once(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Segments named after a process that no longer exists are adopted, and re-collecting
     a segment whose offset file was lost (a crash between insert and offset) duplicates
-    nothing."""
+    nothing; a segment of the former JSON-lines format is still read."""
     store = Store(f"sqlite:///{tmp_path / 'log.db'}")
     d = tmp_path / "predlog"
     d.mkdir()
-    lines = [orjson.dumps(_line(f"dead{i}", 2)) + b"\n" for i in range(50)]
-    seg = d / "999999-12345-000001.jsonl"  # no such pid: its owner is gone
-    seg.write_bytes(b"".join(lines) + b'{"k": "p", "rid": "torn"')  # killed mid-line
-    twin = d / "999998-1-000001.jsonl"
-    twin.write_bytes(b"".join(lines[:10]))  # the same records again (re-collection)
-    assert collect_all(store, tmp_path) == 100
-    assert not seg.exists() and not twin.exists()
-    assert store.count_predictions("s")[0] == 100
-    assert all(not r.startswith("torn") for r in store.prediction_window("s").request_ids)
+    records = [_record(f"dead{i}", 2) for i in range(50)]
+    seg = d / "999999-12345-000001.plog"  # no such pid: its owner is gone
+    seg.write_bytes(b"".join(records) + _record("torn", 2)[:-7])  # killed mid-record
+    twin = d / "999998-1-000001.plog"
+    twin.write_bytes(b"".join(records[:10]))  # the same records again (re-collection)
+    legacy = d / "999997-1-000001.jsonl"
+    legacy.write_bytes(orjson.dumps({"k": "p", "rid": "old", "svc": "s", "v": "1", "ts": 1.0,
+                                     "lat": 1.0, "in": [[1, 2]], "out": [5]}) + b"\n")
+    assert collect_all(store, tmp_path) == 101
+    assert not seg.exists() and not twin.exists() and not legacy.exists()
+    assert store.count_predictions("s")[0] == 101
+    win = store.prediction_window("s")
+    assert all(not r.startswith("torn") for r in win.request_ids)
+    old = win.request_ids.index("old-0")
+    assert list(win.inputs[old]) == [1.0, 2.0] and win.outputs[old] == 5
     store.close()
 
 
@@ -246,6 +271,7 @@ def test_fuzzed_requests_never_5xx_nor_kill_a_worker(
             raw = json.dumps({"instances": [[rng.random()] * 64] * rng.choice([1, 10_001])}).encode()
         ctype = rng.choice(["application/json", "application/json", "text/plain", "", "image/png"])
         bodies.append((raw, ctype))
+    bodies += [(raw, "application/json") for raw in DEEP_BODIES for _ in range(3)]
     statuses = []
     with httpx.Client(timeout=60) as client:
         for i, (raw, ctype) in enumerate(bodies):
@@ -286,7 +312,13 @@ BAD_INPUTS = [
      "instances[0][0]: expected a finite number, got inf"),
     ("object-instance", json.dumps({"instances": [{"a": 1}]}).encode(), None, 422,
      "instances[0]: expected a list of 64 numbers, got an object"),
+    ("deep", b"[" * 5000 + b"]" * 5000, None, 400, "nested deeper than 1024 levels"),
+    ("deep-instance", b'{"instances": [' + b"[" * 1020 + b"]" * 1020 + b"]}", None, 422,
+     "instances[0]"),
 ]
+DEEP_BODIES = [b"[" * 5000 + b"]" * 5000, b'{"a": ' * 5000 + b"1" + b"}" * 5000,
+               b'{"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP64", "data": '
+               + b"[" * 1000 + b"1" + b"]" * 1000 + b"}]}"]
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
@@ -307,8 +339,9 @@ def test_bad_request_id_and_labels(url: str, digits_workspace: DigitsWorkspace) 
     for body in ({}, {"labels": []}, {"labels": {}}, {"labels": {"x": [1]}}):
         r = httpx.post(f"{url}/labels", json=body)
         assert r.status_code == 422 and "labels" in r.json()["detail"], (body, r.text)
-    r = httpx.post(f"{url}/labels", content=b"nope", headers={"Content-Type": "application/json"})
-    assert r.status_code == 400
+    for raw in (b"nope", DEEP_BODIES[1]):
+        r = httpx.post(f"{url}/labels", content=raw, headers={"Content-Type": "application/json"})
+        assert r.status_code == 400 and "not valid JSON" in r.json()["detail"], r.text
     assert_serving(url, digits_workspace)
 
 
@@ -508,7 +541,9 @@ def test_stop_leaves_no_process(
     deployer: LocalDeployer, url: str, digits_workspace: DigitsWorkspace  # noqa: F811
 ) -> None:
     st = deployer.status(SERVICE)
-    pids = [st["pid"], *st["worker_pids"]]
+    collectors = [c for w in st["worker_pids"] for c in child_pids(w)]  # prediction-log collectors
+    assert len(collectors) == len(st["worker_pids"])
+    pids = [st["pid"], *st["worker_pids"], *collectors]
     assert all(pid_alive(p) for p in pids)
     deployer.stop(SERVICE)
     assert not any(pid_alive(p) for p in pids)

@@ -123,7 +123,7 @@ def create_app(config_path: str | None = None) -> FastAPI:
             plog = PredictionLog(
                 store, journal_dir(cfg.workdir), interval=cfg.predlog.interval,
                 batch_size=cfg.predlog.batch_size, orphan_interval=cfg.predlog.orphan_interval,
-                fsync=cfg.predlog.fsync,
+                fsync=cfg.predlog.fsync, service=svc,
                 on_written=lambda n: metrics.PREDLOG_WRITTEN.labels(svc).inc(n),
                 on_dropped=lambda n, why: metrics.PREDLOG_DROPPED.labels(svc, why).inc(n),
             ).start()
@@ -139,7 +139,7 @@ def create_app(config_path: str | None = None) -> FastAPI:
             yield
         finally:
             if plog is not None:
-                await run_in_threadpool(plog.close)
+                await run_in_threadpool(plog.close, 3.0)
             store.close()
             LIFECYCLE.retire()
 

@@ -20,7 +20,7 @@ from starlette.concurrency import run_in_threadpool
 from scanflow.serving import metrics
 from scanflow.serving.batching import MicroBatcher
 from scanflow.serving.config import ServiceConfig
-from scanflow.serving.predlog import PredictionLog
+from scanflow.serving.predlog import PredictionLog, encode_prediction, encode_shadow
 from scanflow.serving.validation import (
     InputSpec,
     RequestError,
@@ -219,8 +219,8 @@ async def predict_request(
     preds = await target.batcher.submit(x, n)
     latency_ms = (time.perf_counter() - t0) * 1000.0
     if s.log is not None:
-        s.log.add([{"k": "p", "rid": base, "svc": s.config.service, "v": target.version, "ts": ts,
-                    "lat": latency_ms, "in": instances, "out": preds}])
+        s.log.add(encode_prediction(base, s.config.service, target.version, ts, latency_ms, x,
+                                    instances, preds))
     shadow = s.shadow
     if shadow is not None and target is s.champion:
         _shadow_score(s, shadow, instances, base, ts)
@@ -245,8 +245,8 @@ def _shadow_score(s: Served, shadow: Loaded, instances: list[Any], base: str, ts
             x = to_model_input(instances, shadow.spec)
             preds = await shadow.batcher.submit(x, len(instances))
             if s.log is not None:
-                s.log.add([{"k": "s", "rid": base, "svc": svc, "v": shadow.version, "ts": ts,
-                            "lat": (time.perf_counter() - t0) * 1000.0, "out": preds}])
+                s.log.add(encode_shadow(base, svc, shadow.version, ts,
+                                        (time.perf_counter() - t0) * 1000.0, preds))
             metrics.SHADOW.labels(svc, shadow.version, "scored").inc()
         except Exception as exc:  # the shadow's failure is its own, never the client's
             metrics.SHADOW.labels(svc, shadow.version, "failed").inc()

@@ -78,7 +78,10 @@ def v2_instances(body: Any, s: Served) -> list[Any]:
             raise RequestError(422, f"{where}.shape: expected a non-empty list of sizes >= 0")
         if t["datatype"] not in _NUMERIC | {"BOOL", "BYTES"}:
             raise RequestError(422, f"{where}.datatype: unknown datatype {t['datatype']!r}")
-        data = _flatten(t["data"]) if isinstance(t["data"], list) else None
+        try:
+            data = _flatten(t["data"]) if isinstance(t["data"], list) else None
+        except RecursionError:  # valid JSON (up to 1024 levels) but far deeper than any shape
+            raise RequestError(422, f"{where}.data: nested deeper than its shape {shape}") from None
         if data is None:
             raise RequestError(422, f"{where}.data: expected a list")
         if len(data) != math.prod(shape):

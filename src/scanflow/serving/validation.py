@@ -90,6 +90,7 @@ def spec_from_schema(schema: Any) -> InputSpec:
 
 
 # -- body ---------------------------------------------------------------------------------------
+MAX_DEPTH = 1024  # orjson's nesting limit; deeper bodies are refused (400), never decoded
 def parse_body(raw: bytes, content_type: str | None) -> Any:
     """JSON body or RequestError: 415 for a non-JSON content type, 400 for bad JSON."""
     if content_type:
@@ -100,10 +101,16 @@ def parse_body(raw: bytes, content_type: str | None) -> Any:
             )
     try:
         return orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        pass  # NaN/Infinity (refused by orjson, named later by the validation) or broken JSON
+    except orjson.JSONDecodeError as exc:
+        if str(exc).startswith("depth limit exceeded"):  # json.loads would hit RecursionError
+            raise RequestError(400, f"body is not valid JSON: nested deeper than {MAX_DEPTH} "
+                                    f"levels ({exc})") from None
+        # else NaN/Infinity (refused by orjson, named later by the validation) or broken JSON
     try:
         return json.loads(raw)
+    except RecursionError:
+        raise RequestError(400, f"body is not valid JSON: nested deeper than {MAX_DEPTH} "
+                                f"levels") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise RequestError(400, f"body is not valid JSON: {exc}") from None
 

@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
-from sqlalchemy import Text, func, insert, select, type_coerce, update
+import orjson
+from sqlalchemy import Text, cast, func, insert, select, type_coerce, update
 
 from scanflow.store.db import Database, json_values
 from scanflow.store.schema import Label, Prediction, ShadowPrediction
 from scanflow.store.window import PredictionWindow, pack_inputs, stack_inputs
+
+# What the prediction-log collector inserts, column order of the tuples (JSON as text).
+ENCODED_PREDICTION = ("request_id", "service", "model_version", "ts", "inputs", "inputs_f32",
+                      "outputs", "latency_ms")
+ENCODED_SHADOW = ("request_id", "service", "model_version", "ts", "outputs", "latency_ms")
+EncodedPrediction = tuple[str, str, "str | None", float, "str | None", "bytes | None", str, float]
+EncodedShadow = tuple[str, str, "str | None", float, str, float]
+_INSERT_PREDICTIONS = (f"INSERT OR IGNORE INTO predictions ({', '.join(ENCODED_PREDICTION)}) "
+                       f"VALUES ({', '.join('?' * len(ENCODED_PREDICTION))})")
+_INSERT_SHADOWS = (f"INSERT OR IGNORE INTO shadow_predictions ({', '.join(ENCODED_SHADOW)}) "
+                   f"VALUES ({', '.join('?' * len(ENCODED_SHADOW))})")
 
 
 class PredictionRepository(Protocol):
@@ -23,6 +35,9 @@ class PredictionRepository(Protocol):
     ) -> int: ...
 
     def add_shadow_predictions(self, records: Iterable[dict[str, Any]]) -> int: ...
+
+    def add_encoded(self, predictions: Sequence[EncodedPrediction],
+                    shadows: Sequence[EncodedShadow] = ()) -> int: ...
 
     def add_labels(self, labels: dict[str, Any]) -> int: ...
 
@@ -77,7 +92,8 @@ class SqlPredictionRepository:
         rows = []
         for r in records:
             row = dict(r)
-            row["inputs"], row["inputs_f32"] = pack_inputs(row.get("inputs"))
+            if row.get("inputs_f32") is None:  # else already packed (the collector's rows)
+                row["inputs"], row["inputs_f32"] = pack_inputs(row.get("inputs"))
             rows.append(row)
         if not rows:
             return 0
@@ -90,6 +106,30 @@ class SqlPredictionRepository:
     def add_shadow_predictions(self, records: Iterable[dict[str, Any]]) -> int:
         rows = [dict(r) for r in records]
         return self._insert_ignoring_duplicates(ShadowPrediction.__table__, rows) if rows else 0
+
+    def add_encoded(self, predictions: Sequence[EncodedPrediction],
+                    shadows: Sequence[EncodedShadow] = ()) -> int:
+        """The collector's insert: rows already encoded (JSON text, float32 bytes), request ids
+        already stored skipped; returns predictions inserted. On SQLite the values go to the
+        driver as they are (no JSON decode/encode, no per-row SQLAlchemy processing): the log
+        is written at the request rate, so this is the path whose cost serving pays."""
+        if self.db.dialect != "sqlite":  # PostgreSQL: its JSON columns take values, not text
+            n = self.add_predictions(
+                [dict(zip(ENCODED_PREDICTION, (*r[:4], None if r[4] is None else orjson.loads(r[4]),
+                                               r[5], orjson.loads(r[6]), r[7]), strict=True))
+                 for r in predictions], ignore_duplicates=True) if predictions else 0
+            self.add_shadow_predictions(
+                [dict(zip(ENCODED_SHADOW, (*r[:4], orjson.loads(r[4]), r[5]), strict=True))
+                 for r in shadows])
+            return n
+        n = 0
+        with self.db.engine.begin() as conn:
+            if predictions:
+                res = conn.exec_driver_sql(_INSERT_PREDICTIONS, predictions)
+                n = len(predictions) if res.rowcount is None or res.rowcount < 0 else res.rowcount
+            if shadows:
+                conn.exec_driver_sql(_INSERT_SHADOWS, shadows)
+        return n
 
     def add_labels(self, labels: dict[str, Any]) -> int:
         """Idempotent: a label sent twice for one request keeps the latest value."""
@@ -114,18 +154,23 @@ class SqlPredictionRepository:
         """A window of the log as columns (what agents read): one query, no row objects."""
         p, lab = Prediction.__table__.c, Label.__table__.c
         # JSON columns come back as text and are decoded here in one pass (SQLAlchemy's
-        # per-value JSON processing costs more than the query itself).
+        # per-value JSON processing costs more than the query itself). PostgreSQL is asked for
+        # text explicitly: its driver would decode json itself, and a JSON string then looks
+        # like text that is not JSON.
+        def text(col: Any) -> Any:
+            return type_coerce(col, Text) if self.db.dialect == "sqlite" else cast(col, Text)
+
         cols = [p.id, p.request_id, p.model_version, p.ts, p.latency_ms,
-                type_coerce(p.outputs, Text), type_coerce(lab.label, Text)]
+                text(p.outputs), text(lab.label)]
         if with_inputs:
-            cols += [type_coerce(p.inputs, Text), p.inputs_f32]
+            cols += [text(p.inputs), p.inputs_f32]
         frm = Prediction.__table__.join(
             Label.__table__, lab.request_id == p.request_id, isouter=not labelled_only
         )
         if with_shadow:
             sh = ShadowPrediction.__table__.c
             cols += [sh.model_version.label("shadow_version"),
-                     type_coerce(sh.outputs, Text).label("shadow_outputs")]
+                     text(sh.outputs).label("shadow_outputs")]
             frm = frm.join(ShadowPrediction.__table__, sh.request_id == p.request_id, isouter=True)
         q = select(*cols).select_from(frm).where(p.service == service)
         if model_version is not None:
