@@ -71,10 +71,12 @@ def reset(settings: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workspace", default=os.environ.get("SCANFLOW_WORKSPACE", ".scanflow"))
-    p.add_argument("--corruption-a", default="brightness")
-    p.add_argument("--severity-a", type=int, default=2)
-    p.add_argument("--corruption-b", default="fog")
-    p.add_argument("--severity-b", type=int, default=2)
+    from corruptions import CORRUPTIONS
+
+    p.add_argument("--corruption-a", default="brightness", choices=sorted(CORRUPTIONS))
+    p.add_argument("--severity-a", type=int, default=2, choices=range(1, 6))
+    p.add_argument("--corruption-b", default="fog", choices=sorted(CORRUPTIONS))
+    p.add_argument("--severity-b", type=int, default=2, choices=range(1, 6))
     p.add_argument("--rate", type=float, default=100.0, help="requests per second")
     p.add_argument("--clean", type=int, default=3000, help="clean requests before the drift")
     p.add_argument("--after", type=int, default=1500, help="corrupted requests after each rollout")
@@ -84,8 +86,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="end with a hand-promoted bad model the planner must roll back")
     p.add_argument("--train-subset", type=int, default=0, help="0 = all 60k for the first model")
     p.add_argument("--drift-timeout", type=float, default=360.0)
+    p.add_argument("--one-corruption", action="store_true",
+                   help="clean then corruption A only (no spike, no B, no bad candidate): "
+                        "what bench/mnist_corruptions.py runs once per corruption")
     p.add_argument("--keep", action="store_true", help="keep the previous state")
     args = p.parse_args(argv)
+    if args.one_corruption:
+        args.bad_candidate = False
     # A SIGTERM (CI timeout, `kill`) must still stop the agents and the service we started.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
@@ -171,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         streams = {"A": (args.corruption_a, args.severity_a, drift_idx[:half], after_idx[:args.after]),
                    "B": (args.corruption_b, args.severity_b, drift_idx[half:], after_idx[args.after:])}
         drifted: dict[str, np.ndarray] = {}
+        if args.one_corruption:
+            del streams["B"]
         for label, (corr, sev, idx, aft) in streams.items():
             if label == "B":
                 spike_phase(t0, traffic, args, drifted["A"], y_test[streams["A"][3]], phases, watch)
