@@ -4,8 +4,9 @@ one slow test on the real MNIST checks the recipe's accuracy claim in the README
 
 from __future__ import annotations
 
+import json
 import os
-import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -83,43 +84,73 @@ def test_fine_tune_adapts_the_champion_to_the_drift_and_leaves_it_untouched(digi
     assert mlp_hidden(tuned) == 32
 
 
-def _run_train(tmp: Path, dataset: Path, new: Path, hidden: int, init: Path) -> tuple[str, Path]:
-    out = tmp / f"model-{hidden}.pkl"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"file://{tmp / 'mlruns'}",
-           "MLFLOW_ALLOW_FILE_STORE": "true", "MLFLOW_DISABLE_TELEMETRY": "true"}
+def _publish(tmp: Path, dataset: Path, champion: object) -> dict[str, str]:
+    """A tracking store as the case study leaves it before a retrain: the data team's published
+    dataset and a registered champion. Returns the environment a step runs with."""
+    import mlflow
+
+    from scanflow.tracking.base import TAG_STEP
+    from scanflow.tracking.contracts import log_model_with_reference
+
+    uri = f"file://{tmp / 'mlruns'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_ALLOW_FILE_STORE": "true",
+           "MLFLOW_DISABLE_TELEMETRY": "true"}
+    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+    mlflow.set_tracking_uri(uri)
+    try:
+        mlflow.set_experiment("mnist/data")
+        with mlflow.start_run(tags={TAG_STEP: "publish"}):
+            (tmp / "datasets").mkdir()
+            shutil.copy(dataset, tmp / "datasets" / "mnist.npz")
+            mlflow.log_artifact(str(tmp / "datasets" / "mnist.npz"), "datasets")
+        mlflow.set_experiment("mnist/datascience")
+        with mlflow.start_run():
+            version = log_model_with_reference(champion, np.zeros((5, 64), np.uint8), "mnist-clf")
+        mlflow.MlflowClient().set_registered_model_alias("mnist-clf", "champion", version)
+    finally:
+        mlflow.set_tracking_uri(None)
+    return env
+
+
+def _run_retrain(tmp: Path, env: dict[str, str], new: Path, hidden: int) -> str:
     proc = subprocess.run(
-        [sys.executable, str(EXAMPLES / "datascience" / "steps" / "train.py"), "--dataset", str(dataset),
-         "--model", str(out), "--hidden", str(hidden), "--max_iter", "3", "--oversample", "3",
-         "--shift", "1", "--init_from", str(init), "--learning_rate", "0.0003",
-         "--dtype", "float32", "--threads", "1", "--new_data", str(new)],
-        env=env, capture_output=True, text=True, timeout=240,
+        [sys.executable, str(EXAMPLES / "datascience" / "steps" / "retrain.py"), "--new_data", str(new),
+         "--report", str(tmp / f"report-{hidden}.json"), "--hidden", str(hidden), "--max_iter", "20",
+         "--clean_subset", "600", "--oversample", "3"],
+        env=env, capture_output=True, text=True, timeout=240, cwd=tmp,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout, out
+    return proc.stdout
 
 
-def test_train_step_continues_from_a_champion_of_its_architecture_else_starts_afresh(
+def test_retrain_step_registers_a_challenger_better_on_the_drift_and_leaves_the_champion(
         digits, tmp_path: Path) -> None:
+    import mlflow
+
     x_train, y_train, x_test, y_test = digits
     dataset = tmp_path / "mnist.npz"
     np.savez(dataset, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
     new = tmp_path / "new.npz"
-    np.savez(new, x_new=flat(_lift(x_test[:150])), y_new=y_test[:150],
-             x_holdout=flat(_lift(x_test[150:])), y_holdout=y_test[150:])
+    np.savez(new, x_new=flat(_lift(x_test[:250])), y_new=y_test[:250],
+             x_holdout=flat(_lift(x_test[250:])), y_holdout=y_test[250:])
     champion = build_model(flat(x_train), y_train, 32, 60, 0)
-    init = tmp_path / "champion.pkl"
-    init.write_bytes(pickle.dumps(champion))
+    env = _publish(tmp_path, dataset, champion)
 
-    said, path = _run_train(tmp_path, dataset, new, 32, init)
-    assert "continued from" in said, said
-    tuned = pickle.loads(path.read_bytes())
-    w0, w1 = champion.named_steps["mlp"].coefs_[0], tuned.named_steps["mlp"].coefs_[0]
-    # Continued, not re-initialised: the first layer still looks like the champion's.
-    assert np.corrcoef(w0.ravel(), w1.ravel())[0, 1] > 0.9
+    said = _run_retrain(tmp_path, env, new, 32)
+    assert "continued from models:/mnist-clf/1" in said, said
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    assert str(client.get_model_version_by_alias("mnist-clf", "champion").version) == "1"
+    cand = client.get_model_version_by_alias("mnist-clf", "challenger")
+    tags = cand.tags
+    # What the promotion gate reads: the candidate is better on the held-out drifted rows.
+    assert float(tags["eval.candidate_acc_new"]) >= float(tags["eval.champion_acc_new"]) + 0.2, tags
+    assert float(tags["eval.candidate_acc_clean"]) >= float(tags["eval.champion_acc_clean"]) - 0.03, tags
+    assert str(json.loads((tmp_path / "report-32.json").read_text())["version"]) == str(cand.version)
 
-    said, path = _run_train(tmp_path, dataset, new, 16, init)
+    # A champion of another architecture (promoted by hand) is not continued: a fresh model.
+    said = _run_retrain(tmp_path, env, new, 16)
     assert "training from scratch instead" in said, said
-    assert mlp_hidden(pickle.loads(path.read_bytes())) == 16
+    assert str(client.get_model_version_by_alias("mnist-clf", "challenger").version) == "3"
 
 
 @pytest.mark.slow
