@@ -104,9 +104,9 @@ def main() -> None:
     parser.add_argument("--labels", type=int, default=350, help="labelled drifted images to learn from")
     parser.add_argument("--unlabelled", type=int, default=1000, help="drifted inputs for pseudo-labels")
     parser.add_argument("--stats", type=int, default=5000, help="clean images for the clean statistics")
-    parser.add_argument("--clean-subset", type=int, default=6000)
+    parser.add_argument("--clean-subset", type=int, default=12000)
     parser.add_argument("--oversample", type=int, default=5)
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--after", default="", choices=["", *sorted(CORRUPTIONS)],

@@ -3,7 +3,7 @@ the newly labelled samples, score the candidate *and* the champion on the same h
 the new distribution and on the clean test set, register it as `challenger` with the figures as
 version tags. Promotion is the executor agent's decision (its gate), not this step's.
 
-Why one step (it was fetch -> train -> evaluate): the fit itself takes ~1 s; three processes
+Why one step (it was fetch -> train -> evaluate): the fit itself takes 1-2 s; three processes
 each importing MLflow and loading the data and the champion took 12-20 s more on the 2 shared
 cores, and onset -> new model on every replica must stay under 30 s. Uses the contracts of
 `scanflow.tracking.contracts`: `read_new_data`, `evaluate_candidate`, `log_model_with_reference`,
@@ -45,9 +45,9 @@ p = argparse.ArgumentParser()
 p.add_argument("--new_data", required=True)
 p.add_argument("--report", required=True)
 p.add_argument("--hidden", type=int, default=128)
-p.add_argument("--max_iter", type=int, default=3, help="epochs on top of the champion's")
+p.add_argument("--max_iter", type=int, default=5, help="epochs on top of the champion's")
 p.add_argument("--seed", type=int, default=0)
-p.add_argument("--clean_subset", type=int, default=6000, help="clean training images kept; 0 = all")
+p.add_argument("--clean_subset", type=int, default=12000, help="clean training images kept; 0 = all")
 p.add_argument("--oversample", type=int, default=5, help="views of each new sample")
 p.add_argument("--shift", type=int, default=1, help="max pixel shift of the views (0 = exact copies)")
 p.add_argument("--learning_rate", type=float, default=1e-3)
