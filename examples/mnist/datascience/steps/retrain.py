@@ -61,8 +61,10 @@ t0 = time.time()
 new = read_new_data(a.new_data)
 with tempfile.TemporaryDirectory() as tmp:
     d = load_npz(latest_dataset(Path(tmp)))
+t_data = time.time()
 version = MlflowClient().get_model_version_by_alias(MODEL_NAME, "champion").version
 champion = mlflow.sklearn.load_model(f"models:/{MODEL_NAME}/{version}")
+t_champion = time.time()
 
 rng = np.random.default_rng(a.seed)
 x, y = flat(d["x_train"]), d["y_train"]
@@ -85,6 +87,7 @@ else:  # a champion of another architecture (e.g. promoted by hand): start afres
                             threads=a.threads)
 fit_seconds = time.time() - t_fit
 
+t_eval = time.time()
 ev = evaluate_candidate(candidate, champion, (flat(new.x_holdout), new.y_holdout),
                         (flat(d["x_test"]), d["y_test"]))
 # The candidate is adapted to the new distribution: that is the reference it is judged against.
@@ -97,5 +100,6 @@ publish_evaluation(MODEL_NAME, cand_version, ev)  # eval.* tags and the `challen
 Path(a.report).write_text(json.dumps({"version": cand_version, "fit_seconds": fit_seconds, **ev}))
 print(f"candidate v{cand_version} ({'continued from ' + origin if origin != 'scratch' else 'from scratch'}"
       f", {a.max_iter} epochs on {len(y)} images, {len(yn)} new, fit {fit_seconds:.1f}s, step "
-      f"{time.time() - t0:.1f}s): "
+      f"{time.time() - t0:.1f}s: data {t_data - t0:.1f}s, champion {t_champion - t_data:.1f}s, "
+      f"evaluate + register {time.time() - t_eval:.1f}s): "
       + ", ".join(f"{k}={v:.4f}" for k, v in ev.items()))
