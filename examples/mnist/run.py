@@ -217,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     _print_summary(summary, time.time() - t0)
     # Exit 1 when the loop did not close; the quantitative targets are reported either way.
     t = summary["targets"]
+    if args.one_corruption:  # the targets count two corruptions: judge the one that ran
+        a = summary["corruptions"].get("A", {})
+        return 0 if a.get("detected_within_one_window") and a.get("drift_to_rollout_seconds") else 1
     closed = all(t.get(k, True) for k in (
         "every_corruption_detected_within_one_window", "no_false_alarm_in_clean_phase",
         "every_corruption_promoted_and_rolled_out", "bad_candidate_rejected_by_the_gate",
