@@ -1,5 +1,5 @@
 """The case study's retrain recipe: shifted views of the new samples, fine-tuning the champion,
-and the `train` step that uses them. Small tests on scikit-learn's 8x8 digits (no download);
+and the `retrain` step that uses them. Small tests on scikit-learn's 8x8 digits (no download);
 one slow test on the real MNIST checks the recipe's accuracy claim in the README."""
 
 from __future__ import annotations
@@ -154,10 +154,11 @@ def test_retrain_step_registers_a_challenger_better_on_the_drift_and_leaves_the_
 
 
 @pytest.mark.slow
-def test_recipe_brings_brightness_then_fog_within_three_points_of_clean(mnist) -> None:
-    """The README's claim, in the case study's order: the clean champion is fine-tuned on
-    1,050 labelled brightness-2 training digits, then that champion on 1,050 fog-2 ones;
-    both are judged on corrupted *test* digits they never saw."""
+def test_small_warm_start_on_350_labels_repairs_brightness_and_improves_fog(mnist) -> None:
+    """The README's offline claim for the retrain step's recipe (5 epochs on 12,000 clean images
+    + 5 shifted views of 350 labelled corrupted training digits), in the case study's order:
+    brightness-2 comes back within 3 points of clean, fog-2 after it improves but stays short
+    (a known limit with this MLP and few labels), and the clean digits lose at most a point."""
     from corruptions import corrupt
     from mnist_common import accuracy
 
@@ -167,13 +168,16 @@ def test_recipe_brings_brightness_then_fog_within_three_points_of_clean(mnist) -
     pool = np.random.default_rng(3).permutation(len(y_train))
     rng = np.random.default_rng(0)
     results = {}
-    for name, idx in (("brightness", pool[:1050]), ("fog", pool[1050:2100])):
+    for name, idx in (("brightness", pool[:350]), ("fog", pool[350:700])):
+        stream = corrupt(x_test, name, 2, seed=1)
+        results[f"{name}_before"] = accuracy(champion, stream, y_test)
+        keep = rng.choice(len(y_train), 12_000, replace=False)
         new = shifted_copies(flat(corrupt(x_train[idx], name, 2, seed=2)), 5, 1, rng)
-        x = np.concatenate([flat(x_train), new])
-        y = np.concatenate([y_train, np.tile(y_train[idx], 5)])
-        champion = fine_tune(champion, x, y, 10, 0, learning_rate=3e-4, dtype="float32", threads=1)
-        results[name] = accuracy(champion, corrupt(x_test, name, 2, seed=1), y_test)
+        x = np.concatenate([flat(x_train[keep]), new])
+        y = np.concatenate([y_train[keep], np.tile(y_train[idx], 5)])
+        champion = fine_tune(champion, x, y, 5, 0, learning_rate=1e-3, dtype="float32", threads=1)
+        results[name] = accuracy(champion, stream, y_test)
         results[f"clean_after_{name}"] = accuracy(champion, x_test, y_test)
     assert results["brightness"] >= clean - 0.03, (clean, results)
-    assert results["fog"] >= clean - 0.03, (clean, results)
+    assert results["fog"] > results["fog_before"], results
     assert min(results["clean_after_brightness"], results["clean_after_fog"]) >= clean - 0.01, results
