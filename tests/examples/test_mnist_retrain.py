@@ -84,32 +84,28 @@ def test_fine_tune_adapts_the_champion_to_the_drift_and_leaves_it_untouched(digi
     assert mlp_hidden(tuned) == 32
 
 
-def _publish(tmp: Path, dataset: Path, champion: object) -> dict[str, str]:
+def _publish(tmp: Path, dataset: Path, champion: object, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """A tracking store as the case study leaves it before a retrain: the data team's published
-    dataset and a registered champion. Returns the environment a step runs with."""
+    dataset and a registered champion. Returns the environment a step runs with (this process
+    uses it too, for tracking and registry alike: nothing lands in the working directory)."""
     import mlflow
 
     from scanflow.tracking.base import TAG_STEP
     from scanflow.tracking.contracts import log_model_with_reference
 
-    uri = f"file://{tmp / 'mlruns'}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_ALLOW_FILE_STORE": "true",
+    env = {"MLFLOW_TRACKING_URI": f"file://{tmp / 'mlruns'}", "MLFLOW_ALLOW_FILE_STORE": "true",
            "MLFLOW_DISABLE_TELEMETRY": "true"}
-    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
-    mlflow.set_tracking_uri(uri)
-    try:
-        mlflow.set_experiment("mnist/data")
-        with mlflow.start_run(tags={TAG_STEP: "publish"}):
-            (tmp / "datasets").mkdir()
-            shutil.copy(dataset, tmp / "datasets" / "mnist.npz")
-            mlflow.log_artifact(str(tmp / "datasets" / "mnist.npz"), "datasets")
-        mlflow.set_experiment("mnist/datascience")
-        with mlflow.start_run():
-            version = log_model_with_reference(champion, np.zeros((5, 64), np.uint8), "mnist-clf")
-        mlflow.MlflowClient().set_registered_model_alias("mnist-clf", "champion", version)
-    finally:
-        mlflow.set_tracking_uri(None)
-    return env
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    client = mlflow.MlflowClient()
+    with mlflow.start_run(experiment_id=client.create_experiment("mnist/data"), tags={TAG_STEP: "publish"}):
+        (tmp / "datasets").mkdir()
+        shutil.copy(dataset, tmp / "datasets" / "mnist.npz")
+        mlflow.log_artifact(str(tmp / "datasets" / "mnist.npz"), "datasets")
+    with mlflow.start_run(experiment_id=client.create_experiment("mnist/datascience")):
+        version = log_model_with_reference(champion, np.zeros((5, 64), np.uint8), "mnist-clf")
+    client.set_registered_model_alias("mnist-clf", "champion", version)
+    return {**os.environ, **env}
 
 
 def _run_retrain(tmp: Path, env: dict[str, str], new: Path, hidden: int) -> str:
@@ -124,7 +120,7 @@ def _run_retrain(tmp: Path, env: dict[str, str], new: Path, hidden: int) -> str:
 
 
 def test_retrain_step_registers_a_challenger_better_on_the_drift_and_leaves_the_champion(
-        digits, tmp_path: Path) -> None:
+        digits, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import mlflow
 
     x_train, y_train, x_test, y_test = digits
@@ -134,11 +130,11 @@ def test_retrain_step_registers_a_challenger_better_on_the_drift_and_leaves_the_
     np.savez(new, x_new=flat(_lift(x_test[:250])), y_new=y_test[:250],
              x_holdout=flat(_lift(x_test[250:])), y_holdout=y_test[250:])
     champion = build_model(flat(x_train), y_train, 32, 60, 0)
-    env = _publish(tmp_path, dataset, champion)
+    env = _publish(tmp_path, dataset, champion, monkeypatch)
 
     said = _run_retrain(tmp_path, env, new, 32)
     assert "continued from models:/mnist-clf/1" in said, said
-    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    client = mlflow.MlflowClient()
     assert str(client.get_model_version_by_alias("mnist-clf", "champion").version) == "1"
     cand = client.get_model_version_by_alias("mnist-clf", "challenger")
     tags = cand.tags
