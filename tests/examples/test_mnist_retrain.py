@@ -1,11 +1,12 @@
 """The case study's retrain recipe: shifted views of the new samples, fine-tuning the champion,
-and the `train` step that uses them. Small tests on scikit-learn's 8x8 digits (no download);
+and the `retrain` step that uses them. Small tests on scikit-learn's 8x8 digits (no download);
 one slow test on the real MNIST checks the recipe's accuracy claim in the README."""
 
 from __future__ import annotations
 
+import json
 import os
-import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -83,50 +84,77 @@ def test_fine_tune_adapts_the_champion_to_the_drift_and_leaves_it_untouched(digi
     assert mlp_hidden(tuned) == 32
 
 
-def _run_train(tmp: Path, dataset: Path, new: Path, hidden: int, init: Path) -> tuple[str, Path]:
-    out = tmp / f"model-{hidden}.pkl"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"file://{tmp / 'mlruns'}",
-           "MLFLOW_ALLOW_FILE_STORE": "true", "MLFLOW_DISABLE_TELEMETRY": "true"}
+def _publish(tmp: Path, dataset: Path, champion: object, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """A tracking store as the case study leaves it before a retrain: the data team's published
+    dataset and a registered champion. Returns the environment a step runs with (this process
+    uses it too, for tracking and registry alike: nothing lands in the working directory)."""
+    import mlflow
+
+    from scanflow.tracking.base import TAG_STEP
+    from scanflow.tracking.contracts import log_model_with_reference
+
+    env = {"MLFLOW_TRACKING_URI": f"file://{tmp / 'mlruns'}", "MLFLOW_ALLOW_FILE_STORE": "true",
+           "MLFLOW_DISABLE_TELEMETRY": "true"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    client = mlflow.MlflowClient()
+    with mlflow.start_run(experiment_id=client.create_experiment("mnist/data"), tags={TAG_STEP: "publish"}):
+        (tmp / "datasets").mkdir()
+        shutil.copy(dataset, tmp / "datasets" / "mnist.npz")
+        mlflow.log_artifact(str(tmp / "datasets" / "mnist.npz"), "datasets")
+    with mlflow.start_run(experiment_id=client.create_experiment("mnist/datascience")):
+        version = log_model_with_reference(champion, np.zeros((5, 64), np.uint8), "mnist-clf")
+    client.set_registered_model_alias("mnist-clf", "champion", version)
+    return {**os.environ, **env}
+
+
+def _run_retrain(tmp: Path, env: dict[str, str], new: Path, hidden: int) -> str:
     proc = subprocess.run(
-        [sys.executable, str(EXAMPLES / "datascience" / "steps" / "train.py"), "--dataset", str(dataset),
-         "--model", str(out), "--hidden", str(hidden), "--max_iter", "3", "--oversample", "3",
-         "--shift", "1", "--init_from", str(init), "--learning_rate", "0.0003",
-         "--dtype", "float32", "--threads", "1", "--new_data", str(new)],
-        env=env, capture_output=True, text=True, timeout=240,
+        [sys.executable, str(EXAMPLES / "datascience" / "steps" / "retrain.py"), "--new_data", str(new),
+         "--report", str(tmp / f"report-{hidden}.json"), "--hidden", str(hidden), "--max_iter", "20",
+         "--clean_subset", "600", "--oversample", "3"],
+        env=env, capture_output=True, text=True, timeout=240, cwd=tmp,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout, out
+    return proc.stdout
 
 
-def test_train_step_continues_from_a_champion_of_its_architecture_else_starts_afresh(
-        digits, tmp_path: Path) -> None:
+def test_retrain_step_registers_a_challenger_better_on_the_drift_and_leaves_the_champion(
+        digits, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow
+
     x_train, y_train, x_test, y_test = digits
     dataset = tmp_path / "mnist.npz"
     np.savez(dataset, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
     new = tmp_path / "new.npz"
-    np.savez(new, x_new=flat(_lift(x_test[:150])), y_new=y_test[:150],
-             x_holdout=flat(_lift(x_test[150:])), y_holdout=y_test[150:])
+    np.savez(new, x_new=flat(_lift(x_test[:250])), y_new=y_test[:250],
+             x_holdout=flat(_lift(x_test[250:])), y_holdout=y_test[250:])
     champion = build_model(flat(x_train), y_train, 32, 60, 0)
-    init = tmp_path / "champion.pkl"
-    init.write_bytes(pickle.dumps(champion))
+    env = _publish(tmp_path, dataset, champion, monkeypatch)
 
-    said, path = _run_train(tmp_path, dataset, new, 32, init)
-    assert "continued from" in said, said
-    tuned = pickle.loads(path.read_bytes())
-    w0, w1 = champion.named_steps["mlp"].coefs_[0], tuned.named_steps["mlp"].coefs_[0]
-    # Continued, not re-initialised: the first layer still looks like the champion's.
-    assert np.corrcoef(w0.ravel(), w1.ravel())[0, 1] > 0.9
+    said = _run_retrain(tmp_path, env, new, 32)
+    assert "continued from models:/mnist-clf/1" in said, said
+    client = mlflow.MlflowClient()
+    assert str(client.get_model_version_by_alias("mnist-clf", "champion").version) == "1"
+    cand = client.get_model_version_by_alias("mnist-clf", "challenger")
+    tags = cand.tags
+    # What the promotion gate reads: the candidate is better on the held-out drifted rows.
+    assert float(tags["eval.candidate_acc_new"]) >= float(tags["eval.champion_acc_new"]) + 0.2, tags
+    assert float(tags["eval.candidate_acc_clean"]) >= float(tags["eval.champion_acc_clean"]) - 0.03, tags
+    assert str(json.loads((tmp_path / "report-32.json").read_text())["version"]) == str(cand.version)
 
-    said, path = _run_train(tmp_path, dataset, new, 16, init)
+    # A champion of another architecture (promoted by hand) is not continued: a fresh model.
+    said = _run_retrain(tmp_path, env, new, 16)
     assert "training from scratch instead" in said, said
-    assert mlp_hidden(pickle.loads(path.read_bytes())) == 16
+    assert str(client.get_model_version_by_alias("mnist-clf", "challenger").version) == "3"
 
 
 @pytest.mark.slow
-def test_recipe_brings_brightness_then_fog_within_three_points_of_clean(mnist) -> None:
-    """The README's claim, in the case study's order: the clean champion is fine-tuned on
-    1,050 labelled brightness-2 training digits, then that champion on 1,050 fog-2 ones;
-    both are judged on corrupted *test* digits they never saw."""
+def test_small_warm_start_on_350_labels_repairs_brightness_and_improves_fog(mnist) -> None:
+    """The README's offline claim for the retrain step's recipe (5 epochs on 12,000 clean images
+    + 5 shifted views of 350 labelled corrupted training digits), in the case study's order:
+    brightness-2 comes back within 3 points of clean, fog-2 after it improves but stays short
+    (a known limit with this MLP and few labels), and the clean digits lose at most a point."""
     from corruptions import corrupt
     from mnist_common import accuracy
 
@@ -136,13 +164,16 @@ def test_recipe_brings_brightness_then_fog_within_three_points_of_clean(mnist) -
     pool = np.random.default_rng(3).permutation(len(y_train))
     rng = np.random.default_rng(0)
     results = {}
-    for name, idx in (("brightness", pool[:1050]), ("fog", pool[1050:2100])):
+    for name, idx in (("brightness", pool[:350]), ("fog", pool[350:700])):
+        stream = corrupt(x_test, name, 2, seed=1)
+        results[f"{name}_before"] = accuracy(champion, stream, y_test)
+        keep = rng.choice(len(y_train), 12_000, replace=False)
         new = shifted_copies(flat(corrupt(x_train[idx], name, 2, seed=2)), 5, 1, rng)
-        x = np.concatenate([flat(x_train), new])
-        y = np.concatenate([y_train, np.tile(y_train[idx], 5)])
-        champion = fine_tune(champion, x, y, 10, 0, learning_rate=3e-4, dtype="float32", threads=1)
-        results[name] = accuracy(champion, corrupt(x_test, name, 2, seed=1), y_test)
+        x = np.concatenate([flat(x_train[keep]), new])
+        y = np.concatenate([y_train[keep], np.tile(y_train[idx], 5)])
+        champion = fine_tune(champion, x, y, 5, 0, learning_rate=1e-3, dtype="float32", threads=1)
+        results[name] = accuracy(champion, stream, y_test)
         results[f"clean_after_{name}"] = accuracy(champion, x_test, y_test)
     assert results["brightness"] >= clean - 0.03, (clean, results)
-    assert results["fog"] >= clean - 0.03, (clean, results)
+    assert results["fog"] > results["fog_before"], results
     assert min(results["clean_after_brightness"], results["clean_after_fog"]) >= clean - 0.01, results

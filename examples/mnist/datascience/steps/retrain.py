@@ -1,0 +1,105 @@
+"""Retrain for a drift in one step: fine-tune the champion on a clean subset plus shifted views of
+the newly labelled samples, score the candidate *and* the champion on the same held-out rows of
+the new distribution and on the clean test set, register it as `challenger` with the figures as
+version tags. Promotion is the executor agent's decision (its gate), not this step's.
+
+Why one step (it was fetch -> train -> evaluate): the fit itself takes 1-2 s; three processes
+each importing MLflow and loading the data and the champion took 12-20 s more on the 2 shared
+cores, and onset -> new model on every replica must stay under 30 s. Uses the contracts of
+`scanflow.tracking.contracts`: `read_new_data`, `evaluate_candidate`, `log_model_with_reference`,
+`publish_evaluation`.
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import mlflow
+import mlflow.sklearn
+import numpy as np
+from mlflow.tracking import MlflowClient
+from mnist_common import (
+    MODEL_NAME,
+    build_model,
+    fine_tune,
+    flat,
+    latest_dataset,
+    load_npz,
+    mlp_hidden,
+    shifted_copies,
+)
+
+from scanflow.tracking.contracts import (
+    evaluate_candidate,
+    log_model_with_reference,
+    publish_evaluation,
+    read_new_data,
+)
+
+p = argparse.ArgumentParser()
+p.add_argument("--new_data", required=True)
+p.add_argument("--report", required=True)
+p.add_argument("--hidden", type=int, default=128)
+p.add_argument("--max_iter", type=int, default=5, help="epochs on top of the champion's")
+p.add_argument("--seed", type=int, default=0)
+p.add_argument("--clean_subset", type=int, default=12000, help="clean training images kept; 0 = all")
+p.add_argument("--oversample", type=int, default=5, help="views of each new sample")
+p.add_argument("--shift", type=int, default=1, help="max pixel shift of the views (0 = exact copies)")
+p.add_argument("--learning_rate", type=float, default=1e-3)
+p.add_argument("--threads", type=int, default=1)
+p.add_argument("--reference_size", type=int, default=1000)
+a = p.parse_args()
+if a.max_iter < 1 or a.oversample < 1 or a.shift < 0 or a.clean_subset < 0:
+    p.error("need --max_iter >= 1, --oversample >= 1, --shift >= 0, --clean_subset >= 0")
+
+t0 = time.time()
+new = read_new_data(a.new_data)
+with tempfile.TemporaryDirectory() as tmp:
+    d = load_npz(latest_dataset(Path(tmp)))
+t_data = time.time()
+version = MlflowClient().get_model_version_by_alias(MODEL_NAME, "champion").version
+champion = mlflow.sklearn.load_model(f"models:/{MODEL_NAME}/{version}")
+t_champion = time.time()
+
+rng = np.random.default_rng(a.seed)
+x, y = flat(d["x_train"]), d["y_train"]
+if a.clean_subset and a.clean_subset < len(y):
+    idx = rng.choice(len(y), a.clean_subset, replace=False)
+    x, y = x[idx], y[idx]
+xn, yn = flat(new.x_new), new.y_new.astype(y.dtype)
+views = shifted_copies(xn, a.oversample, a.shift, rng) if a.shift else np.concatenate([xn] * a.oversample)
+x = np.concatenate([x, views])
+y = np.concatenate([y, np.tile(yn, a.oversample)])
+t_fit = time.time()
+if mlp_hidden(champion) == a.hidden:
+    origin = f"models:/{MODEL_NAME}/{version}"
+    candidate = fine_tune(champion, x, y, a.max_iter, a.seed, learning_rate=a.learning_rate,
+                          dtype="float32", threads=a.threads)
+else:  # a champion of another architecture (e.g. promoted by hand): start afresh, longer
+    origin = "scratch"
+    print(f"champion v{version} is not an MLP({a.hidden}) pipeline: training from scratch instead")
+    candidate = build_model(x, y, a.hidden, max(a.max_iter, 10), a.seed, dtype="float32",
+                            threads=a.threads)
+fit_seconds = time.time() - t_fit
+
+t_eval = time.time()
+ev = evaluate_candidate(candidate, champion, (flat(new.x_holdout), new.y_holdout),
+                        (flat(d["x_test"]), d["y_test"]))
+# The candidate is adapted to the new distribution: that is the reference it is judged against.
+ref = np.clip(xn[: a.reference_size], 0, 255).astype(np.uint8)
+with mlflow.start_run():
+    mlflow.set_tag("mnist.init_from", origin)
+    mlflow.log_metrics({**ev, "train_seconds": fit_seconds, "n_train": len(y), "n_new": len(yn)})
+    cand_version = log_model_with_reference(candidate, ref, MODEL_NAME, x_example=flat(d["x_test"][:5]))
+publish_evaluation(MODEL_NAME, cand_version, ev)  # eval.* tags and the `challenger` alias
+Path(a.report).write_text(json.dumps({"version": cand_version, "fit_seconds": fit_seconds, **ev}))
+print(f"candidate v{cand_version} ({'continued from ' + origin if origin != 'scratch' else 'from scratch'}"
+      f", {a.max_iter} epochs on {len(y)} images, {len(yn)} new, fit {fit_seconds:.1f}s, step "
+      f"{time.time() - t0:.1f}s: data {t_data - t0:.1f}s, champion {t_champion - t_data:.1f}s, "
+      f"evaluate + register {time.time() - t_eval:.1f}s): "
+      + ", ".join(f"{k}={v:.4f}" for k, v in ev.items()))
