@@ -275,9 +275,25 @@ def release(p: CgroupPlan, pid: int) -> int:
         return 0
     kills = usage(p, pid).get("oom_kills") or 0
     for g in _groups(p, pid).values():
+        _evict(g)
         _rmdir(g)
     reweigh(p)
     return int(kills)
+
+
+def _evict(g: Path) -> None:
+    """Move what still runs in a dead replica's group (its prediction-log collector, finishing
+    the last records) to the group the service was planned from (v1: the deployer's own group,
+    v2: the root), so the group can go and the collector finishes its bounded work."""
+    procs = _read(g / "cgroup.procs")
+    if not procs:
+        return
+    home = g.parent.parent.parent / "cgroup.procs"  # <home>/scanflow/<service>/<pid>
+    for pid in procs.split():
+        try:
+            home.write_text(pid)
+        except OSError:
+            pass  # it exited meanwhile
 
 
 def _rmdir(g: Path, attempts: int = 20) -> None:
