@@ -1,6 +1,6 @@
 """The planner's sensor: one observation per time window of a service's prediction log.
 
-:func:`service_signals` measures p95 latency and throughput, takes the analyzer's drift reports
+:func:`service_signals` measures p95 latency, throughput and the requests in flight (Little's law), takes the analyzer's drift reports
 and retrain outcomes from the planner's inbox, estimates accuracy without labels (CBPE) and with
 them (label-joined), and the probation figures of a promoted model; the pure judgement is in
 :mod:`scanflow.agents.planner.policy`.
@@ -248,7 +248,11 @@ def _measure(ctx: AgentContext, svc: str, version: str | None, t0: float, t1: fl
         window, lookback = labelled
         lab = _log_window(ctx.store, svc, since=t1 - lookback, until=t1, labelled_only=True, version=version)
         lab_acc, lab_n = _labelled_accuracy(lab, window)
+    # Little's law: the requests in flight on average over the window = time spent in requests
+    # (summed latency) / the window's length - the load per replica that predicts a breach.
+    t_span = t1 - t0
     return {"n_requests": n, "p95_latency_ms": float(np.percentile(lat, 95)) if n else None,
+            "in_flight": float(np.sum(lat)) / 1000.0 / t_span if t_span > 0 else None,
             "accuracy_estimate": est, "accuracy_estimate_n": est_n, "labelled_accuracy": lab_acc,
             "labelled_n": lab_n}
 
