@@ -140,7 +140,8 @@ def absorb(s: Signals, st: PlannerState, p: Policy) -> list[str]:
     return hold
 
 
-def _desired(in_flight: float | None, target: float, ratio: float, p: Policy) -> tuple[int | None, int | None]:
+def _desired(in_flight: float | None, target: float, ratio: float, p: Policy
+             ) -> tuple[int | None, int | None]:
     """Replicas the window's in-flight load asks for: to scale up (at `target` per replica) and
     to scale down to (at `ratio` x target, the hysteresis band), within the limits; None when
     there is no target or no measure."""
@@ -271,7 +272,7 @@ def plan_replicas(s: Signals, st: PlannerState, p: Policy, load: Load, hold: lis
                   ) -> PlannedAction | None:
     """Replicas back within the limits, more on a load breach held `scale_up_windows`, fewer
     after `scale_down_windows` cold ones - each out of its cooldown (why not: in `hold`)."""
-    n, lim, hy, slo = s.replicas, p.limits, p.hysteresis, p.objectives.p95_latency_ms
+    n, lim, hy = s.replicas, p.limits, p.hysteresis
     if n < lim.min_replicas:
         return PlannedAction(kind="scale_up", reason=f"{n} replica(s) is below min_replicas "
                              f"{lim.min_replicas}", params={"replicas": lim.min_replicas},
@@ -316,10 +317,10 @@ def _scale_down(s: Signals, st: PlannerState, p: Policy, load: Load, hold: list[
         return None
     why = ("no traffic" if load.idle else
            f"p95 {load.p95:.1f} ms < {hy.scale_down_latency_ratio * slo:.1f} ms")
-    if sized and not load.idle:
-        why += (f", in flight {load.in_flight:.2f} ({load.in_flight / n:.2f}/replica; "
-                f"{load.in_flight / target:.2f} on {target}, <= {hy.scale_down_load_ratio:g} x target "
-                f"{target_load:g})")
+    if sized and not load.idle and load.in_flight is not None:
+        f = load.in_flight
+        why += (f", in flight {f:.2f} ({f / n:.2f}/replica; {f / target:.2f} on {target}, <= "
+                f"{hy.scale_down_load_ratio:g} x target {target_load:g})")
     return PlannedAction(
         kind="scale_down", params={"replicas": target},
         evidence={**load.evidence, "projected_rps_per_replica": projected, "ceiling_rps_per_replica": ceiling,

@@ -1,9 +1,9 @@
 """The planner's sensor: one observation per time window of a service's prediction log.
 
-:func:`service_signals` measures p95 latency, throughput and the requests in flight (Little's law), takes the analyzer's drift reports
-and retrain outcomes from the planner's inbox, estimates accuracy without labels (CBPE) and with
-them (label-joined), and the probation figures of a promoted model; the pure judgement is in
-:mod:`scanflow.agents.planner.policy`.
+:func:`service_signals` measures p95 latency, throughput and the requests in flight (Little's
+law), takes the analyzer's drift reports and retrain outcomes from the planner's inbox, estimates
+accuracy without labels (CBPE) and with them (label-joined), and the probation figures of a
+promoted model; the pure judgement is in :mod:`scanflow.agents.planner.policy`.
 """
 
 from __future__ import annotations
