@@ -71,14 +71,20 @@ class OracleLabeller:
 
 
 class Traffic:
-    """`concurrency` clients share a fixed request rate; every response is recorded."""
+    """`concurrency` clients share a fixed request rate; every response is recorded.
+
+    Each client opens a new connection every `reconnect_s` (as behind an L7 balancer with a
+    maximum connection age): a keep-alive connection stays with the replica that accepted it,
+    so clients that never reconnect would never reach a replica added after they connected.
+    """
 
     def __init__(self, url: str, labeller: OracleLabeller, rate: float = 100.0,
-                 concurrency: int = 4) -> None:
+                 concurrency: int = 4, reconnect_s: float = 1.0) -> None:
         self.url = url.rstrip("/") + "/predict"
         self.labeller = labeller
         self.rate = rate
         self.concurrency = concurrency
+        self.reconnect_s = reconnect_s
         self.served: list[Served] = []
         self._lock = threading.Lock()
 
@@ -103,8 +109,13 @@ class Traffic:
 
         def worker(k: int) -> None:
             tick = start + k * interval / self.concurrency
-            with httpx.Client(timeout=30) as client:
+            client = httpx.Client(timeout=30)
+            opened = time.time()
+            try:
                 while (i := take()) is not None:
+                    if time.time() - opened > self.reconnect_s:
+                        client.close()  # the next request may land on a replica added since
+                        client, opened = httpx.Client(timeout=30), time.time()
                     tick += interval
                     time.sleep(max(0.0, tick - time.time()))
                     t0 = time.time()
@@ -125,6 +136,8 @@ class Traffic:
                         n = len(out)
                     if progress and n % 100 == 0:
                         progress(n)
+            finally:
+                client.close()
 
         threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(self.concurrency)]
         for t in threads:
