@@ -31,6 +31,8 @@ class Settings(BaseSettings):
     host: str = Field(default="127.0.0.1", description="address services bind to")
     max_cpus: float | None = Field(default=None, description="CPUs steps may use [all]")
     max_memory: int | None = Field(default=None, description="bytes steps may use [all]")
+    cgroup_root: Path = Field(default=Path("/sys/fs/cgroup"), description="where the cgroup "
+                              "hierarchies are mounted (services' per-replica resource limits)")
     agent_max_attempts: int = Field(
         default=5, ge=1, le=1000,
         description="tries at handling one agent message before it is dead-lettered (an agent's "

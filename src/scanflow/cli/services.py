@@ -45,11 +45,14 @@ def deploy(
         try:
             dep = deployer.deploy(name, app=spec.app, team=spec.team, model=svc.model,
                                   alias=svc.alias, replicas=svc.replicas, port=svc.port,
-                                  batching=svc.batching)
+                                  batching=svc.batching, resources=svc.resources)
         except (ValueError, KeyError) as exc:
             fail(str(exc))
         out.print(f"[green]deployed[/] {name}: models:/{dep.model_name}@{dep.alias} "
                   f"(version {dep.model_version}) x{dep.replicas} at http://{dep.host}:{dep.port}")
+        warning = (deployer.status(name).get("resources") or {}).get("warning")
+        if warning:
+            err.print(f"[yellow]warning[/] {name}: {warning}; serving anyway", highlight=False)
 
 
 def scale(service: str, replicas: Annotated[int, typer.Argument(min=1, max=64)]) -> None:

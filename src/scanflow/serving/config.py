@@ -9,6 +9,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from scanflow.serving.batching import BatchConfig
+from scanflow.serving.cgroups import CgroupPlan
 
 CONFIG_ENV = "SCANFLOW_SERVICE_CONFIG"
 
@@ -82,6 +83,10 @@ class ServiceConfig(BaseModel):
         default=True, description="load models in the gunicorn master, before forking workers"
     )
     drain: DrainConfig = Field(default_factory=DrainConfig)
+    resources: CgroupPlan = Field(
+        default_factory=CgroupPlan,
+        description="per-replica CPU/memory limits and their cgroups (see serving.cgroups)",
+    )
 
     @property
     def model_uri(self) -> str:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import fcntl
 import getpass
+import json
+import logging
 import os
 import re
 import shutil
@@ -28,6 +30,7 @@ from typing import Any
 import httpx
 
 from scanflow.procs import child_pids, group_pids, pid_alive
+from scanflow.serving import cgroups
 from scanflow.serving.app import (
     CONFIG_ENV,
     CanaryConfig,
@@ -48,12 +51,15 @@ from scanflow.serving.master import (
 )
 from scanflow.serving.predlog import collect_all
 from scanflow.settings import Settings
+from scanflow.spec.models import Resources
 from scanflow.store import Store
 from scanflow.store.schema import Deployment
 from scanflow.tracking import MlflowTracker, Tracker
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 SOURCE = "deployer"
+USAGE_SAMPLE_S = 0.25  # CPU use in `status`: over this interval, unless a recent sample exists
+log = logging.getLogger(__name__)
 
 
 class LocalDeployer(Deployer):
@@ -218,6 +224,7 @@ class LocalDeployer(Deployer):
         replicas: int = 1,
         port: int = 0,
         batching: BatchConfig | None = None,
+        resources: Resources | None = None,
     ) -> Deployment:
         if not _NAME.match(service):
             raise ValueError(f"service name {service!r}: use letters, digits, '.', '_', '-'")
@@ -233,12 +240,17 @@ class LocalDeployer(Deployer):
             for d in (metrics_dir, workers_dir(wd)):
                 shutil.rmtree(d, ignore_errors=True)  # counters of a previous run are stale
                 d.mkdir(parents=True)
+            cpus, memory = resources.declared() if resources is not None else (None, None)
+            plan = cgroups.plan(service, cpus, memory, root=self.settings.cgroup_root)
+            if plan.wanted and not plan.enforced:
+                log.warning("service %s: limits not enforced: %s", service, plan.unenforced)
             cfg = ServiceConfig(
                 service=service, app=app, team=team, model_name=model, alias=alias,
                 model_version=version, tracking_uri=self.settings.tracking,
                 registry_uri=self.settings.registry_uri, store_url=self.settings.store,
                 workdir=str(wd), replicas=replicas, preload=self._preload(model, version),
                 limits=self.limits, batching=batching or self.batching, predlog=self.predlog,
+                resources=plan,
             )
             self._materialise(cfg)
             cfg.save(self._config_path(service))
@@ -258,6 +270,7 @@ class LocalDeployer(Deployer):
                 )
             except Exception:
                 self._kill_tree(proc.pid, grace=5.0)
+                cgroups.remove_all(plan)
                 self.store.put_deployment(**facts, pid=None, status="failed")
                 self.store.add_event(SOURCE, "deploy_failed", service, model=model,
                                      model_version=version)
@@ -267,6 +280,7 @@ class LocalDeployer(Deployer):
                 SOURCE, "deployed", service, app=app, team=team, model=model, alias=alias,
                 model_version=version, replicas=replicas, port=port, pid=proc.pid,
                 seconds=round(time.monotonic() - t0, 3), actor=self.actor,
+                **({"resources": _limits(plan)} if plan.wanted else {}),
             )
             return dep
 
@@ -503,6 +517,9 @@ class LocalDeployer(Deployer):
             pid = dep.pid
             if pid and (self._master_alive(dep) or group_pids(pid)):
                 self._kill_tree(pid, grace=self.stop_timeout)
+            plan = self._plan(service)
+            if plan.dirs:
+                cgroups.remove_all(plan)  # the workers are gone: their groups are empty
             # What workers journaled but had not yet moved to the store (e.g. killed ones).
             collected = collect_all(self.store, dep.workdir)
             self.store.update_deployment(service, status="stopped", pid=None)
@@ -539,6 +556,42 @@ class LocalDeployer(Deployer):
             except subprocess.TimeoutExpired:
                 pass
 
+    def _plan(self, service: str) -> cgroups.CgroupPlan:
+        try:
+            return ServiceConfig.load(self._config_path(service)).resources
+        except (OSError, ValueError):
+            return cgroups.CgroupPlan()
+
+    def _replica_use(self, service: str, plan: cgroups.CgroupPlan,
+                     workers: list[dict[str, Any]]) -> None:
+        """Add each worker's limits and use (from its cgroup) to its row. CPU use is CPU-seconds
+        per second since the previous `status` when that was 0.2-10 s ago, else over a fresh
+        USAGE_SAMPLE_S interval (the one sleep of this call)."""
+        if not plan.dirs or not workers:
+            return
+        samples_path = self.workdir(service) / "usage.json"
+        try:
+            prev = {int(k): v for k, v in json.loads(samples_path.read_text()).items()}
+        except (OSError, ValueError):
+            prev = {}
+        now, use = time.time(), {w["pid"]: cgroups.usage(plan, w["pid"]) for w in workers}
+        if any(w["pid"] not in prev or not 0.2 <= now - prev[w["pid"]][0] <= 10 for w in workers
+               if use[w["pid"]]["cpu_seconds"] is not None):
+            prev = {p: [now, u["cpu_seconds"]] for p, u in use.items()}
+            time.sleep(USAGE_SAMPLE_S)
+            now, use = time.time(), {w["pid"]: cgroups.usage(plan, w["pid"]) for w in workers}
+        for w in workers:
+            u, before = use[w["pid"]], prev.get(w["pid"])
+            rate = None
+            if u["cpu_seconds"] is not None and before and before[1] is not None and now > before[0]:
+                rate = round(max(0.0, (float(u["cpu_seconds"]) - before[1]) / (now - before[0])), 3)
+            w.update(in_cgroup=cgroups.member(plan, w["pid"]), cpu_limit=u["cpus"],
+                     cpu_use=rate, memory_limit=u["memory_limit"], memory_use=u["memory_bytes"],
+                     oom_kills=u["oom_kills"])
+        tmp = samples_path.with_name(f".usage.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({p: [now, u["cpu_seconds"]] for p, u in use.items()}))
+        os.replace(tmp, samples_path)
+
     def status(self, service: str) -> dict[str, Any]:
         dep = self._get(service)
         alive = self._master_alive(dep)
@@ -548,6 +601,8 @@ class LocalDeployer(Deployer):
             cfg = ServiceConfig.load(self._config_path(service))
         except (OSError, ValueError):
             pass
+        if cfg is not None:
+            self._replica_use(service, cfg.resources, workers)
         return {
             "service": service,
             "status": dep.status if alive or dep.status != "running" else "dead",
@@ -555,6 +610,7 @@ class LocalDeployer(Deployer):
             "shadow_version": cfg.shadow_version if cfg else None,
             "previous_version": cfg.previous_version if cfg else None,
             "batching": cfg.batching.model_dump() if cfg else None,
+            "resources": _limits(cfg.resources) if cfg else None,
             "pid": dep.pid,
             "alive": alive,
             "port": dep.port,
@@ -572,6 +628,14 @@ class LocalDeployer(Deployer):
     def url(self, service: str) -> str:
         dep = self._get(service)
         return f"http://{dep.host}:{dep.port}"
+
+
+def _limits(plan: cgroups.CgroupPlan) -> dict[str, Any]:
+    """The declared per-replica limits and whether they hold (`status`, the deploy event)."""
+    return {"cpus": plan.cpus, "memory": plan.memory,
+            "enforced": plan.enforced,
+            "cgroup": f"v{plan.version}" if plan.enforced else None,
+            "warning": f"limits not enforced: {plan.unenforced}" if plan.unenforced else None}
 
 
 def _user() -> str:

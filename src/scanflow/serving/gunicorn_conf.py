@@ -34,6 +34,7 @@ from uvicorn.server import Server
 from uvicorn_worker import UvicornWorker
 
 from scanflow.procs import child_pids
+from scanflow.serving import cgroups
 
 
 def _service_config() -> dict[str, Any]:
@@ -94,13 +95,67 @@ if os.path.isdir("/dev/shm"):
     worker_tmp_dir = "/dev/shm"
 
 
+def _plan() -> cgroups.CgroupPlan:
+    try:
+        return cgroups.CgroupPlan.model_validate(_service_config().get("resources") or {})
+    except ValueError:
+        return cgroups.CgroupPlan()
+
+
+def when_ready(server: Any) -> None:
+    """The master (re)starts: remove groups left by workers of a master that was killed."""
+    plan = _plan()
+    if plan.dirs:
+        gone = cgroups.sweep(plan, set(child_pids(os.getpid())))
+        if gone:
+            server.log.info("scanflow: removed the cgroups of dead replicas %s", gone)
+    elif plan.unenforced:
+        server.log.warning("scanflow: limits not enforced: %s", plan.unenforced)
+
+
+def post_fork(server: Any, worker: Any) -> None:
+    """In the new worker, before it loads or serves anything: join its own cgroup, so the
+    per-replica CPU quota and memory limit hold from its first instruction."""
+    plan = _plan()
+    if not plan.enforced:
+        return
+    try:
+        cgroups.join(plan, os.getpid())
+    except (cgroups.CgroupError, OSError) as exc:  # serve anyway, unlimited, and say so
+        server.log.warning("scanflow: limits not enforced for worker %s: %s", os.getpid(), exc)
+
+
 def child_exit(server: Any, worker: Any) -> None:
-    """A worker is gone: drop its live gauges and its announcement file."""
+    """A worker is gone: drop its live gauges, its announcement file and its cgroup; a
+    worker its memory limit killed is logged and recorded as `replica_oom_killed`."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         multiprocess.mark_process_dead(worker.pid)
-    workdir = _service_config().get("workdir")
+    cfg = _service_config()
+    workdir = cfg.get("workdir")
     if workdir:
         (Path(workdir) / "workers" / f"{worker.pid}.json").unlink(missing_ok=True)
+    plan = _plan()
+    if plan.dirs:
+        oom = cgroups.release(plan, worker.pid)
+        if oom:
+            _record_oom(server, cfg, plan, worker.pid)
+
+
+def _record_oom(server: Any, cfg: dict[str, Any], plan: cgroups.CgroupPlan, pid: int) -> None:
+    server.log.error("scanflow: replica %s of %s was killed by the kernel: it exceeded its memory "
+                     "limit of %s bytes; a new replica replaces it", pid, cfg.get("service"),
+                     plan.memory)
+    try:
+        from scanflow.store import Store  # lazy: SQLAlchemy (preloaded with the app anyway)
+
+        store = Store(cfg["store_url"])
+        try:
+            store.add_event("serving", "replica_oom_killed", cfg.get("service"), pid=pid,
+                            memory_limit=plan.memory, model_version=cfg.get("model_version"))
+        finally:
+            store.close()
+    except Exception as exc:  # the log line above stays; never take the master down
+        server.log.warning("scanflow: could not record replica_oom_killed: %r", exc)
 
 
 # -- the worker --------------------------------------------------------------------------------

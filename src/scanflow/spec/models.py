@@ -125,13 +125,30 @@ class RetryPolicy(_Strict):
 
 
 class Resources(_Strict):
-    cpus: float = Field(default=1.0, gt=0, le=1024)
+    """CPUs and memory a step claims, or a service's limit per replica. On a service only
+    the fields written in the spec are enforced (`declared`): `resources: {memory: 1GiB}`
+    limits memory and leaves the CPU unlimited."""
+
+    cpus: float = Field(default=1.0, gt=0, le=1024, description="cores; accepts 0.5 or '500m'")
     memory: int = Field(default=0, ge=0, description="bytes; accepts '512Mi', '2G'")
+
+    @field_validator("cpus", mode="before")
+    @classmethod
+    def _cpus(cls, v: Any) -> Any:
+        if isinstance(v, str) and re.fullmatch(r"\s*\d+(\.\d+)?m\s*", v):
+            return float(v.strip()[:-1]) / 1000  # Kubernetes millicores
+        return v
 
     @field_validator("memory", mode="before")
     @classmethod
     def _mem(cls, v: Any) -> Any:
         return parse_memory(v)
+
+    def declared(self) -> tuple[float | None, int | None]:
+        """(cpus, memory bytes) as limits: None for what the spec did not set (or memory 0)."""
+        cpus = self.cpus if "cpus" in self.model_fields_set else None
+        memory = self.memory if "memory" in self.model_fields_set and self.memory > 0 else None
+        return cpus, memory
 
 
 class Step(_Strict):
@@ -229,6 +246,9 @@ class Service(_Strict):
     policy: Policy = Field(default_factory=Policy, description="the planner's policy (scanflow.spec.policy)")
     batching: BatchConfig = Field(default_factory=BatchConfig,
                                   description="micro-batching of each replica (scanflow.serving.batching)")
+    resources: Resources | None = Field(
+        default=None, description="limits per replica, enforced with cgroups on the local backend "
+        "(absent: unlimited); only the fields given are enforced")
 
 
 # -- agents -----------------------------------------------------------------------------------

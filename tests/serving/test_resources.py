@@ -1,0 +1,209 @@
+"""Per-replica resource limits on the local backend, on real gunicorn services held in real
+cgroups: a CPU quota that holds under load, a memory limit whose breach kills that replica
+(and only that request fails), `status` showing limits and use, specs with bad resources
+refused. Skipped where no cgroup hierarchy is writable (the module says why)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from scanflow.procs import child_pids, pid_alive
+from scanflow.serving import LocalDeployer, cgroups
+from scanflow.spec.models import Resources
+from support.serving import (
+    DigitsWorkspace,
+    digits_workspace,  # noqa: F401 - fixture
+    stop_everything,
+)
+from support.waiting import wait_for
+
+BURNER = "burner"
+_BURNER_CODE = '''
+import time
+
+import mlflow
+from mlflow.pyfunc import PythonModel
+
+
+class Burner(PythonModel):
+    """Per row: burn `spin` CPU-seconds, then hold `mib` MiB (every page touched)."""
+
+    def predict(self, context, model_input, params=None):
+        held = b"x" * int(model_input["mib"].max() * 2**20)
+        end = time.thread_time() + float(model_input["spin"].max())
+        n = 0
+        while time.thread_time() < end:
+            n += 1
+        return (model_input["spin"] * 0 + len(held) // 2**20).to_numpy()
+
+
+mlflow.models.set_model(Burner())
+'''
+
+
+def _writable_cgroups() -> str | None:
+    """Why limits cannot be enforced here (None: they can)."""
+    p = cgroups.plan("probe-only", 0.5, 64 * 2**20)
+    cgroups.remove_all(p)
+    return p.unenforced
+
+
+WHY_NOT = _writable_cgroups()
+needs_cgroups = pytest.mark.skipif(WHY_NOT is not None, reason=f"limits not enforceable: {WHY_NOT}")
+
+
+def register_burner(ws: DigitsWorkspace) -> None:
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, Schema
+
+    code = ws.settings.root / "burner_model.py"
+    code.write_text(_BURNER_CODE)
+    sig = ModelSignature(inputs=Schema([ColSpec("double", "spin"), ColSpec("long", "mib")]),
+                         outputs=Schema([ColSpec("long")]))
+    mlflow.set_tracking_uri(ws.settings.tracking)
+    client = MlflowClient(tracking_uri=ws.settings.tracking)
+    exp = client.get_experiment_by_name("serving-tests")
+    with mlflow.start_run(experiment_id=exp.experiment_id):
+        info = mlflow.pyfunc.log_model(name="model", python_model=str(code), signature=sig,
+                                       pip_requirements=["pandas"])
+    mv = mlflow.register_model(info.model_uri, BURNER)
+    client.set_registered_model_alias(BURNER, "champion", mv.version)
+
+
+@pytest.fixture(scope="module")
+def deployer(digits_workspace: DigitsWorkspace) -> Iterator[LocalDeployer]:  # noqa: F811
+    register_burner(digits_workspace)
+    d = LocalDeployer(digits_workspace.settings, digits_workspace.store)
+    try:
+        yield d
+    finally:
+        stop_everything(d, digits_workspace.store)
+
+
+def predict(url: str, spin: float = 0.0, mib: int = 0, client: httpx.Client | None = None
+            ) -> httpx.Response:
+    body = {"instances": [{"spin": spin, "mib": mib}]}
+    r = (client or httpx).post(f"{url}/predict", json=body, timeout=60.0)  # type: ignore[union-attr]
+    assert r.status_code != 422, r.text  # a malformed test request proves nothing
+    return r
+
+
+def group_dirs(plan_dirs: dict[str, str], pid: int) -> list[Path]:
+    return [Path(d) / str(pid) for d in plan_dirs.values()]
+
+
+@needs_cgroups
+def test_cpu_quota_holds_a_busy_replica_to_its_limit(deployer: LocalDeployer) -> None:
+    """0.25 CPU per replica: under more load than that, the replica's own cgroup counter
+    grows by at most 0.3 CPU-seconds per second; `status` shows the limit and the use."""
+    import threading
+
+    svc = "burner-cpu"
+    deployer.deploy(svc, app="t", team="t", model=BURNER,
+                    resources=Resources.model_validate({"cpus": 0.25}))
+    url = deployer.url(svc)
+    st = deployer.status(svc)
+    (w,) = st["workers"]
+    assert st["resources"]["enforced"] and st["resources"]["cpus"] == 0.25
+    assert st["resources"]["memory"] is None  # not declared: not limited
+    assert w["in_cgroup"] and w["cpu_limit"] == pytest.approx(0.25)
+    assert w["memory_limit"] is None
+    pid = w["pid"]
+
+    stop = threading.Event()
+
+    def load() -> None:
+        with httpx.Client(timeout=60.0) as c:
+            while not stop.is_set():
+                predict(url, spin=0.05, client=c)
+
+    threads = [threading.Thread(target=load, daemon=True) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        plan = deployer._plan(svc)
+
+        def used() -> float:
+            return float(cgroups.usage(plan, pid)["cpu_seconds"] or 0.0)
+
+        import time
+
+        wait_for(lambda: used() > 0.1, what="the replica burning CPU")
+        c0, t0 = used(), time.monotonic()
+        # A resource amount, not a time: unlimited, 0.75 CPU-s takes ~0.75 s of wall time.
+        wait_for(lambda: used() - c0 >= 0.75, timeout=60, what="0.75 CPU-seconds used")
+        rate = (used() - c0) / (time.monotonic() - t0)
+        assert rate <= 0.3, f"{rate:.2f} CPU-seconds per second with a 0.25 CPU limit"
+        (w,) = deployer.status(svc)["workers"]
+        assert w["cpu_use"] is not None and w["cpu_use"] <= 0.3
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    dirs = deployer._plan(svc).dirs
+    deployer.stop(svc)
+    assert not any(d.exists() for d in group_dirs(dirs, pid)), "a replica's cgroup outlived stop"
+    assert not any(Path(d).exists() for d in dirs.values())
+
+
+def test_unlimited_service_has_no_cgroups(deployer: LocalDeployer) -> None:
+    """No `resources:` in the spec: no group, no limit, nothing said about enforcement."""
+    plan = cgroups.plan("x", None, None)
+    assert not plan.wanted and not plan.dirs and plan.unenforced is None
+
+
+def test_unwritable_hierarchy_is_a_warning_not_a_failure(tmp_path: Path) -> None:
+    plan = cgroups.plan("svc", 0.5, None, root=tmp_path / "nothing-here")
+    assert not plan.enforced and "no cgroup hierarchy" in (plan.unenforced or "")
+
+
+def _oom_events(deployer: LocalDeployer, svc: str) -> list[Any]:
+    return list(deployer.store.list_events(service=svc, kinds=["replica_oom_killed"]))
+
+
+@needs_cgroups
+def test_replica_over_its_memory_limit_is_killed_and_replaced(deployer: LocalDeployer) -> None:
+    svc = "burner-mem"
+    deployer.deploy(svc, app="t", team="t", model=BURNER,
+                    resources=Resources.model_validate({"memory": "400Mi"}))
+    url = deployer.url(svc)
+    r = predict(url, mib=50)
+    assert r.status_code == 200, r.text  # well under the limit
+    (w,) = deployer.status(svc)["workers"]
+    assert w["memory_limit"] == 400 * 2**20 and w["cpu_limit"] is None
+    first = w["pid"]
+
+    with pytest.raises(httpx.HTTPError):  # twice the limit: the kernel kills this replica
+        predict(url, mib=800)  # mid-request: the client sees the connection drop
+    wait_for(lambda: not pid_alive(first), what="the replica over its limit gone")
+    events = wait_for(lambda: _oom_events(deployer, svc), what="a replica_oom_killed event")
+    assert events[0].payload["pid"] == first and events[0].payload["memory_limit"] == 400 * 2**20
+    master = int(deployer._get(svc).pid or 0)
+    wait_for(lambda: [p for p in child_pids(master) if p != first], what="a new replica")
+    r = wait_for(lambda: (x := predict(url, mib=50)).status_code == 200 and x,
+                 what="the next request served")
+    assert r.json()["predictions"] == [50]
+    log = (Path(deployer._get(svc).workdir) / "server.log").read_text()
+    assert f"replica {first} of {svc} was killed by the kernel" in log
+    assert not any(d.exists() for d in group_dirs(deployer._plan(svc).dirs, first))
+    deployer.stop(svc)
+
+
+def test_spec_refuses_bad_resources() -> None:
+    from pydantic import ValidationError
+
+    assert Resources.model_validate({"cpus": "250m"}).cpus == 0.25
+    assert Resources.model_validate({"cpus": 0.5, "memory": "1GiB"}).declared() == (0.5, 2**30)
+    assert Resources.model_validate({"memory": "512Mi"}).declared() == (None, 512 * 2**20)
+    for bad in ({"cpus": -1}, {"cpus": "lots"}, {"memory": "-5Mi"}, {"memory": "big"},
+                {"memory": -1}, {"cpus": 0}):
+        with pytest.raises(ValidationError):
+            Resources.model_validate(bad)
+
