@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         dep = deployer.deploy(SERVICE, app=de_app.app, team=de_app.team, model=svc.model,
                               alias=svc.alias, replicas=svc.replicas, port=svc.port,
-                              batching=svc.batching)
+                              batching=svc.batching, resources=svc.resources)
         url = f"http://{dep.host}:{dep.port}"
         say(t0, f"[bold]dataengineer[/]: serving {svc.model} v{dep.model_version} "
                 f"x{dep.replicas} at {url}")
