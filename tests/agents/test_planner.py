@@ -326,6 +326,18 @@ def test_in_flight_over_target_scales_before_p95_breaches() -> None:
     assert out.actions[0].evidence["hot_load"] and not out.actions[0].evidence["hot_latency"]
 
 
+def test_a_breach_the_replicas_did_not_cause_does_not_block_the_scale_down() -> None:
+    """p95 over the SLO with each replica under its in-flight target (a busy machine): no
+    breach level is learnt, and the service still returns to one replica after the load."""
+    sim = Sim(queue_policy(), replicas=3, window_s=2.0)
+    for _ in range(3):
+        sim.step(p95=80, rps=100, in_flight=3.0)  # 1 in flight per replica, slow anyway
+    assert sim.state.breach_rps_per_replica is None
+    for _ in range(15):
+        _offer(sim, 50)
+    assert sim.replicas == 1
+
+
 def test_fast_sawtooth_holds_the_peak_count_without_oscillating() -> None:
     """Load that swings faster than the stabilisation window: up once, hold, down once after."""
     sim = Sim(queue_policy(), window_s=2.0)
