@@ -316,6 +316,19 @@ def test_spike_scales_up_in_one_step_to_the_needed_count_and_back_down() -> None
     assert _direction_changes(sim) == 1 and sim.replicas == 1
 
 
+def test_one_signal_waits_for_the_hysteresis_both_act_at_once() -> None:
+    """A p95 blip without a queue (or a queue with p95 fine) needs `scale_up_windows` hot
+    windows; p95 over the SLO *and* in flight over the target scales on the first."""
+    policy = queue_policy(hysteresis={"scale_up_windows": 2})
+    blip = Sim(policy, window_s=2.0)
+    first = blip.step(p95=70, rps=50, in_flight=1.0)
+    assert not first.fired and "load breach in 1 of 2 window(s)" in first.reason
+    assert [a.kind for a in blip.step(p95=70, rps=50, in_flight=1.0).actions] == ["scale_up"]
+    both = Sim(policy, window_s=2.0)
+    out = _offer(both, 200)
+    assert out.actions[0].params == {"replicas": 3} and "for 1 window(s) (>= 2)" in out.actions[0].reason
+
+
 def test_in_flight_over_target_scales_before_p95_breaches() -> None:
     """The load per replica predicts the breach: 2 replicas at 3.5 in flight each, p95 still
     under the SLO, scale to 3."""

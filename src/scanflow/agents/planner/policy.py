@@ -283,7 +283,10 @@ def plan_replicas(s: Signals, st: PlannerState, p: Policy, load: Load, hold: lis
         return PlannedAction(kind="scale_down", reason=f"{n} replica(s) is above max_replicas "
                              f"{lim.max_replicas}", params={"replicas": lim.max_replicas},
                              evidence=load.evidence)
-    if st.hot_streak >= hy.scale_up_windows:
+    # Latency and the queue agree (p95 over the SLO and in flight per replica over its target):
+    # no noise does both, act on this window (KPA's panic mode); one signal alone waits for
+    # `scale_up_windows`.
+    if st.hot_streak >= hy.scale_up_windows or (load.hot_latency and load.hot_load):
         return _scale_up(s, st, p, load, hold)
     if st.cold_streak >= hy.scale_down_windows and n > lim.min_replicas:
         return _scale_down(s, st, p, load, hold)
@@ -367,7 +370,7 @@ def watching(s: Signals, st: PlannerState, p: Policy, load: Load) -> list[str]:
     """Signals on their way to a breach: said, so a hold explains what it waits for."""
     hy, n = p.hysteresis, s.replicas
     watch: list[str] = []
-    if load.hot and st.hot_streak < hy.scale_up_windows:
+    if load.hot and st.hot_streak < hy.scale_up_windows and not (load.hot_latency and load.hot_load):
         watch.append(f"load breach in {st.hot_streak} of {hy.scale_up_windows} window(s) to scale up")
     if 0 < st.cold_streak < hy.scale_down_windows and n > p.limits.min_replicas:
         watch.append(f"load low in {st.cold_streak} of {hy.scale_down_windows} window(s) to scale down")
