@@ -359,6 +359,8 @@ def _scale_up(s: Signals, st: PlannerState, p: Policy, load: Load, hold: list[st
                  f" = {math.ceil(round(load.in_flight / obj.in_flight_per_replica, 6))}")
         if target == lim.max_replicas and (load.desired_up or 0) >= lim.max_replicas:
             sized += f", max_replicas {lim.max_replicas}"
+        elif (load.desired_up or 0) <= n:
+            sized += f" <= {n} serving: the latency breach alone, {lim.scale_step} more"
     return PlannedAction(
         kind="scale_up", params={"replicas": target},
         evidence={**load.evidence, "replicas_from": n, "replicas_to": target},
