@@ -323,7 +323,10 @@ def test_one_signal_waits_for_the_hysteresis_both_act_at_once() -> None:
     blip = Sim(policy, window_s=2.0)
     first = blip.step(p95=70, rps=50, in_flight=1.0)
     assert not first.fired and "load breach in 1 of 2 window(s)" in first.reason
-    assert [a.kind for a in blip.step(p95=70, rps=50, in_flight=1.0).actions] == ["scale_up"]
+    second = blip.step(p95=70, rps=50, in_flight=1.0)
+    assert [a.kind for a in second.actions] == ["scale_up"]
+    why = second.actions[0].reason
+    assert "ceil(1.00 / 3) = 1 <= 1 serving: the latency breach alone, 1 more: 1 -> 2" in why
     both = Sim(policy, window_s=2.0)
     out = _offer(both, 200)
     assert out.actions[0].params == {"replicas": 3} and "for 1 window(s) (>= 2)" in out.actions[0].reason
