@@ -169,8 +169,12 @@ def main(argv: list[str] | None = None) -> int:
 
         # Served digits never include the reference sample; the after-rollout digits are never
         # among those labelled for retraining (so "after" is measured on unseen data).
+        def at_min() -> bool:
+            d = store.get_deployment(SERVICE)
+            return d is not None and d.replicas <= svc.policy.limits.min_replicas
+
         if args.spike_only:
-            spike_only(t0, traffic, args, x_test, y_test, served_idx, phase, phases, watch)
+            spike_only(t0, traffic, args, x_test, y_test, served_idx, phase, phases, watch, at_min)
             return _finish(settings, store, deployer, supervisor, labeller, traffic, phases, t0, args,
                            svc.policy, watch)
         after_idx = served_idx[args.clean:args.clean + n_after]
@@ -181,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         drifted: dict[str, np.ndarray] = {}
         for label, (corr, sev, idx, aft) in streams.items():
             if label == "B":
-                spike_phase(t0, traffic, args, drifted["A"], y_test[streams["A"][3]], phases, watch)
+                spike_phase(t0, traffic, args, drifted["A"], y_test[streams["A"][3]], phases, watch,
+                            at_min)
             reps = 5
             pool_x = np.concatenate([corrupt(x_test[idx], corr, sev, seed=10 + r) for r in range(reps)])
             pool_y = np.tile(y_test[idx], reps)
@@ -242,11 +247,12 @@ def _finish(settings: Any, store: Any, deployer: Any, supervisor: Any, labeller:
 
 
 def spike_only(t0: float, traffic: Any, args: Any, x_test: np.ndarray, y_test: np.ndarray,
-               served_idx: np.ndarray, phase: Any, phases: list[dict[str, Any]], watch: EventWatch) -> None:
+               served_idx: np.ndarray, phase: Any, phases: list[dict[str, Any]], watch: EventWatch,
+               at_min: Any) -> None:
     """`--spike-only`: the spike on clean digits, then `--spike-cooldown` s of clean traffic at
     the base rate (the scale-down)."""
     idx = served_idx[args.clean:]
-    spike_phase(t0, traffic, args, x_test[idx], y_test[idx], phases, watch)
+    spike_phase(t0, traffic, args, x_test[idx], y_test[idx], phases, watch, at_min)
     n = int(args.rate * args.spike_cooldown)
     say(t0, f"traffic: {args.spike_cooldown:.0f}s of clean digits at {args.rate:.0f} req/s after the spike")
     rest = np.arange(n) % len(idx)
@@ -284,9 +290,19 @@ SHOWN = {"drift_detected", "retrain_requested", "retrain_started", "retrain_fini
 
 
 def spike_phase(t0: float, traffic: Any, args: Any, x: np.ndarray, y: np.ndarray,
-                phases: list[dict[str, Any]], watch: EventWatch) -> None:
-    """`spike` times the request rate from twice the clients for `spike_seconds`."""
+                phases: list[dict[str, Any]], watch: EventWatch, at_min: Any) -> None:
+    """`spike` times the request rate from twice the clients for `spike_seconds`, once the
+    service is back at its minimum replicas (the base rate goes on meanwhile, up to 90 s: a
+    retrain that shared the cores may have scaled it up), so the spike meets one replica."""
     from traffic import Traffic, accuracy
+
+    if not at_min():
+        say(t0, "traffic: the base rate until the planner is back at the minimum replicas (<= 90 s)")
+        start = time.time()
+        recs = traffic.phase("before_spike", x, y, cycle=True, timeout_s=90.0, stop=at_min)
+        phases.append({"name": "before_spike", "start": iso(start), "end": iso(time.time()),
+                       "start_ts": start, "end_ts": time.time(), "requests": len(recs),
+                       "accuracy": accuracy(recs)})
 
     rate = args.rate * args.spike
     say(t0, f"traffic: load spike, {rate:.0f} req/s from {2 * traffic.concurrency} clients "
