@@ -169,9 +169,16 @@ def main(argv: list[str] | None = None) -> int:
 
         # Served digits never include the reference sample; the after-rollout digits are never
         # among those labelled for retraining (so "after" is measured on unseen data).
+        seen_at: dict[str, Any] = {"t": 0.0, "yes": False}
+
         def at_min() -> bool:
-            d = store.get_deployment(SERVICE)
-            return d is not None and d.replicas <= svc.policy.limits.min_replicas
+            """The service runs its minimum replicas (read from the store at most twice a second:
+            the traffic asks before every request)."""
+            if time.time() - seen_at["t"] >= 0.5:
+                d = store.get_deployment(SERVICE)
+                seen_at.update(t=time.time(), yes=d is not None
+                               and d.replicas <= svc.policy.limits.min_replicas)
+            return bool(seen_at["yes"])
 
         if args.spike_only:
             spike_only(t0, traffic, args, x_test, y_test, served_idx, phase, phases, watch, at_min)
