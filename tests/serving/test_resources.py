@@ -73,8 +73,9 @@ def register_burner(ws: DigitsWorkspace) -> None:
     with mlflow.start_run(experiment_id=exp.experiment_id):
         info = mlflow.pyfunc.log_model(name="model", python_model=str(code), signature=sig,
                                        pip_requirements=["pandas"])
-    mv = mlflow.register_model(info.model_uri, BURNER)
-    client.set_registered_model_alias(BURNER, "champion", mv.version)
+    for _ in range(2):  # v1 champion, v2 to roll out to
+        mlflow.register_model(info.model_uri, BURNER)
+    client.set_registered_model_alias(BURNER, "champion", "1")
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +148,13 @@ def test_cpu_quota_holds_a_busy_replica_to_its_limit(deployer: LocalDeployer) ->
         stop.set()
         for t in threads:
             t.join(timeout=60)
+    # A rollout (SIGHUP: every worker re-forked) leaves one group per live replica, limited.
+    deployer.rollout(svc, "2")
+    master = int(deployer._get(svc).pid or 0)
     dirs = deployer._plan(svc).dirs
+    wait_for(lambda: groups_of(dirs) == set(child_pids(master)), what="old replicas' groups removed")
+    (w,) = deployer.status(svc)["workers"]
+    assert w["model_version"] == "2" and w["in_cgroup"] and w["cpu_limit"] == pytest.approx(0.25)
     deployer.stop(svc)
     assert not any(d.exists() for d in group_dirs(dirs, pid)), "a replica's cgroup outlived stop"
     assert not any(Path(d).exists() for d in dirs.values())
@@ -192,18 +199,72 @@ def test_replica_over_its_memory_limit_is_killed_and_replaced(deployer: LocalDep
     assert r.json()["predictions"] == [50]
     log = (Path(deployer._get(svc).workdir) / "server.log").read_text()
     assert f"replica {first} of {svc} was killed by the kernel" in log
-    assert not any(d.exists() for d in group_dirs(deployer._plan(svc).dirs, first))
+    plan = deployer._plan(svc)
+    assert not any(d.exists() for d in group_dirs(plan.dirs, first))
+
+    # Scaling and a rollout (SIGHUP re-forks every worker) keep one group per live replica.
+    deployer.scale(svc, 2)
+    assert groups_of(plan.dirs) == set(child_pids(master))
+    assert all(w["in_cgroup"] and w["memory_limit"] == 400 * 2**20
+               for w in deployer.status(svc)["workers"])
+    deployer.scale(svc, 1)
+    wait_for(lambda: groups_of(plan.dirs) == set(child_pids(master)),
+             what="the retired replica's group removed")
+    status_shows_replicas(deployer, svc)
     deployer.stop(svc)
+    assert not any(Path(d).exists() for d in plan.dirs.values()), "groups left after stop"
 
 
-def test_spec_refuses_bad_resources() -> None:
-    from pydantic import ValidationError
+def groups_of(plan_dirs: dict[str, str]) -> set[int]:
+    """Pids that have a replica group, the same in every controller's hierarchy."""
+    found = [{int(p.name) for p in Path(d).iterdir() if p.is_dir()} for d in plan_dirs.values()]
+    assert all(f == found[0] for f in found), found
+    return found[0]
 
-    assert Resources.model_validate({"cpus": "250m"}).cpus == 0.25
+
+def status_shows_replicas(deployer: LocalDeployer, svc: str) -> None:
+    """`scanflow status SERVICE` lists each replica with its limits and use; `--json` too."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from scanflow.cli.main import app
+
+    root = str(deployer.settings.root)
+    res = CliRunner().invoke(app, ["--workspace", root, "status", svc], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    (w,) = deployer.status(svc)["workers"]
+    line = next(ln for ln in res.output.splitlines() if str(w["pid"]) in ln)
+    assert "400 MiB" in line and "MiB" in line.split("400 MiB", 1)[1], line
+    res = CliRunner().invoke(app, ["--workspace", root, "status", svc, "--json"])
+    got = json.loads(res.output)
+    assert got["resources"]["memory"] == 400 * 2**20 and got["resources"]["enforced"]
+    (jw,) = got["workers"]
+    assert jw["memory_limit"] == 400 * 2**20 and jw["memory_use"] > 0 and jw["cpu_use"] is not None
+
+
+def test_declared_limits_only() -> None:
+    """Only what the spec writes is a limit; Kubernetes' millicores are understood."""
+    assert Resources.model_validate({"cpus": "250m"}).declared() == (0.25, None)
     assert Resources.model_validate({"cpus": 0.5, "memory": "1GiB"}).declared() == (0.5, 2**30)
     assert Resources.model_validate({"memory": "512Mi"}).declared() == (None, 512 * 2**20)
-    for bad in ({"cpus": -1}, {"cpus": "lots"}, {"memory": "-5Mi"}, {"memory": "big"},
-                {"memory": -1}, {"cpus": 0}):
-        with pytest.raises(ValidationError):
-            Resources.model_validate(bad)
+
+
+@pytest.mark.parametrize("bad, field", [
+    ("{cpus: -1}", "cpus"), ("{cpus: lots}", "cpus"), ("{cpus: 0}", "cpus"),
+    ("{memory: -5Mi}", "memory"), ("{memory: big}", "memory"), ("{memory: 1Mi}", "memory"),
+    ("{gpus: 1}", "gpus"),
+])
+def test_bad_resources_are_exit_2_naming_the_field(tmp_path: Path, bad: str, field: str) -> None:
+    from typer.testing import CliRunner
+
+    from scanflow.cli.main import app
+
+    (tmp_path / "scanflow.yaml").write_text(
+        f"app: a\nteam: t\nservices:\n  web:\n    model: m\n    resources: {bad}\n")
+    res = CliRunner().invoke(app, ["--workspace", str(tmp_path / "ws"), "validate",
+                                   str(tmp_path / "scanflow.yaml")])
+    assert res.exit_code == 2, res.output
+    assert f"services.web.resources.{field}" in res.output, res.output
+    assert "Traceback" not in res.output
 

@@ -191,6 +191,28 @@ def _print_agents(rows: list[dict[str, Any]]) -> None:
     show(a)
 
 
+def _mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.0f} MiB"
+
+
+def _print_replicas(live: dict[str, Any]) -> None:
+    """One row per replica of a service: its state, and its limits and use where it has any."""
+    res = live.get("resources") or {}
+    if res.get("warning"):
+        err.print(f"[yellow]warning[/] {live['service']}: {res['warning']}", highlight=False)
+    t = table("replica pid", "version", "state", "cpu limit", "cpu use", "memory limit",
+              "memory use")
+    for w in live.get("workers", []):
+        state = "draining" if w["draining"] else "serving" if w["ready"] else "starting"
+        cpu_use = w.get("cpu_use")
+        t.add_row(str(w["pid"]), str(w["model_version"] or "-"), state,
+                  f"{w['cpu_limit']:g}" if w.get("cpu_limit") else "-",
+                  f"{cpu_use:.2f}" if cpu_use is not None else "-",
+                  _mib(w.get("memory_limit")), _mib(w.get("memory_use")))
+    if live.get("workers"):
+        show(t)
+
+
 def status(
     service: Annotated[str | None, typer.Argument(help="only this service (default: all, and the agents)")]
     = None,
@@ -199,7 +221,9 @@ def status(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Services (URL, champion, canary, shadow, previous version, live replicas per version) and
-    agents. A table on a wide terminal, a block per service at 80 columns, whole lines in a pipe."""
+    agents; with SERVICE, each replica's CPU and memory limit and use (CPU use: CPU-seconds per
+    second over the last fraction of a second). A table on a wide terminal, a block per service
+    at 80 columns, whole lines in a pipe."""
     from scanflow.agents.process import AgentSupervisor  # lazy: the agent runtime (APScheduler)
     from scanflow.control import backends  # lazy: the store (SQLAlchemy, ~0.5 s)
 
@@ -229,6 +253,8 @@ def status(
     rows = [_service_row(d, deployer) for d in deps]
     if rows:
         _print_services(rows)
+    if service is not None and deps[0].status == "running":
+        _print_replicas(deployer.status(service))
     else:
         out.print("no services deployed here (scanflow deploy APP)", highlight=False)
     _print_agents(agents)

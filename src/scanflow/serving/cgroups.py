@@ -177,6 +177,28 @@ def join(p: CgroupPlan, pid: int | None = None) -> None:
             _write(g / "memory.memsw.limit_in_bytes", str(p.memory), optional=True)
     for g in groups.values():
         _write(g / "cgroup.procs", str(pid))
+    reweigh(p)
+
+
+def reweigh(p: CgroupPlan) -> None:
+    """Give the service's parent group (and `scanflow/` above it) the CPU weight of as many
+    plain processes as they hold replicas. A group competes with its siblings as ONE entity:
+    without this, all replicas of all services together would get the share of a single
+    process on a busy machine, and a second replica would add no capacity there."""
+    for c, d in p.dirs.items():
+        if c not in ("cpu", "v2"):
+            continue
+        parent = Path(d)
+        name, unit, cap = ("cpu.weight", 100, 10_000) if p.version == 2 else ("cpu.shares", 1024, 262_144)
+        try:
+            counts = {Path(svc.path): sum(1 for e in os.scandir(svc.path)
+                                          if e.is_dir() and e.name.isdigit())
+                      for svc in os.scandir(parent.parent) if svc.is_dir()}
+        except OSError:
+            continue
+        _write(parent / name, str(min(max(counts.get(parent, 0), 1) * unit, cap)), optional=True)
+        _write(parent.parent / name, str(min(max(sum(counts.values()), 1) * unit, cap)),
+               optional=True)
 
 
 def _write(f: Path, value: str, optional: bool = False) -> None:
@@ -254,6 +276,7 @@ def release(p: CgroupPlan, pid: int) -> int:
     kills = usage(p, pid).get("oom_kills") or 0
     for g in _groups(p, pid).values():
         _rmdir(g)
+    reweigh(p)
     return int(kills)
 
 
@@ -285,6 +308,8 @@ def sweep(p: CgroupPlan, live: set[int]) -> list[int]:
                 _rmdir(Path(e.path), attempts=1)
                 if not os.path.exists(e.path):
                     gone.append(int(e.name))
+    if gone:
+        reweigh(p)
     return sorted(set(gone))
 
 
@@ -301,4 +326,4 @@ def remove_all(p: CgroupPlan) -> None:
 
 
 __all__ = ["DEFAULT_ROOT", "CgroupError", "CgroupPlan", "join", "member", "plan", "release",
-           "remove_all", "sweep", "usage"]
+           "remove_all", "reweigh", "sweep", "usage"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fcntl
 import getpass
+import hashlib
 import json
 import logging
 import os
@@ -241,7 +242,9 @@ class LocalDeployer(Deployer):
                 shutil.rmtree(d, ignore_errors=True)  # counters of a previous run are stale
                 d.mkdir(parents=True)
             cpus, memory = resources.declared() if resources is not None else (None, None)
-            plan = cgroups.plan(service, cpus, memory, root=self.settings.cgroup_root)
+            # Named per workspace too: two workspaces may each deploy a service called `web`.
+            group = f"{service}.{hashlib.sha256(str(self.settings.root).encode()).hexdigest()[:8]}"
+            plan = cgroups.plan(group, cpus, memory, root=self.settings.cgroup_root)
             if plan.wanted and not plan.enforced:
                 log.warning("service %s: limits not enforced: %s", service, plan.unenforced)
             cfg = ServiceConfig(

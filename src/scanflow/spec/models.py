@@ -151,6 +151,22 @@ class Resources(_Strict):
         return cpus, memory
 
 
+MIN_REPLICA_MEMORY = 64 * 2**20
+
+
+class ServiceResources(Resources):
+    """A service's limits per replica: a memory limit a server process cannot even start in
+    is refused here rather than as replicas the kernel kills in a loop."""
+
+    @field_validator("memory")
+    @classmethod
+    def _enough(cls, v: int) -> int:
+        if 0 < v < MIN_REPLICA_MEMORY:
+            raise ValueError(f"{v} bytes is too little for a model server replica "
+                             f"(at least {MIN_REPLICA_MEMORY // 2**20}Mi)")
+        return v
+
+
 class Step(_Strict):
     """A batch step: a command run as a subprocess, or a Python callable run in-process."""
 
@@ -246,7 +262,7 @@ class Service(_Strict):
     policy: Policy = Field(default_factory=Policy, description="the planner's policy (scanflow.spec.policy)")
     batching: BatchConfig = Field(default_factory=BatchConfig,
                                   description="micro-batching of each replica (scanflow.serving.batching)")
-    resources: Resources | None = Field(
+    resources: ServiceResources | None = Field(
         default=None, description="limits per replica, enforced with cgroups on the local backend "
         "(absent: unlimited); only the fields given are enforced")
 
