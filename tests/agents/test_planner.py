@@ -342,16 +342,24 @@ def test_in_flight_over_target_scales_before_p95_breaches() -> None:
     assert out.actions[0].evidence["hot_load"] and not out.actions[0].evidence["hot_latency"]
 
 
-def test_a_breach_the_replicas_did_not_cause_does_not_block_the_scale_down() -> None:
-    """p95 over the SLO with each replica under its in-flight target (a busy machine): no
-    breach level is learnt, and the service still returns to one replica after the load."""
-    sim = Sim(queue_policy(), replicas=3, window_s=2.0)
+def test_a_replica_count_that_breached_is_not_scaled_down_to_again() -> None:
+    """After the spike the load falls back, 3 -> 1; but one replica now breaches the SLO at the
+    base rate on its own (a busy machine: in flight under the target, p95 over the SLO): 1 -> 2,
+    and the planner stays at 2 instead of flapping 2 -> 1 -> 2."""
+    sim = Sim(queue_policy(hysteresis={"scale_up_windows": 2}), window_s=2.0)
     for _ in range(3):
-        sim.step(p95=80, rps=100, in_flight=3.0)  # 1 in flight per replica, slow anyway
-    assert sim.state.breach_rps_per_replica is None
-    for _ in range(15):
+        _offer(sim, 200)
+    for _ in range(12):
         _offer(sim, 50)
     assert sim.replicas == 1
+    for _ in range(40):  # one replica is slow at 50 req/s, two are fine
+        if sim.replicas == 1:
+            sim.step(p95=70, rps=50, in_flight=1.5)
+        else:
+            sim.step(p95=15, rps=50, in_flight=0.4)
+    counts = [a.params["replicas"] for p in sim.plans for a in p.actions]
+    assert counts == [3, 1, 2] and sim.replicas == 2
+    assert "that breached the SLO last time" in sim.plans[-1].reason
 
 
 def test_fast_sawtooth_holds_the_peak_count_without_oscillating() -> None:

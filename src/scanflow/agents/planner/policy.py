@@ -177,11 +177,11 @@ def assess_load(s: Signals, st: PlannerState, p: Policy) -> Load:
     up, down = _desired(in_flight, target, hy.scale_down_load_ratio, p)
     if hot:
         st.hot_streak, st.cold_streak = st.hot_streak + 1, 0
-        # Only a window served by one replica count all along says what one replica carries;
-        # with an in-flight target, only one over it: a latency breach with the replicas under
-        # their load target is not theirs (a busy machine) and teaches nothing about them.
+        # Only a window served by one replica count all along says what one replica carries.
+        # Any latency breach counts, even with the replicas under their in-flight target (a busy
+        # machine): a scale-down into it would flap (measured: 3 -> 1 -> 2 -> 1 -> 2 at 100 req/s).
         steady = _since(st, "scale_up", s.now) > s.window_s and _since(st, "scale_down", s.now) > s.window_s
-        if hot_latency and steady and (target <= 0 or hot_load):
+        if hot_latency and steady:
             st.breach_rps_per_replica = per_replica
     elif cold:
         st.hot_streak, st.cold_streak = 0, st.cold_streak + 1
