@@ -249,7 +249,7 @@ def write_report(settings: Any, store: Any, served: list[Any], phases: list[dict
             "spike_back_to_min_replicas_within_60s": within("back_to_min_replicas_s", 60.0),
         })
     targets["no_failed_requests"] = not any(r.status != 200 for r in served)
-    if getattr(args, "bad_candidate", False):
+    if getattr(args, "bad_candidate", False) and not getattr(args, "spike_only", False):
         targets["bad_candidate_rejected_by_the_gate"] = bool(bad) and bad["gate_passed"] is False
         targets["bad_candidate_rolled_back_within_one_window"] = bool(bad) and bad["within_one_window"]
     targets["all_met"] = all(targets.values())
