@@ -56,6 +56,72 @@ def _p95_series(ts: np.ndarray, lat: np.ndarray, origin: float) -> list[tuple[fl
     return out
 
 
+def _spike(phases: list[dict[str, Any]], served: list[Any], events: list[Any],
+           latency: list[tuple[float, float, int]], replicas: list[tuple[float, int]], origin: float,
+           slo: float, policy: Any, by_phase: dict[str, list[Any]]) -> dict[str, Any]:
+    """The spike, from the server's log (p95 per second), the deployer's `scaled` events (a
+    replica counts as serving once the deployer confirmed it ready) and the traffic's records.
+
+    The breach is the start of the first second of the spike whose p95 is over the SLO; "p95
+    back under the SLO" is the end of the last such second (every later second of the spike is
+    under it); "back to the minimum" is the `scaled` event that reached `min_replicas` after
+    the spike ended (0 when the service was there already)."""
+    ph = _phase(phases, "spike")
+    if ph is None:
+        return {}
+    s0, s1 = ph["start_ts"] - origin, ph["end_ts"] - origin
+    during = [(t, p95) for t, p95, n in latency if s0 <= t < s1 and n >= 5]
+    breach = [t for t, p95 in during if p95 > slo]
+    first = breach[0] if breach else None
+    lo = int(policy.limits.min_replicas)
+    ups = [(t, n) for t, n in replicas if first is not None and t >= first and t <= s1 + 5
+           and n > _count_at(replicas, t - 1e-6)]
+    serving = ups[0][0] if ups else None
+    back_under = (breach[-1] + BIN_S) if breach else None
+    ends = [t for t, n in replicas if t >= s1 and n <= lo]
+    at_end = _count_at(replicas, s1)
+    back_to_min = 0.0 if at_end <= lo else ((ends[0] - s1) if ends else None)
+    until = s1 + (back_to_min or 0.0)
+    recs = by_phase.get("spike", [])
+    return {
+        "start": ph["start"], "end": ph["end"], "rate": ph.get("rate"), "clients": ph.get("clients"),
+        "seconds": s1 - s0, "slo_p95_ms": slo, "breached": bool(breach),
+        "first_breach_after_start_s": (first - s0) if first is not None else None,
+        "replicas_at_breach": _count_at(replicas, first) if first is not None else None,
+        "breach_to_replica_serving_s": (serving - first) if serving is not None and first is not None
+        else None,
+        "breach_to_p95_under_slo_s": (back_under - first) if back_under is not None and first is not None
+        else None,
+        "seconds_over_slo": len(breach) * BIN_S,
+        "back_to_min_replicas_s": back_to_min,
+        "max_replicas": max([at_end] + [n for t, n in replicas if s0 <= t <= until], default=None),
+        "replica_seconds": _replica_seconds(replicas, s0, until),
+        "replica_seconds_window": {"from_spike_start_s": 0.0, "to_s": until - s0},
+        "failed_requests": sum(1 for r in served if r.status != 200 and ph["start_ts"] <= r.t
+                               <= origin + until),
+        "p95_ms_max": max((p for _, p in during), default=None),
+        "client_p95_ms": float(np.percentile([r.latency_ms for r in recs], 95)) if recs else None,
+        "requests": len(recs),
+        "scaled": [{"t": t - s0, "replicas": n} for t, n in replicas if s0 - 1 <= t <= until + 1],
+    }
+
+
+def _count_at(replicas: list[tuple[float, int]], t: float) -> int:
+    """Replicas serving at `t` (seconds since origin), from the deployed/scaled steps."""
+    n = replicas[0][1] if replicas else 0
+    for ts, k in replicas:
+        if ts > t:
+            break
+        n = k
+    return n
+
+
+def _replica_seconds(replicas: list[tuple[float, int]], t0: float, t1: float) -> float:
+    """The integral of the replica count over [t0, t1]."""
+    cuts = sorted({t0, t1, *(t for t, _ in replicas if t0 < t < t1)})
+    return float(sum(_count_at(replicas, a) * (b - a) for a, b in zip(cuts, cuts[1:], strict=False)))
+
+
 def write_report(settings: Any, store: Any, served: list[Any], phases: list[dict[str, Any]],
                  t0: float, args: Any, policy: Any) -> dict[str, Any]:
     out_dir = settings.root / "report"
@@ -131,27 +197,7 @@ def write_report(settings: Any, store: Any, served: list[Any], phases: list[dict
 
     latency = _p95_series(log.ts, log.latency_ms, origin)
     replicas = [(ts - origin, n) for ts, n in _replicas(events)]
-    spike: dict[str, Any] = {}
-    ph = _phase(phases, "spike")
-    if ph is not None:
-        s0, s1 = ph["start_ts"] - origin, ph["end_ts"] - origin
-        during = [(t, p95) for t, p95, n in latency if s0 <= t < s1 and n >= 5]
-        breach = [t for t, p95 in during if p95 > slo]
-        late = [t for t in breach if t >= s0 + 10.0]
-        scaled = _between(events, "planner_scaled", ph["start_ts"], ph["end_ts"] + 30)
-        spike = {
-            "start": ph["start"], "end": ph["end"], "rate": ph.get("rate"), "clients": ph.get("clients"),
-            "slo_p95_ms": slo, "breached": bool(breach),
-            "seconds_over_slo": len(breach) * BIN_S,
-            "last_breach_after_start_s": (max(breach) - s0 + BIN_S) if breach else 0.0,
-            "under_slo_within_10s": not late,
-            "p95_ms_max": max((p for _, p in during), default=None),
-            "client_p95_ms": float(np.percentile([r.latency_ms for r in by_phase.get("spike", [])], 95))
-            if by_phase.get("spike") else None,
-            "scale_ups": [{"time": _iso(e.ts), "replicas": e.payload.get("replicas"),
-                           "p95_latency_ms": e.payload.get("p95_latency_ms")} for e in scaled],
-            "max_replicas": max((n for t, n in replicas if s0 <= t <= s1 + 30), default=None),
-        }
+    spike = _spike(phases, served, events, latency, replicas, origin, slo, policy, by_phase)
 
     bad: dict[str, Any] = {}
     ph = _phase(phases, "bad_candidate")
@@ -182,7 +228,7 @@ def write_report(settings: Any, store: Any, served: list[Any], phases: list[dict
     acc = {"clean": acc_clean,
            **{f"{k}_before": v["accuracy_before"] for k, v in corruptions.items()},
            **{f"{k}_after": v["accuracy_after"] for k, v in corruptions.items()}}
-    targets = {
+    targets: dict[str, bool] = {} if getattr(args, "spike_only", False) else {
         "every_corruption_detected_within_one_window": len(corruptions) == 2 and all(
             c["detected_within_one_window"] for c in corruptions.values()),
         "no_false_alarm_in_clean_phase": not false_clean,
@@ -190,12 +236,24 @@ def write_report(settings: Any, store: Any, served: list[Any], phases: list[dict
             c["drift_to_rollout_seconds"] is not None for c in corruptions.values()),
         "accuracy_back_within_3_points_of_clean": len(corruptions) == 2 and all(
             c["after_within_3_points_of_clean"] for c in corruptions.values()),
-        "p95_under_slo_within_10s_of_spike": bool(spike) and spike["under_slo_within_10s"],
     }
-    if getattr(args, "bad_candidate", False):
+    if spike:
+        def within(key: str, limit: float) -> bool:
+            return spike[key] is not None and spike[key] <= limit
+
+        targets.update({
+            "spike_breached_one_replica": spike["breached"]
+            and spike["replicas_at_breach"] == policy.limits.min_replicas,
+            "spike_extra_replica_serving_within_5s_of_breach": within("breach_to_replica_serving_s", 5.0),
+            "spike_p95_under_slo_within_15s_of_breach": within("breach_to_p95_under_slo_s", 15.0),
+            "spike_back_to_min_replicas_within_60s": within("back_to_min_replicas_s", 60.0),
+        })
+    targets["no_failed_requests"] = not any(r.status != 200 for r in served)
+    if getattr(args, "bad_candidate", False) and not getattr(args, "spike_only", False):
         targets["bad_candidate_rejected_by_the_gate"] = bool(bad) and bad["gate_passed"] is False
         targets["bad_candidate_rolled_back_within_one_window"] = bool(bad) and bad["within_one_window"]
     targets["all_met"] = all(targets.values())
+    failed = [r for r in served if r.status != 200]
 
     promoted = [e for e in events if e.kind == "promoted"]
     summary = {
@@ -204,6 +262,8 @@ def write_report(settings: Any, store: Any, served: list[Any], phases: list[dict
         "false_alarms": {"clean": len(false_clean), "stable_phases": len(false_stable),
                          "definition": "analyzer windows that fired and hold only requests of the phase"},
         "spike": spike,
+        "failed_requests": {"total": len(failed), "by_phase": {
+            name: sum(1 for r in failed if r.phase == name) for name in sorted({r.phase for r in failed})}},
         "bad_candidate": bad,
         "replicas_over_time": [{"t": t, "replicas": n} for t, n in replicas],
         "p95_latency_over_time": [{"t": t, "p95_ms": p, "requests": n} for t, p, n in latency],
@@ -223,13 +283,13 @@ def write_report(settings: Any, store: Any, served: list[Any], phases: list[dict
         "files": {"summary": str(out_dir / "summary.json"), "timeline": str(out_dir / "timeline.png")},
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    _plot(out_dir / "timeline.png", served, windows, events, origin, latency, replicas, slo, phases)
+    _plot(out_dir / "timeline.png", served, windows, events, origin, latency, replicas, slo, phases, spike)
     return summary
 
 
 def _plot(path: Any, served: list[Any], windows: list[dict[str, Any]], events: list[Any],
           origin: float, latency: list[tuple[float, float, int]], replicas: list[tuple[float, int]],
-          slo: float, phases: list[dict[str, Any]]) -> None:
+          slo: float, phases: list[dict[str, Any]], spike: dict[str, Any]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -276,6 +336,15 @@ def _plot(path: Any, served: list[Any], windows: list[dict[str, Any]], events: l
         ax3.plot(xs, ys, color="tab:orange", lw=1, label="p95 latency per second (server)")
         ax3.axhline(slo, color="tab:orange", ls=":", lw=1, label=f"SLO {slo:g} ms")
         ax3.set_yscale("log")
+    ph = _phase(phases, "spike")
+    if spike and ph is not None and spike.get("first_breach_after_start_s") is not None:
+        b = ph["start_ts"] - origin + spike["first_breach_after_start_s"]
+        ax3.axvline(b, color="tab:red", lw=0.8)
+        for key, label in (("breach_to_replica_serving_s", "replica serving"),
+                           ("breach_to_p95_under_slo_s", "p95 < SLO")):
+            if spike.get(key) is not None:
+                ax3.text(b + spike[key], slo * 3, f"{label} +{spike[key]:.1f}s", fontsize=6, rotation=90)
+        ax3.text(b, slo * 6, "breach", fontsize=6, color="tab:red", rotation=90)
     ax3.set_ylabel("p95 latency (ms)")
     ax3.legend(loc="upper left", fontsize=7)
     if replicas:

@@ -82,6 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--after", type=int, default=1500, help="corrupted requests after each rollout")
     p.add_argument("--spike", type=float, default=4.0, help="load spike: this many times the rate")
     p.add_argument("--spike-seconds", type=float, default=30.0)
+    p.add_argument("--spike-only", action="store_true",
+                   help="only the clean and spike phases (then --spike-cooldown s of clean traffic): to "
+                        "iterate on scaling without the drift and retrain phases")
+    p.add_argument("--spike-cooldown", type=float, default=70.0,
+                   help="with --spike-only: seconds of clean traffic after the spike (scale-down)")
     p.add_argument("--bad-candidate", action=argparse.BooleanOptionalAction, default=True,
                    help="end with a hand-promoted bad model the planner must roll back")
     p.add_argument("--train-subset", type=int, default=0, help="0 = all 60k for the first model")
@@ -100,7 +105,6 @@ def main(argv: list[str] | None = None) -> int:
     from corruptions import corrupt
     from mnist_common import test_split
     from mnist_data import load_mnist
-    from report import write_report
     from traffic import OracleLabeller, Traffic, accuracy
 
     from scanflow.agents.process import AgentSupervisor
@@ -147,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         dep = deployer.deploy(SERVICE, app=de_app.app, team=de_app.team, model=svc.model,
                               alias=svc.alias, replicas=svc.replicas, port=svc.port,
-                              batching=svc.batching)
+                              batching=svc.batching, resources=svc.resources)
         url = f"http://{dep.host}:{dep.port}"
         say(t0, f"[bold]dataengineer[/]: serving {svc.model} v{dep.model_version} "
                 f"x{dep.replicas} at {url}")
@@ -172,6 +176,21 @@ def main(argv: list[str] | None = None) -> int:
 
         # Served digits never include the reference sample; the after-rollout digits are never
         # among those labelled for retraining (so "after" is measured on unseen data).
+        seen_at: dict[str, Any] = {"t": 0.0, "yes": False}
+
+        def at_min() -> bool:
+            """The service runs its minimum replicas (read from the store at most twice a second:
+            the traffic asks before every request)."""
+            if time.time() - seen_at["t"] >= 0.5:
+                d = store.get_deployment(SERVICE)
+                seen_at.update(t=time.time(), yes=d is not None
+                               and d.replicas <= svc.policy.limits.min_replicas)
+            return bool(seen_at["yes"])
+
+        if args.spike_only:
+            spike_only(t0, traffic, args, x_test, y_test, served_idx, phase, phases, watch, at_min)
+            return _finish(settings, store, deployer, supervisor, labeller, traffic, phases, t0, args,
+                           svc.policy, watch)
         after_idx = served_idx[args.clean:args.clean + n_after]
         drift_idx = served_idx[args.clean + n_after:]
         half = len(drift_idx) // 2
@@ -182,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
             del streams["B"]
         for label, (corr, sev, idx, aft) in streams.items():
             if label == "B":
-                spike_phase(t0, traffic, args, drifted["A"], y_test[streams["A"][3]], phases, watch)
+                spike_phase(t0, traffic, args, drifted["A"], y_test[streams["A"][3]], phases, watch,
+                            at_min)
             reps = 5
             pool_x = np.concatenate([corrupt(x_test[idx], corr, sev, seed=10 + r) for r in range(reps)])
             pool_y = np.tile(y_test[idx], reps)
@@ -203,28 +223,59 @@ def main(argv: list[str] | None = None) -> int:
         if args.bad_candidate:
             bad_candidate_phase(t0, settings, store, deployer, traffic, args, svc.policy, drifted["B"],
                                 y_test[streams["B"][3]], phases, watch)
-        labeller.close()
-        watch.poll()
-        time.sleep(2.0)  # let the last windows be judged for the timeline
+        return _finish(settings, store, deployer, supervisor, labeller, traffic, phases, t0, args,
+                       svc.policy, watch)
     finally:
         supervisor.stop()
         for d in store.list_deployments():
             if d.status == "running":
                 deployer.stop(d.service)
 
-    summary = write_report(settings, store, traffic.served if traffic else [], phases, t0, args,
-                           svc.policy)
+
+# Targets that decide the exit code (the others are reported): the loop closed, and the spike
+# was met - breach -> extra replica serving <= 5 s, p95 back under the SLO <= 15 s after the
+# breach, back to the minimum replicas <= 60 s after the spike, 0 failed requests.
+EXIT_TARGETS = (
+    "every_corruption_detected_within_one_window", "no_false_alarm_in_clean_phase",
+    "every_corruption_promoted_and_rolled_out", "bad_candidate_rejected_by_the_gate",
+    "bad_candidate_rolled_back_within_one_window", "spike_breached_one_replica",
+    "spike_extra_replica_serving_within_5s_of_breach", "spike_p95_under_slo_within_15s_of_breach",
+    "spike_back_to_min_replicas_within_60s", "no_failed_requests")
+
+
+def _finish(settings: Any, store: Any, deployer: Any, supervisor: Any, labeller: Any, traffic: Any,
+            phases: list[dict[str, Any]], t0: float, args: Any, policy: Any, watch: EventWatch) -> int:
+    """Stop the agents and the service, write the report, print it; the exit code."""
+    from report import write_report
+
+    labeller.close()
+    watch.poll()
+    time.sleep(2.0)  # let the last windows be judged for the timeline
+    supervisor.stop()
+    for d in store.list_deployments():
+        if d.status == "running":
+            deployer.stop(d.service)
+    summary = write_report(settings, store, traffic.served if traffic else [], phases, t0, args, policy)
     _print_summary(summary, time.time() - t0)
-    # Exit 1 when the loop did not close; the quantitative targets are reported either way.
+    # Exit 1 when the loop did not close or a spike target was missed (all reported either way).
     t = summary["targets"]
     if args.one_corruption:  # the targets count two corruptions: judge the one that ran
         a = summary["corruptions"].get("A", {})
         return 0 if a.get("detected_within_one_window") and a.get("drift_to_rollout_seconds") else 1
-    closed = all(t.get(k, True) for k in (
-        "every_corruption_detected_within_one_window", "no_false_alarm_in_clean_phase",
-        "every_corruption_promoted_and_rolled_out", "bad_candidate_rejected_by_the_gate",
-        "bad_candidate_rolled_back_within_one_window"))
-    return 0 if closed else 1
+    return 0 if all(t.get(k, True) for k in EXIT_TARGETS) else 1
+
+
+def spike_only(t0: float, traffic: Any, args: Any, x_test: np.ndarray, y_test: np.ndarray,
+               served_idx: np.ndarray, phase: Any, phases: list[dict[str, Any]], watch: EventWatch,
+               at_min: Any) -> None:
+    """`--spike-only`: the spike on clean digits, then `--spike-cooldown` s of clean traffic at
+    the base rate (the scale-down)."""
+    idx = served_idx[args.clean:]
+    spike_phase(t0, traffic, args, x_test[idx], y_test[idx], phases, watch, at_min)
+    n = int(args.rate * args.spike_cooldown)
+    say(t0, f"traffic: {args.spike_cooldown:.0f}s of clean digits at {args.rate:.0f} req/s after the spike")
+    rest = np.arange(n) % len(idx)
+    phase("after_spike", x_test[idx][rest], y_test[idx][rest])
 
 
 class EventWatch:
@@ -258,9 +309,19 @@ SHOWN = {"drift_detected", "retrain_requested", "retrain_started", "retrain_fini
 
 
 def spike_phase(t0: float, traffic: Any, args: Any, x: np.ndarray, y: np.ndarray,
-                phases: list[dict[str, Any]], watch: EventWatch) -> None:
-    """`spike` times the request rate from twice the clients for `spike_seconds`."""
+                phases: list[dict[str, Any]], watch: EventWatch, at_min: Any) -> None:
+    """`spike` times the request rate from twice the clients for `spike_seconds`, once the
+    service is back at its minimum replicas (the base rate goes on meanwhile, up to 90 s: a
+    retrain that shared the cores may have scaled it up), so the spike meets one replica."""
     from traffic import Traffic, accuracy
+
+    if not at_min():
+        say(t0, "traffic: the base rate until the planner is back at the minimum replicas (<= 90 s)")
+        start = time.time()
+        recs = traffic.phase("before_spike", x, y, cycle=True, timeout_s=90.0, stop=at_min)
+        phases.append({"name": "before_spike", "start": iso(start), "end": iso(time.time()),
+                       "start_ts": start, "end_ts": time.time(), "requests": len(recs),
+                       "accuracy": accuracy(recs)})
 
     rate = args.rate * args.spike
     say(t0, f"traffic: load spike, {rate:.0f} req/s from {2 * traffic.concurrency} clients "
@@ -392,8 +453,14 @@ def _print_summary(summary: dict[str, Any], seconds: float) -> None:
     if sp:
         t.add_row("spike: p95 max (server) / SLO",
                   f"{fmt(sp['p95_ms_max'], ' ms')} / {sp['slo_p95_ms']:g} ms")
-        t.add_row("spike: seconds over SLO, max replicas", f"{sp['seconds_over_slo']:.0f}s, "
-                                                          f"{fmt(sp['max_replicas'])}")
+        t.add_row("spike: breach → extra replica serving / → p95 under SLO",
+                  f"{fmt(sp['breach_to_replica_serving_s'], 's')} / "
+                  f"{fmt(sp['breach_to_p95_under_slo_s'], 's')}")
+        t.add_row("spike: seconds over SLO, max replicas, replica-seconds",
+                  f"{sp['seconds_over_slo']:.0f}s, {fmt(sp['max_replicas'])}, "
+                  f"{fmt(sp['replica_seconds'], '')}")
+        t.add_row("spike: back to min replicas after it ended, failed requests",
+                  f"{fmt(sp['back_to_min_replicas_s'], 's')}, {sp['failed_requests']}")
     bad = summary["bad_candidate"]
     if bad:
         t.add_row(f"bad candidate v{bad['version']}: offered to the gate",

@@ -57,14 +57,14 @@ class Sim:
     def step(self, *, p95: float | None = 50.0, rps: float = 5.0, drift: list[bool] | None = None,
              est: float | None = None, labelled: tuple[float, int] | None = None,
              done: bool = False, probation: ProbationSignal | None = None, apply: bool = True,
-             first_id: int | None = None) -> Plan:
+             first_id: int | None = None, in_flight: float | None = None) -> Plan:
         self.i += 1
         self.now += self.window_s
         n = int(rps * self.window_s)
         sig = Signals(
             window=f"w{self.i}", now=self.now, window_s=self.window_s, replicas=self.replicas,
             model_version=self.version, n_requests=n if p95 is not None else 0, p95_latency_ms=p95,
-            throughput_rps=rps,
+            throughput_rps=rps, in_flight=in_flight,
             drift_reports=[DriftReport(drift=d, first_id=(first_id or self.i * 100) + k,
                                        tests=["ks"] if d else []) for k, d in enumerate(drift or [])],
             accuracy_estimate=est, accuracy_estimate_n=n if est is not None else 0,
@@ -249,6 +249,159 @@ def test_scales_down_when_load_falls_without_oscillating() -> None:
     assert sim.replicas == 1
     changes = [k for k in sim.kinds() if k]
     assert changes == [["scale_up"], ["scale_down"]]  # exactly one move each way
+
+
+# -- the simulated queue: spike and sawtooth, scaled on in-flight load per replica ---------------
+SERVICE_S, CLIENTS = 0.010, 8  # 10 ms of work per request (100 req/s per replica), 8 clients
+
+
+def _closed_loop(rps: float, replicas: int) -> tuple[float, float, float]:
+    """(p95 ms, served req/s, requests in flight) of `CLIENTS` clients that want `rps` in all
+    from replicas of `SERVICE_S` each: queueing up to the clients' bound, as in the demo (a
+    client waits for its answer before its next request)."""
+    u = rps * SERVICE_S / replicas
+    bound = CLIENTS * SERVICE_S / replicas
+    latency = bound if u >= 1 else min(SERVICE_S / (1 - u), bound)
+    served = min(rps, replicas / SERVICE_S)
+    return 1.5 * latency * 1000, served, served * latency
+
+
+def queue_policy(**extra: Any) -> Policy:
+    """The demo's shape: 2 s windows, SLO 50 ms, 3 in flight per replica, 1-4 replicas."""
+    base: dict[str, Any] = {
+        "objectives": {"p95_latency_ms": 50, "in_flight_per_replica": 3},
+        "limits": {"min_replicas": 1, "max_replicas": 4},
+        "cooldowns": {"scale_up": 4, "scale_down": 20},
+        "hysteresis": {"scale_up_windows": 1, "scale_down_windows": 5},
+    }
+    for k, v in extra.items():
+        base[k] = {**base.get(k, {}), **v}
+    return pol(**base)
+
+
+def _offer(sim: Sim, rps: float) -> Plan:
+    p95, served, in_flight = _closed_loop(rps, sim.replicas)
+    return sim.step(p95=p95, rps=served, in_flight=in_flight)
+
+
+def _direction_changes(sim: Sim) -> int:
+    """How often the replica count turned around (up after down or down after up)."""
+    moves = [a.kind for p in sim.plans for a in p.actions if a.kind in ("scale_up", "scale_down")]
+    return sum(1 for a, b in zip(moves, moves[1:], strict=False) if a != b)
+
+
+def test_spike_scales_up_in_one_step_to_the_needed_count_and_back_down() -> None:
+    sim = Sim(queue_policy(), window_s=2.0)
+    for _ in range(10):  # 50 req/s: one replica, p95 30 ms
+        assert not _offer(sim, 50).fired
+    up = _offer(sim, 200)  # 4x: 8 in flight on one replica, p95 120 ms
+    assert [a.kind for a in up.actions] == ["scale_up"] and sim.replicas == 3
+    act = up.actions[0]
+    assert act.reason.startswith("p95 120.0 ms > 50.0 ms for 1 window(s) (>= 1); in flight 8.00 = "
+                                 "8.00/replica vs target 3")
+    assert "ceil(8.00 / 3) = 3" in act.reason and act.reason.endswith(": 1 -> 3")
+    ev = act.evidence
+    assert (ev["in_flight"], ev["in_flight_per_replica"], ev["target_in_flight_per_replica"]) == (8, 8, 3)
+    assert (ev["replicas_from"], ev["replicas_to"], ev["desired_replicas_up"]) == (1, 3, 3)
+    assert ev["p95_latency_ms"] == 120 and ev["slo_p95_ms"] == 50
+    during = [_offer(sim, 200) for _ in range(14)]  # 30 s more of the spike on 3 replicas
+    assert not any(p.fired for p in during)
+    assert all(p.evidence["load"]["p95_latency_ms"] <= 50 for p in during)
+    after = [_offer(sim, 50) for _ in range(30)]
+    downs = [a for p in after for a in p.actions]
+    assert [(a.kind, a.params["replicas"]) for a in downs] == [("scale_down", 1)]  # 3 -> 1 at once
+    first_down = next(i for i, p in enumerate(after) if p.fired)
+    assert first_down == 4  # after 5 cold windows (10 s): the stabilisation window
+    assert "in flight 0.60" in downs[0].reason and downs[0].reason.endswith(": 3 -> 1")
+    assert _direction_changes(sim) == 1 and sim.replicas == 1
+
+
+def test_one_signal_waits_for_the_hysteresis_both_act_at_once() -> None:
+    """A p95 blip without a queue (or a queue with p95 fine) needs `scale_up_windows` hot
+    windows; p95 over the SLO *and* in flight over the target scales on the first."""
+    policy = queue_policy(hysteresis={"scale_up_windows": 2})
+    blip = Sim(policy, window_s=2.0)
+    first = blip.step(p95=70, rps=50, in_flight=1.0)
+    assert not first.fired and "load breach in 1 of 2 window(s)" in first.reason
+    second = blip.step(p95=70, rps=50, in_flight=1.0)
+    assert [a.kind for a in second.actions] == ["scale_up"]
+    why = second.actions[0].reason
+    assert "ceil(1.00 / 3) = 1 <= 1 serving: the latency breach alone, 1 more: 1 -> 2" in why
+    both = Sim(policy, window_s=2.0)
+    out = _offer(both, 200)
+    assert out.actions[0].params == {"replicas": 3} and "for 1 window(s) (>= 2)" in out.actions[0].reason
+
+
+def test_in_flight_over_target_scales_before_p95_breaches() -> None:
+    """The load per replica predicts the breach: 2 replicas at 3.5 in flight each, p95 still
+    under the SLO, scale to 3."""
+    sim = Sim(queue_policy(), replicas=2, window_s=2.0)
+    out = sim.step(p95=45, rps=180, in_flight=7.0)
+    assert out.actions[0].params == {"replicas": 3}
+    assert out.actions[0].reason.startswith("in flight 3.50/replica > target 3 (p95 45.0 ms, SLO 50.0 ms)")
+    assert out.actions[0].evidence["hot_load"] and not out.actions[0].evidence["hot_latency"]
+
+
+def test_a_replica_count_that_breached_is_not_scaled_down_to_again() -> None:
+    """After the spike the load falls back, 3 -> 1; but one replica now breaches the SLO at the
+    base rate on its own (a busy machine: in flight under the target, p95 over the SLO): 1 -> 2,
+    and the planner stays at 2 instead of flapping 2 -> 1 -> 2."""
+    sim = Sim(queue_policy(hysteresis={"scale_up_windows": 2}), window_s=2.0)
+    for _ in range(3):
+        _offer(sim, 200)
+    for _ in range(12):
+        _offer(sim, 50)
+    assert sim.replicas == 1
+    for _ in range(40):  # one replica is slow at 50 req/s, two are fine
+        if sim.replicas == 1:
+            sim.step(p95=70, rps=50, in_flight=1.5)
+        else:
+            sim.step(p95=15, rps=50, in_flight=0.4)
+    counts = [a.params["replicas"] for p in sim.plans for a in p.actions]
+    assert counts == [3, 1, 2] and sim.replicas == 2
+    assert "that breached the SLO last time" in sim.plans[-1].reason
+
+
+def test_fast_sawtooth_holds_the_peak_count_without_oscillating() -> None:
+    """Load that swings faster than the stabilisation window: up once, hold, down once after."""
+    sim = Sim(queue_policy(), window_s=2.0)
+    for _ in range(8):  # 8 periods of 4 s at 200 req/s, 4 s at 50 req/s
+        for rps in (200, 200, 50, 50):
+            _offer(sim, rps)
+    assert sim.replicas == 3 and _direction_changes(sim) == 0
+    assert max(p.evidence["load"]["p95_latency_ms"] for p in sim.plans[2:]) <= 50
+    for _ in range(20):
+        _offer(sim, 50)
+    assert sim.replicas == 1 and _direction_changes(sim) == 1
+    counts = [a.params["replicas"] for p in sim.plans for a in p.actions]
+    assert counts == [3, 1]
+
+
+def test_slow_sawtooth_follows_the_load_in_whole_steps() -> None:
+    """Load that swings slower than the stabilisation window: each peak is met 1 -> 3 in one
+    step and each trough 3 -> 1 in one step, never a step back in between."""
+    sim = Sim(queue_policy(), window_s=2.0)
+    for _ in range(3):
+        for _ in range(10):
+            _offer(sim, 200)
+        for _ in range(20):
+            _offer(sim, 50)
+    counts = [a.params["replicas"] for p in sim.plans for a in p.actions]
+    assert counts == [3, 1, 3, 1, 3, 1]
+    assert _direction_changes(sim) == 5  # 2 per cycle: following the load, not flapping
+
+
+def test_scaling_respects_the_bounds() -> None:
+    sim = Sim(queue_policy(limits={"max_replicas": 2}), window_s=2.0)
+    up = _offer(sim, 300)
+    assert up.actions[0].params == {"replicas": 2} and "max_replicas 2" in up.actions[0].reason
+    for _ in range(10):
+        _offer(sim, 300)
+    assert sim.replicas == 2 and "already at max_replicas 2" in sim.plans[-1].reason
+    low = Sim(queue_policy(limits={"min_replicas": 2}), replicas=4, window_s=2.0)
+    for _ in range(30):
+        _offer(low, 10)
+    assert low.replicas == 2 and [a.params["replicas"] for p in low.plans for a in p.actions] == [2]
 
 
 def test_scale_down_waits_for_cold_windows_and_cooldown() -> None:

@@ -5,7 +5,8 @@ services:
   mnist:
     model: mnist-clf
     policy:
-      objectives: {accuracy_floor: 0.9, p95_latency_ms: 250, min_throughput_rps: 0}
+      objectives: {accuracy_floor: 0.9, p95_latency_ms: 250, min_throughput_rps: 0,
+                   in_flight_per_replica: 0}
       limits: {min_replicas: 1, max_replicas: 4, retrain_budget_per_day: 6}
       cooldowns: {scale_up: 30s, scale_down: 5m, retrain: 10m, rollback: 10m}
       hysteresis: {scale_up_windows: 2, scale_down_windows: 6, drift_windows: 2}
@@ -56,6 +57,12 @@ class Objectives(_Strict):
         description="requests/s the service must sustain; below it while busy (p95 above the "
         "scale-down band) is a load breach; 0 turns the objective off",
     )
+    in_flight_per_replica: float = Field(
+        default=0.0, ge=0,
+        description="target average requests in flight per replica (Little's law on the prediction "
+        "log: the window's summed latency / its length); above it a window is hot before p95 breaches, "
+        "and a scale-up is sized to it (desired = ceil(in flight / target)); 0: latency alone",
+    )
     accuracy_min_labels: int = Field(
         default=100, ge=1,
         description="labelled predictions needed before label-joined accuracy replaces the estimate",
@@ -67,7 +74,8 @@ class Limits(_Strict):
 
     min_replicas: int = Field(default=1, ge=1, le=64, description="never scale below this")
     max_replicas: int = Field(default=4, ge=1, le=64, description="never scale above this")
-    scale_step: int = Field(default=1, ge=1, le=64, description="replicas added or removed per action")
+    scale_step: int = Field(default=1, ge=1, le=64, description="replicas added or removed per action (at "
+                            "least, when in_flight_per_replica sizes the step)")
     retrain_budget_per_day: int = Field(
         default=6, ge=0, description="automatic retrains started in any 24 h; 0 disables retraining"
     )
@@ -110,6 +118,11 @@ class Hysteresis(_Strict):
         default=0.5, gt=0, description="a window is cold when p95 < ratio x SLO (must be below the up ratio)"
     )
     scale_down_windows: int = Field(default=6, ge=1, description="cold windows in a row before scaling down")
+    scale_down_load_ratio: float = Field(
+        default=0.6, gt=0, lt=1,
+        description="scale down only to a count that carries the window's in-flight load at or under "
+        "this fraction of `in_flight_per_replica` (the band between this and 1 absorbs noise)",
+    )
     scale_down_headroom: float = Field(
         default=0.8, gt=0, le=1,
         description="scale down only if the load per replica afterwards stays below this fraction "

@@ -112,8 +112,9 @@ def execute(obs: Observation, ctx: AgentContext, executor: str = "executor", lea
 
 def _scale(ctx: AgentContext, ops: ModelOps, svc: str, a: PlannedAction) -> dict[str, Any]:
     target = int(a.params["replicas"])
-    evidence = {"action": a.kind, **{k: a.evidence.get(k) for k in ("p95_latency_ms", "slo_p95_ms",
-                                                                    "throughput_rps")}}
+    keys = ("p95_latency_ms", "slo_p95_ms", "throughput_rps", "in_flight", "in_flight_per_replica",
+            "target_in_flight_per_replica", "replicas_from", "replicas_to")
+    evidence = {"action": a.kind, **{k: a.evidence.get(k) for k in keys if k in a.evidence}}
     out = ops.scale(svc, target, actor=Actor.policy(ctx.name), reason=a.reason, evidence=evidence,
                     record_as="planner_scaled")
     if not out.changed:  # a replay after a crash, or someone did it

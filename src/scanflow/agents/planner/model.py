@@ -49,6 +49,9 @@ class Signals(BaseModel):
     n_requests: int = 0
     p95_latency_ms: float | None = None
     throughput_rps: float | None = None
+    in_flight: float | None = Field(
+        default=None, description="average requests in flight in the window, all replicas (Little's law: "
+                                  "summed latency / window length)")
     drift_reports: list[DriftReport] = Field(default_factory=list)
     accuracy_estimate: float | None = Field(default=None, description="CBPE, label-free")
     accuracy_estimate_n: int = 0
@@ -106,6 +109,9 @@ class PlannerState(BaseModel):
     retrains: list[float] = Field(default_factory=list, description="start times, last 24 h")
     last_action_at: dict[str, float] = Field(default_factory=dict)
     breach_rps_per_replica: float | None = None
+    desired: list[int] = Field(default_factory=list,
+                               description="replicas the load asked for in the last windows (newest "
+                                           "last): a scale-down goes to the highest (stabilisation)")
     judged_versions: dict[str, str] = Field(default_factory=dict, description="version -> kept|rolled_back")
 
 

@@ -99,6 +99,9 @@ class Load:
     p95: float | None
     rps: float
     evidence: dict[str, Any] = field(default_factory=dict)
+    hot_load: bool = False
+    in_flight: float | None = None
+    desired_up: int | None = None
 
 
 @dataclass
@@ -137,40 +140,73 @@ def absorb(s: Signals, st: PlannerState, p: Policy) -> list[str]:
     return hold
 
 
+def _desired(in_flight: float | None, target: float, ratio: float, p: Policy
+             ) -> tuple[int | None, int | None]:
+    """Replicas the window's in-flight load asks for: to scale up (at `target` per replica) and
+    to scale down to (at `ratio` x target, the hysteresis band), within the limits; None when
+    there is no target or no measure."""
+    if target <= 0 or in_flight is None:
+        return None, None
+    lim = p.limits
+
+    def clamp(x: float) -> int:
+        return max(lim.min_replicas, min(lim.max_replicas, math.ceil(round(x, 6))))
+
+    return clamp(in_flight / target), clamp(in_flight / (ratio * target))
+
+
 def assess_load(s: Signals, st: PlannerState, p: Policy) -> Load:
-    """Hot (latency or throughput breach), cold (idle or fast) or neither; counts the streaks
-    on `st` and remembers the load per replica that breached the SLO."""
+    """Hot (latency, throughput or in-flight load per replica over its target), cold (idle, or
+    fast and under the load target) or neither; counts the streaks on `st`, remembers the
+    replicas the load asked for (stabilisation) and the load per replica that breached the SLO."""
     obj, hy = p.objectives, p.hysteresis
-    slo = obj.p95_latency_ms
+    slo, target = obj.p95_latency_ms, obj.in_flight_per_replica
     idle = s.n_requests < hy.min_requests or s.p95_latency_ms is None
     p95 = s.p95_latency_ms
     rps = s.throughput_rps or 0.0
-    per_replica = rps / max(s.replicas, 1)
+    n = max(s.replicas, 1)
+    per_replica = rps / n
+    in_flight = 0.0 if idle and s.in_flight is None else s.in_flight
+    load = None if in_flight is None else in_flight / n
     hot_latency = not idle and p95 is not None and p95 > hy.scale_up_latency_ratio * slo
+    hot_load = target > 0 and not idle and load is not None and load > target
     busy = not idle and p95 is not None and p95 >= hy.scale_down_latency_ratio * slo
     throughput_breach = obj.min_throughput_rps > 0 and busy and rps < obj.min_throughput_rps
-    hot = hot_latency or throughput_breach
-    cold = idle or (p95 is not None and p95 < hy.scale_down_latency_ratio * slo and not throughput_breach)
+    hot = hot_latency or throughput_breach or hot_load
+    cold = not hot and (idle or (p95 is not None and p95 < hy.scale_down_latency_ratio * slo))
+    up, down = _desired(in_flight, target, hy.scale_down_load_ratio, p)
     if hot:
         st.hot_streak, st.cold_streak = st.hot_streak + 1, 0
-        st.breach_rps_per_replica = per_replica
+        # Only a window served by one replica count all along says what one replica carries.
+        # Any latency breach counts, even with the replicas under their in-flight target (a busy
+        # machine): a scale-down into it would flap (measured: 3 -> 1 -> 2 -> 1 -> 2 at 100 req/s).
+        steady = _since(st, "scale_up", s.now) > s.window_s and _since(st, "scale_down", s.now) > s.window_s
+        if hot_latency and steady:
+            st.breach_rps_per_replica = per_replica
     elif cold:
         st.hot_streak, st.cold_streak = 0, st.cold_streak + 1
         if st.breach_rps_per_replica is not None and not idle and per_replica >= st.breach_rps_per_replica:
             st.breach_rps_per_replica = None  # cold at that load: the old breach level is stale
     else:
         st.hot_streak = st.cold_streak = 0
+    # What the load asked for, newest last; a hot window asks for at least what serves now.
+    asked = max(s.replicas, up or 0) if hot else (down if down is not None else s.replicas)
+    st.desired = [*st.desired, asked][-max(hy.scale_down_windows, 1):]
     ev = {
         "p95_latency_ms": p95, "slo_p95_ms": slo, "throughput_rps": s.throughput_rps,
         "min_throughput_rps": obj.min_throughput_rps, "n_requests": s.n_requests, "window_s": s.window_s,
         "replicas": s.replicas, "hot": hot, "cold": cold, "idle": idle,
+        "in_flight": in_flight, "in_flight_per_replica": load, "target_in_flight_per_replica": target or None,
+        "hot_latency": hot_latency, "hot_load": hot_load,
+        "desired_replicas_up": up, "desired_replicas_down": down, "desired_recent": list(st.desired),
         "hot_streak": st.hot_streak, "cold_streak": st.cold_streak,
         "scale_up_above_ms": hy.scale_up_latency_ratio * slo,
         "scale_down_below_ms": hy.scale_down_latency_ratio * slo,
         "scale_up_windows": hy.scale_up_windows, "scale_down_windows": hy.scale_down_windows,
         "breach_rps_per_replica": st.breach_rps_per_replica,
     }
-    return Load(hot=hot, cold=cold, idle=idle, hot_latency=hot_latency, p95=p95, rps=rps, evidence=ev)
+    return Load(hot=hot, cold=cold, idle=idle, hot_latency=hot_latency, p95=p95, rps=rps, evidence=ev,
+                hot_load=hot_load, in_flight=in_flight, desired_up=up)
 
 
 def assess_quality(s: Signals, st: PlannerState, p: Policy, hold: list[str]) -> Quality:
@@ -238,7 +274,7 @@ def plan_replicas(s: Signals, st: PlannerState, p: Policy, load: Load, hold: lis
                   ) -> PlannedAction | None:
     """Replicas back within the limits, more on a load breach held `scale_up_windows`, fewer
     after `scale_down_windows` cold ones - each out of its cooldown (why not: in `hold`)."""
-    n, lim, hy, slo = s.replicas, p.limits, p.hysteresis, p.objectives.p95_latency_ms
+    n, lim, hy = s.replicas, p.limits, p.hysteresis
     if n < lim.min_replicas:
         return PlannedAction(kind="scale_up", reason=f"{n} replica(s) is below min_replicas "
                              f"{lim.min_replicas}", params={"replicas": lim.min_replicas},
@@ -247,39 +283,67 @@ def plan_replicas(s: Signals, st: PlannerState, p: Policy, load: Load, hold: lis
         return PlannedAction(kind="scale_down", reason=f"{n} replica(s) is above max_replicas "
                              f"{lim.max_replicas}", params={"replicas": lim.max_replicas},
                              evidence=load.evidence)
-    if st.hot_streak >= hy.scale_up_windows:
+    # Latency and the queue agree (p95 over the SLO and in flight per replica over its target):
+    # no noise does both, act on this window (KPA's panic mode); one signal alone waits for
+    # `scale_up_windows`.
+    if st.hot_streak >= hy.scale_up_windows or (load.hot_latency and load.hot_load):
         return _scale_up(s, st, p, load, hold)
     if st.cold_streak >= hy.scale_down_windows and n > lim.min_replicas:
-        target = max(lim.min_replicas, n - lim.scale_step)
-        projected = load.rps / target
-        wait = p.cooldowns.scale_down - min(_since(st, "scale_down", s.now), _since(st, "scale_up", s.now))
-        breach = st.breach_rps_per_replica
-        ceiling = None if breach is None else hy.scale_down_headroom * breach
-        if wait > 0:
-            hold.append(f"load low for {st.cold_streak} windows but scale-down cooldown: {wait:.0f}s left")
-        elif ceiling is not None and not load.idle and projected >= ceiling:
-            hold.append(
-                f"load low, but {target} replica(s) would carry {projected:.2f} req/s each, >= "
-                f"{hy.scale_down_headroom:.0%} of the {st.breach_rps_per_replica:.2f} req/s per replica "
-                "that breached the SLO last time"
-            )
-        else:
-            why = ("no traffic" if load.idle else
-                   f"p95 {load.p95:.1f} ms < {hy.scale_down_latency_ratio * slo:.1f} ms")
-            return PlannedAction(
-                kind="scale_down", params={"replicas": target},
-                evidence={**load.evidence, "projected_rps_per_replica": projected,
-                          "ceiling_rps_per_replica": ceiling},
-                reason=f"{why} for {st.cold_streak} window(s) (>= {hy.scale_down_windows}): {n} -> {target}",
-            )
+        return _scale_down(s, st, p, load, hold)
     return None
+
+
+def _scale_down(s: Signals, st: PlannerState, p: Policy, load: Load, hold: list[str]) -> PlannedAction | None:
+    """To the most replicas the load asked for over the cold windows (stabilisation), sized so
+    each carries at most `scale_down_load_ratio` x the in-flight target; without a target, one
+    `scale_step` down. Never into the load per replica that breached the SLO last time."""
+    n, lim, hy, slo = s.replicas, p.limits, p.hysteresis, p.objectives.p95_latency_ms
+    target_load = p.objectives.in_flight_per_replica
+    sized = target_load > 0 and load.in_flight is not None
+    target = max(lim.min_replicas, max(st.desired) if sized and st.desired else n - lim.scale_step)
+    if target >= n:
+        hold.append(f"load low for {st.cold_streak} windows, but the in-flight load asked for {target} "
+                    f"replica(s) in the last {len(st.desired)} window(s) (<= "
+                    f"{hy.scale_down_load_ratio:g} x {target_load:g} in flight per replica)")
+        return None
+    projected = load.rps / target
+    wait = p.cooldowns.scale_down - min(_since(st, "scale_down", s.now), _since(st, "scale_up", s.now))
+    breach = st.breach_rps_per_replica
+    ceiling = None if breach is None else hy.scale_down_headroom * breach
+    if wait > 0:
+        hold.append(f"load low for {st.cold_streak} windows but scale-down cooldown: {wait:.0f}s left")
+        return None
+    if ceiling is not None and not load.idle and projected >= ceiling:
+        hold.append(
+            f"load low, but {target} replica(s) would carry {projected:.2f} req/s each, >= "
+            f"{hy.scale_down_headroom:.0%} of the {st.breach_rps_per_replica:.2f} req/s per replica "
+            "that breached the SLO last time"
+        )
+        return None
+    why = ("no traffic" if load.idle else
+           f"p95 {load.p95:.1f} ms < {hy.scale_down_latency_ratio * slo:.1f} ms")
+    if sized and not load.idle and load.in_flight is not None:
+        f = load.in_flight
+        why += (f", in flight {f:.2f} ({f / n:.2f}/replica; {f / target:.2f} on {target}, <= "
+                f"{hy.scale_down_load_ratio:g} x target {target_load:g})")
+    return PlannedAction(
+        kind="scale_down", params={"replicas": target},
+        evidence={**load.evidence, "projected_rps_per_replica": projected, "ceiling_rps_per_replica": ceiling,
+                  "replicas_from": n, "replicas_to": target},
+        reason=f"{why} for {st.cold_streak} window(s) (>= {hy.scale_down_windows}): {n} -> {target}",
+    )
 
 
 def _scale_up(s: Signals, st: PlannerState, p: Policy, load: Load, hold: list[str]) -> PlannedAction | None:
     n, lim, hy, obj = s.replicas, p.limits, p.hysteresis, p.objectives
-    what = (f"p95 {load.p95:.1f} ms > {hy.scale_up_latency_ratio * obj.p95_latency_ms:.1f} ms"
-            if load.hot_latency else
-            f"throughput {load.rps:.2f} req/s < {obj.min_throughput_rps:.2f} req/s while busy")
+    above = hy.scale_up_latency_ratio * obj.p95_latency_ms
+    if load.hot_latency:
+        what = f"p95 {load.p95:.1f} ms > {above:.1f} ms"
+    elif load.hot_load:
+        what = (f"in flight {(load.in_flight or 0) / max(n, 1):.2f}/replica > target "
+                f"{obj.in_flight_per_replica:g} (p95 {load.p95:.1f} ms, SLO {above:.1f} ms)")
+    else:
+        what = f"throughput {load.rps:.2f} req/s < {obj.min_throughput_rps:.2f} req/s while busy"
     wait = p.cooldowns.scale_up - _since(st, "scale_up", s.now)
     if n >= lim.max_replicas:
         hold.append(f"load breach ({what}) but already at max_replicas {lim.max_replicas}")
@@ -287,10 +351,20 @@ def _scale_up(s: Signals, st: PlannerState, p: Policy, load: Load, hold: list[st
     if wait > 0:
         hold.append(f"load breach ({what}) but scale-up cooldown: {wait:.0f}s left")
         return None
-    target = min(lim.max_replicas, n + lim.scale_step)
+    target = min(lim.max_replicas, max(n + lim.scale_step, load.desired_up or 0))
+    sized = ""
+    if load.in_flight is not None and obj.in_flight_per_replica > 0:
+        sized = (f"; in flight {load.in_flight:.2f} = {load.in_flight / max(n, 1):.2f}/replica vs target "
+                 f"{obj.in_flight_per_replica:g}: ceil({load.in_flight:.2f} / {obj.in_flight_per_replica:g})"
+                 f" = {math.ceil(round(load.in_flight / obj.in_flight_per_replica, 6))}")
+        if target == lim.max_replicas and (load.desired_up or 0) >= lim.max_replicas:
+            sized += f", max_replicas {lim.max_replicas}"
+        elif (load.desired_up or 0) <= n:
+            sized += f" <= {n} serving: the latency breach alone, {lim.scale_step} more"
     return PlannedAction(
-        kind="scale_up", params={"replicas": target}, evidence=load.evidence,
-        reason=f"{what} for {st.hot_streak} window(s) (>= {hy.scale_up_windows}): {n} -> {target}",
+        kind="scale_up", params={"replicas": target},
+        evidence={**load.evidence, "replicas_from": n, "replicas_to": target},
+        reason=f"{what} for {st.hot_streak} window(s) (>= {hy.scale_up_windows}){sized}: {n} -> {target}",
     )
 
 
@@ -298,7 +372,7 @@ def watching(s: Signals, st: PlannerState, p: Policy, load: Load) -> list[str]:
     """Signals on their way to a breach: said, so a hold explains what it waits for."""
     hy, n = p.hysteresis, s.replicas
     watch: list[str] = []
-    if load.hot and st.hot_streak < hy.scale_up_windows:
+    if load.hot and st.hot_streak < hy.scale_up_windows and not (load.hot_latency and load.hot_load):
         watch.append(f"load breach in {st.hot_streak} of {hy.scale_up_windows} window(s) to scale up")
     if 0 < st.cold_streak < hy.scale_down_windows and n > p.limits.min_replicas:
         watch.append(f"load low in {st.cold_streak} of {hy.scale_down_windows} window(s) to scale down")
