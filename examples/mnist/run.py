@@ -350,7 +350,18 @@ def bad_candidate_phase(t0: float, settings: Any, store: Any, deployer: Any, tra
     from mnist_data import load_mnist
     from traffic import accuracy
 
-    from scanflow.agents.promotion import offer
+    from scanflow.agents.promotion import offer as offer_once
+    from scanflow.control.operations import ServiceChanged
+
+    def offer(*a: Any, **kw: Any) -> Any:
+        """A person whose offer met a service that changed meanwhile (the planner rolled back a
+        promotion on probation) looks again and offers again."""
+        for _ in range(2):
+            try:
+                return offer_once(*a, **kw)
+            except ServiceChanged as exc:
+                say(t0, f"  {exc}: offering again")
+        return offer_once(*a, **kw)
 
     version = register_bad_candidate(settings)
     _, _, x_test, y_test = load_mnist(settings.root)
