@@ -97,6 +97,11 @@ def _publish(tmp: Path, dataset: Path, champion: object, monkeypatch: pytest.Mon
            "MLFLOW_DISABLE_TELEMETRY": "true"}
     for k, v in env.items():
         monkeypatch.setenv(k, v)
+    for k in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID", "MLFLOW_REGISTRY_URI"):  # left by an earlier test
+        monkeypatch.delenv(k, raising=False)
+    # An earlier test in this process may have called mlflow.set_tracking_uri, which wins over
+    # the environment: this process must log where the step's subprocess will read (undone after).
+    monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", env["MLFLOW_TRACKING_URI"])
     client = mlflow.MlflowClient()
     with mlflow.start_run(experiment_id=client.create_experiment("mnist/data"), tags={TAG_STEP: "publish"}):
         (tmp / "datasets").mkdir()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -76,6 +77,7 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowTracker
         yield MlflowTracker(settings)
     finally:
         mlflow.set_tracking_uri(before)
+        os.environ.pop("MLFLOW_EXPERIMENT_ID", None)  # set_experiment exports it to subprocesses
 
 
 def _fitted(seed: int) -> tuple[object, np.ndarray]:
