@@ -260,7 +260,6 @@ class PredictionJournal:
         self.prefix = process_prefix(os.getpid())
         self._seq = 0
         self._lock = threading.Lock()
-        self.appended = 0  # records written by this process
         self.counts: dict[Path, int] = {}  # records written per segment
         self._fd = -1
         self._size = 0
@@ -288,7 +287,6 @@ class PredictionJournal:
             if self.fsync:
                 os.fsync(self._fd)
             self._size += len(record)
-            self.appended += 1
             self.counts[self.path] += 1
 
     def uncollected(self) -> int:
@@ -301,10 +299,6 @@ class PredictionJournal:
                 continue
             left += max(0, n - _read_offset(seg)[1])
         return left
-
-    def segments(self) -> list[Path]:
-        """This process's segments, oldest first."""
-        return sorted(self.dir.glob(f"{self.prefix}-*{SUFFIX}"))
 
     def close(self) -> None:
         with self._lock:
@@ -529,7 +523,6 @@ class PredictionLog:
                                    on_written=on_written, on_dropped=on_dropped)
         self._stop = threading.Event()
         self._child: subprocess.Popen[bytes] | None = None
-        self.restarts = 0
         self._thread = threading.Thread(target=self._supervise if process else self._collect,
                                         name="predlog-collector", daemon=True)
 
@@ -596,7 +589,6 @@ class PredictionLog:
         while not self._stop.wait(self.orphan_interval):
             child = self._child
             if child is not None and child.poll() is not None:
-                self.restarts += 1
                 log.warning("prediction log: collector %d exited with %s; starting another",
                             child.pid, child.returncode)
                 if child.stdin:
