@@ -6,6 +6,8 @@ and one session factory (and so one `Store` is still one set of connections).
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,15 +37,32 @@ def make_engine(url: str) -> Engine:
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA page_size=16384")  # new files only: rows of 3 KB inputs
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA busy_timeout=60000")
+            cur.execute("PRAGMA page_size=16384")  # new files only: rows of 3 KB inputs
+            _switch_to_wal(cur)
+            cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+
+
+def _switch_to_wal(cur: Any, wait_s: float = 60.0) -> None:
+    """Put the file in WAL mode (persistent, so a no-op once done). On a fresh file that
+    several processes open at once the switch fails with "database is locked" without
+    calling the busy handler, so it is retried here until `wait_s` has passed."""
+    deadline = time.monotonic() + wait_s
+    pause = 0.005
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+        time.sleep(pause)  # another opener holds the file for its own switch: ms at most
+        pause = min(pause * 2, 0.1)
 
 
 class StoreUrlError(ValueError):
