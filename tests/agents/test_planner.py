@@ -57,7 +57,8 @@ class Sim:
     def step(self, *, p95: float | None = 50.0, rps: float = 5.0, drift: list[bool] | None = None,
              est: float | None = None, labelled: tuple[float, int] | None = None,
              done: bool = False, probation: ProbationSignal | None = None, apply: bool = True,
-             first_id: int | None = None, in_flight: float | None = None) -> Plan:
+             first_id: int | None = None, in_flight: float | None = None,
+             cpu: tuple[float, float] | None = None) -> Plan:
         self.i += 1
         self.now += self.window_s
         n = int(rps * self.window_s)
@@ -65,6 +66,7 @@ class Sim:
             window=f"w{self.i}", now=self.now, window_s=self.window_s, replicas=self.replicas,
             model_version=self.version, n_requests=n if p95 is not None else 0, p95_latency_ms=p95,
             throughput_rps=rps, in_flight=in_flight,
+            cpu_use=cpu[0] if cpu else None, cpu_limit=cpu[1] if cpu else None,
             drift_reports=[DriftReport(drift=d, first_id=(first_id or self.i * 100) + k,
                                        tests=["ks"] if d else []) for k, d in enumerate(drift or [])],
             accuracy_estimate=est, accuracy_estimate_n=n if est is not None else 0,
@@ -360,6 +362,43 @@ def test_a_replica_count_that_breached_is_not_scaled_down_to_again() -> None:
     counts = [a.params["replicas"] for p in sim.plans for a in p.actions]
     assert counts == [3, 1, 2] and sim.replicas == 2
     assert "that breached the SLO last time" in sim.plans[-1].reason
+
+
+def test_a_breach_at_the_cpu_quota_is_remembered_one_of_starved_replicas_is_forgotten() -> None:
+    """One replica breaches at the base rate. Using its whole CPU quota (0.29 of 0.3), it lacks
+    capacity: 1 -> 2 and no way back at that load. Using half of it (a retrain took the cores),
+    the machine was short, not the replica: 1 -> 2, then back to 1 once the machine is free
+    and `starved_breach_memory_s` (60 s) has passed - not pinned at 2 for good."""
+    def run(cpu_when_slow: float) -> Sim:
+        sim = Sim(queue_policy(hysteresis={"scale_up_windows": 2}), window_s=2.0)
+        for _ in range(5):
+            sim.step(p95=15, rps=50, in_flight=0.4, cpu=(0.16, 0.3))
+        for _ in range(10):  # 20 s: one replica is slow (two are fine)
+            if sim.replicas == 1:
+                sim.step(p95=70, rps=50, in_flight=1.5, cpu=(cpu_when_slow, 0.3))
+            else:
+                sim.step(p95=15, rps=50, in_flight=0.4, cpu=(0.18, 0.6))
+        for _ in range(60):  # 120 s: the cause is gone, one replica would hold the load again
+            sim.step(p95=15, rps=50, in_flight=0.4, cpu=(0.16 * sim.replicas, 0.3 * sim.replicas))
+        return sim
+
+    quota = run(0.29)
+    assert [a.params["replicas"] for p in quota.plans for a in p.actions] == [2] and quota.replicas == 2
+    held = quota.plans[-1]
+    assert "that breached the SLO last time" in held.reason and "quota unused" not in held.reason
+    scaled_up = next(p for p in quota.plans if p.fired).actions[0]
+    assert scaled_up.evidence["breach_cause"] == "quota" and scaled_up.evidence["cpu_use_of_quota"] == 0.967
+
+    starved = run(0.15)
+    moves = [(a.params["replicas"], p.evidence["load"]) for p in starved.plans for a in p.actions]
+    assert [r for r, _ in moves] == [2, 1] and starved.replicas == 1
+    up_at = next(i for i, p in enumerate(starved.plans) if p.fired)
+    down_at = max(i for i, p in enumerate(starved.plans) if p.fired)
+    assert moves[0][1]["breach_cause"] == "starved" and moves[0][1]["cpu_use_of_quota"] == 0.5
+    assert (down_at - up_at) * 2.0 > 60  # not before the starved breach's memory ran out
+    waiting = starved.plans[up_at + 20]
+    assert "with CPU quota unused: remembered 60s" in waiting.reason
+    assert _direction_changes(starved) == 1
 
 
 def test_fast_sawtooth_holds_the_peak_count_without_oscillating() -> None:
@@ -1105,3 +1144,22 @@ def test_step_plan_replicas_and_plan_retrain_respect_limits_budget_and_cooldown(
     after = plan_retrain(_sig(), st, p, drifted, "scale_up", [])
     assert after is not None and after.after == "scale_up" and after.params == {"since_id": 42, "episode": 1}
     assert after.reason.endswith(" - after scaling up")
+
+
+def test_cpu_over_a_window_uses_the_samples_nearest_its_ends_and_the_replicas_in_both() -> None:
+    from scanflow.agents.planner.signals import cpu_over
+
+    def c(cpu_s: float, periods: int, throttled: int) -> dict[str, Any]:
+        return {"cpu_seconds": cpu_s, "cpus": 0.3, "cpu_periods": periods, "cpu_throttled_periods": throttled}
+
+    samples = [
+        (99.9, {1: c(5.0, 100, 0), 2: c(1.0, 50, 0)}),
+        (101.1, {1: c(5.3, 110, 10), 2: c(1.1, 60, 0), 3: c(0.0, 0, 0)}),  # 3: a new replica
+    ]
+    over = cpu_over(samples, 100.0, 101.0)
+    assert over["cpu_use"] == pytest.approx((0.3 + 0.1) / 1.2, abs=1e-3)
+    assert over["cpu_limit"] == pytest.approx(0.9) and over["cpu_throttled"] == 0.5
+    none = {"cpu_use": None, "cpu_limit": None, "cpu_throttled": None}
+    assert cpu_over([], 100.0, 101.0) == none
+    assert cpu_over(samples, 110.0, 111.0) == none  # no sample near the window
+    assert cpu_over(samples[:1], 100.0, 101.0) == none  # one sample covers no span

@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
+from scanflow.agents.planner.signals import cpu_over
 from scanflow.procs import child_pids, pid_alive
 from scanflow.serving import LocalDeployer, cgroups
 from scanflow.spec.models import Resources
@@ -144,6 +145,20 @@ def test_cpu_quota_holds_a_busy_replica_to_its_limit(deployer: LocalDeployer) ->
         assert rate <= 0.3, f"{rate:.2f} CPU-seconds per second with a 0.25 CPU limit"
         (w,) = deployer.status(svc)["workers"]
         assert w["cpu_use"] is not None and w["cpu_use"] <= 0.3
+        # What the planner reads to tell a replica held by its quota from a starved one: over
+        # 20 scheduler periods of this load the replica used its quota, throttled in most.
+        first = (time.time(), deployer.cpu_counters(svc))
+        assert set(first[1]) == {pid} and first[1][pid]["cpus"] == pytest.approx(0.25)
+
+        def periods() -> int:
+            return int(deployer.cpu_counters(svc)[pid]["cpu_periods"] or 0)
+
+        wait_for(lambda: periods() - int(first[1][pid]["cpu_periods"] or 0) >= 20, what="20 periods")
+        last = (time.time(), deployer.cpu_counters(svc))
+        over = cpu_over([first, last], first[0], last[0])
+        assert over["cpu_limit"] == pytest.approx(0.25)
+        assert over["cpu_use"] is not None and 0.2 <= over["cpu_use"] <= 0.3, over
+        assert over["cpu_throttled"] is not None and over["cpu_throttled"] >= 0.5, over
     finally:
         stop.set()
         for t in threads:

@@ -71,6 +71,12 @@ class Deployer(ABC):
     def status(self, service: str) -> dict[str, Any]:
         """Liveness, replicas and versions served right now."""
 
+    def cpu_counters(self, service: str) -> dict[int, dict[str, int | float | None]]:
+        """Each serving replica's CPU counters now (CPU-seconds used, quota in CPUs, scheduler
+        periods and throttled periods), for rates over a window: the planner tells a replica
+        held by its quota from one starved by a busy machine. {} where nothing is measured."""
+        return {}
+
     @abstractmethod
     def url(self, service: str) -> str:
         """Base URL of the service (`<url>/predict`)."""

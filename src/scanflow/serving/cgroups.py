@@ -227,14 +227,21 @@ def _keyed(text: str | None, key: str) -> int | None:
 
 def usage(p: CgroupPlan, pid: int) -> dict[str, int | float | None]:
     """What the replica's group says now: CPU-seconds used (counter), memory in use (bytes),
-    limits as set (cpus, memory bytes), times its OOM killer fired. None: not in a group."""
+    limits as set (cpus, memory bytes), times its OOM killer fired, and the quota's counters:
+    scheduler periods and those in which the quota ran out (`cpu_periods`,
+    `cpu_throttled_periods`; a replica throttled in most periods is held by its quota, one
+    that is slow without being throttled is starved by the machine). None: not in a group."""
     out: dict[str, int | float | None] = {"cpu_seconds": None, "cpus": None, "memory_bytes": None,
-                                          "memory_limit": None, "oom_kills": None}
+                                          "memory_limit": None, "oom_kills": None,
+                                          "cpu_periods": None, "cpu_throttled_periods": None}
     g = _groups(p, pid)
     if p.version == 2 and "v2" in g:
         d = g["v2"]
-        usec = _keyed(_read(d / "cpu.stat"), "usage_usec")
+        stat = _read(d / "cpu.stat")
+        usec = _keyed(stat, "usage_usec")
         out["cpu_seconds"] = usec / 1e6 if usec is not None else None
+        out["cpu_periods"] = _keyed(stat, "nr_periods")
+        out["cpu_throttled_periods"] = _keyed(stat, "nr_throttled")
         mx = (_read(d / "cpu.max") or "").split()
         if len(mx) == 2 and mx[0] != "max":
             out["cpus"] = int(mx[0]) / int(mx[1])
@@ -251,6 +258,9 @@ def usage(p: CgroupPlan, pid: int) -> dict[str, int | float | None]:
         quota, period = _read(g["cpu"] / "cpu.cfs_quota_us"), _read(g["cpu"] / "cpu.cfs_period_us")
         if quota and period and int(quota) > 0:
             out["cpus"] = int(quota) / int(period)
+        stat = _read(g["cpu"] / "cpu.stat")
+        out["cpu_periods"] = _keyed(stat, "nr_periods")
+        out["cpu_throttled_periods"] = _keyed(stat, "nr_throttled")
     if "memory" in g:
         cur = _read(g["memory"] / "memory.usage_in_bytes")
         out["memory_bytes"] = int(cur) if cur else None

@@ -595,6 +595,15 @@ class LocalDeployer(Deployer):
         tmp.write_text(json.dumps({p: [now, u["cpu_seconds"]] for p, u in use.items()}))
         os.replace(tmp, samples_path)
 
+    def cpu_counters(self, service: str) -> dict[int, dict[str, int | float | None]]:
+        dep = self.store.get_deployment(service)
+        if dep is None or not dep.pid or not self._master_alive(dep):
+            return {}
+        plan = self._plan(service)
+        if not plan.enforced:
+            return {}
+        return {pid: cgroups.usage(plan, pid) for pid in child_pids(int(dep.pid))}
+
     def _last_oom_kill(self, service: str) -> dict[str, Any] | None:
         """The newest replica of this deployment the kernel killed for memory (pid, time)."""
         deployed = self.store.latest_events(service, ["deployed"], limit=1)

@@ -128,6 +128,17 @@ class Hysteresis(_Strict):
         description="scale down only if the load per replica afterwards stays below this fraction "
         "of the load per replica at the last latency breach",
     )
+    quota_bound_ratio: float = Field(
+        default=0.8, gt=0, le=1,
+        description="a latency breach is the replicas' own (more of them add capacity; the load per "
+        "replica that breached is remembered, see scale_down_headroom) when they used at least this "
+        "fraction of their CPU quota in the window; under it, a busy machine starved them",
+    )
+    starved_breach_memory_s: float = Field(
+        default=60.0, ge=0,
+        description="how long scale_down_headroom holds after a breach of starved replicas (seconds, or "
+        "'1m'); a breach at the quota holds until a cold window at that load per replica",
+    )
     min_requests: int = Field(
         default=20, ge=1, description="a window with fewer requests is judged idle (cold), not hot"
     )
@@ -137,6 +148,8 @@ class Hysteresis(_Strict):
     accuracy_windows: int = Field(
         default=2, ge=1, description="windows with accuracy under the floor in a row before it counts"
     )
+
+    _dur = field_validator("starved_breach_memory_s", mode="before")(lambda v: _seconds_or_zero(v))
 
     @model_validator(mode="after")
     def _band(self) -> Hysteresis:

@@ -52,6 +52,12 @@ class Signals(BaseModel):
     in_flight: float | None = Field(
         default=None, description="average requests in flight in the window, all replicas (Little's law: "
                                   "summed latency / window length)")
+    cpu_use: float | None = Field(
+        default=None, description="CPU-seconds per second the replicas used in the window, all replicas "
+                                  "(None: not measured, e.g. no CPU limit)")
+    cpu_limit: float | None = Field(default=None, description="the replicas' CPU quotas, summed")
+    cpu_throttled: float | None = Field(
+        default=None, description="share of the replicas' scheduler periods in which the quota ran out")
     drift_reports: list[DriftReport] = Field(default_factory=list)
     accuracy_estimate: float | None = Field(default=None, description="CBPE, label-free")
     accuracy_estimate_n: int = 0
@@ -109,6 +115,9 @@ class PlannerState(BaseModel):
     retrains: list[float] = Field(default_factory=list, description="start times, last 24 h")
     last_action_at: dict[str, float] = Field(default_factory=dict)
     breach_rps_per_replica: float | None = None
+    breach_at: float | None = Field(default=None, description="when breach_rps_per_replica was recorded")
+    breach_starved: bool = Field(default=False, description="that breach came with CPU quota unused: "
+                                                            "the machine, not the replicas, was short")
     desired: list[int] = Field(default_factory=list,
                                description="replicas the load asked for in the last windows (newest "
                                            "last): a scale-down goes to the highest (stabilisation)")

@@ -7,7 +7,8 @@ It runs as a sequence of small steps, each a pure function tested on its own:
 2. guardrails - :func:`judge_probation`: a promoted model that lost to the champion it replaced
    is rolled back first, and nothing else happens in that window;
 3. arbitration - :func:`plan_replicas` (limits, scale up on a breach, scale down only after
-   cold windows, a cooldown, and below the load that breached last time), :func:`plan_retrain`
+   cold windows, a cooldown, and below the load that breached last time - for a while only when
+   the replicas had CPU quota to spare then), :func:`plan_retrain`
    (drift or low accuracy, one retrain at a time, a daily budget, a cooldown);
 4. action - the plan: actions in order, or why to hold (:func:`watching` says what a streak
    waits for).
@@ -155,6 +156,27 @@ def _desired(in_flight: float | None, target: float, ratio: float, p: Policy
     return clamp(in_flight / target), clamp(in_flight / (ratio * target))
 
 
+def _breach_cause(s: Signals, p: Policy) -> str:
+    """'quota' when the replicas used at least `quota_bound_ratio` of their CPU quota in the
+    window (they are the bottleneck: more of them add capacity), 'starved' when they left quota
+    unused (the machine was short), 'unknown' without CPU figures (no limit set)."""
+    if s.cpu_use is None or not s.cpu_limit:
+        return "unknown"
+    return "quota" if s.cpu_use >= p.hysteresis.quota_bound_ratio * s.cpu_limit else "starved"
+
+
+def _breach_ceiling(s: Signals, st: PlannerState, p: Policy) -> float | None:
+    """The load per replica a scale-down must stay under, or None: none recorded, or a breach of
+    starved replicas older than `starved_breach_memory_s`."""
+    breach = st.breach_rps_per_replica
+    if breach is None:
+        return None
+    hy = p.hysteresis
+    if st.breach_starved and st.breach_at is not None and s.now - st.breach_at > hy.starved_breach_memory_s:
+        return None
+    return hy.scale_down_headroom * breach
+
+
 def assess_load(s: Signals, st: PlannerState, p: Policy) -> Load:
     """Hot (latency, throughput or in-flight load per replica over its target), cold (idle, or
     fast and under the load target) or neither; counts the streaks on `st`, remembers the
@@ -175,14 +197,19 @@ def assess_load(s: Signals, st: PlannerState, p: Policy) -> Load:
     hot = hot_latency or throughput_breach or hot_load
     cold = not hot and (idle or (p95 is not None and p95 < hy.scale_down_latency_ratio * slo))
     up, down = _desired(in_flight, target, hy.scale_down_load_ratio, p)
+    cause = _breach_cause(s, p)
     if hot:
         st.hot_streak, st.cold_streak = st.hot_streak + 1, 0
         # Only a window served by one replica count all along says what one replica carries.
         # Any latency breach counts, even with the replicas under their in-flight target (a busy
         # machine): a scale-down into it would flap (measured: 3 -> 1 -> 2 -> 1 -> 2 at 100 req/s).
+        # But a breach of replicas that left CPU quota unused (a retrain took the cores) says
+        # nothing lasting about what a replica carries: it is forgotten after a while, or the
+        # service would stay scaled up at the clean load for good (measured: held at 2 all demo).
         steady = _since(st, "scale_up", s.now) > s.window_s and _since(st, "scale_down", s.now) > s.window_s
         if hot_latency and steady:
-            st.breach_rps_per_replica = per_replica
+            st.breach_rps_per_replica, st.breach_at = per_replica, s.now
+            st.breach_starved = cause == "starved"
     elif cold:
         st.hot_streak, st.cold_streak = 0, st.cold_streak + 1
         if st.breach_rps_per_replica is not None and not idle and per_replica >= st.breach_rps_per_replica:
@@ -203,7 +230,11 @@ def assess_load(s: Signals, st: PlannerState, p: Policy) -> Load:
         "scale_up_above_ms": hy.scale_up_latency_ratio * slo,
         "scale_down_below_ms": hy.scale_down_latency_ratio * slo,
         "scale_up_windows": hy.scale_up_windows, "scale_down_windows": hy.scale_down_windows,
-        "breach_rps_per_replica": st.breach_rps_per_replica,
+        "breach_rps_per_replica": st.breach_rps_per_replica, "breach_starved": st.breach_starved,
+        "cpu_use": s.cpu_use, "cpu_limit": s.cpu_limit, "cpu_throttled": s.cpu_throttled,
+        "cpu_use_of_quota": (round(s.cpu_use / s.cpu_limit, 3) if s.cpu_use is not None and s.cpu_limit
+                             else None),
+        "quota_bound_ratio": hy.quota_bound_ratio, "breach_cause": cause if hot_latency else None,
     }
     return Load(hot=hot, cold=cold, idle=idle, hot_latency=hot_latency, p95=p95, rps=rps, evidence=ev,
                 hot_load=hot_load, in_flight=in_flight, desired_up=up)
@@ -296,7 +327,8 @@ def plan_replicas(s: Signals, st: PlannerState, p: Policy, load: Load, hold: lis
 def _scale_down(s: Signals, st: PlannerState, p: Policy, load: Load, hold: list[str]) -> PlannedAction | None:
     """To the most replicas the load asked for over the cold windows (stabilisation), sized so
     each carries at most `scale_down_load_ratio` x the in-flight target; without a target, one
-    `scale_step` down. Never into the load per replica that breached the SLO last time."""
+    `scale_step` down. Never into the load per replica that breached the SLO last time (a
+    breach of starved replicas only for `starved_breach_memory_s`)."""
     n, lim, hy, slo = s.replicas, p.limits, p.hysteresis, p.objectives.p95_latency_ms
     target_load = p.objectives.in_flight_per_replica
     sized = target_load > 0 and load.in_flight is not None
@@ -308,8 +340,7 @@ def _scale_down(s: Signals, st: PlannerState, p: Policy, load: Load, hold: list[
         return None
     projected = load.rps / target
     wait = p.cooldowns.scale_down - min(_since(st, "scale_down", s.now), _since(st, "scale_up", s.now))
-    breach = st.breach_rps_per_replica
-    ceiling = None if breach is None else hy.scale_down_headroom * breach
+    ceiling = _breach_ceiling(s, st, p)
     if wait > 0:
         hold.append(f"load low for {st.cold_streak} windows but scale-down cooldown: {wait:.0f}s left")
         return None
@@ -318,6 +349,8 @@ def _scale_down(s: Signals, st: PlannerState, p: Policy, load: Load, hold: list[
             f"load low, but {target} replica(s) would carry {projected:.2f} req/s each, >= "
             f"{hy.scale_down_headroom:.0%} of the {st.breach_rps_per_replica:.2f} req/s per replica "
             "that breached the SLO last time"
+            + (f" (with CPU quota unused: remembered {hy.starved_breach_memory_s:.0f}s)"
+               if st.breach_starved else "")
         )
         return None
     why = ("no traffic" if load.idle else

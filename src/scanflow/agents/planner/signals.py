@@ -270,6 +270,54 @@ def _measure(ctx: AgentContext, svc: str, version: str | None, t0: float, t1: fl
             **{k: v for k, v in last.items() if k not in ("version", "t1")}}
 
 
+CPU_SAMPLES_KEPT_S = 30.0
+
+
+def _sample_cpu(ctx: AgentContext, svc: str, now: float) -> None:
+    """Read the replicas' CPU counters on every tick (a few small files): a window's CPU use
+    is the difference between the samples nearest its ends. Kept in memory: after a restart
+    the first window has none, and is judged on latency and in flight alone."""
+    samples: list[tuple[float, dict[int, dict[str, Any]]]] = ctx.__dict__.setdefault("_cpu_samples", [])
+    try:
+        counters = ctx.deployer.cpu_counters(svc)
+    except Exception as exc:  # noqa: BLE001 - CPU use is an extra signal; its failure is not the planner's
+        log.debug("no CPU counters for %s: %s", svc, exc)
+        return
+    counters = {pid: c for pid, c in counters.items() if c.get("cpu_seconds") is not None}
+    if not counters:
+        return
+    samples.append((now, counters))
+    while samples and samples[0][0] < now - CPU_SAMPLES_KEPT_S:
+        samples.pop(0)
+
+
+def cpu_over(samples: list[tuple[float, dict[int, dict[str, Any]]]], t0: float, t1: float,
+             tolerance_s: float = 0.5) -> dict[str, float | None]:
+    """CPU use (CPU-s/s, all replicas), quota (CPUs, summed) and the share of throttled periods
+    between the samples nearest `t0` and `t1` (each within `tolerance_s`), over the replicas
+    present in both. All None when the samples do not cover the window."""
+    none: dict[str, float | None] = {"cpu_use": None, "cpu_limit": None, "cpu_throttled": None}
+    if not samples:
+        return none
+    a = min(samples, key=lambda x: abs(x[0] - t0))
+    b = min(samples, key=lambda x: abs(x[0] - t1))
+    if abs(a[0] - t0) > tolerance_s or abs(b[0] - t1) > tolerance_s or b[0] - a[0] < 0.5 * (t1 - t0):
+        return none
+    both = [pid for pid in b[1] if pid in a[1]]
+    if not both:
+        return none
+    span = b[0] - a[0]
+
+    def delta(key: str) -> float:
+        return float(sum((b[1][p].get(key) or 0) - (a[1][p].get(key) or 0) for p in both))
+
+    periods = delta("cpu_periods")
+    limits = [b[1][p].get("cpus") for p in b[1]]
+    return {"cpu_use": round(max(delta("cpu_seconds"), 0.0) / span, 4),
+            "cpu_limit": float(sum(x for x in limits if x)) if all(limits) else None,
+            "cpu_throttled": round(delta("cpu_throttled_periods") / periods, 4) if periods > 0 else None}
+
+
 def service_signals(
     ctx: AgentContext,
     window_s: float = 10.0,
@@ -300,6 +348,7 @@ def service_signals(
         _warm_up(ctx)
     now = time.time()
     drift_set, done_set = set(drift_kinds or ["drift_report"]), set(done_kinds or ["retrain_done"])
+    _sample_cpu(ctx, svc, now)
     opened = _open_window(ctx, now, window_s, settle_s, list(drift_kinds or ["drift_report"])
                           + list(done_kinds or ["retrain_done"]))
     if opened is None:
@@ -317,6 +366,7 @@ def service_signals(
         notes.append(f"{skipped} window(s) went by unjudged while the planner was down")
     m = _measure(ctx, svc, version, t0, t1, notes, cbpe, (labelled_window, labelled_lookback_s),
                  (calibration_size, min_calibration, proba_key), quality_every_s)
+    m.update(cpu_over(ctx.__dict__.get("_cpu_samples", []), t0, t1))
     probation = _probation(ctx, svc, version, policy_for(ctx, svc), load_state(ctx))
     sig = Signals(window=key, now=now, window_s=window_s, replicas=dep.replicas if dep else 0,
                   model_version=version, throughput_rps=m["n_requests"] / window_s, drift_reports=reports,
