@@ -379,7 +379,7 @@ def test_a_breach_at_the_cpu_quota_is_remembered_one_of_starved_replicas_is_forg
             else:
                 sim.step(p95=15, rps=50, in_flight=0.4, cpu=(0.18, 0.6))
         for _ in range(60):  # 120 s: the cause is gone, one replica would hold the load again
-            sim.step(p95=15, rps=50, in_flight=0.4, cpu=(0.16 * sim.replicas, 0.3 * sim.replicas))
+            sim.step(p95=15, rps=50, in_flight=0.4, cpu=(0.17, 0.3 * sim.replicas))
         return sim
 
     quota = run(0.29)
@@ -399,6 +399,22 @@ def test_a_breach_at_the_cpu_quota_is_remembered_one_of_starved_replicas_is_forg
     waiting = starved.plans[up_at + 20]
     assert "with CPU quota unused: remembered 60s" in waiting.reason
     assert _direction_changes(starved) == 1
+
+
+def test_no_scale_down_while_the_replicas_cpu_needs_them_even_with_the_queue_drained() -> None:
+    """Three replicas (0.3 CPU each) carry a spike with almost nothing in flight - the queue is
+    gone, p95 is low - but they use 0.66 CPU: on two, 0.33 each would be over 80 % of the quota
+    (measured: 3 -> 2 mid-spike, and p95 over the SLO again). It holds 3, then goes to 1 after."""
+    sim = Sim(queue_policy(), replicas=3, window_s=2.0)
+    during = [sim.step(p95=5, rps=400, in_flight=0.6, cpu=(0.66, 0.9)) for _ in range(20)]
+    assert not any(p.fired for p in during) and sim.replicas == 3
+    why = during[-1].reason
+    assert "the replicas use 0.66 CPU: 0.33 each on 2 would be over 80% of the 0.30 CPU quota" in why
+    assert during[-1].evidence["load"]["replicas_for_cpu"] == 3
+    after = [sim.step(p95=5, rps=100, in_flight=0.2, cpu=(0.18, 0.9)) for _ in range(20)]
+    downs = [a for p in after for a in p.actions]
+    assert [(a.kind, a.params["replicas"]) for a in downs] == [("scale_down", 1)]
+    assert "CPU 0.18 (0.18 each on 1, <= 80% of 0.30)" in downs[0].reason
 
 
 def test_fast_sawtooth_holds_the_peak_count_without_oscillating() -> None:

@@ -177,6 +177,17 @@ def _breach_ceiling(s: Signals, st: PlannerState, p: Policy) -> float | None:
     return hy.scale_down_headroom * breach
 
 
+def _cpu_need(s: Signals, p: Policy) -> int | None:
+    """The fewest replicas that would carry the window's CPU use each under `quota_bound_ratio`
+    of its quota (where a breach would be theirs); None without CPU figures. In-flight load
+    alone under-counts a service whose queue the replicas have just drained: measured, 3 -> 2
+    in the middle of a spike that two replicas had breached on a minute before."""
+    if s.cpu_use is None or not s.cpu_limit or s.replicas <= 0:
+        return None
+    per_replica = s.cpu_limit / s.replicas
+    return max(1, math.ceil(round(s.cpu_use / (p.hysteresis.quota_bound_ratio * per_replica), 6)))
+
+
 def assess_load(s: Signals, st: PlannerState, p: Policy) -> Load:
     """Hot (latency, throughput or in-flight load per replica over its target), cold (idle, or
     fast and under the load target) or neither; counts the streaks on `st`, remembers the
@@ -216,8 +227,12 @@ def assess_load(s: Signals, st: PlannerState, p: Policy) -> Load:
             st.breach_rps_per_replica = None  # cold at that load: the old breach level is stale
     else:
         st.hot_streak = st.cold_streak = 0
-    # What the load asked for, newest last; a hot window asks for at least what serves now.
+    # What the load asked for, newest last; a hot window asks for at least what serves now, a
+    # cold one for at least what its CPU use needs.
+    need = _cpu_need(s, p)
     asked = max(s.replicas, up or 0) if hot else (down if down is not None else s.replicas)
+    if not hot and need is not None:
+        asked = max(asked, min(need, p.limits.max_replicas))
     st.desired = [*st.desired, asked][-max(hy.scale_down_windows, 1):]
     ev = {
         "p95_latency_ms": p95, "slo_p95_ms": slo, "throughput_rps": s.throughput_rps,
@@ -235,6 +250,7 @@ def assess_load(s: Signals, st: PlannerState, p: Policy) -> Load:
         "cpu_use_of_quota": (round(s.cpu_use / s.cpu_limit, 3) if s.cpu_use is not None and s.cpu_limit
                              else None),
         "quota_bound_ratio": hy.quota_bound_ratio, "breach_cause": cause if hot_latency else None,
+        "replicas_for_cpu": need,
     }
     return Load(hot=hot, cold=cold, idle=idle, hot_latency=hot_latency, p95=p95, rps=rps, evidence=ev,
                 hot_load=hot_load, in_flight=in_flight, desired_up=up)
@@ -333,10 +349,20 @@ def _scale_down(s: Signals, st: PlannerState, p: Policy, load: Load, hold: list[
     target_load = p.objectives.in_flight_per_replica
     sized = target_load > 0 and load.in_flight is not None
     target = max(lim.min_replicas, max(st.desired) if sized and st.desired else n - lim.scale_step)
+    need = _cpu_need(s, p)
+    if need is not None and need > target:
+        target = need
     if target >= n:
-        hold.append(f"load low for {st.cold_streak} windows, but the in-flight load asked for {target} "
-                    f"replica(s) in the last {len(st.desired)} window(s) (<= "
-                    f"{hy.scale_down_load_ratio:g} x {target_load:g} in flight per replica)")
+        if need is not None and need >= n:
+            per = (s.cpu_use or 0.0) / max(n - 1, 1)
+            hold.append(f"load low for {st.cold_streak} windows, but the replicas use {s.cpu_use:.2f} CPU: "
+                        f"{per:.2f} each on {n - 1} would be over {hy.quota_bound_ratio:.0%} of the "
+                        f"{(s.cpu_limit or 0.0) / n:.2f} CPU quota")
+        else:
+            hold.append(f"load low for {st.cold_streak} windows, but the load asked for {target} "
+                        f"replica(s) in the last {len(st.desired)} window(s) (<= "
+                        f"{hy.scale_down_load_ratio:g} x {target_load:g} in flight per replica, CPU under "
+                        f"{hy.quota_bound_ratio:.0%} of the quota)")
         return None
     projected = load.rps / target
     wait = p.cooldowns.scale_down - min(_since(st, "scale_down", s.now), _since(st, "scale_up", s.now))
@@ -359,6 +385,9 @@ def _scale_down(s: Signals, st: PlannerState, p: Policy, load: Load, hold: list[
         f = load.in_flight
         why += (f", in flight {f:.2f} ({f / n:.2f}/replica; {f / target:.2f} on {target}, <= "
                 f"{hy.scale_down_load_ratio:g} x target {target_load:g})")
+    if need is not None and not load.idle and s.cpu_use is not None and s.cpu_limit:
+        why += (f", CPU {s.cpu_use:.2f} ({s.cpu_use / target:.2f} each on {target}, <= "
+                f"{hy.quota_bound_ratio:.0%} of {s.cpu_limit / n:.2f})")
     return PlannedAction(
         kind="scale_down", params={"replicas": target},
         evidence={**load.evidence, "projected_rps_per_replica": projected, "ceiling_rps_per_replica": ceiling,
