@@ -450,6 +450,7 @@ def retrain_and_promote(
     if not (ctx.action is not None and ctx.action.resumed):
         ctx.event("retrain_started", episode=episode, labelled=len(rows), since_id=since_id,
                   champion_version=dep.model_version, data=data_path)
+    ctx.deployer.warm_up(svc)  # a rollout follows a good retrain: its load check starts warm
     res = _start_or_continue(
         ctx, target, workflow, {NEW_DATA_PARAM: data_path},
         {"by": "agent", "agent": ctx.name, "reason": "drift held", "episode": episode,

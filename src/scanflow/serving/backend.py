@@ -71,6 +71,10 @@ class Deployer(ABC):
     def status(self, service: str) -> dict[str, Any]:
         """Liveness, replicas and versions served right now."""
 
+    def warm_up(self, service: str) -> None:  # noqa: B027 - optional: most backends need nothing
+        """A rollout of `service` is likely soon (a retrain started): get ready for it now,
+        e.g. start the process that checks a new version loads. Optional."""
+
     def cpu_counters(self, service: str) -> dict[int, dict[str, int | float | None]]:
         """Each serving replica's CPU counters now (CPU-seconds used, quota in CPUs, scheduler
         periods and throttled periods), for rates over a window: the planner tells a replica

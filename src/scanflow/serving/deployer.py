@@ -21,7 +21,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -51,6 +50,7 @@ from scanflow.serving.master import (
     tail,
 )
 from scanflow.serving.predlog import collect_all
+from scanflow.serving.preflight import Preflight, PreflightFailed
 from scanflow.settings import Settings
 from scanflow.spec.models import Resources
 from scanflow.store import Store
@@ -92,6 +92,8 @@ class LocalDeployer(Deployer):
         self.stop_timeout = stop_timeout
         self.preflight = preflight
         self._procs: dict[int, subprocess.Popen[bytes]] = {}  # masters we started: reap them
+        self._loader = Preflight({**os.environ, **settings.child_env(), "OMP_NUM_THREADS": "1",
+                                  "MLFLOW_DISABLE_TELEMETRY": "true"}, BASE_PRELOAD)
 
     # -- paths and small helpers -------------------------------------------------------------
     def workdir(self, service: str) -> Path:
@@ -441,12 +443,12 @@ class LocalDeployer(Deployer):
         change(cfg)
         cfg.generation = old_cfg.generation + 1
         cfg.replicas = dep.replicas
+        self._materialise(cfg)
         if self.preflight:
             for v in cfg.versions:
                 if v not in old_cfg.versions:
-                    self._preflight(cfg.model_name, v, service)
+                    self._preflight(cfg.model_name, v, cfg.model_paths[v])
         cfg.preload = self._preload(cfg.model_name, cfg.model_version)
-        self._materialise(cfg)
         t0 = time.monotonic()
         cfg.save(path)
         self.store.add_event(SOURCE, f"{kind}_started", service, actor=self.actor,
@@ -498,21 +500,21 @@ class LocalDeployer(Deployer):
             if v not in cfg.versions and v != cfg.previous_version:
                 cfg.model_paths.pop(v)
 
-    def _preflight(self, model: str, version: str, service: str) -> None:
-        """Load the new version in a throw-away process: a worker that fails to boot makes
-        gunicorn halt the whole service, so never HUP into a version that does not load."""
-        uri = f"models:/{model}/{version}"
-        code = "import sys, mlflow.pyfunc; mlflow.pyfunc.load_model(sys.argv[1])"
-        env = self._env(self._config_path(service), self.workdir(service) / "metrics")
-        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    def _preflight(self, model: str, version: str, path: str) -> None:
+        """Load the new version's local copy (what the workers will load) in a throw-away
+        process: a worker that fails to boot makes gunicorn halt the whole service, so never
+        HUP into a version that does not load (`serving.preflight`)."""
         try:
-            res = subprocess.run([sys.executable, "-c", code, uri], env=env, capture_output=True,
-                                 timeout=self.ready_timeout, stdin=subprocess.DEVNULL)
-        except subprocess.TimeoutExpired:
-            raise RuntimeError(f"{uri}: loading took longer than {self.ready_timeout}s") from None
-        if res.returncode != 0:
-            err = res.stderr.decode(errors="replace").strip().splitlines()[-10:]
-            raise RuntimeError(f"{uri} does not load, rollout refused:\n" + "\n".join(err))
+            self._loader.check(path, self.ready_timeout)
+        except PreflightFailed as exc:
+            raise RuntimeError(f"models:/{model}/{version} does not load, rollout refused:\n{exc}") from None
+
+    def warm_up(self, service: str) -> None:
+        try:
+            modules = ServiceConfig.load(self._config_path(service)).preload
+        except (OSError, ValueError):
+            modules = list(BASE_PRELOAD)
+        self._loader.warm_up(modules)
 
     def stop(self, service: str) -> None:
         with self._locked(service):
