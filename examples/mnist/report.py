@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 SERVICE = "mnist"
-WINDOW = 500  # the monitor's window (dataengineer/scanflow.yaml)
+WINDOW = 250  # the monitor's window (dataengineer/scanflow.yaml)
 BIN_S = 1.0  # latency is judged per second
 
 
