@@ -175,6 +175,10 @@ def write_report(settings: Any, store: Any, served: list[Any], phases: list[dict
         t_rs = next((e.ts for e in _between(events, "retrain_started", start, end)), None)
         t_rf = next((e.ts for e in _between(events, "retrain_finished", start, end + 60)), None)
         t_roll = next((e.ts for e in _between(events, "rollout_completed", start, end + 60)), None)
+        # Labels the executor took for this corruption: every retrain until its rollout (a
+        # rejected candidate's labels count too).
+        labels = sum(int(e.payload.get("labelled") or 0) for e in
+                     _between(events, "retrain_started", start, t_roll if t_roll else end))
         after = _acc(by_phase.get(f"after_{label}", []))
         delay_samples = sum(1 for r in recs if r.t < t_det) if t_det else None
         corruptions[label] = {
@@ -187,6 +191,7 @@ def write_report(settings: Any, store: Any, served: list[Any], phases: list[dict
                                                and after >= acc_clean - 0.03),
             "retrain_seconds": (t_rf - t_rs) if t_rf and t_rs else None,
             "drift_to_rollout_seconds": (t_roll - start) if t_roll else None,
+            "labels": labels,
             "promoted_version": promoted[0].payload.get("version") if promoted else None,
         }
 
@@ -228,13 +233,20 @@ def write_report(settings: Any, store: Any, served: list[Any], phases: list[dict
     acc = {"clean": acc_clean,
            **{f"{k}_before": v["accuracy_before"] for k, v in corruptions.items()},
            **{f"{k}_after": v["accuracy_after"] for k, v in corruptions.items()}}
+    expected = 1 if getattr(args, "one_corruption", False) else 2
+    every = len(corruptions) == expected
     targets: dict[str, bool] = {} if getattr(args, "spike_only", False) else {
-        "every_corruption_detected_within_one_window": len(corruptions) == 2 and all(
+        "every_corruption_detected_within_one_window": every and all(
             c["detected_within_one_window"] for c in corruptions.values()),
         "no_false_alarm_in_clean_phase": not false_clean,
-        "every_corruption_promoted_and_rolled_out": len(corruptions) == 2 and all(
+        "every_corruption_promoted_and_rolled_out": every and all(
             c["drift_to_rollout_seconds"] is not None for c in corruptions.values()),
-        "accuracy_back_within_3_points_of_clean": len(corruptions) == 2 and all(
+        "every_corruption_rolled_out_within_30s_of_onset": every and all(
+            c["drift_to_rollout_seconds"] is not None and c["drift_to_rollout_seconds"] <= 30.0
+            for c in corruptions.values()),
+        "every_corruption_on_at_most_500_labels": every and all(
+            0 < c["labels"] <= 500 for c in corruptions.values()),
+        "accuracy_back_within_3_points_of_clean": every and all(
             c["after_within_3_points_of_clean"] for c in corruptions.values()),
     }
     if spike:
