@@ -245,8 +245,8 @@ def test_a_workflow_that_keeps_the_contracts_reaches_the_gate(tmp_path: Path, se
 
 
 def _retrain_data(served: Served) -> tuple[dict[str, Any], np.ndarray]:
-    """The `retrain_started` event's payload and the inputs the executor wrote for the run."""
-    (started,) = served.store.list_events(served.service, ["retrain_started"])
+    """The last `retrain_started` event's payload and the inputs the executor wrote for the run."""
+    started = served.store.list_events(served.service, ["retrain_started"])[-1]
     with np.load(started.payload["data"]) as z:
         return dict(started.payload), np.concatenate([z["x_new"], z["x_holdout"]])
 
@@ -264,6 +264,14 @@ def test_the_retrain_takes_the_newest_labels_of_the_episode_up_to_the_cap(tmp_pa
     payload, used = _retrain_data(served)
     assert payload["labelled"] == 60 and payload["since_id"] == int(ids[20])
     assert sorted(map(tuple, used.tolist())) == sorted(map(tuple, np.asarray(x[-60:]).tolist()))
+    # The gate said no (a constant model); the next try of the same champion takes every label
+    # of its episode: a verdict on 30 % of 60 rows could not show a small gain.
+    assert served.store.list_events(served.service, ["promotion_rejected"])
+    _, again = _retrain(served, _retrain_app(tmp_path / "app2", "ok"), "m2",
+                        {"since_id": int(ids[20]), "episode": 2}, min_labels=50, max_labels=60)
+    assert again["status"] == "succeeded", again
+    payload, used = _retrain_data(served)
+    assert payload["labelled"] == 100 and len(used) == 100
 
 
 @pytest.mark.slow
