@@ -1,7 +1,9 @@
 """How should the retrain adapt the champion to a drift, fast and with few labels? Offline figures.
 
-For each corruption it takes the case study's champion (MLP(128), 5 epochs on the 60k clean
-training images, like the `train` workflow's `train_a`) and adapts it with ``--labels`` labelled
+For each corruption it takes the case study's champion (like the `train` workflow's `train_a`:
+MLP(256), 10 epochs on the 60k clean training images, half of them shown each epoch as a random
+augmented view; ``--hidden 128 --champion-epochs 5 --augment 0`` is the earlier plain MLP(128))
+and adapts it with ``--labels`` labelled
 corrupted *training* images (the executor's 70 % share of what it waited for; the other 30 %
 is its holdout) by each method below, then scores the result on all 10k corrupted test digits
 and on the 10k clean ones (the promotion gate refuses a candidate that loses on clean data):
@@ -10,8 +12,9 @@ and on the 10k clean ones (the promotion gate refuses a candidate that loses on 
 - ``adabn``: no labels: the first layer's pre-activations re-standardised to their clean mean
   and spread on the drifted inputs (batch-norm statistics, re-estimated; folded into the
   weights);
-- ``ft``: fine-tune the champion (Adam afresh) on a clean subset plus shifted views of the new
-  labelled samples, a few epochs (the retrain step's recipe, made small);
+- ``ft``: fine-tune the champion (Adam afresh) on a clean subset (``--augment`` of it as
+  augmented views, as the champion saw it) plus shifted views of the new labelled samples, a few
+  epochs (the retrain step's recipe);
 - ``adabn+ft``: both, in that order;
 - ``ft+pseudo``: ``ft``, then once more with ``--unlabelled`` drifted inputs pseudo-labelled by
   the ``ft`` model where it is confident (>= 0.9);
@@ -32,7 +35,7 @@ from typing import Any
 
 import numpy as np
 from corruptions import CORRUPTIONS, corrupt
-from mnist_common import build_model, fine_tune, flat, shifted_copies
+from mnist_common import augmented_views, build_model, fine_tune, flat, shifted_copies
 from mnist_data import load_mnist
 
 TEST_SEED, TRAIN_SEED, UNLABELLED_SEED = 1, 2, 4
@@ -80,8 +83,12 @@ def adapt(method: str, champion: Any, clean_x: np.ndarray, clean_y: np.ndarray,
         return fine_tune(champion, x, y, 10, seed, learning_rate=3e-4, dtype="float32", threads=1)
     start = renormalise(champion, clean_x[: args.stats], flat(new_x)) if method == "adabn+ft" else champion
     idx = rng.choice(len(clean_y), args.clean_subset, replace=False)
+    part = clean_x[idx].copy()
+    if args.augment > 0:
+        pick = rng.random(len(idx)) < args.augment
+        part[pick] = augmented_views(part[pick], rng)
     views = shifted_copies(flat(new_x), args.oversample, 1, rng)
-    x = np.concatenate([clean_x[idx], views])
+    x = np.concatenate([part, views])
     y = np.concatenate([clean_y[idx], np.tile(new_y, args.oversample)])
     model = fine_tune(start, x, y, args.epochs, seed, learning_rate=args.lr, dtype="float32", threads=1)
     if method != "ft+pseudo":
@@ -105,6 +112,11 @@ def main() -> None:
     parser.add_argument("--unlabelled", type=int, default=1000, help="drifted inputs for pseudo-labels")
     parser.add_argument("--stats", type=int, default=5000, help="clean images for the clean statistics")
     parser.add_argument("--clean-subset", type=int, default=12000)
+    parser.add_argument("--hidden", type=int, default=256, help="the champion's hidden units")
+    parser.add_argument("--champion-epochs", type=int, default=10)
+    parser.add_argument("--augment", type=float, default=0.5,
+                        help="share of augmented views in the champion's epochs and the clean part "
+                             "of a fine-tune (0 = plain)")
     parser.add_argument("--oversample", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -116,7 +128,8 @@ def main() -> None:
     args = parser.parse_args()
 
     x_train, y_train, x_test, y_test = load_mnist(args.workspace)
-    champion = build_model(flat(x_train), y_train, 128, 5, 0, threads=1)
+    champion = build_model(flat(x_train), y_train, args.hidden, args.champion_epochs, 0,
+                           dtype="float32", threads=1, augment=args.augment)
     clean_x = flat(x_train)
     if args.after:
         first = np.random.default_rng(99).permutation(len(y_train))[: args.labels]
@@ -124,7 +137,7 @@ def main() -> None:
                          corrupt(x_train[first], args.after, args.severity, seed=TRAIN_SEED + 99),
                          y_train[first], np.zeros((0, 28, 28), np.uint8), args, 99)
     clean_acc = acc(champion, x_test, y_test)
-    print(f"champion MLP(128){' after ' + args.after if args.after else ''}: "
+    print(f"champion MLP({args.hidden}){' after ' + args.after if args.after else ''}: "
           f"clean test accuracy {clean_acc:.4f}")
     rows: list[dict[str, Any]] = []
     for name in args.corruptions:

@@ -146,7 +146,8 @@ def _retrain_app(root: Path, mode: str, params: str = "params: {new_data: {type:
     return root / "scanflow.yaml"
 
 
-def _retrain(served: Served, spec: Path, key: str) -> tuple[Agent, dict[str, Any]]:
+def _retrain(served: Served, spec: Path, key: str, message: dict[str, Any] | None = None,
+             **params: Any) -> tuple[Agent, dict[str, Any]]:
     """An executor handles one `retrain` message: the agent, and the action as its decision
     records it."""
     svc, store, agent_name = served.service, served.store, f"executor-{served.service}"
@@ -154,10 +155,10 @@ def _retrain(served: Served, spec: Path, key: str) -> tuple[Agent, dict[str, Any
         agent_name: AgentSpec(role="executor", service=svc, sensors=[SensorSpec(
             name="act", triggers=[{"event": {"message": {"kind": "retrain"}}}], actuators=[
                 {"func": "retrain_and_promote",
-                 "params": {"app": str(spec), "min_labels": 80, "label_wait_s": 0}}])])})
+                 "params": {"app": str(spec), "min_labels": 80, "label_wait_s": 0, **params}}])])})
     app.base_dir = spec.parent
     agent = Agent(served.settings, store, validate_application(app), agent_name)
-    store.send_message("planner", agent_name, "retrain", {"service": svc, "episode": 1},
+    store.send_message("planner", agent_name, "retrain", {"service": svc, "episode": 1, **(message or {})},
                        key=f"{svc}-{key}")  # message keys are unique in the whole store
     agent.poll("act")
     return agent, _action(served, key)
@@ -241,3 +242,48 @@ def test_a_workflow_that_keeps_the_contracts_reaches_the_gate(tmp_path: Path, se
     assert list(served.store.list_events(served.service, ["contract_violation"])) == []
     (finished,) = served.store.list_events(served.service, ["retrain_finished"])
     assert finished.payload["new_candidate_only"] is not None  # the paired counts reached the executor
+
+
+def _retrain_data(served: Served) -> tuple[dict[str, Any], np.ndarray]:
+    """The last `retrain_started` event's payload and the inputs the executor wrote for the run."""
+    started = served.store.list_events(served.service, ["retrain_started"])[-1]
+    with np.load(started.payload["data"]) as z:
+        return dict(started.payload), np.concatenate([z["x_new"], z["x_holdout"]])
+
+
+@pytest.mark.slow
+def test_the_retrain_takes_the_newest_labels_of_the_episode_up_to_the_cap(tmp_path: Path,
+                                                                          served: Served) -> None:
+    """An episode that began at the 21st request has 100 labelled requests; the cap is 60:
+    the retrain learns from (and is judged on) the 60 newest, none from before the episode."""
+    ids = served.store.prediction_window(served.service, with_inputs=False).ids
+    x = served.store.prediction_window(served.service).inputs
+    _, action = _retrain(served, _retrain_app(tmp_path / "app", "ok"), "m1",
+                         {"since_id": int(ids[20])}, min_labels=50, max_labels=60)
+    assert action["status"] == "succeeded", action
+    payload, used = _retrain_data(served)
+    assert payload["labelled"] == 60 and payload["since_id"] == int(ids[20])
+    assert sorted(map(tuple, used.tolist())) == sorted(map(tuple, np.asarray(x[-60:]).tolist()))
+    # The gate said no (a constant model); the next try of the same champion takes every label
+    # of its episode: a verdict on 30 % of 60 rows could not show a small gain.
+    assert served.store.list_events(served.service, ["promotion_rejected"])
+    _, again = _retrain(served, _retrain_app(tmp_path / "app2", "ok"), "m2",
+                        {"since_id": int(ids[20]), "episode": 2}, min_labels=50, max_labels=60)
+    assert again["status"] == "succeeded", again
+    payload, used = _retrain_data(served)
+    assert payload["labelled"] == 100 and len(used) == 100
+
+
+@pytest.mark.slow
+def test_a_retrain_asked_by_the_accuracy_rule_starts_its_episode_at_since_ts(tmp_path: Path,
+                                                                             served: Served) -> None:
+    """No drifted window (no `since_id`): the episode starts at `since_ts`, not when the
+    champion began serving; the requests stamped 1000-1089 are left out."""
+    x = served.store.prediction_window(served.service).inputs
+    ids = served.store.prediction_window(served.service, with_inputs=False).ids
+    _, action = _retrain(served, _retrain_app(tmp_path / "app", "ok"), "m1", {"since_ts": 1090.0},
+                         min_labels=20, max_labels=40)
+    assert action["status"] == "succeeded", action
+    payload, used = _retrain_data(served)
+    assert payload["since_id"] == int(ids[90]) and payload["labelled"] == 30
+    assert sorted(map(tuple, used.tolist())) == sorted(map(tuple, np.asarray(x[90:]).tolist()))

@@ -131,14 +131,14 @@ def test_drift_judged_against_another_versions_reference_is_ignored() -> None:
         assert not out.actions
         assert "judged against version(s) 4, not the served 3: ignored" in " ".join(out.hold)
     assert state.drift_streak == 0
-    # Reports about the served version count, and the episode starts after the first window.
+    # Reports about the served version count, and the episode starts with the first drifted window.
     for i in range(2):
         sig = Signals(window=f"v{i}", now=2000.0 + 10 * i, model_version="3",
                       drift_reports=[DriftReport(drift=True, first_id=5001 + 500 * i, last_id=5500 + 500 * i,
                                                  tests=["ks"], reference_version="3")])
         out, state = plan(sig, state, pol)
     assert [a.kind for a in out.actions] == ["retrain"]
-    assert out.actions[0].params["since_id"] == 5501
+    assert out.actions[0].params["since_id"] == 5001
 
 
 def test_drift_without_latency_breach_retrains() -> None:
@@ -509,6 +509,10 @@ def test_label_free_estimate_acts_before_labels_and_labels_override_it() -> None
     assert out.actions[0].kind == "retrain"
     assert out.actions[0].evidence["accuracy_source"] == "cbpe"
     assert "accuracy under the floor" in out.actions[0].reason
+    # No drifted window yet: the episode starts with the first window under the floor (two
+    # windows of 10 s back from the end of this one), not when the champion began serving.
+    assert out.actions[0].params["since_id"] is None
+    assert out.actions[0].params["since_ts"] == sim.now - 3 * sim.window_s
     # With enough labels, the label-joined figure wins over an (optimistic) estimate.
     sim2 = Sim(fast())
     for _ in range(2):
@@ -787,11 +791,11 @@ def test_agent_retrains_on_drift_once_across_a_restart(planner_app: Any, setting
     assert len(decisions) == 1 and decisions[0].fired
     ev = decisions[0].evidence
     assert ev["plan"]["actions"][0]["kind"] == "retrain"
-    assert ev["plan"]["actions"][0]["params"]["since_id"] == 1500  # after the onset's window
+    assert ev["plan"]["actions"][0]["params"]["since_id"] == 1000  # the first drifted window
     assert ev["signals"]["n_requests"] == 200 and ev["signals"]["p95_latency_ms"] == 20.0
     assert ev["policy"]["objectives"]["p95_latency_ms"] == 100
     sent = store.list_messages("executor")
-    assert len(sent) == 1 and sent[0].kind == "retrain" and sent[0].payload["since_id"] == 1500
+    assert len(sent) == 1 and sent[0].kind == "retrain" and sent[0].payload["since_id"] == 1000
     assert not store.inbox("planner")  # the drift reports were consumed
     kinds = [e.kind for e in store.list_events("svc")]
     assert kinds == ["retrain_requested"]

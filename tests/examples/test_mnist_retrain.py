@@ -18,7 +18,14 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples" / "mnist"
 sys.path.insert(0, str(EXAMPLES))
 
-from mnist_common import build_model, fine_tune, flat, mlp_hidden, shifted_copies  # noqa: E402
+from mnist_common import (  # noqa: E402
+    augmented_views,
+    build_model,
+    fine_tune,
+    flat,
+    mlp_hidden,
+    shifted_copies,
+)
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +69,35 @@ def test_shifted_copies_refuse_non_square_images_and_bad_counts() -> None:
         shifted_copies(np.zeros((2, 30)), 2, 1, rng)
     with pytest.raises(ValueError, match="copies"):
         shifted_copies(np.zeros((2, 64)), 0, 1, rng)
+
+
+def test_augmented_views_are_new_images_in_range_and_reproducible() -> None:
+    img = np.zeros((200, 28 * 28))
+    img[:, 28 * 14 + 10: 28 * 14 + 18] = 255.0  # a bar across the middle
+    views = augmented_views(img, np.random.default_rng(0))
+    assert views.shape == img.shape and views.min() >= 0 and views.max() <= 255
+    assert np.mean(np.any(views != img, axis=1)) > 0.95  # (almost) every view moved
+    assert np.array_equal(views, augmented_views(img, np.random.default_rng(0)))
+    lifted = augmented_views(img, np.random.default_rng(1), photometric=1.0, rotate=0, shift=0,
+                             scale=(1.0, 1.0), shear=0, blur=0)
+    assert np.median(lifted[:, :28]) > 0  # an uneven or grey background where there was black
+
+
+def test_an_augmented_champion_holds_up_better_under_a_drift_it_never_saw(digits) -> None:
+    """Trained on random views (the same epochs, the same images), the champion loses less to
+    a rotation than the plain one - on 8x8 digits in a second, like the MNIST figures."""
+    from scipy import ndimage
+
+    x_train, y_train, x_test, y_test = digits
+    tilted = np.stack([ndimage.rotate(im, 20 * (1 if i % 2 else -1), reshape=False, order=1)
+                       for i, im in enumerate(x_test.astype(np.float64))])
+    plain = build_model(flat(x_train), y_train, 64, 40, 0, dtype="float32", threads=1)
+    augmented = build_model(flat(x_train), y_train, 64, 40, 0, dtype="float32", threads=1, augment=0.5)
+    acc = {name: float(np.mean(m.predict(flat(tilted)) == y_test))
+           for name, m in (("plain", plain), ("augmented", augmented))}
+    assert acc["augmented"] >= acc["plain"] + 0.05, acc
+    assert float(np.mean(augmented.predict(flat(x_test)) == y_test)) >= 0.9
+    assert mlp_hidden(augmented) == 64
 
 
 def test_fine_tune_adapts_the_champion_to_the_drift_and_leaves_it_untouched(digits) -> None:
@@ -155,16 +191,19 @@ def test_retrain_step_registers_a_challenger_better_on_the_drift_and_leaves_the_
 
 
 @pytest.mark.slow
-def test_small_warm_start_on_350_labels_repairs_brightness_and_improves_fog(mnist) -> None:
-    """The README's offline claim for the retrain step's recipe (5 epochs on 12,000 clean images
-    + 5 shifted views of 350 labelled corrupted training digits), in the case study's order:
-    brightness-2 comes back within 3 points of clean, fog-2 after it improves but stays short
-    (a known limit with this MLP and few labels), and the clean digits lose at most a point."""
+def test_small_warm_start_on_350_labels_brings_brightness_and_fog_within_3_points(mnist) -> None:
+    """The README's offline claim for the case study's champion (MLP(256), 10 epochs, half of
+    each epoch as augmented views) and the retrain step's recipe (5 epochs on 12,000 clean
+    images, half of them augmented views, + 5 shifted views of 350 labelled corrupted training
+    digits), in the case study's order: brightness-2, then fog-2, each within 3 points of the
+    champion's clean accuracy after its retrain, and the clean digits lose at most a point. (The
+    brightness-adapted champion is already within 3 points on fog: that retrain need not gain,
+    only not lose more than a point.)"""
     from corruptions import corrupt
     from mnist_common import accuracy
 
     x_train, y_train, x_test, y_test = mnist
-    champion = build_model(flat(x_train), y_train, 128, 5, 0, dtype="float32", threads=1)
+    champion = build_model(flat(x_train), y_train, 256, 10, 0, dtype="float32", threads=1, augment=0.5)
     clean = accuracy(champion, x_test, y_test)
     pool = np.random.default_rng(3).permutation(len(y_train))
     rng = np.random.default_rng(0)
@@ -173,12 +212,15 @@ def test_small_warm_start_on_350_labels_repairs_brightness_and_improves_fog(mnis
         stream = corrupt(x_test, name, 2, seed=1)
         results[f"{name}_before"] = accuracy(champion, stream, y_test)
         keep = rng.choice(len(y_train), 12_000, replace=False)
+        part = flat(x_train[keep])
+        pick = rng.random(len(keep)) < 0.5
+        part[pick] = augmented_views(part[pick], rng)
         new = shifted_copies(flat(corrupt(x_train[idx], name, 2, seed=2)), 5, 1, rng)
-        x = np.concatenate([flat(x_train[keep]), new])
+        x = np.concatenate([part, new])
         y = np.concatenate([y_train[keep], np.tile(y_train[idx], 5)])
         champion = fine_tune(champion, x, y, 5, 0, learning_rate=1e-3, dtype="float32", threads=1)
         results[name] = accuracy(champion, stream, y_test)
         results[f"clean_after_{name}"] = accuracy(champion, x_test, y_test)
     assert results["brightness"] >= clean - 0.03, (clean, results)
-    assert results["fog"] > results["fog_before"], results
+    assert results["fog"] >= clean - 0.03 and results["fog"] >= results["fog_before"] - 0.01, (clean, results)
     assert min(results["clean_after_brightness"], results["clean_after_fog"]) >= clean - 0.01, results

@@ -23,6 +23,8 @@ p.add_argument("--seed", type=int, default=0)
 p.add_argument("--clean_subset", type=int, default=0, help="0 = all clean training images")
 p.add_argument("--dtype", default="float64", choices=["float64", "float32"])
 p.add_argument("--threads", type=int, default=0, help="BLAS threads while fitting; 0 = default")
+p.add_argument("--augment", type=float, default=0.0,
+               help="share of the images shown as a fresh random view each epoch (0 = none)")
 a = p.parse_args()
 
 d = load_npz(Path(a.dataset))
@@ -32,12 +34,14 @@ if a.clean_subset and a.clean_subset < len(y):
     idx = rng.choice(len(y), a.clean_subset, replace=False)
     x, y = x[idx], y[idx]
 t0 = time.time()
-model = build_model(x, y, a.hidden, a.max_iter, a.seed, dtype=a.dtype, threads=a.threads)
+model = build_model(x, y, a.hidden, a.max_iter, a.seed, dtype=a.dtype, threads=a.threads,
+                    augment=a.augment)
 seconds = time.time() - t0
 acc = accuracy(model, d["x_test"], d["y_test"])
 with open(a.model, "wb") as f:
     pickle.dump(model, f)
 with mlflow.start_run():
     mlflow.log_metrics({"train_seconds": seconds, "acc_clean": acc, "n_train": len(y)})
-print(f"trained MLP({a.hidden}) from scratch, {a.max_iter} epochs on {len(y)} images in {seconds:.1f}s: "
+print(f"trained MLP({a.hidden}) from scratch, {a.max_iter} epochs on {len(y)} images"
+      f"{f' ({a.augment:.0%} augmented views)' if a.augment else ''} in {seconds:.1f}s: "
       f"clean test accuracy {acc:.4f}")

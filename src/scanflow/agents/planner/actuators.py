@@ -126,7 +126,8 @@ def _send_retrain(ctx: AgentContext, svc: str, window: str, a: PlannedAction, ex
                   ) -> dict[str, Any]:
     key = f"{ctx.name}:{window}:retrain"
     payload = {"service": svc, "since_id": a.params.get("since_id"), "episode": a.params.get("episode"),
-               "reason": a.reason, "window": window, "evidence": plain(a.evidence)}
+               "since_ts": a.params.get("since_ts"), "reason": a.reason, "window": window,
+               "evidence": plain(a.evidence)}
     new = ctx.send(executor, "retrain", payload, key=key)
     if new:
         ctx.event("retrain_requested", episode=a.params.get("episode"), since_id=a.params.get("since_id"),

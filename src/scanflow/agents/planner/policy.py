@@ -272,8 +272,12 @@ def assess_quality(s: Signals, st: PlannerState, p: Policy, hold: list[str]) -> 
             continue
         if r.drift:
             if st.drift_streak == 0:
-                # The first drifted window straddles the onset: learn from what follows it.
-                st.episode_start_id = (r.last_id + 1) if r.last_id is not None else r.first_id
+                # The episode starts with the first drifted window: by the time drift has held
+                # for `drift_windows`, most of its labels have arrived, and the retrain need not
+                # wait for a window's worth more. It may straddle the onset (a few clean rows):
+                # the executor takes the newest labels of the episode first.
+                st.episode_start_id = r.first_id if r.first_id is not None else (
+                    None if r.last_id is None else r.last_id + 1)
             st.drift_streak += 1
         else:
             st.drift_streak = 0
@@ -477,9 +481,16 @@ def plan_retrain(s: Signals, st: PlannerState, p: Policy, q: Quality, scaling: A
     elif wait > 0:
         hold.append(f"{why}, but retrain cooldown: {wait:.0f}s left")
     else:
+        params: dict[str, Any] = {"since_id": st.episode_start_id, "episode": st.episode + 1}
+        if st.episode_start_id is None and q.accuracy_low:
+            # Asked by the accuracy rule before any drifted window: the episode starts with the
+            # window before the first one under the floor (the accuracy spans more than one
+            # window), not when the champion began serving (those labels are of data it served
+            # well).
+            params["since_ts"] = now - (st.low_accuracy_streak + 1) * s.window_s
         return PlannedAction(
             kind="retrain", reason=detail + (" - after scaling up" if scaling else ""),
-            params={"since_id": st.episode_start_id, "episode": st.episode + 1},
+            params=params,
             evidence={**q.evidence, "retrains_last_24h": len(st.retrains),
                       "retrain_budget_per_day": lim.retrain_budget_per_day},
             after=scaling,
