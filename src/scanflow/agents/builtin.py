@@ -210,12 +210,14 @@ def _run_of_action(ctx: AgentContext, workflow: str, key: str | None) -> Any:
 
 
 def _start_or_continue(
-    ctx: AgentContext, target: Any, workflow: str, params: dict[str, Any], trigger: dict[str, Any]
+    ctx: AgentContext, target: Any, workflow: str, params: dict[str, Any], trigger: dict[str, Any],
+    engine: Any = None,
 ) -> Any:
     """Run a workflow once per action: a call resumed after a crash continues the run the first
     call started (its finished steps are kept) instead of starting a second one; a retry after
     a failed try resumes the failed run (its failed steps run again)."""
-    engine = ctx.engine()  # marks the runs of a dead engine (our previous life) interrupted
+    if engine is None:
+        engine = ctx.engine()  # marks the runs of a dead engine (our previous life) interrupted
     key = ctx.action_key
     prior = _run_of_action(ctx, workflow, key) if ctx.action and ctx.action.resumed else None
     if prior is None:
@@ -453,6 +455,11 @@ def retrain_and_promote(
     target = load_application(_relative(ctx, app))
     warnings = _contract(ctx, episode, None, lambda: check_workflow(target, workflow, model))
     cap = None if _rejected_against(ctx, svc, dep.model_version) else (max_labels or min_labels)
+    # Started before the wait for labels, so it runs under it: the engine (its first one in this
+    # process loads MLflow and its store: 2-6 s measured between retrain_started and the step)
+    # and the rollout's load check (`Deployer.warm_up`).
+    engine = ctx.engine()
+    ctx.deployer.warm_up(svc)
     since_id, rows = _labelled_rows(ctx, obs, svc, dep.model_version, min_labels, label_wait_s, cap)
     n_hold = max(1, int(len(rows) * holdout_fraction))
 
@@ -461,11 +468,10 @@ def retrain_and_promote(
     if not (ctx.action is not None and ctx.action.resumed):
         ctx.event("retrain_started", episode=episode, labelled=len(rows), since_id=since_id,
                   champion_version=dep.model_version, data=data_path)
-    ctx.deployer.warm_up(svc)  # a rollout follows a good retrain: its load check starts warm
     res = _start_or_continue(
         ctx, target, workflow, {NEW_DATA_PARAM: data_path},
         {"by": "agent", "agent": ctx.name, "reason": "drift held", "episode": episode,
-         "observation": obs.key},
+         "observation": obs.key}, engine,
     )
     if not res.ok:
         ctx.event("retrain_failed", episode=episode, run_id=res.run_id, error=res.error)
