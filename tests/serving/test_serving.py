@@ -20,7 +20,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from scanflow.procs import child_pids, pid_alive
 from scanflow.serving import Deployer, LocalDeployer, UnknownService
-from scanflow.serving.predlog import PredictionLog, collect_all, encode_prediction, encode_shadow
+from scanflow.serving.predlog import (
+    COLLECTOR_NICE,
+    PredictionLog,
+    collect_all,
+    encode_prediction,
+    encode_shadow,
+)
 from scanflow.serving.validation import (
     RequestError,
     extract_instances,
@@ -543,6 +549,10 @@ def test_stop_leaves_no_process(
     st = deployer.status(SERVICE)
     collectors = [c for w in st["worker_pids"] for c in child_pids(w)]  # prediction-log collectors
     assert len(collectors) == len(st["worker_pids"])
+    # each collector yields the cores to the worker that serves (see predlog.COLLECTOR_NICE)
+    worker_nice = os.getpriority(os.PRIO_PROCESS, st["worker_pids"][0])
+    assert {os.getpriority(os.PRIO_PROCESS, c) for c in collectors} == {
+        min(19, worker_nice + COLLECTOR_NICE)}
     pids = [st["pid"], *st["worker_pids"], *collectors]
     assert all(pid_alive(p) for p in pids)
     deployer.stop(SERVICE)
