@@ -189,11 +189,13 @@ def test_predictions_match_the_model(url: str, digits_workspace: DigitsWorkspace
     assert body["predictions"] == ws.models["1"].predict(ws.X[:20]).tolist()
     assert body["ids"] == [f"match-{i}" for i in range(20)]
     assert body["model_version"] == "1"
-    # `inputs` is a synonym; without X-Request-ID the ids are still unique
+    # `inputs` is a synonym; without X-Request-ID the ids are still unique, and in the order of
+    # the requests (time-ordered: the store's request-id index grows at its end)
     r2 = post(url, {"inputs": ws.X[:3].tolist()})
     r3 = post(url, {"inputs": ws.X[:3].tolist()})
     ids = r2.json()["ids"] + r3.json()["ids"]
-    assert len(set(ids)) == 6
+    assert len(set(ids)) == 6 and ids == sorted(ids)
+    assert all(len(i.split("-")[0]) == 32 for i in ids)
     h = httpx.get(f"{url}/health").json()
     assert h["status"] == "ok" and h["service"] == SERVICE and h["model_name"] == MODEL
     assert h["model_version"] == "1" and isinstance(h["pid"], int)
