@@ -551,6 +551,7 @@ class SystemRun:
     counters: dict[str, float] = field(default_factory=dict)
     log_lag: dict[int, list[dict[str, float]]] = field(default_factory=dict)  # c -> per turn
     cpu: dict[int, list[float]] = field(default_factory=dict)  # c -> [CPU seconds, requests]
+    load: dict[int, list[float]] = field(default_factory=dict)  # c -> 1-min load after each turn
 
     def cpu_us(self, c: int) -> float | None:
         """CPU microseconds the system spent per answered request (its log caught up)."""
@@ -594,9 +595,11 @@ def measure(runs: dict[str, SystemRun], gen: LoadGen, concurrency: list[int], ro
                     acc = run.cpu.setdefault(c, [0.0, 0.0])
                     acc[0] += run.target.cpu_seconds() - cpu0
                     acc[1] += p.requests
+                load = os.getloadavg()[0]  # what else ran: the other side of a noisy figure
+                run.load.setdefault(c, []).append(round(load, 2))
                 say(f"  c={c:<3} round {r + 1}/{rounds} {name:<20} {p.rps:8.1f} req/s   "
                     f"p50 {p.p50_ms:8.2f} ms   p99 {p.p99_ms:8.2f} ms   non-2xx {p.non2xx}   "
-                    f"errors {p.errors}{lag}")
+                    f"errors {p.errors}   load {load:.1f}{lag}")
 
 
 def drain_log(behind: Callable[[], int], timeout: float = 120.0) -> dict[str, float]:
@@ -923,6 +926,7 @@ def main(argv: list[str] | None = None) -> int:
     extra["requests"] = per_c(lambda r, c: r.point(c).requests)
     extra["rps_per_round"] = per_c(lambda r, c: [round(p.rps, 1) for p in r.rounds[c]])
     extra["p99_ms_per_round"] = per_c(lambda r, c: [round(p.p99_ms, 2) for p in r.rounds[c]])
+    extra["load_per_round"] = per_c(lambda r, c: r.load.get(c, []))
     extra["predlog_lag"] = {f"c{c}": {s: r.log_lag[c] for s, r in runs.items() if c in r.log_lag}
                             for c in concurrency}
     extra["mean_batch_size"] = {k: {s: b for s, b in v.items() if b is not None}
