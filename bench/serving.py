@@ -10,8 +10,8 @@ One run: train the MNIST champion (scaler + MLP on raw pixels, as in examples/mn
 temporary workspace, log and register it with MLflow (alias `champion`), start the systems on
 127.0.0.1 and load each with the same generator at each concurrency: wrk with a Lua body,
 installed with apt-get when missing, else the run refuses (exit 2) rather than report figures
-from a weaker generator. All systems but Ray Serve are up at once and take turns (rotating
-order, `--rounds` turns merged into one point), so a change in what else the machine does hits
+from a weaker generator. All systems but Ray Serve are up at once and take turns (the order
+reversed every round, `--rounds` turns merged into one point), so a change in what else the machine does hits
 them alike; Ray Serve runs alone afterwards. Also measured: the CPU time each scanflow service
 (every process of it, collectors included) spends per answered request, a figure the other
 load on the machine disturbs far less than req/s. Prints issue 14's targets as PASS/FAIL.
@@ -568,12 +568,15 @@ class SystemRun:
 
 def measure(runs: dict[str, SystemRun], gen: LoadGen, concurrency: list[int], rounds: int,
             seconds: int, warmup: int, say: Callable[[str], None]) -> None:
-    """Every system at one concurrency before the next, in `rounds` rotating turns: a change in
-    what else the machine does then hits all systems alike, not the one that happened to run."""
+    """Every system at one concurrency before the next, in `rounds` turns whose order is
+    reversed every round (A B C, C B A, A B C, ...): neighbours in the list (the log on / log off
+    pair) always run back to back, each first in turn, so a load that rises or falls through
+    the rounds hits both alike; a plain rotation put a third system between them every other
+    round."""
     names = list(runs)
     for c in concurrency:
         for r in range(rounds):
-            for name in names[r % len(names):] + names[: r % len(names)]:
+            for name in names if r % 2 == 0 else names[::-1]:
                 run = runs[name]
                 if warmup > 0:
                     run.warmups.append(gen.run(run.target.url, c, warmup))
@@ -767,7 +770,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=int, default=10,
                     help="measured seconds per point, split over the rounds [10]")
     ap.add_argument("--rounds", type=int, default=5,
-                    help="turns per concurrency, systems rotating, merged into one point [5]")
+                    help="turns per concurrency, order reversed each round, merged into one point [5]")
     ap.add_argument("--warmup", type=int, default=2, help="warm-up seconds before each turn [2]")
     ap.add_argument("--concurrency", default="1,16,64", help="connections, comma-separated [1,16,64]")
     ap.add_argument("--systems", default=",".join(SYSTEMS), help=f"any of {','.join(SYSTEMS)}")
@@ -843,11 +846,12 @@ def main(argv: list[str] | None = None) -> int:
                             f"(POST, Content-Type: application/json, the row as body)")
         extra["method"] = (
             f"{args.rounds} turns of {turn} s per system and concurrency, each after a {args.warmup} s "
-            f"warm-up; all systems but Ray Serve are up at once and take turns in rotating order; "
-            f"Ray Serve runs alone afterwards (its idle processes would tax the others). A point's "
-            f"req/s is requests / seconds over its turns, p50/p99 come from the merged wrk latency "
-            f"histograms. After each turn of a system with the prediction log on, the next turn waits "
-            f"until the store holds every answered request (predlog_lag: how far behind it was).")
+            f"warm-up; all systems but Ray Serve are up at once and take turns, the order reversed "
+            f"every round; Ray Serve runs alone afterwards (its idle processes would tax the "
+            f"others). A point's req/s is requests / seconds over its turns, p50/p99 come from the "
+            f"merged wrk latency histograms. After each turn of a system with the prediction log on, "
+            f"the next turn waits until the store holds every answered request (predlog_lag: how far "
+            f"behind it was).")
 
         def start(name: str, stack: contextlib.ExitStack) -> None:
             say(f"starting {name}: {SYSTEM_TEXT[name]}")
