@@ -10,8 +10,8 @@ One run: train the MNIST champion (scaler + MLP on raw pixels, as in examples/mn
 temporary workspace, log and register it with MLflow (alias `champion`), start the systems on
 127.0.0.1 and load each with the same generator at each concurrency: wrk with a Lua body,
 installed with apt-get when missing, else the run refuses (exit 2) rather than report figures
-from a weaker generator. All systems but Ray Serve are up at once and take turns (rotating
-order, `--rounds` turns merged into one point), so a change in what else the machine does hits
+from a weaker generator. All systems but Ray Serve are up at once and take turns (the order
+reversed every round, `--rounds` turns merged into one point), so a change in what else the machine does hits
 them alike; Ray Serve runs alone afterwards. Also measured: the CPU time each scanflow service
 (every process of it, collectors included) spends per answered request, a figure the other
 load on the machine disturbs far less than req/s. Prints issue 14's targets as PASS/FAIL.
@@ -551,6 +551,7 @@ class SystemRun:
     counters: dict[str, float] = field(default_factory=dict)
     log_lag: dict[int, list[dict[str, float]]] = field(default_factory=dict)  # c -> per turn
     cpu: dict[int, list[float]] = field(default_factory=dict)  # c -> [CPU seconds, requests]
+    load: dict[int, list[float]] = field(default_factory=dict)  # c -> 1-min load after each turn
 
     def cpu_us(self, c: int) -> float | None:
         """CPU microseconds the system spent per answered request (its log caught up)."""
@@ -567,12 +568,15 @@ class SystemRun:
 
 def measure(runs: dict[str, SystemRun], gen: LoadGen, concurrency: list[int], rounds: int,
             seconds: int, warmup: int, say: Callable[[str], None]) -> None:
-    """Every system at one concurrency before the next, in `rounds` rotating turns: a change in
-    what else the machine does then hits all systems alike, not the one that happened to run."""
+    """Every system at one concurrency before the next, in `rounds` turns whose order is
+    reversed every round (A B C, C B A, A B C, ...): neighbours in the list (the log on / log off
+    pair) always run back to back, each first in turn, so a load that rises or falls through
+    the rounds hits both alike; a plain rotation put a third system between them every other
+    round."""
     names = list(runs)
     for c in concurrency:
         for r in range(rounds):
-            for name in names[r % len(names):] + names[: r % len(names)]:
+            for name in names if r % 2 == 0 else names[::-1]:
                 run = runs[name]
                 if warmup > 0:
                     run.warmups.append(gen.run(run.target.url, c, warmup))
@@ -594,9 +598,11 @@ def measure(runs: dict[str, SystemRun], gen: LoadGen, concurrency: list[int], ro
                     acc = run.cpu.setdefault(c, [0.0, 0.0])
                     acc[0] += run.target.cpu_seconds() - cpu0
                     acc[1] += p.requests
+                load = os.getloadavg()[0]  # what else ran: the other side of a noisy figure
+                run.load.setdefault(c, []).append(round(load, 2))
                 say(f"  c={c:<3} round {r + 1}/{rounds} {name:<20} {p.rps:8.1f} req/s   "
                     f"p50 {p.p50_ms:8.2f} ms   p99 {p.p99_ms:8.2f} ms   non-2xx {p.non2xx}   "
-                    f"errors {p.errors}{lag}")
+                    f"errors {p.errors}   load {load:.1f}{lag}")
 
 
 def drain_log(behind: Callable[[], int], timeout: float = 120.0) -> dict[str, float]:
@@ -764,7 +770,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=int, default=10,
                     help="measured seconds per point, split over the rounds [10]")
     ap.add_argument("--rounds", type=int, default=5,
-                    help="turns per concurrency, systems rotating, merged into one point [5]")
+                    help="turns per concurrency, order reversed each round, merged into one point [5]")
     ap.add_argument("--warmup", type=int, default=2, help="warm-up seconds before each turn [2]")
     ap.add_argument("--concurrency", default="1,16,64", help="connections, comma-separated [1,16,64]")
     ap.add_argument("--systems", default=",".join(SYSTEMS), help=f"any of {','.join(SYSTEMS)}")
@@ -840,11 +846,12 @@ def main(argv: list[str] | None = None) -> int:
                             f"(POST, Content-Type: application/json, the row as body)")
         extra["method"] = (
             f"{args.rounds} turns of {turn} s per system and concurrency, each after a {args.warmup} s "
-            f"warm-up; all systems but Ray Serve are up at once and take turns in rotating order; "
-            f"Ray Serve runs alone afterwards (its idle processes would tax the others). A point's "
-            f"req/s is requests / seconds over its turns, p50/p99 come from the merged wrk latency "
-            f"histograms. After each turn of a system with the prediction log on, the next turn waits "
-            f"until the store holds every answered request (predlog_lag: how far behind it was).")
+            f"warm-up; all systems but Ray Serve are up at once and take turns, the order reversed "
+            f"every round; Ray Serve runs alone afterwards (its idle processes would tax the "
+            f"others). A point's req/s is requests / seconds over its turns, p50/p99 come from the "
+            f"merged wrk latency histograms. After each turn of a system with the prediction log on, "
+            f"the next turn waits until the store holds every answered request (predlog_lag: how far "
+            f"behind it was).")
 
         def start(name: str, stack: contextlib.ExitStack) -> None:
             say(f"starting {name}: {SYSTEM_TEXT[name]}")
@@ -923,6 +930,7 @@ def main(argv: list[str] | None = None) -> int:
     extra["requests"] = per_c(lambda r, c: r.point(c).requests)
     extra["rps_per_round"] = per_c(lambda r, c: [round(p.rps, 1) for p in r.rounds[c]])
     extra["p99_ms_per_round"] = per_c(lambda r, c: [round(p.p99_ms, 2) for p in r.rounds[c]])
+    extra["load_per_round"] = per_c(lambda r, c: r.load.get(c, []))
     extra["predlog_lag"] = {f"c{c}": {s: r.log_lag[c] for s, r in runs.items() if c in r.log_lag}
                             for c in concurrency}
     extra["mean_batch_size"] = {k: {s: b for s, b in v.items() if b is not None}

@@ -20,7 +20,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from scanflow.procs import child_pids, pid_alive
 from scanflow.serving import Deployer, LocalDeployer, UnknownService
-from scanflow.serving.predlog import PredictionLog, collect_all, encode_prediction, encode_shadow
+from scanflow.serving.predlog import (
+    COLLECTOR_NICE,
+    PredictionLog,
+    collect_all,
+    encode_prediction,
+    encode_shadow,
+)
 from scanflow.serving.validation import (
     RequestError,
     extract_instances,
@@ -183,11 +189,13 @@ def test_predictions_match_the_model(url: str, digits_workspace: DigitsWorkspace
     assert body["predictions"] == ws.models["1"].predict(ws.X[:20]).tolist()
     assert body["ids"] == [f"match-{i}" for i in range(20)]
     assert body["model_version"] == "1"
-    # `inputs` is a synonym; without X-Request-ID the ids are still unique
+    # `inputs` is a synonym; without X-Request-ID the ids are still unique, and in the order of
+    # the requests (time-ordered: the store's request-id index grows at its end)
     r2 = post(url, {"inputs": ws.X[:3].tolist()})
     r3 = post(url, {"inputs": ws.X[:3].tolist()})
     ids = r2.json()["ids"] + r3.json()["ids"]
-    assert len(set(ids)) == 6
+    assert len(set(ids)) == 6 and ids == sorted(ids)
+    assert all(len(i.split("-")[0]) == 32 for i in ids)
     h = httpx.get(f"{url}/health").json()
     assert h["status"] == "ok" and h["service"] == SERVICE and h["model_name"] == MODEL
     assert h["model_version"] == "1" and isinstance(h["pid"], int)
@@ -543,6 +551,10 @@ def test_stop_leaves_no_process(
     st = deployer.status(SERVICE)
     collectors = [c for w in st["worker_pids"] for c in child_pids(w)]  # prediction-log collectors
     assert len(collectors) == len(st["worker_pids"])
+    # each collector yields the cores to the worker that serves (see predlog.COLLECTOR_NICE)
+    worker_nice = os.getpriority(os.PRIO_PROCESS, st["worker_pids"][0])
+    assert {os.getpriority(os.PRIO_PROCESS, c) for c in collectors} == {
+        min(19, worker_nice + COLLECTOR_NICE)}
     pids = [st["pid"], *st["worker_pids"], *collectors]
     assert all(pid_alive(p) for p in pids)
     deployer.stop(SERVICE)

@@ -18,6 +18,7 @@ a count changed with SIGTTIN/SIGTTOU to the command-line value).
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib
 import json
 import os
@@ -80,6 +81,12 @@ def _preload_models() -> None:
 
 
 _preload_models()
+# What the master imported and loaded is shared with every worker it forks: frozen, the cyclic
+# collector never walks it (long pauses) nor writes to its pages (copy-on-write stays shared).
+# Thawed and collected first: on a HUP, the versions no longer served go now, not never.
+gc.unfreeze()
+gc.collect()
+gc.freeze()
 
 # -- gunicorn settings (bind and worker class come from the command line) ----------------------
 workers = int(_cfg.get("replicas", 1))

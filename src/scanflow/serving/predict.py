@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import re
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -169,9 +169,17 @@ def load_models(cfg: ServiceConfig, arrivals: Arrivals) -> dict[str, Loaded]:
     return out
 
 
+def new_request_id() -> str:
+    """32 hex characters like a uuid4, but time-ordered (nanoseconds, then 64 random bits):
+    the store's unique index on request ids then grows at its right edge. With random ids each
+    insert dirtied a random page of that index, and the collector's cost per record grew with
+    the log (24 -> 34 us of CPU at 100k -> 300k records, against 12 us flat with these)."""
+    return f"{time.time_ns():016x}{os.urandom(8).hex()}"
+
+
 def _request_base(header: str | None) -> str:
     if header is None:
-        return uuid.uuid4().hex
+        return new_request_id()
     if not _REQUEST_ID.match(header):
         raise RequestError(
             422, "X-Request-ID: expected 1 to 40 characters of A-Z a-z 0-9 . _ : -"
