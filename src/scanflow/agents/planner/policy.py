@@ -103,6 +103,7 @@ class Load:
     hot_load: bool = False
     in_flight: float | None = None
     desired_up: int | None = None
+    cpu_need: int | None = None
 
 
 @dataclass
@@ -253,7 +254,7 @@ def assess_load(s: Signals, st: PlannerState, p: Policy) -> Load:
         "replicas_for_cpu": need,
     }
     return Load(hot=hot, cold=cold, idle=idle, hot_latency=hot_latency, p95=p95, rps=rps, evidence=ev,
-                hot_load=hot_load, in_flight=in_flight, desired_up=up)
+                hot_load=hot_load, in_flight=in_flight, desired_up=up, cpu_need=need)
 
 
 def assess_quality(s: Signals, st: PlannerState, p: Policy, hold: list[str]) -> Quality:
@@ -353,7 +354,7 @@ def _scale_down(s: Signals, st: PlannerState, p: Policy, load: Load, hold: list[
     target_load = p.objectives.in_flight_per_replica
     sized = target_load > 0 and load.in_flight is not None
     target = max(lim.min_replicas, max(st.desired) if sized and st.desired else n - lim.scale_step)
-    need = _cpu_need(s, p)
+    need = load.cpu_need
     if need is not None and need > target:
         target = need
     if target >= n:
