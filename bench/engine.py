@@ -202,15 +202,20 @@ def venv_python(name: str) -> Path:
     return VENVS / name / "bin" / "python"
 
 
-def ensure_venv(name: str, log: Callable[[str], None]) -> dict[str, Any]:
-    """Create bench/.venvs/<name> and install the peer on first use; report how long it took."""
+def ensure_venv(name: str, log: Callable[[str], None], requirements: str | None = None,
+                packages: list[str] | None = None) -> dict[str, Any]:
+    """Create bench/.venvs/<name> and install the peer on first use; report how long it took.
+    `requirements` (a file under bench/) and `packages` (whose versions to report) default to
+    this benchmark's PEERS and PEER_PACKAGES entries for `name`."""
+    requirements = requirements or PEERS[name]
+    packages = packages or PEER_PACKAGES[name]
     marker = VENVS / name / ".bench-install.json"
     if venv_python(name).exists() and marker.exists():
         return {**json.loads(marker.read_text()), "reused": True}
     if (VENVS / name).exists():
         shutil.rmtree(VENVS / name)  # a half-made venv from an interrupted install
     LOGS.mkdir(parents=True, exist_ok=True)
-    req = BENCH / PEERS[name]
+    req = BENCH / requirements
     log(f"creating bench/.venvs/{name} and installing {req.read_text().strip()} (first use) ...")
     t0 = time.perf_counter()
     with open(LOGS / f"install-{name}.log", "w") as f:
@@ -220,7 +225,7 @@ def ensure_venv(name: str, log: Callable[[str], None]) -> dict[str, Any]:
                        stdout=f, stderr=subprocess.STDOUT)
     seconds = time.perf_counter() - t0
     code = ("import importlib.metadata as m, json; print(json.dumps({p: m.version(p) for p in "
-            f"{PEER_PACKAGES[name]!r}}}))")
+            f"{packages!r}}}))")
     versions = json.loads(subprocess.run([str(venv_python(name)), "-c", code], check=True,
                                          capture_output=True, text=True).stdout)
     size = sum(p.stat().st_size for p in (VENVS / name).rglob("*") if p.is_file())
