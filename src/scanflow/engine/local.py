@@ -30,6 +30,7 @@ from scanflow.engine.resources import ResourcePool, default_pool
 from scanflow.engine.steps import Outcome, RunState, StepRunner
 from scanflow.procs import kill_group, pid_alive
 from scanflow.settings import Settings
+from scanflow.spec.code import stage
 from scanflow.spec.loader import load_application
 from scanflow.spec.models import Application, Step
 from scanflow.store import Store
@@ -239,7 +240,8 @@ class LocalEngine(Engine):
                               mlflow_run_id=parent, owner_pid=os.getpid(), ended_at=None,
                               error=None, cancel_requested=False)
         st = RunState(app, run, run_dir, Journal(run_dir / "journal.jsonl"), exp, parent,
-                      run.use_cache, threading.Event(), self._cache_index(run) if run.use_cache else {})
+                      run.use_cache, threading.Event(), self._cache_index(run) if run.use_cache else {},
+                      code_dir=stage(app, run_dir))
         outputs: dict[str, dict[str, Path]] = {
             s.name: {o: run_dir / s.name / o for o in s.outputs} for s in wf.steps
         }

@@ -27,6 +27,7 @@ from scanflow.engine.journal import Journal
 from scanflow.engine.resources import ResourcePool
 from scanflow.procs import kill_group
 from scanflow.settings import Settings
+from scanflow.spec.code import importable, pythonpath
 from scanflow.spec.loader import resolve_callable
 from scanflow.spec.models import Application, Step
 from scanflow.store.schema import WorkflowRun
@@ -95,6 +96,7 @@ class RunState:
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     fingerprints: dict[str, str] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    code_dir: Path | None = None  # the app's code_paths, staged for step processes
 
 
 class StepRunner:
@@ -122,6 +124,8 @@ class StepRunner:
     def _run_step_admitted(self, st: RunState, step: Step, params: dict[str, Any],
                            inputs: dict[str, Path], outputs: dict[str, Path]) -> Outcome:
         started = time.time()
+        if step.call is not None:
+            importable(st.app)  # its code_paths, for a step that runs in this process
         fn = resolve_callable(step.call, st.app.base_dir) if step.call is not None else None
         key = None
         if st.use_cache and step.cache:
@@ -211,6 +215,7 @@ class StepRunner:
             assert st.exp is not None
             env.update(self.tracker.step_env(st.exp, make_child()))
         env.update(step.env)
+        env = pythonpath(st.code_dir, env)
         with open(log_path, "ab") as logf:
             logf.write(f"$ {shlex.join(argv)}\n".encode())
             logf.flush()

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from scanflow.spec.code import importable
 from scanflow.spec.errors import SpecError, SpecIssue, format_path
 from scanflow.spec.models import NAME, Application
 
@@ -136,6 +137,14 @@ def _semantic_issues(
     def add(path: str, msg: str) -> None:
         issues.append(SpecIssue(path, msg, file))
 
+    for i, path in enumerate(app.code_modules().values()):
+        if path.suffix == ".py" and not path.is_file():
+            add(f"code_paths[{i}]", f"{app.code_paths[i]} is not a file (resolved to {path})")
+        elif path.suffix != ".py" and not (path / "__init__.py").is_file():
+            add(f"code_paths[{i}]", f"{app.code_paths[i]} is not a package folder with an "
+                f"__init__.py (resolved to {path})")
+    if check_imports and not issues:
+        importable(app)  # the steps' own imports may need them
     for section in ("workflows", "services", "agents"):
         for key in getattr(app, section):
             if not re.match(NAME, str(key)):

@@ -593,8 +593,37 @@ class Application(_Strict):
     workflows: dict[str, Workflow] = Field(default_factory=dict)
     services: dict[str, Service] = Field(default_factory=dict)
     agents: dict[str, AgentSpec] = Field(default_factory=dict)
+    code_paths: list[str] = Field(
+        default_factory=list,
+        description="Python modules (.py files or package folders) outside the app folder that its "
+        "steps import, relative to the spec file, e.g. ../shared_utils.py: importable by name in "
+        "every step, and shipped with the app where steps run on other machines (ray backend)",
+    )
     base_dir: Path = Field(default=Path("."), exclude=True, description="folder of the spec file")
     source: str | None = Field(default=None, exclude=True)
+
+    @field_validator("code_paths")
+    @classmethod
+    def _portable_code_paths(cls, v: list[str]) -> list[str]:
+        problems = []
+        for i, entry in enumerate(v):
+            p = Path(entry)
+            if not entry.strip() or p.is_absolute():
+                problems.append(f"code_paths[{i}]: {entry!r} must be a path relative to the spec "
+                                "file (an absolute path does not exist on the cluster's machines)")
+            elif p.suffix not in ("", ".py"):
+                problems.append(f"code_paths[{i}]: {entry!r} is neither a .py file nor a package folder")
+        names = [Path(e).stem for e in v]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            problems.append(f"code_paths: two entries import as {', '.join(dup)}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return v
+
+    def code_modules(self) -> dict[str, Path]:
+        """`code_paths` resolved against the spec's folder: import name -> file or folder."""
+        return {Path(e).stem: (self.base_dir / e).resolve() for e in self.code_paths}
 
     def workflow(self, name: str) -> Workflow:
         try:
