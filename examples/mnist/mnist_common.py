@@ -1,7 +1,7 @@
 """What the three teams' steps share: how a dataset is found in MLflow and how a model is built.
 
-Step scripts run with the team's folder as working directory; they import this module by
-putting `examples/mnist` on `sys.path` (see each script's first lines).
+The teams' specs list it in `code_paths`, so their steps import it by name wherever they run
+(locally, or on a Ray cluster where it is shipped with the app).
 """
 
 from __future__ import annotations

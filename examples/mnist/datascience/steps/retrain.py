@@ -12,12 +12,9 @@ cores, and onset -> new model on every replica must stay under 30 s. Uses the co
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import mlflow
 import mlflow.sklearn

@@ -5,10 +5,7 @@ reference sample of its training distribution that the analyzer compares served 
 import argparse
 import json
 import pickle
-import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import mlflow
 from mlflow.tracking import MlflowClient

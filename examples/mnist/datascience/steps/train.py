@@ -4,11 +4,8 @@
 
 import argparse
 import pickle
-import sys
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import mlflow
 import numpy as np
