@@ -26,7 +26,7 @@ from scanflow.store import Store
 from support.waiting import wait_for
 
 PARTS = '''
-import hashlib, os
+import hashlib, os, time
 from pathlib import Path
 
 from scanflow.agents import actuator
@@ -46,6 +46,20 @@ def effect(obs, ctx, dir):
     os.write(fd, obs.key.encode())
     os.close(fd)
     return {"done": obs.key}
+
+
+@actuator("retrain")
+def retrain(obs, ctx, dir):
+    """A long action: the first call runs until the test kills the agent; the call resumed
+    with the same key after the restart finishes."""
+    log = Path(dir) / "retrain.log"
+    with open(log, "a") as f:
+        f.write(f"begin {ctx.action.attempt}\\n")
+    while not ctx.action.resumed:
+        time.sleep(0.05)
+    with open(log, "a") as f:
+        f.write(f"end {ctx.action.attempt}\\n")
+    return {"retrained": obs.key}
 '''
 
 BROKEN = '''
@@ -66,6 +80,13 @@ agents:
       - name: jobs
         trigger: {event: {message: {kind: job}, poll: 0.1}}
         actuators: [{func: effect, params: {dir: EFFECTS}}]
+  trainer:
+    role: executor
+    imports: [parts]
+    sensors:
+      - name: jobs
+        trigger: {event: {message: {kind: retrain}, poll: 0.1}}
+        actuators: [{func: retrain, params: {dir: EFFECTS}}]
   other:
     role: custom
     sensors:
@@ -176,6 +197,31 @@ def test_an_agent_killed_with_9_is_restarted_and_handles_each_message_once(
         sup.stop()
 
 
+def test_an_agent_killed_mid_action_is_back_and_finishes_it_once(tmp_path: Path, fast: Settings) -> None:
+    """`kill -9` in the middle of a retrain: no person acts, and the retrain finishes once."""
+    store = Store(fast.store)
+    sup = AgentSupervisor(fast, store)
+    app = _app(tmp_path)
+    log = tmp_path / "effects" / "retrain.log"
+    try:
+        pid = sup.start(app, ["trainer"], supervise=True)["trainer"]
+        store.send_message("planner", "trainer", "retrain", {}, key="drift-1")
+        wait_for(lambda: log.exists() and "begin 1" in log.read_text(), what="the retrain to start",
+                 timeout=60)
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: [m.status for m in store.list_messages("trainer")] == ["done"], timeout=90,
+                 what="the retrain finished by the restarted agent")
+        (ev,) = _events(store, "trainer", "agent_restarted")
+        assert ev.payload["signal"] == 9 and ev.payload["pid"] == pid
+        assert log.read_text().splitlines() == ["begin 1", "begin 2", "end 2"]
+        (decision,) = store.list_decisions("trainer")
+        (action,) = decision.actions
+        assert action["status"] == "succeeded" and action["attempt"] == 2
+        assert [a.status for a in store.list_actions("trainer")] == ["succeeded"]
+    finally:
+        sup.stop()
+
+
 def test_a_hung_agent_is_killed_and_restarted(tmp_path: Path, fast: Settings,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """Its process is up but its heartbeat is older than `agent_stale_after` (3 s here)."""
@@ -264,5 +310,34 @@ def test_one_supervisor_per_application(tmp_path: Path, fast: Settings) -> None:
                                 env=env, capture_output=True, text=True, timeout=60)
         assert second.returncode == 0 and "already supervised by pid:" in second.stderr
         assert _row(sup, "other")["supervisor"]["pid"] == first and pid_alive(first)
+    finally:
+        sup.stop()
+
+
+def test_a_new_supervisor_adopts_the_agents_of_one_killed_with_9(tmp_path: Path, fast: Settings) -> None:
+    """Its agents keep running; `agents list` says the supervisor is down; `agents start` starts
+    a new one, which adopts them (an agent it did not start dies with an unknown exit status)."""
+    store = Store(fast.store)
+    sup = AgentSupervisor(fast, store)
+    app = _app(tmp_path)
+    try:
+        pid = sup.start(app, ["other"], supervise=True)["other"]
+        old = _row(sup, "other")["supervisor"]["pid"]
+        os.kill(old, signal.SIGKILL)
+        wait_for(lambda: not pid_alive(old))
+        assert pid_alive(pid)
+        wait_for(lambda: _row(sup, "other")["supervisor"]["status"] == "down", timeout=30,
+                 what="the lease of the killed supervisor to expire")
+        assert "supervisor down" in cli(fast, "agents", "list")
+        with pytest.raises(ValueError, match="already running"):
+            sup.start(app, ["other"])  # unsupervised: refused as before
+        assert sup.start(app, ["other"], supervise=True) == {"other": pid}  # adopted, not restarted
+        row = _row(sup, "other")
+        assert row["supervisor"]["pid"] not in (None, old) and row["restarts"] == 0
+        os.kill(pid, signal.SIGKILL)
+        (ev,) = wait_for(lambda: _events(store, "other", "agent_restarted"), timeout=60)
+        assert ev.payload["pid"] == pid and ev.payload["signal"] is None
+        assert "exit status unknown" in ev.payload["reason"]
+        wait_for(lambda: (r := _row(sup, "other"))["status"] == "running" and r["pid"] != pid, timeout=60)
     finally:
         sup.stop()

@@ -107,8 +107,11 @@ class AgentSupervisor:
         if unknown:
             raise KeyError(f"no agent(s) {unknown} in {app_path} (known: {sorted(app.agents)})")
         running = {a.name: a.pid for a in self.store.list_agents() if a.status == "running"}
+        # agents left running by a supervisor that died are adopted by the new one, not refused
+        orphans = supervise and supervision.supervisor_info(self.store, app.app)["status"] == "down"
+        wanted = supervision.wants(self.store, app.app) if orphans else {}
         for name in chosen:
-            if pid_alive(running.get(name)):
+            if pid_alive(running.get(name)) and (wanted.get(name) or {}).get("want") != "running":
                 raise ValueError(f"agent {name!r} is already running (pid {running[name]})")
         if supervise:
             return self._start_supervised(app.app, _absolute(app_path), chosen, wait)
@@ -210,15 +213,19 @@ class AgentSupervisor:
             url = f"http://{a.api_host}:{a.api_port}" if a.api_port and state == "running" else None
             health = self.store.get_state(a.name, HEALTH) if state == "running" else None
             failing = (health or {}).get("failing")
+            info = sup.of(a.app, a.name)
+            new = info.pop("supervised_pid")
+            if state == "dead" and info["supervision"] == "starting" and new != a.pid and pid_alive(new):
+                state = "starting"  # restarted: the new process has not registered yet
             out.append({"name": a.name, "app": a.app, "role": a.role, "pid": a.pid,
                         "status": "failing" if failing else state, "failing": failing or [],
-                        "heartbeat": a.heartbeat, "started_at": a.started_at, "api": url,
-                        **sup.of(a.app, a.name)})
+                        "heartbeat": a.heartbeat, "started_at": a.started_at, "api": url, **info})
             listed.add(a.name)
         for app in supervision.apps(self.store):  # wanted, but never registered (crashed at start)
             for n, w in supervision.wants(self.store, app).items():
                 if n not in listed and w.get("want") == "running":
                     info = sup.of(app, n)
+                    info.pop("supervised_pid")
                     status = "starting" if info["supervision"] in ("starting", "running") else "dead"
                     out.append({"name": n, "app": app, "role": "-", "pid": None, "status": status,
                                 "failing": [], "heartbeat": None, "started_at": None, "api": None, **info})
@@ -262,8 +269,8 @@ class _Supervision:
             state = "stopped"
         else:
             state = str(rec.get("state", "starting")) if current else "starting"
-        return {"supervision": state, "restarts": int(rec.get("restarts", 0)) if current else 0,
-                "last_exit": rec.get("last_exit") if current else None,
+        return {"supervision": state, "restarts": int(rec.get("restarts", 0)),  # (of its last start)
+                "last_exit": rec.get("last_exit"), "supervised_pid": rec.get("pid") if current else None,
                 "next_try": rec.get("next_try") if current and state == "backoff" else None,
                 "supervisor": info if w else None}
 
