@@ -116,6 +116,15 @@ def fast(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Settings:
     return Settings(workspace=settings.root).ensure()
 
 
+@pytest.fixture
+def either(fast: Settings, store_url: str, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """`fast`, with the store on SQLite or on PostgreSQL (for the CLI, the supervisor and the
+    agents alike)."""
+    monkeypatch.setenv("SCANFLOW_STORE_URL", store_url)
+    get_settings.cache_clear()
+    return Settings(workspace=fast.root).ensure()
+
+
 def _app(tmp_path: Path) -> Path:
     d = tmp_path / "app"
     d.mkdir()
@@ -158,8 +167,9 @@ def cli(settings: Settings, *args: str) -> str:
 
 
 def test_an_agent_killed_with_9_is_restarted_and_handles_each_message_once(
-    tmp_path: Path, fast: Settings
+    tmp_path: Path, either: Settings
 ) -> None:
+    fast = either
     store = Store(fast.store)
     sup = AgentSupervisor(fast, store)
     app = _app(tmp_path)
@@ -242,7 +252,8 @@ def test_a_hung_agent_is_killed_and_restarted(tmp_path: Path, fast: Settings,
         sup.stop()
 
 
-def test_stop_stops_agents_and_supervisor_and_nothing_restarts(tmp_path: Path, fast: Settings) -> None:
+def test_stop_stops_agents_and_supervisor_and_nothing_restarts(tmp_path: Path, either: Settings) -> None:
+    fast = either
     store = Store(fast.store)
     sup = AgentSupervisor(fast, store)
     app = _app(tmp_path)

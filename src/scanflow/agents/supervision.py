@@ -22,6 +22,7 @@ written by the supervisor), so `scanflow agents list` reads it without asking th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -227,16 +228,22 @@ class Supervisor:
         self.store.set_state(self.owner, "supervisor", {"pid": os.getpid(), "started_at": time.time()})
         try:
             while not stop():
-                if not self._take():
-                    log.error("lost the lease of app %s to another supervisor; exiting", self.app)
-                    return 1
-                wanted = self.step()
+                try:
+                    if not self._take():
+                        log.error("lost the lease of app %s to another supervisor; exiting", self.app)
+                        return 1
+                    wanted = self.step()
+                except Exception:  # noqa: BLE001 - e.g. the database restarting: keep watching
+                    log.exception("supervising app %s failed; trying again", self.app)
+                    time.sleep(TICK_S)
+                    continue
                 if not wanted and not self.slots:
                     log.info("no agent of app %s is wanted running; exiting", self.app)
                     break
                 time.sleep(TICK_S)
         finally:
-            self.store.release_lease(lease_name(self.app), self.holder)
+            with contextlib.suppress(Exception):
+                self.store.release_lease(lease_name(self.app), self.holder)
             log.info("supervisor of app %s stopped", self.app)
         return 0
 
@@ -355,7 +362,10 @@ class Supervisor:
         except ProcessLookupError:
             pass
         if slot.proc is not None:
-            rc = slot.proc.wait(timeout=30)
+            try:
+                rc = slot.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                return None  # not gone yet (uninterruptible): looked at again next tick
             return _exit(pid, rc, reason)
         return {"pid": pid, "exit_code": None, "signal": int(signal.SIGKILL), "signal_name": "SIGKILL",
                 "reason": reason}
