@@ -118,6 +118,7 @@ class AgentSupervisor:
         pids: dict[str, int] = {}
         procs: list[subprocess.Popen[bytes]] = []
         for name in chosen:
+            supervision.clear_want(self.store, app.app, name)
             env = {**os.environ, **self.settings.child_env(), "PYTHONUNBUFFERED": "1"}
             with open(self.log_path(name), "ab") as logf:
                 p = subprocess.Popen(

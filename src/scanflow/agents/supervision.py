@@ -84,6 +84,12 @@ def set_want(store: Store, app: str, name: str, want: str, ref: str | None = Non
     return now
 
 
+def clear_want(store: Store, app: str, name: str) -> None:
+    """`name` runs without a supervisor now (`agents start --no-supervise`): a supervisor lets
+    it go, and `agents list` shows its supervision as `-`."""
+    store.delete_state(owner(app), f"want:{name}")
+
+
 def wants(store: Store, app: str) -> dict[str, dict[str, Any]]:
     return {k.removeprefix("want:"): v for k, v in store.state_items(owner(app), "want:").items()}
 
