@@ -178,7 +178,9 @@ def test_an_agent_killed_with_9_is_restarted_and_handles_each_message_once(
         assert "started agent receiver" in out and "supervised by pid" in out
         pid = _row(sup, "receiver")["pid"]
         store.send_message("someone", "receiver", "job", {}, key="before")
-        wait_for(lambda: _effects(tmp_path) == ["before"], what="the first message handled", timeout=60)
+        wait_for(lambda: [m.status for m in store.list_messages("receiver")] == ["done"],
+                 what="the first message handled", timeout=60)
+        assert _effects(tmp_path) == ["before"]
 
         os.kill(pid, signal.SIGKILL)
         store.send_message("someone", "receiver", "job", {}, key="after")  # sent while it is dead
