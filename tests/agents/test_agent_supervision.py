@@ -329,7 +329,8 @@ def test_one_supervisor_per_application(tmp_path: Path, fast: Settings) -> None:
 
 def test_a_new_supervisor_adopts_the_agents_of_one_killed_with_9(tmp_path: Path, fast: Settings) -> None:
     """Its agents keep running; `agents list` says the supervisor is down; `agents start` starts
-    a new one, which adopts them (an agent it did not start dies with an unknown exit status)."""
+    a new one, which adopts them (an agent it did not start dies with an unknown exit status);
+    killed again, the agents start one themselves."""
     store = Store(fast.store)
     sup = AgentSupervisor(fast, store)
     app = _app(tmp_path)
@@ -352,5 +353,17 @@ def test_a_new_supervisor_adopts_the_agents_of_one_killed_with_9(tmp_path: Path,
         assert ev.payload["pid"] == pid and ev.payload["signal"] is None
         assert "exit status unknown" in ev.payload["reason"]
         wait_for(lambda: (r := _row(sup, "other"))["status"] == "running" and r["pid"] != pid, timeout=60)
+
+        # with no person acting: the agent notices its supervisor is down and starts one
+        pid, second = _row(sup, "other")["pid"], row["supervisor"]["pid"]
+        os.kill(second, signal.SIGKILL)
+        third = wait_for(lambda: (r := _row(sup, "other")["supervisor"])["status"] == "running"
+                         and r["pid"] != second and r["pid"], timeout=60,
+                         what="a supervisor started by the agent")
+        assert _row(sup, "other")["pid"] == pid  # adopted, not restarted
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: len(_events(store, "other", "agent_restarted")) == 2, timeout=60)
+        wait_for(lambda: (r := _row(sup, "other"))["status"] == "running" and r["pid"] != pid, timeout=60)
+        assert _row(sup, "other")["supervisor"]["pid"] == third
     finally:
         sup.stop()

@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -301,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _term)
     log = logging.getLogger("scanflow.agents")
     log.info("agent %s (%s) started, pid %d", args.agent, agent.spec.role, os.getpid())
+    threading.Thread(target=supervision.watch_supervisor, name="supervisor-watch", daemon=True,
+                     args=(settings, store, app.app, args.agent, lambda: stopping["flag"])).start()
     agent.run_forever(stop=lambda: stopping["flag"], api=not args.no_api)
     log.info("agent %s stopped", args.agent)
     return 0

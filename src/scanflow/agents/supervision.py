@@ -10,7 +10,8 @@ process is up but hung: it is killed with SIGKILL first). A dead agent is starte
 seconds (at most `agent_restart_max_backoff`), and an `agent_restarted` event is recorded; after
 `agent_restart_limit` restarts in the window it is given up (`agent_given_up`) and stays dead
 until a person starts it again. `scanflow agents stop` first writes the want down as stopped, so
-a stopped agent is never taken for a dead one.
+a stopped agent is never taken for a dead one. A supervisor killed in turn is started again by
+its agents (`watch_supervisor`, in each agent process) and adopts them.
 
 Exactly one supervisor runs per application: it holds the store lease
 `agents-supervisor:<app>` and renews it every half second (a supervisor killed with -9 blocks
@@ -137,14 +138,44 @@ def ensure_supervisor(settings: Settings, store: Store, app: str) -> int | None:
     info = supervisor_info(store, app)
     if info["pid"] is not None:
         return int(info["pid"])
+    spawn_supervisor(settings, app)
+    return None
+
+
+def spawn_supervisor(settings: Settings, app: str) -> subprocess.Popen[bytes]:
     env = {**os.environ, **settings.child_env(), "PYTHONUNBUFFERED": "1"}
     with open(log_path(settings, app), "ab") as logf:
-        subprocess.Popen(
+        return subprocess.Popen(
             [sys.executable, "-m", "scanflow.agents.supervision", "--app", app],
             stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
             start_new_session=True,
         )
-    return None
+
+
+WATCH_S = 5.0
+"""How often a supervised agent checks that its application's supervisor is up."""
+
+
+def watch_supervisor(settings: Settings, store: Store, app: str, name: str, stop: Callable[[], bool],
+                     every: float = WATCH_S) -> None:
+    """Run in each agent process: while the agent is wanted running under a supervisor and
+    none holds the application's lease (it was killed), start one, which adopts the running
+    agents. The lease keeps it to one, however many agents notice at once."""
+    spawned = 0.0
+    children: list[subprocess.Popen[bytes]] = []
+    while not stop():
+        time.sleep(every)
+        children = [p for p in children if p.poll() is None]  # reap the ones that exited
+        try:
+            want = wants(store, app).get(name) or {}
+            if want.get("want") != "running" or time.time() - spawned < 2 * LEASE_S:
+                continue
+            if supervisor_info(store, app)["status"] == "down":
+                log.warning("the supervisor of app %s is down: starting one", app)
+                children.append(spawn_supervisor(settings, app))
+                spawned = time.time()
+        except Exception:  # noqa: BLE001 - e.g. the database restarting: look again later
+            log.exception("cannot check the supervisor of app %s", app)
 
 
 def stop_supervisor(store: Store, app: str, timeout: float = 10.0) -> int | None:
