@@ -43,6 +43,20 @@ class Settings(BaseSettings):
         "try (an agent's `retry_backoff` overrides it)",
     )
     agent_retry_max_backoff: float = Field(default=300.0, gt=0, description="longest wait between tries")
+    agent_restart_backoff: float = Field(
+        default=1.0, gt=0, description="seconds before the supervisor restarts a dead agent; doubles "
+        "with each restart within `agent_restart_window`",
+    )
+    agent_restart_max_backoff: float = Field(default=60.0, gt=0, description="longest wait before a restart")
+    agent_restart_limit: int = Field(
+        default=5, ge=1, le=1000, description="restarts within `agent_restart_window` after which a "
+        "crash-looping agent is given up (`agent_given_up`)",
+    )
+    agent_restart_window: float = Field(default=300.0, gt=0, description="seconds over which restarts count")
+    agent_stale_after: float = Field(
+        default=30.0, gt=0, description="an agent whose heartbeat is older than this (its process "
+        "up but hung) is killed and restarted by its supervisor",
+    )
 
     @property
     def root(self) -> Path:
@@ -89,6 +103,11 @@ class Settings(BaseSettings):
             "SCANFLOW_AGENT_MAX_ATTEMPTS": str(self.agent_max_attempts),
             "SCANFLOW_AGENT_RETRY_BACKOFF": str(self.agent_retry_backoff),
             "SCANFLOW_AGENT_RETRY_MAX_BACKOFF": str(self.agent_retry_max_backoff),
+            "SCANFLOW_AGENT_RESTART_BACKOFF": str(self.agent_restart_backoff),
+            "SCANFLOW_AGENT_RESTART_MAX_BACKOFF": str(self.agent_restart_max_backoff),
+            "SCANFLOW_AGENT_RESTART_LIMIT": str(self.agent_restart_limit),
+            "SCANFLOW_AGENT_RESTART_WINDOW": str(self.agent_restart_window),
+            "SCANFLOW_AGENT_STALE_AFTER": str(self.agent_stale_after),
             "MLFLOW_TRACKING_URI": self.tracking,
             "MLFLOW_DISABLE_TELEMETRY": "true",
             "DO_NOT_TRACK": "true",

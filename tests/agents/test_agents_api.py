@@ -257,7 +257,9 @@ def test_cli_drives_agent_processes_and_changes_survive_restarts(
     py = tmp_path / "pyagents.py"
     py.write_text(PY_APP.replace("NOTES", str(tmp_path / "py-notes.txt")))
     try:
-        assert "started agent watcher" in _cli(ws, "agents", "start", str(app_dir)).stdout
+        # unsupervised, so that it stays dead when killed below (tests/agents/test_agent_supervision.py
+        # covers the supervisor); the Python-declared agent runs under its supervisor
+        assert "started agent watcher" in _cli(ws, "agents", "start", str(app_dir), "--no-supervise").stdout
         assert "started agent pyagent" in _cli(ws, "agents", "start", f"{py}:app").stdout
         rows = {r["name"]: r for r in json.loads(_cli(ws, "agents", "list", "--json").stdout)}
         assert rows["watcher"]["status"] == "running" and rows["watcher"]["api"].startswith("http://127.0.0.1:")
@@ -297,7 +299,7 @@ def test_cli_drives_agent_processes_and_changes_survive_restarts(
         assert store.list_messages("watcher", status="dead") == []
         typo = _cli(ws, "agents", "requeue", "wacher", "--all", ok=False)
         assert typo.returncode == 2 and "no agent 'wacher'" in typo.stderr, typo.stderr
-        _cli(ws, "agents", "start", str(app_dir), "-a", "watcher")
+        _cli(ws, "agents", "start", str(app_dir), "-a", "watcher", "--no-supervise")
         info = json.loads(_cli(ws, "agents", "status", "watcher", "--json").stdout)
         clock = next(s for s in info["sensors"] if s["name"] == "clock")
         assert clock["paused"] is True

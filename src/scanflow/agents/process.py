@@ -8,6 +8,7 @@ agents declared in Python, by 'path/to/file.py:attribute' or 'package.module:att
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import logging
@@ -15,12 +16,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from scanflow.agents import supervision
 from scanflow.agents.registry import agent_issues
 from scanflow.agents.runtime import HEALTH, Agent
 from scanflow.control import backends
@@ -92,19 +95,31 @@ class AgentSupervisor:
         return self.settings.agents_dir / f"{name}.log"
 
     def start(
-        self, app_path: str | Path, names: list[str] | None = None, wait: float = 30.0
+        self, app_path: str | Path, names: list[str] | None = None, wait: float = 30.0,
+        supervise: bool = False,
     ) -> dict[str, int]:
+        """Start agents of an application, each in its own process; their pids once each has
+        registered. `supervise` (what `scanflow agents start` does): the application's
+        supervisor starts them and restarts a dead one (`scanflow.agents.supervision`);
+        otherwise they are started here and a dead one stays dead."""
         app = load_app(app_path)
         chosen = names or list(app.agents)
         unknown = [n for n in chosen if n not in app.agents]
         if unknown:
             raise KeyError(f"no agent(s) {unknown} in {app_path} (known: {sorted(app.agents)})")
         running = {a.name: a.pid for a in self.store.list_agents() if a.status == "running"}
+        # agents left running by a supervisor that died are adopted by the new one, not refused
+        orphans = supervise and supervision.supervisor_info(self.store, app.app)["status"] == "down"
+        wanted = supervision.wants(self.store, app.app) if orphans else {}
+        for name in chosen:
+            if pid_alive(running.get(name)) and (wanted.get(name) or {}).get("want") != "running":
+                raise ValueError(f"agent {name!r} is already running (pid {running[name]})")
+        if supervise:
+            return self._start_supervised(app.app, _absolute(app_path), chosen, wait)
         pids: dict[str, int] = {}
         procs: list[subprocess.Popen[bytes]] = []
         for name in chosen:
-            if pid_alive(running.get(name)):
-                raise ValueError(f"agent {name!r} is already running (pid {running[name]})")
+            supervision.clear_want(self.store, app.app, name)
             env = {**os.environ, **self.settings.child_env(), "PYTHONUNBUFFERED": "1"}
             with open(self.log_path(name), "ab") as logf:
                 p = subprocess.Popen(
@@ -126,19 +141,64 @@ class AgentSupervisor:
             time.sleep(0.2)
         raise TimeoutError(f"agents {sorted(pids)} did not register within {wait:.0f}s")
 
+    def _start_supervised(self, app: str, ref: str, chosen: list[str], wait: float) -> dict[str, int]:
+        """Want `chosen` running, make sure the app's supervisor runs, and wait until it has
+        started each (a supervisor that exits idle at that moment is started again)."""
+        since = {n: supervision.set_want(self.store, app, n, "running", ref) for n in chosen}
+        deadline = time.time() + wait
+        ensured = 0.0
+        while True:
+            if time.time() - ensured > 1.0:
+                supervision.ensure_supervisor(self.settings, self.store, app)
+                ensured = time.time()
+            rows = {a.name: a for a in self.store.list_agents()}
+            recs = supervision.records(self.store, app)
+            pids: dict[str, int] = {}
+            for n in chosen:
+                rec = recs.get(n) or {}
+                if rec.get("since") != since[n]:
+                    continue  # the supervisor has not seen this start yet
+                if rec.get("last_exit") and rec.get("state") in ("backoff", "given_up"):
+                    raise RuntimeError(
+                        f"agent {n} exited at start ({supervision.describe_exit(rec['last_exit'])}); "
+                        f"see {self.log_path(n)}. Its supervisor starts it again with backoff and gives "
+                        f"up after {self.settings.agent_restart_limit} restarts; "
+                        f"`scanflow agents stop -a {n}` stops it")
+                row = rows.get(n)
+                if row is not None and row.pid is not None and row.pid == rec.get("pid") \
+                        and row.status == "running" and pid_alive(row.pid):
+                    pids[n] = row.pid
+            if len(pids) == len(chosen):
+                return pids
+            if time.time() >= deadline:
+                raise TimeoutError(f"agents {sorted(set(chosen) - set(pids))} did not register within "
+                                   f"{wait:.0f}s; see {supervision.log_path(self.settings, app)}")
+            time.sleep(0.2)
+
     def stop(self, names: list[str] | None = None, timeout: float = 15.0) -> list[str]:
+        """Stop agents (all, or `names`): first their want is written down as stopped, so that
+        no supervisor restarts them; with no `names`, the supervisors are stopped too."""
+        up = {a.name for a in self.store.list_agents() if pid_alive(a.pid)}
+        for app in supervision.apps(self.store):
+            for n, w in supervision.wants(self.store, app).items():
+                if (not names or n in names) and w.get("want") == "running":
+                    supervision.set_want(self.store, app, n, "stopped")
+            if not names:
+                supervision.stop_supervisor(self.store, app)
         stopped = []
         for a in self.store.list_agents():
             if names and a.name not in names:
                 continue
-            if pid_alive(a.pid):
+            if a.name in up:  # (its supervisor may be stopping it too)
                 assert a.pid is not None
-                os.kill(a.pid, signal.SIGTERM)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(a.pid, signal.SIGTERM)
                 deadline = time.time() + timeout
                 while pid_alive(a.pid) and time.time() < deadline:
                     time.sleep(0.1)
                 if pid_alive(a.pid):
-                    os.kill(a.pid, signal.SIGKILL)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(a.pid, signal.SIGKILL)
                 stopped.append(a.name)
             self.store.agent_heartbeat(a.name, status="stopped")
         return stopped
@@ -147,15 +207,30 @@ class AgentSupervisor:
         """Every agent started here: `running`, `failing` (running, but a sensor's ticks fail:
         see `Agent.health`; `failing` lists them with their last error), `stopped` or `dead`."""
         out = []
+        sup = _Supervision(self.store)
+        listed = set()
         for a in self.store.list_agents():
             alive = pid_alive(a.pid)
             state = a.status if alive or a.status != "running" else "dead"
             url = f"http://{a.api_host}:{a.api_port}" if a.api_port and state == "running" else None
             health = self.store.get_state(a.name, HEALTH) if state == "running" else None
             failing = (health or {}).get("failing")
+            info = sup.of(a.app, a.name)
+            new = info.pop("supervised_pid")
+            if state == "dead" and info["supervision"] == "starting" and new != a.pid and pid_alive(new):
+                state = "starting"  # restarted: the new process has not registered yet
             out.append({"name": a.name, "app": a.app, "role": a.role, "pid": a.pid,
                         "status": "failing" if failing else state, "failing": failing or [],
-                        "heartbeat": a.heartbeat, "started_at": a.started_at, "api": url})
+                        "heartbeat": a.heartbeat, "started_at": a.started_at, "api": url, **info})
+            listed.add(a.name)
+        for app in supervision.apps(self.store):  # wanted, but never registered (crashed at start)
+            for n, w in supervision.wants(self.store, app).items():
+                if n not in listed and w.get("want") == "running":
+                    info = sup.of(app, n)
+                    info.pop("supervised_pid")
+                    status = "starting" if info["supervision"] in ("starting", "running") else "dead"
+                    out.append({"name": n, "app": app, "role": "-", "pid": None, "status": status,
+                                "failing": [], "heartbeat": None, "started_at": None, "api": None, **info})
         return out
 
     def api_url(self, name: str) -> str:
@@ -173,6 +248,33 @@ class AgentSupervisor:
 
     def client(self, name: str, timeout: float = 30.0) -> httpx.Client:
         return httpx.Client(base_url=self.api_url(name), timeout=timeout)
+
+
+class _Supervision:
+    """What `status` adds to each agent: its supervision (state, restarts, last exit, next
+    try) and its application's supervisor, read from the store once per application."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._apps: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {}
+
+    def of(self, app: str, name: str) -> dict[str, Any]:
+        if app not in self._apps:
+            self._apps[app] = (supervision.wants(self.store, app), supervision.records(self.store, app),
+                               supervision.supervisor_info(self.store, app))
+        wants, recs, info = self._apps[app]
+        w, rec = wants.get(name) or {}, recs.get(name) or {}
+        current = bool(w) and rec.get("since") == w.get("since")
+        if not w:
+            state = "-"  # started without a supervisor
+        elif w.get("want") != "running":
+            state = "stopped"
+        else:
+            state = str(rec.get("state", "starting")) if current else "starting"
+        return {"supervision": state, "restarts": int(rec.get("restarts", 0)),  # (of its last start)
+                "last_exit": rec.get("last_exit"), "supervised_pid": rec.get("pid") if current else None,
+                "next_try": rec.get("next_try") if current and state == "backoff" else None,
+                "supervisor": info if w else None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _term)
     log = logging.getLogger("scanflow.agents")
     log.info("agent %s (%s) started, pid %d", args.agent, agent.spec.role, os.getpid())
+    threading.Thread(target=supervision.watch_supervisor, name="supervisor-watch", daemon=True,
+                     args=(settings, store, app.app, args.agent, lambda: stopping["flag"])).start()
     agent.run_forever(stop=lambda: stopping["flag"], api=not args.no_api)
     log.info("agent %s stopped", args.agent)
     return 0

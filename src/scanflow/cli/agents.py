@@ -80,25 +80,36 @@ def _call(agent: str, method: str, path: str, **kw: Any) -> Any:
 def start(
     app: Annotated[str, typer.Argument(help="spec file or folder, or file.py:app for agents in Python")],
     agent: Annotated[list[str] | None, typer.Option("--agent", "-a", help="only these")] = None,
+    supervise: Annotated[bool, typer.Option(
+        help="leave the application's supervisor running, which restarts a dead agent with backoff "
+             "(--no-supervise: when something else, e.g. systemd, restarts them)")] = True,
 ) -> None:
-    """Start the application's agents, each in its own process (with its HTTP API)."""
+    """Start the application's agents, each in its own process (with its HTTP API), under the
+    application's supervisor (one per application; see `scanflow agents list`)."""
     spec = _load(app)
     unknown = [a for a in agent or [] if a not in spec.agents]
     if unknown:
         fail(f"no agent(s) {unknown} in {spec.source or app} (known: {', '.join(spec.agents)})")
     sup = _supervisor()
     try:
-        pids = sup.start(app, agent)
+        pids = sup.start(app, agent, supervise=supervise)
     except (ValueError, KeyError) as exc:
         fail(str(exc))
-    urls = {r["name"]: r["api"] for r in sup.status()}
+    except (RuntimeError, TimeoutError) as exc:
+        fail(str(exc), code=1)
+    rows = {r["name"]: r for r in sup.status()}
     for name, pid in pids.items():
-        out.print(f"[green]started[/] agent {name} (pid {pid}) api {urls.get(name) or '-'}")
+        row = rows.get(name, {})
+        out.print(f"[green]started[/] agent {name} (pid {pid}) api {row.get('api') or '-'}")
+    sv = next((r["supervisor"] for r in rows.values() if r["name"] in pids and r.get("supervisor")), None)
+    if supervise and sv and sv.get("pid"):
+        out.print(f"supervised by pid {sv['pid']} (restarts a dead agent; `scanflow agents stop` stops both)")
 
 
 @agents_app.command("stop")
 def stop(agent: Annotated[list[str] | None, typer.Option("--agent", "-a", help="only these")] = None) -> None:
-    """Stop agents (SIGTERM, then SIGKILL after 15 s)."""
+    """Stop agents (SIGTERM, then SIGKILL after 15 s) and, without --agent, their supervisors;
+    a stopped agent is not restarted."""
     for name in _supervisor().stop(agent):
         out.print(f"stopped agent {name}")
 
@@ -106,20 +117,40 @@ def stop(agent: Annotated[list[str] | None, typer.Option("--agent", "-a", help="
 @agents_app.command("list")
 def list_(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Every agent started in this workspace: role, pid, status (running, failing, stopped, dead),
-    heartbeat, API address; each failing sensor's last error."""
+    heartbeat, API address, restarts and supervision (starting, running, backoff, given_up,
+    stopped; `-` when unsupervised) with its supervisor's pid; each failing sensor's last error."""
     rows = _supervisor().status()
     if as_json:
-        print_json([timed(dict(row), "heartbeat", "started_at") for row in rows])
+        print_json([timed(dict(row), "heartbeat", "started_at", "next_try") for row in rows])
         return
-    t = Table("agent", "role", "pid", "status", "heartbeat", "api")
+    t = Table("agent", "role", "pid", "status", "heartbeat", "api", "restarts", "supervision")
     for row in rows:
-        status = f"[red]{row['status']}[/]" if row["status"] == "failing" else row["status"]
+        status = f"[red]{row['status']}[/]" if row["status"] in ("failing", "dead") else row["status"]
         t.add_row(row["name"], row["role"], str(row["pid"]), status, iso(row["heartbeat"]),
-                  row["api"] or "-")
+                  row["api"] or "-", str(row["restarts"]), _supervision(row))
     out.print(t)
     for row in rows:
         for f in row["failing"]:
             err.print(f"{row['name']}: {_failing_line(f)}", markup=False, highlight=False)
+
+
+def _supervision(row: dict[str, Any]) -> str:
+    """'running, supervisor pid 12', 'backoff until 12:00:03 (killed by SIGKILL)', 'given_up
+    (exit status 3), supervisor down': an agent's supervision as `agents list` shows it."""
+    from scanflow.agents.supervision import describe_exit  # lazy: with the supervisor above
+
+    state = row["supervision"]
+    if state == "-":
+        return "-"
+    text = state
+    if state == "backoff" and row.get("next_try"):
+        text += f" until {iso(row['next_try'])}"
+    if state in ("backoff", "given_up") and row.get("last_exit"):
+        text += f" ({describe_exit(row['last_exit'])})"
+    sv = row.get("supervisor") or {}
+    if state != "stopped":
+        text += f", supervisor pid {sv['pid']}" if sv.get("pid") else f", supervisor {sv.get('status', '-')}"
+    return text
 
 
 def _failing_line(f: dict[str, Any]) -> str:

@@ -185,9 +185,10 @@ def _print_services(rows: list[dict[str, str]]) -> None:
 def _print_agents(rows: list[dict[str, Any]]) -> None:
     if not rows:
         return
-    a = table("agent", "role", "pid", "status", "heartbeat")
+    a = table("agent", "role", "pid", "status", "heartbeat", "restarts")
     for row in rows:
-        a.add_row(row["name"], row["role"], str(row["pid"]), row["status"], iso(row["heartbeat"]))
+        a.add_row(row["name"], row["role"], str(row["pid"]), row["status"], iso(row["heartbeat"]),
+                  str(row.get("restarts", 0)))
     show(a)
 
 
@@ -254,7 +255,7 @@ def status(
         for s in services:
             if s.get("last_oom_kill"):
                 timed(s["last_oom_kill"], "at")
-        listed = [timed(dict(a), "heartbeat", "started_at") for a in agents]
+        listed = [timed(dict(a), "heartbeat", "started_at", "next_try") for a in agents]
         print_json(services[0] if service is not None else {"services": services, "agents": listed},
                    indent=2)
         return
