@@ -340,12 +340,18 @@ def test_a_new_supervisor_adopts_the_agents_of_one_killed_with_9(tmp_path: Path,
     try:
         pid = sup.start(app, ["other"], supervise=True)["other"]
         old = _row(sup, "other")["supervisor"]["pid"]
-        os.kill(old, signal.SIGKILL)
-        wait_for(lambda: not pid_alive(old))
-        assert pid_alive(pid)
-        wait_for(lambda: _row(sup, "other")["supervisor"]["status"] == "down", timeout=30,
-                 what="the lease of the killed supervisor to expire")
-        assert "supervisor down" in cli(fast, "agents", "list")
+        # Held still while we look: a supervised agent starts a new supervisor itself within 5 s
+        # of finding it down (the last part of this test), which would race the check below.
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            os.kill(old, signal.SIGKILL)
+            wait_for(lambda: not pid_alive(old))
+            assert pid_alive(pid)
+            wait_for(lambda: _row(sup, "other")["supervisor"]["status"] == "down", timeout=30,
+                     what="the lease of the killed supervisor to expire")
+            assert "supervisor down" in cli(fast, "agents", "list")
+        finally:
+            os.kill(pid, signal.SIGCONT)
         with pytest.raises(ValueError, match="already running"):
             sup.start(app, ["other"])  # unsupervised: refused as before
         assert sup.start(app, ["other"], supervise=True) == {"other": pid}  # adopted, not restarted

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from scanflow.cli.common import err, fail, out, print_json, timed
+from scanflow.cli.common import err, fail, out, print_json, show, timed
 from scanflow.cli.common import iso as common_iso
 from scanflow.spec.errors import SpecError
 
@@ -128,7 +128,7 @@ def list_(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
         status = f"[red]{row['status']}[/]" if row["status"] in ("failing", "dead") else row["status"]
         t.add_row(row["name"], row["role"], str(row["pid"]), status, iso(row["heartbeat"]),
                   row["api"] or "-", str(row["restarts"]), _supervision(row))
-    out.print(t)
+    show(t)
     for row in rows:
         for f in row["failing"]:
             err.print(f"{row['name']}: {_failing_line(f)}", markup=False, highlight=False)
@@ -193,7 +193,7 @@ def status(
                       tr.get("last_fire_time") or "-",
                       state if i == 0 else "", str(s["ticks"]) if i == 0 else "",
                       (s["last_error"] or "") if i == 0 else "")
-    out.print(t)
+    show(t)
     if dead:
         d = Table("id", "kind", "key", "from", "tries", "dead since", "last error",
                   title=f"dead-lettered messages (`scanflow agents requeue {agent} <id>`)")
