@@ -54,18 +54,38 @@ def test_the_factory_engine_runs_a_workflow(settings: Settings, tmp_path: Path) 
         engine.logs(res.run_id, "nope")
 
 
-@pytest.mark.parametrize("name", ["bogus", "ray"])
-def test_an_unknown_backend_is_refused_naming_it_and_the_allowed_values(
-        settings: Settings, name: str) -> None:
-    bad = settings.model_copy(update={"backend": name})
+def test_an_unknown_backend_is_refused_naming_it_and_the_allowed_values(settings: Settings) -> None:
+    bad = settings.model_copy(update={"backend": "bogus"})
     for build in (lambda: backends.store(bad), lambda: backends.tracker(bad),
                   lambda: backends.engine(bad, Store(settings.store)),
                   lambda: backends.deployer(bad, Store(settings.store))):
-        with pytest.raises(backends.UnknownBackend, match=f"unknown backend '{name}'.*allowed: local"):
+        with pytest.raises(backends.UnknownBackend, match="unknown backend 'bogus'.*allowed: local, ray"):
             build()
-    if name == "ray":  # announced, not silently missing
-        with pytest.raises(backends.UnknownBackend, match="later release"):
-            backends.store(bad)
+
+
+PG = "postgresql+psycopg://scanflow@127.0.0.1:5432/scanflow"  # never connected to: refused first
+
+
+@pytest.mark.parametrize(("store_url", "tracking", "says"), [
+    (None, None, ["needs a shared store, not sqlite", "SCANFLOW_STORE_URL to a PostgreSQL URL"]),
+    (PG, None, ["needs an MLflow tracking server, not sqlite", "mlflow server --serve-artifacts",
+                "SCANFLOW_TRACKING_URI"]),
+    (PG, "file:///tmp/mlruns", ["not file", "mlflow server --serve-artifacts"]),
+])
+def test_ray_refuses_state_on_this_machine_only_saying_why_and_what_to_set(
+        settings: Settings, monkeypatch: pytest.MonkeyPatch, store_url: str | None,
+        tracking: str | None, says: list[str]) -> None:
+    """A cluster's nodes share no disk with the driver: SQLite and a local MLflow store are
+    refused (before ray is even imported) with exit 2 at the CLI."""
+    monkeypatch.setenv("SCANFLOW_BACKEND", "ray")
+    for name, value in (("SCANFLOW_STORE_URL", store_url), ("SCANFLOW_TRACKING_URI", tracking)):
+        if value:
+            monkeypatch.setenv(name, value)
+    res = CliRunner().invoke(app, ["--workspace", str(settings.root), "runs", "list"])
+    assert res.exit_code == 2, res.output
+    text = " ".join(res.output.split())
+    assert all(s in text for s in says), text
+    assert "Traceback" not in res.output and not isinstance(res.exception, backends.UnknownBackend)
 
 
 @pytest.mark.parametrize("args", [["runs", "list"], ["status"], ["agents", "list"]])
@@ -74,5 +94,5 @@ def test_cli_with_an_unknown_backend_exits_2_with_the_message(
     monkeypatch.setenv("SCANFLOW_BACKEND", "bogus")
     res = CliRunner().invoke(app, ["--workspace", str(settings.root), *args])
     assert res.exit_code == 2, res.output
-    assert "unknown backend 'bogus'" in res.output and "allowed: local" in res.output
+    assert "unknown backend 'bogus'" in res.output and "allowed: local, ray" in res.output
     assert "Traceback" not in res.output and not isinstance(res.exception, backends.UnknownBackend)

@@ -109,6 +109,16 @@ def context() -> tuple[Any, Any]:
         fail(str(exc))
 
 
+def build_engine(settings: Any, store: Any) -> Any:
+    """The settings' workflow engine (exit 2 when it cannot be built, e.g. no Ray cluster)."""
+    from scanflow.control import backends  # lazy: the engine's backend (MLflow, ray)
+
+    try:
+        return backends.engine(settings, store)
+    except backends.UnknownBackend as exc:
+        fail(str(exc))
+
+
 def _agent_issues(app: Any) -> list[Any]:
     """The agents' checks, importing the agent runtime only for an app that has agents."""
     if not app.agents:

@@ -1,0 +1,181 @@
+"""The ray backend on a real multi-node Ray cluster (head + 2 worker nodes, 1 CPU each), with a
+PostgreSQL store and a real `mlflow server --serve-artifacts` as the only shared state."""
+
+from __future__ import annotations
+
+import json
+import os
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from scanflow.cli.main import app as cli_app
+from scanflow.control import backends
+from scanflow.engine import LocalEngine
+from scanflow.settings import Settings, get_settings
+from scanflow.spec import load_application
+from scanflow.store import Store
+from scanflow.tracking import MlflowTracker
+from support.mlflow_server import mlflow_server
+
+ray = pytest.importorskip("ray")
+pytestmark = [pytest.mark.slow, pytest.mark.postgres]
+
+PRODUCE = '''
+import argparse, json, os
+p = argparse.ArgumentParser()
+p.add_argument("--out")
+a = p.parse_args()
+with open(a.out, "w") as f:
+    json.dump({"cwd": os.getcwd(), "workspace": os.environ["SCANFLOW_WORKSPACE"], "out": a.out}, f)
+print("produced", a.out)
+'''
+
+STEPS = '''
+import json, os
+import ray
+
+def consume(src, out, ctx):
+    up = json.loads(src.read_text())
+    up["consumer"] = {"node": ray.get_runtime_context().get_node_id(), "cwd": os.getcwd(),
+                      "src": str(src)}
+    out.write_text(json.dumps(up))
+    ctx.log("consumed", src)
+'''
+
+SPEC = '''
+app: hop
+team: ds
+workflows:
+  hop:
+    steps:
+      - {name: produce, run: "python produce.py", outputs: [out], resources: {custom: {node_a: 1}}}
+      - {name: consume, call: "steps:consume", inputs: {src: produce.out}, outputs: [out],
+         resources: {custom: {node_b: 1}}}
+  unfit:
+    steps:
+      - {name: nowhere, run: "python -c pass", resources: {custom: {node_c: 1}}}
+  greedy:
+    steps:
+      - {name: big, run: "python -c pass", resources: {cpus: 2}}
+  flaky:
+    steps:
+      - {name: code, run: "python -c 'import sys; print(\\"trying\\"); sys.exit(3)'",
+         retries: {count: 2, backoff: 0.01, jitter: 0.0}}
+'''
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[str]:
+    """Head + 2 worker nodes of 1 CPU; `node_a` / `node_b` force a step onto one worker."""
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        c.add_node(num_cpus=1, resources={"node_a": 1})
+        c.add_node(num_cpus=1, resources={"node_b": 1})
+        c.wait_for_nodes()
+        ray.init(address=c.address, namespace="scanflow", log_to_driver=False)
+        yield c.address
+    finally:
+        ray.shutdown()
+        c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tracking(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as url:
+        yield url
+
+
+@pytest.fixture
+def ray_settings(cluster: str, tracking: str, pg_url: str, tmp_path: Path,
+                 monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """The environment of a person running scanflow on the cluster (also read by the CLI)."""
+    env = {"SCANFLOW_BACKEND": "ray", "SCANFLOW_STORE_URL": pg_url, "SCANFLOW_TRACKING_URI": tracking,
+           "SCANFLOW_RAY_ADDRESS": cluster, "SCANFLOW_WORKSPACE": str(tmp_path / "ws")}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    get_settings.cache_clear()
+    return Settings().ensure()
+
+
+@pytest.fixture
+def spec(tmp_path: Path) -> Path:
+    d = tmp_path / "app"
+    d.mkdir()
+    (d / "produce.py").write_text(textwrap.dedent(PRODUCE))
+    (d / "steps.py").write_text(textwrap.dedent(STEPS))
+    (d / "scanflow.yaml").write_text(SPEC)
+    return d
+
+
+def cli(settings: Settings, *args: str) -> tuple[int, str]:
+    res = CliRunner().invoke(cli_app, ["--workspace", str(settings.root), *args])
+    return res.exit_code, res.output
+
+
+def node_with(resource: str) -> str:
+    return next(n["NodeID"] for n in ray.nodes() if n["Alive"] and resource in n["Resources"])
+
+
+def test_two_steps_on_two_nodes_pass_their_output_through_mlflow(
+        ray_settings: Settings, spec: Path) -> None:
+    code, out = cli(ray_settings, "run", str(spec), "hop")
+    assert code == 0, out
+    store = Store(ray_settings.store)
+    run = store.list_runs()[0]
+    steps = {s.step: s for s in store.list_steps(run.id)}
+    assert {k: s.status for k, s in steps.items()} == {"produce": "succeeded", "consume": "succeeded"}
+    uri = steps["consume"].outputs["out"]
+    assert uri.startswith(f"runs:/{run.mlflow_run_id}/scanflow/outputs/consume/")  # not a driver path
+    assert not list((ray_settings.runs_dir / run.id).rglob("out"))  # nothing landed on the driver
+
+    got = json.loads(Path(MlflowTracker(ray_settings).download(
+        run.mlflow_run_id or "", "scanflow/outputs/consume/out", str(ray_settings.root / "dl"))).read_text())
+    driver_cwd = os.getcwd()
+    assert got["consumer"]["node"] == node_with("node_b")  # placed by its custom resource
+    assert got["cwd"] not in (driver_cwd, str(spec)) and got["consumer"]["cwd"] != driver_cwd
+    assert got["workspace"] != str(ray_settings.root)  # the node's own workspace, not the driver's
+    assert got["consumer"]["src"] != got["out"]  # read from its own download, not the producer's path
+
+    code, log = cli(ray_settings, "logs", run.id, "produce")
+    assert code == 0 and "produced" in log and f"on Ray node {node_with('node_a')[:12]}" in log
+    code, log = cli(ray_settings, "logs", run.id, "consume")
+    assert code == 0 and "consumed" in log and f"on Ray node {node_with('node_b')[:12]}" in log
+
+
+@pytest.mark.parametrize(("workflow", "why"), [("unfit", "asks for CPU 1, node_c 1,"),
+                                               ("greedy", "asks for CPU 2,")])
+def test_a_step_no_node_can_fit_is_refused_at_submit_with_exit_2(
+        ray_settings: Settings, spec: Path, workflow: str, why: str) -> None:
+    code, out = cli(ray_settings, "run", str(spec), workflow)
+    assert code == 2, out
+    assert why in out and "which no node of the Ray cluster offers" in out
+    assert "Traceback" not in out
+    assert Store(ray_settings.store).list_runs() == []  # refused before anything was recorded
+
+
+def _retried(engine: Any, spec: Path) -> tuple[Any, Any, list[str]]:
+    res = engine.run(load_application(spec), "flaky")
+    row = engine.store.list_steps(res.run_id)[0]
+    log = "".join(t for _, t in engine.logs(res.run_id, "code"))
+    return res, row, log.splitlines()
+
+
+def test_a_failing_step_is_retried_and_ends_with_its_exit_code_as_on_the_local_backend(
+        ray_settings: Settings, spec: Path, tmp_path: Path) -> None:
+    ray_res, ray_row, ray_log = _retried(backends.engine(ray_settings, Store(ray_settings.store)), spec)
+    local = Settings(workspace=tmp_path / "local-ws").ensure()
+    loc_res, loc_row, loc_log = _retried(LocalEngine(local, Store(local.store)), spec)
+    for res, row in ((ray_res, ray_row), (loc_res, loc_row)):
+        assert (res.status, row.status, row.attempts, row.exit_code) == ("failed", "failed", 3, 3)
+        assert res.error.startswith("step code failed with exit code 3; last lines of its log")
+    assert "trying" in ray_res.error  # the tail came back from the node
+    tries = [[ln for ln in log if ln == "trying"] for log in (ray_log, loc_log)]
+    assert tries == [["trying"] * 3] * 2
+    assert sum("on Ray node" in ln for ln in ray_log) == 3
