@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import textwrap
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,11 +17,13 @@ from typer.testing import CliRunner
 from scanflow.cli.main import app as cli_app
 from scanflow.control import backends
 from scanflow.engine import LocalEngine
+from scanflow.procs import pid_alive
 from scanflow.settings import Settings, get_settings
 from scanflow.spec import load_application
 from scanflow.store import Store
 from scanflow.tracking import MlflowTracker
 from support.mlflow_server import mlflow_server
+from support.waiting import wait_for
 
 ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
@@ -47,6 +50,29 @@ def consume(src, out, ctx):
     ctx.log("consumed", src)
 '''
 
+GATE = '''
+import argparse, os, sys
+p = argparse.ArgumentParser()
+p.add_argument("--flag")
+p.add_argument("--src")
+a = p.parse_args()
+print("gate sees", open(a.src).read()[:9])
+sys.exit(0 if os.path.exists(a.flag) else 9)
+'''
+
+SLEEPER = '''
+import argparse, subprocess, sys, time
+p = argparse.ArgumentParser()
+p.add_argument("--pids")
+a = p.parse_args()
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+with open(a.pids + ".part", "w") as f:
+    f.write(f"{child.pid}\\n")
+import os
+os.rename(a.pids + ".part", a.pids)
+time.sleep(120)
+'''
+
 SPEC = '''
 app: hop
 team: ds
@@ -62,6 +88,17 @@ workflows:
   greedy:
     steps:
       - {name: big, run: "python -c pass", resources: {cpus: 2}}
+  gated:
+    steps:
+      - {name: produce, run: "python produce.py", outputs: [out], resources: {custom: {node_a: 1}}}
+      - {name: gate, run: "python gate.py", params: {flag: {type: str}}, inputs: {src: produce.out},
+         resources: {custom: {node_b: 1}}}
+  sleepy:
+    steps:
+      - {name: sleep, run: "python sleeper.py", params: {pids: {type: str}}, timeout: 100}
+  slow:
+    steps:
+      - {name: nap, run: "python -c 'import time; time.sleep(60)'", timeout: 1}
   flaky:
     steps:
       - {name: code, run: "python -c 'import sys; print(\\"trying\\"); sys.exit(3)'",
@@ -110,6 +147,8 @@ def spec(tmp_path: Path) -> Path:
     d.mkdir()
     (d / "produce.py").write_text(textwrap.dedent(PRODUCE))
     (d / "steps.py").write_text(textwrap.dedent(STEPS))
+    (d / "gate.py").write_text(textwrap.dedent(GATE))
+    (d / "sleeper.py").write_text(textwrap.dedent(SLEEPER))
     (d / "scanflow.yaml").write_text(SPEC)
     return d
 
@@ -179,3 +218,48 @@ def test_a_failing_step_is_retried_and_ends_with_its_exit_code_as_on_the_local_b
     tries = [[ln for ln in log if ln == "trying"] for log in (ray_log, loc_log)]
     assert tries == [["trying"] * 3] * 2
     assert sum("on Ray node" in ln for ln in ray_log) == 3
+
+
+def test_a_second_run_is_cached_and_resume_reruns_only_what_failed(
+        ray_settings: Settings, spec: Path, tmp_path: Path) -> None:
+    engine = backends.engine(ray_settings, Store(ray_settings.store))
+    app = load_application(spec)
+    first = engine.run(app, "hop")
+    again = engine.run(app, "hop")
+    assert first.ok and again.steps == {"produce": "cached", "consume": "cached"}, again
+
+    flag = tmp_path / "open"
+    fresh = engine.run(app, "gated", {"flag": str(flag)})  # the cache is per workflow
+    assert fresh.steps == {"produce": "succeeded", "gate": "failed"}, fresh
+    flag.touch()
+    resumed = engine.resume(fresh.run_id, app)
+    assert resumed.ok and resumed.steps == {"produce": "succeeded", "gate": "succeeded"}, resumed
+    rows = {s.step: s for s in engine.store.list_steps(fresh.run_id)}
+    assert rows["produce"].attempts == 1  # kept from the first try: not re-run
+    log = "".join(t for _, t in engine.logs(fresh.run_id, "produce"))
+    assert log.count("on Ray node") == 1
+    gate_log = "".join(t for _, t in engine.logs(fresh.run_id, "gate"))
+    assert gate_log.count('gate sees {"cwd": ') == 2  # both tries downloaded produce's output
+
+
+def test_a_timeout_kills_the_step_on_its_node_and_fails_it(ray_settings: Settings, spec: Path) -> None:
+    engine = backends.engine(ray_settings, Store(ray_settings.store))
+    res = engine.run(load_application(spec), "slow")
+    assert res.status == "failed" and "timed out after 1s (process tree killed)" in (res.error or "")
+
+
+def test_cancel_kills_the_steps_process_tree_on_its_node(
+        ray_settings: Settings, spec: Path, tmp_path: Path) -> None:
+    engine = backends.engine(ray_settings, Store(ray_settings.store))
+    pids_file = tmp_path / "pids"
+    run_id = engine.submit(load_application(spec), "sleepy", {"pids": str(pids_file)}, status="running")
+    done: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: done.update(res=engine.execute(run_id)), daemon=True)
+    t.start()
+    grandchild = int(wait_for(lambda: pids_file.exists() and pids_file.read_text().strip(),
+                              timeout=60, what="the step's process tree started"))
+    assert pid_alive(grandchild)
+    assert engine.cancel(run_id) == "cancelling"
+    wait_for(lambda: "res" in done, timeout=30, what="the run settled after cancel")
+    assert done["res"].status == "cancelled" and done["res"].steps == {"sleep": "cancelled"}
+    wait_for(lambda: not pid_alive(grandchild), timeout=15, what="the step's child process killed")
