@@ -4,6 +4,7 @@ refused with a message naming it and the allowed values, at the CLI as exit code
 from __future__ import annotations
 
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -96,3 +97,26 @@ def test_cli_with_an_unknown_backend_exits_2_with_the_message(
     assert res.exit_code == 2, res.output
     assert "unknown backend 'bogus'" in res.output and "allowed: local, ray" in res.output
     assert "Traceback" not in res.output and not isinstance(res.exception, backends.UnknownBackend)
+
+
+@pytest.mark.postgres
+def test_ray_with_no_cluster_at_the_address_exits_2_at_once(
+        settings: Settings, pg_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    from support.mlflow_server import free_port
+
+    d = tmp_path / "app"
+    d.mkdir()
+    (d / "scanflow.yaml").write_text("app: demo\nteam: ds\nworkflows:\n  w:\n"
+                                     "    steps: [{name: s, run: 'python -c pass'}]\n")
+    address = f"127.0.0.1:{free_port()}"
+    for k, v in {"SCANFLOW_BACKEND": "ray", "SCANFLOW_STORE_URL": pg_url, "SCANFLOW_RAY_ADDRESS": address,
+                 "SCANFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"}.items():
+        monkeypatch.setenv(k, v)
+    started = time.monotonic()
+    res = CliRunner().invoke(app, ["--workspace", str(settings.root), "run", str(d), "w"])
+    assert res.exit_code == 2, res.output
+    text = " ".join(res.output.split())
+    assert f"cannot join the Ray cluster at '{address}'" in text and "ray start --head" in text
+    assert time.monotonic() - started < 20  # not Ray's minutes of retrying
+    assert Store(pg_url).list_runs() == []

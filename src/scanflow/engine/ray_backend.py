@@ -13,6 +13,7 @@ by a path on the driver. A step no alive node can fit is refused at submit (`Par
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from collections import OrderedDict
@@ -54,6 +55,7 @@ def connect(address: str) -> None:
 
     if ray.is_initialized():
         return
+    _probe(address)
     try:
         ray.init(address=address, namespace="scanflow", logging_level=logging.WARNING,
                  log_to_driver=False)
@@ -61,6 +63,24 @@ def connect(address: str) -> None:
         raise ClusterUnavailable(
             f"cannot join the Ray cluster at {address!r} (SCANFLOW_RAY_ADDRESS): {exc}; start one "
             "with `ray start --head` or point SCANFLOW_RAY_ADDRESS at it") from exc
+
+
+def _probe(address: str, timeout: float = 3.0) -> None:
+    """Fail fast when nothing listens at a `host:port` address (Ray itself retries for
+    minutes); `auto` is left to Ray, which fails at once when no local cluster runs."""
+    if address in ("", "auto", "local"):
+        return
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        raise ClusterUnavailable(f"SCANFLOW_RAY_ADDRESS {address!r} is not auto, host:port or "
+                                 "ray://host:port")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ClusterUnavailable(
+            f"cannot join the Ray cluster at {address!r} (SCANFLOW_RAY_ADDRESS): nothing answers "
+            f"there ({exc.strerror or exc}); start one with `ray start --head` or point "
+            "SCANFLOW_RAY_ADDRESS at it") from exc
 
 
 def ray_request(res: StepResources) -> dict[str, float]:
