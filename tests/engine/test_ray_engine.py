@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import textwrap
 import threading
 from collections.abc import Iterator
@@ -69,8 +70,22 @@ child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
 with open(a.pids + ".part", "w") as f:
     f.write(f"{child.pid}\\n")
 import os
+import signal
 os.rename(a.pids + ".part", a.pids)
 time.sleep(120)
+'''
+
+SURVIVOR = '''
+import argparse, os, time
+p = argparse.ArgumentParser()
+p.add_argument("--pids")
+a = p.parse_args()
+if os.environ["SCANFLOW_ATTEMPT"] == "1":
+    with open(a.pids + ".part", "w") as f:
+        f.write(str(os.getpid()))
+    os.rename(a.pids + ".part", a.pids)
+    time.sleep(120)
+print("attempt", os.environ["SCANFLOW_ATTEMPT"], "done")
 '''
 
 SPEC = '''
@@ -99,6 +114,10 @@ workflows:
   slow:
     steps:
       - {name: nap, run: "python -c 'import time; time.sleep(60)'", timeout: 1}
+  survive:
+    steps:
+      - {name: long, run: "python survivor.py", params: {pids: {type: str}},
+         resources: {custom: {spare: 1}}, retries: {count: 1, backoff: 0.01, jitter: 0.0}}
   flaky:
     steps:
       - {name: code, run: "python -c 'import sys; print(\\"trying\\"); sys.exit(3)'",
@@ -107,17 +126,18 @@ workflows:
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[str]:
-    """Head + 2 worker nodes of 1 CPU; `node_a` / `node_b` force a step onto one worker."""
+def cluster() -> Iterator[Any]:
+    """Head + 2 worker nodes of 1 CPU; `node_a` / `node_b` force a step onto one worker,
+    `spare` onto either."""
     from ray.cluster_utils import Cluster
 
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     try:
-        c.add_node(num_cpus=1, resources={"node_a": 1})
-        c.add_node(num_cpus=1, resources={"node_b": 1})
+        c.add_node(num_cpus=1, resources={"node_a": 1, "spare": 1})
+        c.add_node(num_cpus=1, resources={"node_b": 1, "spare": 1})
         c.wait_for_nodes()
         ray.init(address=c.address, namespace="scanflow", log_to_driver=False)
-        yield c.address
+        yield c
     finally:
         ray.shutdown()
         c.shutdown()
@@ -130,11 +150,11 @@ def tracking(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture
-def ray_settings(cluster: str, tracking: str, pg_url: str, tmp_path: Path,
+def ray_settings(cluster: Any, tracking: str, pg_url: str, tmp_path: Path,
                  monkeypatch: pytest.MonkeyPatch) -> Settings:
     """The environment of a person running scanflow on the cluster (also read by the CLI)."""
     env = {"SCANFLOW_BACKEND": "ray", "SCANFLOW_STORE_URL": pg_url, "SCANFLOW_TRACKING_URI": tracking,
-           "SCANFLOW_RAY_ADDRESS": cluster, "SCANFLOW_WORKSPACE": str(tmp_path / "ws")}
+           "SCANFLOW_RAY_ADDRESS": cluster.address, "SCANFLOW_WORKSPACE": str(tmp_path / "ws")}
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     get_settings.cache_clear()
@@ -149,6 +169,7 @@ def spec(tmp_path: Path) -> Path:
     (d / "steps.py").write_text(textwrap.dedent(STEPS))
     (d / "gate.py").write_text(textwrap.dedent(GATE))
     (d / "sleeper.py").write_text(textwrap.dedent(SLEEPER))
+    (d / "survivor.py").write_text(textwrap.dedent(SURVIVOR))
     (d / "scanflow.yaml").write_text(SPEC)
     return d
 
@@ -263,3 +284,39 @@ def test_cancel_kills_the_steps_process_tree_on_its_node(
     wait_for(lambda: "res" in done, timeout=30, what="the run settled after cancel")
     assert done["res"].status == "cancelled" and done["res"].steps == {"sleep": "cancelled"}
     wait_for(lambda: not pid_alive(grandchild), timeout=15, what="the step's child process killed")
+
+def _ppid(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rfind(")") + 2:].split()[1])
+
+
+def test_a_worker_nodes_raylet_killed_mid_step_retries_the_step_on_the_other_node(
+        cluster: Any, ray_settings: Settings, spec: Path, tmp_path: Path) -> None:
+    """Last in the module: it takes a worker node away."""
+    engine = backends.engine(ray_settings, Store(ray_settings.store))
+    pids_file = tmp_path / "pids"
+    run_id = engine.submit(load_application(spec), "survive", {"pids": str(pids_file)}, status="running")
+    done: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: done.update(res=engine.execute(run_id)), daemon=True)
+    t.start()
+    step_pid = int(wait_for(lambda: pids_file.exists() and pids_file.read_text(), timeout=60,
+                            what="the step started on a worker node"))
+    worker = _ppid(step_pid)
+    raylet = _ppid(worker)  # step <- Ray worker <- raylet
+    victim = next(n for n in cluster.worker_nodes if n.all_processes["raylet"][0].process.pid == raylet)
+    try:
+        os.kill(raylet, signal.SIGKILL)
+        wait_for(lambda: "res" in done, timeout=90, what="the run settled after its node died")
+    finally:
+        for pid in (step_pid, worker):  # orphaned by the dead raylet (a dead machine takes them)
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    res = done["res"]
+    assert res.ok, res.error
+    row = engine.store.list_steps(run_id)[0]
+    assert row.attempts == 2
+    log = "".join(t for _, t in engine.logs(run_id, "long"))
+    assert f"--- attempt 1 on Ray node {victim.node_id[:12]}: the node died ---" in log
+    survivor = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and "spare" in n["Resources"])
+    assert survivor != victim.node_id and f"attempt 2 on Ray node {survivor[:12]}" in log
+    assert "attempt 2 done" in log

@@ -24,6 +24,7 @@ from typing import Any
 
 from scanflow.engine.local import LocalEngine
 from scanflow.engine.ray_task import (
+    PLACEMENTS,
     URI_PREFIX,
     StepJob,
     StepReport,
@@ -41,6 +42,7 @@ from scanflow.tracking import Tracker
 
 WAIT_POLL = 0.25  # seconds between looks at a run's cancel flag while its step runs
 CANCEL_GRACE = 5.0  # seconds a cancelled task has to stop its step before its worker is killed
+FIT_CHECK = 5.0  # seconds between checks that some alive node still fits a waiting step
 PACKAGES_KEPT = 16  # app packages (one per run) kept in the object store by one driver
 
 
@@ -97,6 +99,22 @@ def unfit(need: dict[str, float], nodes: list[dict[str, float]]) -> str | None:
     offered = "; ".join(", ".join(f"{k} {_amount(k, total.get(k, 0.0))}" for k in need)
                         for total in nodes) or "no alive node"
     return f"asks for {asked}, which no node of the Ray cluster offers (nodes: {offered})"
+
+
+def alive_nodes() -> dict[str, dict[str, float]]:
+    """Node id -> total resources, of each alive node of the cluster this process joined."""
+    import ray  # lazy: only the ray backend loads ray
+
+    return {n["NodeID"]: {k: float(v) for k, v in n["Resources"].items()}
+            for n in ray.nodes() if n["Alive"]}
+
+
+def placed_on(key: str) -> str | None:
+    """The node a running attempt published (`ray_task.node_facts`), once it has started."""
+    from ray.experimental.internal_kv import _internal_kv_get  # lazy: ray
+
+    node = _internal_kv_get(key, namespace=PLACEMENTS)
+    return node.decode() if node else None
 
 
 def _amount(name: str, value: float) -> str:
@@ -187,16 +205,45 @@ class RayStepRunner(StepRunner):
     def _on_cluster(self, st: RunState, step: Step, params: dict[str, Any],
                     inputs: dict[str, Path], outputs: dict[str, Path], log_path: Path,
                     attempt: int, make_child: Any) -> Outcome:
-        import ray  # lazy: only the ray backend loads ray
-        from ray.exceptions import RayError, TaskCancelledError  # lazy: ray
-
         assert st.parent is not None, "the ray backend needs tracking (outputs travel through MLflow)"
+        key = f"{st.run.id}/{step.name}/{attempt}"
         job = StepJob(st.app, st.run.id, step, params, {k: str(v) for k, v in inputs.items()},
                       {k: str(v) for k, v in outputs.items()}, attempt, st.parent, st.exp,
                       make_child() if make_child is not None else None, self.settings.tracking,
-                      self.settings.registry_uri, self.settings.store)
+                      self.settings.registry_uri, self.settings.store, key)
         ref = _remote_run_job().options(**task_options(step)).remote(job, self._package(st))
+        try:
+            return self._wait(st, step, ref, key, attempt, log_path)
+        finally:
+            from ray.experimental.internal_kv import _internal_kv_del  # lazy: ray
+
+            _internal_kv_del(key, namespace=PLACEMENTS)
+
+    def _lost(self, step: Step, key: str, attempt: int, log_path: Path) -> Outcome | None:
+        """A failed outcome when the attempt can no longer finish: its node died (its task
+        would never be failed by Ray when the worker outlives its raylet), or no alive node
+        fits the step any more (it would wait forever)."""
+        nodes = alive_nodes()
+        node = placed_on(key)
+        if node is not None and node not in nodes:
+            with open(log_path, "a") as f:
+                f.write(f"--- attempt {attempt} on Ray node {node[:12]}: the node died ---\n")
+            return Outcome("failed", None, f"step {step.name}: its Ray node {node[:12]} died while "
+                           f"it ran (attempt {attempt})")
+        why = unfit(ray_request(step.resources), list(nodes.values()))
+        if why:
+            return Outcome("failed", None, f"step {step.name} {why} any more (a node left the "
+                           "cluster while it waited)")
+        return None
+
+    def _wait(self, st: RunState, step: Step, ref: Any, key: str, attempt: int,
+              log_path: Path) -> Outcome:
+        """The attempt's outcome, cancelling its task when the run is cancelled."""
+        import ray  # lazy: only the ray backend loads ray
+        from ray.exceptions import RayError, TaskCancelledError  # lazy: ray
+
         cancelled_at: float | None = None
+        checked = time.time()
         while not ray.wait([ref], timeout=WAIT_POLL)[0]:
             if st.cancel.is_set() and cancelled_at is None:
                 cancelled_at = time.time()
@@ -204,6 +251,15 @@ class RayStepRunner(StepRunner):
             elif cancelled_at is not None and time.time() - cancelled_at > CANCEL_GRACE:
                 ray.cancel(ref, force=True)
                 break
+            elif cancelled_at is None and time.time() - checked > FIT_CHECK:
+                checked = time.time()
+                lost = self._lost(step, key, attempt, log_path)
+                if lost is not None:
+                    try:
+                        ray.cancel(ref, force=True)
+                    except RayError:
+                        pass  # its worker is out of reach with its node: nothing more to stop
+                    return lost
         try:
             rep: StepReport = ray.get(ref)
         except TaskCancelledError:
@@ -238,10 +294,7 @@ class RayEngine(LocalEngine):
         self.runner = RayStepRunner(self.settings, self.tracker, self.pool, True)
 
     def _unfit(self, step: Step) -> str | None:
-        import ray  # lazy: only the ray backend loads ray
-
-        nodes = [{k: float(v) for k, v in n["Resources"].items()} for n in ray.nodes() if n["Alive"]]
-        return unfit(ray_request(step.resources), nodes)
+        return unfit(ray_request(step.resources), list(alive_nodes().values()))
 
     def _output_paths(self, run_dir: Path, parent: str | None, step: Step) -> dict[str, Path]:
         assert parent is not None, "the ray backend needs tracking (outputs travel through MLflow)"
@@ -249,4 +302,4 @@ class RayEngine(LocalEngine):
 
 
 __all__ = ["ClusterUnavailable", "RayEngine", "RayStepRunner", "connect", "ray_request",
-           "task_options", "unfit"]
+           "task_options", "unfit", "alive_nodes"]

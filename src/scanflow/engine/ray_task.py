@@ -7,7 +7,7 @@ returned to the driver (and kept on the parent run under `scanflow/logs/`). The 
 through the local `StepRunner` (the same subprocess, timeout and process-tree code as the local
 backend) in the app's folder as the driver zipped it (`pack_app`), unpacked once per node
 into the node's temporary folder (`unpack_app`).
-This module does not import ray: only `node_facts` asks the runtime where it runs.
+This module imports ray only in `node_facts`, which asks the runtime where it runs.
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ class StepJob:
     tracking_uri: str
     registry_uri: str | None
     store_url: str
+    placement_key: str  # where the node publishes its id (`node_facts`)
 
 
 @dataclass
@@ -86,11 +87,19 @@ class StepReport:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def node_facts() -> tuple[str, str, str]:
-    """(Ray node id, host name, working directory) of the calling task."""
-    import ray  # lazy: present on every node of a cluster that runs this task
+PLACEMENTS = "scanflow-placements"  # Ray KV namespace: attempt key -> node id, while it runs
 
-    return ray.get_runtime_context().get_node_id(), socket.gethostname(), os.getcwd()
+
+def node_facts(placement_key: str) -> tuple[str, str, str]:
+    """(Ray node id, host name, working directory) of the calling task; the node id is also
+    published under `placement_key`, so that the driver sees when that node dies (a worker
+    whose raylet died may live on, and Ray then never fails its task)."""
+    import ray  # lazy: present on every node of a cluster that runs this task
+    from ray.experimental.internal_kv import _internal_kv_put  # lazy: ray
+
+    node = ray.get_runtime_context().get_node_id()
+    _internal_kv_put(placement_key, node, namespace=PLACEMENTS)
+    return node, socket.gethostname(), os.getcwd()
 
 
 NEVER_PACKED = {".git", ".venv", "venv", "__pycache__", ".scanflow", ".pytest_cache", ".mypy_cache"}
@@ -138,7 +147,7 @@ def run_job(job: StepJob, package: bytes) -> StepReport:
     outputs and the log."""
     from scanflow.tracking import MlflowTracker  # lazy: MLflow, loaded by the task only
 
-    node, host, _ = node_facts()
+    node, host, _ = node_facts(job.placement_key)
     cwd = str(unpack_app(package))
     work = Path(tempfile.mkdtemp(prefix=f"scanflow-{job.run_id[:12]}-{job.step.name}-"))
     log_path = work / "step.log"
@@ -206,5 +215,5 @@ def _upload(tracker: Any, path: Path, uri: str) -> None:
         tracker.log_artifact(run_id, path, artifact.rsplit("/", 1)[0])
 
 
-__all__ = ["LOGS_DIR", "OUTPUTS_DIR", "StepJob", "StepReport", "output_uri", "pack_app", "run_job",
-           "split_uri", "unpack_app"]
+__all__ = ["LOGS_DIR", "OUTPUTS_DIR", "PLACEMENTS", "StepJob", "StepReport", "output_uri", "pack_app",
+           "run_job", "split_uri", "unpack_app"]
