@@ -3,6 +3,7 @@ refused with a message naming it and the allowed values, at the CLI as exit code
 
 from __future__ import annotations
 
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -120,3 +121,19 @@ def test_ray_with_no_cluster_at_the_address_exits_2_at_once(
     assert f"cannot join the Ray cluster at '{address}'" in text and "ray start --head" in text
     assert time.monotonic() - started < 20  # not Ray's minutes of retrying
     assert Store(pg_url).list_runs() == []
+
+
+@pytest.mark.postgres
+def test_ray_without_ray_installed_exits_2_saying_what_to_install(
+        settings: Settings, pg_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    d = tmp_path / "app"
+    d.mkdir()
+    (d / "scanflow.yaml").write_text("app: demo\nteam: ds\nworkflows:\n  w:\n"
+                                     "    steps: [{name: s, run: 'python -c pass'}]\n")
+    for k, v in {"SCANFLOW_BACKEND": "ray", "SCANFLOW_STORE_URL": pg_url,
+                 "SCANFLOW_TRACKING_URI": "http://127.0.0.1:5000"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` sees without the extra
+    res = CliRunner().invoke(app, ["--workspace", str(settings.root), "run", str(d), "w"])
+    assert res.exit_code == 2, res.output
+    assert "pip install 'scanflow[ray]'" in " ".join(res.output.split())

@@ -43,7 +43,7 @@ from scanflow.tracking import Tracker
 WAIT_POLL = 0.25  # seconds between looks at a run's cancel flag while its step runs
 CANCEL_GRACE = 5.0  # seconds a cancelled task has to stop its step before its worker is killed
 FIT_CHECK = 5.0  # seconds between checks that some alive node still fits a waiting step
-PACKAGES_KEPT = 16  # app packages (one per run) kept in the object store by one driver
+PACKAGES_KEPT = 4  # app packages (one per run, <= 256 MiB) this driver keeps in the object store
 
 
 class ClusterUnavailable(ConnectionError):
@@ -53,7 +53,11 @@ class ClusterUnavailable(ConnectionError):
 def connect(address: str) -> None:
     """Join the cluster at `address` unless this process already did (quietly: the steps'
     output goes to their logs, not to this terminal)."""
-    import ray  # lazy: only the ray backend loads ray
+    try:
+        import ray  # lazy: only the ray backend loads ray
+    except ImportError as exc:
+        raise ClusterUnavailable("the ray backend needs Ray on this machine and on every node: "
+                                 "pip install 'scanflow[ray]'") from exc
 
     if ray.is_initialized():
         return
