@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import tempfile
 import textwrap
 import threading
 from collections.abc import Iterator
@@ -131,6 +133,8 @@ def cluster() -> Iterator[Any]:
     `spare` onto either."""
     from ray.cluster_utils import Cluster
 
+    apps = Path(tempfile.gettempdir()) / "scanflow-apps"  # where nodes unpack app folders
+    before = set(apps.iterdir()) if apps.is_dir() else set()
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     try:
         c.add_node(num_cpus=1, resources={"node_a": 1, "spare": 1})
@@ -141,6 +145,8 @@ def cluster() -> Iterator[Any]:
     finally:
         ray.shutdown()
         c.shutdown()
+        for d in set(apps.iterdir()) - before if apps.is_dir() else ():
+            shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -311,6 +317,8 @@ def test_a_worker_nodes_raylet_killed_mid_step_retries_the_step_on_the_other_nod
         for pid in (step_pid, worker):  # orphaned by the dead raylet (a dead machine takes them)
             if pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
+        for d in Path(tempfile.gettempdir()).glob(f"scanflow-{run_id[:12]}-*"):  # and its folder
+            shutil.rmtree(d, ignore_errors=True)
     res = done["res"]
     assert res.ok, res.error
     row = engine.store.list_steps(run_id)[0]
