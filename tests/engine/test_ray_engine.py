@@ -21,11 +21,13 @@ from scanflow.cli.main import app as cli_app
 from scanflow.control import backends
 from scanflow.engine import LocalEngine
 from scanflow.procs import pid_alive
-from scanflow.settings import Settings, get_settings
+from scanflow.settings import Settings
 from scanflow.spec import load_application
 from scanflow.store import Store
 from scanflow.tracking import MlflowTracker
 from support.mlflow_server import mlflow_server
+from support.ray_cluster import ray_cluster
+from support.ray_cluster import ray_settings as settings_for_ray
 from support.waiting import wait_for
 
 ray = pytest.importorskip("ray")
@@ -131,22 +133,8 @@ workflows:
 def cluster() -> Iterator[Any]:
     """Head + 2 worker nodes of 1 CPU; `node_a` / `node_b` force a step onto one worker,
     `spare` onto either."""
-    from ray.cluster_utils import Cluster
-
-    apps = Path(tempfile.gettempdir()) / "scanflow-apps"  # where nodes unpack app folders
-    before = set(apps.iterdir()) if apps.is_dir() else set()
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    try:
-        c.add_node(num_cpus=1, resources={"node_a": 1, "spare": 1})
-        c.add_node(num_cpus=1, resources={"node_b": 1, "spare": 1})
-        c.wait_for_nodes()
-        ray.init(address=c.address, namespace="scanflow", log_to_driver=False)
+    with ray_cluster([{"node_a": 1, "spare": 1}, {"node_b": 1, "spare": 1}]) as c:
         yield c
-    finally:
-        ray.shutdown()
-        c.shutdown()
-        for d in set(apps.iterdir()) - before if apps.is_dir() else ():
-            shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -158,13 +146,7 @@ def tracking(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture
 def ray_settings(cluster: Any, tracking: str, pg_url: str, tmp_path: Path,
                  monkeypatch: pytest.MonkeyPatch) -> Settings:
-    """The environment of a person running scanflow on the cluster (also read by the CLI)."""
-    env = {"SCANFLOW_BACKEND": "ray", "SCANFLOW_STORE_URL": pg_url, "SCANFLOW_TRACKING_URI": tracking,
-           "SCANFLOW_RAY_ADDRESS": cluster.address, "SCANFLOW_WORKSPACE": str(tmp_path / "ws")}
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    get_settings.cache_clear()
-    return Settings().ensure()
+    return settings_for_ray(cluster.address, tracking, pg_url, tmp_path / "ws", monkeypatch)
 
 
 @pytest.fixture
