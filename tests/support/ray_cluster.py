@@ -30,12 +30,29 @@ def ray_cluster(workers: list[dict[str, float]]) -> Iterator[Any]:
             c.add_node(num_cpus=1, resources=resources)
         c.wait_for_nodes()
         ray.init(address=c.address, namespace="scanflow", log_to_driver=False)
+        _warm()
         yield c
     finally:
         ray.shutdown()
         c.shutdown()
         for d in set(apps.iterdir()) - before if apps.is_dir() else ():
             shutil.rmtree(d, ignore_errors=True)
+
+
+def _warm() -> None:
+    """Start a worker on every node with what a step attempt imports (scanflow, MLflow), so
+    that tests timing their steps do not time a cold worker on a busy machine."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    @ray.remote(num_cpus=1)
+    def imports() -> None:
+        import mlflow.tracking  # noqa: F401
+
+        import scanflow.engine.ray_task  # noqa: F401
+
+    ray.get([imports.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+             .remote() for n in ray.nodes() if n["Alive"]])
 
 
 def ray_settings(address: str, tracking: str, store_url: str, workspace: Path,
