@@ -274,9 +274,10 @@ class RayStepRunner(StepRunner):
             cause = getattr(exc, "cause", None) or exc
             return Outcome("failed", None, f"step {step.name}: its Ray task failed: "
                            f"{type(cause).__name__}: {cause}")
+        ended = f"exit code {rep.exit_code}" if rep.exit_code is not None else rep.status
         with open(log_path, "a") as f:
             f.write(f"--- attempt {attempt} on Ray node {rep.node_id[:12]} ({rep.host}, "
-                    f"working dir {rep.cwd}) ---\n{rep.log}")
+                    f"working dir {rep.cwd}): {ended} ---\n{rep.log}")
         error = rep.error.replace(rep.extra["log_path"], str(log_path)) if rep.error else None
         return Outcome(rep.status, rep.exit_code, error, timed_out=rep.timed_out,
                        exception=rep.exception)
