@@ -25,8 +25,10 @@ class Settings(BaseSettings):
     store_url: str | None = Field(default=None, description="SQLAlchemy URL of the control-plane store")
     tracking_uri: str | None = Field(default=None, description="MLflow tracking URI")
     registry_uri: str | None = Field(default=None, description="MLflow registry URI")
-    backend: str = Field(default="local", description="engine/deployer backend: local (ray comes "
-                         "later); read by scanflow.control.backends")
+    backend: str = Field(default="local", description="engine backend: local or ray (workflows on a "
+                         "Ray cluster); read by scanflow.control.backends")
+    ray_address: str = Field(default="auto", description="the Ray cluster the ray backend joins: "
+                             "auto (the one `ray start` runs here), host:port or ray://host:10001")
     concurrency: int = Field(default=2, ge=1, description="max steps run at once by the engine")
     host: str = Field(default="127.0.0.1", description="address services bind to")
     max_cpus: float | None = Field(default=None, description="CPUs steps may use [all]")
@@ -98,6 +100,7 @@ class Settings(BaseSettings):
             "SCANFLOW_STORE_URL": self.store,
             "SCANFLOW_TRACKING_URI": self.tracking,
             "SCANFLOW_BACKEND": self.backend,
+            "SCANFLOW_RAY_ADDRESS": self.ray_address,
             "SCANFLOW_CONCURRENCY": str(self.concurrency),
             "SCANFLOW_HOST": self.host,
             "SCANFLOW_AGENT_MAX_ATTEMPTS": str(self.agent_max_attempts),

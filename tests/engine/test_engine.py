@@ -1,19 +1,30 @@
-"""The local engine: DAG order, parallelism, failure propagation, logs and MLflow records."""
+"""The engine: DAG order, parallelism, failure propagation, logs and MLflow records. The tests
+taking `backend` run on the local backend and on the ray backend (a real 3-node cluster, with
+PostgreSQL and an MLflow server as its only shared state)."""
 
 from __future__ import annotations
 
+import json
 import textwrap
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from scanflow.engine import LocalEngine, ParamError
+from scanflow.control import backends
+from scanflow.engine import Engine, LocalEngine, ParamError
 from scanflow.engine.dag import Scheduler
+from scanflow.engine.ray_task import split_uri
 from scanflow.settings import Settings
 from scanflow.spec import load_application
 from scanflow.spec.models import Step, Workflow
 from scanflow.store import Store
+from scanflow.tracking import MlflowTracker
+from support.mlflow_server import mlflow_server
+from support.ray_cluster import ray_cluster, ray_settings
 
 STEPS = '''
 import json, time
@@ -82,33 +93,70 @@ def app(tmp_path: Path) -> object:
     return load_application(d)
 
 
-def _times(settings: Settings, run_id: str, step: str) -> dict[str, float]:
-    import json
+@dataclass
+class Backend:
+    """One backend under test: its settings and store, an engine, and a step output's text."""
 
-    return json.loads((settings.runs_dir / run_id / step / "out").read_text())
+    settings: Settings
+    store: Store
+    engine: Callable[..., Engine]
+    read: Callable[[str, str, str], str]  # (run id, step, output) -> its content
 
 
-def test_dag_runs_in_order_and_in_parallel(app, settings: Settings, store: Store) -> None:  # type: ignore[no-untyped-def]
-    res = LocalEngine(settings, store, concurrency=2).run(app, "diamond")
+@pytest.fixture(scope="module")
+def ray_state(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, str]]:
+    """A head + 2 worker nodes of 1 CPU and an `mlflow server --serve-artifacts`, per module."""
+    pytest.importorskip("ray")
+    with mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as url, ray_cluster([{}, {}]) as c:
+        yield c, url
+
+
+@pytest.fixture(params=["local", pytest.param("ray", marks=[pytest.mark.slow, pytest.mark.postgres])])
+def backend(request: pytest.FixtureRequest, settings: Settings, store: Store, tmp_path: Path,
+            monkeypatch: pytest.MonkeyPatch) -> Backend:
+    if request.param == "local":
+        return Backend(settings, store, lambda **kw: LocalEngine(settings, store, **kw),
+                       lambda run, step, name: (settings.runs_dir / run / step / name).read_text())
+    if request.node.callspec.params.get("store_url") != "postgresql":
+        pytest.skip("the ray backend needs a shared store: it runs on PostgreSQL only")
+    cluster, url = request.getfixturevalue("ray_state")
+    rs = ray_settings(cluster.address, url, request.getfixturevalue("store_url"), tmp_path / "ray-ws",
+                      monkeypatch)
+
+    def read(run: str, step: str, name: str) -> str:
+        row = next(s for s in store.list_steps(run) if s.step == step)
+        run_id, path = split_uri(row.outputs[name])  # an MLflow URI: nothing on this disk
+        return Path(MlflowTracker(rs).download(run_id, path, str(tmp_path / "dl" / step))).read_text()
+
+    return Backend(rs, store, lambda **kw: backends.engine(rs, store, **kw), read)
+
+
+def _times(backend: Backend, run_id: str, step: str) -> dict[str, float]:
+    return json.loads(backend.read(run_id, step, "out"))
+
+
+def test_dag_runs_in_order_and_in_parallel(app, backend: Backend) -> None:  # type: ignore[no-untyped-def]
+    res = backend.engine(concurrency=2).run(app, "diamond")
     assert res.ok, res.error
-    a, left, right = (_times(settings, res.run_id, s) for s in ("a", "left", "right"))
+    a, left, right = (_times(backend, res.run_id, s) for s in ("a", "left", "right"))
     assert left["t0"] >= a["t1"] and right["t0"] >= a["t1"]  # order
     assert left["t0"] < right["t1"] and right["t0"] < left["t1"]  # overlapped: ran in parallel
-    joined = (settings.runs_dir / res.run_id / "join" / "out").read_text()
+    joined = backend.read(res.run_id, "join", "out")
     assert '"left"' in joined and '"right"' in joined  # outputs handed over as inputs
-    assert {s.step: s.status for s in store.list_steps(res.run_id)} == dict.fromkeys(
+    assert {s.step: s.status for s in backend.store.list_steps(res.run_id)} == dict.fromkeys(
         ["a", "left", "right", "join"], "succeeded")
 
 
-def test_concurrency_one_serialises(app, settings: Settings, store: Store) -> None:  # type: ignore[no-untyped-def]
-    res = LocalEngine(settings, store, concurrency=1).run(app, "diamond")
-    left, right = (_times(settings, res.run_id, s) for s in ("left", "right"))
+def test_concurrency_one_serialises(app, backend: Backend) -> None:  # type: ignore[no-untyped-def]
+    res = backend.engine(concurrency=1).run(app, "diamond")
+    left, right = (_times(backend, res.run_id, s) for s in ("left", "right"))
     assert left["t1"] <= right["t0"] or right["t1"] <= left["t0"]
 
 
 def test_failure_stops_dependants_and_reports_exit_code_and_tail(  # type: ignore[no-untyped-def]
-        app, settings: Settings, store: Store) -> None:
-    res = LocalEngine(settings, store).run(app, "mixed", {"code": 3})
+        app, backend: Backend) -> None:
+    store = backend.store
+    res = backend.engine().run(app, "mixed", {"code": 3})
     assert res.status == "failed"
     assert res.steps == {"a": "succeeded", "script": "failed", "after_script": "skipped",
                          "independent": "succeeded"}
@@ -122,8 +170,8 @@ def test_failure_stops_dependants_and_reports_exit_code_and_tail(  # type: ignor
     assert run is not None and run.status == "failed" and "exit code 3" in (run.error or "")
 
 
-def test_exception_in_callable_fails_the_run(app, settings: Settings, store: Store) -> None:  # type: ignore[no-untyped-def]
-    res = LocalEngine(settings, store).run(app, "raises")
+def test_exception_in_callable_fails_the_run(app, backend: Backend) -> None:  # type: ignore[no-untyped-def]
+    res = backend.engine().run(app, "raises")
     assert res.status == "failed" and res.steps["never"] == "skipped"
     assert "RuntimeError: the model diverged" in (res.error or "")
 
@@ -143,11 +191,9 @@ def test_runs_are_tracked_in_mlflow(app, settings: Settings, store: Store) -> No
     assert script.data.metrics["accuracy"] == 0.5  # logged by the step through the env
     assert by_step["independent"].data.metrics["delay"] == 0.5  # returned by a callable
     # Lineage of every step, with output digests, on the parent run.
-    import json as _json
-
     path = client.download_artifacts(res.mlflow_run_id or "", "scanflow/steps.json",
                                      str(settings.root))
-    lineage = {d["step"]: d for d in _json.loads(Path(path).read_text())}
+    lineage = {d["step"]: d for d in json.loads(Path(path).read_text())}
     assert lineage["script"]["inputs"] == {"src": "a.out"}
     out = lineage["a"]["outputs"]["out"]
     assert out["path"].endswith("/a/out") and len(out["sha256"]) == 64
@@ -156,8 +202,8 @@ def test_runs_are_tracked_in_mlflow(app, settings: Settings, store: Store) -> No
     assert parent.info.artifact_uri.startswith(settings.artifacts.as_uri())
 
 
-def test_bad_params_are_refused_before_anything_runs(app, settings: Settings, store: Store) -> None:  # type: ignore[no-untyped-def]
-    eng = LocalEngine(settings, store)
+def test_bad_params_are_refused_before_anything_runs(app, backend: Backend) -> None:  # type: ignore[no-untyped-def]
+    eng, store = backend.engine(), backend.store
     for bad, msg in [({"code": "x"}, "expected an int"), ({"nope": 1}, "unknown parameter"),
                      ({"ghost.code": 1}, "no step named 'ghost'")]:
         with pytest.raises(ParamError, match=msg):

@@ -20,6 +20,7 @@ from scanflow.engine.resources import ResourcePool
 from scanflow.procs import pid_alive
 from scanflow.settings import Settings
 from scanflow.spec import load_application
+from scanflow.spec.models import Application, Step, Workflow
 from scanflow.store import Store
 from support.waiting import wait_for
 
@@ -282,3 +283,16 @@ def test_queue_is_fair_across_teams(env, tmp_path, settings, store) -> None:  # 
     t.join(10)
     order = sorted(ids, key=lambda i: store.get_run(i).started_at)  # type: ignore[union-attr]
     assert order.index(ids[-1]) <= 1  # the lone team's run did not wait behind all five
+
+
+@pytest.mark.parametrize(("resources", "says"), [
+    ({"gpus": 1}, "asks for gpus: 1, which the local backend does not schedule"),
+    ({"custom": {"node_a": 1}}, "asks for node_a, which the local backend does not schedule"),
+])
+def test_gpus_and_custom_resources_are_refused_at_submit_on_the_local_backend(
+        settings, store, resources, says) -> None:  # type: ignore[no-untyped-def]
+    app = Application(app="demo", team="ds", workflows={"w": Workflow(steps=[
+        Step(name="s", run="python -c pass", resources=resources)])})
+    with pytest.raises(ParamError, match=f"step s {says}.*SCANFLOW_BACKEND=ray"):
+        LocalEngine(settings, store).submit(app, "w")
+    assert store.list_runs() == []

@@ -14,6 +14,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.measure import Measurement
 from rich.table import Table
 
@@ -31,7 +32,7 @@ Reason = Annotated[str, typer.Option(help="recorded in the audit trail")]
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -105,6 +106,16 @@ def context() -> tuple[Any, Any]:
     settings = get_settings().ensure()
     try:
         return settings, backends.store(settings)
+    except backends.UnknownBackend as exc:
+        fail(str(exc))
+
+
+def build_engine(settings: Any, store: Any) -> Any:
+    """The settings' workflow engine (exit 2 when it cannot be built, e.g. no Ray cluster)."""
+    from scanflow.control import backends  # lazy: the engine's backend (MLflow, ray)
+
+    try:
+        return backends.engine(settings, store)
     except backends.UnknownBackend as exc:
         fail(str(exc))
 

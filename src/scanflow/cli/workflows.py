@@ -15,6 +15,7 @@ from rich.table import Table
 
 from scanflow.cli.common import (
     AppPath,
+    build_engine,
     context,
     err,
     fail,
@@ -41,7 +42,6 @@ def run(
     no_cache: Annotated[bool, typer.Option("--no-cache", help="re-execute every step")] = False,
 ) -> None:
     """Run a workflow in the foreground, with progress."""
-    from scanflow.control import backends  # lazy: the store (SQLAlchemy, ~0.5 s)
     from scanflow.engine import ParamError  # lazy: the engine (SQLAlchemy, MLflow)
     from scanflow.engine.params import parse_assignments, resolve_params  # lazy: the engine
 
@@ -54,7 +54,7 @@ def run(
     except ParamError as exc:
         fail(str(exc))
     settings, store = context()
-    engine = backends.engine(settings, store)
+    engine = build_engine(settings, store)
     try:
         run_id = engine.submit(spec, workflow, params, cache=not no_cache, status="running")
     except ParamError as exc:
@@ -200,10 +200,9 @@ def cancel(run_id: str) -> None:
 
 def resume(run_id: str) -> None:
     """Re-run only the failed, cancelled, interrupted or never-started steps of a run."""
-    from scanflow.control import backends  # lazy: the store (SQLAlchemy, ~0.5 s)
 
     settings, store = context()
-    engine = backends.engine(settings, store)  # recovers runs of dead engines first
+    engine = build_engine(settings, store)  # recovers runs of dead engines first
     r = store.get_run(run_id)
     if r is None:
         fail(f"no run {run_id!r}")
@@ -223,12 +222,11 @@ def engine_serve(
     """Fire the specs' workflow triggers (interval, cron, date; a workflow run finished, a model
     version registered or an alias moved, a prediction window full) and run queued runs fairly
     across teams, until Ctrl-C. What happened while it was down fires when it starts."""
-    from scanflow.control import backends  # lazy: the store (SQLAlchemy, ~0.5 s)
     from scanflow.control.workflow_triggers import WorkflowTriggers  # lazy: the store, APScheduler
 
     specs = [load_noting(p) for p in paths]
     settings, store = context()
-    engine = backends.engine(settings, store)
+    engine = build_engine(settings, store)
     triggers = WorkflowTriggers(engine, specs)
     stopping = {"flag": False}
     _signal.signal(_signal.SIGTERM, lambda *_: stopping.update(flag=True))

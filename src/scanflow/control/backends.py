@@ -16,22 +16,41 @@ if TYPE_CHECKING:
     from scanflow.serving import Deployer
     from scanflow.tracking import Tracker
 
-BACKENDS = ("local",)  # what `SCANFLOW_BACKEND` may name today
-COMING = {"ray": "the Ray backend comes in a later release"}
+BACKENDS = ("local", "ray")  # what `SCANFLOW_BACKEND` may name today
+COMING: dict[str, str] = {}  # backends named but not built yet: why they are refused
 
 
 class UnknownBackend(ValueError):
-    """`SCANFLOW_BACKEND` names no backend this scanflow has."""
+    """`SCANFLOW_BACKEND` names no backend this scanflow has, or one the other settings
+    cannot run (the CLI exits 2 with the message)."""
 
 
 def backend_of(settings: Settings) -> str:
-    """The backend settings name, refused with the allowed values when unknown."""
+    """The backend settings name, refused with the allowed values when unknown, or with what
+    to set when the rest of the settings cannot serve it."""
     name = settings.backend.strip().lower()
-    if name in BACKENDS:
-        return name
-    why = f" ({COMING[name]})" if name in COMING else ""
-    raise UnknownBackend(f"unknown backend {settings.backend!r} in SCANFLOW_BACKEND{why}; "
-                         f"allowed: {', '.join(BACKENDS)}")
+    if name not in BACKENDS:
+        why = f" ({COMING[name]})" if name in COMING else ""
+        raise UnknownBackend(f"unknown backend {settings.backend!r} in SCANFLOW_BACKEND{why}; "
+                             f"allowed: {', '.join(BACKENDS)}")
+    if name == "ray":
+        _check_shared_state(settings)
+    return name
+
+
+def _check_shared_state(settings: Settings) -> None:
+    """The ray backend's steps run on other machines, which share no disk with this one: the
+    store and the tracker must be servers every node reaches."""
+    if not settings.store.startswith(("postgresql", "postgres")):
+        raise UnknownBackend(
+            f"the ray backend needs a shared store, not {settings.store.split(':', 1)[0]} (a "
+            "file on this machine that the cluster's nodes cannot reach): set "
+            "SCANFLOW_STORE_URL to a PostgreSQL URL, e.g. postgresql+psycopg://user@db-host:5432/scanflow")
+    if not settings.tracking.startswith(("http://", "https://")):
+        raise UnknownBackend(
+            f"the ray backend needs an MLflow tracking server, not {settings.tracking.split(':', 1)[0]} "
+            "(step outputs travel between nodes through its artifact store): run `mlflow server "
+            "--serve-artifacts ...` and set SCANFLOW_TRACKING_URI to its http(s):// URL")
 
 
 def store(settings: Settings) -> Store:
@@ -59,14 +78,21 @@ def engine(settings: Settings, store: Store, tracker: Tracker | None = None, **o
         from scanflow.engine.local import LocalEngine  # lazy: MLflow, via the engine
 
         return LocalEngine(settings, store, tracker, **options)
-    raise AssertionError("unreachable: backend_of refused it")
+    # Lazy: ray (~0.5 s to import, a cluster connection) only when it is the backend.
+    from scanflow.engine.ray_backend import ClusterUnavailable, RayEngine  # lazy: ray
+
+    try:
+        return RayEngine(settings, store, tracker, **options)
+    except ClusterUnavailable as exc:
+        raise UnknownBackend(str(exc)) from exc
 
 
 def deployer(settings: Settings, store: Store, *, actor: str | None = None,
              tracker: Tracker | None = None, **options: Any) -> Deployer:
     """The service deployer; what it does is recorded as done by `actor` (a person at the
-    CLI by default, or an agent's name). `options` go to the backend (timeouts, limits...)."""
-    if backend_of(settings) == "local":
+    CLI by default, or an agent's name). `options` go to the backend (timeouts, limits...).
+    Services stay local on the ray backend too (serving on Ray is not built yet)."""
+    if backend_of(settings) in ("local", "ray"):
         # Lazy: only the chosen backend is imported (the local deployer loads the model
         # server's modules: FastAPI, gunicorn's config; a Ray deployer will load Ray Serve).
         from scanflow.serving.deployer import LocalDeployer  # lazy: FastAPI, gunicorn config

@@ -60,11 +60,12 @@ def code_fingerprint(step: Step, base_dir: Path, fn: Callable[..., Any] | None) 
     return h.hexdigest()
 
 
-def cache_key(code: str, params: dict[str, Any], inputs: dict[str, Path], env: dict[str, str]) -> str:
+def cache_key(code: str, params: dict[str, Any], inputs: dict[str, str], env: dict[str, str]) -> str:
+    """The key of a step run; `inputs` are the inputs' identities (local: `file_digest`)."""
     payload = {
         "code": code,
         "params": params,
-        "inputs": {k: file_digest(p) for k, p in sorted(inputs.items())},
+        "inputs": dict(sorted(inputs.items())),
         "env": env,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()

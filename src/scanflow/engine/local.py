@@ -79,7 +79,7 @@ class LocalEngine(Engine):
         wf = app.workflow(workflow)
         resolve_params(wf, params)  # refuses bad params before anything is recorded
         for st in wf.steps:
-            why = self.pool.check(st.resources.cpus, st.resources.memory)
+            why = self._unfit(st)
             if why:
                 raise ParamError(f"step {st.name} {why}")
         run = self.store.create_run(app.app, app.team, workflow, dict(params or {}), trigger,
@@ -112,7 +112,7 @@ class LocalEngine(Engine):
         values = resolve_params(wf, run.params)
         done: dict[str, dict[str, str]] = {}
         for s in self.store.list_steps(run.id):
-            if s.status in DONE and all(Path(p).exists() for p in (s.outputs or {}).values()):
+            if s.status in DONE and self.runner.outputs_exist((s.outputs or {}).values()):
                 done[s.step] = dict(s.outputs or {})
         return self._execute(app, run, values, done, progress)
 
@@ -243,7 +243,7 @@ class LocalEngine(Engine):
                       run.use_cache, threading.Event(), self._cache_index(run) if run.use_cache else {},
                       code_dir=stage(app, run_dir))
         outputs: dict[str, dict[str, Path]] = {
-            s.name: {o: run_dir / s.name / o for o in s.outputs} for s in wf.steps
+            s.name: self._output_paths(run_dir, parent, s) for s in wf.steps
         }
         for name, outs in done.items():
             outputs[name] = {k: Path(v) for k, v in outs.items()}
@@ -263,6 +263,19 @@ class LocalEngine(Engine):
             self.tracker.end_run(parent, final)
         self.store.update_run(run.id, status=final, ended_at=time.time(), error=first_error)
         return RunResult(run.id, final, parent, dict(sched.status), first_error)
+
+    def _unfit(self, step: Step) -> str | None:
+        """Why no machine this engine runs on could ever run `step`, or None."""
+        res = step.resources
+        if res.gpus or res.custom:
+            wants = ", ".join([f"gpus: {res.gpus:g}"] * bool(res.gpus) + sorted(res.custom))
+            return (f"asks for {wants}, which the local backend does not schedule; run it on "
+                    "the ray backend (SCANFLOW_BACKEND=ray)")
+        return self.pool.check(res.cpus, res.memory)
+
+    def _output_paths(self, run_dir: Path, parent: str | None, step: Step) -> dict[str, Path]:
+        """Where a step of this run writes its declared outputs (local: the runs folder)."""
+        return {o: run_dir / step.name / o for o in step.outputs}
 
     def _cache_index(self, run: WorkflowRun) -> dict[str, tuple[str, str, dict[str, str]]]:
         """Cache keys of successful earlier step runs of this app's workflow, loaded once."""

@@ -16,12 +16,12 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scanflow.engine.cache import cache_key, code_fingerprint
+from scanflow.engine.cache import cache_key, code_fingerprint, file_digest
 from scanflow.engine.context import StepContext
 from scanflow.engine.journal import Journal
 from scanflow.engine.resources import ResourcePool
@@ -108,6 +108,18 @@ class StepRunner:
         self.pool = pool
         self.track = track
 
+    def outputs_exist(self, paths: Iterable[str | Path]) -> bool:
+        """Whether outputs recorded earlier are still there (for the cache and resume)."""
+        return all(Path(p).exists() for p in paths)
+
+    def input_identities(self, inputs: dict[str, Path]) -> dict[str, str]:
+        """What a step's inputs are, for its cache key: their content's digest."""
+        return {k: file_digest(p) for k, p in inputs.items()}
+
+    def missing_outputs(self, outputs: dict[str, Path]) -> list[str]:
+        """The declared outputs a step that succeeded did not write."""
+        return [k for k, p in outputs.items() if not p.exists()]
+
     def run_step(self, st: RunState, step: Step, params: dict[str, Any], inputs: dict[str, Path],
                   outputs: dict[str, Path]) -> Outcome:
         if st.cancel.is_set():
@@ -159,7 +171,7 @@ class StepRunner:
                 out = self._run_callable(st, step, fn, params, inputs, outputs, log_path, attempt,
                                          make_child if self.track else None)
             if out.status == "succeeded":
-                missing = [k for k, p in outputs.items() if not p.exists()]
+                missing = self.missing_outputs(outputs)
                 if missing:
                     out = Outcome("failed", out.exit_code,
                                   f"step {step.name} did not write its declared outputs {missing}")
@@ -195,9 +207,9 @@ class StepRunner:
         code = st.fingerprints.get(step.name)
         if code is None:
             code = st.fingerprints[step.name] = code_fingerprint(step, st.app.base_dir, fn)
-        key = cache_key(code, params, inputs, step.env)
+        key = cache_key(code, params, self.input_identities(inputs), step.env)
         hit = st.cache_index.get(key)
-        if hit is None or not all(Path(p).exists() for p in hit[2].values()):
+        if hit is None or not self.outputs_exist(hit[2].values()):
             return key, None
         out = Outcome("cached", 0, cache_key=key, cached_from=f"{hit[0]}/{hit[1]}",
                       outputs=dict(hit[2]), started_at=started, ended_at=time.time())

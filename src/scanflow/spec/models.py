@@ -151,6 +151,26 @@ class Resources(_Strict):
         return cpus, memory
 
 
+class StepResources(Resources):
+    """What a step claims: CPUs and memory on every backend; GPUs and named custom resources
+    only where nodes offer them (the ray backend maps the four to Ray's `num_cpus`, `memory`,
+    `num_gpus` and `resources`)."""
+
+    gpus: float = Field(default=0.0, ge=0, le=1024, description="GPUs (ray backend)")
+    custom: dict[str, float] = Field(
+        default_factory=dict, description="other resources a node must offer, by name (ray "
+        "backend: Ray's custom resources, e.g. {node_a: 1})",
+    )
+
+    @field_validator("custom")
+    @classmethod
+    def _positive(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = [k for k, n in v.items() if n <= 0]
+        if bad:
+            raise ValueError(f"custom resources must be > 0: {', '.join(bad)}")
+        return v
+
+
 MIN_REPLICA_MEMORY = 64 * 2**20
 
 
@@ -182,7 +202,7 @@ class Step(_Strict):
     retries: RetryPolicy = Field(default_factory=RetryPolicy)
     timeout: float | None = Field(default=None, description="seconds; kills the step's process tree")
     cache: bool = Field(default=True, description="reuse a successful run with the same inputs")
-    resources: Resources = Field(default_factory=Resources)
+    resources: StepResources = Field(default_factory=StepResources)
 
     _short_params = field_validator("params", mode="before")(_params_from_short_form)
 

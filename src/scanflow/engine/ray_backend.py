@@ -1,0 +1,310 @@
+"""The ray backend: every step of a run is a Ray task on a cluster that shares no disk with
+this driver.
+
+The driver is the local engine's machinery unchanged (`Scheduler`, `RunLoop`, the journal, the
+cache, params, retries with backoff, the store records, MLflow lineage); only where one
+attempt of a step runs differs: `RayStepRunner` sends it to a node as `ray_task.run_job` with
+the step's `resources` as Ray's `num_cpus`, `memory`, `num_gpus` and `resources`, and the
+app's folder zipped into Ray's object store once per run (unpacked once per node). Step
+outputs are named by MLflow artifact URIs (`runs:/PARENT/scanflow/outputs/STEP/NAME`), never
+by a path on the driver. A step no alive node can fit is refused at submit (`ParamError`).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from scanflow.engine.local import LocalEngine
+from scanflow.engine.ray_task import (
+    PLACEMENTS,
+    URI_PREFIX,
+    StepJob,
+    StepReport,
+    output_uri,
+    pack_app,
+    run_job,
+    split_uri,
+)
+from scanflow.engine.resources import ResourcePool
+from scanflow.engine.steps import Outcome, RunState, StepRunner
+from scanflow.settings import Settings
+from scanflow.spec.models import Step, StepResources
+from scanflow.store import Store
+from scanflow.tracking import Tracker
+
+WAIT_POLL = 0.25  # seconds between looks at a run's cancel flag while its step runs
+CANCEL_GRACE = 5.0  # seconds a cancelled task has to stop its step before its worker is killed
+FIT_CHECK = 5.0  # seconds between checks that some alive node still fits a waiting step
+PACKAGES_KEPT = 4  # app packages (one per run, <= 256 MiB) this driver keeps in the object store
+
+
+class ClusterUnavailable(ConnectionError):
+    """The Ray cluster at `SCANFLOW_RAY_ADDRESS` could not be joined."""
+
+
+def connect(address: str) -> None:
+    """Join the cluster at `address` unless this process already did (quietly: the steps'
+    output goes to their logs, not to this terminal)."""
+    try:
+        import ray  # lazy: only the ray backend loads ray
+    except ImportError as exc:
+        raise ClusterUnavailable("the ray backend needs Ray on this machine and on every node: "
+                                 "pip install 'scanflow[ray]'") from exc
+
+    if ray.is_initialized():
+        return
+    _probe(address)
+    try:
+        ray.init(address=address, namespace="scanflow", logging_level=logging.WARNING,
+                 log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise ClusterUnavailable(
+            f"cannot join the Ray cluster at {address!r} (SCANFLOW_RAY_ADDRESS): {exc}; start one "
+            "with `ray start --head` or point SCANFLOW_RAY_ADDRESS at it") from exc
+
+
+def _probe(address: str, timeout: float = 3.0) -> None:
+    """Fail fast when nothing listens at a `host:port` address (Ray itself retries for
+    minutes); `auto` is left to Ray, which fails at once when no local cluster runs."""
+    if address in ("", "auto", "local"):
+        return
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        raise ClusterUnavailable(f"SCANFLOW_RAY_ADDRESS {address!r} is not auto, host:port or "
+                                 "ray://host:port")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ClusterUnavailable(
+            f"cannot join the Ray cluster at {address!r} (SCANFLOW_RAY_ADDRESS): nothing answers "
+            f"there ({exc.strerror or exc}); start one with `ray start --head` or point "
+            "SCANFLOW_RAY_ADDRESS at it") from exc
+
+
+def ray_request(res: StepResources) -> dict[str, float]:
+    """A step's resources as the amounts Ray schedules by (its node resource names)."""
+    need = {"CPU": res.cpus, "GPU": res.gpus, "memory": float(res.memory), **res.custom}
+    return {k: v for k, v in need.items() if v > 0}
+
+
+def unfit(need: dict[str, float], nodes: list[dict[str, float]]) -> str | None:
+    """Why no node among `nodes` (their total resources) can ever run a task asking `need`."""
+    if any(all(total.get(k, 0.0) >= v for k, v in need.items()) for total in nodes):
+        return None
+    asked = ", ".join(f"{k} {_amount(k, v)}" for k, v in need.items())
+    offered = "; ".join(", ".join(f"{k} {_amount(k, total.get(k, 0.0))}" for k in need)
+                        for total in nodes) or "no alive node"
+    return f"asks for {asked}, which no node of the Ray cluster offers (nodes: {offered})"
+
+
+def alive_nodes() -> dict[str, dict[str, float]]:
+    """Node id -> total resources, of each alive node of the cluster this process joined."""
+    import ray  # lazy: only the ray backend loads ray
+
+    return {n["NodeID"]: {k: float(v) for k, v in n["Resources"].items()}
+            for n in ray.nodes() if n["Alive"]}
+
+
+def placed_on(key: str) -> str | None:
+    """The node a running attempt published (`ray_task.node_facts`), once it has started."""
+    from ray.experimental.internal_kv import _internal_kv_get  # lazy: ray
+
+    node = _internal_kv_get(key, namespace=PLACEMENTS)
+    return node.decode() if node else None
+
+
+def _amount(name: str, value: float) -> str:
+    return f"{value / 2**20:.0f} MiB" if name == "memory" else f"{value:g}"
+
+
+def task_options(step: Step) -> dict[str, Any]:
+    """Ray options of one step's task: its resources; retries stay the driver's."""
+    res = step.resources
+    opts: dict[str, Any] = {
+        "num_cpus": res.cpus, "num_gpus": res.gpus, "resources": dict(res.custom),
+        "max_retries": 0,  # retries are the step's `retries:` policy, counted by the driver
+    }
+    if res.memory:
+        opts["memory"] = res.memory
+    if step.call is not None and step.timeout is not None:
+        opts["max_calls"] = 1  # a timed-out callable leaves a thread: do not reuse the worker
+    return opts
+
+
+@lru_cache(maxsize=1)
+def _remote_run_job() -> Any:
+    import ray  # lazy: only the ray backend loads ray
+
+    return ray.remote(run_job)
+
+
+class RayStepRunner(StepRunner):
+    """Runs each attempt of a step as a Ray task; the driver keeps retries, the cache and the
+    journal. Admission is Ray's scheduler, not the local resource pool."""
+
+    def __init__(self, settings: Settings, tracker: Tracker, pool: ResourcePool, track: bool) -> None:
+        super().__init__(settings, tracker, pool, track)
+        self._packages: OrderedDict[str, Any] = OrderedDict()  # run id -> ObjectRef of its app
+        self._packing = threading.Lock()
+
+    def _package(self, st: RunState) -> Any:
+        """The run's app folder, zipped once per run and put in Ray's object store (every
+        node gets it from there; the workspace is left out when it lies inside the folder)."""
+        import ray  # lazy: only the ray backend loads ray
+
+        with self._packing:
+            ref = self._packages.get(st.run.id)
+            if ref is None:
+                ref = self._packages[st.run.id] = ray.put(
+                    pack_app(st.app.base_dir, skip=[self.settings.root]))
+                while len(self._packages) > PACKAGES_KEPT:
+                    self._packages.popitem(last=False)
+            return ref
+
+    def run_step(self, st: RunState, step: Step, params: dict[str, Any], inputs: dict[str, Path],
+                 outputs: dict[str, Path]) -> Outcome:
+        if st.cancel.is_set():
+            return Outcome("cancelled", error="the run was cancelled before it started")
+        return self._run_step_admitted(st, step, params, inputs, outputs)
+
+    def input_identities(self, inputs: dict[str, Path]) -> dict[str, str]:
+        # The inputs are not on this machine: an output's URI names the step run that wrote
+        # it (a cached upstream keeps its first run's URI, so downstream keys still match).
+        return {k: str(p) for k, p in inputs.items()}
+
+    def missing_outputs(self, outputs: dict[str, Path]) -> list[str]:
+        return []  # checked on the node, before the outputs are uploaded
+
+    def outputs_exist(self, paths: Iterable[str | Path]) -> bool:
+        for p in paths:
+            uri = str(p)
+            if not uri.startswith(URI_PREFIX):
+                return False  # a path on some machine: not reachable from the cluster
+            run_id, path = split_uri(uri)
+            try:
+                if path not in self.tracker.list_artifacts(run_id, path.rsplit("/", 1)[0]):
+                    return False
+            except Exception:  # noqa: BLE001 - a run or artifact gone: not reusable
+                return False
+        return True
+
+    def _run_subprocess(self, st: RunState, step: Step, params: dict[str, Any],
+                        inputs: dict[str, Path], outputs: dict[str, Path], log_path: Path,
+                        attempt: int, make_child: Any) -> Outcome:
+        return self._on_cluster(st, step, params, inputs, outputs, log_path, attempt, make_child)
+
+    def _run_callable(self, st: RunState, step: Step, fn: Any, params: dict[str, Any],
+                      inputs: dict[str, Path], outputs: dict[str, Path], log_path: Path,
+                      attempt: int, make_child: Any) -> Outcome:
+        return self._on_cluster(st, step, params, inputs, outputs, log_path, attempt, make_child)
+
+    def _on_cluster(self, st: RunState, step: Step, params: dict[str, Any],
+                    inputs: dict[str, Path], outputs: dict[str, Path], log_path: Path,
+                    attempt: int, make_child: Any) -> Outcome:
+        assert st.parent is not None, "the ray backend needs tracking (outputs travel through MLflow)"
+        key = f"{st.run.id}/{step.name}/{attempt}"
+        job = StepJob(st.app, st.run.id, step, params, {k: str(v) for k, v in inputs.items()},
+                      {k: str(v) for k, v in outputs.items()}, attempt, st.parent, st.exp,
+                      make_child() if make_child is not None else None, self.settings.tracking,
+                      self.settings.registry_uri, self.settings.store, key)
+        ref = _remote_run_job().options(**task_options(step)).remote(job, self._package(st))
+        try:
+            return self._wait(st, step, ref, key, attempt, log_path)
+        finally:
+            from ray.experimental.internal_kv import _internal_kv_del  # lazy: ray
+
+            _internal_kv_del(key, namespace=PLACEMENTS)
+
+    def _lost(self, step: Step, key: str, attempt: int, log_path: Path) -> Outcome | None:
+        """A failed outcome when the attempt can no longer finish: its node died (its task
+        would never be failed by Ray when the worker outlives its raylet), or no alive node
+        fits the step any more (it would wait forever)."""
+        nodes = alive_nodes()
+        node = placed_on(key)
+        if node is not None and node not in nodes:
+            with open(log_path, "a") as f:
+                f.write(f"--- attempt {attempt} on Ray node {node[:12]}: the node died ---\n")
+            return Outcome("failed", None, f"step {step.name}: its Ray node {node[:12]} died while "
+                           f"it ran (attempt {attempt})")
+        why = unfit(ray_request(step.resources), list(nodes.values()))
+        if why:
+            return Outcome("failed", None, f"step {step.name} {why} any more (a node left the "
+                           "cluster while it waited)")
+        return None
+
+    def _wait(self, st: RunState, step: Step, ref: Any, key: str, attempt: int,
+              log_path: Path) -> Outcome:
+        """The attempt's outcome, cancelling its task when the run is cancelled."""
+        import ray  # lazy: only the ray backend loads ray
+        from ray.exceptions import RayError, TaskCancelledError  # lazy: ray
+
+        cancelled_at: float | None = None
+        checked = time.time()
+        while not ray.wait([ref], timeout=WAIT_POLL)[0]:
+            if st.cancel.is_set() and cancelled_at is None:
+                cancelled_at = time.time()
+                ray.cancel(ref)  # KeyboardInterrupt in the task: it kills the step's process tree
+            elif cancelled_at is not None and time.time() - cancelled_at > CANCEL_GRACE:
+                ray.cancel(ref, force=True)
+                break
+            elif cancelled_at is None and time.time() - checked > FIT_CHECK:
+                checked = time.time()
+                lost = self._lost(step, key, attempt, log_path)
+                if lost is not None:
+                    try:
+                        ray.cancel(ref, force=True)
+                    except RayError:
+                        pass  # its worker is out of reach with its node: nothing more to stop
+                    return lost
+        try:
+            rep: StepReport = ray.get(ref)
+        except TaskCancelledError:
+            return Outcome("cancelled", None, "cancelled by request")
+        except RayError as exc:
+            with open(log_path, "a") as f:
+                f.write(f"--- attempt {attempt}: its Ray task failed ---\n{exc}\n")
+            cause = getattr(exc, "cause", None) or exc
+            return Outcome("failed", None, f"step {step.name}: its Ray task failed: "
+                           f"{type(cause).__name__}: {cause}")
+        ended = f"exit code {rep.exit_code}" if rep.exit_code is not None else rep.status
+        with open(log_path, "a") as f:
+            f.write(f"--- attempt {attempt} on Ray node {rep.node_id[:12]} ({rep.host}, "
+                    f"working dir {rep.cwd}): {ended} ---\n{rep.log}")
+        error = rep.error.replace(rep.extra["log_path"], str(log_path)) if rep.error else None
+        return Outcome(rep.status, rep.exit_code, error, timed_out=rep.timed_out,
+                       exception=rep.exception)
+
+
+class RayEngine(LocalEngine):
+    """The `Engine` on a Ray cluster: the local engine's records, runs and API, with each step
+    attempt a Ray task (see the module doc). Tracking cannot be off: outputs travel through
+    the MLflow server's artifact store."""
+
+    def __init__(self, settings: Settings, store: Store, tracker: Tracker | None = None,
+                 concurrency: int | None = None, *, track: bool = True,
+                 pool: ResourcePool | None = None) -> None:
+        if not track:
+            raise ValueError("the ray backend needs tracking on: step outputs travel between "
+                             "nodes through the MLflow server's artifact store")
+        connect(settings.ray_address)
+        super().__init__(settings, store, tracker, concurrency, track=True, pool=pool)
+        self.runner = RayStepRunner(self.settings, self.tracker, self.pool, True)
+
+    def _unfit(self, step: Step) -> str | None:
+        return unfit(ray_request(step.resources), list(alive_nodes().values()))
+
+    def _output_paths(self, run_dir: Path, parent: str | None, step: Step) -> dict[str, Path]:
+        assert parent is not None, "the ray backend needs tracking (outputs travel through MLflow)"
+        return {o: Path(output_uri(parent, step.name, o)) for o in step.outputs}
+
+
+__all__ = ["ClusterUnavailable", "RayEngine", "RayStepRunner", "connect", "ray_request",
+           "task_options", "unfit", "alive_nodes"]

@@ -1,0 +1,219 @@
+"""One attempt of one step, as it runs inside a Ray task on whichever node Ray chose.
+
+The node shares no disk with the driver: the step's inputs are downloaded from the MLflow
+artifact store into the task's own temporary folder, its declared outputs are uploaded back
+there (on the run's parent MLflow run, under `scanflow/outputs/STEP/NAME`), and its log is
+returned to the driver (and kept on the parent run under `scanflow/logs/`). The step itself runs
+through the local `StepRunner` (the same subprocess, timeout and process-tree code as the local
+backend) in the app's folder as the driver zipped it (`pack_app`), unpacked once per node
+into the node's temporary folder (`unpack_app`).
+This module imports ray only in `node_facts`, which asks the runtime where it runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from scanflow.engine.journal import Journal, replay
+from scanflow.engine.resources import ResourcePool
+from scanflow.engine.steps import Outcome, RunState, StepRunner
+from scanflow.procs import kill_group
+from scanflow.settings import Settings
+from scanflow.spec.loader import resolve_callable
+from scanflow.spec.models import Application, Step
+from scanflow.store.schema import WorkflowRun
+
+OUTPUTS_DIR = "scanflow/outputs"  # on the parent MLflow run: OUTPUTS_DIR/STEP/NAME
+LOGS_DIR = "scanflow/logs"  # on the parent MLflow run: LOGS_DIR/STEP/attempt-N.log
+URI_PREFIX = "runs:/"
+
+
+def output_uri(parent: str, step: str, name: str) -> str:
+    """Where a step's declared output lives between steps (MLflow's `runs:/` form)."""
+    return f"{URI_PREFIX}{parent}/{OUTPUTS_DIR}/{step}/{name}"
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    """(MLflow run id, artifact path) of an `output_uri`; ValueError for anything else."""
+    if not uri.startswith(URI_PREFIX):
+        raise ValueError(f"{uri!r} is not a step output stored in MLflow (runs:/RUN/PATH)")
+    run_id, _, path = uri[len(URI_PREFIX):].partition("/")
+    return run_id, path
+
+
+@dataclass
+class StepJob:
+    """What the driver sends to the node for one attempt (pickled by Ray)."""
+
+    app: Application
+    run_id: str
+    step: Step
+    params: dict[str, Any]
+    inputs: dict[str, str]  # local name -> output_uri of an upstream step
+    outputs: dict[str, str]  # declared name -> output_uri to upload to
+    attempt: int
+    parent: str
+    experiment: str | None
+    child: str | None  # the step's MLflow child run (None: tracking off for the step)
+    tracking_uri: str
+    registry_uri: str | None
+    store_url: str
+    placement_key: str  # where the node publishes its id (`node_facts`)
+
+
+@dataclass
+class StepReport:
+    """What the node sends back: how the attempt ended, its log, and where it ran."""
+
+    status: str
+    exit_code: int | None
+    error: str | None
+    timed_out: bool
+    exception: str | None
+    log: str
+    node_id: str
+    host: str
+    cwd: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+PLACEMENTS = "scanflow-placements"  # Ray KV namespace: attempt key -> node id, while it runs
+
+
+def node_facts(placement_key: str) -> tuple[str, str, str]:
+    """(Ray node id, host name, working directory) of the calling task; the node id is also
+    published under `placement_key`, so that the driver sees when that node dies (a worker
+    whose raylet died may live on, and Ray then never fails its task)."""
+    import ray  # lazy: present on every node of a cluster that runs this task
+    from ray.experimental.internal_kv import _internal_kv_put  # lazy: ray
+
+    node = ray.get_runtime_context().get_node_id()
+    _internal_kv_put(placement_key, node, namespace=PLACEMENTS)
+    return node, socket.gethostname(), os.getcwd()
+
+
+NEVER_PACKED = {".git", ".venv", "venv", "__pycache__", ".scanflow", ".pytest_cache", ".mypy_cache"}
+MAX_PACKAGE = 256 * 2**20  # bytes: an app folder bigger than this belongs in the artifact store
+
+
+def pack_app(base_dir: Path, skip: list[Path]) -> bytes:
+    """The app folder as a zip (its code and small files), without caches, virtualenvs, VCS
+    folders and the folders in `skip` (e.g. a workspace inside it)."""
+    base = base_dir.resolve()
+    skipped = {p.resolve() for p in skip}
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for root, dirs, files in os.walk(base):
+            dirs[:] = sorted(d for d in dirs if d not in NEVER_PACKED and Path(root, d) not in skipped)
+            for name in sorted(files):
+                if not name.endswith(".pyc"):
+                    path = Path(root, name)
+                    zf.write(path, path.relative_to(base).as_posix())
+            if buf.tell() > MAX_PACKAGE:
+                raise ValueError(f"the app folder {base} is over {MAX_PACKAGE // 2**20} MiB zipped; "
+                                 "keep data in the artifact store, not next to the spec")
+    return buf.getvalue()
+
+
+def unpack_app(package: bytes) -> Path:
+    """The app folder on this node: unpacked once per content into the node's temporary
+    folder, then shared by every task of that content (as the app folder is locally)."""
+    digest = hashlib.sha256(package).hexdigest()[:20]
+    home = Path(tempfile.gettempdir()) / "scanflow-apps" / digest
+    if not home.is_dir():
+        home.parent.mkdir(parents=True, exist_ok=True)
+        part = Path(tempfile.mkdtemp(prefix=f"{digest}-", dir=home.parent))
+        with zipfile.ZipFile(io.BytesIO(package)) as zf:
+            zf.extractall(part)
+        try:
+            part.rename(home)
+        except OSError:  # another task unpacked it first
+            shutil.rmtree(part, ignore_errors=True)
+    return home
+
+
+def run_job(job: StepJob, package: bytes) -> StepReport:
+    """Run one attempt here: fetch inputs, run the step in the unpacked app folder, upload
+    outputs and the log."""
+    from scanflow.tracking import MlflowTracker  # lazy: MLflow, loaded by the task only
+
+    node, host, _ = node_facts(job.placement_key)
+    cwd = str(unpack_app(package))
+    work = Path(tempfile.mkdtemp(prefix=f"scanflow-{job.run_id[:12]}-{job.step.name}-"))
+    log_path = work / "step.log"
+    try:
+        settings = Settings(workspace=work / "ws", tracking_uri=job.tracking_uri,
+                            registry_uri=job.registry_uri, store_url=job.store_url,
+                            backend="ray").ensure()
+        tracker = MlflowTracker(settings)
+        inputs = {}
+        for local, uri in job.inputs.items():
+            run_id, path = split_uri(uri)
+            inputs[local] = Path(tracker.download(run_id, path, str(work / "in" / local)))
+        (work / "out").mkdir()
+        outputs = {name: work / "out" / name for name in job.outputs}
+        app = job.app.model_copy(update={"base_dir": Path(cwd)})
+        st = RunState(app, WorkflowRun(id=job.run_id), work, Journal(work / "journal.jsonl"),
+                      job.experiment, job.parent, False, threading.Event(), {})
+        runner = StepRunner(settings, tracker, ResourcePool(), track=job.child is not None)
+        child = job.child
+        make_child = (lambda: child) if child is not None else None  # noqa: E731 - one id
+        try:
+            if job.step.run is not None:
+                out = runner._run_subprocess(st, job.step, job.params, inputs, outputs, log_path,
+                                             job.attempt, make_child)
+            else:
+                assert job.step.call is not None
+                back = os.getcwd()
+                os.chdir(cwd)  # relative paths mean the app folder, as for `run:` steps
+                try:
+                    fn = resolve_callable(job.step.call, app.base_dir)
+                    out = runner._run_callable(st, job.step, fn, job.params, inputs, outputs,
+                                               log_path, job.attempt, make_child)
+                finally:
+                    os.chdir(back)
+        except BaseException:  # ray.cancel: KeyboardInterrupt; kill what the step started
+            pgid = replay(st.journal.path).get(job.step.name, {}).get("pgid")
+            if pgid:
+                kill_group(int(pgid), grace=1.0)
+            raise
+        finally:
+            st.journal.close(sync=False)
+        if out.status == "succeeded":
+            missing = runner.missing_outputs(outputs)
+            if missing:
+                out = Outcome("failed", out.exit_code,
+                              f"step {job.step.name} did not write its declared outputs {missing}")
+            else:
+                for name, p in outputs.items():
+                    _upload(tracker, p, job.outputs[name])
+        log = log_path.read_text(errors="replace") if log_path.exists() else ""
+        if log:
+            tracker.log_text(job.parent, log, f"{LOGS_DIR}/{job.step.name}/attempt-{job.attempt}.log")
+        return StepReport(out.status, out.exit_code, out.error, out.timed_out, out.exception, log,
+                          node, host, cwd, {"log_path": str(log_path)})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _upload(tracker: Any, path: Path, uri: str) -> None:
+    """A file or a folder to the artifact path of `uri` (a folder keeps its name)."""
+    run_id, artifact = split_uri(uri)
+    if path.is_dir():
+        tracker.client.log_artifacts(run_id, str(path), artifact)
+    else:
+        tracker.log_artifact(run_id, path, artifact.rsplit("/", 1)[0])
+
+
+__all__ = ["LOGS_DIR", "OUTPUTS_DIR", "PLACEMENTS", "StepJob", "StepReport", "output_uri", "pack_app",
+           "run_job", "split_uri", "unpack_app"]

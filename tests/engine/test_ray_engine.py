@@ -1,0 +1,313 @@
+"""The ray backend on a real multi-node Ray cluster (head + 2 worker nodes, 1 CPU each), with a
+PostgreSQL store and a real `mlflow server --serve-artifacts` as the only shared state."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import tempfile
+import textwrap
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from scanflow.cli.main import app as cli_app
+from scanflow.control import backends
+from scanflow.engine import LocalEngine
+from scanflow.procs import pid_alive
+from scanflow.settings import Settings
+from scanflow.spec import load_application
+from scanflow.store import Store
+from scanflow.tracking import MlflowTracker
+from support.mlflow_server import mlflow_server
+from support.ray_cluster import ray_cluster
+from support.ray_cluster import ray_settings as settings_for_ray
+from support.waiting import wait_for
+
+ray = pytest.importorskip("ray")
+pytestmark = [pytest.mark.slow, pytest.mark.postgres]
+
+PRODUCE = '''
+import argparse, json, os
+p = argparse.ArgumentParser()
+p.add_argument("--out")
+a = p.parse_args()
+with open(a.out, "w") as f:
+    json.dump({"cwd": os.getcwd(), "workspace": os.environ["SCANFLOW_WORKSPACE"], "out": a.out}, f)
+print("produced", a.out)
+'''
+
+STEPS = '''
+import json, os
+import ray
+
+def consume(src, out, ctx):
+    up = json.loads(src.read_text())
+    up["consumer"] = {"node": ray.get_runtime_context().get_node_id(), "cwd": os.getcwd(),
+                      "src": str(src)}
+    out.write_text(json.dumps(up))
+    ctx.log("consumed", src)
+'''
+
+GATE = '''
+import argparse, os, sys
+p = argparse.ArgumentParser()
+p.add_argument("--flag")
+p.add_argument("--src")
+a = p.parse_args()
+print("gate sees", open(a.src).read()[:9])
+sys.exit(0 if os.path.exists(a.flag) else 9)
+'''
+
+SLEEPER = '''
+import argparse, subprocess, sys, time
+p = argparse.ArgumentParser()
+p.add_argument("--pids")
+a = p.parse_args()
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+with open(a.pids + ".part", "w") as f:
+    f.write(f"{child.pid}\\n")
+import os
+import signal
+os.rename(a.pids + ".part", a.pids)
+time.sleep(120)
+'''
+
+SURVIVOR = '''
+import argparse, os, time
+p = argparse.ArgumentParser()
+p.add_argument("--pids")
+a = p.parse_args()
+if os.environ["SCANFLOW_ATTEMPT"] == "1":
+    with open(a.pids + ".part", "w") as f:
+        f.write(str(os.getpid()))
+    os.rename(a.pids + ".part", a.pids)
+    time.sleep(120)
+print("attempt", os.environ["SCANFLOW_ATTEMPT"], "done")
+'''
+
+SPEC = '''
+app: hop
+team: ds
+workflows:
+  hop:
+    steps:
+      - {name: produce, run: "python produce.py", outputs: [out], resources: {custom: {node_a: 1}}}
+      - {name: consume, call: "steps:consume", inputs: {src: produce.out}, outputs: [out],
+         resources: {custom: {node_b: 1}}}
+  unfit:
+    steps:
+      - {name: nowhere, run: "python -c pass", resources: {custom: {node_c: 1}}}
+  greedy:
+    steps:
+      - {name: big, run: "python -c pass", resources: {cpus: 2}}
+  gated:
+    steps:
+      - {name: produce, run: "python produce.py", outputs: [out], resources: {custom: {node_a: 1}}}
+      - {name: gate, run: "python gate.py", params: {flag: {type: str}}, inputs: {src: produce.out},
+         resources: {custom: {node_b: 1}}}
+  sleepy:
+    steps:
+      - {name: sleep, run: "python sleeper.py", params: {pids: {type: str}}, timeout: 100}
+  slow:
+    steps:
+      - {name: nap, run: "python -c 'import time; time.sleep(60)'", timeout: 1}
+  survive:
+    steps:
+      - {name: long, run: "python survivor.py", params: {pids: {type: str}},
+         resources: {custom: {spare: 1}}, retries: {count: 1, backoff: 0.01, jitter: 0.0}}
+  flaky:
+    steps:
+      - {name: code, run: "python -c 'import sys; print(\\"trying\\"); sys.exit(3)'",
+         retries: {count: 2, backoff: 0.01, jitter: 0.0}}
+'''
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Any]:
+    """Head + 2 worker nodes of 1 CPU; `node_a` / `node_b` force a step onto one worker,
+    `spare` onto either."""
+    with ray_cluster([{"node_a": 1, "spare": 1}, {"node_b": 1, "spare": 1}]) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def tracking(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as url:
+        yield url
+
+
+@pytest.fixture
+def ray_settings(cluster: Any, tracking: str, pg_url: str, tmp_path: Path,
+                 monkeypatch: pytest.MonkeyPatch) -> Settings:
+    return settings_for_ray(cluster.address, tracking, pg_url, tmp_path / "ws", monkeypatch)
+
+
+@pytest.fixture
+def spec(tmp_path: Path) -> Path:
+    d = tmp_path / "app"
+    d.mkdir()
+    (d / "produce.py").write_text(textwrap.dedent(PRODUCE))
+    (d / "steps.py").write_text(textwrap.dedent(STEPS))
+    (d / "gate.py").write_text(textwrap.dedent(GATE))
+    (d / "sleeper.py").write_text(textwrap.dedent(SLEEPER))
+    (d / "survivor.py").write_text(textwrap.dedent(SURVIVOR))
+    (d / "scanflow.yaml").write_text(SPEC)
+    return d
+
+
+def cli(settings: Settings, *args: str) -> tuple[int, str]:
+    res = CliRunner().invoke(cli_app, ["--workspace", str(settings.root), *args])
+    return res.exit_code, res.output
+
+
+def node_with(resource: str) -> str:
+    return next(n["NodeID"] for n in ray.nodes() if n["Alive"] and resource in n["Resources"])
+
+
+def test_two_steps_on_two_nodes_pass_their_output_through_mlflow(
+        ray_settings: Settings, spec: Path) -> None:
+    code, out = cli(ray_settings, "run", str(spec), "hop")
+    assert code == 0, out
+    store = Store(ray_settings.store)
+    run = store.list_runs()[0]
+    steps = {s.step: s for s in store.list_steps(run.id)}
+    assert {k: s.status for k, s in steps.items()} == {"produce": "succeeded", "consume": "succeeded"}
+    uri = steps["consume"].outputs["out"]
+    assert uri.startswith(f"runs:/{run.mlflow_run_id}/scanflow/outputs/consume/")  # not a driver path
+    assert not list((ray_settings.runs_dir / run.id).rglob("out"))  # nothing landed on the driver
+
+    got = json.loads(Path(MlflowTracker(ray_settings).download(
+        run.mlflow_run_id or "", "scanflow/outputs/consume/out", str(ray_settings.root / "dl"))).read_text())
+    driver_cwd = os.getcwd()
+    assert got["consumer"]["node"] == node_with("node_b")  # placed by its custom resource
+    assert got["cwd"] not in (driver_cwd, str(spec)) and got["consumer"]["cwd"] != driver_cwd
+    assert got["workspace"] != str(ray_settings.root)  # the node's own workspace, not the driver's
+    assert got["consumer"]["src"] != got["out"]  # read from its own download, not the producer's path
+
+    code, log = cli(ray_settings, "logs", run.id, "produce")
+    assert code == 0 and "produced" in log and f"on Ray node {node_with('node_a')[:12]}" in log
+    code, log = cli(ray_settings, "logs", run.id, "consume")
+    assert code == 0 and "consumed" in log and f"on Ray node {node_with('node_b')[:12]}" in log
+
+
+@pytest.mark.parametrize(("workflow", "why"), [("unfit", "asks for CPU 1, node_c 1,"),
+                                               ("greedy", "asks for CPU 2,")])
+def test_a_step_no_node_can_fit_is_refused_at_submit_with_exit_2(
+        ray_settings: Settings, spec: Path, workflow: str, why: str) -> None:
+    code, out = cli(ray_settings, "run", str(spec), workflow)
+    assert code == 2, out
+    assert why in out and "which no node of the Ray cluster offers" in out
+    assert "Traceback" not in out
+    assert Store(ray_settings.store).list_runs() == []  # refused before anything was recorded
+
+
+def _retried(engine: Any, spec: Path) -> tuple[Any, Any, list[str]]:
+    res = engine.run(load_application(spec), "flaky")
+    row = engine.store.list_steps(res.run_id)[0]
+    log = "".join(t for _, t in engine.logs(res.run_id, "code"))
+    return res, row, log.splitlines()
+
+
+def test_a_failing_step_is_retried_and_ends_with_its_exit_code_as_on_the_local_backend(
+        ray_settings: Settings, spec: Path, tmp_path: Path) -> None:
+    ray_res, ray_row, ray_log = _retried(backends.engine(ray_settings, Store(ray_settings.store)), spec)
+    local = Settings(workspace=tmp_path / "local-ws").ensure()
+    loc_res, loc_row, loc_log = _retried(LocalEngine(local, Store(local.store)), spec)
+    for res, row in ((ray_res, ray_row), (loc_res, loc_row)):
+        assert (res.status, row.status, row.attempts, row.exit_code) == ("failed", "failed", 3, 3)
+        assert res.error.startswith("step code failed with exit code 3; last lines of its log")
+    assert "trying" in ray_res.error  # the tail came back from the node
+    assert [ln for ln in loc_log if ln == "trying"] == ["trying"] * 3
+    ends = [ln.rsplit(": ", 1)[1] for ln in ray_log if " on Ray node " in ln]
+    assert ends == ["exit code 3 ---"] * 3  # every try ran on a node and exited 3, as locally
+    assert "trying" in ray_log
+
+
+def test_a_second_run_is_cached_and_resume_reruns_only_what_failed(
+        ray_settings: Settings, spec: Path, tmp_path: Path) -> None:
+    engine = backends.engine(ray_settings, Store(ray_settings.store))
+    app = load_application(spec)
+    first = engine.run(app, "hop")
+    again = engine.run(app, "hop")
+    assert first.ok and again.steps == {"produce": "cached", "consume": "cached"}, again
+
+    flag = tmp_path / "open"
+    fresh = engine.run(app, "gated", {"flag": str(flag)})  # the cache is per workflow
+    assert fresh.steps == {"produce": "succeeded", "gate": "failed"}, fresh
+    flag.touch()
+    resumed = engine.resume(fresh.run_id, app)
+    assert resumed.ok and resumed.steps == {"produce": "succeeded", "gate": "succeeded"}, resumed
+    rows = {s.step: s for s in engine.store.list_steps(fresh.run_id)}
+    assert rows["produce"].attempts == 1  # kept from the first try: not re-run
+    log = "".join(t for _, t in engine.logs(fresh.run_id, "produce"))
+    assert log.count("on Ray node") == 1
+    gate_log = "".join(t for _, t in engine.logs(fresh.run_id, "gate"))
+    assert gate_log.count('gate sees {"cwd": ') == 2  # both tries downloaded produce's output
+
+
+def test_a_timeout_kills_the_step_on_its_node_and_fails_it(ray_settings: Settings, spec: Path) -> None:
+    engine = backends.engine(ray_settings, Store(ray_settings.store))
+    res = engine.run(load_application(spec), "slow")
+    assert res.status == "failed" and "timed out after 1s (process tree killed)" in (res.error or "")
+
+
+def test_cancel_kills_the_steps_process_tree_on_its_node(
+        ray_settings: Settings, spec: Path, tmp_path: Path) -> None:
+    engine = backends.engine(ray_settings, Store(ray_settings.store))
+    pids_file = tmp_path / "pids"
+    run_id = engine.submit(load_application(spec), "sleepy", {"pids": str(pids_file)}, status="running")
+    done: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: done.update(res=engine.execute(run_id)), daemon=True)
+    t.start()
+    grandchild = int(wait_for(lambda: pids_file.exists() and pids_file.read_text().strip(),
+                              timeout=60, what="the step's process tree started"))
+    assert pid_alive(grandchild)
+    assert engine.cancel(run_id) == "cancelling"
+    wait_for(lambda: "res" in done, timeout=30, what="the run settled after cancel")
+    assert done["res"].status == "cancelled" and done["res"].steps == {"sleep": "cancelled"}
+    wait_for(lambda: not pid_alive(grandchild), timeout=15, what="the step's child process killed")
+
+def _ppid(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rfind(")") + 2:].split()[1])
+
+
+def test_a_worker_nodes_raylet_killed_mid_step_retries_the_step_on_the_other_node(
+        cluster: Any, ray_settings: Settings, spec: Path, tmp_path: Path) -> None:
+    """Last in the module: it takes a worker node away."""
+    engine = backends.engine(ray_settings, Store(ray_settings.store))
+    pids_file = tmp_path / "pids"
+    run_id = engine.submit(load_application(spec), "survive", {"pids": str(pids_file)}, status="running")
+    done: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: done.update(res=engine.execute(run_id)), daemon=True)
+    t.start()
+    step_pid = int(wait_for(lambda: pids_file.exists() and pids_file.read_text(), timeout=60,
+                            what="the step started on a worker node"))
+    worker = _ppid(step_pid)
+    raylet = _ppid(worker)  # step <- Ray worker <- raylet
+    victim = next(n for n in cluster.worker_nodes if n.all_processes["raylet"][0].process.pid == raylet)
+    try:
+        os.kill(raylet, signal.SIGKILL)
+        wait_for(lambda: "res" in done, timeout=90, what="the run settled after its node died")
+    finally:
+        for pid in (step_pid, worker):  # orphaned by the dead raylet (a dead machine takes them)
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        for d in Path(tempfile.gettempdir()).glob(f"scanflow-{run_id[:12]}-*"):  # and its folder
+            shutil.rmtree(d, ignore_errors=True)
+    res = done["res"]
+    assert res.ok, res.error
+    row = engine.store.list_steps(run_id)[0]
+    assert row.attempts == 2
+    log = "".join(t for _, t in engine.logs(run_id, "long"))
+    assert f"--- attempt 1 on Ray node {victim.node_id[:12]}: the node died ---" in log
+    survivor = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and "spare" in n["Resources"])
+    assert survivor != victim.node_id and f"attempt 2 on Ray node {survivor[:12]}" in log
+    assert "attempt 2 done" in log

@@ -1,0 +1,66 @@
+"""A real multi-node Ray cluster on this machine (`ray.cluster_utils.Cluster`, as Ray's own
+tests do), joined by this process, and the settings of a person running scanflow on it."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from scanflow.settings import Settings, get_settings
+
+
+@contextmanager
+def ray_cluster(workers: list[dict[str, float]]) -> Iterator[Any]:
+    """A 1-CPU head plus one 1-CPU worker node per entry of `workers` (its custom resources);
+    stopped, with the app folders its nodes unpacked, when the block ends."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    apps = Path(tempfile.gettempdir()) / "scanflow-apps"  # where nodes unpack app folders
+    before = set(apps.iterdir()) if apps.is_dir() else set()
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        for resources in workers:
+            c.add_node(num_cpus=1, resources=resources)
+        c.wait_for_nodes()
+        ray.init(address=c.address, namespace="scanflow", log_to_driver=False)
+        _warm()
+        yield c
+    finally:
+        ray.shutdown()
+        c.shutdown()
+        for d in set(apps.iterdir()) - before if apps.is_dir() else ():
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _warm() -> None:
+    """Start a worker on every node with what a step attempt imports (scanflow, MLflow), so
+    that tests timing their steps do not time a cold worker on a busy machine."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    @ray.remote(num_cpus=1)
+    def imports() -> None:
+        import mlflow.tracking  # noqa: F401
+
+        import scanflow.engine.ray_task  # noqa: F401
+
+    ray.get([imports.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+             .remote() for n in ray.nodes() if n["Alive"]])
+
+
+def ray_settings(address: str, tracking: str, store_url: str, workspace: Path,
+                 monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """SCANFLOW_BACKEND=ray and its shared state, in the environment (the CLI reads it too)."""
+    env = {"SCANFLOW_BACKEND": "ray", "SCANFLOW_STORE_URL": store_url, "SCANFLOW_TRACKING_URI": tracking,
+           "SCANFLOW_RAY_ADDRESS": address, "SCANFLOW_WORKSPACE": str(workspace)}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    get_settings.cache_clear()
+    return Settings().ensure()
