@@ -35,22 +35,25 @@ pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
 PRODUCE = '''
 import argparse, json, os
+import hopshared  # from the spec's code_paths, shipped with the app
 p = argparse.ArgumentParser()
 p.add_argument("--out")
 a = p.parse_args()
 with open(a.out, "w") as f:
-    json.dump({"cwd": os.getcwd(), "workspace": os.environ["SCANFLOW_WORKSPACE"], "out": a.out}, f)
+    json.dump({"cwd": os.getcwd(), "workspace": os.environ["SCANFLOW_WORKSPACE"], "out": a.out,
+               "shared": [hopshared.TAG, os.path.realpath(hopshared.__file__)]}, f)
 print("produced", a.out)
 '''
 
 STEPS = '''
 import json, os
+import hopshared
 import ray
 
 def consume(src, out, ctx):
     up = json.loads(src.read_text())
     up["consumer"] = {"node": ray.get_runtime_context().get_node_id(), "cwd": os.getcwd(),
-                      "src": str(src)}
+                      "src": str(src), "shared": [hopshared.TAG, os.path.realpath(hopshared.__file__)]}
     out.write_text(json.dumps(up))
     ctx.log("consumed", src)
 '''
@@ -95,6 +98,7 @@ print("attempt", os.environ["SCANFLOW_ATTEMPT"], "done")
 SPEC = '''
 app: hop
 team: ds
+code_paths: [../hopshared.py]
 workflows:
   hop:
     steps:
@@ -153,6 +157,7 @@ def ray_settings(cluster: Any, tracking: str, pg_url: str, tmp_path: Path,
 def spec(tmp_path: Path) -> Path:
     d = tmp_path / "app"
     d.mkdir()
+    (tmp_path / "hopshared.py").write_text("TAG = 'shared code'\n")  # outside the app folder
     (d / "produce.py").write_text(textwrap.dedent(PRODUCE))
     (d / "steps.py").write_text(textwrap.dedent(STEPS))
     (d / "gate.py").write_text(textwrap.dedent(GATE))
@@ -190,6 +195,9 @@ def test_two_steps_on_two_nodes_pass_their_output_through_mlflow(
     assert got["cwd"] not in (driver_cwd, str(spec)) and got["consumer"]["cwd"] != driver_cwd
     assert got["workspace"] != str(ray_settings.root)  # the node's own workspace, not the driver's
     assert got["consumer"]["src"] != got["out"]  # read from its own download, not the producer's path
+    original = str(spec.parent / "hopshared.py")
+    for shared in (got["shared"], got["consumer"]["shared"]):  # run: and call: steps alike
+        assert shared[0] == "shared code" and shared[1] != original and "/_code/" in shared[1]
 
     code, log = cli(ray_settings, "logs", run.id, "produce")
     assert code == 0 and "produced" in log and f"on Ray node {node_with('node_a')[:12]}" in log

@@ -164,7 +164,7 @@ class RayStepRunner(StepRunner):
             ref = self._packages.get(st.run.id)
             if ref is None:
                 ref = self._packages[st.run.id] = ray.put(
-                    pack_app(st.app.base_dir, skip=[self.settings.root]))
+                    pack_app(st.app.base_dir, skip=[self.settings.root], code=st.app.code_modules()))
                 while len(self._packages) > PACKAGES_KEPT:
                     self._packages.popitem(last=False)
             return ref

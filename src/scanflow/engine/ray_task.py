@@ -29,6 +29,7 @@ from scanflow.engine.resources import ResourcePool
 from scanflow.engine.steps import Outcome, RunState, StepRunner
 from scanflow.procs import kill_group
 from scanflow.settings import Settings
+from scanflow.spec.code import importable, stage
 from scanflow.spec.loader import resolve_callable
 from scanflow.spec.models import Application, Step
 from scanflow.store.schema import WorkflowRun
@@ -106,23 +107,41 @@ NEVER_PACKED = {".git", ".venv", "venv", "__pycache__", ".scanflow", ".pytest_ca
 MAX_PACKAGE = 256 * 2**20  # bytes: an app folder bigger than this belongs in the artifact store
 
 
-def pack_app(base_dir: Path, skip: list[Path]) -> bytes:
+CODE_DIR = "_code"  # where an app's code_paths modules travel inside its package
+
+
+def pack_app(base_dir: Path, skip: list[Path], code: dict[str, Path] | None = None) -> bytes:
     """The app folder as a zip (its code and small files), without caches, virtualenvs, VCS
-    folders and the folders in `skip` (e.g. a workspace inside it)."""
+    folders and the folders in `skip` (e.g. a workspace inside it); the modules of its
+    `code_paths` (`code`: import name -> file or package folder) under `_code/`."""
     base = base_dir.resolve()
     skipped = {p.resolve() for p in skip}
     buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        for root, dirs, files in os.walk(base):
+
+    def add_tree(top: Path, prefix: str) -> None:
+        for root, dirs, files in os.walk(top):
             dirs[:] = sorted(d for d in dirs if d not in NEVER_PACKED and Path(root, d) not in skipped)
             for name in sorted(files):
                 if not name.endswith(".pyc"):
                     path = Path(root, name)
-                    zf.write(path, path.relative_to(base).as_posix())
+                    zf.write(path, prefix + path.relative_to(top).as_posix())
             if buf.tell() > MAX_PACKAGE:
                 raise ValueError(f"the app folder {base} is over {MAX_PACKAGE // 2**20} MiB zipped; "
                                  "keep data in the artifact store, not next to the spec")
+
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        add_tree(base, "")
+        for path in (code or {}).values():
+            if path.is_dir():
+                add_tree(path, f"{CODE_DIR}/{path.name}/")
+            else:
+                zf.write(path, f"{CODE_DIR}/{path.name}")
     return buf.getvalue()
+
+
+def shipped_code(app: Application) -> list[str]:
+    """`app.code_paths` as they are inside its unpacked package (relative to its folder)."""
+    return [f"{CODE_DIR}/{Path(e).name}" for e in app.code_paths]
 
 
 def unpack_app(package: bytes) -> Path:
@@ -162,9 +181,11 @@ def run_job(job: StepJob, package: bytes) -> StepReport:
             inputs[local] = Path(tracker.download(run_id, path, str(work / "in" / local)))
         (work / "out").mkdir()
         outputs = {name: work / "out" / name for name in job.outputs}
-        app = job.app.model_copy(update={"base_dir": Path(cwd)})
+        app = job.app.model_copy(update={"base_dir": Path(cwd), "code_paths": shipped_code(job.app)})
+        importable(app)  # its code_paths, for a `call:` step (a `run:` step: PYTHONPATH, below)
         st = RunState(app, WorkflowRun(id=job.run_id), work, Journal(work / "journal.jsonl"),
-                      job.experiment, job.parent, False, threading.Event(), {})
+                      job.experiment, job.parent, False, threading.Event(), {},
+                      code_dir=stage(app, work))
         runner = StepRunner(settings, tracker, ResourcePool(), track=job.child is not None)
         child = job.child
         make_child = (lambda: child) if child is not None else None  # noqa: E731 - one id
