@@ -7,6 +7,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from packaging.requirements import Requirement
 
@@ -38,11 +39,21 @@ def test_the_cluster_runs_the_ray_the_extra_pins() -> None:
 def test_state_comes_from_a_secret_and_runs_stay_quiet() -> None:
     docs = _docs()
     secret = docs["Secret"]
-    assert set(secret["stringData"]) == {"SCANFLOW_STORE", "SCANFLOW_TRACKING"}
-    assert secret["stringData"]["SCANFLOW_STORE"].startswith("postgresql")  # no SQLite on a cluster
-    assert secret["stringData"]["SCANFLOW_TRACKING"].startswith("http")
+    assert set(secret["stringData"]) == {"SCANFLOW_STORE_URL", "SCANFLOW_TRACKING_URI"}
+    assert secret["stringData"]["SCANFLOW_STORE_URL"].startswith("postgresql")  # no SQLite on a cluster
+    assert secret["stringData"]["SCANFLOW_TRACKING_URI"].startswith("http")
     for c in _containers(docs["RayCluster"]):
         env = {e["name"]: e.get("value") for e in c.get("env", [])}
-        assert "SCANFLOW_STORE" not in env and "SCANFLOW_TRACKING" not in env
+        assert "SCANFLOW_STORE_URL" not in env and "SCANFLOW_TRACKING_URI" not in env
         assert {"secretRef": {"name": secret["metadata"]["name"]}} in c["envFrom"]
         assert env["RAY_USAGE_STATS_ENABLED"] == "0"
+
+
+def test_the_secret_sets_what_scanflow_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    from scanflow.settings import Settings
+
+    data = _docs()["Secret"]["stringData"]
+    for k, v in data.items():
+        monkeypatch.setenv(k, v)
+    s = Settings()
+    assert (s.store, s.tracking) == (data["SCANFLOW_STORE_URL"], data["SCANFLOW_TRACKING_URI"])
