@@ -30,7 +30,7 @@ def main() -> None:
 
     import_s = time.perf_counter() - t0
     settings = Settings(workspace=Path(spec["workspace"]), backend="ray", ray_address=spec["address"],
-                        store=spec["store"], tracking=spec["tracking"]).ensure()
+                        store_url=spec["store"], tracking_uri=spec["tracking"]).ensure()
     store = Store(settings.store)
     t0 = time.perf_counter()
     engine = backends.engine(settings, store)
