@@ -95,6 +95,14 @@ if os.environ["SCANFLOW_ATTEMPT"] == "1":
 print("attempt", os.environ["SCANFLOW_ATTEMPT"], "done")
 '''
 
+READDATA = '''
+import argparse, os
+p = argparse.ArgumentParser()
+p.add_argument("--data")
+a = p.parse_args()
+print("reads", os.path.realpath(a.data), "holding", open(a.data).read())
+'''
+
 SPEC = '''
 app: hop
 team: ds
@@ -126,6 +134,10 @@ workflows:
     steps:
       - {name: long, run: "python survivor.py", params: {pids: {type: str}},
          resources: {custom: {spare: 1}}, retries: {count: 1, backoff: 0.01, jitter: 0.0}}
+  withdata:
+    steps:
+      - {name: read, run: "python readdata.py", params: {data: {type: path}},
+         resources: {custom: {node_b: 1}}}
   flaky:
     steps:
       - {name: code, run: "python -c 'import sys; print(\\"trying\\"); sys.exit(3)'",
@@ -163,6 +175,7 @@ def spec(tmp_path: Path) -> Path:
     (d / "gate.py").write_text(textwrap.dedent(GATE))
     (d / "sleeper.py").write_text(textwrap.dedent(SLEEPER))
     (d / "survivor.py").write_text(textwrap.dedent(SURVIVOR))
+    (d / "readdata.py").write_text(textwrap.dedent(READDATA))
     (d / "scanflow.yaml").write_text(SPEC)
     return d
 
@@ -319,3 +332,20 @@ def test_a_worker_nodes_raylet_killed_mid_step_retries_the_step_on_the_other_nod
     survivor = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and "spare" in n["Resources"])
     assert survivor != victim.node_id and f"attempt 2 on Ray node {survivor[:12]}" in log
     assert "attempt 2 done" in log
+
+
+def test_a_path_parameter_travels_to_the_node_through_mlflow(
+        ray_settings: Settings, spec: Path, tmp_path: Path) -> None:
+    """A `type: path` param names a file on the driver: the node reads its own copy."""
+    data = tmp_path / "driver-only" / "labels.csv"
+    data.parent.mkdir()
+    data.write_text("x,y\n1,2\n")
+    code, out = cli(ray_settings, "run", str(spec), "withdata", "-p", f"data={data}")
+    assert code == 0, out
+    run = Store(ray_settings.store).list_runs()[0]
+    code, log = cli(ray_settings, "logs", run.id, "read")
+    assert code == 0 and "holding x,y" in log, log
+    seen = log.split("reads ", 1)[1].split(" holding", 1)[0]
+    assert seen != str(data) and "driver-only" not in seen  # its own download, not the driver's file
+    arts = MlflowTracker(ray_settings).list_artifacts(run.mlflow_run_id or "", "scanflow/params")
+    assert len(arts) == 1  # uploaded once, under the run

@@ -12,6 +12,7 @@ by a path on the driver. A step no alive node can fit is refused at submit (`Par
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import socket
 import threading
@@ -30,8 +31,10 @@ from scanflow.engine.ray_task import (
     StepReport,
     output_uri,
     pack_app,
+    param_uri,
     run_job,
     split_uri,
+    upload,
 )
 from scanflow.engine.resources import ResourcePool
 from scanflow.engine.steps import Outcome, RunState, StepRunner
@@ -154,6 +157,33 @@ class RayStepRunner(StepRunner):
         super().__init__(settings, tracker, pool, track)
         self._packages: OrderedDict[str, Any] = OrderedDict()  # run id -> ObjectRef of its app
         self._packing = threading.Lock()
+        self._shipped: dict[tuple[str, str], str] = {}  # (run id, driver path) -> its param URI
+
+    def _path_params(self, st: RunState, step: Step, params: dict[str, Any]) -> dict[str, str]:
+        """The step's `type: path` params that name a file or folder on the driver (relative
+        to the app folder, as a local step reads them), uploaded once per run to the parent
+        MLflow run; the node downloads each and gets its own path. A path the driver does not
+        have is passed on as it is (it may exist on the nodes, e.g. a mounted volume)."""
+        wf = st.app.workflow(st.run.workflow)
+        specs = {**wf.params, **step.params}
+        out: dict[str, str] = {}
+        for name, spec in specs.items():
+            value = params.get(name)
+            if spec.type != "path" or not value:
+                continue
+            local = (st.app.base_dir / str(value)).resolve()
+            if not local.exists():
+                continue
+            with self._packing:
+                uri = self._shipped.get((st.run.id, str(local)))
+                if uri is None:
+                    digest = hashlib.sha256(str(local).encode()).hexdigest()[:12]
+                    assert st.parent is not None
+                    uri = param_uri(st.parent, digest, local.name)
+                    upload(self.tracker, local, uri)
+                    self._shipped[(st.run.id, str(local))] = uri
+            out[name] = uri
+        return out
 
     def _package(self, st: RunState) -> Any:
         """The run's app folder, zipped once per run and put in Ray's object store (every
@@ -214,7 +244,8 @@ class RayStepRunner(StepRunner):
         job = StepJob(st.app, st.run.id, step, params, {k: str(v) for k, v in inputs.items()},
                       {k: str(v) for k, v in outputs.items()}, attempt, st.parent, st.exp,
                       make_child() if make_child is not None else None, self.settings.tracking,
-                      self.settings.registry_uri, self.settings.store, key)
+                      self.settings.registry_uri, self.settings.store, key,
+                      self._path_params(st, step, params))
         ref = _remote_run_job().options(**task_options(step)).remote(job, self._package(st))
         try:
             return self._wait(st, step, ref, key, attempt, log_path)

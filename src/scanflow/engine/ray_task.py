@@ -37,6 +37,12 @@ from scanflow.store.schema import WorkflowRun
 OUTPUTS_DIR = "scanflow/outputs"  # on the parent MLflow run: OUTPUTS_DIR/STEP/NAME
 LOGS_DIR = "scanflow/logs"  # on the parent MLflow run: LOGS_DIR/STEP/attempt-N.log
 URI_PREFIX = "runs:/"
+PARAMS_DIR = "scanflow/params"
+
+
+def param_uri(parent: str, digest: str, name: str) -> str:
+    """Where a `type: path` parameter's file (or folder) named `name` travels to the nodes."""
+    return f"{URI_PREFIX}{parent}/{PARAMS_DIR}/{digest}/{name}"
 
 
 def output_uri(parent: str, step: str, name: str) -> str:
@@ -70,6 +76,7 @@ class StepJob:
     registry_uri: str | None
     store_url: str
     placement_key: str  # where the node publishes its id (`node_facts`)
+    path_params: dict[str, str] = field(default_factory=dict)  # param -> URI of the driver's file
 
 
 @dataclass
@@ -179,6 +186,10 @@ def run_job(job: StepJob, package: bytes) -> StepReport:
         for local, uri in job.inputs.items():
             run_id, path = split_uri(uri)
             inputs[local] = Path(tracker.download(run_id, path, str(work / "in" / local)))
+        params = dict(job.params)
+        for name, uri in job.path_params.items():  # `type: path` params: the driver's files
+            run_id, path = split_uri(uri)
+            params[name] = tracker.download(run_id, path, str(work / "params" / name))
         (work / "out").mkdir()
         outputs = {name: work / "out" / name for name in job.outputs}
         app = job.app.model_copy(update={"base_dir": Path(cwd), "code_paths": shipped_code(job.app)})
@@ -191,7 +202,7 @@ def run_job(job: StepJob, package: bytes) -> StepReport:
         make_child = (lambda: child) if child is not None else None  # noqa: E731 - one id
         try:
             if job.step.run is not None:
-                out = runner._run_subprocess(st, job.step, job.params, inputs, outputs, log_path,
+                out = runner._run_subprocess(st, job.step, params, inputs, outputs, log_path,
                                              job.attempt, make_child)
             else:
                 assert job.step.call is not None
@@ -199,7 +210,7 @@ def run_job(job: StepJob, package: bytes) -> StepReport:
                 os.chdir(cwd)  # relative paths mean the app folder, as for `run:` steps
                 try:
                     fn = resolve_callable(job.step.call, app.base_dir)
-                    out = runner._run_callable(st, job.step, fn, job.params, inputs, outputs,
+                    out = runner._run_callable(st, job.step, fn, params, inputs, outputs,
                                                log_path, job.attempt, make_child)
                 finally:
                     os.chdir(back)
@@ -217,7 +228,7 @@ def run_job(job: StepJob, package: bytes) -> StepReport:
                               f"step {job.step.name} did not write its declared outputs {missing}")
             else:
                 for name, p in outputs.items():
-                    _upload(tracker, p, job.outputs[name])
+                    upload(tracker, p, job.outputs[name])
         log = log_path.read_text(errors="replace") if log_path.exists() else ""
         if log:
             tracker.log_text(job.parent, log, f"{LOGS_DIR}/{job.step.name}/attempt-{job.attempt}.log")
@@ -227,7 +238,7 @@ def run_job(job: StepJob, package: bytes) -> StepReport:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _upload(tracker: Any, path: Path, uri: str) -> None:
+def upload(tracker: Any, path: Path, uri: str) -> None:
     """A file or a folder to the artifact path of `uri` (a folder keeps its name)."""
     run_id, artifact = split_uri(uri)
     if path.is_dir():
@@ -237,4 +248,4 @@ def _upload(tracker: Any, path: Path, uri: str) -> None:
 
 
 __all__ = ["LOGS_DIR", "OUTPUTS_DIR", "PLACEMENTS", "StepJob", "StepReport", "output_uri", "pack_app",
-           "run_job", "split_uri", "unpack_app"]
+           "param_uri", "run_job", "split_uri", "unpack_app", "upload"]
