@@ -11,7 +11,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: demo test test-fast typecheck lint install data clean
+.PHONY: demo demo-ray test test-fast typecheck lint install data clean
 
 install: $(STAMP)
 
@@ -28,6 +28,11 @@ $(WHEEL): | $(STAMP)
 
 demo: $(STAMP) $(WHEEL)
 	$(BIN)/python examples/mnist/run.py --workspace $(WS)
+
+# The MNIST workflows on a local 3-node Ray cluster with PostgreSQL and an MLflow server (README).
+demo-ray: $(STAMP) $(WHEEL)
+	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python examples/mnist/run_ray.py --workspace $(WS)/ray-demo \
+	    --downloads $(WS)/downloads
 
 # mypy on src/ at the strictness stated in pyproject.toml ([tool.mypy]); `make test` runs it first.
 typecheck: $(STAMP)

@@ -94,6 +94,14 @@ def _load_cache(cache: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nda
     return x_train, y_train.astype(np.int64), x_test, y_test.astype(np.int64)
 
 
+def load_mnist_cache(cache: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The arrays of a cache file `convert_wheel` wrote."""
+    loaded = _load_cache(cache)
+    if loaded is None:
+        raise RuntimeError(f"MNIST cache {cache} is unreadable")
+    return loaded
+
+
 def load_mnist(workspace: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``(x_train, y_train, x_test, y_test)``: uint8 (n, 28, 28) images and int64 labels.
 

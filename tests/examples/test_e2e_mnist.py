@@ -50,7 +50,9 @@ def test_reduced_mnist_loop(tmp_path: Path) -> None:
     assert acc["clean"] > 0.9
     assert acc["A_after"] >= acc["A_before"] + 0.10, acc
     assert acc["B_after"] >= acc["clean"] - 0.06, acc
-    assert s["false_alarms"]["clean"] == 0
+    # The analyzer is calibrated to 1 % false alarms per window: over this run's few clean windows
+    # one false alarm happens in a few percent of runs (seen once in CI); two would be a fault.
+    assert s["false_alarms"]["clean"] <= 1, s["false_alarms"]
     for c in s["corruptions"].values():
         assert c["delay_samples"] is not None and c["drift_to_rollout_seconds"] is not None, c
     bad = s["bad_candidate"]

@@ -1,0 +1,172 @@
+"""`make demo-ray`: the MNIST teams' workflows on a local 3-node Ray cluster, unchanged.
+
+Starts what a cluster deployment has (README, "Running on Ray"): a Ray cluster of a head and two
+worker nodes of 1 CPU each on this machine (`ray.cluster_utils.Cluster`, as Ray's own tests do),
+a fresh PostgreSQL database on 127.0.0.1:5432 for scanflow's store and an `mlflow server
+--serve-artifacts` on 127.0.0.1; then runs, through the `scanflow` CLI with `SCANFLOW_BACKEND=ray`:
+the data team's `publish` (the MNIST wheel `make data` fetched is a `type: path` parameter: it
+travels to the node that converts it), the data science team's `train` (two candidates in
+parallel on two nodes, the better one registered as champion), and its `retrain` on 500 labelled
+brightness-shifted digits (the executor's `new_data` file, shipped the same way). It prints where
+each step ran and stops everything it started. The service stays on the local backend (serving
+on Ray is a later issue), so this demo has no service and no agents.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from corruptions import corrupt
+from mnist_common import flat
+from mnist_data import WHEEL_GLOB, convert_wheel, load_mnist_cache
+
+HERE = Path(__file__).resolve().parent
+NODES = 3
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(check: object, what: str, timeout: float = 120.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if check():  # type: ignore[operator]
+            return
+        time.sleep(0.3)
+    raise SystemExit(f"timed out waiting for {what}")
+
+
+def start_mlflow(folder: Path) -> tuple[subprocess.Popen[bytes], str]:
+    import httpx
+
+    port = free_port()
+    folder.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--workers", "1", "--host", "127.0.0.1", "--port",
+         str(port), "--backend-store-uri", f"sqlite:///{folder / 'server.db'}", "--serve-artifacts",
+         "--artifacts-destination", str(folder / "artifacts")],
+        stdout=open(folder / "mlflow-server.log", "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
+        start_new_session=True, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        if proc.poll() is not None:
+            raise SystemExit(f"mlflow server exited: see {folder / 'mlflow-server.log'}")
+        try:
+            return httpx.get(f"{url}/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_until(up, "the MLflow server")
+    return proc, url
+
+
+def fresh_database(name: str) -> str:
+    from sqlalchemy import create_engine, text
+
+    admin = create_engine("postgresql+psycopg://postgres@127.0.0.1:5432/postgres",
+                          isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        c.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    return f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+
+
+def scanflow(env: dict[str, str], *args: str) -> str:
+    """One CLI command on the cluster; its output, echoed; exits on failure."""
+    cmd = [str(Path(sys.executable).parent / "scanflow"), *args]
+    print("$ scanflow " + " ".join(args), flush=True)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    print(proc.stdout.rstrip(), flush=True)
+    if proc.returncode != 0:
+        print(proc.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(f"scanflow {' '.join(args)} failed (exit {proc.returncode})")
+    return proc.stdout
+
+
+def where_steps_ran(env: dict[str, str], run_id: str, steps: list[str]) -> None:
+    for step in steps:
+        log = subprocess.run([str(Path(sys.executable).parent / "scanflow"), "logs", run_id, step],
+                             env=env, capture_output=True, text=True).stdout
+        heads = re.findall(r"--- attempt (\d+) on Ray node (\w+) \(([^,]+), working dir ([^)]+)\)", log)
+        for attempt, node, host, cwd in heads:
+            print(f"    {step:<8} attempt {attempt}: node {node} ({host}), working dir {cwd}")
+
+
+def last_run_id(env: dict[str, str]) -> str:
+    """The newest run (`runs list` lists the newest first)."""
+    out = subprocess.run([str(Path(sys.executable).parent / "scanflow"), "runs", "list", "--json",
+                          "--limit", "1"], env=env, capture_output=True, text=True, check=True).stdout
+    return str(json.loads(out)[0]["id"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workspace", type=Path, default=Path(".scanflow/ray-demo"))
+    ap.add_argument("--downloads", type=Path, default=Path(".scanflow/downloads"),
+                    help="where `make data` put the MNIST wheel")
+    args = ap.parse_args()
+    wheels = sorted(args.downloads.glob(WHEEL_GLOB))
+    if not wheels:
+        raise SystemExit(f"no MNIST wheel in {args.downloads}: run `make data` first")
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    import ray
+    from ray.cluster_utils import Cluster
+
+    ws = args.workspace.resolve()
+    ws.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    mlflow_proc = None
+    try:
+        for _ in range(NODES - 1):
+            cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        mlflow_proc, tracking = start_mlflow(ws / "mlflow-server")
+        store = fresh_database("scanflow_demo_ray")
+        print(f"cluster {cluster.address}: {NODES} nodes x 1 CPU; store {store}; MLflow {tracking} "
+              f"({time.time() - t0:.0f} s)", flush=True)
+        env = {**os.environ, "SCANFLOW_BACKEND": "ray", "SCANFLOW_RAY_ADDRESS": cluster.address,
+               "SCANFLOW_STORE_URL": store, "SCANFLOW_TRACKING_URI": tracking,
+               "SCANFLOW_WORKSPACE": str(ws / "driver"), "MLFLOW_DISABLE_TELEMETRY": "true"}
+
+        scanflow(env, "run", str(HERE / "data"), "publish", "-p", f"load.wheel={wheels[-1].resolve()}")
+        where_steps_ran(env, last_run_id(env), ["load", "publish"])
+        scanflow(env, "run", str(HERE / "datascience"), "train")
+        where_steps_ran(env, last_run_id(env), ["fetch", "train_a", "train_b", "select"])
+
+        # 500 labelled brightness-shifted test digits, as the executor collects them
+        convert_wheel(wheels[-1], ws / "mnist.npz")
+        _, _, x_test, y_test = load_mnist_cache(ws / "mnist.npz")
+        pick = np.random.default_rng(0).permutation(len(y_test))[:500]
+        x_new = corrupt(x_test[pick], "brightness", 2, seed=0)
+        new = ws / "new_data.npz"
+        np.savez(new, x_new=flat(x_new[:350]), y_new=y_test[pick][:350],
+                 x_holdout=flat(x_new[350:]), y_holdout=y_test[pick][350:])
+        scanflow(env, "run", str(HERE / "datascience"), "retrain", "-p", f"new_data={new}")
+        where_steps_ran(env, last_run_id(env), ["retrain"])
+        print(f"done in {time.time() - t0:.0f} s", flush=True)
+    finally:
+        if mlflow_proc is not None:
+            os.killpg(mlflow_proc.pid, signal.SIGTERM)
+            mlflow_proc.wait(timeout=30)
+        ray.shutdown()
+        cluster.shutdown()
+
+
+if __name__ == "__main__":
+    main()
