@@ -18,10 +18,12 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -105,6 +107,9 @@ def where_steps_ran(env: dict[str, str], run_id: str, steps: list[str]) -> None:
         heads = re.findall(r"--- attempt (\d+) on Ray node (\w+) \(([^,]+), working dir ([^)]+)\)", log)
         for attempt, node, host, cwd in heads:
             print(f"    {step:<8} attempt {attempt}: node {node} ({host}), working dir {cwd}")
+        for line in log.splitlines():  # what the step found, in its own words
+            if line.startswith(("MNIST:", "candidate v", "candidates ")):
+                print(f"             {line[:400]}")
 
 
 def last_run_id(env: dict[str, str]) -> str:
@@ -129,6 +134,8 @@ def main() -> None:
 
     ws = args.workspace.resolve()
     ws.mkdir(parents=True, exist_ok=True)
+    apps = Path(tempfile.gettempdir()) / "scanflow-apps"  # where the nodes unpack app folders
+    before = set(apps.iterdir()) if apps.is_dir() else set()
     t0 = time.time()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     mlflow_proc = None
@@ -136,6 +143,7 @@ def main() -> None:
         for _ in range(NODES - 1):
             cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
+        shutil.rmtree(ws / "mlflow-server", ignore_errors=True)  # a fresh registry per demo
         mlflow_proc, tracking = start_mlflow(ws / "mlflow-server")
         store = fresh_database("scanflow_demo_ray")
         print(f"cluster {cluster.address}: {NODES} nodes x 1 CPU; store {store}; MLflow {tracking} "
@@ -159,13 +167,16 @@ def main() -> None:
                  x_holdout=flat(x_new[350:]), y_holdout=y_test[pick][350:])
         scanflow(env, "run", str(HERE / "datascience"), "retrain", "-p", f"new_data={new}")
         where_steps_ran(env, last_run_id(env), ["retrain"])
-        print(f"done in {time.time() - t0:.0f} s", flush=True)
+        print(f"done in {time.time() - t0:.0f} s; the records stay in {store} and {ws}",
+              flush=True)
     finally:
         if mlflow_proc is not None:
             os.killpg(mlflow_proc.pid, signal.SIGTERM)
             mlflow_proc.wait(timeout=30)
         ray.shutdown()
         cluster.shutdown()
+        for d in (set(apps.iterdir()) - before) if apps.is_dir() else set():
+            shutil.rmtree(d, ignore_errors=True)
 
 
 if __name__ == "__main__":
