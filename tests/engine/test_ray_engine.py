@@ -136,8 +136,7 @@ workflows:
          resources: {custom: {spare: 1}}, retries: {count: 1, backoff: 0.01, jitter: 0.0}}
   withdata:
     steps:
-      - {name: read, run: "python readdata.py", params: {data: {type: path}},
-         resources: {custom: {node_b: 1}}}
+      - {name: read, run: "python readdata.py", params: {data: {type: path}}}
   flaky:
     steps:
       - {name: code, run: "python -c 'import sys; print(\\"trying\\"); sys.exit(3)'",
