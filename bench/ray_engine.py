@@ -135,7 +135,6 @@ def cluster_pids(mark: re.Pattern[str]) -> set[int]:
 
 def start_mlflow(tmp: Path, log: Path) -> tuple[subprocess.Popen[bytes], str]:
     """`mlflow server --serve-artifacts` on a free 127.0.0.1 port; its URL once it answers."""
-    import httpx
 
     port = free_port()
     out = open(log, "ab")  # noqa: SIM115 - closed with the process
@@ -146,24 +145,12 @@ def start_mlflow(tmp: Path, log: Path) -> tuple[subprocess.Popen[bytes], str]:
         stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            break
-        time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError(f"mlflow server did not answer on {url} (log: {log})")
+    return proc, answering(proc, url, 120, "mlflow server", log)
 
 
 def start_prefect_server(python: Path, env: dict[str, str], log: Path
                          ) -> tuple[subprocess.Popen[bytes], str]:
     """`prefect server start` on a free 127.0.0.1 port; its API URL once it answers."""
-    import httpx
 
     port = free_port()
     out = open(log, "ab")  # noqa: SIM115 - closed with the process
@@ -171,18 +158,23 @@ def start_prefect_server(python: Path, env: dict[str, str], log: Path
                              "--port", str(port)], stdout=out, stderr=subprocess.STDOUT,
                             start_new_session=True, env=env)
     url = f"http://127.0.0.1:{port}/api"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
+    return proc, answering(proc, url, 180, "prefect server", log)
+
+
+def answering(proc: subprocess.Popen[bytes], url: str, timeout: float, what: str, log: Path) -> str:
+    """`url` once its `/health` answers 200; the server's process group killed if it never does."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc, url
+                return url
         except httpx.HTTPError:
             pass
-        if proc.poll() is not None:
-            break
-        time.sleep(0.5)
+        time.sleep(0.3)
     os.killpg(proc.pid, signal.SIGKILL)
-    raise RuntimeError(f"prefect server did not answer on {url} (log: {log})")
+    raise RuntimeError(f"{what} did not answer on {url} (log: {log})")
 
 
 def postgres_database(name: str) -> str:
