@@ -155,6 +155,41 @@ def test_prediction_log_journal_reaches_the_store_and_skips_duplicates(  # type:
     store.close()
 
 
+def test_pixel_inputs_are_logged_as_exact_uint8_at_a_quarter_of_the_bytes(  # type: ignore[no-untyped-def]
+    tmp_path, store_url
+) -> None:
+    """Integers in 0..255 (an image's pixels) are journaled and stored as uint8 — what comes
+    back is exactly what was sent — and anything else keeps float32; a window that mixes rows
+    of both (a store written before uint8 rows) still reads as one float32 array."""
+    rng = np.random.default_rng(0)
+    digit = rng.integers(0, 256, 784).astype(float).tolist()
+    sent = {"pixl": digit, "edge": [0.0, 255.0] * 392, "over": [0.0, 256.0] * 392,
+            "negv": [-1.0, 3.0] * 392, "half": [0.5, 1.0] * 392}
+    records = {rid: encode_prediction(rid, "s", "1", time.time(), 1.0, np.asarray([x]), [x], [1])
+               for rid, x in sent.items()}
+    assert len(records["pixl"]) < len(records["half"]) / 3  # 784 bytes of pixels, not 3,136
+    assert len(records["edge"]) == len(records["pixl"])
+    assert len(records["over"]) == len(records["negv"]) == len(records["half"])
+    store = Store(store_url)
+    old_f32 = np.asarray(digit, dtype=np.float32).tobytes()  # a row as the log wrote it before
+    store.prediction_log.add_encoded([("old-0", "s", "1", time.time(), None, old_f32, None,
+                                       "1", 1.0)])
+    plog = PredictionLog(store, tmp_path / "predlog", interval=0.05, process=False).start()
+    for rec in records.values():
+        plog.add(rec)
+    assert plog.flush(timeout=30)
+    plog.close()
+    rows = {p["request_id"]: p["inputs"] for p in store.predictions("s")}
+    assert rows == {"old-0": digit, **{f"{rid}-0": x for rid, x in sent.items()}}
+    win = store.prediction_window("s")
+    assert isinstance(win.inputs, np.ndarray) and win.inputs.dtype == np.float32
+    assert win.inputs.shape == (6, 784)
+    by_id = dict(zip(win.request_ids, win.inputs, strict=True))
+    assert np.array_equal(by_id["old-0"], by_id["pixl-0"])
+    assert by_id["half-0"][0] == 0.5 and by_id["negv-0"][0] == -1.0 and by_id["over-0"][1] == 256.0
+    store.close()
+
+
 def test_orphan_journal_of_a_dead_worker_is_collected_once(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Segments named after a process that no longer exists are adopted, and re-collecting
     a segment whose offset file was lost (a crash between insert and offset) duplicates

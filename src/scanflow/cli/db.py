@@ -27,7 +27,7 @@ UrlOption = Annotated[
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -63,12 +63,12 @@ def upgrade(url: UrlOption = None) -> None:
     finally:
         engine.dispose()
     if before.at_head:
-        out.print(f"{shown}: already at head ({before.head})", highlight=False)
+        out.print(f"{shown}: already at head ({before.head})", highlight=False, soft_wrap=True)
     elif before.revision is None and not before.legacy:
-        out.print(f"{shown}: new store created at {before.head}", highlight=False)
+        out.print(f"{shown}: new store created at {before.head}", highlight=False, soft_wrap=True)
     else:
         was = "a store made before migrations" if before.legacy else before.revision
-        out.print(f"{shown}: upgraded from {was} to {before.head}", highlight=False)
+        out.print(f"{shown}: upgraded from {was} to {before.head}", highlight=False, soft_wrap=True)
 
 
 @db_app.command("current")
@@ -85,7 +85,7 @@ def current(
     finally:
         engine.dispose()
     if st.at_head:
-        out.print(f"{shown}: {st.revision} (head)", highlight=False)
+        out.print(f"{shown}: {st.revision} (head)", highlight=False, soft_wrap=True)
         return
     if st.legacy:
         where = "made before migrations (no revision)"
@@ -94,7 +94,7 @@ def current(
     else:
         where = f"{st.revision}, behind head {st.head}"
     out.print(f"{shown}: {where}; run `scanflow db upgrade` (or open the store) to upgrade",
-              highlight=False)
+              highlight=False, soft_wrap=True)
     if check:
         raise typer.Exit(1)
 

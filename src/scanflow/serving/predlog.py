@@ -3,8 +3,9 @@
 Each worker appends one binary record per answered request to its own segment file under
 `<workdir>/predlog/` *before* the response is sent (one `write(2)`; the page cache survives
 `kill -9` of the process, `fsync=True` also survives the machine). The record holds what the
-request path already has: the validated array's float32 bytes (not a JSON rendering of the
-inputs), each output's JSON as the model path produced it, ids, version, times. A collector
+request path already has: the validated array's bytes (not a JSON rendering of the inputs;
+uint8 when every value is an integer in 0..255, as pixels are: exact, and a quarter of
+float32), each output's JSON as the model path produced it, ids, version, times. A collector
 tails the segments and inserts the records into the store in batches, keeping the byte offset
 it reached in a side file; it decodes nothing (the bytes go to the store as they are, JSON is
 decoded where a window is read), so the worker pays a few microseconds per request and the
@@ -16,8 +17,8 @@ harmless: inserts skip request ids already stored. Segments of the former JSON-l
 
 Record (little-endian): magic 0xA7, u32 length of the rest; kind `p`|`s`, f64 ts, f64 latency
 ms, u32 instances, u16 x3 lengths of request id / service / version, u8 inputs tag; the three
-strings; inputs (tag 1: u32 row bytes then the float32 rows; tag 2: per instance u32 + JSON;
-tag 0: none, shadow answers); per instance u32 + output JSON.
+strings; inputs (tag 1: u32 row bytes then the float32 rows; tag 3: the same with uint8 rows;
+tag 2: per instance u32 + JSON; tag 0: none, shadow answers); per instance u32 + output JSON.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import orjson
 from scanflow.procs import start_time
 from scanflow.store import Store
 from scanflow.store.predictions import EncodedPrediction, EncodedShadow
-from scanflow.store.window import pack_inputs
+from scanflow.store.window import exact_u8, pack_inputs
 
 log = logging.getLogger("scanflow.serving.predlog")
 
@@ -59,7 +60,7 @@ MAGIC = 0xA7
 _FRAME = struct.Struct("<BI")
 _HEAD = struct.Struct("<cddIHHHB")
 _U32 = struct.Struct("<I")
-NO_INPUTS, F32_ROWS, JSON_EACH = 0, 1, 2
+NO_INPUTS, F32_ROWS, JSON_EACH, U8_ROWS = 0, 1, 2, 3
 
 
 def journal_dir(workdir: str | os.PathLike[str]) -> Path:
@@ -78,19 +79,23 @@ def _dumps(v: Any) -> bytes:
         return orjson.dumps(f"<not logged: {type(exc).__name__}>")
 
 
-def _f32_rows(x: Any, instances: Sequence[Any]) -> np.ndarray | None:
-    """The validated model input as (n, d) float32 when each instance was a flat list of numbers
-    (what the store keeps as bytes); None for anything else (kept as JSON)."""
+def _numeric_rows(x: Any, instances: Sequence[Any]) -> tuple[int, np.ndarray] | None:
+    """(tag, (n, d) rows) of the validated model input when each instance was a flat list of
+    numbers (what the store keeps as bytes): uint8 when exact, else float32; None for anything
+    else (kept as JSON)."""
     if not isinstance(x, np.ndarray) or x.dtype.kind not in "iuf" or x.ndim < 2:
         return None
     first = instances[0]
     if not isinstance(first, list) or not first or isinstance(first[0], list | dict | str | bool):
         return None
     rows = x.reshape(len(instances), -1)
+    u8 = exact_u8(rows)  # also the finiteness check, in one pass
+    if u8 is not None:
+        return U8_ROWS, u8
     if rows.dtype != np.float32:
         with np.errstate(over="ignore"):  # too large for float32: kept as JSON below
             rows = rows.astype(np.float32)
-    return rows if np.isfinite(rows).all() else None
+    return (F32_ROWS, rows) if np.isfinite(rows).all() else None
 
 
 def _frame(kind: bytes, rid: str, service: str, version: str, ts: float, latency_ms: float,
@@ -112,10 +117,11 @@ def encode_prediction(rid: str, service: str, version: str, ts: float, latency_m
                       x: Any, instances: Sequence[Any], outputs: Sequence[Any]) -> bytes:
     """One answered request as a journal record: `x` is the validated model input of
     `instances` (its bytes are journaled when it is a numeric array), `outputs` one per instance."""
-    rows = _f32_rows(x, instances)
+    numeric = _numeric_rows(x, instances)
     tail: list[bytes]
-    if rows is not None:
-        tag, tail = F32_ROWS, [_U32.pack(rows.shape[1] * 4), rows.tobytes()]
+    if numeric is not None:
+        tag, rows = numeric
+        tail = [_U32.pack(rows.shape[1] * rows.itemsize), rows.tobytes()]
     else:
         tag, tail = JSON_EACH, []
         for inst in instances:
@@ -160,10 +166,15 @@ def split_records(buf: bytes, preds: list[EncodedPrediction], shadows: list[Enco
             p += lv
             ins_json: list[str | None] = [None] * n
             ins_f32: list[bytes | None] = [None] * n
-            if tag == F32_ROWS:
+            ins_u8: list[bytes | None] = [None] * n
+            if tag == F32_ROWS or tag == U8_ROWS:
                 (rb,) = u32(buf, p)
                 p += 4
-                ins_f32 = [buf[p + i * rb: p + (i + 1) * rb] for i in range(n)]
+                rows = [buf[p + i * rb: p + (i + 1) * rb] for i in range(n)]
+                if tag == U8_ROWS:
+                    ins_u8 = rows  # type: ignore[assignment]
+                else:
+                    ins_f32 = rows  # type: ignore[assignment]
                 p += n * rb
             elif tag == JSON_EACH:
                 for i in range(n):
@@ -182,8 +193,8 @@ def split_records(buf: bytes, preds: list[EncodedPrediction], shadows: list[Enco
         if kind == b"s":
             shadows.extend((f"{rid}-{i}", svc, ver, ts, outs[i], lat) for i in range(n))
         else:
-            preds.extend((f"{rid}-{i}", svc, ver, ts, ins_json[i], ins_f32[i], outs[i], lat)
-                         for i in range(n))
+            preds.extend((f"{rid}-{i}", svc, ver, ts, ins_json[i], ins_f32[i], ins_u8[i], outs[i],
+                          lat) for i in range(n))
         pos = stop
         count += 1
     return pos, count
@@ -198,9 +209,9 @@ def _legacy_rows(line: dict[str, Any], preds: list[EncodedPrediction],
                        for i, o in enumerate(line["out"]))
         return
     for i, o in enumerate(line["out"]):
-        js, f32 = pack_inputs(line["in"][i])
+        js, f32, u8 = pack_inputs(line["in"][i])
         preds.append((f"{base}-{i}", svc, ver, ts, None if js is None else _dumps(js).decode(),
-                      f32, _dumps(o).decode(), lat))
+                      f32, u8, _dumps(o).decode(), lat))
 
 
 # -- segments ----------------------------------------------------------------------------------

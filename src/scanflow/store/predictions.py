@@ -16,9 +16,10 @@ from scanflow.store.window import PredictionWindow, pack_inputs, stack_inputs
 
 # What the prediction-log collector inserts, column order of the tuples (JSON as text).
 ENCODED_PREDICTION = ("request_id", "service", "model_version", "ts", "inputs", "inputs_f32",
-                      "outputs", "latency_ms")
+                      "inputs_u8", "outputs", "latency_ms")
 ENCODED_SHADOW = ("request_id", "service", "model_version", "ts", "outputs", "latency_ms")
-EncodedPrediction = tuple[str, str, "str | None", float, "str | None", "bytes | None", str, float]
+EncodedPrediction = tuple[str, str, "str | None", float, "str | None", "bytes | None",
+                          "bytes | None", str, float]
 EncodedShadow = tuple[str, str, "str | None", float, str, float]
 _INSERT_PREDICTIONS = (f"INSERT OR IGNORE INTO predictions ({', '.join(ENCODED_PREDICTION)}) "
                        f"VALUES ({', '.join('?' * len(ENCODED_PREDICTION))})")
@@ -92,8 +93,8 @@ class SqlPredictionRepository:
         rows = []
         for r in records:
             row = dict(r)
-            if row.get("inputs_f32") is None:  # else already packed (the collector's rows)
-                row["inputs"], row["inputs_f32"] = pack_inputs(row.get("inputs"))
+            if row.get("inputs_f32") is None and row.get("inputs_u8") is None:  # else packed
+                row["inputs"], row["inputs_f32"], row["inputs_u8"] = pack_inputs(row.get("inputs"))
             rows.append(row)
         if not rows:
             return 0
@@ -109,14 +110,14 @@ class SqlPredictionRepository:
 
     def add_encoded(self, predictions: Sequence[EncodedPrediction],
                     shadows: Sequence[EncodedShadow] = ()) -> int:
-        """The collector's insert: rows already encoded (JSON text, float32 bytes), request ids
+        """The collector's insert: rows already encoded (JSON text, input bytes), request ids
         already stored skipped; returns predictions inserted. On SQLite the values go to the
         driver as they are (no JSON decode/encode, no per-row SQLAlchemy processing): the log
         is written at the request rate, so this is the path whose cost serving pays."""
         if self.db.dialect != "sqlite":  # PostgreSQL: its JSON columns take values, not text
             n = self.add_predictions(
                 [dict(zip(ENCODED_PREDICTION, (*r[:4], None if r[4] is None else orjson.loads(r[4]),
-                                               r[5], orjson.loads(r[6]), r[7]), strict=True))
+                                               r[5], r[6], orjson.loads(r[7]), r[8]), strict=True))
                  for r in predictions], ignore_duplicates=True) if predictions else 0
             self.add_shadow_predictions(
                 [dict(zip(ENCODED_SHADOW, (*r[:4], orjson.loads(r[4]), r[5]), strict=True))
@@ -163,7 +164,7 @@ class SqlPredictionRepository:
         cols = [p.id, p.request_id, p.model_version, p.ts, p.latency_ms,
                 text(p.outputs), text(lab.label)]
         if with_inputs:
-            cols += [text(p.inputs), p.inputs_f32]
+            cols += [text(p.inputs), p.inputs_f32, p.inputs_u8]
         frm = Prediction.__table__.join(
             Label.__table__, lab.request_id == p.request_id, isouter=not labelled_only
         )
@@ -197,7 +198,7 @@ class SqlPredictionRepository:
             labels=json_values(cols_[6]),
         )
         if with_inputs:
-            win.inputs = stack_inputs(json_values(cols_[7]), list(cols_[8]))
+            win.inputs = stack_inputs(json_values(cols_[7]), list(cols_[8]), list(cols_[9]))
         if with_shadow:
             win.shadow_versions, win.shadow_outputs = list(cols_[-2]), json_values(cols_[-1])
         return win
