@@ -348,3 +348,110 @@ def test_a_path_parameter_travels_to_the_node_through_mlflow(
     assert seen != str(data) and "driver-only" not in seen  # its own download, not the driver's file
     arts = MlflowTracker(ray_settings).list_artifacts(run.mlflow_run_id or "", "scanflow/params")
     assert len(arts) == 1  # uploaded once, under the run
+
+
+AGENT_PARTS = '''
+import time
+from pathlib import Path
+
+from scanflow.agents import actuator
+
+
+@actuator("hang_once")
+def hang_once(obs, ctx, dir):
+    """The first call hangs (until the test kills the agent); a resumed call finishes."""
+    log = Path(dir) / "hang.log"
+    with open(log, "a") as f:
+        f.write(f"begin {ctx.action_key} {ctx.action.attempt}\\n")
+    while not ctx.action.resumed:
+        time.sleep(0.05)
+    with open(log, "a") as f:
+        f.write(f"end {ctx.action_key} {ctx.action.attempt}\\n")
+    return {"finished": True}
+'''
+
+AGENT_SPEC = '''
+app: rayagents
+team: ops
+agents:
+  hanger:
+    role: custom
+    imports: [parts]
+    sensors:
+      - name: jobs
+        trigger: {event: {message: {kind: hang}, poll: 0.1}}
+        actuators: [{func: hang_once, params: {dir: EFFECTS}}]
+'''
+
+
+def test_an_agent_runs_as_a_ray_actor_and_ray_restarts_it_after_kill_9_mid_action(
+        ray_settings: Settings, tmp_path: Path) -> None:
+    """`scanflow agents start` on the ray backend: a named detached actor; killed with -9 in the
+    middle of an action, Ray brings it back with no person acting, and the action resumes once
+    (attempt 2, same key) and the message is handled once."""
+    from scanflow.agents.process import AgentSupervisor
+    from scanflow.agents.ray_agents import NAMESPACE, actor_name
+
+    app = tmp_path / "agentapp"
+    app.mkdir()
+    effects = tmp_path / "effects"
+    effects.mkdir()
+    (app / "parts.py").write_text(AGENT_PARTS)
+    (app / "scanflow.yaml").write_text(AGENT_SPEC.replace("EFFECTS", str(effects)))
+    store = Store(ray_settings.store)
+    sup = AgentSupervisor(ray_settings, store)
+    code, out = cli(ray_settings, "agents", "start", str(app), "-a", "hanger")
+    assert code == 0, out
+    try:
+        (row,) = sup.status()
+        assert row["status"] == "running" and row["supervision"] == "ray actor", row
+        ray.get_actor(actor_name("rayagents", "hanger"), namespace=NAMESPACE)  # named, detached
+        store.send_message("someone", "hanger", "hang", {}, key="h1")
+        log = effects / "hang.log"
+        wait_for(lambda: log.exists() and "begin" in log.read_text(), timeout=60,
+                 what="the actuator to start in the actor")
+        first = row["pid"]
+        os.kill(first, signal.SIGKILL)
+        back = wait_for(lambda: [r for r in sup.status() if r["status"] == "running" and r["pid"] != first],
+                        timeout=90, what="Ray to restart the agent's actor")
+        assert back[0]["restarts"] == 1
+        wait_for(lambda: store.list_messages("hanger")[0].status == "done", timeout=60,
+                 what="the message to be handled by the restarted agent")
+        code, out = cli(ray_settings, "agents", "list")
+        assert code == 0 and "ray actor" in out, out
+    finally:
+        code, out = cli(ray_settings, "agents", "stop", "-a", "hanger")
+    assert code == 0, out
+    key = "hanger:jobs:h1:hang_once"
+    assert log.read_text().splitlines() == [f"begin {key} 1", f"begin {key} 2", f"end {key} 2"]
+    (decision,) = store.list_decisions("hanger")
+    assert [(a["attempt"], a["status"]) for a in decision.actions] == [(2, "succeeded")]
+    (restarted,) = [e for e in store.list_events(kinds=["agent_restarted"]) if e.source == "hanger"]
+    assert restarted.payload["restarts"] == 1 and restarted.payload["new_pid"] != first
+    assert [r["status"] for r in sup.status()] == ["stopped"]
+    with pytest.raises(ValueError):
+        ray.get_actor(actor_name("rayagents", "hanger"), namespace=NAMESPACE)  # gone for good
+
+
+def test_an_agent_actor_past_its_restart_limit_is_dead_until_started_again(
+        ray_settings: Settings, tmp_path: Path) -> None:
+    from scanflow.agents.process import AgentSupervisor
+
+    app = tmp_path / "agentapp"
+    app.mkdir()
+    (app / "parts.py").write_text(AGENT_PARTS)
+    (app / "scanflow.yaml").write_text(AGENT_SPEC.replace("EFFECTS", str(tmp_path)))
+    store = Store(ray_settings.store)
+    sup = AgentSupervisor(ray_settings.model_copy(update={"agent_restart_limit": 1}), store)
+    pid = sup.start(app, ["hanger"])["hanger"]
+    try:
+        os.kill(pid, signal.SIGKILL)
+        (back,) = wait_for(lambda: [r["pid"] for r in sup.status() if r["status"] == "running"
+                                    and r["pid"] != pid], timeout=90, what="the one restart")
+        os.kill(back, signal.SIGKILL)
+        wait_for(lambda: [r["status"] for r in sup.status()] == ["dead"], timeout=60,
+                 what="the agent shown dead once Ray may not restart it")
+        again = sup.start(app, ["hanger"])["hanger"]  # a person starts it again
+        assert again not in (pid, back) and [r["status"] for r in sup.status()] == ["running"]
+    finally:
+        sup.stop(["hanger"])

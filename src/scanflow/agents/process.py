@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
 import importlib.util
 import logging
@@ -91,6 +92,18 @@ class AgentSupervisor:
         self.settings = settings.ensure()
         self.store = store
 
+    @property
+    def on_ray(self) -> bool:
+        return backends.backend_of(self.settings) == "ray"
+
+    def _ray(self) -> Any:
+        from scanflow.agents.ray_agents import RayAgents  # lazy: ray, on the ray backend only
+
+        return RayAgents(self.settings, self.store)
+
+    def _ray_actor_gone(self, app: str, name: str) -> bool:
+        return bool(self._ray().info(app, name, timeout=5.0) is None)
+
     def log_path(self, name: str) -> Path:
         return self.settings.agents_dir / f"{name}.log"
 
@@ -107,6 +120,8 @@ class AgentSupervisor:
         unknown = [n for n in chosen if n not in app.agents]
         if unknown:
             raise KeyError(f"no agent(s) {unknown} in {app_path} (known: {sorted(app.agents)})")
+        if self.on_ray:  # Ray's actor restarts supervise them (`scanflow.agents.ray_agents`)
+            return self._ray().start(app, chosen, wait=max(wait, 60.0))
         running = {a.name: a.pid for a in self.store.list_agents() if a.status == "running"}
         # agents left running by a supervisor that died are adopted by the new one, not refused
         orphans = supervise and supervision.supervisor_info(self.store, app.app)["status"] == "down"
@@ -178,16 +193,29 @@ class AgentSupervisor:
     def stop(self, names: list[str] | None = None, timeout: float = 15.0) -> list[str]:
         """Stop agents (all, or `names`): first their want is written down as stopped, so that
         no supervisor restarts them; with no `names`, the supervisors are stopped too."""
-        up = {a.name for a in self.store.list_agents() if pid_alive(a.pid)}
+        from scanflow.agents import ray_agents  # (imports no ray until an actor is touched)
+
+        on_ray = ray_agents.records(self.store)
+        if on_ray:
+            by_app: dict[str, list[str]] = {}
+            for rec in on_ray.values():
+                if not names or rec["agent"] in names:
+                    by_app.setdefault(rec["app"], []).append(rec["agent"])
+            done = [n for app, agents in by_app.items() for n in self._ray().stop(app, agents, timeout)]
+            if names and set(names) <= set(done):
+                return done
+        else:
+            done = []
+        up = {a.name for a in self.store.list_agents() if pid_alive(a.pid) and a.name not in done}
         for app in supervision.apps(self.store):
             for n, w in supervision.wants(self.store, app).items():
                 if (not names or n in names) and w.get("want") == "running":
                     supervision.set_want(self.store, app, n, "stopped")
             if not names:
                 supervision.stop_supervisor(self.store, app)
-        stopped = []
+        stopped = list(done)
         for a in self.store.list_agents():
-            if names and a.name not in names:
+            if (names and a.name not in names) or a.name in done:
                 continue
             if a.name in up:  # (its supervisor may be stopping it too)
                 assert a.pid is not None
@@ -206,10 +234,19 @@ class AgentSupervisor:
     def status(self) -> list[dict[str, Any]]:
         """Every agent started here: `running`, `failing` (running, but a sensor's ticks fail:
         see `Agent.health`; `failing` lists them with their last error), `stopped` or `dead`."""
+        from scanflow.agents import ray_agents  # (imports no ray until an actor is touched)
+
         out = []
         sup = _Supervision(self.store)
         listed = set()
+        on_ray = ray_agents.records(self.store)
         for a in self.store.list_agents():
+            ray_rec = on_ray.get(f"{a.app}:{a.name}")
+            if ray_rec is not None:
+                gone = functools.partial(self._ray_actor_gone, a.app, a.name)
+                out.append(ray_agents.status_row(self.store, self.settings, a, ray_rec, gone))
+                listed.add(a.name)
+                continue
             alive = pid_alive(a.pid)
             state = a.status if alive or a.status != "running" else "dead"
             url = f"http://{a.api_host}:{a.api_port}" if a.api_port and state == "running" else None
