@@ -29,6 +29,9 @@ class Settings(BaseSettings):
                          "Ray cluster); read by scanflow.control.backends")
     ray_address: str = Field(default="auto", description="the Ray cluster the ray backend joins: "
                              "auto (the one `ray start` runs here), host:port or ray://host:10001")
+    store_wait: float = Field(default=120.0, ge=0.0, description="seconds a process waits for a "
+                              "PostgreSQL store that does not answer (restarting, failing over) "
+                              "before its next connection fails; 0: fail at once")
     concurrency: int = Field(default=2, ge=1, description="max steps run at once by the engine")
     host: str = Field(default="127.0.0.1", description="address services bind to")
     max_cpus: float | None = Field(default=None, description="CPUs steps may use [all]")
@@ -102,6 +105,7 @@ class Settings(BaseSettings):
             "SCANFLOW_BACKEND": self.backend,
             "SCANFLOW_RAY_ADDRESS": self.ray_address,
             "SCANFLOW_CONCURRENCY": str(self.concurrency),
+            "SCANFLOW_STORE_WAIT": str(self.store_wait),
             "SCANFLOW_HOST": self.host,
             "SCANFLOW_AGENT_MAX_ATTEMPTS": str(self.agent_max_attempts),
             "SCANFLOW_AGENT_RETRY_BACKOFF": str(self.agent_retry_backoff),

@@ -95,6 +95,19 @@ if os.environ["SCANFLOW_ATTEMPT"] == "1":
 print("attempt", os.environ["SCANFLOW_ATTEMPT"], "done")
 '''
 
+HOLD = '''
+import argparse, os, time
+p = argparse.ArgumentParser()
+p.add_argument("--flag")
+p.add_argument("--pids")
+a = p.parse_args()
+with open(a.pids, "a") as f:
+    f.write(f"{os.getpid()}\\n")
+while not os.path.exists(a.flag):
+    time.sleep(0.05)
+print("released")
+'''
+
 READDATA = '''
 import argparse, os
 p = argparse.ArgumentParser()
@@ -134,6 +147,11 @@ workflows:
     steps:
       - {name: long, run: "python survivor.py", params: {pids: {type: str}},
          resources: {custom: {spare: 1}}, retries: {count: 1, backoff: 0.01, jitter: 0.0}}
+  held:
+    steps:
+      - {name: produce, run: "python produce.py", outputs: [out]}
+      - {name: hold, run: "python hold.py", after: [produce],
+         params: {flag: {type: str}, pids: {type: str}}}
   withdata:
     steps:
       - {name: read, run: "python readdata.py", params: {data: {type: path}}}
@@ -175,6 +193,7 @@ def spec(tmp_path: Path) -> Path:
     (d / "sleeper.py").write_text(textwrap.dedent(SLEEPER))
     (d / "survivor.py").write_text(textwrap.dedent(SURVIVOR))
     (d / "readdata.py").write_text(textwrap.dedent(READDATA))
+    (d / "hold.py").write_text(textwrap.dedent(HOLD))
     (d / "scanflow.yaml").write_text(SPEC)
     return d
 
@@ -297,6 +316,78 @@ def test_cancel_kills_the_steps_process_tree_on_its_node(
 def _ppid(pid: int) -> int:
     stat = Path(f"/proc/{pid}/stat").read_text()
     return int(stat[stat.rfind(")") + 2:].split()[1])
+
+
+def test_a_driver_killed_mid_run_leaves_it_interrupted_and_resume_finishes_it(
+        ray_settings: Settings, spec: Path, tmp_path: Path) -> None:
+    """`kill -9` of `scanflow run` (the driver) while a step runs on the cluster: the step's
+    process goes with it, the run is `interrupted`, and `scanflow resume` runs only the step
+    that did not finish."""
+    import subprocess
+    import sys
+
+    flag, pids = tmp_path / "go", tmp_path / "hold.pids"
+    driver = subprocess.Popen(
+        [str(Path(sys.executable).parent / "scanflow"), "--workspace", str(ray_settings.root), "run",
+         str(spec), "held", "-p", f"flag={flag}", "-p", f"pids={pids}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        step = int(wait_for(lambda: pids.exists() and pids.read_text().split()[0], timeout=90,
+                            what="the held step running on a node"))
+    finally:
+        driver.kill()
+        driver.wait()
+    wait_for(lambda: not pid_alive(step), timeout=60, what="the step's process to go with its driver")
+    store = Store(ray_settings.store)
+    (run,) = [r for r in store.list_runs() if r.workflow == "held"]
+    flag.write_text("1")
+    code, out = cli(ray_settings, "resume", run.id)
+    assert code == 0, out
+    rows = {s.step: s for s in store.list_steps(run.id)}
+    assert rows["produce"].status == "succeeded" and rows["produce"].attempts == 1  # not re-run
+    assert rows["hold"].status == "succeeded"
+    assert len(pids.read_text().split()) == 2  # the cut-off try, then resume's
+    assert store.get_run(run.id).status == "succeeded"  # type: ignore[union-attr]
+
+
+def test_postgresql_restarted_mid_run_the_run_waits_and_continues(
+        ray_settings: Settings, spec: Path, tmp_path: Path) -> None:
+    """The store's PostgreSQL (a server of this test's own) stopped for a few seconds while a
+    step runs on the cluster, then started again: the driver waits for it and the run ends
+    succeeded, with every record before the outage intact."""
+    from support.private_postgres import private_postgres
+
+    flag, pids = tmp_path / "go", tmp_path / "hold.pids"
+    with private_postgres() as pg:
+        settings = ray_settings.model_copy(update={"store_url": pg.url})
+        engine = backends.engine(settings, Store(pg.url))
+        run_id = engine.submit(load_application(spec), "held", {"flag": str(flag), "pids": str(pids)},
+                               status="running")
+        done: dict[str, Any] = {}
+
+        def drive() -> None:
+            try:
+                done["res"] = engine.execute(run_id)
+            except BaseException as exc:  # the test shows it below
+                done["error"] = exc
+                raise
+
+        t = threading.Thread(target=drive, daemon=True)
+        t.start()
+        wait_for(lambda: pids.exists(), timeout=90, what="the held step running on a node")
+        pg.stop()
+        t.join(4)  # a 4 s outage (ends early only if the driver gives up)
+        assert t.is_alive(), done  # not failed, not finished: waiting for its store
+        pg.start()
+        flag.write_text("1")
+        t.join(120)
+        assert "res" in done, f"the run did not end after the store came back: {done!r}"
+        res = done["res"]
+        assert res.ok, res.error
+        rows = {s.step: s for s in engine.store.list_steps(run_id)}
+        assert {n: (r.status, r.attempts) for n, r in rows.items()} == {
+            "produce": ("succeeded", 1), "hold": ("succeeded", 1)}
+        assert engine.store.get_run(run_id).status == "succeeded"  # type: ignore[union-attr]
 
 
 def test_a_worker_nodes_raylet_killed_mid_step_retries_the_step_on_the_other_node(

@@ -6,6 +6,7 @@ and one session factory (and so one `Store` is still one set of connections).
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
@@ -18,6 +19,8 @@ from sqlalchemy import create_engine, event, make_url
 from sqlalchemy.engine import CursorResult, Engine, Result
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 from sqlalchemy.orm import Session, sessionmaker
+
+_log = logging.getLogger("scanflow.store")
 
 
 def normalise_url(url: str) -> str:
@@ -45,7 +48,33 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    event.listen(engine, "do_connect", _patient_connect)
+    return engine
+
+
+def _patient_connect(dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
+    """A new connection to a server that does not answer is tried again for `store_wait`
+    seconds (a PostgreSQL restart or failover) before it fails; with `pool_pre_ping` a pooled
+    connection the restart broke is replaced through here too. So a run, an agent or a
+    collector waits out a short outage of its store instead of dying in the middle of it."""
+    from scanflow.settings import get_settings  # (the lowest layer; read once per connection)
+
+    wait = get_settings().store_wait
+    deadline, pause, warned = time.monotonic() + wait, 0.1, False
+    while True:
+        try:
+            return dialect.loaded_dbapi.connect(*cargs, **cparams)
+        except dialect.loaded_dbapi.OperationalError as exc:
+            if time.monotonic() + pause > deadline:
+                raise
+            if not warned:
+                where = f"{cparams.get('host', '?')}:{cparams.get('port', '?')}"
+                _log.warning("store at %s does not answer (%s): waiting up to %.0f s for it",
+                             where, str(exc).strip().splitlines()[-1][:200], wait)
+                warned = True
+            time.sleep(pause)
+            pause = min(pause * 2, 2.0)
 
 
 def _switch_to_wal(cur: Any, wait_s: float = 60.0) -> None:
