@@ -29,9 +29,9 @@ class Settings(BaseSettings):
                          "Ray cluster); read by scanflow.control.backends")
     ray_address: str = Field(default="auto", description="the Ray cluster the ray backend joins: "
                              "auto (the one `ray start` runs here), host:port or ray://host:10001")
-    store_wait: float = Field(default=120.0, ge=0.0, description="seconds a process waits for a "
-                              "PostgreSQL store that does not answer (restarting, failing over) "
-                              "before its next connection fails; 0: fail at once")
+    store_wait: float = Field(default=120.0, ge=0.0, description="seconds a process waits for its "
+                              "PostgreSQL store when it stops answering (restarting, failing "
+                              "over) before its next connection fails; 0: fail at once")
     concurrency: int = Field(default=2, ge=1, description="max steps run at once by the engine")
     host: str = Field(default="127.0.0.1", description="address services bind to")
     max_cpus: float | None = Field(default=None, description="CPUs steps may use [all]")

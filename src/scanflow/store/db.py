@@ -49,18 +49,26 @@ def make_engine(url: str) -> Engine:
 
         return engine
     engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
-    event.listen(engine, "do_connect", _patient_connect)
+    reached = [False]  # this engine has connected once: from then on, an outage is waited out
+
+    @event.listens_for(engine, "do_connect")
+    def _connect(dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
+        conn = _patient_connect(dialect, cargs, cparams, patient=reached[0])
+        reached[0] = True
+        return conn
+
     return engine
 
 
-def _patient_connect(dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
-    """A new connection to a server that does not answer is tried again for `store_wait`
-    seconds (a PostgreSQL restart or failover) before it fails; with `pool_pre_ping` a pooled
-    connection the restart broke is replaced through here too. So a run, an agent or a
-    collector waits out a short outage of its store instead of dying in the middle of it."""
+def _patient_connect(dialect: Any, cargs: Any, cparams: Any, *, patient: bool) -> Any:
+    """A new connection to a server that answered before and does not now is tried again for
+    `store_wait` seconds (a PostgreSQL restart or failover) before it fails; with
+    `pool_pre_ping` a pooled connection the restart broke is replaced through here too. So a
+    run, an agent or a collector waits out a short outage of its store instead of dying in the
+    middle of it, while a store that never answered (a wrong URL) fails at once."""
     from scanflow.settings import get_settings  # (the lowest layer; read once per connection)
 
-    wait = get_settings().store_wait
+    wait = get_settings().store_wait if patient else 0.0
     deadline, pause, warned = time.monotonic() + wait, 0.1, False
     while True:
         try:
