@@ -390,6 +390,37 @@ def test_postgresql_restarted_mid_run_the_run_waits_and_continues(
         assert engine.store.get_run(run_id).status == "succeeded"  # type: ignore[union-attr]
 
 
+def test_engine_serve_runs_the_queue_on_the_cluster_fairly_across_teams(
+        ray_settings: Settings, spec: Path, tmp_path: Path) -> None:
+    """`scanflow engine serve` on the ray backend: queued runs of two teams run on the cluster,
+    one at a time, and the lone team's run does not wait behind the busy team's three."""
+    other = tmp_path / "other"
+    shutil.copytree(spec, other)
+    (other / "scanflow.yaml").write_text(
+        (spec / "scanflow.yaml").read_text().replace("app: hop", "app: hop2")
+        .replace("team: ds", "team: ops"))
+    flag = tmp_path / "go"
+    flag.write_text("1")
+    store = Store(ray_settings.store)
+    engine = backends.engine(ray_settings, store)
+    busy, lone = load_application(spec), load_application(other)
+    params = {"flag": str(flag), "pids": str(tmp_path / "pids")}
+    ids = [engine.submit(busy, "held", params) for _ in range(3)]
+    ids.append(engine.submit(lone, "held", params))
+    stop = threading.Event()
+    t = threading.Thread(target=engine.serve, args=(stop.is_set,), kwargs={"max_runs": 1, "poll": 0.05},
+                         daemon=True)
+    t.start()
+    try:
+        wait_for(lambda: all(store.get_run(i).status == "succeeded" for i in ids),  # type: ignore[union-attr]
+                 timeout=120, what="the queued runs to succeed on the cluster")
+    finally:
+        stop.set()
+        t.join(30)
+    order = sorted(ids, key=lambda i: store.get_run(i).started_at)  # type: ignore[union-attr]
+    assert order.index(ids[-1]) <= 1
+
+
 def test_a_worker_nodes_raylet_killed_mid_step_retries_the_step_on_the_other_node(
         cluster: Any, ray_settings: Settings, spec: Path, tmp_path: Path) -> None:
     """Last in the module: it takes a worker node away."""
