@@ -29,6 +29,8 @@ class Settings(BaseSettings):
                          "Ray cluster); read by scanflow.control.backends")
     ray_address: str = Field(default="auto", description="the Ray cluster the ray backend joins: "
                              "auto (the one `ray start` runs here), host:port or ray://host:10001")
+    ray_python: str = Field(default="python", description="the Python, with scanflow installed, that "
+                            "runs a detached run's driver on the Ray cluster's head (`run --detach`)")
     concurrency: int = Field(default=2, ge=1, description="max steps run at once by the engine")
     host: str = Field(default="127.0.0.1", description="address services bind to")
     max_cpus: float | None = Field(default=None, description="CPUs steps may use [all]")
@@ -101,6 +103,7 @@ class Settings(BaseSettings):
             "SCANFLOW_TRACKING_URI": self.tracking,
             "SCANFLOW_BACKEND": self.backend,
             "SCANFLOW_RAY_ADDRESS": self.ray_address,
+            "SCANFLOW_RAY_PYTHON": self.ray_python,
             "SCANFLOW_CONCURRENCY": str(self.concurrency),
             "SCANFLOW_HOST": self.host,
             "SCANFLOW_AGENT_MAX_ATTEMPTS": str(self.agent_max_attempts),

@@ -18,12 +18,13 @@ import socket
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from scanflow.engine.local import LocalEngine
+from scanflow.engine.logs import step_logs
 from scanflow.engine.ray_task import (
     PLACEMENTS,
     URI_PREFIX,
@@ -328,6 +329,15 @@ class RayEngine(LocalEngine):
         connect(settings.ray_address)
         super().__init__(settings, store, tracker, concurrency, track=True, pool=pool)
         self.runner = RayStepRunner(self.settings, self.tracker, self.pool, True)
+
+    def logs(self, run_id: str, step: str | None = None, *, follow: bool = False,
+             poll: float = 0.3) -> Iterator[tuple[str, str]]:
+        """As the local engine's, and with `follow` a running attempt's log live from its node."""
+        from scanflow.engine.ray_logs import MlflowStepLogs, RayLiveLogs
+
+        live = RayLiveLogs(self.settings.ray_address) if follow else None
+        return step_logs(self.store, self.settings.runs_dir, run_id, step, follow=follow, poll=poll,
+                         live=live, remote=MlflowStepLogs(self.tracker))
 
     def _unfit(self, step: Step) -> str | None:
         return unfit(ray_request(step.resources), list(alive_nodes().values()))
