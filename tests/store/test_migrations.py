@@ -223,9 +223,13 @@ def test_a_store_from_15096dd_is_upgraded_with_every_row_intact(
     after = _dump(raw)
     with raw.connect() as conn:
         assert conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalars().all() == [HEAD]
-    # Every row as it was (ids included); new ones only from _assert_store_reads.
+    # Every row as it was (ids included); new ones only from _assert_store_reads; the columns
+    # later revisions added are empty (NULL) on the old rows.
     for table, rows in before.items():
-        assert after[table][: len(rows)] == rows, table
+        kept = after[table][: len(rows)]
+        assert [{k: r[k] for k in old} for r, old in zip(kept, rows, strict=True)] == rows, table
+        assert all(v is None for r, old in zip(kept, rows, strict=True)
+                   for k, v in r.items() if k not in old), table
     _assert_rows_as_written(after)
 
 
@@ -336,7 +340,7 @@ _PROBE_REVISION = '''
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0002_probe"
+revision = "9999_probe"
 down_revision = "0001_baseline"
 branch_labels = None
 depends_on = None
@@ -372,14 +376,15 @@ def test_a_store_behind_head_is_upgraded_on_open_with_a_message(
     store.close()
     scripts = tmp_path / "migrations"
     shutil.copytree(Path(migrate.__file__).parent / "migrations", scripts)
-    (scripts / "versions" / "0002_probe.py").write_text(_PROBE_REVISION)
+    (scripts / "versions" / "9999_probe.py").write_text(  # the release after this one's head
+        _PROBE_REVISION.replace('"0001_baseline"', f'"{HEAD}"'))
     monkeypatch.setattr(migrate, "SCRIPT_LOCATION", str(scripts))
-    monkeypatch.setattr(migrate, "HEAD", "0002_probe")
+    monkeypatch.setattr(migrate, "HEAD", "9999_probe")
     with caplog.at_level(logging.INFO, logger="scanflow.store"):
         store = Store(url)
     try:
         assert [r.getMessage().split(": ", 1)[1] for r in caplog.records if r.name == "scanflow.store"] == [
-            "upgrading it to 0002_probe"]
+            "upgrading it to 9999_probe"]
         assert [s.step for s in store.list_steps(run.id)] == ["s1", "s2"]
         with raw.connect() as conn:
             assert conn.execute(text("SELECT id, probe FROM workflow_runs")).all() == [(run.id, None)]

@@ -26,9 +26,13 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from scanflow.engine.local import LocalEngine
+from scanflow.engine.ray_address import probe
+from scanflow.engine.ray_backend import RayEngine
 from scanflow.engine.ray_task import LOGS_DIR, pack_app, shipped_code
 from scanflow.settings import Settings
 from scanflow.spec.models import Application
+from scanflow.store import Store
 
 RUN_FILE = ".scanflow-run.json"  # in the job's working folder: the checked Application
 JOB_PREFIX = "scanflow-"  # a detached run's Ray job id: scanflow-RUN
@@ -44,12 +48,10 @@ def dashboard_url(address: str) -> str:
     from ray._private import services  # lazy: ray
     from ray.dashboard.utils import ray_address_to_api_server_url  # lazy: ray
 
-    from scanflow.engine.ray_backend import _probe
-
     if address.startswith("ray://"):
         raise ValueError("a detached run needs the head's GCS address (host:6379) in "
                          "SCANFLOW_RAY_ADDRESS, not a ray:// client address")
-    _probe(address)
+    probe(address)
     try:
         return ray_address_to_api_server_url(services.canonicalize_bootstrap_address_or_die(address))
     except Exception as exc:  # noqa: BLE001 - Ray raises several kinds here: one message
@@ -91,9 +93,6 @@ def submit(app: Application, run_id: str, settings: Settings) -> str:
 
 def main(argv: list[str]) -> int:
     """The job's entrypoint: run the recorded run to its end from this working folder."""
-    from scanflow.engine.ray_backend import RayEngine
-    from scanflow.store import Store
-
     (run_id,) = argv
     work = Path(tempfile.mkdtemp(prefix=f"scanflow-driver-{run_id[:12]}-"))
     try:
@@ -118,8 +117,6 @@ def main(argv: list[str]) -> int:
 
 def _keep_logs(engine: object, settings: Settings, run_id: str) -> None:
     """Each step's log as this driver wrote it, to the parent MLflow run (its folder goes)."""
-    from scanflow.engine.local import LocalEngine
-
     assert isinstance(engine, LocalEngine)
     run = engine.store.get_run(run_id)
     if run is None or not run.mlflow_run_id:

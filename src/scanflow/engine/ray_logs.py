@@ -22,7 +22,8 @@ from typing import Any
 
 import httpx
 
-from scanflow.engine.ray_task import LOGS_DIR, PLACEMENTS
+from scanflow.engine.ray_address import probe
+from scanflow.engine.ray_task import LOGS_DIR, PLACEMENTS, live_log_name
 
 CONNECT_TIMEOUT = 5.0  # seconds to reach the dashboard
 
@@ -110,12 +111,10 @@ class RayLiveLogs:
             from ray._raylet import GcsClient  # type: ignore[attr-defined]  # lazy: ray
             from ray.dashboard.utils import ray_address_to_api_server_url  # lazy: ray
 
-            from scanflow.engine.ray_backend import _probe  # lazy: ray_backend imports the engine
-
             if self.address.startswith("ray://"):
                 raise ValueError("a ray:// client address does not reach the GCS; set "
                                  "SCANFLOW_RAY_ADDRESS to the head's host:port (6379)")
-            _probe(self.address)
+            probe(self.address)
             address = services.canonicalize_bootstrap_address_or_die(self.address)
             self._url = ray_address_to_api_server_url(address)
             self._gcs = GcsClient(address=address)
@@ -142,8 +141,6 @@ class RayLiveLogs:
         return found
 
     def open(self, run_id: str, step: str, attempt: int, node_id: str) -> LiveStream | None:
-        from scanflow.engine.ray_task import live_log_name
-
         if not self._connect():
             return None
         assert self._url is not None

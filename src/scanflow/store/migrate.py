@@ -28,7 +28,7 @@ from scanflow.store.db import make_engine
 log = logging.getLogger("scanflow.store")
 
 BASELINE = "0001_baseline"  # the schema at commit 15096dd
-HEAD = "0001_baseline"  # the newest revision: tests/store/test_migrations.py checks it is Alembic's head
+HEAD = "0002_run_owner"  # the newest revision: tests/store/test_migrations.py checks it is Alembic's head
 SCRIPT_LOCATION = "scanflow.store:migrations"
 # Not Alembic's default `alembic_version`: MLflow keeps its own there, and one PostgreSQL database
 # may well hold both the MLflow tables and the store.
