@@ -32,6 +32,11 @@ class Settings(BaseSettings):
     store_wait: float = Field(default=120.0, ge=0.0, description="seconds a process waits for its "
                               "PostgreSQL store when it stops answering (restarting, failing "
                               "over) before its next connection fails; 0: fail at once")
+    ray_python: str = Field(default="python", description="the Python, with scanflow installed, that "
+                            "runs a detached run's driver on the Ray cluster's head (`run --detach`)")
+    run_stale_after: float = Field(
+        default=60.0, gt=0, description="seconds without a heartbeat after which a running run whose "
+        "driver is on another host counts as dead (`recover()` marks it interrupted)")
     concurrency: int = Field(default=2, ge=1, description="max steps run at once by the engine")
     host: str = Field(default="127.0.0.1", description="address services bind to")
     max_cpus: float | None = Field(default=None, description="CPUs steps may use [all]")
@@ -104,8 +109,10 @@ class Settings(BaseSettings):
             "SCANFLOW_TRACKING_URI": self.tracking,
             "SCANFLOW_BACKEND": self.backend,
             "SCANFLOW_RAY_ADDRESS": self.ray_address,
+            "SCANFLOW_RAY_PYTHON": self.ray_python,
             "SCANFLOW_CONCURRENCY": str(self.concurrency),
             "SCANFLOW_STORE_WAIT": str(self.store_wait),
+            "SCANFLOW_RUN_STALE_AFTER": str(self.run_stale_after),
             "SCANFLOW_HOST": self.host,
             "SCANFLOW_AGENT_MAX_ATTEMPTS": str(self.agent_max_attempts),
             "SCANFLOW_AGENT_RETRY_BACKOFF": str(self.agent_retry_backoff),

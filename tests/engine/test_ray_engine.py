@@ -7,6 +7,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 import textwrap
 import threading
@@ -21,9 +23,10 @@ from scanflow.cli.main import app as cli_app
 from scanflow.control import backends
 from scanflow.engine import LocalEngine
 from scanflow.procs import pid_alive
-from scanflow.settings import Settings
+from scanflow.settings import Settings, get_settings
 from scanflow.spec import load_application
 from scanflow.store import Store
+from scanflow.store.store import TERMINAL
 from scanflow.tracking import MlflowTracker
 from support.mlflow_server import mlflow_server
 from support.ray_cluster import ray_cluster
@@ -108,6 +111,17 @@ while not os.path.exists(a.flag):
 print("released")
 '''
 
+TALKER = '''
+import argparse, os, time
+p = argparse.ArgumentParser()
+p.add_argument("--flag")
+a = p.parse_args()
+print("first line from the node", flush=True)
+while not os.path.exists(a.flag):
+    time.sleep(0.1)
+print("second line")
+'''
+
 READDATA = '''
 import argparse, os
 p = argparse.ArgumentParser()
@@ -152,6 +166,9 @@ workflows:
       - {name: produce, run: "python produce.py", outputs: [out]}
       - {name: hold, run: "python hold.py", after: [produce],
          params: {flag: {type: str}, pids: {type: str}}}
+  talk:
+    steps:
+      - {name: talk, run: "python talker.py", params: {flag: {type: str}}, resources: {custom: {node_b: 1}}}
   withdata:
     steps:
       - {name: read, run: "python readdata.py", params: {data: {type: path}}}
@@ -166,7 +183,7 @@ workflows:
 def cluster() -> Iterator[Any]:
     """Head + 2 worker nodes of 1 CPU; `node_a` / `node_b` force a step onto one worker,
     `spare` onto either."""
-    with ray_cluster([{"node_a": 1, "spare": 1}, {"node_b": 1, "spare": 1}]) as c:
+    with ray_cluster([{"node_a": 1, "spare": 1}, {"node_b": 1, "spare": 1}], dashboard=True) as c:
         yield c
 
 
@@ -192,6 +209,7 @@ def spec(tmp_path: Path) -> Path:
     (d / "gate.py").write_text(textwrap.dedent(GATE))
     (d / "sleeper.py").write_text(textwrap.dedent(SLEEPER))
     (d / "survivor.py").write_text(textwrap.dedent(SURVIVOR))
+    (d / "talker.py").write_text(textwrap.dedent(TALKER))
     (d / "readdata.py").write_text(textwrap.dedent(READDATA))
     (d / "hold.py").write_text(textwrap.dedent(HOLD))
     (d / "scanflow.yaml").write_text(SPEC)
@@ -312,6 +330,100 @@ def test_cancel_kills_the_steps_process_tree_on_its_node(
     wait_for(lambda: "res" in done, timeout=30, what="the run settled after cancel")
     assert done["res"].status == "cancelled" and done["res"].steps == {"sleep": "cancelled"}
     wait_for(lambda: not pid_alive(grandchild), timeout=15, what="the step's child process killed")
+
+def test_logs_follow_streams_a_running_steps_log_from_its_node(
+        ray_settings: Settings, spec: Path, tmp_path: Path) -> None:
+    """`scanflow logs RUN STEP --follow` (another process) shows what the step printed on its
+    node while it still runs, then the rest from the driver's copy, each line once."""
+    engine = backends.engine(ray_settings, Store(ray_settings.store))
+    flag = tmp_path / "go-on"
+    run_id = engine.submit(load_application(spec), "talk", {"flag": str(flag)}, status="running")
+    done: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: done.update(res=engine.execute(run_id)), daemon=True)
+    t.start()
+    follower = subprocess.Popen([sys.executable, "-m", "scanflow.cli.main", "logs", run_id, "talk",
+                                 "--follow"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env=dict(os.environ))
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(follower.stdout.readline, "")),  # type: ignore[union-attr]
+                              daemon=True)
+    reader.start()
+    try:
+        wait_for(lambda: "first line from the node\n" in lines, timeout=60,
+                 what="the step's first line seen by `scanflow logs --follow`")
+        assert "res" not in done and not flag.exists()  # the step still runs: it waits for the flag
+        assert any(f"running on Ray node {node_with('node_b')[:12]} (live)" in ln for ln in lines)
+        flag.touch()
+        assert follower.wait(timeout=60) == 0, follower.stderr.read()  # type: ignore[union-attr]
+        reader.join(timeout=10)
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+    wait_for(lambda: "res" in done, timeout=30, what="the run settled")
+    assert done["res"].ok, done["res"].error
+    text = "".join(lines)
+    assert text.count("first line from the node") == 1 and text.count("second line") == 1, text
+    assert text.index("first line") < text.index("--- attempt 1 on Ray node")  # its end, from the driver
+
+
+def _detach(settings: Settings, *args: str) -> str:
+    res = CliRunner().invoke(cli_app, ["--workspace", str(settings.root), "run", *args, "--detach"])
+    assert res.exit_code == 0, res.output
+    return res.stdout.splitlines()[0].strip()
+
+
+def _shown(settings: Settings, run_id: str) -> dict[str, Any]:
+    code, out = cli(settings, "runs", "show", run_id, "--json")
+    assert code == 0, out
+    return dict(json.loads(out))
+
+
+def test_a_detached_run_runs_on_the_cluster_and_is_seen_from_the_submitting_shell(
+        ray_settings: Settings, spec: Path) -> None:
+    """`run --detach` returns the run's id at once; a Ray job runs its driver; `runs show` and
+    `logs` (read from MLflow: the driver's folder is the job's) see it from here."""
+    run_id = _detach(ray_settings, str(spec), "hop")
+    shown = wait_for(lambda: (r := _shown(ray_settings, run_id))["status"] in TERMINAL and r,
+                     timeout=120, interval=0.5, what="the detached run ended")
+    assert shown["status"] == "succeeded", shown
+    assert {s["step"]: s["status"] for s in shown["steps"]} == {"produce": "succeeded",
+                                                                "consume": "succeeded"}
+    assert shown["trigger"] == {"by": "user", "detached": True}
+    code, out = cli(ray_settings, "runs", "list")
+    assert code == 0 and f"{run_id[:12]}" in out and "succeeded" in out
+    code, log = cli(ray_settings, "logs", run_id, "consume")
+    assert code == 0 and "consumed" in log and f"on Ray node {node_with('node_b')[:12]}" in log, log
+    from ray.dashboard.utils import ray_address_to_api_server_url
+    from ray.job_submission import JobSubmissionClient
+
+    jobs = JobSubmissionClient(ray_address_to_api_server_url(ray_settings.ray_address))
+    wait_for(lambda: jobs.get_job_status(f"scanflow-{run_id}") == "SUCCEEDED", timeout=60,
+             interval=0.5, what="its Ray job ended (after keeping the driver's logs in MLflow)")
+
+
+def test_a_detached_run_is_cancelled_from_the_submitting_shell(
+        ray_settings: Settings, spec: Path, tmp_path: Path) -> None:
+    pids_file = tmp_path / "pids"
+    run_id = _detach(ray_settings, str(spec), "sleepy", "-p", f"pids={pids_file}")
+    grandchild = int(wait_for(lambda: pids_file.exists() and pids_file.read_text().strip(),
+                              timeout=90, what="the detached run's step started on a node"))
+    code, out = cli(ray_settings, "cancel", run_id)
+    assert code == 0 and "cancelling" in out, out
+    shown = wait_for(lambda: (r := _shown(ray_settings, run_id))["status"] in TERMINAL and r,
+                     timeout=60, interval=0.5, what="the detached run settled after cancel")
+    assert shown["status"] == "cancelled" and shown["steps"][0]["status"] == "cancelled", shown
+    wait_for(lambda: not pid_alive(grandchild), timeout=15, what="the step's child process killed")
+
+
+def test_detach_on_the_local_backend_is_refused_with_exit_2(spec: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SCANFLOW_BACKEND", "local")
+    monkeypatch.setenv("SCANFLOW_WORKSPACE", str(tmp_path / "local-ws"))
+    get_settings.cache_clear()
+    res = CliRunner().invoke(cli_app, ["run", str(spec), "hop", "--detach"])
+    assert res.exit_code == 2 and "set SCANFLOW_BACKEND=ray" in res.output, res.output
+    assert "Traceback" not in res.output
+
 
 def _ppid(pid: int) -> int:
     stat = Path(f"/proc/{pid}/stat").read_text()

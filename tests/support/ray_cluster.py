@@ -4,6 +4,8 @@ tests do), joined by this process, and the settings of a person running scanflow
 from __future__ import annotations
 
 import shutil
+import socket
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,16 +17,27 @@ import pytest
 from scanflow.settings import Settings, get_settings
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 @contextmanager
-def ray_cluster(workers: list[dict[str, float]]) -> Iterator[Any]:
+def ray_cluster(workers: list[dict[str, float]], dashboard: bool = False) -> Iterator[Any]:
     """A 1-CPU head plus one 1-CPU worker node per entry of `workers` (its custom resources);
-    stopped, with the app folders its nodes unpacked, when the block ends."""
+    stopped, with the app folders its nodes unpacked, when the block ends. `dashboard`: with
+    Ray's dashboard (its log and jobs APIs) on free ports of 127.0.0.1, not another cluster's."""
     import ray
     from ray.cluster_utils import Cluster
 
     apps = Path(tempfile.gettempdir()) / "scanflow-apps"  # where nodes unpack app folders
     before = set(apps.iterdir()) if apps.is_dir() else set()
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    head: dict[str, Any] = {"num_cpus": 1, "include_dashboard": dashboard}
+    if dashboard:
+        head.update(dashboard_host="127.0.0.1", dashboard_port=_free_port(),
+                    dashboard_agent_listen_port=_free_port())
+    c = Cluster(initialize_head=True, head_node_args=head)
     try:
         for resources in workers:
             c.add_node(num_cpus=1, resources=resources)
@@ -59,7 +72,8 @@ def ray_settings(address: str, tracking: str, store_url: str, workspace: Path,
                  monkeypatch: pytest.MonkeyPatch) -> Settings:
     """SCANFLOW_BACKEND=ray and its shared state, in the environment (the CLI reads it too)."""
     env = {"SCANFLOW_BACKEND": "ray", "SCANFLOW_STORE_URL": store_url, "SCANFLOW_TRACKING_URI": tracking,
-           "SCANFLOW_RAY_ADDRESS": address, "SCANFLOW_WORKSPACE": str(workspace)}
+           "SCANFLOW_RAY_ADDRESS": address, "SCANFLOW_WORKSPACE": str(workspace),
+           "SCANFLOW_RAY_PYTHON": sys.executable}  # runs a detached run's driver (same machine)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     get_settings.cache_clear()

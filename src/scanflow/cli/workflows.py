@@ -40,8 +40,11 @@ def run(
         list[str] | None, typer.Option("--param", "-p", help="name=value or step.name=value")
     ] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="re-execute every step")] = False,
+    detach: Annotated[bool, typer.Option("--detach", help="ray backend: submit the run to the "
+                                         "cluster (a Ray job runs its driver), print its id, return")]
+    = False,
 ) -> None:
-    """Run a workflow in the foreground, with progress."""
+    """Run a workflow in the foreground, with progress (or on the cluster, with --detach)."""
     from scanflow.engine import ParamError  # lazy: the engine (SQLAlchemy, MLflow)
     from scanflow.engine.params import parse_assignments, resolve_params  # lazy: the engine
 
@@ -54,12 +57,46 @@ def run(
     except ParamError as exc:
         fail(str(exc))
     settings, store = context()
+    if detach:
+        _detach(settings, store, spec, workflow, params, not no_cache)
+        return
     engine = build_engine(settings, store)
     try:
         run_id = engine.submit(spec, workflow, params, cache=not no_cache, status="running")
     except ParamError as exc:
         fail(str(exc))
     _follow_run(engine, run_id, spec, workflow, lambda progress: engine.execute(run_id, spec, progress))
+
+
+def _detach(settings: Any, store: Any, spec: Any, workflow: str, params: dict[str, Any],
+            cache: bool) -> None:
+    """Record the run as pending and submit its driver to the Ray cluster as a job; print its id."""
+    from scanflow.engine import ParamError  # lazy: the engine
+
+    if settings.backend.strip().lower() != "ray":
+        fail("--detach runs the workflow's driver on a Ray cluster: set SCANFLOW_BACKEND=ray (on "
+             "the local backend, run it in the background: `nohup scanflow run ... &`)")
+    from scanflow.engine.ray_jobs import dashboard_url, submit  # lazy: ray
+
+    try:
+        dashboard_url(settings.ray_address)  # refused before anything is recorded
+    except ValueError as exc:
+        fail(str(exc))
+    engine = build_engine(settings, store)
+    try:
+        run_id = engine.submit(spec, workflow, params, {"by": "user", "detached": True}, cache=cache,
+                               status="pending")
+    except ParamError as exc:
+        fail(str(exc))
+    try:
+        job = submit(spec, run_id, settings)
+    except Exception as exc:  # noqa: BLE001 - the run is recorded: say it failed to go, and why
+        store.update_run(run_id, status="failed", ended_at=time.time(),
+                         error=f"could not submit it to the Ray cluster: {exc}")
+        fail(f"run {run_id}: could not submit it to the Ray cluster: {exc}", code=1)
+    print(run_id)
+    err.print(f"submitted as Ray job {job}; follow it with `scanflow logs {run_id[:12]} --follow`, "
+              f"see it with `scanflow runs show {run_id[:12]}`", highlight=False)
 
 
 def _follow_run(engine: Any, run_id: str, spec: Any, workflow: str, go: Any) -> None:
@@ -169,12 +206,25 @@ def logs(
     from scanflow.engine.logs import step_logs  # lazy: the store (SQLAlchemy, ~0.5 s)
 
     settings, store = context()
+    live = remote = None
+    if settings.backend.strip().lower() == "ray":
+        from scanflow.engine.ray_logs import MlflowStepLogs, RayLiveLogs  # lazy: ray's clients
+        from scanflow.tracking import MlflowTracker  # lazy: MLflow (~1.5 s)
+
+        if follow:
+            live = RayLiveLogs(settings.ray_address)  # a running attempt's log, from its node
+        remote = MlflowStepLogs(MlflowTracker(settings))  # a detached run's, from MLflow
     try:
-        pieces = step_logs(store, settings.runs_dir, run_id, step, follow=follow)
+        pieces = step_logs(store, settings.runs_dir, run_id, step, follow=follow, live=live,
+                           remote=remote)
     except (KeyError, ValueError) as exc:
         fail(str(exc.args[0]) if exc.args else str(exc))
+    noted = False
     shown: set[str] = set()
     for name, text in pieces:
+        if live is not None and live.unavailable and not noted:
+            err.print(live.unavailable, markup=False, highlight=False)
+            noted = True
         if follow:  # interleaved pieces of several steps: each line says whose it is
             for line in text.splitlines():
                 sys.stdout.write(f"[{name}] {line}\n" if not step else line + "\n")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -39,6 +40,37 @@ from scanflow.tracking import MlflowTracker, Tracker
 from scanflow.tracking.base import TAG_APP, TAG_RUN, TAG_TEAM, TAG_WORKFLOW
 
 RESUMABLE = {"failed", "cancelled", "interrupted"}
+HEARTBEAT_EVERY = 10.0  # seconds between a running run's heartbeats (at most a quarter of stale_after)
+
+
+def this_host() -> str:
+    """The name a run's owner records for its host: pids mean something on their host only."""
+    return socket.gethostname()
+
+
+class Heartbeat:
+    """Says in the store, every few seconds, that a run's driver is alive (its own thread: a
+    long in-process step on the run loop's thread must not silence it)."""
+
+    def __init__(self, store: Store, run_id: str, every: float) -> None:
+        self.store, self.run_id, self.every = store, run_id, every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True, name=f"heartbeat-{run_id[:8]}")
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.every):
+            try:
+                self.store.update_run(self.run_id, heartbeat_at=time.time())
+            except Exception:  # noqa: BLE001 - the store away for a moment: beat again later
+                pass
 
 
 class LocalEngine(Engine):
@@ -122,7 +154,7 @@ class LocalEngine(Engine):
         if run is None:
             raise KeyError(f"no run {run_id!r}")
         if run.status in {"queued", "pending"} or (
-            run.status == "running" and not pid_alive(run.owner_pid)
+            run.status == "running" and (run.owner_pid is None or self._owner_gone(run) is not None)
         ):
             self.store.update_run(run.id, status="cancelled", ended_at=time.time(),
                                   error="cancelled before it ran")
@@ -132,14 +164,38 @@ class LocalEngine(Engine):
         self.store.update_run(run.id, cancel_requested=True)
         return "cancelling"
 
+    def _owner_gone(self, run: WorkflowRun) -> str | None:
+        """Why a running run's driver is dead, or None while it is alive (or never started).
+        On this host: its pid is gone. On another host (drivers on several machines share
+        the store): its heartbeat is older than `run_stale_after` — a pid here says nothing
+        about a process there. A run recorded before owners had hosts counts as this host's."""
+        if run.owner_pid is None:
+            return None
+        if run.owner_host in (None, this_host()):
+            if run.owner_pid == os.getpid() or pid_alive(run.owner_pid):
+                return None
+            return f"the engine process {run.owner_pid} died"
+        beat = run.heartbeat_at or run.started_at or run.created_at
+        silent = time.time() - beat
+        if silent <= self.settings.run_stale_after:
+            return None
+        return (f"the engine process {run.owner_pid} on {run.owner_host} stopped its heartbeat "
+                f"{silent:.0f}s ago")
+
     def recover(self) -> list[str]:
         """Mark runs whose engine process died as `interrupted`, from their journals: steps
-        that finished keep their outputs; steps that were running are killed and marked."""
+        that finished keep their outputs; steps that were running are killed and marked.
+        Only this host's dead drivers, and other hosts' silent ones (`_owner_gone`): a run
+        another machine's live driver owns is left alone."""
         found = []
         for run in self.store.list_runs(status=["running"], limit=10_000):
-            if run.owner_pid is None or run.owner_pid == os.getpid() or pid_alive(run.owner_pid):
+            why = self._owner_gone(run)
+            if why is None:
                 continue
+            # The journal and the step processes are on the owner's host: on another host the
+            # store's rows are what is known (its steps' processes died with it, or are its own).
             journal = replay(self.settings.runs_dir / run.id / "journal.jsonl")
+            here = run.owner_host in (None, this_host())
             rows = []
             ids = {s.step: s.id for s in self.store.list_steps(run.id)}
             for step, rec in journal.items():
@@ -147,7 +203,7 @@ class LocalEngine(Engine):
                     continue
                 status = rec["status"]
                 if status == "running":
-                    if rec.get("pgid") and pid_alive(rec.get("pid")):
+                    if here and rec.get("pgid") and pid_alive(rec.get("pid")):
                         kill_group(int(rec["pgid"]), grace=1.0)
                     status = "interrupted"
                 rows.append({"id": ids[step], "status": status,
@@ -162,7 +218,7 @@ class LocalEngine(Engine):
             self.store.update_steps(rows)
             self.store.update_run(
                 run.id, status="interrupted", ended_at=time.time(),
-                error=f"the engine process {run.owner_pid} died; `scanflow resume {run.id[:12]}`",
+                error=f"{why}; `scanflow resume {run.id[:12]}`",
             )
             if self.track and run.mlflow_run_id:
                 try:
@@ -237,8 +293,8 @@ class LocalEngine(Engine):
         exp, parent = self._open_tracking(app, run)
         started = time.time()
         self.store.update_run(run.id, status="running", started_at=run.started_at or started,
-                              mlflow_run_id=parent, owner_pid=os.getpid(), ended_at=None,
-                              error=None, cancel_requested=False)
+                              mlflow_run_id=parent, owner_pid=os.getpid(), owner_host=this_host(),
+                              heartbeat_at=started, ended_at=None, error=None, cancel_requested=False)
         st = RunState(app, run, run_dir, Journal(run_dir / "journal.jsonl"), exp, parent,
                       run.use_cache, threading.Event(), self._cache_index(run) if run.use_cache else {},
                       code_dir=stage(app, run_dir))
@@ -251,7 +307,8 @@ class LocalEngine(Engine):
         loop = RunLoop(self.store, self.runner, st, sched, step_ids=ids, values=values,
                        outputs=outputs, concurrency=self.concurrency, progress=progress,
                        cancel_requested=lambda: self._cancel_requested(run.id))
-        loop.run()
+        with Heartbeat(self.store, run.id, min(HEARTBEAT_EVERY, self.settings.run_stale_after / 4)):
+            loop.run()
         first_error = loop.first_error
         if st.cancel.is_set():
             final = "cancelled"

@@ -14,16 +14,18 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import socket
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from scanflow.engine.local import LocalEngine
+from scanflow.engine.logs import step_logs
+from scanflow.engine.ray_address import ClusterUnavailable, probe
+from scanflow.engine.ray_logs import MlflowStepLogs, RayLiveLogs
 from scanflow.engine.ray_task import (
     PLACEMENTS,
     URI_PREFIX,
@@ -49,10 +51,6 @@ FIT_CHECK = 5.0  # seconds between checks that some alive node still fits a wait
 PACKAGES_KEPT = 4  # app packages (one per run, <= 256 MiB) this driver keeps in the object store
 
 
-class ClusterUnavailable(ConnectionError):
-    """The Ray cluster at `SCANFLOW_RAY_ADDRESS` could not be joined."""
-
-
 def connect(address: str) -> None:
     """Join the cluster at `address` unless this process already did (quietly: the steps'
     output goes to their logs, not to this terminal)."""
@@ -64,7 +62,7 @@ def connect(address: str) -> None:
 
     if ray.is_initialized():
         return
-    _probe(address)
+    probe(address)
     try:
         ray.init(address=address, namespace="scanflow", logging_level=logging.WARNING,
                  log_to_driver=False)
@@ -72,24 +70,6 @@ def connect(address: str) -> None:
         raise ClusterUnavailable(
             f"cannot join the Ray cluster at {address!r} (SCANFLOW_RAY_ADDRESS): {exc}; start one "
             "with `ray start --head` or point SCANFLOW_RAY_ADDRESS at it") from exc
-
-
-def _probe(address: str, timeout: float = 3.0) -> None:
-    """Fail fast when nothing listens at a `host:port` address (Ray itself retries for
-    minutes); `auto` is left to Ray, which fails at once when no local cluster runs."""
-    if address in ("", "auto", "local"):
-        return
-    host, sep, port = address.removeprefix("ray://").rpartition(":")
-    if not sep or not port.isdigit():
-        raise ClusterUnavailable(f"SCANFLOW_RAY_ADDRESS {address!r} is not auto, host:port or "
-                                 "ray://host:port")
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
-    except OSError as exc:
-        raise ClusterUnavailable(
-            f"cannot join the Ray cluster at {address!r} (SCANFLOW_RAY_ADDRESS): nothing answers "
-            f"there ({exc.strerror or exc}); start one with `ray start --head` or point "
-            "SCANFLOW_RAY_ADDRESS at it") from exc
 
 
 def ray_request(res: StepResources) -> dict[str, float]:
@@ -328,6 +308,13 @@ class RayEngine(LocalEngine):
         connect(settings.ray_address)
         super().__init__(settings, store, tracker, concurrency, track=True, pool=pool)
         self.runner = RayStepRunner(self.settings, self.tracker, self.pool, True)
+
+    def logs(self, run_id: str, step: str | None = None, *, follow: bool = False,
+             poll: float = 0.3) -> Iterator[tuple[str, str]]:
+        """As the local engine's, and with `follow` a running attempt's log live from its node."""
+        live = RayLiveLogs(self.settings.ray_address) if follow else None
+        return step_logs(self.store, self.settings.runs_dir, run_id, step, follow=follow, poll=poll,
+                         live=live, remote=MlflowStepLogs(self.tracker))
 
     def _unfit(self, step: Step) -> str | None:
         return unfit(ray_request(step.resources), list(alive_nodes().values()))

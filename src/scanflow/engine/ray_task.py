@@ -96,6 +96,29 @@ class StepReport:
 
 
 PLACEMENTS = "scanflow-placements"  # Ray KV namespace: attempt key -> node id, while it runs
+LIVE_LOGS = "scanflow"  # under each node's Ray logs folder: the logs of the attempts running there
+
+
+def live_log_name(run_id: str, step: str, attempt: int) -> str:
+    """Where an attempt's log is on its node, relative to the node's Ray logs folder (what Ray's
+    log API takes as `filename`; `ray_logs` streams it from there)."""
+    return f"{LIVE_LOGS}/{run_id}/{step}.attempt-{attempt}.log"
+
+
+def node_log(job: StepJob, work: Path) -> Path:
+    """The attempt's log file, created empty under the node's Ray logs folder, where Ray's log
+    API can stream it to any reader; in `work` when this worker has no such folder."""
+    try:
+        import ray  # lazy: present on every node of a cluster that runs this task
+
+        node: Any = ray._private.worker.global_worker.node
+        base = Path(node.get_logs_dir_path())
+    except Exception:  # noqa: BLE001 - a private Ray API: without it there is no live log
+        return work / "step.log"
+    path = base / live_log_name(job.run_id, job.step.name, job.attempt)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+    return path
 
 
 def node_facts(placement_key: str) -> tuple[str, str, str]:
@@ -124,6 +147,12 @@ def pack_app(base_dir: Path, skip: list[Path], code: dict[str, Path] | None = No
     base = base_dir.resolve()
     skipped = {p.resolve() for p in skip}
     buf = io.BytesIO()
+    packed: set[str] = set()  # an app packed before (a detached run's) holds its _code/ already
+
+    def add(path: Path, name: str) -> None:
+        if name not in packed:
+            packed.add(name)
+            zf.write(path, name)
 
     def add_tree(top: Path, prefix: str) -> None:
         for root, dirs, files in os.walk(top):
@@ -131,7 +160,7 @@ def pack_app(base_dir: Path, skip: list[Path], code: dict[str, Path] | None = No
             for name in sorted(files):
                 if not name.endswith(".pyc"):
                     path = Path(root, name)
-                    zf.write(path, prefix + path.relative_to(top).as_posix())
+                    add(path, prefix + path.relative_to(top).as_posix())
             if buf.tell() > MAX_PACKAGE:
                 raise ValueError(f"the app folder {base} is over {MAX_PACKAGE // 2**20} MiB zipped; "
                                  "keep data in the artifact store, not next to the spec")
@@ -142,7 +171,7 @@ def pack_app(base_dir: Path, skip: list[Path], code: dict[str, Path] | None = No
             if path.is_dir():
                 add_tree(path, f"{CODE_DIR}/{path.name}/")
             else:
-                zf.write(path, f"{CODE_DIR}/{path.name}")
+                add(path, f"{CODE_DIR}/{path.name}")
     return buf.getvalue()
 
 
@@ -173,10 +202,10 @@ def run_job(job: StepJob, package: bytes) -> StepReport:
     outputs and the log."""
     from scanflow.tracking import MlflowTracker  # lazy: MLflow, loaded by the task only
 
+    work = Path(tempfile.mkdtemp(prefix=f"scanflow-{job.run_id[:12]}-{job.step.name}-"))
+    log_path = node_log(job, work)  # before the node is published: a reader finds the file
     node, host, _ = node_facts(job.placement_key)
     cwd = str(unpack_app(package))
-    work = Path(tempfile.mkdtemp(prefix=f"scanflow-{job.run_id[:12]}-{job.step.name}-"))
-    log_path = work / "step.log"
     try:
         settings = Settings(workspace=work / "ws", tracking_uri=job.tracking_uri,
                             registry_uri=job.registry_uri, store_url=job.store_url,
@@ -236,6 +265,12 @@ def run_job(job: StepJob, package: bytes) -> StepReport:
                           node, host, cwd, {"log_path": str(log_path)})
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        if not log_path.is_relative_to(work):  # kept by the driver and in MLflow from now on
+            log_path.unlink(missing_ok=True)
+            try:
+                log_path.parent.rmdir()
+            except OSError:
+                pass  # another step of the run still logs there
 
 
 def upload(tracker: Any, path: Path, uri: str) -> None:
@@ -247,5 +282,5 @@ def upload(tracker: Any, path: Path, uri: str) -> None:
         tracker.log_artifact(run_id, path, artifact.rsplit("/", 1)[0])
 
 
-__all__ = ["LOGS_DIR", "OUTPUTS_DIR", "PLACEMENTS", "StepJob", "StepReport", "output_uri", "pack_app",
-           "param_uri", "run_job", "split_uri", "unpack_app", "upload"]
+__all__ = ["LOGS_DIR", "OUTPUTS_DIR", "PLACEMENTS", "StepJob", "StepReport", "live_log_name",
+           "output_uri", "pack_app", "param_uri", "run_job", "split_uri", "unpack_app", "upload"]

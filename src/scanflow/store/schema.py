@@ -39,6 +39,8 @@ class WorkflowRun(Base):
     spec_path: Mapped[str | None] = mapped_column(Text)
     use_cache: Mapped[bool] = mapped_column(default=True)
     owner_pid: Mapped[int | None] = mapped_column(Integer)
+    owner_host: Mapped[str | None] = mapped_column(String(255))  # where owner_pid runs
+    heartbeat_at: Mapped[float | None] = mapped_column(Float)  # the owner's last sign of life
     cancel_requested: Mapped[bool] = mapped_column(default=False)
     created_at: Mapped[float] = mapped_column(Float, index=True)
     started_at: Mapped[float | None] = mapped_column(Float)
