@@ -676,7 +676,9 @@ def test_an_agent_actor_past_its_restart_limit_is_dead_until_started_again(
     (app / "parts.py").write_text(AGENT_PARTS)
     (app / "scanflow.yaml").write_text(AGENT_SPEC.replace("EFFECTS", str(tmp_path)))
     store = Store(ray_settings.store)
-    sup = AgentSupervisor(ray_settings.model_copy(update={"agent_restart_limit": 1}), store)
+    # a heartbeat 3 s old is stale: `dead` is shown within seconds of the second kill
+    sup = AgentSupervisor(ray_settings.model_copy(update={"agent_restart_limit": 1,
+                                                          "agent_stale_after": 3.0}), store)
     pid = sup.start(app, ["hanger"])["hanger"]
     try:
         os.kill(pid, signal.SIGKILL)
