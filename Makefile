@@ -40,10 +40,10 @@ typecheck: $(STAMP)
 
 test: $(STAMP) $(WHEEL)
 	$(MAKE) --no-print-directory typecheck
-	SCANFLOW_TEST_MNIST_DOWNLOADS=$(abspath $(WS)/downloads) $(BIN)/pytest -n 2 --dist loadfile --durations=15 tests
+	SCANFLOW_TEST_MNIST_DOWNLOADS=$(abspath $(WS)/downloads) $(BIN)/pytest -n 2 --dist loadfile --no-loadscope-reorder --durations=15 tests
 
 test-fast: $(STAMP)
-	$(BIN)/pytest -n 2 --dist loadfile -m "not slow" tests
+	$(BIN)/pytest -n 2 --dist loadfile --no-loadscope-reorder -m "not slow" tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests examples bench

@@ -18,6 +18,29 @@ from scanflow.store import Store  # noqa: E402
 PG_URL = os.environ.get("SCANFLOW_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
+TESTS = Path(__file__).resolve().parent
+# The longest files first. With `--dist loadfile` a file runs whole on one xdist worker; xdist
+# by default hands out files with the most tests first, so a one-test file that takes minutes
+# (the reduced MNIST loop) started last and kept one worker busy long after the other had
+# finished. `make test` passes `--no-loadscope-reorder`, so files go out in this order. Measured (`make test`'s
+# `--durations`): the reduced MNIST loop ~325 s, the Ray cluster module ~200 s, the `scanflow
+# init` app's loop ~150 s, the retrain study ~110 s; everything else well under a minute a file.
+LONGEST_FIRST = ("examples/test_e2e_mnist.py", "engine/test_ray_engine.py",
+                 "examples/test_init_app.py", "examples/test_mnist_retrain.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+
+    def key(item: pytest.Item) -> int:
+        try:
+            return rank.get(Path(str(item.path)).resolve().relative_to(TESTS).as_posix(), len(rank))
+        except ValueError:
+            return len(rank)
+
+    items.sort(key=key)  # stable: every other file keeps its place
+
+
 def _pg_available() -> bool:
     try:
         import psycopg
