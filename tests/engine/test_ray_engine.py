@@ -3,6 +3,7 @@ PostgreSQL store and a real `mlflow server --serve-artifacts` as the only shared
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -247,6 +248,12 @@ def test_two_steps_on_two_nodes_pass_their_output_through_mlflow(
     original = str(spec.parent / "hopshared.py")
     for shared in (got["shared"], got["consumer"]["shared"]):  # run: and call: steps alike
         assert shared[0] == "shared code" and shared[1] != original and "/_code/" in shared[1]
+    # the lineage holds each output's sha256, hashed on the node that wrote it
+    lineage = {e["step"]: e for e in json.loads(Path(MlflowTracker(ray_settings).download(
+        run.mlflow_run_id or "", "scanflow/steps.json", str(ray_settings.root / "dl2"))).read_text())}
+    dl = ray_settings.root / "dl" / "out"
+    assert lineage["consume"]["outputs"]["out"]["sha256"] == hashlib.sha256(dl.read_bytes()).hexdigest()
+    assert len(lineage["produce"]["outputs"]["out"]["sha256"] or "") == 64
 
     code, log = cli(ray_settings, "logs", run.id, "produce")
     assert code == 0 and "produced" in log and f"on Ray node {node_with('node_a')[:12]}" in log

@@ -361,8 +361,10 @@ class LocalEngine(Engine):
         for s in steps:
             rec = records.get(s.name)
             outs = {}
+            digests = (rec.output_digests if rec else None) or {}
             for k, p in outputs[s.name].items():
-                outs[k] = {"path": str(p), "sha256": file_digest(p) if p.exists() else None}
+                sha = digests.get(k) or (file_digest(p) if p.exists() else None)
+                outs[k] = {"path": str(p), "sha256": sha}
             ins = {local: ref for local, ref in s.inputs.items()}
             lineage.append({
                 "step": s.name, "status": status[s.name], "params": values[s.name],

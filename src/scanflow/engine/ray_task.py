@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from scanflow.engine.cache import file_digest
 from scanflow.engine.journal import Journal, replay
 from scanflow.engine.resources import ResourcePool
 from scanflow.engine.steps import Outcome, RunState, StepRunner
@@ -221,6 +222,7 @@ def run_job(job: StepJob, package: bytes) -> StepReport:
             params[name] = tracker.download(run_id, path, str(work / "params" / name))
         (work / "out").mkdir()
         outputs = {name: work / "out" / name for name in job.outputs}
+        digests: dict[str, str] = {}
         app = job.app.model_copy(update={"base_dir": Path(cwd), "code_paths": shipped_code(job.app)})
         importable(app)  # its code_paths, for a `call:` step (a `run:` step: PYTHONPATH, below)
         st = RunState(app, WorkflowRun(id=job.run_id), work, Journal(work / "journal.jsonl"),
@@ -257,12 +259,13 @@ def run_job(job: StepJob, package: bytes) -> StepReport:
                               f"step {job.step.name} did not write its declared outputs {missing}")
             else:
                 for name, p in outputs.items():
+                    digests[name] = file_digest(p)  # for the run's lineage: the bytes uploaded
                     upload(tracker, p, job.outputs[name])
         log = log_path.read_text(errors="replace") if log_path.exists() else ""
         if log:
             tracker.log_text(job.parent, log, f"{LOGS_DIR}/{job.step.name}/attempt-{job.attempt}.log")
         return StepReport(out.status, out.exit_code, out.error, out.timed_out, out.exception, log,
-                          node, host, cwd, {"log_path": str(log_path)})
+                          node, host, cwd, {"log_path": str(log_path), "digests": digests})
     finally:
         shutil.rmtree(work, ignore_errors=True)
         if not log_path.is_relative_to(work):  # kept by the driver and in MLflow from now on
