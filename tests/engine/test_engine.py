@@ -200,6 +200,13 @@ def test_runs_are_tracked_in_mlflow(app, settings: Settings, store: Store) -> No
     assert lineage["script"]["mlflow_run_id"] == script.info.run_id
     # MLflow artifacts stay in the workspace.
     assert parent.info.artifact_uri.startswith(settings.artifacts.as_uri())
+    # Child runs are made ahead of their steps and closed behind them: every one is closed when
+    # the run returns, and a run whose steps all come from the cache keeps none of them.
+    assert {r.info.status for r in children} == {"FINISHED"}
+    again = LocalEngine(settings, store).run(app, "mixed", {"code": 0, "script.words": "hi"})
+    assert again.ok and set(again.steps.values()) == {"cached"}, again.steps
+    assert client.search_runs([parent.info.experiment_id],
+                              f"tags.mlflow.parentRunId = '{again.mlflow_run_id}'") == []
 
 
 def test_bad_params_are_refused_before_anything_runs(app, backend: Backend) -> None:  # type: ignore[no-untyped-def]

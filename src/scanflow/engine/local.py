@@ -28,7 +28,7 @@ from scanflow.engine.logs import step_logs
 from scanflow.engine.loop import RunLoop
 from scanflow.engine.params import ParamError, resolve_params
 from scanflow.engine.resources import ResourcePool, default_pool
-from scanflow.engine.steps import Outcome, RunState, StepRunner
+from scanflow.engine.steps import ChildRuns, Outcome, RunState, StepRunner, child_tags
 from scanflow.procs import kill_group, pid_alive
 from scanflow.settings import Settings
 from scanflow.spec.code import stage
@@ -303,12 +303,21 @@ class LocalEngine(Engine):
         }
         for name, outs in done.items():
             outputs[name] = {k: Path(v) for k, v in outs.items()}
+        if self.track and exp and parent:  # `run:` steps' child runs, made ahead in step order
+            # (a `call:` step makes its child run only if it logs something: not ahead)
+            st.children = ChildRuns(self.tracker, exp, parent,
+                                    [(s.name, child_tags(st, s.name), values[s.name])
+                                     for s in wf.steps if s.name not in done and s.run is not None])
         sched = Scheduler(wf, done)
         loop = RunLoop(self.store, self.runner, st, sched, step_ids=ids, values=values,
                        outputs=outputs, concurrency=self.concurrency, progress=progress,
                        cancel_requested=lambda: self._cancel_requested(run.id))
-        with Heartbeat(self.store, run.id, min(HEARTBEAT_EVERY, self.settings.run_stale_after / 4)):
-            loop.run()
+        try:
+            with Heartbeat(self.store, run.id, min(HEARTBEAT_EVERY, self.settings.run_stale_after / 4)):
+                loop.run()
+        finally:
+            if st.children is not None:
+                st.children.close()  # every child run ended, the unused ones deleted
         first_error = loop.first_error
         if st.cancel.is_set():
             final = "cancelled"

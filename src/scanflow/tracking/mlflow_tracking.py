@@ -153,6 +153,9 @@ class MlflowTracker:
         }
         self.client.set_terminated(run_id, RunStatus.to_string(mapping.get(status, RunStatus.FAILED)))
 
+    def delete_run(self, run_id: str) -> None:
+        self.client.delete_run(run_id)
+
     def run_metrics(self, run_id: str) -> dict[str, float]:
         return dict(self.client.get_run(run_id).data.metrics)
 
