@@ -128,9 +128,10 @@ def predict(net: nn.Module, x: np.ndarray, batch: int = 2000) -> np.ndarray:
     return np.concatenate(out)
 
 
-def train_champion(variant: str, x: np.ndarray, y: np.ndarray, epochs: int, cache: Path | None
-                   ) -> tuple[SmallCNN, float]:
+def train_champion(variant: str, x: np.ndarray, y: np.ndarray, epochs: int, seed: int,
+                   cache: Path | None) -> tuple[SmallCNN, float]:
     """The champion and its training seconds (from the cache file when one was written)."""
+    torch.manual_seed(seed)
     net = SmallCNN(bn=variant.startswith("bn"))
     if cache is not None and cache.exists():
         saved = torch.load(cache, weights_only=True)
@@ -138,7 +139,7 @@ def train_champion(variant: str, x: np.ndarray, y: np.ndarray, epochs: int, cach
         net.eval()
         return net, float(saved["seconds"])
     t0 = time.perf_counter()
-    fit(net, x, y, epochs, 1e-3, seed=0, augment=0.5 if variant.endswith("aug") else 0.0)
+    fit(net, x, y, epochs, 1e-3, seed=seed, augment=0.5 if variant.endswith("aug") else 0.0)
     seconds = time.perf_counter() - t0
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -286,8 +287,9 @@ def serving(net: SmallCNN, x_train: np.ndarray, y_train: np.ndarray, x_test: np.
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workspace", type=Path, default=Path("workspace"))
-    parser.add_argument("--champion", default="plain", choices=CHAMPIONS)
+    parser.add_argument("--champion", default="bn", choices=CHAMPIONS)
     parser.add_argument("--champion-epochs", type=int, default=2)
+    parser.add_argument("--champion-seed", type=int, default=0)
     parser.add_argument("--cache", type=Path, default=None,
                         help="champion weights file: loaded when it exists, else written")
     parser.add_argument("--corruptions", nargs="*", default=list(CORRUPTIONS), choices=sorted(CORRUPTIONS))
@@ -297,7 +299,7 @@ def main() -> None:
     parser.add_argument("--unlabelled", type=int, default=1000, help="drifted inputs for adabn")
     parser.add_argument("--clean-subset", type=int, default=6000)
     parser.add_argument("--oversample", type=int, default=5)
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--head-epochs", type=int, default=10)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--ft-augment", type=float, default=0.0,
@@ -305,6 +307,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--draws", type=int, default=200, help="150-row holdouts per gate estimate")
     parser.add_argument("--no-sequence", action="store_true", help="skip brightness -> fog")
+    parser.add_argument("--sequence-recipe", default="ft", choices=[r for r in RECIPES if r != "adabn"])
+    parser.add_argument("--after", default="", choices=["", *sorted(CORRUPTIONS)],
+                        help="the table's starting model: the champion adapted (ft) to this corruption "
+                             "first, as the demo's second corruption finds it")
     parser.add_argument("--calls", type=int, default=1000, help="predict calls per latency figure")
     parser.add_argument("--no-serving", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
@@ -312,7 +318,8 @@ def main() -> None:
     torch.set_num_threads(1)  # the other core is someone else's
 
     x_train, y_train, x_test, y_test = load_mnist(args.workspace)
-    champion, train_s = train_champion(args.champion, x_train, y_train, args.champion_epochs, args.cache)
+    champion, train_s = train_champion(args.champion, x_train, y_train, args.champion_epochs,
+                                       args.champion_seed, args.cache)
     champ_clean = predict(champion, x_test) == y_test
     clean_acc = float(champ_clean.mean())
     print(f"champion CNN ({args.champion}, {args.champion_epochs} epochs): clean test accuracy "
@@ -321,13 +328,20 @@ def main() -> None:
                               "champion_train_s": train_s, "rows": [],
                               "args": {k: (str(v) if isinstance(v, Path) else v)
                                        for k, v in vars(args).items()}}
+    start, start_clean = champion, champ_clean
+    if args.after:
+        first_x, first_y = labelled(x_train, y_train, args.after, args.severity, args.labels, 99)
+        start = adapt(args.sequence_recipe, champion, x_train, y_train, first_x, first_y, first_x, args, 99)
+        start_clean = predict(start, x_test) == y_test
+        print(f"the table starts from the champion adapted to {args.after}-{args.severity}: clean "
+              f"{start_clean.mean():.4f}", flush=True)
     print("| corruption | recipe | before | after (min-max) | clean after | fit s | "
           "discordant cand/champ of 150 | McNemar pass | gate pass |")
     for name in args.corruptions:
         stream = corrupt(x_test, name, args.severity, seed=TEST_SEED)
-        champ_new = predict(champion, stream) == y_test
+        champ_new = predict(start, stream) == y_test
         for recipe in args.recipes:
-            if recipe == "adabn" and not has_bn(champion):
+            if recipe == "adabn" and not has_bn(start):
                 continue
             drift, clean, secs, gates = [], [], [], []
             for seed in range(args.seeds):
@@ -335,13 +349,13 @@ def main() -> None:
                 unl = np.random.default_rng(200 + seed).choice(len(y_train), args.unlabelled, replace=False)
                 unlabelled = corrupt(x_train[unl], name, args.severity, seed=UNLABELLED_SEED + seed)
                 t0 = time.perf_counter()
-                model = adapt(recipe, champion, x_train, y_train, new_x, new_y, unlabelled, args, seed)
+                model = adapt(recipe, start, x_train, y_train, new_x, new_y, unlabelled, args, seed)
                 secs.append(time.perf_counter() - t0)
                 cand_new = predict(model, stream) == y_test
                 cand_clean = predict(model, x_test) == y_test
                 drift.append(float(cand_new.mean()))
                 clean.append(float(cand_clean.mean()))
-                gates.append(gate_estimate(cand_new, champ_new, cand_clean, champ_clean, args.draws, seed))
+                gates.append(gate_estimate(cand_new, champ_new, cand_clean, start_clean, args.draws, seed))
             gate = {k: float(np.mean([g[k] for g in gates])) for k in gates[0]}
             row = {"corruption": name, "recipe": recipe, "before": float(champ_new.mean()),
                    "after": float(np.mean(drift)), "after_min": min(drift), "after_max": max(drift),
@@ -355,7 +369,7 @@ def main() -> None:
     if not args.no_sequence:
         # the demo: brightness first (the labels of explore_adaptation's --after draw), then fog
         first_x, first_y = labelled(x_train, y_train, "brightness", 2, args.labels, 99)
-        after_b = adapt("ft", champion, x_train, y_train, first_x, first_y, first_x, args, 99)
+        after_b = adapt(args.sequence_recipe, champion, x_train, y_train, first_x, first_y, first_x, args, 99)
         b_stream = corrupt(x_test, "brightness", 2, seed=TEST_SEED)
         b_new, c_new = predict(after_b, b_stream) == y_test, predict(champion, b_stream) == y_test
         b_clean = predict(after_b, x_test) == y_test
@@ -368,7 +382,7 @@ def main() -> None:
         for seed in range(args.seeds):
             new_x, new_y = labelled(x_train, y_train, "fog", 2, args.labels, seed)
             t0 = time.perf_counter()
-            cand = adapt("ft", after_b, x_train, y_train, new_x, new_y, new_x, args, seed)
+            cand = adapt(args.sequence_recipe, after_b, x_train, y_train, new_x, new_y, new_x, args, seed)
             secs = time.perf_counter() - t0
             f_new, f_clean = predict(cand, fog) == y_test, predict(cand, x_test) == y_test
             runs.append({"after": float(f_new.mean()), "clean_after": float(f_clean.mean()), "fit_s": secs,
