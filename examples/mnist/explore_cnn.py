@@ -308,6 +308,7 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=200, help="150-row holdouts per gate estimate")
     parser.add_argument("--no-sequence", action="store_true", help="skip brightness -> fog")
     parser.add_argument("--sequence-recipe", default="ft", choices=[r for r in RECIPES if r != "adabn"])
+    parser.add_argument("--after-severity", type=int, default=0, help="of --after (0: --severity)")
     parser.add_argument("--after", default="", choices=["", *sorted(CORRUPTIONS)],
                         help="the table's starting model: the champion adapted (ft) to this corruption "
                              "first, as the demo's second corruption finds it")
@@ -330,10 +331,11 @@ def main() -> None:
                                        for k, v in vars(args).items()}}
     start, start_clean = champion, champ_clean
     if args.after:
-        first_x, first_y = labelled(x_train, y_train, args.after, args.severity, args.labels, 99)
+        after_sev = args.after_severity or args.severity
+        first_x, first_y = labelled(x_train, y_train, args.after, after_sev, args.labels, 99)
         start = adapt(args.sequence_recipe, champion, x_train, y_train, first_x, first_y, first_x, args, 99)
         start_clean = predict(start, x_test) == y_test
-        print(f"the table starts from the champion adapted to {args.after}-{args.severity}: clean "
+        print(f"the table starts from the champion adapted to {args.after}-{after_sev}: clean "
               f"{start_clean.mean():.4f}", flush=True)
     print("| corruption | recipe | before | after (min-max) | clean after | fit s | "
           "discordant cand/champ of 150 | McNemar pass | gate pass |")
