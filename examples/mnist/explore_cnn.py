@@ -10,7 +10,8 @@ few seconds of fit. It measures:
 
 1. a champion CNN trained on the 60k clean training digits (``--champion``: ``plain``;
    ``bn``, with BatchNorm after each conv; ``aug``/``bn-aug``, a share of each epoch shown as a
-   light geometric view from ``mnist_common.augmented_views``, no photometric part): its clean
+   light geometric view from ``mnist_common.augmented_views``, no photometric part; default
+   ``bn``): its clean
    test accuracy and training seconds;
 2. for each corruption at ``--severity``: its accuracy on all 10k corrupted test digits, then
    after each ``--recipes`` adaptation on ``--labels`` labelled corrupted *training* digits
@@ -26,7 +27,8 @@ few seconds of fit. It measures:
    - ``adabn`` (BatchNorm champions): no labels, the BatchNorm statistics re-estimated on
      ``--unlabelled`` drifted inputs;
 3. the demo's sequence: the champion adapted (``ft``) to brightness-2, then that model on fog-2
-   before and after adapting to 350 fog labels, each step's gate estimate;
+   before and after adapting to 350 fog labels, each step's gate estimate (``--after NAME`` runs
+   the whole table from the champion adapted to NAME first: which second corruption still hurts);
 4. serving cost: one-row and 32-row ``predict`` latency (one thread, ``--calls`` calls) of the
    CNN (numpy row in, label out) and of the sklearn MLP(128) pipeline (``build_model``).
 
