@@ -11,8 +11,7 @@ few seconds of fit. It measures:
 1. a champion CNN trained on the 60k clean training digits (``--champion``: ``plain``;
    ``bn``, with BatchNorm after each conv; ``aug``/``bn-aug``, a share of each epoch shown as a
    light geometric view from ``mnist_common.augmented_views``, no photometric part; default
-   ``bn``): its clean
-   test accuracy and training seconds;
+   ``bn``): its clean test accuracy and training seconds;
 2. for each corruption at ``--severity``: its accuracy on all 10k corrupted test digits, then
    after each ``--recipes`` adaptation on ``--labels`` labelled corrupted *training* digits
    (accuracy on the 10k corrupted and the 10k clean test digits, fit seconds), with the
