@@ -303,11 +303,11 @@ class LocalEngine(Engine):
         }
         for name, outs in done.items():
             outputs[name] = {k: Path(v) for k, v in outs.items()}
-        if self.track and exp and parent:  # `run:` steps' child runs, made ahead in step order
-            # (a `call:` step makes its child run only if it logs something: not ahead)
+        if self.track and exp and parent:  # the steps' child runs, made ahead in step order
             st.children = ChildRuns(self.tracker, exp, parent,
                                     [(s.name, child_tags(st, s.name), values[s.name])
-                                     for s in wf.steps if s.name not in done and s.run is not None])
+                                     for s in wf.steps
+                                     if s.name not in done and self.runner.child_run_at_start(s)])
         sched = Scheduler(wf, done)
         loop = RunLoop(self.store, self.runner, st, sched, step_ids=ids, values=values,
                        outputs=outputs, concurrency=self.concurrency, progress=progress,

@@ -190,6 +190,10 @@ class RayStepRunner(StepRunner):
         # it (a cached upstream keeps its first run's URI, so downstream keys still match).
         return {k: str(p) for k, p in inputs.items()}
 
+    def child_run_at_start(self, step: Step) -> bool:
+        """Every step on the cluster gets its child run's id with its task (`StepJob.child`)."""
+        return True
+
     def missing_outputs(self, outputs: dict[str, Path]) -> list[str]:
         return []  # checked on the node, before the outputs are uploaded
 

@@ -169,6 +169,11 @@ class StepRunner:
         """What a step's inputs are, for its cache key: their content's digest."""
         return {k: file_digest(p) for k, p in inputs.items()}
 
+    def child_run_at_start(self, step: Step) -> bool:
+        """Whether `step` always needs its MLflow child run when it starts (so it is worth making
+        ahead): a `run:` step's process gets its id; a `call:` step makes one only if it logs."""
+        return step.run is not None
+
     def missing_outputs(self, outputs: dict[str, Path]) -> list[str]:
         """The declared outputs a step that succeeded did not write."""
         return [k for k, p in outputs.items() if not p.exists()]
