@@ -362,7 +362,8 @@ class LocalEngine(Engine):
             rec = records.get(s.name)
             outs = {}
             for k, p in outputs[s.name].items():
-                outs[k] = {"path": str(p), "sha256": file_digest(p) if p.exists() else None}
+                taken = rec.digests.get(k) if rec else None  # on the node that wrote it (ray)
+                outs[k] = {"path": str(p), "sha256": taken or (file_digest(p) if p.exists() else None)}
             ins = {local: ref for local, ref in s.inputs.items()}
             lineage.append({
                 "step": s.name, "status": status[s.name], "params": values[s.name],

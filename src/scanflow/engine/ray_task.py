@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from scanflow.engine.cache import file_digest
 from scanflow.engine.journal import Journal, replay
 from scanflow.engine.resources import ResourcePool
 from scanflow.engine.steps import Outcome, RunState, StepRunner
@@ -250,6 +251,7 @@ def run_job(job: StepJob, package: bytes) -> StepReport:
             raise
         finally:
             st.journal.close(sync=False)
+        digests: dict[str, str] = {}
         if out.status == "succeeded":
             missing = runner.missing_outputs(outputs)
             if missing:
@@ -257,12 +259,13 @@ def run_job(job: StepJob, package: bytes) -> StepReport:
                               f"step {job.step.name} did not write its declared outputs {missing}")
             else:
                 for name, p in outputs.items():
+                    digests[name] = file_digest(p)  # for the lineage: the driver never sees the file
                     upload(tracker, p, job.outputs[name])
         log = log_path.read_text(errors="replace") if log_path.exists() else ""
         if log:
             tracker.log_text(job.parent, log, f"{LOGS_DIR}/{job.step.name}/attempt-{job.attempt}.log")
         return StepReport(out.status, out.exit_code, out.error, out.timed_out, out.exception, log,
-                          node, host, cwd, {"log_path": str(log_path)})
+                          node, host, cwd, {"log_path": str(log_path), "digests": digests})
     finally:
         shutil.rmtree(work, ignore_errors=True)
         if not log_path.is_relative_to(work):  # kept by the driver and in MLflow from now on

@@ -78,6 +78,7 @@ class Outcome:
     ended_at: float | None = None
     timed_out: bool = False
     exception: str | None = None
+    digests: dict[str, str] = field(default_factory=dict)  # output -> sha256, taken where it was written
 
 
 @dataclass
