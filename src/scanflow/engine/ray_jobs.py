@@ -27,7 +27,7 @@ import zipfile
 from pathlib import Path
 
 from scanflow.engine.local import LocalEngine
-from scanflow.engine.ray_address import probe
+from scanflow.engine.ray_address import ClusterUnavailable, gcs_and_dashboard
 from scanflow.engine.ray_backend import RayEngine
 from scanflow.engine.ray_task import LOGS_DIR, pack_app, shipped_code
 from scanflow.settings import Settings
@@ -46,19 +46,13 @@ def job_id(run_id: str) -> str:
 def dashboard_url(address: str) -> str:
     """The URL of the cluster's dashboard (its jobs and logs APIs), found through the GCS at
     `address`; ValueError saying what to do when there is none."""
-    from ray._private import services  # lazy: ray
-    from ray.dashboard.utils import ray_address_to_api_server_url  # lazy: ray
-
-    if address.startswith("ray://"):
-        raise ValueError("a detached run needs the head's GCS address (host:6379) in "
-                         "SCANFLOW_RAY_ADDRESS, not a ray:// client address")
-    probe(address)
     try:
-        return ray_address_to_api_server_url(services.canonicalize_bootstrap_address_or_die(address))
-    except Exception as exc:  # noqa: BLE001 - Ray raises several kinds here: one message
-        raise ValueError(f"the Ray cluster at {address!r} has no dashboard to submit a job to "
-                         f"({exc}); start its head with the dashboard (`ray start --head "
-                         "--include-dashboard true`)") from exc
+        return gcs_and_dashboard(address)[1]
+    except (ValueError, ClusterUnavailable) as exc:
+        raise ValueError(str(exc)) from exc
+    except Exception as exc:  # noqa: BLE001 - unreachable or no cluster there (Ray raises several kinds)
+        raise ValueError(f"cannot reach the Ray cluster at {address!r} (SCANFLOW_RAY_ADDRESS): "
+                         f"{exc}") from exc
 
 
 def package(app: Application, settings: Settings) -> bytes:
