@@ -411,6 +411,8 @@ def test_a_detached_run_is_cancelled_from_the_submitting_shell(
         return pids_file.exists() and pids_file.read_text().strip()
 
     grandchild = int(wait_for(started, timeout=90, what="the detached run's step started on a node"))
+    wait_for(lambda: _shown(ray_settings, run_id)["steps"][0]["status"] == "running", timeout=10,
+             interval=0.3, what="`runs show` here saying the step runs")
     code, out = cli(ray_settings, "cancel", run_id)
     assert code == 0 and "cancelling" in out, out
     shown = wait_for(lambda: (r := _shown(ray_settings, run_id))["status"] in TERMINAL and r,
