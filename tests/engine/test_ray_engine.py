@@ -24,7 +24,6 @@ from typer.testing import CliRunner
 from scanflow.cli.main import app as cli_app
 from scanflow.control import backends
 from scanflow.engine import LocalEngine
-from scanflow.engine.ray_logs import RayLiveLogs
 from scanflow.procs import pid_alive
 from scanflow.settings import Settings, get_settings
 from scanflow.spec import load_application
@@ -328,6 +327,19 @@ def test_cancel_kills_the_steps_process_tree_on_its_node(
     assert done["res"].status == "cancelled" and done["res"].steps == {"sleep": "cancelled"}
     wait_for(lambda: not pid_alive(grandchild), timeout=15, what="the step's child process killed")
 
+def _follow_in_another_process(run_id: str, step: str) -> tuple[subprocess.Popen[str], list[str],
+                                                                 threading.Thread]:
+    """`scanflow logs RUN STEP --follow` as a user in another shell runs it; its lines as read."""
+    follower = subprocess.Popen([sys.executable, "-m", "scanflow.cli.main", "logs", run_id, step,
+                                 "--follow"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env=dict(os.environ))
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(follower.stdout.readline, "")),  # type: ignore[union-attr]
+                              daemon=True)
+    reader.start()
+    return follower, lines, reader
+
+
 def test_logs_follow_streams_a_running_steps_log_from_its_node(
         ray_settings: Settings, spec: Path, tmp_path: Path) -> None:
     """`scanflow logs RUN STEP --follow` (another process) shows what the step printed on its
@@ -338,13 +350,7 @@ def test_logs_follow_streams_a_running_steps_log_from_its_node(
     done: dict[str, Any] = {}
     t = threading.Thread(target=lambda: done.update(res=engine.execute(run_id)), daemon=True)
     t.start()
-    follower = subprocess.Popen([sys.executable, "-m", "scanflow.cli.main", "logs", run_id, "talk",
-                                 "--follow"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, env=dict(os.environ))
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(iter(follower.stdout.readline, "")),  # type: ignore[union-attr]
-                              daemon=True)
-    reader.start()
+    follower, lines, reader = _follow_in_another_process(run_id, "talk")
     try:
         wait_for(lambda: "first line from the node\n" in lines, timeout=60,
                  what="the step's first line seen by `scanflow logs --follow`")
@@ -428,21 +434,28 @@ def test_a_detached_runs_driver_killed_mid_run_is_resumed_from_the_submitting_sh
     flag = tmp_path / "go-on"
     run_id = _detach(ray_settings, str(spec), "hopwait", "-p", f"flag={flag}")
     store = Store(ray_settings.store)
-    nodes = RayLiveLogs(ray_settings.ray_address)  # where attempts run now (Ray's KV store)
-    wait_for(lambda: nodes.running(run_id, "talk"), timeout=120, interval=0.3,
-             what="the second step running on a node")
-    run = store.get_run(run_id)
-    assert run is not None and run.owner_pid and run.owner_host == socket.gethostname()
-    driver = run.owner_pid
-    os.kill(int(driver), signal.SIGKILL)
-    wait_for(lambda: not pid_alive(int(driver)), timeout=15, what="the driver dead")
-    flag.touch()  # the retried step finishes at once (the killed attempt's process may too)
-    code, out = cli(ray_settings, "resume", run_id)
-    assert code == 0, out
+    follower, lines, reader = _follow_in_another_process(run_id, "talk")  # live, then from MLflow
+    try:
+        wait_for(lambda: "first line from the node\n" in lines, timeout=120, interval=0.2,
+                 what="the second step running on its node, seen by `logs --follow`")
+        run = store.get_run(run_id)
+        assert run is not None and run.owner_pid and run.owner_host == socket.gethostname()
+        driver = run.owner_pid
+        os.kill(int(driver), signal.SIGKILL)
+        wait_for(lambda: not pid_alive(int(driver)), timeout=15, what="the driver dead")
+        flag.touch()  # the retried step finishes at once (the killed attempt's process may too)
+        code, out = cli(ray_settings, "resume", run_id)
+        assert code == 0, out
+        assert follower.wait(timeout=60) == 0, follower.stderr.read()  # type: ignore[union-attr]
+        reader.join(timeout=10)
+    finally:
+        if follower.poll() is None:
+            follower.kill()
     shown = _shown(ray_settings, run_id)
     assert shown["status"] == "succeeded", shown
     tries = {s["step"]: (s["status"], s["attempts"]) for s in shown["steps"]}
     assert tries == {"produce": ("succeeded", 1), "talk": ("succeeded", 1)}, tries
+    assert "second line\n" in lines  # the resumed attempt's, from MLflow
 
 
 def test_detach_on_the_local_backend_is_refused_with_exit_2(spec: Path, tmp_path: Path,

@@ -116,6 +116,9 @@ class LocalEngine(Engine):
                 raise ParamError(f"step {st.name} {why}")
         run = self.store.create_run(app.app, app.team, workflow, dict(params or {}), trigger,
                                     status=status, spec_path=app.source, use_cache=cache)
+        # Its steps, pending, from now: `logs RUN STEP` and `runs show` know them before a
+        # driver starts it (a queued or detached run's starts elsewhere, later).
+        self.store.create_steps(run.id, [s.name for s in wf.steps])
         self._apps[run.id] = app
         return run.id
 
