@@ -22,9 +22,10 @@ TESTS = Path(__file__).resolve().parent
 # The longest files first. With `--dist loadfile` a file runs whole on one xdist worker; xdist
 # by default hands out files with the most tests first, so a one-test file that takes minutes
 # (the reduced MNIST loop) started last and kept one worker busy long after the other had
-# finished. `make test` passes `--no-loadscope-reorder`, so files go out in this order. Measured (`make test`'s
-# `--durations`): the reduced MNIST loop ~325 s, the Ray cluster module ~200 s, the `scanflow
-# init` app's loop ~150 s, the retrain study ~110 s; everything else well under a minute a file.
+# finished. `make test` passes `--no-loadscope-reorder`, so files go out in this order.
+# Measured (`make test`'s `--durations`): the reduced MNIST loop ~325 s, the Ray cluster module
+# ~200 s, the `scanflow init` app's loop ~150 s, the retrain study ~110 s; every other file well
+# under a minute.
 LONGEST_FIRST = ("examples/test_e2e_mnist.py", "engine/test_ray_engine.py",
                  "examples/test_init_app.py", "examples/test_mnist_retrain.py")
 

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -116,6 +117,7 @@ TALKER = '''
 import argparse, os, time
 p = argparse.ArgumentParser()
 p.add_argument("--flag")
+p.add_argument("--src")  # an upstream output, in workflows that have one
 a = p.parse_args()
 print("first line from the node", flush=True)
 while not os.path.exists(a.flag):
@@ -170,6 +172,11 @@ workflows:
   talk:
     steps:
       - {name: talk, run: "python talker.py", params: {flag: {type: str}}, resources: {custom: {node_b: 1}}}
+  hopwait:
+    steps:
+      - {name: produce, run: "python produce.py", outputs: [out], resources: {custom: {node_a: 1}}}
+      - {name: talk, run: "python talker.py", params: {flag: {type: str}}, inputs: {src: produce.out},
+         resources: {custom: {node_b: 1}}}
   withdata:
     steps:
       - {name: read, run: "python readdata.py", params: {data: {type: path}}}
@@ -238,8 +245,15 @@ def test_two_steps_on_two_nodes_pass_their_output_through_mlflow(
     assert uri.startswith(f"runs:/{run.mlflow_run_id}/scanflow/outputs/consume/")  # not a driver path
     assert not list((ray_settings.runs_dir / run.id).rglob("out"))  # nothing landed on the driver
 
-    got = json.loads(Path(MlflowTracker(ray_settings).download(
-        run.mlflow_run_id or "", "scanflow/outputs/consume/out", str(ray_settings.root / "dl"))).read_text())
+    tracker = MlflowTracker(ray_settings)
+    fetched = Path(tracker.download(run.mlflow_run_id or "", "scanflow/outputs/consume/out",
+                                    str(ray_settings.root / "dl")))
+    got = json.loads(fetched.read_text())
+    lineage = json.loads(Path(tracker.download(run.mlflow_run_id or "", "scanflow/steps.json",
+                                               str(ray_settings.root / "lineage"))).read_text())
+    outs = {s["step"]: s["outputs"]["out"] for s in lineage}
+    assert outs["consume"] == {"path": uri, "sha256": hashlib.sha256(fetched.read_bytes()).hexdigest()}
+    assert outs["produce"]["sha256"] and len(outs["produce"]["sha256"]) == 64  # taken on its node
     driver_cwd = os.getcwd()
     assert got["consumer"]["node"] == node_with("node_b")  # placed by its custom resource
     assert got["cwd"] not in (driver_cwd, str(spec)) and got["consumer"]["cwd"] != driver_cwd
@@ -338,6 +352,19 @@ def test_cancel_kills_the_steps_process_tree_on_its_node(
     assert done["res"].status == "cancelled" and done["res"].steps == {"sleep": "cancelled"}
     wait_for(lambda: not pid_alive(grandchild), timeout=15, what="the step's child process killed")
 
+def _follow_in_another_process(run_id: str, step: str) -> tuple[subprocess.Popen[str], list[str],
+                                                                 threading.Thread]:
+    """`scanflow logs RUN STEP --follow` as a user in another shell runs it; its lines as read."""
+    follower = subprocess.Popen([sys.executable, "-m", "scanflow.cli.main", "logs", run_id, step,
+                                 "--follow"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env=dict(os.environ))
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(follower.stdout.readline, "")),  # type: ignore[union-attr]
+                              daemon=True)
+    reader.start()
+    return follower, lines, reader
+
+
 def test_logs_follow_streams_a_running_steps_log_from_its_node(
         ray_settings: Settings, spec: Path, tmp_path: Path) -> None:
     """`scanflow logs RUN STEP --follow` (another process) shows what the step printed on its
@@ -348,13 +375,7 @@ def test_logs_follow_streams_a_running_steps_log_from_its_node(
     done: dict[str, Any] = {}
     t = threading.Thread(target=lambda: done.update(res=engine.execute(run_id)), daemon=True)
     t.start()
-    follower = subprocess.Popen([sys.executable, "-m", "scanflow.cli.main", "logs", run_id, "talk",
-                                 "--follow"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, env=dict(os.environ))
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(iter(follower.stdout.readline, "")),  # type: ignore[union-attr]
-                              daemon=True)
-    reader.start()
+    follower, lines, reader = _follow_in_another_process(run_id, "talk")
     try:
         wait_for(lambda: "first line from the node\n" in lines, timeout=60,
                  what="the step's first line seen by `scanflow logs --follow`")
@@ -392,7 +413,7 @@ def test_a_detached_run_runs_on_the_cluster_and_is_seen_from_the_submitting_shel
     run_id = _detach(ray_settings, str(spec), "hop")
     shown = wait_for(lambda: (r := _shown(ray_settings, run_id))["status"] in TERMINAL and r,
                      timeout=120, interval=0.5, what="the detached run ended")
-    assert shown["status"] == "succeeded", shown
+    assert shown["status"] == "succeeded", (shown["error"], [s["error"] for s in shown["steps"]])
     assert {s["step"]: s["status"] for s in shown["steps"]} == {"produce": "succeeded",
                                                                 "consume": "succeeded"}
     assert shown["trigger"] == {"by": "user", "detached": True}
@@ -400,6 +421,8 @@ def test_a_detached_run_runs_on_the_cluster_and_is_seen_from_the_submitting_shel
     assert code == 0 and f"{run_id[:12]}" in out and "succeeded" in out
     code, log = cli(ray_settings, "logs", run_id, "consume")
     assert code == 0 and "consumed" in log and f"on Ray node {node_with('node_b')[:12]}" in log, log
+    code, log = cli(ray_settings, "logs", run_id, "--follow")  # ended: each attempt's, once
+    assert code == 0 and log.count("[consume] consumed") == 1 and log.count("produced") == 1, log
     from ray.dashboard.utils import ray_address_to_api_server_url
     from ray.job_submission import JobSubmissionClient
 
@@ -412,14 +435,54 @@ def test_a_detached_run_is_cancelled_from_the_submitting_shell(
         ray_settings: Settings, spec: Path, tmp_path: Path) -> None:
     pids_file = tmp_path / "pids"
     run_id = _detach(ray_settings, str(spec), "sleepy", "-p", f"pids={pids_file}")
-    grandchild = int(wait_for(lambda: pids_file.exists() and pids_file.read_text().strip(),
-                              timeout=90, what="the detached run's step started on a node"))
+
+    def started() -> str:
+        run = Store(ray_settings.store).get_run(run_id)
+        assert run is not None and run.status not in TERMINAL, (run and run.error)  # ended early
+        return pids_file.exists() and pids_file.read_text().strip()
+
+    grandchild = int(wait_for(started, timeout=90, what="the detached run's step started on a node"))
+    wait_for(lambda: _shown(ray_settings, run_id)["steps"][0]["status"] == "running", timeout=10,
+             interval=0.3, what="`runs show` here saying the step runs")
     code, out = cli(ray_settings, "cancel", run_id)
     assert code == 0 and "cancelling" in out, out
     shown = wait_for(lambda: (r := _shown(ray_settings, run_id))["status"] in TERMINAL and r,
                      timeout=60, interval=0.5, what="the detached run settled after cancel")
     assert shown["status"] == "cancelled" and shown["steps"][0]["status"] == "cancelled", shown
     wait_for(lambda: not pid_alive(grandchild), timeout=15, what="the step's child process killed")
+
+
+def test_a_detached_runs_driver_killed_mid_run_is_resumed_from_the_submitting_shell(
+        ray_settings: Settings, spec: Path, tmp_path: Path) -> None:
+    """kill -9 of the job's driver while its second step runs: `scanflow resume` here marks it
+    interrupted and finishes it without re-running the first step."""
+    flag = tmp_path / "go-on"
+    run_id = _detach(ray_settings, str(spec), "hopwait", "-p", f"flag={flag}")
+    store = Store(ray_settings.store)
+    follower, lines, reader = _follow_in_another_process(run_id, "talk")  # live, then from MLflow
+    try:
+        wait_for(lambda: "first line from the node\n" in lines, timeout=120, interval=0.2,
+                 what="the second step running on its node, seen by `logs --follow`")
+        run = store.get_run(run_id)
+        assert run is not None and run.owner_pid and run.owner_host == socket.gethostname()
+        driver = run.owner_pid
+        os.kill(int(driver), signal.SIGKILL)
+        wait_for(lambda: not pid_alive(int(driver)), timeout=15, what="the driver dead")
+        flag.touch()  # the retried step finishes at once (the killed attempt's process may too)
+        code, out = cli(ray_settings, "resume", run_id)
+        assert code == 0, out
+        # The follower stopped when the run ended `interrupted` (marked so by this resume).
+        assert follower.wait(timeout=60) == 0, follower.stderr.read()  # type: ignore[union-attr]
+        reader.join(timeout=10)
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+    shown = _shown(ray_settings, run_id)
+    assert shown["status"] == "succeeded", shown
+    tries = {s["step"]: (s["status"], s["attempts"]) for s in shown["steps"]}
+    assert tries == {"produce": ("succeeded", 1), "talk": ("succeeded", 1)}, tries
+    code, log = cli(ray_settings, "logs", run_id, "talk")  # the resumed attempt's, from MLflow
+    assert code == 0 and "second line" in log, log
 
 
 def test_detach_on_the_local_backend_is_refused_with_exit_2(spec: Path, tmp_path: Path,

@@ -89,7 +89,7 @@ def _detach(settings: Any, store: Any, spec: Any, workflow: str, params: dict[st
     except ParamError as exc:
         fail(str(exc))
     try:
-        job = submit(spec, run_id, settings)
+        job = submit(engine, spec, run_id)
     except Exception as exc:  # noqa: BLE001 - the run is recorded: say it failed to go, and why
         store.update_run(run_id, status="failed", ended_at=time.time(),
                          error=f"could not submit it to the Ray cluster: {exc}")

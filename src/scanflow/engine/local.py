@@ -116,6 +116,9 @@ class LocalEngine(Engine):
                 raise ParamError(f"step {st.name} {why}")
         run = self.store.create_run(app.app, app.team, workflow, dict(params or {}), trigger,
                                     status=status, spec_path=app.source, use_cache=cache)
+        # Its steps, pending, from now: `logs RUN STEP` and `runs show` know them before a
+        # driver starts it (a queued or detached run's starts elsewhere, later).
+        self.store.create_steps(run.id, [s.name for s in wf.steps])
         self._apps[run.id] = app
         return run.id
 
@@ -370,10 +373,9 @@ class LocalEngine(Engine):
         for s in steps:
             rec = records.get(s.name)
             outs = {}
-            digests = (rec.output_digests if rec else None) or {}
             for k, p in outputs[s.name].items():
-                sha = digests.get(k) or (file_digest(p) if p.exists() else None)
-                outs[k] = {"path": str(p), "sha256": sha}
+                taken = rec.digests.get(k) if rec else None  # on the node that wrote it (ray)
+                outs[k] = {"path": str(p), "sha256": taken or (file_digest(p) if p.exists() else None)}
             ins = {local: ref for local, ref in s.inputs.items()}
             lineage.append({
                 "step": s.name, "status": status[s.name], "params": values[s.name],

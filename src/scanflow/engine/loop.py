@@ -85,6 +85,9 @@ class RunLoop:
             if step is None:
                 return
             self.notify(step.name, "running")
+            # In the store too (next batch), for `runs show` from another shell or machine.
+            self._rows[step.name] = {"id": self.ids[step.name], "status": "running",
+                                     "started_at": time.time()}
             if self._in_flight == 0 and not self.sched.has_ready() and step.call is not None:
                 # Alone and in-process (a chain): run it here, no thread hand-off.
                 self._settle(step.name, self._run(step))

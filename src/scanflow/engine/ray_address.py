@@ -4,6 +4,7 @@ by the engine (`ray_backend`), live logs (`ray_logs`) and detached runs (`ray_jo
 from __future__ import annotations
 
 import socket
+from typing import Any
 
 
 class ClusterUnavailable(ConnectionError):
@@ -28,4 +29,27 @@ def probe(address: str, timeout: float = 3.0) -> None:
             "SCANFLOW_RAY_ADDRESS at it") from exc
 
 
-__all__ = ["ClusterUnavailable", "probe"]
+
+
+def gcs_and_dashboard(address: str) -> tuple[Any, str]:
+    """A GCS client of the cluster at `address` (host:port or auto) and its dashboard's URL,
+    asked once (Ray's own lookup retries for 40 s when the cluster runs no dashboard);
+    ValueError saying what to do when there is none."""
+    from ray._private import ray_constants, services  # lazy: ray
+    from ray._raylet import GcsClient  # type: ignore[attr-defined]  # lazy: ray
+
+    if address.startswith("ray://"):
+        raise ValueError("a ray:// client address does not reach the cluster's GCS; set "
+                         "SCANFLOW_RAY_ADDRESS to the head's host:port (6379)")
+    probe(address)
+    gcs = GcsClient(address=services.canonicalize_bootstrap_address_or_die(address))
+    url = gcs.internal_kv_get(ray_constants.DASHBOARD_ADDRESS.encode(),
+                              ray_constants.KV_NAMESPACE_DASHBOARD)
+    if not url:
+        raise ValueError(f"the Ray cluster at {address!r} runs no dashboard (its log and jobs "
+                         "APIs); start its head with one (`ray start --head --include-dashboard "
+                         "true`)")
+    return gcs, f"http://{url.decode()}"
+
+
+__all__ = ["ClusterUnavailable", "gcs_and_dashboard", "probe"]

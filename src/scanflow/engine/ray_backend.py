@@ -295,7 +295,7 @@ class RayStepRunner(StepRunner):
                     f"working dir {rep.cwd}): {ended} ---\n{rep.log}")
         error = rep.error.replace(rep.extra["log_path"], str(log_path)) if rep.error else None
         return Outcome(rep.status, rep.exit_code, error, timed_out=rep.timed_out,
-                       exception=rep.exception, output_digests=rep.extra.get("digests") or None)
+                       exception=rep.exception, digests=dict(rep.extra.get("digests") or {}))
 
 
 class RayEngine(LocalEngine):

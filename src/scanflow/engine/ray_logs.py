@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 
-from scanflow.engine.ray_address import probe
+from scanflow.engine.ray_address import gcs_and_dashboard
 from scanflow.engine.ray_task import LOGS_DIR, PLACEMENTS, live_log_name
 
 CONNECT_TIMEOUT = 5.0  # seconds to reach the dashboard
@@ -107,17 +107,7 @@ class RayLiveLogs:
         if self.unavailable is not None:
             return False
         try:
-            from ray._private import services  # lazy: ray, only to follow a Ray step's log
-            from ray._raylet import GcsClient  # type: ignore[attr-defined]  # lazy: ray
-            from ray.dashboard.utils import ray_address_to_api_server_url  # lazy: ray
-
-            if self.address.startswith("ray://"):
-                raise ValueError("a ray:// client address does not reach the GCS; set "
-                                 "SCANFLOW_RAY_ADDRESS to the head's host:port (6379)")
-            probe(self.address)
-            address = services.canonicalize_bootstrap_address_or_die(self.address)
-            self._url = ray_address_to_api_server_url(address)
-            self._gcs = GcsClient(address=address)
+            self._gcs, self._url = gcs_and_dashboard(self.address)
             return True
         except Exception as exc:  # noqa: BLE001 - live logs are a convenience: say why, go on
             self.unavailable = (f"live logs from the Ray cluster at {self.address!r} are not "

@@ -222,7 +222,6 @@ def run_job(job: StepJob, package: bytes) -> StepReport:
             params[name] = tracker.download(run_id, path, str(work / "params" / name))
         (work / "out").mkdir()
         outputs = {name: work / "out" / name for name in job.outputs}
-        digests: dict[str, str] = {}
         app = job.app.model_copy(update={"base_dir": Path(cwd), "code_paths": shipped_code(job.app)})
         importable(app)  # its code_paths, for a `call:` step (a `run:` step: PYTHONPATH, below)
         st = RunState(app, WorkflowRun(id=job.run_id), work, Journal(work / "journal.jsonl"),
@@ -252,6 +251,7 @@ def run_job(job: StepJob, package: bytes) -> StepReport:
             raise
         finally:
             st.journal.close(sync=False)
+        digests: dict[str, str] = {}
         if out.status == "succeeded":
             missing = runner.missing_outputs(outputs)
             if missing:
@@ -259,7 +259,7 @@ def run_job(job: StepJob, package: bytes) -> StepReport:
                               f"step {job.step.name} did not write its declared outputs {missing}")
             else:
                 for name, p in outputs.items():
-                    digests[name] = file_digest(p)  # for the run's lineage: the bytes uploaded
+                    digests[name] = file_digest(p)  # for the lineage: the driver never sees the file
                     upload(tracker, p, job.outputs[name])
         log = log_path.read_text(errors="replace") if log_path.exists() else ""
         if log:

@@ -79,8 +79,7 @@ class Outcome:
     ended_at: float | None = None
     timed_out: bool = False
     exception: str | None = None
-    # sha256 of each output where it was written (a Ray node); None: hashed here, from its path
-    output_digests: dict[str, str] | None = None
+    digests: dict[str, str] = field(default_factory=dict)  # output -> sha256, taken where it was written
 
 
 @dataclass
