@@ -385,6 +385,7 @@ def test_logs_follow_streams_a_running_steps_log_from_its_node(
         assert follower.wait(timeout=60) == 0, follower.stderr.read()  # type: ignore[union-attr]
         reader.join(timeout=10)
     finally:
+        flag.touch()  # a failed assertion must not leave the step waiting on its node
         if follower.poll() is None:
             follower.kill()
     wait_for(lambda: "res" in done, timeout=30, what="the run settled")
@@ -475,6 +476,7 @@ def test_a_detached_runs_driver_killed_mid_run_is_resumed_from_the_submitting_sh
         assert follower.wait(timeout=60) == 0, follower.stderr.read()  # type: ignore[union-attr]
         reader.join(timeout=10)
     finally:
+        flag.touch()  # a failed assertion must not leave the step waiting on its node
         if follower.poll() is None:
             follower.kill()
     shown = _shown(ray_settings, run_id)

@@ -114,14 +114,16 @@ def test_a_running_run_records_its_host_and_beats(
     done: dict[str, Any] = {}
     t = threading.Thread(target=lambda: done.update(res=engine.run(app, "wf")), daemon=True)
     t.start()
-    run = wait_for(lambda: next((r for r in store.list_runs(status=["running"]) if r.owner_pid), None),
-                   timeout=30, what="the run started")
-    assert run.owner_host == socket.gethostname() and run.owner_pid == os.getpid()
-    first = run.heartbeat_at
-    assert first is not None
-    wait_for(lambda: (store.get_run(run.id).heartbeat_at or 0) > first, timeout=10,  # type: ignore[union-attr]
-             what="the run's heartbeat moved")
-    flag.touch()
+    try:
+        run = wait_for(lambda: next((r for r in store.list_runs(status=["running"]) if r.owner_pid),
+                                    None), timeout=30, what="the run started")
+        assert run.owner_host == socket.gethostname() and run.owner_pid == os.getpid()
+        first = run.heartbeat_at
+        assert first is not None
+        wait_for(lambda: (store.get_run(run.id).heartbeat_at or 0) > first,  # type: ignore[union-attr]
+                 timeout=10, what="the run's heartbeat moved")
+    finally:
+        flag.touch()  # the step ends, whatever was found
     wait_for(lambda: "res" in done, timeout=30, what="the run ended")
     assert done["res"].ok, done["res"].error
     store.close()
