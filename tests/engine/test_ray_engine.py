@@ -432,6 +432,23 @@ def test_a_detached_run_runs_on_the_cluster_and_is_seen_from_the_submitting_shel
              interval=0.5, what="its Ray job ended (after keeping the driver's logs in MLflow)")
 
 
+def test_a_failed_run_is_resumed_on_the_cluster_with_resume_detach(
+        ray_settings: Settings, spec: Path, tmp_path: Path) -> None:
+    """`resume --detach` returns at once and a Ray job re-runs only the step that failed."""
+    flag = tmp_path / "flag"
+    code, out = cli(ray_settings, "run", str(spec), "gated", "-p", f"flag={flag}")
+    assert code != 0, out  # the gate fails: no flag yet
+    run_id = Store(ray_settings.store).list_runs()[0].id
+    flag.write_text("1")
+    code, out = cli(ray_settings, "resume", run_id, "--detach")
+    assert code == 0 and run_id in out, out
+    # (it was `failed` before: wait for the resumed run's own end)
+    wait_for(lambda: _shown(ray_settings, run_id)["status"] == "succeeded", timeout=120,
+             interval=0.5, what="the resumed run succeeded on the cluster")
+    steps = {s.step: s for s in Store(ray_settings.store).list_steps(run_id)}
+    assert steps["produce"].attempts == 1 and steps["gate"].status == "succeeded"  # produce kept
+
+
 def test_a_detached_run_is_cancelled_from_the_submitting_shell(
         ray_settings: Settings, spec: Path, tmp_path: Path) -> None:
     pids_file = tmp_path / "pids"

@@ -248,10 +248,16 @@ def cancel(run_id: str) -> None:
     out.print(f"run {run_id}: {state}")
 
 
-def resume(run_id: str) -> None:
+def resume(
+    run_id: str,
+    detach: Annotated[bool, typer.Option("--detach", help="ray backend: resume it on the cluster "
+                                         "(a Ray job runs its driver), return at once")] = False,
+) -> None:
     """Re-run only the failed, cancelled, interrupted or never-started steps of a run."""
 
     settings, store = context()
+    if detach and settings.backend.strip().lower() != "ray":
+        fail("--detach resumes the run's driver on a Ray cluster: set SCANFLOW_BACKEND=ray")
     engine = build_engine(settings, store)  # recovers runs of dead engines first
     r = store.get_run(run_id)
     if r is None:
@@ -261,6 +267,18 @@ def resume(run_id: str) -> None:
     if not r.spec_path:
         fail(f"run {r.id[:12]} was built in Python: resume it with LocalEngine.resume(run, app)")
     spec = load(Path(r.spec_path))
+    if detach:
+        from scanflow.engine.ray_jobs import dashboard_url, submit  # lazy: ray
+
+        try:
+            dashboard_url(settings.ray_address)
+            job = submit(engine, spec, r.id, resume=True)
+        except Exception as exc:  # noqa: BLE001 - nothing was changed: say why it did not go
+            fail(f"run {r.id[:12]}: could not submit its resume to the Ray cluster: {exc}", code=1)
+        print(r.id)
+        err.print(f"resuming as Ray job {job}; follow it with `scanflow logs {r.id[:12]} --follow`",
+                  highlight=False)
+        return
     _follow_run(engine, r.id, spec, r.workflow, lambda progress: engine.resume(r.id, spec, progress))
 
 

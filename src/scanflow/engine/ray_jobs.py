@@ -23,6 +23,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -37,6 +38,9 @@ from scanflow.store import Store
 RUN_FILE = ".scanflow-run.json"  # in the app package: the checked Application
 APP_ARTIFACT = "scanflow/detached/app.zip"  # on the run's parent MLflow run: the app package
 JOB_PREFIX = "scanflow-"  # a detached run's Ray job id: scanflow-RUN
+
+
+RESUMABLE = ("failed", "cancelled", "interrupted")  # what `resume` continues
 
 
 def job_id(run_id: str) -> str:
@@ -66,7 +70,7 @@ def package(app: Application, settings: Settings) -> bytes:
     return buf.getvalue()
 
 
-def submit(engine: LocalEngine, app: Application, run_id: str) -> str:
+def submit(engine: LocalEngine, app: Application, run_id: str, *, resume: bool = False) -> str:
     """Hand a recorded (pending) run to the cluster as a Ray job; its job id. The app travels
     through the run's parent MLflow run (`APP_ARTIFACT`, opened here), not as the job's Ray
     `working_dir`: the steps' tasks would inherit that, and a node then fails to set it up
@@ -93,16 +97,21 @@ def submit(engine: LocalEngine, app: Application, run_id: str) -> str:
     # The cluster's GCS by address, not `auto`: see `main`.
     env.update(SCANFLOW_BACKEND="ray", RAY_USAGE_STATS_ENABLED="0",
                SCANFLOW_RAY_ADDRESS=services.canonicalize_bootstrap_address_or_die(settings.ray_address))
+    # A resume is a job of its own (a job id is used once): scanflow-RUN-resume-<time>.
+    jid = f"{job_id(run_id)}-resume-{int(time.time() * 1000)}" if resume else job_id(run_id)
     return str(client.submit_job(
-        entrypoint=f"{settings.ray_python} -m scanflow.engine.ray_jobs {run_id}",
-        submission_id=job_id(run_id), entrypoint_num_cpus=0, runtime_env={"env_vars": env},
-        metadata={"scanflow_run": run_id, "app": app.app},
+        entrypoint=f"{settings.ray_python} -m scanflow.engine.ray_jobs "
+                   f"{'--resume ' if resume else ''}{run_id}",
+        submission_id=jid, entrypoint_num_cpus=0, runtime_env={"env_vars": env},
+        metadata={"scanflow_run": run_id, "app": app.app, "resume": str(resume)},
     ))
 
 
 def main(argv: list[str]) -> int:
-    """The job's entrypoint: fetch the app from the run's MLflow run, run the run to its end."""
-    (run_id,) = argv
+    """The job's entrypoint: fetch the app from the run's MLflow run, run the run to its end
+    (`--resume RUN`: re-run what did not finish of a failed, cancelled or interrupted run)."""
+    resume = argv[:1] == ["--resume"]
+    (run_id,) = argv[1:] if resume else argv
     work = Path(tempfile.mkdtemp(prefix=f"scanflow-driver-{run_id[:12]}-"))
     try:
         settings = Settings(workspace=work / "ws").ensure()
@@ -113,7 +122,8 @@ def main(argv: list[str]) -> int:
             os.environ["RAY_ADDRESS"] = settings.ray_address
         store = Store(settings.store)
         run = store.get_run(run_id)
-        if run is None or run.status != "pending" or not run.mlflow_run_id:
+        wanted = RESUMABLE if resume else ("pending",)
+        if run is None or run.status not in wanted or not run.mlflow_run_id:
             print(f"run {run_id[:12]} is {run.status if run else 'not in the store'}: not started")
             return 0
         engine = RayEngine(settings, store)
@@ -123,7 +133,11 @@ def main(argv: list[str]) -> int:
         app = Application.model_validate_json((work / "app" / RUN_FILE).read_text())
         app = app.model_copy(update={"base_dir": work / "app", "source": run.spec_path})
         try:
-            result = engine.execute(run_id, app, progress=lambda s, st: print(f"{s}: {st}", flush=True))
+            def progress(step: str, state: str) -> None:
+                print(f"{step}: {state}", flush=True)
+
+            result = (engine.resume(run_id, app, progress=progress) if resume
+                      else engine.execute(run_id, app, progress=progress))
         finally:
             _keep_logs(engine, settings, run_id)
         print(f"run {run_id} {result.status}")
