@@ -191,7 +191,8 @@ workflows:
 def cluster() -> Iterator[Any]:
     """Head + 2 worker nodes of 1 CPU; `node_a` / `node_b` force a step onto one worker,
     `spare` onto either."""
-    with ray_cluster([{"node_a": 1, "spare": 1}, {"node_b": 1, "spare": 1}], dashboard=True) as c:
+    with ray_cluster([{"node_a": 1, "spare": 1}, {"node_b": 1, "spare": 1}], dashboard=True,
+                     client=True) as c:
         yield c
 
 
@@ -273,6 +274,26 @@ def test_two_steps_on_two_nodes_pass_their_output_through_mlflow(
     assert code == 0 and "produced" in log and f"on Ray node {node_with('node_a')[:12]}" in log
     code, log = cli(ray_settings, "logs", run.id, "consume")
     assert code == 0 and "consumed" in log and f"on Ray node {node_with('node_b')[:12]}" in log
+
+
+def test_a_run_through_a_ray_client_address_runs_on_the_cluster(
+        cluster: Any, ray_settings: Settings, spec: Path) -> None:
+    """`SCANFLOW_RAY_ADDRESS=ray://HOST:10001` (the Ray client, e.g. through a port-forward to a
+    KubeRay head): the driver is a Ray client, and the steps still run on their nodes."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "SCANFLOW_RAY_ADDRESS": cluster.client_address}
+    done = subprocess.run([str(Path(sys.executable).parent / "scanflow"), "--workspace",
+                           str(ray_settings.root), "run", str(spec), "hop"],
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    store = Store(ray_settings.store)
+    (run,) = store.list_runs()
+    assert {s.step: s.status for s in store.list_steps(run.id)} == {"produce": "succeeded",
+                                                                    "consume": "succeeded"}
+    code, log = cli(ray_settings, "logs", run.id, "consume")
+    assert code == 0 and f"on Ray node {node_with('node_b')[:12]}" in log, log
 
 
 @pytest.mark.parametrize(("workflow", "why"), [("unfit", "asks for CPU 1, node_c 1,"),

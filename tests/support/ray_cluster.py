@@ -24,10 +24,12 @@ def _free_port() -> int:
 
 
 @contextmanager
-def ray_cluster(workers: list[dict[str, float]], dashboard: bool = False) -> Iterator[Any]:
+def ray_cluster(workers: list[dict[str, float]], dashboard: bool = False,
+                client: bool = False) -> Iterator[Any]:
     """A 1-CPU head plus one 1-CPU worker node per entry of `workers` (its custom resources);
     stopped, with the app folders its nodes unpacked, when the block ends. `dashboard`: with
-    Ray's dashboard (its log and jobs APIs) on free ports of 127.0.0.1, not another cluster's."""
+    Ray's dashboard (its log and jobs APIs) on free ports of 127.0.0.1, not another cluster's.
+    `client`: with the Ray client server too; its address (`ray://...`) is `client_address`."""
     import ray
     from ray.cluster_utils import Cluster
 
@@ -37,7 +39,11 @@ def ray_cluster(workers: list[dict[str, float]], dashboard: bool = False) -> Ite
     if dashboard:
         head.update(dashboard_host="127.0.0.1", dashboard_port=_free_port(),
                     dashboard_agent_listen_port=_free_port())
+    client_port = _free_port() if client else None
+    if client_port:
+        head["ray_client_server_port"] = client_port
     c = Cluster(initialize_head=True, head_node_args=head)
+    c.client_address = f"ray://127.0.0.1:{client_port}" if client_port else None  # type: ignore[attr-defined]
     try:
         for resources in workers:
             c.add_node(num_cpus=1, resources=resources)
