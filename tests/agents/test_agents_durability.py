@@ -21,6 +21,7 @@ from scanflow.agents.runtime import FAILPOINT_ENV
 from scanflow.procs import pid_alive
 from scanflow.settings import Settings
 from scanflow.store import Store
+from support.agent_parts import HANG_ONCE
 from support.waiting import wait_for
 
 PARTS = '''
@@ -53,19 +54,6 @@ def effect(obs, ctx, dir, pause=0.0):
     os.write(fd, obs.key.encode())
     os.close(fd)
     return {"done": obs.key}
-
-
-@actuator("hang_once")
-def hang_once(obs, ctx, dir):
-    """The first call hangs (until the test kills the agent); a resumed call finishes."""
-    log = Path(dir) / "hang.log"
-    with open(log, "a") as f:
-        f.write(f"begin {ctx.action_key} {ctx.action.attempt}\\n")
-    while not ctx.action.resumed:
-        time.sleep(0.05)
-    with open(log, "a") as f:
-        f.write(f"end {ctx.action_key} {ctx.action.attempt}\\n")
-    return {"finished": True}
 
 
 def poisoned(data, flag):
@@ -103,7 +91,7 @@ def kill_on_poison(obs, ctx, dir, flag):
     if poisoned(obs.data, flag):
         os.kill(os.getpid(), signal.SIGKILL)
     return {"survived": obs.key}
-'''
+''' + HANG_ONCE
 
 STEP = '''
 import sys, time

@@ -30,6 +30,7 @@ from scanflow.spec import load_application
 from scanflow.store import Store
 from scanflow.store.store import TERMINAL
 from scanflow.tracking import MlflowTracker
+from support.agent_parts import HANG_ONCE
 from support.mlflow_server import mlflow_server
 from support.ray_cluster import ray_cluster
 from support.ray_cluster import ray_settings as settings_for_ray
@@ -699,20 +700,7 @@ import time
 from pathlib import Path
 
 from scanflow.agents import actuator
-
-
-@actuator("hang_once")
-def hang_once(obs, ctx, dir):
-    """The first call hangs (until the test kills the agent); a resumed call finishes."""
-    log = Path(dir) / "hang.log"
-    with open(log, "a") as f:
-        f.write(f"begin {ctx.action_key} {ctx.action.attempt}\\n")
-    while not ctx.action.resumed:
-        time.sleep(0.05)
-    with open(log, "a") as f:
-        f.write(f"end {ctx.action_key} {ctx.action.attempt}\\n")
-    return {"finished": True}
-'''
+''' + HANG_ONCE
 
 AGENT_SPEC = '''
 app: rayagents
