@@ -38,6 +38,10 @@ class Settings(BaseSettings):
         default=60.0, gt=0, description="seconds without a heartbeat after which a running run whose "
         "driver is on another host counts as dead (`recover()` marks it interrupted)")
     concurrency: int = Field(default=2, ge=1, description="max steps run at once by the engine")
+    ray_in_flight: int = Field(
+        default=32, ge=1, le=1024, description="step attempts one run on the ray backend keeps "
+        "submitted at once (each waits on a driver thread; Ray's scheduler admits them by their "
+        "resources, so more than the cluster's CPUs keeps its nodes busy)")
     host: str = Field(default="127.0.0.1", description="address services bind to")
     max_cpus: float | None = Field(default=None, description="CPUs steps may use [all]")
     max_memory: int | None = Field(default=None, description="bytes steps may use [all]")
@@ -111,6 +115,7 @@ class Settings(BaseSettings):
             "SCANFLOW_RAY_ADDRESS": self.ray_address,
             "SCANFLOW_RAY_PYTHON": self.ray_python,
             "SCANFLOW_CONCURRENCY": str(self.concurrency),
+            "SCANFLOW_RAY_IN_FLIGHT": str(self.ray_in_flight),
             "SCANFLOW_STORE_WAIT": str(self.store_wait),
             "SCANFLOW_RUN_STALE_AFTER": str(self.run_stale_after),
             "SCANFLOW_HOST": self.host,

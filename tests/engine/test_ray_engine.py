@@ -56,6 +56,12 @@ import json, os
 import hopshared
 import ray
 
+def quiet():
+    pass
+
+def scored():
+    return {"acc": 0.75}  # numbers a `call:` step returns are logged to its MLflow child run
+
 def consume(src, out, ctx):
     up = json.loads(src.read_text())
     up["consumer"] = {"node": ray.get_runtime_context().get_node_id(), "cwd": os.getcwd(),
@@ -181,6 +187,10 @@ workflows:
   withdata:
     steps:
       - {name: read, run: "python readdata.py", params: {data: {type: path}}}
+  scoring:
+    steps:
+      - {name: quiet, call: "steps:quiet"}
+      - {name: scored, call: "steps:scored", after: [quiet]}
   flaky:
     steps:
       - {name: code, run: "python -c 'import sys; print(\\"trying\\"); sys.exit(3)'",
@@ -328,6 +338,25 @@ def test_a_failing_step_is_retried_and_ends_with_its_exit_code_as_on_the_local_b
     ends = [ln.rsplit(": ", 1)[1] for ln in ray_log if " on Ray node " in ln]
     assert ends == ["exit code 3 ---"] * 3  # every try ran on a node and exited 3, as locally
     assert "trying" in ray_log
+    # each try's log as its node wrote it, kept in the shared store for any machine to read
+    kept = Store(ray_settings.store).step_attempt_logs(ray_res.run_id, "code")
+    assert [(n, "trying" in text) for n, text in kept] == [(1, True), (2, True), (3, True)]
+
+
+def test_a_call_step_gets_an_mlflow_child_run_on_its_node_only_when_it_logs(
+        ray_settings: Settings, spec: Path) -> None:
+    engine = backends.engine(ray_settings, Store(ray_settings.store))
+    res = engine.run(load_application(spec), "scoring")
+    assert res.ok, res.error
+    steps = {s.step: s for s in engine.store.list_steps(res.run_id)}
+    assert steps["quiet"].mlflow_run_id is None  # logged nothing: no MLflow call for it at all
+    child = MlflowTracker(ray_settings).client.get_run(steps["scored"].mlflow_run_id or "")
+    assert child.data.metrics == {"acc": 0.75}
+    assert child.data.tags["mlflow.parentRunId"] == res.mlflow_run_id
+    assert child.info.status == "FINISHED"  # made on the node, ended by the driver with the step
+    quiet = MlflowTracker(ray_settings).client.search_runs(
+        [child.info.experiment_id], f"tags.`mlflow.parentRunId` = '{res.mlflow_run_id}'")
+    assert [r.info.run_name for r in quiet] == ["scored"]
 
 
 def test_a_second_run_is_cached_and_resume_reruns_only_what_failed(

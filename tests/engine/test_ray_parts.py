@@ -51,6 +51,23 @@ def test_the_app_folder_travels_without_caches_vcs_and_the_workspace(tmp_path: P
         shutil.rmtree(home)
 
 
+def test_sockets_and_fifos_in_the_app_folder_are_left_behind(tmp_path: Path) -> None:
+    import os
+    import socket
+
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "steps.py").write_text("x = 1\n")
+    os.mkfifo(app / "pipe")
+    with socket.socket(socket.AF_UNIX) as sock:  # e.g. a Ray session's sockets in a temp folder
+        sock.bind(str(app / "plasma_store"))
+        home = unpack_app(pack_app(app, skip=[]))
+    try:
+        assert sorted(p.name for p in home.iterdir()) == ["steps.py"]
+    finally:
+        shutil.rmtree(home)
+
+
 def test_outputs_are_named_by_mlflow_uris() -> None:
     uri = output_uri("abc123", "train", "model")
     assert uri == "runs:/abc123/scanflow/outputs/train/model"

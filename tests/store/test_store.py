@@ -21,6 +21,18 @@ def test_runs_and_steps_roundtrip(store: Store) -> None:
     assert store.get_run("does-not-exist") is None
 
 
+def test_ended_attempts_logs_are_kept_once_each_in_attempt_order(store: Store) -> None:
+    run = store.create_run("app", "team", "train", {})
+    other = store.create_run("app", "team", "train", {})
+    store.keep_step_logs([(run.id, "fit", 2, "second try\n"), (run.id, "fit", 1, "first try\n"),
+                          (other.id, "fit", 1, "another run\n")])
+    store.keep_step_logs([(run.id, "fit", 1, "written again"), (run.id, "fit", 3, "é" * 5000)])
+    assert store.step_attempt_logs(run.id, "fit") == [
+        (1, "first try\n"), (2, "second try\n"), (3, "é" * 5000)]  # an attempt ends once: first text
+    assert store.step_attempt_logs(other.id, "fit") == [(1, "another run\n")]
+    assert store.step_attempt_logs(run.id, "load") == []
+
+
 def test_prediction_log_windows_and_late_labels(store: Store) -> None:
     now = time.time()
     store.add_labels({"r1": 7})  # a label may arrive before its prediction is flushed

@@ -208,12 +208,12 @@ def logs(
     settings, store = context()
     live = remote = None
     if settings.backend.strip().lower() == "ray":
-        from scanflow.engine.ray_logs import MlflowStepLogs, RayLiveLogs  # lazy: ray's clients
+        from scanflow.engine.ray_logs import RayLiveLogs, StoreStepLogs  # lazy: ray's clients
         from scanflow.tracking import MlflowTracker  # lazy: MLflow (~1.5 s)
 
         if follow:
             live = RayLiveLogs(settings.ray_address)  # a running attempt's log, from its node
-        remote = MlflowStepLogs(MlflowTracker(settings))  # a detached run's, from MLflow
+        remote = StoreStepLogs(MlflowTracker(settings), store)  # a detached run's: store, MLflow
     try:
         pieces = step_logs(store, settings.runs_dir, run_id, step, follow=follow, live=live,
                            remote=remote)

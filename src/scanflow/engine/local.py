@@ -321,6 +321,7 @@ class LocalEngine(Engine):
         finally:
             if st.children is not None:
                 st.children.close()  # every child run ended, the unused ones deleted
+            self.runner.run_ended(st)
         first_error = loop.first_error
         if st.cancel.is_set():
             final = "cancelled"

@@ -35,12 +35,12 @@ class LiveLogs(Protocol):
 
 
 class RemoteLogs(Protocol):
-    """Step logs kept where any machine reads them (the parent MLflow run), for a run whose
-    driver is elsewhere (`ray_logs.MlflowStepLogs`)."""
+    """Step logs kept where any machine reads them (the store, the parent MLflow run), for a
+    run whose driver is elsewhere (`ray_logs.StoreStepLogs`)."""
 
-    def whole(self, parent: str, step: str) -> str | None: ...
+    def whole(self, run_id: str, parent: str, step: str) -> str | None: ...
 
-    def attempts(self, parent: str, step: str) -> str: ...
+    def attempts(self, run_id: str, parent: str, step: str) -> str: ...
 
 
 class LiveStream(Protocol):
@@ -78,7 +78,8 @@ def step_logs(store: Store, runs_dir: Path, run_id: str, step: str | None = None
     if not follow:
         if far is not None:
             parent = run.mlflow_run_id or ""
-            return iter([(s.step, far.whole(parent, s.step) or far.attempts(parent, s.step))
+            return iter([(s.step, far.whole(run.id, parent, s.step)
+                          or far.attempts(run.id, parent, s.step))
                          for s in steps if step in (None, s.step)])
         return iter([(s.step, _read(s.log_path)) for s in steps if step in (None, s.step)])
     return _follow(store, runs_dir / run.id, run.id, step, poll, live, far)
@@ -121,7 +122,7 @@ class _StepFollower:
     def _new_text(self) -> str:
         """What the driver's copy gained since the last look."""
         if self.remote is not None:
-            whole = self.remote.attempts(self.parent, self.name) if self.parent else ""
+            whole = self.remote.attempts(self.run_id, self.parent, self.name) if self.parent else ""
             chunk, self.offset = whole[self.offset:], len(whole)
             return chunk
         if not self.path.exists():

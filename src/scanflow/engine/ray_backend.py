@@ -25,9 +25,10 @@ from typing import Any
 from scanflow.engine.local import LocalEngine
 from scanflow.engine.logs import step_logs
 from scanflow.engine.ray_address import ClusterUnavailable, probe
-from scanflow.engine.ray_logs import MlflowStepLogs, RayLiveLogs
+from scanflow.engine.ray_logs import RayLiveLogs, StepLogKeeper, StoreStepLogs
 from scanflow.engine.ray_task import (
     PLACEMENTS,
+    PUBLISH_AFTER,
     URI_PREFIX,
     StepJob,
     StepReport,
@@ -39,7 +40,7 @@ from scanflow.engine.ray_task import (
     upload,
 )
 from scanflow.engine.resources import ResourcePool
-from scanflow.engine.steps import Outcome, RunState, StepRunner
+from scanflow.engine.steps import Outcome, RunState, StepChild, StepRunner
 from scanflow.settings import Settings
 from scanflow.spec.models import Step, StepResources
 from scanflow.store import Store
@@ -97,7 +98,7 @@ def alive_nodes() -> dict[str, dict[str, float]]:
 
 
 def placed_on(key: str) -> str | None:
-    """The node a running attempt published (`ray_task.node_facts`), once it has started."""
+    """The node a running attempt published (`ray_task.Placement`), once it has run a while."""
     from ray.experimental.internal_kv import _internal_kv_get  # lazy: ray
 
     node = _internal_kv_get(key, namespace=PLACEMENTS)
@@ -133,9 +134,12 @@ class RayStepRunner(StepRunner):
     """Runs each attempt of a step as a Ray task; the driver keeps retries, the cache and the
     journal. Admission is Ray's scheduler, not the local resource pool."""
 
-    def __init__(self, settings: Settings, tracker: Tracker, pool: ResourcePool, track: bool) -> None:
+    def __init__(self, settings: Settings, tracker: Tracker, pool: ResourcePool, track: bool, *,
+                 logs: StepLogKeeper) -> None:
         super().__init__(settings, tracker, pool, track)
-        self._packages: OrderedDict[str, Any] = OrderedDict()  # run id -> ObjectRef of its app
+        self.logs = logs  # ended attempts' logs, to the shared store
+        # run id -> ObjectRefs of its app folder (zipped) and its pickled spec, and the spec's key
+        self._packages: OrderedDict[str, tuple[Any, Any, str]] = OrderedDict()
         self._packing = threading.Lock()
         self._shipped: dict[tuple[str, str], str] = {}  # (run id, driver path) -> its param URI
 
@@ -165,19 +169,24 @@ class RayStepRunner(StepRunner):
             out[name] = uri
         return out
 
-    def _package(self, st: RunState) -> Any:
-        """The run's app folder, zipped once per run and put in Ray's object store (every
-        node gets it from there; the workspace is left out when it lies inside the folder)."""
+    def _package(self, st: RunState) -> tuple[Any, Any, str]:
+        """The run's app folder, zipped, and its spec, pickled, once per run and put in Ray's
+        object store (every node gets them from there; the workspace is left out of the folder
+        when it lies inside), with the spec's key (`ray_task.worker_app`)."""
         import ray  # lazy: only the ray backend loads ray
+        from ray import cloudpickle  # lazy: ray; a spec built in code may hold a local function
 
         with self._packing:
-            ref = self._packages.get(st.run.id)
-            if ref is None:
-                ref = self._packages[st.run.id] = ray.put(
-                    pack_app(st.app.base_dir, skip=[self.settings.root], code=st.app.code_modules()))
+            got = self._packages.get(st.run.id)
+            if got is None:
+                blob = cloudpickle.dumps(st.app)
+                got = self._packages[st.run.id] = (
+                    ray.put(pack_app(st.app.base_dir, skip=[self.settings.root],
+                                     code=st.app.code_modules())),
+                    ray.put(blob), hashlib.sha256(blob).hexdigest()[:24])
                 while len(self._packages) > PACKAGES_KEPT:
                     self._packages.popitem(last=False)
-            return ref
+            return got
 
     def run_step(self, st: RunState, step: Step, params: dict[str, Any], inputs: dict[str, Path],
                  outputs: dict[str, Path]) -> Outcome:
@@ -190,12 +199,11 @@ class RayStepRunner(StepRunner):
         # it (a cached upstream keeps its first run's URI, so downstream keys still match).
         return {k: str(p) for k, p in inputs.items()}
 
-    def child_run_at_start(self, step: Step) -> bool:
-        """Every step on the cluster gets its child run's id with its task (`StepJob.child`)."""
-        return True
-
     def missing_outputs(self, outputs: dict[str, Path]) -> list[str]:
         return []  # checked on the node, before the outputs are uploaded
+
+    def run_ended(self, st: RunState) -> None:
+        self.logs.flush()  # every ended attempt's log in the store before the run is recorded
 
     def outputs_exist(self, paths: Iterable[str | Path]) -> bool:
         for p in paths:
@@ -225,18 +233,29 @@ class RayStepRunner(StepRunner):
                     attempt: int, make_child: Any) -> Outcome:
         assert st.parent is not None, "the ray backend needs tracking (outputs travel through MLflow)"
         key = f"{st.run.id}/{step.name}/{attempt}"
-        job = StepJob(st.app, st.run.id, step, params, {k: str(v) for k, v in inputs.items()},
+        # A `run:` step's process needs its child run's id (made ahead, `ChildRuns`); a `call:`
+        # step's is made on the node only if the step logs, and its id comes back in the report.
+        child = make_child() if make_child is not None and step.run is not None else None
+        if child is None and isinstance(make_child, StepChild):
+            child = make_child.id  # made by an earlier attempt
+        package, app_ref, app_key = self._package(st)
+        job = StepJob(app_key, st.run.id, step, params, {k: str(v) for k, v in inputs.items()},
                       {k: str(v) for k, v in outputs.items()}, attempt, st.parent, st.exp,
-                      make_child() if make_child is not None else None, self.settings.tracking,
-                      self.settings.registry_uri, self.settings.store, key,
-                      self._path_params(st, step, params))
-        ref = _remote_run_job().options(**task_options(step)).remote(job, self._package(st))
+                      child, self.settings.tracking, self.settings.registry_uri,
+                      self.settings.store, key, self._path_params(st, step, params),
+                      track=make_child is not None)
+        ref = _remote_run_job().options(**task_options(step)).remote(job, package, app_ref)
+        submitted = time.monotonic()
         try:
-            return self._wait(st, step, ref, key, attempt, log_path)
+            out = self._wait(st, step, ref, key, attempt, log_path)
+            if out.mlflow_run_id and isinstance(make_child, StepChild) and make_child.id is None:
+                make_child.id = out.mlflow_run_id  # made on the node; the driver ends it
+            return out
         finally:
-            from ray.experimental.internal_kv import _internal_kv_del  # lazy: ray
+            if time.monotonic() - submitted >= PUBLISH_AFTER:  # its node may have published it
+                from ray.experimental.internal_kv import _internal_kv_del  # lazy: ray
 
-            _internal_kv_del(key, namespace=PLACEMENTS)
+                _internal_kv_del(key, namespace=PLACEMENTS)
 
     def _lost(self, step: Step, key: str, attempt: int, log_path: Path) -> Outcome | None:
         """A failed outcome when the attempt can no longer finish: its node died (its task
@@ -290,12 +309,15 @@ class RayStepRunner(StepRunner):
             return Outcome("failed", None, f"step {step.name}: its Ray task failed: "
                            f"{type(cause).__name__}: {cause}")
         ended = f"exit code {rep.exit_code}" if rep.exit_code is not None else rep.status
+        if rep.log:
+            self.logs.keep(st.run.id, step.name, attempt, rep.log)
         with open(log_path, "a") as f:
             f.write(f"--- attempt {attempt} on Ray node {rep.node_id[:12]} ({rep.host}, "
                     f"working dir {rep.cwd}): {ended} ---\n{rep.log}")
         error = rep.error.replace(rep.extra["log_path"], str(log_path)) if rep.error else None
         return Outcome(rep.status, rep.exit_code, error, timed_out=rep.timed_out,
-                       exception=rep.exception, digests=dict(rep.extra.get("digests") or {}))
+                       exception=rep.exception, digests=dict(rep.extra.get("digests") or {}),
+                       mlflow_run_id=rep.extra.get("child"))
 
 
 class RayEngine(LocalEngine):
@@ -310,15 +332,17 @@ class RayEngine(LocalEngine):
             raise ValueError("the ray backend needs tracking on: step outputs travel between "
                              "nodes through the MLflow server's artifact store")
         connect(settings.ray_address)
-        super().__init__(settings, store, tracker, concurrency, track=True, pool=pool)
-        self.runner = RayStepRunner(self.settings, self.tracker, self.pool, True)
+        super().__init__(settings, store, tracker, concurrency or settings.ray_in_flight, track=True,
+                         pool=pool)
+        self.runner = RayStepRunner(self.settings, self.tracker, self.pool, True,
+                                    logs=StepLogKeeper(store))
 
     def logs(self, run_id: str, step: str | None = None, *, follow: bool = False,
              poll: float = 0.3) -> Iterator[tuple[str, str]]:
         """As the local engine's, and with `follow` a running attempt's log live from its node."""
         live = RayLiveLogs(self.settings.ray_address) if follow else None
         return step_logs(self.store, self.settings.runs_dir, run_id, step, follow=follow, poll=poll,
-                         live=live, remote=MlflowStepLogs(self.tracker))
+                         live=live, remote=StoreStepLogs(self.tracker, self.store))
 
     def _unfit(self, step: Step) -> str | None:
         return unfit(ray_request(step.resources), list(alive_nodes().values()))

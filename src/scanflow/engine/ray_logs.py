@@ -1,17 +1,20 @@
 """A running Ray step's log, streamed live from whichever node runs it.
 
 Each attempt writes its log under its node's Ray logs folder (`live_log_name`), and publishes
-its node in Ray's KV store under `RUN/STEP/ATTEMPT` (`ray_task.node_facts`, the same record the
+its node in Ray's KV store under `RUN/STEP/ATTEMPT` (`ray_task.Placement`, the same record the
 driver's lost-node check reads). A reader finds the node there and streams the file through Ray's
 own log API (the dashboard's `/api/v0/logs/stream`, served from the node by its dashboard agent),
 so any machine that reaches the cluster's GCS and dashboard can follow it; the driver is not in
-the way. When the attempt ends, the reader goes on with the driver's copy (`logs.step_logs`).
+the way. When the attempt ends, the reader goes on with the driver's copy (`logs.step_logs`), or
+for a run whose driver is elsewhere, with the attempt's log as the driver kept it in the store
+(`StepLogKeeper`, `StoreStepLogs`).
 This module joins no cluster (no `ray.init`): it talks to the GCS and the dashboard only.
 """
 
 from __future__ import annotations
 
 import codecs
+import logging
 import queue
 import re
 import socket
@@ -26,6 +29,7 @@ from scanflow.engine.ray_address import gcs_and_dashboard
 from scanflow.engine.ray_task import LOGS_DIR, PLACEMENTS, live_log_name
 
 CONNECT_TIMEOUT = 5.0  # seconds to reach the dashboard
+log = logging.getLogger(__name__)
 
 
 class LiveStream:
@@ -137,6 +141,74 @@ class RayLiveLogs:
         return LiveStream(self._url, node_id, live_log_name(run_id, step, attempt))
 
 
+class StepLogKeeper:
+    """Writes the ended attempts' logs that nodes report to the shared store, in batches, from
+    one background thread: off the steps' path, and one transaction for the many attempts that
+    end together (an upload to MLflow per attempt cost more than a small step itself)."""
+
+    MAX_CHARS = 8 * 2**20  # of one attempt's log kept in the store: its tail beyond that
+    BATCH = 500
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self._queue: queue.Queue[tuple[str, str, int, str]] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._starting = threading.Lock()
+
+    def keep(self, run_id: str, step: str, attempt: int, text: str) -> None:
+        if len(text) > self.MAX_CHARS:
+            text = f"[... the first {len(text) - self.MAX_CHARS} characters left out ...]\n" \
+                   + text[-self.MAX_CHARS:]
+        with self._starting:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._write, daemon=True,
+                                                name="scanflow-step-logs")
+                self._thread.start()
+        self._queue.put((run_id, step, attempt, text))
+
+    def flush(self) -> None:
+        """Return once every log handed to `keep` so far is written (or failed to be)."""
+        self._queue.join()
+
+    def _write(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while len(batch) < self.BATCH:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                self.store.keep_step_logs(batch)
+            except Exception as exc:  # noqa: BLE001 - the driver's copy still holds them
+                log.warning("could not keep %d step logs in the store: %s", len(batch), exc)
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+
+
+class StoreStepLogs:
+    """A step's log for a run whose driver is on another machine (`scanflow run --detach`):
+    the driver's whole copy, which it keeps on the parent MLflow run when it ends, else each
+    ended attempt's log as kept in the store (`StepLogKeeper`)."""
+
+    def __init__(self, tracker: Any, store: Any) -> None:
+        self.mlflow = MlflowStepLogs(tracker)
+        self.store = store
+
+    def whole(self, run_id: str, parent: str, step: str) -> str | None:
+        return self.mlflow.whole(run_id, parent, step)
+
+    def attempts(self, run_id: str, parent: str, step: str) -> str:
+        """The ended attempts' logs so far, each under a line that says which it is."""
+        try:
+            kept = self.store.step_attempt_logs(run_id, step)
+        except Exception:  # noqa: BLE001 - the store away for a moment: nothing yet
+            return ""
+        return "".join(f"--- attempt {n} ended (its log as kept in the store) ---\n{text}"
+                       for n, text in kept)
+
+
 class MlflowStepLogs:
     """A step's log as kept on the run's parent MLflow run: the driver's copy
     (`scanflow/logs/STEP.log`, kept by a detached run's driver when it ends), else each ended
@@ -151,7 +223,7 @@ class MlflowStepLogs:
         with tempfile.TemporaryDirectory(prefix="scanflow-log-") as tmp:
             return Path(self.tracker.download(parent, path, tmp)).read_text(errors="replace")
 
-    def whole(self, parent: str, step: str) -> str | None:
+    def whole(self, run_id: str, parent: str, step: str) -> str | None:
         try:
             if f"{LOGS_DIR}/{step}.log" in self.tracker.list_artifacts(parent, LOGS_DIR):
                 return self._text(parent, f"{LOGS_DIR}/{step}.log")
@@ -159,7 +231,7 @@ class MlflowStepLogs:
             return None
         return None
 
-    def attempts(self, parent: str, step: str) -> str:
+    def attempts(self, run_id: str, parent: str, step: str) -> str:
         """The ended attempts' logs so far, each under a line that says which it is."""
         try:
             names = self.tracker.list_artifacts(parent, f"{LOGS_DIR}/{step}")
@@ -179,4 +251,4 @@ class MlflowStepLogs:
         return "".join(parts)
 
 
-__all__ = ["LiveStream", "MlflowStepLogs", "RayLiveLogs"]
+__all__ = ["LiveStream", "MlflowStepLogs", "RayLiveLogs", "StepLogKeeper", "StoreStepLogs"]

@@ -3,11 +3,11 @@
 The node shares no disk with the driver: the step's inputs are downloaded from the MLflow
 artifact store into the task's own temporary folder, its declared outputs are uploaded back
 there (on the run's parent MLflow run, under `scanflow/outputs/STEP/NAME`), and its log is
-returned to the driver (and kept on the parent run under `scanflow/logs/`). The step itself runs
+returned to the driver (which keeps it in the shared store, `ray_logs.StepLogKeeper`). The step itself runs
 through the local `StepRunner` (the same subprocess, timeout and process-tree code as the local
 backend) in the app's folder as the driver zipped it (`pack_app`), unpacked once per node
 into the node's temporary folder (`unpack_app`).
-This module imports ray only in `node_facts`, which asks the runtime where it runs.
+This module imports ray only in `Placement` and `node_log`, which ask the runtime where it runs.
 """
 
 from __future__ import annotations
@@ -15,11 +15,13 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import pickle
 import shutil
 import socket
 import tempfile
 import threading
 import zipfile
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,7 @@ from typing import Any
 from scanflow.engine.cache import file_digest
 from scanflow.engine.journal import Journal, replay
 from scanflow.engine.resources import ResourcePool
-from scanflow.engine.steps import Outcome, RunState, StepRunner
+from scanflow.engine.steps import Outcome, RunState, StepChild, StepRunner, child_tags
 from scanflow.procs import kill_group
 from scanflow.settings import Settings
 from scanflow.spec.code import importable, stage
@@ -36,7 +38,7 @@ from scanflow.spec.models import Application, Step
 from scanflow.store.schema import WorkflowRun
 
 OUTPUTS_DIR = "scanflow/outputs"  # on the parent MLflow run: OUTPUTS_DIR/STEP/NAME
-LOGS_DIR = "scanflow/logs"  # on the parent MLflow run: LOGS_DIR/STEP/attempt-N.log
+LOGS_DIR = "scanflow/logs"  # on the parent MLflow run: a detached driver's copy, LOGS_DIR/STEP.log
 URI_PREFIX = "runs:/"
 PARAMS_DIR = "scanflow/params"
 
@@ -61,9 +63,11 @@ def split_uri(uri: str) -> tuple[str, str]:
 
 @dataclass
 class StepJob:
-    """What the driver sends to the node for one attempt (pickled by Ray)."""
+    """What the driver sends to the node for one attempt (pickled by Ray). The application
+    travels apart, once per run (`run_job`'s `app_blob`): pickled in every job, a spec of
+    1,000 steps cost more than its step."""
 
-    app: Application
+    app_key: str  # the digest of the run's pickled application (`app_blob`)
     run_id: str
     step: Step
     params: dict[str, Any]
@@ -72,12 +76,13 @@ class StepJob:
     attempt: int
     parent: str
     experiment: str | None
-    child: str | None  # the step's MLflow child run (None: tracking off for the step)
+    child: str | None  # the step's MLflow child run, made ahead (a `run:` step's process needs it)
     tracking_uri: str
     registry_uri: str | None
     store_url: str
-    placement_key: str  # where the node publishes its id (`node_facts`)
+    placement_key: str  # where the node publishes its id (`Placement`)
     path_params: dict[str, str] = field(default_factory=dict)  # param -> URI of the driver's file
+    track: bool = True  # without `child`: the step's child run is made here if the step logs
 
 
 @dataclass
@@ -117,21 +122,45 @@ def node_log(job: StepJob, work: Path) -> Path:
     except Exception:  # noqa: BLE001 - a private Ray API: without it there is no live log
         return work / "step.log"
     path = base / live_log_name(job.run_id, job.step.name, job.attempt)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"")
+    for _ in range(3):  # another attempt of the run may remove the emptied folder meanwhile
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.write_bytes(b"")
+            break
+        except FileNotFoundError:
+            continue
     return path
 
 
-def node_facts(placement_key: str) -> tuple[str, str, str]:
-    """(Ray node id, host name, working directory) of the calling task; the node id is also
-    published under `placement_key`, so that the driver sees when that node dies (a worker
-    whose raylet died may live on, and Ray then never fails its task)."""
-    import ray  # lazy: present on every node of a cluster that runs this task
-    from ray.experimental.internal_kv import _internal_kv_put  # lazy: ray
+PUBLISH_AFTER = 1.0  # seconds an attempt runs before its node is published (see `Placement`)
 
-    node = ray.get_runtime_context().get_node_id()
-    _internal_kv_put(placement_key, node, namespace=PLACEMENTS)
-    return node, socket.gethostname(), os.getcwd()
+
+class Placement:
+    """Publishes the node an attempt runs on under its placement key, once it has run for
+    `PUBLISH_AFTER` seconds: the driver uses it to see that node die (a worker whose raylet
+    died may live on, and Ray then never fails its task), `logs --follow` to find the live log.
+    Short attempts never publish: they cost no call to the cluster's GCS."""
+
+    def __init__(self, key: str) -> None:
+        import ray  # lazy: present on every node of a cluster that runs this task
+
+        self.key = key
+        self.node = ray.get_runtime_context().get_node_id()
+        self._timer = threading.Timer(PUBLISH_AFTER, self._publish)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _publish(self) -> None:
+        from ray.experimental.internal_kv import _internal_kv_put  # lazy: ray
+
+        try:
+            _internal_kv_put(self.key, self.node, namespace=PLACEMENTS)
+        except Exception:  # noqa: BLE001 - the GCS away: the driver cannot watch this node
+            pass
+
+    def stop(self) -> None:
+        """No publishing from now (an attempt that ended; the driver removes a published key)."""
+        self._timer.cancel()
 
 
 NEVER_PACKED = {".git", ".venv", "venv", "__pycache__", ".scanflow", ".pytest_cache", ".mypy_cache"}
@@ -159,8 +188,8 @@ def pack_app(base_dir: Path, skip: list[Path], code: dict[str, Path] | None = No
         for root, dirs, files in os.walk(top):
             dirs[:] = sorted(d for d in dirs if d not in NEVER_PACKED and Path(root, d) not in skipped)
             for name in sorted(files):
-                if not name.endswith(".pyc"):
-                    path = Path(root, name)
+                path = Path(root, name)
+                if not name.endswith(".pyc") and path.is_file():  # not sockets, FIFOs, devices
                     add(path, prefix + path.relative_to(top).as_posix())
             if buf.tell() > MAX_PACKAGE:
                 raise ValueError(f"the app folder {base} is over {MAX_PACKAGE // 2**20} MiB zipped; "
@@ -198,20 +227,51 @@ def unpack_app(package: bytes) -> Path:
     return home
 
 
-def run_job(job: StepJob, package: bytes) -> StepReport:
-    """Run one attempt here: fetch inputs, run the step in the unpacked app folder, upload
-    outputs and the log."""
+APPS_KEPT = 8  # unpickled applications a worker keeps (one per recent run)
+_apps: OrderedDict[str, Application] = OrderedDict()
+_trackers: dict[tuple[str, str | None], Any] = {}
+_settings: dict[tuple[str, str | None, str], Settings] = {}
+
+
+def worker_app(key: str, blob: bytes) -> Application:
+    """The run's application, unpickled once per worker and run (its tasks reuse it)."""
+    app = _apps.get(key)
+    if app is None:
+        app = _apps[key] = pickle.loads(blob)
+        while len(_apps) > APPS_KEPT:
+            _apps.popitem(last=False)
+    return app
+
+
+def worker_settings(job: StepJob, workspace: Path) -> tuple[Settings, Any]:
+    """This attempt's settings (its own workspace) and the worker's MLflow tracker for the
+    job's server, kept across tasks: one HTTP connection pool, no settings parsed per task."""
     from scanflow.tracking import MlflowTracker  # lazy: MLflow, loaded by the task only
+
+    key = (job.tracking_uri, job.registry_uri, job.store_url)
+    base = _settings.get(key)
+    if base is None:
+        base = _settings[key] = Settings(workspace=workspace, tracking_uri=job.tracking_uri,
+                                         registry_uri=job.registry_uri, store_url=job.store_url,
+                                         backend="ray")
+    settings = base.model_copy(update={"workspace": workspace}).ensure()
+    tracker = _trackers.get(key[:2])
+    if tracker is None:
+        tracker = _trackers[key[:2]] = MlflowTracker(settings)
+    return settings, tracker
+
+
+def run_job(job: StepJob, package: bytes, app_blob: bytes) -> StepReport:
+    """Run one attempt here: fetch inputs, run the step in the unpacked app folder, upload
+    outputs; the log goes back to the driver in the report."""
 
     work = Path(tempfile.mkdtemp(prefix=f"scanflow-{job.run_id[:12]}-{job.step.name}-"))
     log_path = node_log(job, work)  # before the node is published: a reader finds the file
-    node, host, _ = node_facts(job.placement_key)
+    placement = Placement(job.placement_key)
+    node, host = placement.node, socket.gethostname()
     cwd = str(unpack_app(package))
     try:
-        settings = Settings(workspace=work / "ws", tracking_uri=job.tracking_uri,
-                            registry_uri=job.registry_uri, store_url=job.store_url,
-                            backend="ray").ensure()
-        tracker = MlflowTracker(settings)
+        settings, tracker = worker_settings(job, work / "ws")
         inputs = {}
         for local, uri in job.inputs.items():
             run_id, path = split_uri(uri)
@@ -222,14 +282,19 @@ def run_job(job: StepJob, package: bytes) -> StepReport:
             params[name] = tracker.download(run_id, path, str(work / "params" / name))
         (work / "out").mkdir()
         outputs = {name: work / "out" / name for name in job.outputs}
-        app = job.app.model_copy(update={"base_dir": Path(cwd), "code_paths": shipped_code(job.app)})
+        shipped = worker_app(job.app_key, app_blob)
+        app = shipped.model_copy(update={"base_dir": Path(cwd), "code_paths": shipped_code(shipped)})
         importable(app)  # its code_paths, for a `call:` step (a `run:` step: PYTHONPATH, below)
         st = RunState(app, WorkflowRun(id=job.run_id), work, Journal(work / "journal.jsonl"),
                       job.experiment, job.parent, False, threading.Event(), {},
                       code_dir=stage(app, work))
-        runner = StepRunner(settings, tracker, ResourcePool(), track=job.child is not None)
-        child = job.child
-        make_child = (lambda: child) if child is not None else None  # noqa: E731 - one id
+        runner = StepRunner(settings, tracker, ResourcePool(), track=job.track)
+        make_child: StepChild | None = None
+        if job.track:  # made ahead by the driver, or here on the step's first log (most log none)
+            make_child = StepChild(lambda: tracker.start_run(
+                job.experiment or "", job.step.name, child_tags(st, job.step.name),
+                params=job.params, parent=job.parent))
+            make_child.id = job.child
         try:
             if job.step.run is not None:
                 out = runner._run_subprocess(st, job.step, params, inputs, outputs, log_path,
@@ -261,12 +326,12 @@ def run_job(job: StepJob, package: bytes) -> StepReport:
                 for name, p in outputs.items():
                     digests[name] = file_digest(p)  # for the lineage: the driver never sees the file
                     upload(tracker, p, job.outputs[name])
-        log = log_path.read_text(errors="replace") if log_path.exists() else ""
-        if log:
-            tracker.log_text(job.parent, log, f"{LOGS_DIR}/{job.step.name}/attempt-{job.attempt}.log")
+        log = log_path.read_text(errors="replace") if log_path.exists() else ""  # the driver keeps it
         return StepReport(out.status, out.exit_code, out.error, out.timed_out, out.exception, log,
-                          node, host, cwd, {"log_path": str(log_path), "digests": digests})
+                          node, host, cwd, {"log_path": str(log_path), "digests": digests,
+                                            "child": make_child.id if make_child else None})
     finally:
+        placement.stop()
         shutil.rmtree(work, ignore_errors=True)
         if not log_path.is_relative_to(work):  # kept by the driver and in MLflow from now on
             log_path.unlink(missing_ok=True)

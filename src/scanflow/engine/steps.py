@@ -103,6 +103,9 @@ class RunState:
     children: ChildRuns | None = None
 
 
+CHILD_RUN_THREADS = 4  # MLflow calls in flight at once (a server answers each in ~10-20 ms)
+
+
 class ChildRuns:
     """The MLflow child runs of one run's `run:` steps, made ahead of their steps and closed
     behind them, by one background thread.
@@ -112,14 +115,16 @@ class ChildRuns:
     was most of a tracked `run:` step's overhead (a `call:` step makes one only when it logs,
     so none is made ahead for it). Made in the run's step order while the steps before
     run, it is ready when its step starts; a step's `end_run` is queued behind it, so the next
-    step does not wait for it either. One thread keeps the calls in order (a run is made before
-    it is ended); `close()` waits for all of them and deletes the runs made for steps that never
-    ran (cached, skipped or cancelled), before the parent run's lineage is written."""
+    step does not wait for it either. A few threads make them (in step order, a step's run
+    made before it is ended, as its end is queued only once its step has it), so that steps
+    shorter than a round trip to the server do not wait on one thread; `close()` waits for all
+    of them and deletes the runs made for steps that never ran (cached, skipped or cancelled),
+    before the parent run's lineage is written."""
 
     def __init__(self, tracker: Tracker, exp: str, parent: str,
                  ahead: list[tuple[str, dict[str, str], dict[str, Any]]]) -> None:
         self.tracker = tracker
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="mlflow-child-runs")
+        self._pool = ThreadPoolExecutor(CHILD_RUN_THREADS, thread_name_prefix="mlflow-child-runs")
         self._made = {name: self._pool.submit(tracker.start_run, exp, name, tags, params=params,
                                               parent=parent)
                       for name, tags, params in ahead}
@@ -144,6 +149,20 @@ class ChildRuns:
 
     def _delete(self, made: Future[str]) -> None:
         self.tracker.delete_run(made.result())
+
+
+class StepChild:
+    """A step's MLflow child run, made on first call (`make`) and shared by its attempts; a
+    backend whose step made its run elsewhere (on a Ray node) records its id in `id`."""
+
+    def __init__(self, make: Callable[[], str]) -> None:
+        self.id: str | None = None
+        self._make = make
+
+    def __call__(self) -> str:
+        if self.id is None:
+            self.id = self._make()
+        return self.id
 
 
 def child_tags(st: RunState, step: str) -> dict[str, str]:
@@ -172,6 +191,10 @@ class StepRunner:
         """Whether `step` always needs its MLflow child run when it starts (so it is worth making
         ahead): a `run:` step's process gets its id; a `call:` step makes one only if it logs."""
         return step.run is not None
+
+    def run_ended(self, st: RunState) -> None:
+        """Called when a run's loop ended, before its result is recorded: what this runner
+        still writes for the run in the background is written by the time it returns."""
 
     def missing_outputs(self, outputs: dict[str, Path]) -> list[str]:
         """The declared outputs a step that succeeded did not write."""
@@ -206,15 +229,14 @@ class StepRunner:
         log_path = st.run_dir / f"{step.name}.log"
         policy = step.retries
         attempt = 0
-        child: list[str] = []
 
-        def make_child() -> str:
-            if not child:
-                assert st.exp is not None and st.parent is not None
-                made = st.children.take(step.name) if st.children is not None else None
-                child.append(made or self.tracker.start_run(st.exp, step.name, child_tags(st, step.name),
-                                                            params=params, parent=st.parent))
-            return child[0]
+        def make() -> str:
+            assert st.exp is not None and st.parent is not None
+            made = st.children.take(step.name) if st.children is not None else None
+            return made or self.tracker.start_run(st.exp, step.name, child_tags(st, step.name),
+                                                  params=params, parent=st.parent)
+
+        make_child = StepChild(make)
 
         while True:
             attempt += 1
@@ -243,16 +265,16 @@ class StepRunner:
                 break
         if st.cancel.is_set() and out.status != "succeeded":
             out = Outcome("cancelled", out.exit_code, "cancelled by request")
-        if child and self.track:
+        if make_child.id and self.track:
             if st.children is not None:
-                st.children.end(child[0], out.status)  # off the path of the steps after it
+                st.children.end(make_child.id, out.status)  # off the path of the steps after it
             else:
-                self.tracker.end_run(child[0], out.status)
+                self.tracker.end_run(make_child.id, out.status)
         out.attempts = attempt
         out.cache_key = key
         out.started_at = started
         out.ended_at = time.time()
-        out.mlflow_run_id = child[0] if child else None
+        out.mlflow_run_id = make_child.id
         out.outputs = {k: str(v) for k, v in outputs.items()}
         st.journal.write(step.name, out.status, exit_code=out.exit_code, error=out.error,
                          attempts=attempt, cache_key=key, outputs=out.outputs, ended_at=out.ended_at)

@@ -10,7 +10,7 @@ from typing import Any, Protocol
 from sqlalchemy import insert, select, update
 
 from scanflow.store.db import Database
-from scanflow.store.schema import StepRun, WorkflowRun
+from scanflow.store.schema import StepLog, StepRun, WorkflowRun
 
 TERMINAL = {"succeeded", "failed", "cancelled", "interrupted", "skipped"}
 
@@ -44,6 +44,10 @@ class RunRepository(Protocol):
     def list_steps(self, run_id: str) -> Sequence[StepRun]: ...
 
     def cache_index(self, app: str, workflow: str, exclude_run: str | None = None) -> CacheIndex: ...
+
+    def keep_step_logs(self, rows: Sequence[tuple[str, str, int, str]]) -> None: ...
+
+    def step_attempt_logs(self, run_id: str, step: str) -> Sequence[tuple[int, str]]: ...
 
 
 class SqlRunRepository:
@@ -120,6 +124,27 @@ class SqlRunRepository:
         if rows:
             with self.db.session() as s:
                 s.execute(update(StepRun), list(rows))
+
+    def keep_step_logs(self, rows: Sequence[tuple[str, str, int, str]]) -> None:
+        """Ended attempts' logs, (run id, step, attempt, text) each, in one transaction; an
+        attempt kept before keeps its first text (an attempt ends once)."""
+        if not rows:
+            return
+        with self.db.session() as s:
+            texts = {(r, st, a): t for r, st, a, t in reversed(rows)}  # the first of each wins
+            have = set(s.execute(select(StepLog.run_id, StepLog.step, StepLog.attempt)
+                                 .where(StepLog.run_id.in_({r for r, _, _ in texts}))).tuples().all())
+            new = [{"run_id": r, "step": st, "attempt": a, "text": t}
+                   for (r, st, a), t in texts.items() if (r, st, a) not in have]
+            if new:
+                s.execute(insert(StepLog), new)
+
+    def step_attempt_logs(self, run_id: str, step: str) -> Sequence[tuple[int, str]]:
+        """(attempt, text) of a step's ended attempts kept in the store, in attempt order."""
+        with self.db.session() as s:
+            return s.execute(select(StepLog.attempt, StepLog.text)
+                             .where(StepLog.run_id == run_id, StepLog.step == step)
+                             .order_by(StepLog.attempt)).tuples().all()
 
     def list_steps(self, run_id: str) -> Sequence[StepRun]:
         with self.db.session() as s:

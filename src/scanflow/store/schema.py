@@ -67,6 +67,18 @@ class StepRun(Base):
     ended_at: Mapped[float | None] = mapped_column(Float)
 
 
+class StepLog(Base):
+    """One ended attempt's log, as its node wrote it: kept in the shared store for a step that
+    ran on another machine (the ray backend), where any `scanflow logs` reads it."""
+
+    __tablename__ = "step_logs"
+    run_id: Mapped[str] = mapped_column(ForeignKey("workflow_runs.id", ondelete="CASCADE"),
+                                        primary_key=True)
+    step: Mapped[str] = mapped_column(String(200), primary_key=True)
+    attempt: Mapped[int] = mapped_column(Integer, primary_key=True)
+    text: Mapped[str] = mapped_column(Text)
+
+
 class Deployment(Base):
     __tablename__ = "deployments"
     service: Mapped[str] = mapped_column(String(200), primary_key=True)

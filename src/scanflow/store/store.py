@@ -103,6 +103,12 @@ class Store:
     def list_steps(self, run_id: str) -> Sequence[StepRun]:
         return self.runs.list_steps(run_id)
 
+    def keep_step_logs(self, rows: Sequence[tuple[str, str, int, str]]) -> None:
+        self.runs.keep_step_logs(rows)
+
+    def step_attempt_logs(self, run_id: str, step: str) -> Sequence[tuple[int, str]]:
+        return self.runs.step_attempt_logs(run_id, step)
+
     # -- deployments (store.deployments) --------------------------------------------------------
     def put_deployment(self, **fields: Any) -> Deployment:
         return self.deployments.put_deployment(**fields)

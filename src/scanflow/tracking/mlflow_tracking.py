@@ -6,6 +6,7 @@ also built by commands that never track (`scanflow status`, `scanflow stop`).
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from contextlib import AbstractContextManager
@@ -50,6 +51,10 @@ class MlflowTracker:
             with self._opening:  # two threads must not create the same database at once
                 if self._client is None:
                     from mlflow.tracking import MlflowClient  # lazy: MLflow, see the module doc
+
+                    # Ending a run on a tracking server prints its URL, which costs one more
+                    # request per run (a `get_run`): scanflow prints its own links.
+                    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
                     self._client = MlflowClient(tracking_uri=self.uri,
                                                 registry_uri=self.settings.registry_uri)
