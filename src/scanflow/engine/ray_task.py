@@ -122,13 +122,8 @@ def node_log(job: StepJob, work: Path) -> Path:
     except Exception:  # noqa: BLE001 - a private Ray API: without it there is no live log
         return work / "step.log"
     path = base / live_log_name(job.run_id, job.step.name, job.attempt)
-    for _ in range(3):  # another attempt of the run may remove the emptied folder meanwhile
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            path.write_bytes(b"")
-            break
-        except FileNotFoundError:
-            continue
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
     return path
 
 
@@ -333,12 +328,10 @@ def run_job(job: StepJob, package: bytes, app_blob: bytes) -> StepReport:
     finally:
         placement.stop()
         shutil.rmtree(work, ignore_errors=True)
-        if not log_path.is_relative_to(work):  # kept by the driver and in MLflow from now on
+        if not log_path.is_relative_to(work):  # kept by the driver and the store from now on
+            # (its run's folder stays, empty, with the Ray session's logs: removing it raced
+            # with the run's other attempts creating it on this node)
             log_path.unlink(missing_ok=True)
-            try:
-                log_path.parent.rmdir()
-            except OSError:
-                pass  # another step of the run still logs there
 
 
 def upload(tracker: Any, path: Path, uri: str) -> None:
