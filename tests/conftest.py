@@ -26,7 +26,7 @@ TESTS = Path(__file__).resolve().parent
 # Measured (`make test`'s `--durations`): the reduced MNIST loop ~325 s, the Ray cluster module
 # ~200 s, the `scanflow init` app's loop ~150 s, the retrain study ~110 s; every other file well
 # under a minute.
-LONGEST_FIRST = ("examples/test_e2e_mnist.py", "engine/test_ray_engine.py",
+LONGEST_FIRST = ("examples/test_e2e_mnist.py", "engine/test_ray_engine.py", "examples/test_demo_ray.py",
                  "examples/test_init_app.py", "examples/test_mnist_retrain.py")
 
 

@@ -124,6 +124,8 @@ def main() -> None:
     ap.add_argument("--workspace", type=Path, default=Path(".scanflow/ray-demo"))
     ap.add_argument("--downloads", type=Path, default=Path(".scanflow/downloads"),
                     help="where `make data` put the MNIST wheel")
+    ap.add_argument("--database", default="scanflow_demo_ray",
+                    help="the PostgreSQL database (on 127.0.0.1:5432) made afresh for the store")
     args = ap.parse_args()
     wheels = sorted(args.downloads.glob(WHEEL_GLOB))
     if not wheels:
@@ -145,7 +147,7 @@ def main() -> None:
         cluster.wait_for_nodes()
         shutil.rmtree(ws / "mlflow-server", ignore_errors=True)  # a fresh registry per demo
         mlflow_proc, tracking = start_mlflow(ws / "mlflow-server")
-        store = fresh_database("scanflow_demo_ray")
+        store = fresh_database(args.database)
         print(f"cluster {cluster.address}: {NODES} nodes x 1 CPU; store {store}; MLflow {tracking} "
               f"({time.time() - t0:.0f} s)", flush=True)
         env = {**os.environ, "SCANFLOW_BACKEND": "ray", "SCANFLOW_RAY_ADDRESS": cluster.address,

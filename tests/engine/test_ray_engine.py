@@ -59,6 +59,10 @@ import ray
 def quiet():
     pass
 
+def nap():
+    import time
+    time.sleep(120)
+
 def scored():
     return {"acc": 0.75}  # numbers a `call:` step returns are logged to its MLflow child run
 
@@ -132,6 +136,16 @@ while not os.path.exists(a.flag):
 print("second line")
 '''
 
+STAMP = '''
+import argparse, json, time
+p = argparse.ArgumentParser()
+p.add_argument("--out")
+a = p.parse_args()
+start = time.time()
+time.sleep(1.0)
+open(a.out, "w").write(json.dumps([start, time.time()]))
+'''
+
 READDATA = '''
 import argparse, os
 p = argparse.ArgumentParser()
@@ -187,6 +201,13 @@ workflows:
   withdata:
     steps:
       - {name: read, run: "python readdata.py", params: {data: {type: path}}}
+  exclusive:
+    steps:
+      - {name: one, run: "python stamp.py", params: {out: {type: str}}, resources: {custom: {node_a: 1}}}
+      - {name: two, run: "python stamp.py", params: {out: {type: str}}, resources: {custom: {node_a: 1}}}
+  napping:
+    steps:
+      - {name: nap, call: "steps:nap"}
   scoring:
     steps:
       - {name: quiet, call: "steps:quiet"}
@@ -231,6 +252,7 @@ def spec(tmp_path: Path) -> Path:
     (d / "survivor.py").write_text(textwrap.dedent(SURVIVOR))
     (d / "talker.py").write_text(textwrap.dedent(TALKER))
     (d / "readdata.py").write_text(textwrap.dedent(READDATA))
+    (d / "stamp.py").write_text(textwrap.dedent(STAMP))
     (d / "hold.py").write_text(textwrap.dedent(HOLD))
     (d / "scanflow.yaml").write_text(SPEC)
     return d
@@ -343,6 +365,19 @@ def test_a_failing_step_is_retried_and_ends_with_its_exit_code_as_on_the_local_b
     assert [(n, "trying" in text) for n, text in kept] == [(1, True), (2, True), (3, True)]
 
 
+def test_steps_wanting_the_one_unit_of_a_resource_run_one_after_the_other_on_its_node(
+        ray_settings: Settings, spec: Path, tmp_path: Path) -> None:
+    engine = backends.engine(ray_settings, Store(ray_settings.store))
+    res = engine.run(load_application(spec), "exclusive",
+                     {"one.out": str(tmp_path / "one.json"), "two.out": str(tmp_path / "two.json")})
+    assert res.ok, res.error
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert one[1] <= two[0] or two[1] <= one[0]  # both in flight, never at once: Ray admitted them
+    for name in ("one", "two"):
+        log = "".join(t for _, t in engine.logs(res.run_id, name))
+        assert f"on Ray node {node_with('node_a')[:12]}" in log
+
+
 def test_a_call_step_gets_an_mlflow_child_run_on_its_node_only_when_it_logs(
         ray_settings: Settings, spec: Path) -> None:
     engine = backends.engine(ray_settings, Store(ray_settings.store))
@@ -385,6 +420,20 @@ def test_a_timeout_kills_the_step_on_its_node_and_fails_it(ray_settings: Setting
     engine = backends.engine(ray_settings, Store(ray_settings.store))
     res = engine.run(load_application(spec), "slow")
     assert res.status == "failed" and "timed out after 1s (process tree killed)" in (res.error or "")
+
+
+def test_cancel_stops_a_lone_call_step_on_its_node_at_once(ray_settings: Settings, spec: Path) -> None:
+    engine = backends.engine(ray_settings, Store(ray_settings.store))
+    run_id = engine.submit(load_application(spec), "napping", status="running")
+    done: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: done.update(res=engine.execute(run_id)), daemon=True)
+    t.start()
+    wait_for(lambda: engine.store.list_steps(run_id)[0].status == "running", timeout=60,
+             what="the step running")
+    assert engine.cancel(run_id) == "cancelling"
+    wait_for(lambda: "res" in done, timeout=20, what="the run settled after cancel (not after the nap)")
+    assert done["res"].status == "cancelled"
+    assert engine.store.list_steps(run_id)[0].status == "cancelled"
 
 
 def test_cancel_kills_the_steps_process_tree_on_its_node(
@@ -671,6 +720,32 @@ def test_engine_serve_runs_the_queue_on_the_cluster_fairly_across_teams(
         t.join(30)
     order = sorted(ids, key=lambda i: store.get_run(i).started_at)  # type: ignore[union-attr]
     assert order.index(ids[-1]) <= 1
+
+
+def test_a_ray_worker_killed_mid_step_takes_its_step_process_with_it_and_the_step_is_retried(
+        ray_settings: Settings, spec: Path, tmp_path: Path) -> None:
+    engine = backends.engine(ray_settings, Store(ray_settings.store))
+    pids_file = tmp_path / "pids"
+    run_id = engine.submit(load_application(spec), "survive", {"pids": str(pids_file)}, status="running")
+    done: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: done.update(res=engine.execute(run_id)), daemon=True)
+    t.start()
+    step_pid = int(wait_for(lambda: pids_file.exists() and pids_file.read_text(), timeout=60,
+                            what="the step started on a node"))
+    worker = _ppid(step_pid)
+    os.kill(worker, signal.SIGKILL)  # as the OOM killer would
+    try:
+        wait_for(lambda: not pid_alive(step_pid), timeout=15,
+                 what="the step's process killed with its worker")
+        wait_for(lambda: "res" in done, timeout=90, what="the run settled after the worker died")
+    finally:
+        if pid_alive(step_pid):
+            os.kill(step_pid, signal.SIGKILL)
+    res = done["res"]
+    assert res.ok, res.error
+    assert engine.store.list_steps(run_id)[0].attempts == 2  # the retry, never beside the first try
+    log = "".join(t for _, t in engine.logs(run_id, "long"))
+    assert "--- attempt 1: its Ray task failed ---" in log and "attempt 2 done" in log
 
 
 def test_a_worker_nodes_raylet_killed_mid_step_retries_the_step_on_the_other_node(

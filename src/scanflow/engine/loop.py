@@ -88,7 +88,7 @@ class RunLoop:
             # In the store too (next batch), for `runs show` from another shell or machine.
             self._rows[step.name] = {"id": self.ids[step.name], "status": "running",
                                      "started_at": time.time()}
-            if self._in_flight == 0 and not self.sched.has_ready() and step.call is not None:
+            if self._in_flight == 0 and not self.sched.has_ready() and self.runner.runs_here(step):
                 # Alone and in-process (a chain): run it here, no thread hand-off.
                 self._settle(step.name, self._run(step))
                 continue

@@ -202,6 +202,9 @@ class RayStepRunner(StepRunner):
     def missing_outputs(self, outputs: dict[str, Path]) -> list[str]:
         return []  # checked on the node, before the outputs are uploaded
 
+    def runs_here(self, step: Step) -> bool:
+        return False  # on a node: the loop keeps polling the run's cancel flag while it waits
+
     def run_ended(self, st: RunState) -> None:
         self.logs.flush()  # every ended attempt's log in the store before the run is recorded
 

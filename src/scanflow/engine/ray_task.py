@@ -30,7 +30,7 @@ from scanflow.engine.cache import file_digest
 from scanflow.engine.journal import Journal, replay
 from scanflow.engine.resources import ResourcePool
 from scanflow.engine.steps import Outcome, RunState, StepChild, StepRunner, child_tags
-from scanflow.procs import kill_group
+from scanflow.procs import GroupReaper, kill_group
 from scanflow.settings import Settings
 from scanflow.spec.code import importable, stage
 from scanflow.spec.loader import resolve_callable
@@ -226,6 +226,7 @@ APPS_KEPT = 8  # unpickled applications a worker keeps (one per recent run)
 _apps: OrderedDict[str, Application] = OrderedDict()
 _trackers: dict[tuple[str, str | None], Any] = {}
 _settings: dict[tuple[str, str | None, str], Settings] = {}
+_reaper = GroupReaper()  # this worker's: its steps' processes die with it, however it dies
 
 
 def worker_app(key: str, blob: bytes) -> Application:
@@ -284,6 +285,7 @@ def run_job(job: StepJob, package: bytes, app_blob: bytes) -> StepReport:
                       job.experiment, job.parent, False, threading.Event(), {},
                       code_dir=stage(app, work))
         runner = StepRunner(settings, tracker, ResourcePool(), track=job.track)
+        runner.reaper = _reaper
         make_child: StepChild | None = None
         if job.track:  # made ahead by the driver, or here on the step's first log (most log none)
             make_child = StepChild(lambda: tracker.start_run(

@@ -26,7 +26,7 @@ from scanflow.engine.cache import cache_key, code_fingerprint, file_digest
 from scanflow.engine.context import StepContext
 from scanflow.engine.journal import Journal
 from scanflow.engine.resources import ResourcePool
-from scanflow.procs import kill_group
+from scanflow.procs import GroupReaper, kill_group
 from scanflow.settings import Settings
 from scanflow.spec.code import importable, pythonpath
 from scanflow.spec.loader import resolve_callable
@@ -173,6 +173,10 @@ def child_tags(st: RunState, step: str) -> dict[str, str]:
 class StepRunner:
     """Runs the steps of local runs; one per engine, shared by its worker threads."""
 
+    # Kills the steps' process groups if this process dies (a Ray node's worker: `ray_task`);
+    # none locally, where the engine's journal lets `recover`/`resume` find them.
+    reaper: GroupReaper | None = None
+
     def __init__(self, settings: Settings, tracker: Tracker, pool: ResourcePool, track: bool) -> None:
         self.settings = settings
         self.tracker = tracker
@@ -191,6 +195,11 @@ class StepRunner:
         """Whether `step` always needs its MLflow child run when it starts (so it is worth making
         ahead): a `run:` step's process gets its id; a `call:` step makes one only if it logs."""
         return step.run is not None
+
+    def runs_here(self, step: Step) -> bool:
+        """Whether `step` runs in this process (a `call:`): alone, the run loop runs it on its
+        own thread, with no hand-off (it could not be killed on a cancel anyway)."""
+        return step.call is not None
 
     def run_ended(self, st: RunState) -> None:
         """Called when a run's loop ended, before its result is recorded: what this runner
@@ -319,6 +328,8 @@ class StepRunner:
             except OSError as exc:
                 return Outcome("failed", None, f"step {step.name} could not start: {exc}")
             st.journal.write(step.name, "running", attempt=attempt, pid=proc.pid, pgid=proc.pid)
+            if self.reaper is not None:
+                self.reaper.add(proc.pid)
             with st.lock:
                 st.procs[step.name] = proc
             timed_out = False
@@ -336,6 +347,8 @@ class StepRunner:
                 os.killpg(proc.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+            if self.reaper is not None:
+                self.reaper.remove(proc.pid)
         if timed_out:
             return Outcome("failed", code, f"step {step.name} timed out after {step.timeout:g}s "
                            f"(process tree killed); last lines of its log ({log_path}):\n"
