@@ -4,7 +4,6 @@ tests do), joined by this process, and the settings of a person running scanflow
 from __future__ import annotations
 
 import shutil
-import socket
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -15,12 +14,7 @@ from typing import Any
 import pytest
 
 from scanflow.settings import Settings, get_settings
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from support.mlflow_server import free_port
 
 
 @contextmanager
@@ -37,9 +31,9 @@ def ray_cluster(workers: list[dict[str, float]], dashboard: bool = False,
     before = set(apps.iterdir()) if apps.is_dir() else set()
     head: dict[str, Any] = {"num_cpus": 1, "include_dashboard": dashboard}
     if dashboard:
-        head.update(dashboard_host="127.0.0.1", dashboard_port=_free_port(),
-                    dashboard_agent_listen_port=_free_port())
-    client_port = _free_port() if client else None
+        head.update(dashboard_host="127.0.0.1", dashboard_port=free_port(),
+                    dashboard_agent_listen_port=free_port())
+    client_port = free_port() if client else None
     if client_port:
         head["ray_client_server_port"] = client_port
     c = Cluster(initialize_head=True, head_node_args=head)

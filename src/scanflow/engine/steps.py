@@ -103,7 +103,9 @@ class RunState:
     children: ChildRuns | None = None
 
 
-CHILD_RUN_THREADS = 4  # MLflow calls in flight at once (a server answers each in ~10-20 ms)
+# MLflow calls in flight at once: a tracking server answers several together (each takes it
+# ~10-20 ms); a SQLite tracking file takes one writer at a time, and threads only contend.
+SERVER_CHILD_RUN_THREADS = 4
 
 
 class ChildRuns:
@@ -115,16 +117,18 @@ class ChildRuns:
     was most of a tracked `run:` step's overhead (a `call:` step makes one only when it logs,
     so none is made ahead for it). Made in the run's step order while the steps before
     run, it is ready when its step starts; a step's `end_run` is queued behind it, so the next
-    step does not wait for it either. A few threads make them (in step order, a step's run
-    made before it is ended, as its end is queued only once its step has it), so that steps
-    shorter than a round trip to the server do not wait on one thread; `close()` waits for all
+    step does not wait for it either. For a tracking server a few threads make them (in step
+    order; a step's run is made before it is ended, as its end is queued only once its step
+    has it), so that steps shorter than a round trip to the server do not wait on one thread;
+    for a SQLite file one thread does (its writers queue anyway). `close()` waits for all
     of them and deletes the runs made for steps that never ran (cached, skipped or cancelled),
     before the parent run's lineage is written."""
 
     def __init__(self, tracker: Tracker, exp: str, parent: str,
                  ahead: list[tuple[str, dict[str, str], dict[str, Any]]]) -> None:
         self.tracker = tracker
-        self._pool = ThreadPoolExecutor(CHILD_RUN_THREADS, thread_name_prefix="mlflow-child-runs")
+        threads = SERVER_CHILD_RUN_THREADS if tracker.uri.startswith(("http://", "https://")) else 1
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="mlflow-child-runs")
         self._made = {name: self._pool.submit(tracker.start_run, exp, name, tags, params=params,
                                               parent=parent)
                       for name, tags, params in ahead}

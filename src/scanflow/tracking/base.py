@@ -22,6 +22,8 @@ TAG_TEAM = "scanflow.team"
 class Tracker(Protocol):
     """Experiments per app/team, parent/child runs, and a registry with aliases."""
 
+    uri: str  # where it tracks (an MLflow tracking URI: a server or a local database)
+
     # -- experiments and runs -----------------------------------------------------------------
     def experiment_id(self, app: str, team: str) -> str:
         """The experiment of (app, team), created on first use."""
