@@ -765,6 +765,9 @@ def test_a_worker_nodes_raylet_killed_mid_step_retries_the_step_on_the_other_nod
     try:
         os.kill(raylet, signal.SIGKILL)
         wait_for(lambda: "res" in done, timeout=90, what="the run settled after its node died")
+        # the worker Ray left running exits once its raylet is gone 30 s, its step with it
+        wait_for(lambda: not pid_alive(step_pid) and not pid_alive(worker), timeout=60,
+                 what="the orphaned step and its worker gone")
     finally:
         for pid in (step_pid, worker):  # orphaned by the dead raylet (a dead machine takes them)
             if pid_alive(pid):

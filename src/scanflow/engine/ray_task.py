@@ -20,6 +20,7 @@ import shutil
 import socket
 import tempfile
 import threading
+import time
 import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -227,6 +228,31 @@ _apps: OrderedDict[str, Application] = OrderedDict()
 _trackers: dict[tuple[str, str | None], Any] = {}
 _settings: dict[tuple[str, str | None, str], Settings] = {}
 _reaper = GroupReaper()  # this worker's: its steps' processes die with it, however it dies
+RAYLET_GONE_GRACE = 30.0  # seconds a worker outlives its raylet before it exits (see `watch_raylet`)
+_watching: list[threading.Thread] = []
+
+
+def watch_raylet() -> None:
+    """Exit this worker once its raylet (its parent process) has been gone `RAYLET_GONE_GRACE`
+    seconds. Ray leaves such a worker running, and with it the step it runs, on a node that has
+    left the cluster (the driver has retried the step elsewhere by then: it sees the node dead
+    within ~20 s); exiting closes the reaper's pipe, so the step's processes go too."""
+    if _watching:
+        return
+    raylet = os.getppid()
+
+    def watch() -> None:
+        gone: float | None = None
+        while True:
+            time.sleep(1.0)
+            if os.getppid() == raylet:
+                continue
+            gone = gone or time.monotonic()
+            if time.monotonic() - gone >= RAYLET_GONE_GRACE:
+                os._exit(70)  # the reaper, at its pipe's end, kills the steps' process groups
+
+    _watching.append(threading.Thread(target=watch, daemon=True, name="scanflow-raylet-watch"))
+    _watching[0].start()
 
 
 def worker_app(key: str, blob: bytes) -> Application:
@@ -263,6 +289,7 @@ def run_job(job: StepJob, package: bytes, app_blob: bytes) -> StepReport:
     """Run one attempt here: fetch inputs, run the step in the unpacked app folder, upload
     outputs; the log goes back to the driver in the report."""
 
+    watch_raylet()
     work = Path(tempfile.mkdtemp(prefix=f"scanflow-{job.run_id[:12]}-{job.step.name}-"))
     log_path = node_log(job, work)  # before the node is published: a reader finds the file
     placement = Placement(job.placement_key)
