@@ -722,8 +722,10 @@ def test_engine_serve_runs_the_queue_on_the_cluster_fairly_across_teams(
     assert order.index(ids[-1]) <= 1
 
 
-def test_a_ray_worker_killed_mid_step_takes_its_step_process_with_it_and_the_step_is_retried(
-        ray_settings: Settings, spec: Path, tmp_path: Path) -> None:
+def _start_survivor(ray_settings: Settings, spec: Path, tmp_path: Path
+                    ) -> tuple[Any, str, dict[str, Any], int]:
+    """The `survive` workflow running on a driver thread: (engine, run id, where its result
+    lands, the pid of its first try's step process once started)."""
     engine = backends.engine(ray_settings, Store(ray_settings.store))
     pids_file = tmp_path / "pids"
     run_id = engine.submit(load_application(spec), "survive", {"pids": str(pids_file)}, status="running")
@@ -732,6 +734,12 @@ def test_a_ray_worker_killed_mid_step_takes_its_step_process_with_it_and_the_ste
     t.start()
     step_pid = int(wait_for(lambda: pids_file.exists() and pids_file.read_text(), timeout=60,
                             what="the step started on a node"))
+    return engine, run_id, done, step_pid
+
+
+def test_a_ray_worker_killed_mid_step_takes_its_step_process_with_it_and_the_step_is_retried(
+        ray_settings: Settings, spec: Path, tmp_path: Path) -> None:
+    engine, run_id, done, step_pid = _start_survivor(ray_settings, spec, tmp_path)
     worker = _ppid(step_pid)
     os.kill(worker, signal.SIGKILL)  # as the OOM killer would
     try:
@@ -751,14 +759,7 @@ def test_a_ray_worker_killed_mid_step_takes_its_step_process_with_it_and_the_ste
 def test_a_worker_nodes_raylet_killed_mid_step_retries_the_step_on_the_other_node(
         cluster: Any, ray_settings: Settings, spec: Path, tmp_path: Path) -> None:
     """Last in the module: it takes a worker node away."""
-    engine = backends.engine(ray_settings, Store(ray_settings.store))
-    pids_file = tmp_path / "pids"
-    run_id = engine.submit(load_application(spec), "survive", {"pids": str(pids_file)}, status="running")
-    done: dict[str, Any] = {}
-    t = threading.Thread(target=lambda: done.update(res=engine.execute(run_id)), daemon=True)
-    t.start()
-    step_pid = int(wait_for(lambda: pids_file.exists() and pids_file.read_text(), timeout=60,
-                            what="the step started on a worker node"))
+    engine, run_id, done, step_pid = _start_survivor(ray_settings, spec, tmp_path)
     worker = _ppid(step_pid)
     raylet = _ppid(worker)  # step <- Ray worker <- raylet
     victim = next(n for n in cluster.worker_nodes if n.all_processes["raylet"][0].process.pid == raylet)

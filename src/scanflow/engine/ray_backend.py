@@ -223,24 +223,24 @@ class RayStepRunner(StepRunner):
 
     def _run_subprocess(self, st: RunState, step: Step, params: dict[str, Any],
                         inputs: dict[str, Path], outputs: dict[str, Path], log_path: Path,
-                        attempt: int, make_child: Any) -> Outcome:
+                        attempt: int, make_child: StepChild | None) -> Outcome:
         return self._on_cluster(st, step, params, inputs, outputs, log_path, attempt, make_child)
 
     def _run_callable(self, st: RunState, step: Step, fn: Any, params: dict[str, Any],
                       inputs: dict[str, Path], outputs: dict[str, Path], log_path: Path,
-                      attempt: int, make_child: Any) -> Outcome:
+                      attempt: int, make_child: StepChild | None) -> Outcome:
         return self._on_cluster(st, step, params, inputs, outputs, log_path, attempt, make_child)
 
     def _on_cluster(self, st: RunState, step: Step, params: dict[str, Any],
                     inputs: dict[str, Path], outputs: dict[str, Path], log_path: Path,
-                    attempt: int, make_child: Any) -> Outcome:
+                    attempt: int, make_child: StepChild | None) -> Outcome:
         assert st.parent is not None, "the ray backend needs tracking (outputs travel through MLflow)"
         key = f"{st.run.id}/{step.name}/{attempt}"
         # A `run:` step's process needs its child run's id (made ahead, `ChildRuns`); a `call:`
         # step's is made on the node only if the step logs, and its id comes back in the report.
-        child = make_child() if make_child is not None and step.run is not None else None
-        if child is None and isinstance(make_child, StepChild):
-            child = make_child.id  # made by an earlier attempt
+        child = None
+        if make_child is not None:  # made ahead, or by an earlier attempt
+            child = make_child() if step.run is not None else make_child.id
         package, app_ref, app_key = self._package(st)
         job = StepJob(app_key, st.run.id, step, params, {k: str(v) for k, v in inputs.items()},
                       {k: str(v) for k, v in outputs.items()}, attempt, st.parent, st.exp,
@@ -251,7 +251,7 @@ class RayStepRunner(StepRunner):
         submitted = time.monotonic()
         try:
             out = self._wait(st, step, ref, key, attempt, log_path)
-            if out.mlflow_run_id and isinstance(make_child, StepChild) and make_child.id is None:
+            if out.mlflow_run_id and make_child is not None and make_child.id is None:
                 make_child.id = out.mlflow_run_id  # made on the node; the driver ends it
             return out
         finally:

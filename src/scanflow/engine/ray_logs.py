@@ -16,7 +16,6 @@ from __future__ import annotations
 import codecs
 import logging
 import queue
-import re
 import socket
 import tempfile
 import threading
@@ -189,15 +188,23 @@ class StepLogKeeper:
 
 class StoreStepLogs:
     """A step's log for a run whose driver is on another machine (`scanflow run --detach`):
-    the driver's whole copy, which it keeps on the parent MLflow run when it ends, else each
-    ended attempt's log as kept in the store (`StepLogKeeper`)."""
+    the driver's whole copy, which it keeps on the parent MLflow run when it ends
+    (`scanflow/logs/STEP.log`), else each ended attempt's log as kept in the store
+    (`StepLogKeeper`)."""
 
     def __init__(self, tracker: Any, store: Any) -> None:
-        self.mlflow = MlflowStepLogs(tracker)
+        self.tracker = tracker
         self.store = store
 
     def whole(self, run_id: str, parent: str, step: str) -> str | None:
-        return self.mlflow.whole(run_id, parent, step)
+        try:
+            if f"{LOGS_DIR}/{step}.log" not in self.tracker.list_artifacts(parent, LOGS_DIR):
+                return None
+            with tempfile.TemporaryDirectory(prefix="scanflow-log-") as tmp:
+                path = self.tracker.download(parent, f"{LOGS_DIR}/{step}.log", tmp)
+                return Path(path).read_text(errors="replace")
+        except Exception:  # noqa: BLE001 - MLflow away for a moment: nothing yet
+            return None
 
     def attempts(self, run_id: str, parent: str, step: str) -> str:
         """The ended attempts' logs so far, each under a line that says which it is."""
@@ -209,46 +216,4 @@ class StoreStepLogs:
                        for n, text in kept)
 
 
-class MlflowStepLogs:
-    """A step's log as kept on the run's parent MLflow run: the driver's copy
-    (`scanflow/logs/STEP.log`, kept by a detached run's driver when it ends), else each ended
-    attempt's log (`scanflow/logs/STEP/attempt-N.log`, kept by its node). For runs whose driver
-    is not on this machine (`scanflow run --detach`)."""
-
-    def __init__(self, tracker: Any) -> None:
-        self.tracker = tracker
-        self._ended: dict[tuple[str, str, int], str] = {}  # an attempt's kept log never changes
-
-    def _text(self, parent: str, path: str) -> str:
-        with tempfile.TemporaryDirectory(prefix="scanflow-log-") as tmp:
-            return Path(self.tracker.download(parent, path, tmp)).read_text(errors="replace")
-
-    def whole(self, run_id: str, parent: str, step: str) -> str | None:
-        try:
-            if f"{LOGS_DIR}/{step}.log" in self.tracker.list_artifacts(parent, LOGS_DIR):
-                return self._text(parent, f"{LOGS_DIR}/{step}.log")
-        except Exception:  # noqa: BLE001 - MLflow away for a moment: nothing yet
-            return None
-        return None
-
-    def attempts(self, run_id: str, parent: str, step: str) -> str:
-        """The ended attempts' logs so far, each under a line that says which it is."""
-        try:
-            names = self.tracker.list_artifacts(parent, f"{LOGS_DIR}/{step}")
-        except Exception:  # noqa: BLE001 - MLflow away for a moment: nothing yet
-            return ""
-        found = {}
-        for name in names:
-            m = re.fullmatch(rf"{re.escape(LOGS_DIR)}/{re.escape(step)}/attempt-(\d+)\.log", name)
-            if m:
-                found[int(m[1])] = name
-        parts = []
-        for n in sorted(found):
-            key = (parent, step, n)
-            if key not in self._ended:
-                self._ended[key] = self._text(parent, found[n])
-            parts.append(f"--- attempt {n} ended (its log as kept in MLflow) ---\n{self._ended[key]}")
-        return "".join(parts)
-
-
-__all__ = ["LiveStream", "MlflowStepLogs", "RayLiveLogs", "StepLogKeeper", "StoreStepLogs"]
+__all__ = ["LiveStream", "RayLiveLogs", "StepLogKeeper", "StoreStepLogs"]

@@ -313,7 +313,7 @@ class StepRunner:
 
     def _run_subprocess(self, st: RunState, step: Step, params: dict[str, Any],
                         inputs: dict[str, Path], outputs: dict[str, Path], log_path: Path,
-                        attempt: int, make_child: Callable[[], str] | None) -> Outcome:
+                        attempt: int, make_child: StepChild | None) -> Outcome:
         argv = command_for(step, params, {**inputs, **outputs})
         env = {**os.environ, **self.settings.child_env(), "SCANFLOW_RUN_ID": st.run.id,
                "SCANFLOW_STEP": step.name, "SCANFLOW_ATTEMPT": str(attempt), "PYTHONUNBUFFERED": "1"}
@@ -364,7 +364,7 @@ class StepRunner:
 
     def _run_callable(self, st: RunState, step: Step, fn: Callable[..., Any], params: dict[str, Any],
                       inputs: dict[str, Path], outputs: dict[str, Path], log_path: Path,
-                      attempt: int, make_child: Callable[[], str] | None) -> Outcome:
+                      attempt: int, make_child: StepChild | None) -> Outcome:
         def no_tracking() -> str:
             raise RuntimeError("MLflow tracking is off for this engine")
 
