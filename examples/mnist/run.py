@@ -7,7 +7,7 @@ data publishes MNIST -> datascience trains two candidates and registers the best
 2. corruption A (default brightness) until the agents have detected it, retrained on newly
    labelled samples, gated, promoted and rolled out a new model; then more A digits;
 3. a load spike (4x the request rate, from twice the clients) that the planner answers by scaling;
-4. corruption B (default fog, another family) until the second promotion; then more B digits;
+4. corruption B (default impulse noise, another family) until the second promotion; then more B digits;
 5. a person promotes a deliberately bad candidate by hand, bypassing the gate: the planner's
    probation must roll it back;
 
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p.add_argument("--corruption-a", default="brightness", choices=sorted(CORRUPTIONS))
     p.add_argument("--severity-a", type=int, default=2, choices=range(1, 6))
-    p.add_argument("--corruption-b", default="fog", choices=sorted(CORRUPTIONS))
+    p.add_argument("--corruption-b", default="impulse_noise", choices=sorted(CORRUPTIONS))
     p.add_argument("--severity-b", type=int, default=2, choices=range(1, 6))
     p.add_argument("--rate", type=float, default=100.0, help="requests per second")
     p.add_argument("--clean", type=int, default=3000, help="clean requests before the drift")

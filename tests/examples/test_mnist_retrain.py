@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples" / "mnist"
 sys.path.insert(0, str(EXAMPLES))
 
+import mnist_cnn  # noqa: E402
 from mnist_common import (  # noqa: E402
     augmented_views,
     build_model,
@@ -120,6 +121,32 @@ def test_fine_tune_adapts_the_champion_to_the_drift_and_leaves_it_untouched(digi
     assert mlp_hidden(tuned) == 32
 
 
+def test_the_cnn_learns_the_drift_from_a_few_labels_and_leaves_the_champion_untouched(digits) -> None:
+    """The case study's model: hurt by a brightness drift, back within a few points of clean
+    after one epoch on the clean images plus shifted views of 200 drifted ones, and a copy."""
+    x_train, y_train, x_test, y_test = digits
+    champion = mnist_cnn.train(flat(x_train), y_train, epochs=10, augment=0.0)
+    before = champion.predict(flat(x_test)).copy()
+    clean_acc = float(np.mean(before == y_test))
+    drift_acc = float(np.mean(champion.predict(flat(_lift(x_test))) == y_test))
+    assert clean_acc >= 0.95 and drift_acc <= clean_acc - 0.2, (clean_acc, drift_acc)
+    new = shifted_copies(flat(_lift(x_train[:200])), 5, 1, np.random.default_rng(0))
+    x = np.concatenate([flat(x_train), new])
+    y = np.concatenate([y_train, np.tile(y_train[:200], 5)])
+
+    tuned = mnist_cnn.fine_tune(champion, x, y, epochs=2)
+
+    tuned_drift = float(np.mean(tuned.predict(flat(_lift(x_test))) == y_test))
+    tuned_clean = float(np.mean(tuned.predict(flat(x_test)) == y_test))
+    assert tuned_drift >= clean_acc - 0.05, (clean_acc, drift_acc, tuned_drift)
+    assert tuned_clean >= clean_acc - 0.02, (clean_acc, tuned_clean)
+    assert np.array_equal(champion.predict(flat(x_test)), before)
+    probs = tuned.predict_proba(flat(x_test[:3]))
+    assert probs.shape == (3, 10) and np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    with pytest.raises(ValueError, match="8x8"):  # another image size is refused, not reshaped
+        mnist_cnn.fine_tune(champion, np.zeros((4, 28 * 28)), np.zeros(4, int))
+
+
 def _publish(tmp: Path, dataset: Path, champion: object, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """A tracking store as the case study leaves it before a retrain: the data team's published
     dataset and a registered champion. Returns the environment a step runs with (this process
@@ -144,16 +171,17 @@ def _publish(tmp: Path, dataset: Path, champion: object, monkeypatch: pytest.Mon
         shutil.copy(dataset, tmp / "datasets" / "mnist.npz")
         mlflow.log_artifact(str(tmp / "datasets" / "mnist.npz"), "datasets")
     with mlflow.start_run(experiment_id=client.create_experiment("mnist/datascience")):
-        version = log_model_with_reference(champion, np.zeros((5, 64), np.uint8), "mnist-clf")
+        version = log_model_with_reference(champion, np.zeros((5, 64), np.uint8), "mnist-clf",
+                                           x_example=np.zeros((5, 64)), **mnist_cnn.mlflow_extras(champion))
     client.set_registered_model_alias("mnist-clf", "champion", version)
     return {**os.environ, **env}
 
 
-def _run_retrain(tmp: Path, env: dict[str, str], new: Path, hidden: int) -> str:
+def _run_retrain(tmp: Path, env: dict[str, str], new: Path, hidden: int, arch: str = "mlp") -> str:
     proc = subprocess.run(
         [sys.executable, str(EXAMPLES / "datascience" / "steps" / "retrain.py"), "--new_data", str(new),
-         "--report", str(tmp / f"report-{hidden}.json"), "--hidden", str(hidden), "--max_iter", "20",
-         "--clean_subset", "600", "--oversample", "3"],
+         "--report", str(tmp / f"report-{arch}{hidden}.json"), "--arch", arch, "--hidden", str(hidden),
+         "--max_iter", "20" if arch == "mlp" else "2", "--clean_subset", "600", "--oversample", "3"],
         # the spec's code_paths (mnist_common), as the engine provides them to the step
         env={**env, "PYTHONPATH": os.pathsep.join([str(EXAMPLES), env.get("PYTHONPATH", "")])},
         capture_output=True, text=True, timeout=240, cwd=tmp,
@@ -184,12 +212,44 @@ def test_retrain_step_registers_a_challenger_better_on_the_drift_and_leaves_the_
     # What the promotion gate reads: the candidate is better on the held-out drifted rows.
     assert float(tags["eval.candidate_acc_new"]) >= float(tags["eval.champion_acc_new"]) + 0.2, tags
     assert float(tags["eval.candidate_acc_clean"]) >= float(tags["eval.champion_acc_clean"]) - 0.03, tags
-    assert str(json.loads((tmp_path / "report-32.json").read_text())["version"]) == str(cand.version)
+    assert str(json.loads((tmp_path / "report-mlp32.json").read_text())["version"]) == str(cand.version)
 
     # A champion of another architecture (promoted by hand) is not continued: a fresh model.
     said = _run_retrain(tmp_path, env, new, 16)
     assert "training from scratch instead" in said, said
     assert str(client.get_model_version_by_alias("mnist-clf", "challenger").version) == "3"
+
+
+def test_retrain_step_continues_a_cnn_champion_and_its_challenger_loads_where_the_example_is_not(
+        digits, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow
+
+    x_train, y_train, x_test, y_test = digits
+    dataset = tmp_path / "mnist.npz"
+    np.savez(dataset, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    new = tmp_path / "new.npz"
+    np.savez(new, x_new=flat(_lift(x_test[:250])), y_new=y_test[:250],
+             x_holdout=flat(_lift(x_test[250:])), y_holdout=y_test[250:])
+    champion = mnist_cnn.train(flat(x_train), y_train, epochs=10, augment=0.0)
+    env = _publish(tmp_path, dataset, champion, monkeypatch)
+
+    said = _run_retrain(tmp_path, env, new, 0, arch="cnn")
+    assert "continued from models:/mnist-clf/1" in said, said
+    tags = mlflow.MlflowClient().get_model_version_by_alias("mnist-clf", "challenger").tags
+    assert float(tags["eval.candidate_acc_new"]) >= float(tags["eval.champion_acc_new"]) + 0.2, tags
+    assert float(tags["eval.candidate_acc_clean"]) >= float(tags["eval.champion_acc_clean"]) - 0.03, tags
+
+    # Loaded as the model server and the promotion gate load it (mlflow.pyfunc), by a process
+    # that cannot import the example's modules: the logged model carries mnist_cnn.py.
+    code = ("import sys, mlflow, numpy as np\n"
+            "m = mlflow.pyfunc.load_model('models:/mnist-clf@challenger')\n"
+            "z = np.load(sys.argv[1])\n"
+            "print(float(np.mean(m.predict(z['x_holdout']) == z['y_holdout'])))")
+    served = subprocess.run([sys.executable, "-c", code, str(new)], capture_output=True, text=True,
+                            env={k: v for k, v in env.items() if k != "PYTHONPATH"}, cwd=tmp_path,
+                            timeout=120)
+    assert served.returncode == 0, served.stderr[-3000:]
+    assert float(served.stdout.split()[-1]) == pytest.approx(float(tags["eval.candidate_acc_new"]), abs=1e-5)
 
 
 @pytest.mark.slow

@@ -113,6 +113,65 @@ def test_a_model_is_logged_with_its_reference_where_the_analyzer_reads_it(
         log_model_with_reference(model, np.array([["a", "b"], ["c", "d"]]), "ref-model")
 
 
+PYFUNC_MODULE = """
+import mlflow.pyfunc
+import numpy as np
+
+
+class AboveModel(mlflow.pyfunc.PythonModel):
+    def __init__(self, k):
+        self.k = k
+
+    def predict(self, model_input: np.ndarray, params=None) -> np.ndarray:
+        return (np.asarray(model_input)[:, 0] > self.k).astype(int)
+"""
+
+
+def test_a_python_model_is_logged_with_its_code_and_loads_where_that_code_is_not(
+    registry: MlflowTracker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Any framework's model as an mlflow.pyfunc.PythonModel (the MNIST example's torch CNN):
+    logged with the file that defines its class, it loads in a process that cannot import it,
+    as the model server and the promotion gate load it."""
+    import subprocess
+    import sys
+
+    code_dir = tmp_path / "code"
+    code_dir.mkdir()
+    (code_dir / "above_model.py").write_text(PYFUNC_MODULE)
+    monkeypatch.syspath_prepend(str(code_dir))
+    import above_model
+
+    x = np.random.default_rng(0).normal(size=(40, 3))
+    model = above_model.AboveModel(0.5)
+    version = log_model_with_reference(model, x, "py-model", code_paths=[str(code_dir / "above_model.py")],
+                                       pip_requirements=["numpy", "scikit-learn>=1"])
+    assert registry.model_loader("py-model", version) == "mlflow.pyfunc.model"
+    assert {"numpy", "scikit-learn"} <= set(registry.model_requirements("py-model", version))
+    # The model server preloads what the requirements name: the loader says nothing of it.
+    from scanflow.serving.deployer import LocalDeployer
+    from scanflow.store import Store
+
+    deployer = LocalDeployer(registry.settings, Store(registry.settings.store), tracker=registry)
+    assert "sklearn" in deployer._preload("py-model", version)
+    uri = registry.uri
+    load = ("import sys, mlflow, numpy as np\n"
+            f"mlflow.set_tracking_uri({uri!r})\n"
+            f"m = mlflow.pyfunc.load_model('models:/py-model/{version}')\n"
+            "print(m.predict(np.array([[0.0, 1, 1], [0.9, 0, 0]])).tolist())")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True, env=env,
+                         cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[-2] == "[0, 1]"
+
+    sk, _ = _fitted(1)
+    with pytest.raises(ContractError, match="code_paths and pip_requirements are for"):
+        log_model_with_reference(sk, x, "py-model", code_paths=[str(code_dir / "above_model.py")])
+    assert registry.alias_version("py-model", "champion") is None
+    assert [str(v.version) for v in registry.client.search_model_versions("name='py-model'")] == [version]
+
+
 def test_published_evaluation_is_what_the_gate_reads(registry: MlflowTracker) -> None:
     candidate, x = _fitted(1)
     champion, _ = _fitted(2)

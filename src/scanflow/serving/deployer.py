@@ -45,6 +45,7 @@ from scanflow.serving.batching import BatchConfig
 from scanflow.serving.master import (
     BASE_PRELOAD,
     FLAVOUR_LIBS,
+    REQUIREMENT_LIBS,
     free_port,
     start_master,
     tail,
@@ -159,10 +160,13 @@ class LocalDeployer(Deployer):
         mods += [f"mlflow.store.tracking.{kind}_store", f"mlflow.store.model_registry.{kind}_store"]
         try:
             loader = self.tracker.model_loader(model, version)
+            required = self.tracker.model_requirements(model, version)
         except Exception:  # an unreadable model fails in the worker with a proper message
-            loader = None
+            loader, required = None, []
         if loader:
             mods += [loader, *FLAVOUR_LIBS.get(loader, [])]
+        for name in required:
+            mods += [m for m in REQUIREMENT_LIBS.get(name, []) if m not in mods]
         return mods
 
     def _workers(self, master: int, workdir: Path) -> list[dict[str, Any]]:

@@ -20,6 +20,15 @@ FLAVOUR_LIBS = {
     "mlflow.lightgbm": ["lightgbm"],
     "mlflow.onnx": ["onnxruntime"],
 }
+# Libraries a version's requirements name, by package: an `mlflow.pyfunc.PythonModel`'s loader
+# (`mlflow.pyfunc.model`) says nothing of what it imports when unpickled (torch: ~2-4 s).
+REQUIREMENT_LIBS = {
+    "torch": ["torch"],
+    "scikit-learn": ["sklearn"],
+    "xgboost": ["xgboost"],
+    "lightgbm": ["lightgbm"],
+    "onnxruntime": ["onnxruntime"],
+}
 BASE_PRELOAD = ["scanflow.serving.app", "mlflow.pyfunc"]
 
 
@@ -57,5 +66,5 @@ def start_master(host: str, port: int, workdir: Path, log_path: Path,
         logf.close()
 
 
-__all__ = ["APP_FACTORY", "BASE_PRELOAD", "FLAVOUR_LIBS", "GUNICORN_CONF", "WORKER_CLASS",
+__all__ = ["APP_FACTORY", "BASE_PRELOAD", "FLAVOUR_LIBS", "GUNICORN_CONF", "REQUIREMENT_LIBS", "WORKER_CLASS",
            "free_port", "start_master", "tail"]

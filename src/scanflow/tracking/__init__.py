@@ -14,7 +14,12 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from scanflow.tracking.base import Tracker
-from scanflow.tracking.mlflow_tracking import MlflowTracker, configure_mlflow, log_sklearn_model
+from scanflow.tracking.mlflow_tracking import (
+    MlflowTracker,
+    configure_mlflow,
+    log_python_model,
+    log_sklearn_model,
+)
 
 if TYPE_CHECKING:
     from scanflow.tracking.contracts import (
@@ -46,4 +51,4 @@ def __getattr__(name: str) -> Any:
 
 __all__ = ["CHALLENGER_ALIAS", "NEW_DATA_PARAM", "REFERENCE_ARTIFACT", "ContractError", "MlflowTracker",
            "NewData", "Tracker", "configure_mlflow", "evaluate_candidate", "log_model_with_reference",
-           "log_sklearn_model", "publish_evaluation", "read_new_data", "write_new_data"]
+           "log_python_model", "log_sklearn_model", "publish_evaluation", "read_new_data", "write_new_data"]

@@ -111,3 +111,8 @@ class Tracker(Protocol):
     def model_loader(self, model: str, version: str) -> str | None:
         """The Python module that loads the version (how the model server preloads it)."""
         ...
+
+    def model_requirements(self, model: str, version: str) -> list[str]:
+        """The package names the version's requirements list (e.g. `torch` for a PythonModel
+        whose loader names no library), lower-case; [] when it lists none."""
+        ...

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from scanflow.tracking.mlflow_tracking import log_sklearn_model
+from scanflow.tracking.mlflow_tracking import log_python_model, log_sklearn_model
 
 REFERENCE_ARTIFACT = "reference/reference.npy"
 NEW_DATA_PARAM = "new_data"
@@ -61,10 +61,17 @@ class ContractError(ValueError):
 # -- 1. a model version with its reference sample -----------------------------------------
 def log_model_with_reference(
     model: Any, reference: Any, registered_name: str, *, x_example: Any = None, alias: str | None = None,
+    code_paths: list[str] | None = None, pip_requirements: list[str] | None = None,
 ) -> str:
-    """Log a scikit-learn-like model and its reference sample (rows of the distribution it was
-    trained for, e.g. 500-1,000 held-out training rows) in one MLflow run, register it as a new
-    version of `registered_name` (pointing `alias` at it if given) and return the version.
+    """Log a model and its reference sample (rows of the distribution it was trained for, e.g.
+    500-1,000 held-out training rows) in one MLflow run, register it as a new version of
+    `registered_name` (pointing `alias` at it if given) and return the version.
+
+    The model is a scikit-learn-like estimator (MLflow's sklearn flavour) or an
+    ``mlflow.pyfunc.PythonModel`` whose ``predict(x)`` returns one prediction per row (any
+    framework: torch, ...; ``code_paths`` and ``pip_requirements`` as in
+    :func:`~scanflow.tracking.mlflow_tracking.log_python_model`). Both are served and judged
+    through ``mlflow.pyfunc``.
 
     Uses the active MLflow run, or starts one (a scanflow step's run is active already).
     """
@@ -76,6 +83,9 @@ def log_model_with_reference(
     if ref.dtype.kind not in "biuf":  # the analyzer reads it without pickle and tests numbers
         raise ContractError(f"the reference sample must be numeric (the model's input features), got "
                             f"dtype {ref.dtype}")
+    if (code_paths or pip_requirements) and not _is_python_model(model):
+        raise ContractError("code_paths and pip_requirements are for an mlflow.pyfunc.PythonModel; "
+                            "a scikit-learn model records its own")
     example = ref[: min(5, len(ref))] if x_example is None else x_example
     active = mlflow.active_run()
     run = mlflow.start_run() if active is None else None
@@ -84,7 +94,11 @@ def log_model_with_reference(
             path = Path(tmp) / Path(REFERENCE_ARTIFACT).name
             np.save(path, ref)
             mlflow.log_artifact(str(path), str(Path(REFERENCE_ARTIFACT).parent))
-        _, version = log_sklearn_model(model, example, registered_name)
+        if _is_python_model(model):
+            _, version = log_python_model(model, example, registered_name, code_paths=code_paths,
+                                          pip_requirements=pip_requirements)
+        else:
+            _, version = log_sklearn_model(model, example, registered_name)
     finally:
         if run is not None:
             mlflow.end_run()
@@ -92,6 +106,12 @@ def log_model_with_reference(
     if alias:
         mlflow.MlflowClient().set_registered_model_alias(registered_name, alias, version)
     return version
+
+
+def _is_python_model(model: Any) -> bool:
+    from mlflow.pyfunc import PythonModel  # lazy: MLflow, as above
+
+    return isinstance(model, PythonModel)
 
 
 # -- 2. the new data of a retrain ----------------------------------------------------------

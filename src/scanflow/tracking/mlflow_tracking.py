@@ -17,7 +17,7 @@ from scanflow.settings import Settings
 from scanflow.tracking.base import TAG_APP, TAG_RUN, TAG_STEP, TAG_TEAM, TAG_WORKFLOW
 
 __all__ = ["TAG_APP", "TAG_RUN", "TAG_STEP", "TAG_TEAM", "TAG_WORKFLOW", "MlflowTracker",
-           "configure_mlflow", "log_sklearn_model"]
+           "configure_mlflow", "log_python_model", "log_sklearn_model"]
 
 TAG_PARENT = "mlflow.parentRunId"
 
@@ -244,6 +244,57 @@ class MlflowTracker:
         path = self.download_model(model, version, path="MLmodel")
         loader = Model.load(path).flavors.get("python_function", {}).get("loader_module")
         return str(loader) if loader else None
+
+    def model_requirements(self, model: str, version: str) -> list[str]:
+        from mlflow.exceptions import MlflowException  # lazy: MLflow, see the module doc
+        from packaging.requirements import InvalidRequirement, Requirement
+
+        try:
+            path = self.download_model(model, version, path="requirements.txt")
+        except (MlflowException, OSError):
+            return []
+        names = []
+        for line in path.read_text().splitlines():
+            line = line.split("#", 1)[0].strip()
+            if not line or line.startswith("-"):
+                continue
+            try:
+                names.append(Requirement(line).name.lower().replace("_", "-"))
+            except InvalidRequirement:
+                continue
+        return names
+
+
+def log_python_model(
+    model: Any,
+    x_example: Any,
+    registered_name: str | None = None,
+    *,
+    name: str = "model",
+    code_paths: list[str] | None = None,
+    pip_requirements: list[str] | None = None,
+) -> tuple[str, str | None]:
+    """Log an ``mlflow.pyfunc.PythonModel`` (e.g. a torch network with its pre- and
+    post-processing) into the active run, with an explicit signature; register it. -> (uri, version).
+
+    ``code_paths`` are the files that define the model's class: MLflow ships them with the model
+    and puts them on ``sys.path`` where it is loaded (the model server, the promotion gate).
+    ``pip_requirements`` are written as given; without them MLflow would infer them by loading
+    the model in a subprocess, seconds a retrain cannot spare.
+    """
+    import mlflow.pyfunc  # lazy: MLflow, see the module doc
+    from mlflow.models import infer_signature  # lazy: MLflow, see the module doc
+
+    signature = infer_signature(x_example, model.predict(x_example))
+    info = mlflow.pyfunc.log_model(
+        name=name, python_model=model, signature=signature, code_paths=code_paths,
+        pip_requirements=pip_requirements or [f"mlflow=={mlflow.__version__}"],
+    )
+    version = None
+    if registered_name:
+        mv = mlflow.register_model(info.model_uri, registered_name)
+        version = str(mv.version)
+    return info.model_uri, version
 
 
 def log_sklearn_model(

@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 import mlflow
-import mlflow.sklearn
+import mlflow.pyfunc
+import mnist_cnn
 import numpy as np
 from mlflow.tracking import MlflowClient
 from mnist_common import (
@@ -42,7 +43,9 @@ from scanflow.tracking.contracts import (
 p = argparse.ArgumentParser()
 p.add_argument("--new_data", required=True)
 p.add_argument("--report", required=True)
-p.add_argument("--hidden", type=int, default=128)
+p.add_argument("--arch", default="cnn", choices=["cnn", "mlp"],
+               help="the champion's architecture to continue (another one is trained afresh)")
+p.add_argument("--hidden", type=int, default=128, help="the MLP's hidden units")
 p.add_argument("--max_iter", type=int, default=5, help="epochs on top of the champion's")
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--clean_subset", type=int, default=12000, help="clean training images kept; 0 = all")
@@ -63,7 +66,10 @@ with tempfile.TemporaryDirectory() as tmp:
     d = load_npz(latest_dataset(Path(tmp)))
 t_data = time.time()
 version = MlflowClient().get_model_version_by_alias(MODEL_NAME, "champion").version
-champion = mlflow.sklearn.load_model(f"models:/{MODEL_NAME}/{version}")
+loaded = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}/{version}")
+# the object itself (a CNN PythonModel or a scikit-learn pipeline), to fine-tune a copy of it
+champion = (loaded.unwrap_python_model() if loaded.metadata.flavors.get("python_function", {})
+            .get("loader_module") == "mlflow.pyfunc.model" else loaded.get_raw_model())
 t_champion = time.time()
 
 rng = np.random.default_rng(a.seed)
@@ -80,15 +86,23 @@ views = shifted_copies(xn, a.oversample, a.shift, rng) if a.shift else np.concat
 x = np.concatenate([x, views])
 y = np.concatenate([y, np.tile(yn, a.oversample)])
 t_fit = time.time()
-if mlp_hidden(champion) == a.hidden:
-    origin = f"models:/{MODEL_NAME}/{version}"
+origin = f"models:/{MODEL_NAME}/{version}"
+if a.arch == "cnn" and mnist_cnn.is_cnn(champion):
+    candidate = mnist_cnn.fine_tune(champion, x, y, epochs=a.max_iter, seed=a.seed,
+                                    learning_rate=a.learning_rate, threads=a.threads)
+elif a.arch == "mlp" and mlp_hidden(champion) == a.hidden:
     candidate = fine_tune(champion, x, y, a.max_iter, a.seed, learning_rate=a.learning_rate,
                           dtype="float32", threads=a.threads)
 else:  # a champion of another architecture (e.g. promoted by hand): start afresh, longer
     origin = "scratch"
-    print(f"champion v{version} is not an MLP({a.hidden}) pipeline: training from scratch instead")
-    candidate = build_model(x, y, a.hidden, max(a.max_iter, 10), a.seed, dtype="float32",
-                            threads=a.threads, augment=a.augment)
+    what = "a CNN" if a.arch == "cnn" else f"an MLP({a.hidden}) pipeline"
+    print(f"champion v{version} is not {what}: training from scratch instead")
+    if a.arch == "cnn":
+        candidate = mnist_cnn.train(x, y, epochs=max(a.max_iter, mnist_cnn.EPOCHS), seed=a.seed,
+                                    learning_rate=a.learning_rate, threads=a.threads)
+    else:
+        candidate = build_model(x, y, a.hidden, max(a.max_iter, 10), a.seed, dtype="float32",
+                                threads=a.threads, augment=a.augment)
 fit_seconds = time.time() - t_fit
 
 t_eval = time.time()
@@ -99,7 +113,8 @@ ref = np.clip(xn[: a.reference_size], 0, 255).astype(np.uint8)
 with mlflow.start_run():
     mlflow.set_tag("mnist.init_from", origin)
     mlflow.log_metrics({**ev, "train_seconds": fit_seconds, "n_train": len(y), "n_new": len(yn)})
-    cand_version = log_model_with_reference(candidate, ref, MODEL_NAME, x_example=flat(d["x_test"][:5]))
+    cand_version = log_model_with_reference(candidate, ref, MODEL_NAME, x_example=flat(d["x_test"][:5]),
+                                            **mnist_cnn.mlflow_extras(candidate))
 publish_evaluation(MODEL_NAME, cand_version, ev)  # eval.* tags and the `challenger` alias
 Path(a.report).write_text(json.dumps({"version": cand_version, "fit_seconds": fit_seconds, **ev}))
 print(f"candidate v{cand_version} ({'continued from ' + origin if origin != 'scratch' else 'from scratch'}"

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import mlflow
 from mlflow.tracking import MlflowClient
+from mnist_cnn import mlflow_extras
 from mnist_common import MODEL_NAME, accuracy, flat, load_npz, reference_sample
 
 from scanflow.tracking.contracts import log_model_with_reference
@@ -32,7 +33,8 @@ best = max(scores, key=scores.__getitem__)
 with mlflow.start_run():
     mlflow.log_metrics({f"acc_clean_{k}": v for k, v in scores.items()})
     version = log_model_with_reference(models[best], reference_sample(d, a.reference_size), MODEL_NAME,
-                                       x_example=flat(d["x_test"][:5]), alias="champion")
+                                       x_example=flat(d["x_test"][:5]), alias="champion",
+                                       **mlflow_extras(models[best]))
 MlflowClient().set_model_version_tag(MODEL_NAME, version, "eval.acc_clean", f"{scores[best]:.6f}")
 Path(a.report).write_text(json.dumps({"scores": scores, "best": best, "version": version}))
 print(f"candidates {scores}: registered {MODEL_NAME} v{version} ({best}) as champion")
