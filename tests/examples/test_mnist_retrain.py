@@ -253,36 +253,33 @@ def test_retrain_step_continues_a_cnn_champion_and_its_challenger_loads_where_th
 
 
 @pytest.mark.slow
-def test_small_warm_start_on_350_labels_brings_brightness_and_fog_within_3_points(mnist) -> None:
-    """The README's offline claim for the case study's champion (MLP(256), 10 epochs, half of
-    each epoch as augmented views) and the retrain step's recipe (5 epochs on 12,000 clean
-    images, half of them augmented views, + 5 shifted views of 350 labelled corrupted training
-    digits), in the case study's order: brightness-2, then fog-2, each within 3 points of the
-    champion's clean accuracy after its retrain, and the clean digits lose at most a point. (The
-    brightness-adapted champion is already within 3 points on fog: that retrain need not gain,
-    only not lose more than a point.)"""
+def test_the_cnn_on_350_labels_brings_brightness_then_impulse_noise_within_3_points(mnist) -> None:
+    """The README's offline claim for the case study's model and its retrain, in the demo's
+    order: the CNN champion (2 epochs on the 60k clean digits, half of each epoch as light
+    geometric views) fine-tuned 1 epoch on 6,000 clean images + 5 shifted views of 350 labelled
+    brightness-2 training digits, then the same on impulse noise-2: each corrupted stream within
+    3 points of the champion's clean accuracy after its retrain, clean digits within a point."""
     from corruptions import corrupt
-    from mnist_common import accuracy
 
     x_train, y_train, x_test, y_test = mnist
-    champion = build_model(flat(x_train), y_train, 256, 10, 0, dtype="float32", threads=1, augment=0.5)
-    clean = accuracy(champion, x_test, y_test)
+    champion = mnist_cnn.train(flat(x_train), y_train)
+    clean = float(np.mean(champion.predict(flat(x_test)) == y_test))
     pool = np.random.default_rng(3).permutation(len(y_train))
     rng = np.random.default_rng(0)
     results = {}
-    for name, idx in (("brightness", pool[:350]), ("fog", pool[350:700])):
-        stream = corrupt(x_test, name, 2, seed=1)
-        results[f"{name}_before"] = accuracy(champion, stream, y_test)
-        keep = rng.choice(len(y_train), 12_000, replace=False)
-        part = flat(x_train[keep])
-        pick = rng.random(len(keep)) < 0.5
-        part[pick] = augmented_views(part[pick], rng)
+    model = champion
+    for name, idx in (("brightness", pool[:350]), ("impulse_noise", pool[350:700])):
+        stream = flat(corrupt(x_test, name, 2, seed=1))
+        results[f"{name}_before"] = float(np.mean(model.predict(stream) == y_test))
+        keep = rng.choice(len(y_train), 6_000, replace=False)
         new = shifted_copies(flat(corrupt(x_train[idx], name, 2, seed=2)), 5, 1, rng)
-        x = np.concatenate([part, new])
+        x = np.concatenate([flat(x_train[keep]), new])
         y = np.concatenate([y_train[keep], np.tile(y_train[idx], 5)])
-        champion = fine_tune(champion, x, y, 5, 0, learning_rate=1e-3, dtype="float32", threads=1)
-        results[name] = accuracy(champion, stream, y_test)
-        results[f"clean_after_{name}"] = accuracy(champion, x_test, y_test)
-    assert results["brightness"] >= clean - 0.03, (clean, results)
-    assert results["fog"] >= clean - 0.03 and results["fog"] >= results["fog_before"] - 0.01, (clean, results)
-    assert min(results["clean_after_brightness"], results["clean_after_fog"]) >= clean - 0.01, results
+        model = mnist_cnn.fine_tune(model, x, y, epochs=1)
+        results[name] = float(np.mean(model.predict(stream) == y_test))
+        results[f"clean_after_{name}"] = float(np.mean(model.predict(flat(x_test)) == y_test))
+    assert clean >= 0.975, clean
+    for name in ("brightness", "impulse_noise"):  # hurt, then repaired
+        assert results[f"{name}_before"] <= clean - 0.05, (clean, results)
+        assert results[name] >= clean - 0.03, (clean, results)
+        assert results[f"clean_after_{name}"] >= clean - 0.01, (clean, results)
