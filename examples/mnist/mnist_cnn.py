@@ -177,7 +177,7 @@ def fine_tune(model: CnnClassifier, x: np.ndarray, y: np.ndarray, *, epochs: int
               learning_rate: float = 1e-3, threads: int = 1) -> CnnClassifier:
     """A copy of ``model`` trained ``epochs`` more on (x, y) with every weight free (Adam
     afresh): on a clean subset plus shifted views of the new labels, one epoch (~2 s) moves it to
-    the new distribution and keeps the clean one (README, "The retrain method")."""
+    the new distribution and keeps the clean one (README, "The model")."""
     if threads > 0:
         torch.set_num_threads(threads)
     net = copy.deepcopy(model.net)

@@ -20,9 +20,8 @@ def workspace() -> Path:
     return Path(os.environ.get("SCANFLOW_WORKSPACE", ".scanflow")).resolve()
 
 
-def latest_dataset(dst: Path) -> Path:
-    """Download the newest dataset the `data` team published (an MLflow artifact)."""
-    import mlflow
+def published_run_id() -> str:
+    """The MLflow run of the newest dataset the `data` team published."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
@@ -35,9 +34,17 @@ def latest_dataset(dst: Path) -> Path:
     )
     if not runs:
         raise SystemExit("no finished `publish` run in mnist/data")
+    return str(runs[0].info.run_id)
+
+
+def latest_dataset(dst: Path, run_id: str | None = None) -> Path:
+    """Download the newest dataset the `data` team published (an MLflow artifact), or the one
+    of its run `run_id`."""
+    import mlflow
+
     dst.mkdir(parents=True, exist_ok=True)
     return Path(mlflow.artifacts.download_artifacts(
-        run_id=runs[0].info.run_id, artifact_path="datasets/mnist.npz", dst_path=str(dst)))
+        run_id=run_id or published_run_id(), artifact_path="datasets/mnist.npz", dst_path=str(dst)))
 
 
 def load_npz(path: Path) -> dict[str, np.ndarray]:
@@ -88,7 +95,7 @@ def build_model(x: np.ndarray, y: np.ndarray, hidden: int, max_iter: int, seed: 
     ``augment`` > 0 trains epoch by epoch, each epoch on every image once, that share of them as
     a fresh random view (``augmented_views``): a champion that has seen digits tilted, shifted,
     shrunk, blurred, dimmed and on uneven backgrounds loses less to such a drift before any
-    retrain, and its retrain starts closer (README, "The retrain method").
+    retrain, and its retrain starts closer (examples/mnist/MEASUREMENTS.md, "The retrain method").
     """
     import warnings
     from contextlib import nullcontext

@@ -256,7 +256,7 @@ def test_retrain_step_continues_a_cnn_champion_and_its_challenger_loads_where_th
 def test_the_cnn_on_350_labels_brings_brightness_then_impulse_noise_within_3_points(mnist) -> None:
     """The README's offline claim for the case study's model and its retrain, in the demo's
     order: the CNN champion (2 epochs on the 60k clean digits, half of each epoch as light
-    geometric views) fine-tuned 1 epoch on 6,000 clean images + 5 shifted views of 350 labelled
+    geometric views) fine-tuned 1 epoch on 3,000 clean images + 5 shifted views of 350 labelled
     brightness-2 training digits, then the same on impulse noise-2: each corrupted stream within
     3 points of the champion's clean accuracy after its retrain, clean digits within a point."""
     from corruptions import corrupt
@@ -271,7 +271,7 @@ def test_the_cnn_on_350_labels_brings_brightness_then_impulse_noise_within_3_poi
     for name, idx in (("brightness", pool[:350]), ("impulse_noise", pool[350:700])):
         stream = flat(corrupt(x_test, name, 2, seed=1))
         results[f"{name}_before"] = float(np.mean(model.predict(stream) == y_test))
-        keep = rng.choice(len(y_train), 6_000, replace=False)
+        keep = rng.choice(len(y_train), 3_000, replace=False)
         new = shifted_copies(flat(corrupt(x_train[idx], name, 2, seed=2)), 5, 1, rng)
         x = np.concatenate([flat(x_train[keep]), new])
         y = np.concatenate([y_train[keep], np.tile(y_train[idx], 5)])

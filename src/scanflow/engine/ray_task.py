@@ -227,6 +227,7 @@ APPS_KEPT = 8  # unpickled applications a worker keeps (one per recent run)
 _apps: OrderedDict[str, Application] = OrderedDict()
 _trackers: dict[tuple[str, str | None], Any] = {}
 _settings: dict[tuple[str, str | None, str], Settings] = {}
+_fluent: dict[str, tuple[str, str | None]] = {}  # the tracker the fluent API points at
 _reaper = GroupReaper()  # this worker's: its steps' processes die with it, however it dies
 RAYLET_GONE_GRACE = 30.0  # seconds a worker outlives its raylet before it exits (see `watch_raylet`)
 _watching: list[threading.Thread] = []
@@ -282,6 +283,11 @@ def worker_settings(job: StepJob, workspace: Path) -> tuple[Settings, Any]:
     tracker = _trackers.get(key[:2])
     if tracker is None:
         tracker = _trackers[key[:2]] = MlflowTracker(settings)
+    if _fluent.get("key") != key[:2]:
+        # MLflow's fluent API (`mlflow.start_run`, `MlflowClient()`) in a `call:` step logs to
+        # this job's server, as in the local engine's process
+        tracker.use_in_process()
+        _fluent["key"] = key[:2]
     return settings, tracker
 
 

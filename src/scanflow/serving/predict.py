@@ -136,7 +136,9 @@ PRELOADED: dict[str, Any] = {}
 
 
 def preload_models(cfg: ServiceConfig) -> None:
-    """In the master: load every version from its local copy; drop versions no longer served."""
+    """In the master: load every version from its local copy; drop versions no longer served.
+    (`suppress_warnings`, here and below: MLflow's requirements check scans every installed
+    distribution, ~1.7 s a process, to warn of mismatches with the environment it runs in.)"""
     import mlflow.pyfunc  # lazy: MLflow (heavy) only where models load, not in the deployer
 
     for v in list(PRELOADED):
@@ -145,7 +147,7 @@ def preload_models(cfg: ServiceConfig) -> None:
     for v in cfg.versions:
         path = cfg.model_paths.get(v)
         if v not in PRELOADED and path:
-            PRELOADED[v] = mlflow.pyfunc.load_model(path)
+            PRELOADED[v] = mlflow.pyfunc.load_model(path, suppress_warnings=True)
 
 
 def load_models(cfg: ServiceConfig, arrivals: Arrivals) -> dict[str, Loaded]:
@@ -156,7 +158,8 @@ def load_models(cfg: ServiceConfig, arrivals: Arrivals) -> dict[str, Loaded]:
     out: dict[str, Loaded] = {}
     for version in cfg.versions:
         uri = f"models:/{cfg.model_name}/{version}"
-        model = PRELOADED.get(version) or mlflow.pyfunc.load_model(cfg.model_paths.get(version, uri))
+        model = PRELOADED.get(version) or mlflow.pyfunc.load_model(cfg.model_paths.get(version, uri),
+                                                                   suppress_warnings=True)
         spec = spec_from_schema(model.metadata.get_input_schema())
         hist = metrics.BATCH_SIZE.labels(svc, version)
 

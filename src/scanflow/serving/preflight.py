@@ -31,7 +31,7 @@ import mlflow.pyfunc
 path = sys.stdin.readline().strip()
 if not path:
     sys.exit(0)
-mlflow.pyfunc.load_model(path)
+mlflow.pyfunc.load_model(path, suppress_warnings=True)
 """
 
 
