@@ -247,7 +247,7 @@ class MlflowTracker:
 
     def model_requirements(self, model: str, version: str) -> list[str]:
         from mlflow.exceptions import MlflowException  # lazy: MLflow, see the module doc
-        from packaging.requirements import InvalidRequirement, Requirement
+        from packaging.requirements import InvalidRequirement, Requirement  # lazy: only here, with MLflow
 
         try:
             path = self.download_model(model, version, path="requirements.txt")
