@@ -177,6 +177,17 @@ def _publish(tmp: Path, dataset: Path, champion: object, monkeypatch: pytest.Mon
     return {**os.environ, **env}
 
 
+def _drift_files(tmp: Path, digits: tuple[np.ndarray, ...]) -> tuple[Path, Path]:
+    """The published dataset and the executor's `new_data` file (250 brightened test digits to
+    learn from, the rest held out), as the retrain step reads them."""
+    x_train, y_train, x_test, y_test = digits
+    dataset, new = tmp / "mnist.npz", tmp / "new.npz"
+    np.savez(dataset, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    np.savez(new, x_new=flat(_lift(x_test[:250])), y_new=y_test[:250],
+             x_holdout=flat(_lift(x_test[250:])), y_holdout=y_test[250:])
+    return dataset, new
+
+
 def _run_retrain(tmp: Path, env: dict[str, str], new: Path, hidden: int, arch: str = "mlp") -> str:
     proc = subprocess.run(
         [sys.executable, str(EXAMPLES / "datascience" / "steps" / "retrain.py"), "--new_data", str(new),
@@ -195,11 +206,7 @@ def test_retrain_step_registers_a_challenger_better_on_the_drift_and_leaves_the_
     import mlflow
 
     x_train, y_train, x_test, y_test = digits
-    dataset = tmp_path / "mnist.npz"
-    np.savez(dataset, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
-    new = tmp_path / "new.npz"
-    np.savez(new, x_new=flat(_lift(x_test[:250])), y_new=y_test[:250],
-             x_holdout=flat(_lift(x_test[250:])), y_holdout=y_test[250:])
+    dataset, new = _drift_files(tmp_path, digits)
     champion = build_model(flat(x_train), y_train, 32, 60, 0)
     env = _publish(tmp_path, dataset, champion, monkeypatch)
 
@@ -225,11 +232,7 @@ def test_retrain_step_continues_a_cnn_champion_and_its_challenger_loads_where_th
     import mlflow
 
     x_train, y_train, x_test, y_test = digits
-    dataset = tmp_path / "mnist.npz"
-    np.savez(dataset, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
-    new = tmp_path / "new.npz"
-    np.savez(new, x_new=flat(_lift(x_test[:250])), y_new=y_test[:250],
-             x_holdout=flat(_lift(x_test[250:])), y_holdout=y_test[250:])
+    dataset, new = _drift_files(tmp_path, digits)
     champion = mnist_cnn.train(flat(x_train), y_train, epochs=10, augment=0.0)
     env = _publish(tmp_path, dataset, champion, monkeypatch)
 
