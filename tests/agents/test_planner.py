@@ -409,12 +409,52 @@ def test_no_scale_down_while_the_replicas_cpu_needs_them_even_with_the_queue_dra
     during = [sim.step(p95=5, rps=400, in_flight=0.6, cpu=(0.66, 0.9)) for _ in range(20)]
     assert not any(p.fired for p in during) and sim.replicas == 3
     why = during[-1].reason
-    assert "the replicas use 0.66 CPU: 0.33 each on 2 would be over 80% of the 0.30 CPU quota" in why
+    assert ("the replicas use 0.66 CPU: 0.33 each on 2 (shared evenly) would be over 80% of the 0.30 "
+            "CPU quota") in why
     assert during[-1].evidence["load"]["replicas_for_cpu"] == 3
     after = [sim.step(p95=5, rps=100, in_flight=0.2, cpu=(0.18, 0.9)) for _ in range(20)]
     downs = [a for p in after for a in p.actions]
     assert [(a.kind, a.params["replicas"]) for a in downs] == [("scale_down", 1)]
-    assert "CPU 0.18 (0.18 each on 1, <= 80% of 0.30)" in downs[0].reason
+    assert "CPU 0.18 (0.18 each on 1, shared evenly, <= 80% of 0.30)" in downs[0].reason
+
+
+def test_after_a_spike_it_scales_down_by_what_one_replica_was_seen_to_use_not_the_cpu_sum() -> None:
+    """CPU is not additive (measured, MNIST CNN at 100 req/s: one 0.4-CPU replica 0.30, three
+    0.45 together). Summed, 0.47 on one replica is over 80 % of its quota and the service stays
+    at 2 after the spike; judged by what one replica used at 100 req/s before it, 3 -> 1."""
+    def step(sim: Sim, rps: float, p95: float, in_flight: float) -> Plan:
+        n = sim.replicas  # each replica's CPU grows less than its load, up to its 0.4 quota
+        return sim.step(p95=p95, rps=rps, in_flight=in_flight,
+                        cpu=(n * min(0.4, 0.3 * (rps / n / 100) ** 0.6), 0.4 * n))
+
+    def run(before: int) -> Sim:
+        sim = Sim(queue_policy(), window_s=2.0)
+        for _ in range(before):  # the clean load on one replica: 0.30 of its 0.4 CPU
+            assert not step(sim, 100, 20, 1.0).fired
+        up = step(sim, 300, 120, 9.0)  # the spike, at its quota
+        assert [(a.kind, a.params["replicas"]) for a in up.actions] == [("scale_up", 3)]
+        for _ in range(10):  # the spike on three replicas: 0.36 each
+            step(sim, 400, 30, 2.0)
+        for _ in range(30):  # the clean load again, on three replicas: 0.15 each
+            step(sim, 100, 10, 0.3)
+        return sim
+
+    learnt = run(before=10)
+    downs = [a for p in learnt.plans for a in p.actions if a.kind == "scale_down"]
+    assert [a.params["replicas"] for a in downs] == [1] and learnt.replicas == 1
+    assert "CPU 0.47 (0.30 each on 1, seen at 100 req/s per replica, <= 80% of 0.40)" in downs[0].reason
+    assert _direction_changes(learnt) == 1
+    # a spike at 400 req/s on three replicas says nothing about one at 100: without the windows
+    # before it, the CPU summed holds 2 (the old, safe rule)
+    fresh = run(before=0)
+    assert [a.params["replicas"] for p in fresh.plans for a in p.actions if a.kind == "scale_down"] == [2]
+    held = fresh.plans[-1].reason
+    assert "0.40 each on 1 (shared evenly) would be over 80% of the 0.40 CPU quota" in held, held
+    # a window at the quota or over the SLO is no measure of what a replica needs
+    sim = Sim(queue_policy(), window_s=2.0)
+    sim.step(p95=20, rps=100, in_flight=1.0, cpu=(0.39, 0.4))
+    sim.step(p95=80, rps=100, in_flight=1.0, cpu=(0.20, 0.4))
+    assert sim.state.cpu_samples == []
 
 
 def test_fast_sawtooth_holds_the_peak_count_without_oscillating() -> None:

@@ -122,6 +122,10 @@ class PlannerState(BaseModel):
                                description="replicas the load asked for in the last windows (newest "
                                            "last): a scale-down goes to the highest (stabilisation)")
     judged_versions: dict[str, str] = Field(default_factory=dict, description="version -> kept|rolled_back")
+    cpu_samples: list[tuple[float, float]] = Field(
+        default_factory=list,
+        description="(req/s, CPU) per replica of recent steady windows under the SLO and the quota, "
+                    "newest last, for the model served: what one replica uses at a load")
 
 
 class RollbackVerdict(BaseModel):
