@@ -216,3 +216,28 @@ def test_the_sensor_defaults_are_the_benchmarked_ones() -> None:
     for name, value in vars(CheckParams()).items():
         if name in sig:
             assert sig[name].default == value, name
+
+
+def test_a_backlog_of_windows_is_skipped_to_the_newest_and_the_skip_recorded(settings: Settings, store: Store
+                                                                              ) -> None:
+    """A spike cuts windows faster than they are judged: the analyzer judges the newest
+    `max_backlog` (where drift would show now), acknowledges the older ones unjudged and says so
+    in one event; a backlog within the bound is judged whole, oldest first."""
+    rng = np.random.default_rng(5)
+    clean = rng.normal(size=(3000, 4))
+    v1 = _register(settings, clean[:600])
+    _deploy(settings, store, v1)
+    shifted = clean[2000:2100] + 2.0
+    _windows(store, v1, [clean[600 + 100 * k: 700 + 100 * k] for k in range(6)] + [shifted])
+    agent = _analyzer(settings, store, max_backlog=3)
+    assert agent.tick("drift") == 3
+    judged = {d.key.rsplit(":", 1)[-1]: d.evidence for d in store.list_decisions("analyzer")}
+    assert sorted(judged) == ["w4", "w5", "w6"] and judged["w6"]["drift"] is True
+    assert not store.inbox("analyzer")  # nothing left behind, nothing judged twice
+    (skip,) = store.list_events("svc", ["windows_skipped"])
+    assert skip.payload["count"] == 4 and "4 oldest skipped" in skip.payload["reason"], skip.payload
+    assert skip.payload["first_id"] < skip.payload["last_id"] < judged["w4"]["first_id"], skip.payload
+    # within the bound: every window judged, nothing skipped
+    _windows(store, v1, [clean[1300 + 100 * k: 1400 + 100 * k] for k in range(3)], prefix="x")
+    assert agent.tick("drift") == 3
+    assert len(store.list_events("svc", ["windows_skipped"])) == 1
