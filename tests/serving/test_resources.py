@@ -101,6 +101,18 @@ def group_dirs(plan_dirs: dict[str, str], pid: int) -> list[Path]:
     return [Path(d) / str(pid) for d in plan_dirs.values()]
 
 
+def test_a_service_without_a_cpu_quota_is_not_resized(deployer: LocalDeployer) -> None:
+    svc = "burner-free"
+    deployer.deploy(svc, app="t", team="t", model=BURNER)
+    try:
+        with pytest.raises(ValueError, match="no enforced CPU quota to change"):
+            deployer.resize(svc, 0.5)
+        assert deployer.status(svc)["resources"]["cpus"] is None
+        assert not deployer.store.list_events(svc, ["resized"])
+    finally:
+        deployer.stop(svc)
+
+
 @needs_cgroups
 def test_cpu_quota_holds_a_busy_replica_to_its_limit(deployer: LocalDeployer) -> None:
     """0.25 CPU per replica: under more load than that, the replica's own cgroup counter
@@ -170,6 +182,34 @@ def test_cpu_quota_holds_a_busy_replica_to_its_limit(deployer: LocalDeployer) ->
     wait_for(lambda: groups_of(dirs) == set(child_pids(master)), what="old replicas' groups removed")
     (w,) = deployer.status(svc)["workers"]
     assert w["model_version"] == "2" and w["in_cgroup"] and w["cpu_limit"] == pytest.approx(0.25)
+    # A new quota in place: the running replica's group holds it (no restart), and a replica
+    # added afterwards joins with it.
+    from typer.testing import CliRunner
+
+    from scanflow.cli.main import app
+
+    root = str(deployer.settings.root)
+    res = CliRunner().invoke(app, ["--workspace", root, "resize", svc, "--cpus", "0.5", "--reason",
+                                   "sized from the clean load"])
+    assert res.exit_code == 0 and f"{svc}: 0.5 CPU per replica" in res.output, res.output
+    res = CliRunner().invoke(app, ["--workspace", root, "resize", svc, "--cpus", "0.5"])
+    assert res.exit_code == 0 and "(unchanged)" in res.output, res.output
+    res = CliRunner().invoke(app, ["--workspace", root, "resize", svc, "--cpus", "-1"])
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    counters = deployer.cpu_counters(svc)
+    assert set(counters) == {w["pid"]} and counters[w["pid"]]["cpus"] == pytest.approx(0.5)
+    deployer.scale(svc, 2)
+    st = deployer.status(svc)
+    assert st["resources"]["cpus"] == 0.5 and w["pid"] in {x["pid"] for x in st["workers"]}
+    assert [x["cpu_limit"] for x in st["workers"]] == pytest.approx([0.5, 0.5])
+    (ev,) = deployer.store.list_events(svc, ["resized"])
+    assert ev.payload["from"] == {"cpus": 0.25} and ev.payload["to"] == {"cpus": 0.5}
+    assert ev.payload["reason"] == "sized from the clean load"
+    (rec,) = deployer.store.list_events(svc, ["resources_set"])  # the audit trail: who and why
+    assert rec.payload["from_cpus"] == 0.25 and rec.payload["cpus"] == 0.5 and rec.payload.get("actor")
+    with pytest.raises(ValueError, match="cpus must be > 0"):
+        deployer.resize(svc, 0)
+    pid = w["pid"]
     deployer.stop(svc)
     assert not any(d.exists() for d in group_dirs(dirs, pid)), "a replica's cgroup outlived stop"
     assert not any(Path(d).exists() for d in dirs.values())

@@ -58,7 +58,7 @@ def validate(
 # The commands in the order `scanflow --help` lists them, then the groups.
 for command in (
     validate, workflows.run, workflows.logs, workflows.cancel, workflows.resume,
-    services.deploy, services.scale, services.rollout, services.rollback, services.promote,
+    services.deploy, services.scale, services.resize, services.rollout, services.rollback, services.promote,
     services.canary, services.shadow, services.stop, services.status,
     history.events, history.decisions, history.why,
 ):

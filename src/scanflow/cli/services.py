@@ -61,6 +61,17 @@ def scale(service: str, replicas: Annotated[int, typer.Argument(min=1, max=64)])
     out.print(f"{service}: {done.deployment.replicas} replica(s)")
 
 
+def resize(
+    service: str,
+    cpus: Annotated[float, typer.Option(min=0.01, max=64.0, help="CPU quota per replica")],
+    reason: Annotated[str, typer.Option(help="recorded in the audit trail")] = "",
+) -> None:
+    """Change the CPU quota of a running service's replicas, in place (no restart)."""
+    done = operate(lambda ops, me: ops.resize(service, cpus, actor=me, reason=reason))
+    out.print(f"{service}: {done.after:g} CPU per replica"
+              + ("" if done.changed else " (unchanged)"))
+
+
 def rollout(
     service: str,
     version: Annotated[str | None, typer.Option(help="this version (default: what the alias says)")] = None,

@@ -35,7 +35,8 @@ log = logging.getLogger("scanflow.control.operations")
 ActorKind = Literal["person", "agent", "policy"]
 #: The kind of the event each operation records (the deployer records its own as well).
 EVENTS = {"promote": "promoted", "rollout": "rolled_out", "rollback": "rolled_back",
-          "scale": "replicas_set", "canary": "canary_set", "shadow": "shadow_set"}
+          "scale": "replicas_set", "canary": "canary_set", "shadow": "shadow_set",
+          "resize": "resources_set"}
 _DEDUPE_WINDOW = 200  # recent events of the source searched for a retried call's record
 
 
@@ -168,6 +169,21 @@ class ModelOps:
             eid = self._record("scale", actor, service, key, reason, evidence, record_as,
                                from_replicas=before, replicas=int(new.replicas))
         return Outcome("scale", service, True, before, int(new.replicas), eid, new)
+
+    def resize(self, service: str, cpus: float, *, actor: Actor, reason: str = "",
+               evidence: dict[str, Any] | None = None, key: str | None = None) -> Outcome:
+        """Give every replica of the service a CPU quota of `cpus`, in place (no restart)."""
+        if not cpus > 0:
+            raise ValueError(f"cpus must be > 0, got {cpus}")
+        with self._leased(service, actor, "resize") as dep:
+            quotas = {c.get("cpus") for c in self.deployer.cpu_counters(service).values()}
+            before = quotas.pop() if len(quotas) == 1 else None  # what the replicas hold now
+            if before is not None and abs(float(before) - cpus) < 1e-9:
+                return Outcome("resize", service, False, before, before, deployment=dep)
+            new = self.deployer.resize(service, cpus, reason=reason)
+            eid = self._record("resize", actor, service, key, reason, evidence, None,
+                               from_cpus=before, cpus=cpus)
+        return Outcome("resize", service, True, before, cpus, eid, new)
 
     def rollout(self, service: str, version: str | None = None, *, actor: Actor, reason: str = "",
                 evidence: dict[str, Any] | None = None, key: str | None = None) -> Outcome:

@@ -81,6 +81,11 @@ class Deployer(ABC):
         held by its quota from one starved by a busy machine. {} where nothing is measured."""
         return {}
 
+    def resize(self, service: str, cpus: float, *, reason: str = "") -> Deployment:
+        """Change the CPU quota of every replica, running and future, without a restart
+        (`kubectl set resources`, in place). Optional: backends that cannot say so."""
+        raise NotImplementedError(f"{type(self).__name__} cannot change a running service's resources")
+
     @abstractmethod
     def url(self, service: str) -> str:
         """Base URL of the service (`<url>/predict`)."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import os
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from pydantic import BaseModel, Field
@@ -163,21 +164,41 @@ def join(p: CgroupPlan, pid: int | None = None) -> None:
     groups = _groups(p, pid)
     for c, g in groups.items():
         g.mkdir(exist_ok=True)
-        if p.version == 2:
-            if p.cpus is not None:
-                _write(g / "cpu.max", f"{max(1000, round(p.cpus * V1_PERIOD_US))} {V1_PERIOD_US}")
-            if p.memory is not None:
-                _write(g / "memory.max", str(p.memory))
-                _write(g / "memory.swap.max", "0", optional=True)  # swap is not a way out
-        elif c == "cpu" and p.cpus is not None:
-            _write(g / "cpu.cfs_period_us", str(V1_PERIOD_US))
-            _write(g / "cpu.cfs_quota_us", str(max(1000, round(p.cpus * V1_PERIOD_US))))
-        elif c == "memory" and p.memory is not None:
-            _write(g / "memory.limit_in_bytes", str(p.memory))
-            _write(g / "memory.memsw.limit_in_bytes", str(p.memory), optional=True)
+        _limit(p, c, g)
     for g in groups.values():
         _write(g / "cgroup.procs", str(pid))
     reweigh(p)
+
+
+def _limit(p: CgroupPlan, controller: str, g: Path) -> None:
+    """Write `p`'s limits into the replica group `g` of `controller`."""
+    if p.version == 2:
+        if p.cpus is not None:
+            _write(g / "cpu.max", f"{max(1000, round(p.cpus * V1_PERIOD_US))} {V1_PERIOD_US}")
+        if p.memory is not None:
+            _write(g / "memory.max", str(p.memory))
+            _write(g / "memory.swap.max", "0", optional=True)  # swap is not a way out
+    elif controller == "cpu" and p.cpus is not None:
+        _write(g / "cpu.cfs_period_us", str(V1_PERIOD_US))
+        _write(g / "cpu.cfs_quota_us", str(max(1000, round(p.cpus * V1_PERIOD_US))))
+    elif controller == "memory" and p.memory is not None:
+        _write(g / "memory.limit_in_bytes", str(p.memory))
+        _write(g / "memory.memsw.limit_in_bytes", str(p.memory), optional=True)
+
+
+def resize(p: CgroupPlan, pids: Iterable[int]) -> list[int]:
+    """Write `p`'s limits into the groups of the running replicas `pids` (a live change: the
+    kernel applies a new quota from the next period); returns the pids whose groups exist."""
+    if not p.enforced:
+        return []
+    done = []
+    for pid in pids:
+        groups = _groups(p, pid)
+        if all(g.is_dir() for g in groups.values()):
+            for c, g in groups.items():
+                _limit(p, c, g)
+            done.append(pid)
+    return done
 
 
 def reweigh(p: CgroupPlan) -> None:

@@ -354,6 +354,30 @@ class LocalDeployer(Deployer):
                                  **({"reason": reason} if reason else {}))
             return self._get(service)
 
+    def resize(self, service: str, cpus: float, *, reason: str = "") -> Deployment:
+        """A new CPU quota per replica, in place: written into the service config (replicas
+        forked later join with it) and into each running replica's cgroup (applied from the
+        next scheduler period: no restart, no request lost). Refused where the quota is not
+        enforced: a limit nobody holds is not one to report as changed."""
+        if not cpus > 0:
+            raise ValueError(f"cpus must be > 0, got {cpus}")
+        with self._locked(service):
+            dep = self._running(service)
+            cfg = ServiceConfig.load(self._config_path(service))
+            if not (cfg.resources.enforced and cfg.resources.cpus is not None):
+                raise ValueError(f"service {service!r} has no enforced CPU quota to change"
+                                 + (f" ({cfg.resources.unenforced})" if cfg.resources.unenforced else
+                                    ": deploy it with resources: {cpus: ...}"))
+            before = cfg.resources.cpus
+            cfg.resources = cfg.resources.model_copy(update={"cpus": float(cpus)})
+            cfg.save(self._config_path(service))
+            pids = [int(w["pid"]) for w in self._workers(int(dep.pid or 0), Path(dep.workdir))]
+            cgroups.resize(cfg.resources, pids)
+            self.store.add_event(SOURCE, "resized", service, actor=self.actor,
+                                 **{"from": {"cpus": before}, "to": {"cpus": float(cpus)}},
+                                 **({"reason": reason} if reason else {}))
+            return self._get(service)
+
     def rollout(self, service: str, version: str | None = None, *, reason: str = "") -> Deployment:
         """Rolling update of every replica to `version` (default: what the alias points to)."""
         with self._locked(service):
