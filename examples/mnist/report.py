@@ -291,7 +291,7 @@ def write_report(settings: Any, store: Any, served: list[Any], phases: list[dict
         "config": {"corruption_a": args.corruption_a, "severity_a": args.severity_a,
                    "corruption_b": args.corruption_b, "severity_b": args.severity_b, "rate": args.rate,
                    "spike": args.spike, "spike_seconds": args.spike_seconds, "window": WINDOW,
-                   "slo_p95_ms": slo},
+                   "slo_p95_ms": slo, "replica_cpus": getattr(args, "replica_cpus", None)},
         "files": {"summary": str(out_dir / "summary.json"), "timeline": str(out_dir / "timeline.png")},
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
