@@ -54,6 +54,7 @@ SIZE_AFTER_S, SIZE_OVER_S = 8.0, 10.0  # into the clean phase (warm), then measu
 def size_replica(t0: float, deployer: Any, store: Any, args: Any) -> None:
     """Measure one replica's CPU on the clean traffic and set its quota to SIZE_HEADROOM x that,
     as a person of the dataengineer team (`scanflow resize`: in place, audited)."""
+    from scanflow.agents.planner.signals import cpu_over
     from scanflow.control.operations import Actor, ModelOps
 
     if args.clean / args.rate < SIZE_AFTER_S + SIZE_OVER_S:
@@ -64,11 +65,11 @@ def size_replica(t0: float, deployer: Any, store: Any, args: Any) -> None:
     time.sleep(SIZE_OVER_S)
     last, t2 = deployer.cpu_counters(SERVICE), time.time()
     pids = [pid for pid in first if pid in last]
-    if not pids:
+    over = cpu_over([(t1, first), (t2, last)], t1, t2)["cpu_use"]  # the planner's own reading
+    if not pids or over is None:
         say(t0, "replica sizing skipped: no replica measured")
         return
-    used = sum(float(last[p]["cpu_seconds"] or 0) - float(first[p]["cpu_seconds"] or 0) for p in pids)
-    use = used / (t2 - t1) / len(pids)
+    use = over / len(pids)
     cpus = round(max(0.1, SIZE_HEADROOM * use), 2)
     before = first[pids[0]].get("cpus")
     ModelOps(deployer, store).resize(

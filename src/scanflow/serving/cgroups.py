@@ -186,19 +186,17 @@ def _limit(p: CgroupPlan, controller: str, g: Path) -> None:
         _write(g / "memory.memsw.limit_in_bytes", str(p.memory), optional=True)
 
 
-def resize(p: CgroupPlan, pids: Iterable[int]) -> list[int]:
+def resize(p: CgroupPlan, pids: Iterable[int]) -> None:
     """Write `p`'s limits into the groups of the running replicas `pids` (a live change: the
-    kernel applies a new quota from the next period); returns the pids whose groups exist."""
+    kernel applies a new quota from the next period); a replica without its group yet is left
+    to `join`, which reads the limits afresh."""
     if not p.enforced:
-        return []
-    done = []
+        return
     for pid in pids:
         groups = _groups(p, pid)
         if all(g.is_dir() for g in groups.values()):
             for c, g in groups.items():
                 _limit(p, c, g)
-            done.append(pid)
-    return done
 
 
 def reweigh(p: CgroupPlan) -> None:

@@ -183,15 +183,14 @@ CPU_SAMPLES = 120  # steady windows remembered: what one replica uses at a load
 CPU_RATE_BAND = (0.95, 1.5)  # samples at 0.95x-1.5x a load per replica bound the CPU at that load
 
 
-def _remember_cpu(s: Signals, st: PlannerState, p: Policy, hot: bool, idle: bool) -> None:
+def _remember_cpu(s: Signals, st: PlannerState, p: Policy, usable: bool) -> None:
     """Keep (req/s, CPU) per replica of a window that says what a replica uses at its load:
-    replicas steady all window, p95 under the SLO and CPU under `quota_bound_ratio` of the
-    quota (a replica held at its quota uses what it may, not what its load needs)."""
-    if hot or idle or s.cpu_use is None or not s.cpu_limit or s.replicas <= 0 or not s.throughput_rps:
+    `usable` (replicas steady all window, p95 under the SLO, not idle) and CPU under
+    `quota_bound_ratio` of the quota (a replica held at its quota uses what it may, not what its
+    load needs)."""
+    if not usable or s.cpu_use is None or not s.cpu_limit or s.replicas <= 0 or not s.throughput_rps:
         return
     if s.cpu_use >= p.hysteresis.quota_bound_ratio * s.cpu_limit:
-        return
-    if min(_since(st, "scale_up", s.now), _since(st, "scale_down", s.now)) <= s.window_s:
         return
     n = s.replicas
     st.cpu_samples = [*st.cpu_samples, (round(s.throughput_rps / n, 3), round(s.cpu_use / n, 4))
@@ -251,6 +250,8 @@ def assess_load(s: Signals, st: PlannerState, p: Policy) -> Load:
     cold = not hot and (idle or (p95 is not None and p95 < hy.scale_down_latency_ratio * slo))
     up, down = _desired(in_flight, target, hy.scale_down_load_ratio, p)
     cause = _breach_cause(s, p)
+    # the replica count held all window: what it measured is that count's
+    steady = _since(st, "scale_up", s.now) > s.window_s and _since(st, "scale_down", s.now) > s.window_s
     if hot:
         st.hot_streak, st.cold_streak = st.hot_streak + 1, 0
         # Only a window served by one replica count all along says what one replica carries.
@@ -259,7 +260,6 @@ def assess_load(s: Signals, st: PlannerState, p: Policy) -> Load:
         # But a breach of replicas that left CPU quota unused (a retrain took the cores) says
         # nothing lasting about what a replica carries: it is forgotten after a while, or the
         # service would stay scaled up at the clean load for good (measured: held at 2 all demo).
-        steady = _since(st, "scale_up", s.now) > s.window_s and _since(st, "scale_down", s.now) > s.window_s
         if hot_latency and steady:
             st.breach_rps_per_replica, st.breach_at = per_replica, s.now
             st.breach_starved = cause == "starved"
@@ -272,7 +272,7 @@ def assess_load(s: Signals, st: PlannerState, p: Policy) -> Load:
     # What the load asked for, newest last; a hot window asks for at least what serves now, a
     # cold one for at least what its CPU use needs.
     need = _cpu_need(s, st, p)
-    _remember_cpu(s, st, p, hot, idle)
+    _remember_cpu(s, st, p, usable=steady and not hot and not idle)
     asked = max(s.replicas, up or 0) if hot else (down if down is not None else s.replicas)
     if not hot and need is not None:
         asked = max(asked, min(need, p.limits.max_replicas))
