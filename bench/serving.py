@@ -316,20 +316,28 @@ class Target:
     info: dict[str, Any] = field(default_factory=dict)
     metrics: Callable[[], dict[str, float]] | None = None  # scanflow's /metrics, summed
     log_behind: Callable[[], int] | None = None  # answered requests not yet in the store
-    cpu_seconds: Callable[[], float] | None = None  # CPU time of every process of the system
+    # CPU time of every process of the system, and of its prediction-log collectors among them
+    cpu_seconds: Callable[[], tuple[float, float]] | None = None
 
 
-def group_cpu_seconds(pgid: int) -> float:
-    """User + system CPU seconds of the live members of a process group (from /proc)."""
+COLLECTOR_CMD = b"scanflow.serving.predlog"  # in the command line of a log collector process
+
+
+def group_cpu_seconds(pgid: int) -> tuple[float, float]:
+    """User + system CPU seconds of the live members of a process group (from /proc): all of
+    them, and the prediction-log collectors among them (where the log's cost goes)."""
     from scanflow.procs import group_pids
 
     tick = os.sysconf("SC_CLK_TCK")
-    total = 0
+    total = collectors = 0
     for pid in group_pids(pgid):
         with contextlib.suppress(OSError, IndexError, ValueError):
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
-    return total / tick
+            used = int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+            total += used
+            if COLLECTOR_CMD in Path(f"/proc/{pid}/cmdline").read_bytes():
+                collectors += used
+    return total / tick, collectors / tick
 
 
 def free_port() -> int:
@@ -550,12 +558,18 @@ class SystemRun:
     first_prediction: Any = None
     counters: dict[str, float] = field(default_factory=dict)
     log_lag: dict[int, list[dict[str, float]]] = field(default_factory=dict)  # c -> per turn
-    cpu: dict[int, list[float]] = field(default_factory=dict)  # c -> [CPU seconds, requests]
+    # c -> [CPU seconds, of which collectors', requests]
+    cpu: dict[int, list[float]] = field(default_factory=dict)
     load: dict[int, list[float]] = field(default_factory=dict)  # c -> 1-min load after each turn
 
     def cpu_us(self, c: int) -> float | None:
         """CPU microseconds the system spent per answered request (its log caught up)."""
-        sec, n = self.cpu.get(c, [0.0, 0.0])
+        sec, _, n = self.cpu.get(c, [0.0, 0.0, 0.0])
+        return round(sec / n * 1e6, 1) if n else None
+
+    def collector_us(self, c: int) -> float | None:
+        """Of `cpu_us`, what the prediction-log collector processes spent."""
+        _, sec, n = self.cpu.get(c, [0.0, 0.0, 0.0])
         return round(sec / n * 1e6, 1) if n else None
 
     def point(self, c: int) -> Point:
@@ -595,9 +609,11 @@ def measure(runs: dict[str, SystemRun], gen: LoadGen, concurrency: list[int], ro
                     run.log_lag.setdefault(c, []).append(lagged)
                     lag = f"   log {lagged['behind_at_end']} behind, {lagged['catch_up_s']} s"
                 if cpu0 is not None and run.target.cpu_seconds:  # after the log caught up
-                    acc = run.cpu.setdefault(c, [0.0, 0.0])
-                    acc[0] += run.target.cpu_seconds() - cpu0
-                    acc[1] += p.requests
+                    acc = run.cpu.setdefault(c, [0.0, 0.0, 0.0])
+                    cpu1 = run.target.cpu_seconds()
+                    acc[0] += cpu1[0] - cpu0[0]
+                    acc[1] += cpu1[1] - cpu0[1]
+                    acc[2] += p.requests
                 load = os.getloadavg()[0]  # what else ran: the other side of a noisy figure
                 run.load.setdefault(c, []).append(round(load, 2))
                 say(f"  c={c:<3} round {r + 1}/{rounds} {name:<20} {p.rps:8.1f} req/s   "
@@ -944,8 +960,9 @@ def main(argv: list[str] | None = None) -> int:
     for c in concurrency:
         row = extra["cpu_us_per_request"].get(f"c{c}", {})
         if f"c{c}" in extra["predlog_cost"] and "scanflow_2r" in row and "scanflow_2r_nolog" in row:
-            extra["predlog_cost"][f"c{c}"].update(cpu_us_with=row["scanflow_2r"],
-                                                  cpu_us_without=row["scanflow_2r_nolog"])
+            extra["predlog_cost"][f"c{c}"].update(
+                cpu_us_with=row["scanflow_2r"], cpu_us_without=row["scanflow_2r_nolog"],
+                cpu_us_collectors=runs["scanflow_2r"].collector_us(c))
     extra["targets"] = target_check(results, concurrency)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -956,6 +973,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(results, [s for s in SYSTEMS if s in runs], concurrency, gen.name)
     for c, row in extra["predlog_cost"].items():
         cpu = (f", CPU per request {row['cpu_us_without']:.0f} -> {row['cpu_us_with']:.0f} us"
+               f" ({row['cpu_us_collectors']:.0f} us in the collectors)"
                if "cpu_us_with" in row else "")
         say(f"prediction log at {c}: req/s {row['rps_without']:.0f} -> {row['rps_with']:.0f} "
             f"({row['rps_change_pct']:+.1f}%), p99 {row['p99_ms_without']:.1f} -> "

@@ -23,7 +23,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -137,10 +136,10 @@ def main() -> None:
     import ray
     from ray.cluster_utils import Cluster
 
+    from scanflow.engine.ray_task import apps_dir
+
     ws = args.workspace.resolve()
     ws.mkdir(parents=True, exist_ok=True)
-    apps = Path(tempfile.gettempdir()) / "scanflow-apps"  # where the nodes unpack app folders
-    before = set(apps.iterdir()) if apps.is_dir() else set()
     t0 = time.time()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     mlflow_proc = None
@@ -180,10 +179,11 @@ def main() -> None:
         if mlflow_proc is not None:
             os.killpg(mlflow_proc.pid, signal.SIGTERM)
             mlflow_proc.wait(timeout=30)
+        nodes = [n.node_id for n in cluster.list_all_nodes()]
         ray.shutdown()
         cluster.shutdown()
-        for d in (set(apps.iterdir()) - before) if apps.is_dir() else set():
-            shutil.rmtree(d, ignore_errors=True)
+        for node in nodes:  # the app folders this cluster's nodes unpacked, no other's
+            shutil.rmtree(apps_dir(node), ignore_errors=True)
 
 
 if __name__ == "__main__":

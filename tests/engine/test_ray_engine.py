@@ -14,6 +14,7 @@ import sys
 import tempfile
 import textwrap
 import threading
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -671,8 +672,8 @@ def test_postgresql_restarted_mid_run_the_run_waits_and_continues(
         def drive() -> None:
             try:
                 done["res"] = engine.execute(run_id)
-            except BaseException as exc:  # the test shows it below
-                done["error"] = exc
+            except BaseException:  # the test shows it below
+                done["error"] = traceback.format_exc()
                 raise
 
         t = threading.Thread(target=drive, daemon=True)

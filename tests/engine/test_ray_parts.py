@@ -3,7 +3,6 @@ refused, and what of the app folder travels to the nodes."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -41,14 +40,12 @@ def test_the_app_folder_travels_without_caches_vcs_and_the_workspace(tmp_path: P
                 "ws/scanflow.db", "pkg/mod.pyc"):
         (app / rel).parent.mkdir(parents=True, exist_ok=True)
         (app / rel).write_text(rel)
-    home = unpack_app(pack_app(app, skip=[app / "ws"]))
-    try:
-        got = sorted(p.relative_to(home).as_posix() for p in home.rglob("*") if p.is_file())
-        assert got == ["data/small.csv", "steps.py"]
-        assert (home / "steps.py").read_text() == "steps.py"
-        assert unpack_app(pack_app(app, skip=[app / "ws"])) == home  # unpacked once per content
-    finally:
-        shutil.rmtree(home)
+    home = unpack_app(pack_app(app, skip=[app / "ws"]), tmp_path / "node")
+    got = sorted(p.relative_to(home).as_posix() for p in home.rglob("*") if p.is_file())
+    assert got == ["data/small.csv", "steps.py"]
+    assert (home / "steps.py").read_text() == "steps.py"
+    assert unpack_app(pack_app(app, skip=[app / "ws"]), tmp_path / "node") == home  # once per content
+    assert [p.name for p in (tmp_path / "node").iterdir()] == [home.name]  # no half-unpacked leftovers
 
 
 def test_sockets_and_fifos_in_the_app_folder_are_left_behind(tmp_path: Path) -> None:
@@ -61,11 +58,8 @@ def test_sockets_and_fifos_in_the_app_folder_are_left_behind(tmp_path: Path) -> 
     os.mkfifo(app / "pipe")
     with socket.socket(socket.AF_UNIX) as sock:  # e.g. a Ray session's sockets in a temp folder
         sock.bind(str(app / "plasma_store"))
-        home = unpack_app(pack_app(app, skip=[]))
-    try:
-        assert sorted(p.name for p in home.iterdir()) == ["steps.py"]
-    finally:
-        shutil.rmtree(home)
+        home = unpack_app(pack_app(app, skip=[]), tmp_path / "node")
+    assert sorted(p.name for p in home.iterdir()) == ["steps.py"]
 
 
 def test_outputs_are_named_by_mlflow_uris() -> None:

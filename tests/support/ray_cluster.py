@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import shutil
 import sys
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from scanflow.engine.ray_task import apps_dir
 from scanflow.settings import Settings, get_settings
 from support.mlflow_server import free_port
 
@@ -27,8 +27,6 @@ def ray_cluster(workers: list[dict[str, float]], dashboard: bool = False,
     import ray
     from ray.cluster_utils import Cluster
 
-    apps = Path(tempfile.gettempdir()) / "scanflow-apps"  # where nodes unpack app folders
-    before = set(apps.iterdir()) if apps.is_dir() else set()
     head: dict[str, Any] = {"num_cpus": 1, "include_dashboard": dashboard}
     if dashboard:
         head.update(dashboard_host="127.0.0.1", dashboard_port=free_port(),
@@ -38,18 +36,20 @@ def ray_cluster(workers: list[dict[str, float]], dashboard: bool = False,
         head["ray_client_server_port"] = client_port
     c = Cluster(initialize_head=True, head_node_args=head)
     c.client_address = f"ray://127.0.0.1:{client_port}" if client_port else None  # type: ignore[attr-defined]
+    nodes = [c.head_node.node_id]
     try:
         for resources in workers:
-            c.add_node(num_cpus=1, resources=resources)
+            nodes.append(c.add_node(num_cpus=1, resources=resources).node_id)
         c.wait_for_nodes()
         ray.init(address=c.address, namespace="scanflow", log_to_driver=False)
         _warm()
         yield c
     finally:
+        nodes += [n["NodeID"] for n in ray.nodes()] if ray.is_initialized() else []  # added by the test
         ray.shutdown()
         c.shutdown()
-        for d in set(apps.iterdir()) - before if apps.is_dir() else ():
-            shutil.rmtree(d, ignore_errors=True)
+        for node in set(nodes):  # the app folders this cluster's nodes unpacked, no other's
+            shutil.rmtree(apps_dir(node), ignore_errors=True)
 
 
 def _warm() -> None:

@@ -54,7 +54,7 @@ class AgentActor:
         from ray.experimental.internal_kv import _internal_kv_get  # lazy: ray
 
         from scanflow.agents.runtime import Agent  # lazy: the runtime imports the agents' parts
-        from scanflow.engine.ray_task import CODE_DIR, unpack_app  # lazy: ray-only helpers
+        from scanflow.engine.ray_task import CODE_DIR, apps_dir, unpack_app  # lazy: ray-only helpers
 
         blob = _internal_kv_get(name, namespace=KV_NAMESPACE)
         if blob is None:
@@ -65,7 +65,8 @@ class AgentActor:
         # its logs and scratch files stay on its node, not in the worker's working directory
         os.environ["SCANFLOW_WORKSPACE"] = str(Path(tempfile.gettempdir()) / "scanflow-agents" / name
                                                .replace(":", "_"))
-        home = unpack_app(package)
+        ctx = ray.get_runtime_context()
+        home = unpack_app(package, apps_dir(ctx.get_node_id()))
         code = home / CODE_DIR
         if code.is_dir() and str(code) not in sys.path:
             sys.path.insert(0, str(code))
@@ -73,7 +74,6 @@ class AgentActor:
         settings = Settings().ensure()
         self.store = Store(settings.store)
         self.agent_name = agent
-        ctx = ray.get_runtime_context()
         self.node_id = ctx.get_node_id()
         self.restarts = _restart_count(name) if ctx.was_current_actor_reconstructed else 0
         if self.restarts:

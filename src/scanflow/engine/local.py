@@ -35,6 +35,7 @@ from scanflow.spec.code import stage
 from scanflow.spec.loader import load_application
 from scanflow.spec.models import Application, Step
 from scanflow.store import Store
+from scanflow.store.db import again_if_disconnected
 from scanflow.store.schema import WorkflowRun
 from scanflow.tracking import MlflowTracker, Tracker
 from scanflow.tracking.base import TAG_APP, TAG_RUN, TAG_TEAM, TAG_WORKFLOW
@@ -331,7 +332,9 @@ class LocalEngine(Engine):
         if self.track and parent:
             self._track_lineage(st, wf.steps, values, sched.status, loop.records, outputs, started)
             self.tracker.end_run(parent, final)
-        self.store.update_run(run.id, status=final, ended_at=time.time(), error=first_error)
+        ended = time.time()
+        again_if_disconnected(lambda: self.store.update_run(run.id, status=final, ended_at=ended,
+                                                            error=first_error))
         return RunResult(run.id, final, parent, dict(sched.status), first_error)
 
     def _unfit(self, step: Step) -> str | None:
@@ -352,7 +355,7 @@ class LocalEngine(Engine):
         return self.store.runs.cache_index(run.app, run.workflow, exclude_run=run.id)
 
     def _cancel_requested(self, run_id: str) -> bool:
-        run = self.store.get_run(run_id)
+        run = again_if_disconnected(lambda: self.store.get_run(run_id))
         return bool(run and run.cancel_requested)
 
     def _open_tracking(self, app: Application, run: WorkflowRun) -> tuple[str | None, str | None]:

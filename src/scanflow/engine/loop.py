@@ -17,6 +17,7 @@ from scanflow.engine.steps import Outcome, RunState, StepRunner
 from scanflow.procs import kill_group
 from scanflow.spec.models import Step
 from scanflow.store import Store
+from scanflow.store.db import again_if_disconnected
 
 FLUSH_EVERY = 0.1  # seconds between batched store writes
 CANCEL_POLL = 0.25  # seconds between checks of the run's cancel flag
@@ -142,7 +143,8 @@ class RunLoop:
                                "error": f"upstream {name} {out.status}"}
 
     def _flush(self) -> None:
-        self.store.update_steps(list(self._rows.values()))
+        rows = list(self._rows.values())
+        again_if_disconnected(lambda: self.store.update_steps(rows))
         self._rows.clear()
 
     def _poll_cancel(self) -> None:

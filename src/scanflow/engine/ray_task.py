@@ -6,7 +6,7 @@ there (on the run's parent MLflow run, under `scanflow/outputs/STEP/NAME`), and 
 returned to the driver (which keeps it in the shared store, `ray_logs.StepLogKeeper`). The step itself runs
 through the local `StepRunner` (the same subprocess, timeout and process-tree code as the local
 backend) in the app's folder as the driver zipped it (`pack_app`), unpacked once per node
-into the node's temporary folder (`unpack_app`).
+into the node's own temporary folder (`unpack_app`, `apps_dir`).
 This module imports ray only in `Placement` and `node_log`, which ask the runtime where it runs.
 """
 
@@ -206,14 +206,23 @@ def shipped_code(app: Application) -> list[str]:
     return [f"{CODE_DIR}/{Path(e).name}" for e in app.code_paths]
 
 
-def unpack_app(package: bytes) -> Path:
-    """The app folder on this node: unpacked once per content into the node's temporary
-    folder, then shared by every task of that content (as the app folder is locally)."""
+APPS_DIR = "scanflow-apps"  # under the machine's temporary folder: one folder per Ray node
+
+
+def apps_dir(node_id: str) -> Path:
+    """Where the Ray node `node_id` unpacks app folders. Per node, not per machine: clusters
+    that share one machine (tests, demos) then never share, or clean up, each other's."""
+    return Path(tempfile.gettempdir()) / APPS_DIR / node_id
+
+
+def unpack_app(package: bytes, into: Path) -> Path:
+    """The app folder under `into` (a node's `apps_dir`): unpacked once per content, then
+    shared by every task of that content on the node (as the app folder is locally)."""
     digest = hashlib.sha256(package).hexdigest()[:20]
-    home = Path(tempfile.gettempdir()) / "scanflow-apps" / digest
+    home = into / digest
     if not home.is_dir():
-        home.parent.mkdir(parents=True, exist_ok=True)
-        part = Path(tempfile.mkdtemp(prefix=f"{digest}-", dir=home.parent))
+        into.mkdir(parents=True, exist_ok=True)
+        part = Path(tempfile.mkdtemp(prefix=f"{digest}-", dir=into))
         with zipfile.ZipFile(io.BytesIO(package)) as zf:
             zf.extractall(part)
         try:
@@ -300,7 +309,7 @@ def run_job(job: StepJob, package: bytes, app_blob: bytes) -> StepReport:
     log_path = node_log(job, work)  # before the node is published: a reader finds the file
     placement = Placement(job.placement_key)
     node, host = placement.node, socket.gethostname()
-    cwd = str(unpack_app(package))
+    cwd = str(unpack_app(package, apps_dir(node)))
     try:
         settings, tracker = worker_settings(job, work / "ws")
         inputs = {}
@@ -381,5 +390,6 @@ def upload(tracker: Any, path: Path, uri: str) -> None:
         tracker.log_artifact(run_id, path, artifact.rsplit("/", 1)[0])
 
 
-__all__ = ["LOGS_DIR", "OUTPUTS_DIR", "PLACEMENTS", "StepJob", "StepReport", "live_log_name",
-           "output_uri", "pack_app", "param_uri", "run_job", "split_uri", "unpack_app", "upload"]
+__all__ = ["APPS_DIR", "LOGS_DIR", "OUTPUTS_DIR", "PLACEMENTS", "StepJob", "StepReport", "apps_dir",
+           "live_log_name", "output_uri", "pack_app", "param_uri", "run_job", "split_uri", "unpack_app",
+           "upload"]

@@ -9,10 +9,10 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import orjson
 from sqlalchemy import create_engine, event, make_url
@@ -21,6 +21,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 from sqlalchemy.orm import Session, sessionmaker
 
 _log = logging.getLogger("scanflow.store")
+T = TypeVar("T")
 
 
 def normalise_url(url: str) -> str:
@@ -28,6 +29,11 @@ def normalise_url(url: str) -> str:
     if url.startswith("postgresql://") or url.startswith("postgres://"):
         return "postgresql+psycopg://" + url.split("://", 1)[1]
     return url
+
+
+# PostgreSQL SQLSTATEs by which the server says it ended the session: admin_shutdown,
+# crash_shutdown, cannot_connect_now (class 08, connection exceptions, is matched too).
+SERVER_GONE = frozenset({"57P01", "57P02", "57P03"})
 
 
 def make_engine(url: str) -> Engine:
@@ -50,6 +56,16 @@ def make_engine(url: str) -> Engine:
         return engine
     engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
     reached = [False]  # this engine has connected once: from then on, an outage is waited out
+
+    @event.listens_for(engine, "handle_error")
+    def _server_gone(ctx: Any) -> None:
+        # The server's own word that it dropped the connection (a shutdown or restart) counts as
+        # a disconnect even when the driver has not yet seen the socket close: the pool is then
+        # discarded and a pre-ping replaces the connection, where otherwise, depending on
+        # timing, the ping's error reached the caller.
+        state = str(getattr(ctx.original_exception, "sqlstate", "") or "")
+        if state in SERVER_GONE or state.startswith("08"):
+            ctx.is_disconnect = True
 
     @event.listens_for(engine, "do_connect")
     def _connect(dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
@@ -134,6 +150,22 @@ def json_values(values: Sequence[Any]) -> list[Any]:
 def rowcount(result: Result[Any]) -> int:
     """Rows an UPDATE/DELETE matched (its result is a cursor result; the type says less)."""
     return int(cast(CursorResult[Any], result).rowcount or 0)
+
+
+def again_if_disconnected(fn: Callable[[], T], tries: int = 3) -> T:
+    """`fn()`, called again when the server dropped the connection under it (a restart or
+    failover: the pool is discarded, and the next connection waits for the server, see
+    `_patient_connect`). Only for an `fn` that is one transaction and safe to repeat, such as
+    a read or an update to given values; the failed try was rolled back."""
+    for left in range(tries - 1, -1, -1):
+        try:
+            return fn()
+        except DBAPIError as exc:
+            if not exc.connection_invalidated or not left:
+                raise
+            _log.warning("store connection lost (%s); trying again",
+                         str(exc.orig).strip().splitlines()[0][:200])
+    raise AssertionError("unreachable")  # the loop returns or raises
 
 
 class Database:
