@@ -316,28 +316,33 @@ class Target:
     info: dict[str, Any] = field(default_factory=dict)
     metrics: Callable[[], dict[str, float]] | None = None  # scanflow's /metrics, summed
     log_behind: Callable[[], int] | None = None  # answered requests not yet in the store
-    # CPU time of every process of the system, and of its prediction-log collectors among them
-    cpu_seconds: Callable[[], tuple[float, float]] | None = None
+    # CPU seconds of the system's processes, by role and user/system (`group_cpu_seconds`)
+    cpu_seconds: Callable[[], dict[str, float]] | None = None
 
 
 COLLECTOR_CMD = b"scanflow.serving.predlog"  # in the command line of a log collector process
 
 
-def group_cpu_seconds(pgid: int) -> tuple[float, float]:
-    """User + system CPU seconds of the live members of a process group (from /proc): all of
-    them, and the prediction-log collectors among them (where the log's cost goes)."""
+CPU_ROLES = ("master", "workers", "collectors")
+
+
+def group_cpu_seconds(pgid: int) -> dict[str, float]:
+    """CPU seconds of the live members of a process group (from /proc), by role - the group's
+    leader (`master`), the prediction-log collectors, the rest (`workers`) - and kind
+    (`<role>_user`, `<role>_system`); `all` is their sum. Where the log's cost goes."""
     from scanflow.procs import group_pids
 
     tick = os.sysconf("SC_CLK_TCK")
-    total = collectors = 0
+    out = dict.fromkeys([f"{r}_{k}" for r in CPU_ROLES for k in ("user", "system")], 0.0)
     for pid in group_pids(pgid):
         with contextlib.suppress(OSError, IndexError, ValueError):
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            used = int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
-            total += used
-            if COLLECTOR_CMD in Path(f"/proc/{pid}/cmdline").read_bytes():
-                collectors += used
-    return total / tick, collectors / tick
+            role = ("master" if pid == pgid else "collectors"
+                    if COLLECTOR_CMD in Path(f"/proc/{pid}/cmdline").read_bytes() else "workers")
+            out[f"{role}_user"] += int(fields[11]) / tick  # utime (field 14)
+            out[f"{role}_system"] += int(fields[12]) / tick  # stime (field 15)
+    out["all"] = sum(out.values())
+    return out
 
 
 def free_port() -> int:
@@ -558,19 +563,18 @@ class SystemRun:
     first_prediction: Any = None
     counters: dict[str, float] = field(default_factory=dict)
     log_lag: dict[int, list[dict[str, float]]] = field(default_factory=dict)  # c -> per turn
-    # c -> [CPU seconds, of which collectors', requests]
-    cpu: dict[int, list[float]] = field(default_factory=dict)
+    cpu: dict[int, dict[str, float]] = field(default_factory=dict)  # c -> CPU seconds by role
+    cpu_requests: dict[int, int] = field(default_factory=dict)  # c -> requests those served
     load: dict[int, list[float]] = field(default_factory=dict)  # c -> 1-min load after each turn
 
     def cpu_us(self, c: int) -> float | None:
         """CPU microseconds the system spent per answered request (its log caught up)."""
-        sec, _, n = self.cpu.get(c, [0.0, 0.0, 0.0])
-        return round(sec / n * 1e6, 1) if n else None
+        return self.cpu_us_by_role(c).get("all")
 
-    def collector_us(self, c: int) -> float | None:
-        """Of `cpu_us`, what the prediction-log collector processes spent."""
-        _, sec, n = self.cpu.get(c, [0.0, 0.0, 0.0])
-        return round(sec / n * 1e6, 1) if n else None
+    def cpu_us_by_role(self, c: int) -> dict[str, float]:
+        """CPU microseconds per answered request, by role and kind (`group_cpu_seconds`)."""
+        n = self.cpu_requests.get(c, 0)
+        return {k: round(v / n * 1e6, 1) for k, v in self.cpu.get(c, {}).items()} if n else {}
 
     def point(self, c: int) -> Point:
         return merge(self.rounds[c])
@@ -609,11 +613,10 @@ def measure(runs: dict[str, SystemRun], gen: LoadGen, concurrency: list[int], ro
                     run.log_lag.setdefault(c, []).append(lagged)
                     lag = f"   log {lagged['behind_at_end']} behind, {lagged['catch_up_s']} s"
                 if cpu0 is not None and run.target.cpu_seconds:  # after the log caught up
-                    acc = run.cpu.setdefault(c, [0.0, 0.0, 0.0])
-                    cpu1 = run.target.cpu_seconds()
-                    acc[0] += cpu1[0] - cpu0[0]
-                    acc[1] += cpu1[1] - cpu0[1]
-                    acc[2] += p.requests
+                    acc = run.cpu.setdefault(c, {})
+                    for k, v in run.target.cpu_seconds().items():
+                        acc[k] = acc.get(k, 0.0) + v - cpu0[k]
+                    run.cpu_requests[c] = run.cpu_requests.get(c, 0) + p.requests
                 load = os.getloadavg()[0]  # what else ran: the other side of a noisy figure
                 run.load.setdefault(c, []).append(round(load, 2))
                 say(f"  c={c:<3} round {r + 1}/{rounds} {name:<20} {p.rps:8.1f} req/s   "
@@ -960,9 +963,10 @@ def main(argv: list[str] | None = None) -> int:
     for c in concurrency:
         row = extra["cpu_us_per_request"].get(f"c{c}", {})
         if f"c{c}" in extra["predlog_cost"] and "scanflow_2r" in row and "scanflow_2r_nolog" in row:
+            on, off = runs["scanflow_2r"].cpu_us_by_role(c), runs["scanflow_2r_nolog"].cpu_us_by_role(c)
             extra["predlog_cost"][f"c{c}"].update(
                 cpu_us_with=row["scanflow_2r"], cpu_us_without=row["scanflow_2r_nolog"],
-                cpu_us_collectors=runs["scanflow_2r"].collector_us(c))
+                cpu_us_by_role_with=on, cpu_us_by_role_without=off)
     extra["targets"] = target_check(results, concurrency)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -972,9 +976,15 @@ def main(argv: list[str] | None = None) -> int:
     say("")
     print_table(results, [s for s in SYSTEMS if s in runs], concurrency, gen.name)
     for c, row in extra["predlog_cost"].items():
-        cpu = (f", CPU per request {row['cpu_us_without']:.0f} -> {row['cpu_us_with']:.0f} us"
-               f" ({row['cpu_us_collectors']:.0f} us in the collectors)"
-               if "cpu_us_with" in row else "")
+        cpu = ""
+        if "cpu_us_with" in row:
+            on, off = row["cpu_us_by_role_with"], row["cpu_us_by_role_without"]
+            cpu = (f", CPU per request {row['cpu_us_without']:.0f} -> {row['cpu_us_with']:.0f} us "
+                   f"(workers user {off['workers_user']:.0f} -> {on['workers_user']:.0f}, system "
+                   f"{off['workers_system']:.0f} -> {on['workers_system']:.0f}; master "
+                   f"{off['master_user'] + off['master_system']:.0f} -> "
+                   f"{on['master_user'] + on['master_system']:.0f}; collectors "
+                   f"{on['collectors_user'] + on['collectors_system']:.0f})")
         say(f"prediction log at {c}: req/s {row['rps_without']:.0f} -> {row['rps_with']:.0f} "
             f"({row['rps_change_pct']:+.1f}%), p99 {row['p99_ms_without']:.1f} -> "
             f"{row['p99_ms_with']:.1f} ms{cpu}")

@@ -287,3 +287,39 @@ def test_a_retrain_asked_by_the_accuracy_rule_starts_its_episode_at_since_ts(tmp
     payload, used = _retrain_data(served)
     assert payload["since_id"] == int(ids[90]) and payload["labelled"] == 30
     assert sorted(map(tuple, used.tolist())) == sorted(map(tuple, np.asarray(x[90:]).tolist()))
+
+
+def test_the_retrain_waits_for_labels_after_the_window_that_straddles_the_onset(served: Served) -> None:
+    """The episode's first drifted window (from the 21st request) may hold rows of the old
+    distribution; the window after it starts at the 91st. With 30 labels there and 50 needed,
+    the executor waits for the next 20 rather than take 20 from the straddling window, and
+    takes those only when the wait runs out."""
+    import threading
+    from types import SimpleNamespace
+
+    from scanflow.agents.builtin import _labelled_rows
+    from scanflow.agents.context import Observation
+
+    svc, store = served.service, served.store
+    ids = store.prediction_window(svc, with_inputs=False).ids
+    obs = Observation(key="retrain", data={"since_id": int(ids[20]), "settled_id": int(ids[90])})
+    ctx = SimpleNamespace(store=store)
+
+    # The wait runs out: the 50 newest of the episode, 20 of them from the straddling window.
+    _, rows = _labelled_rows(ctx, obs, svc, "1", 50, 0.3, 50)  # type: ignore[arg-type]
+    assert [int(r["id"]) for r in rows] == [int(i) for i in ids[70:]]
+
+    def label_more() -> None:  # 20 more labelled requests, after the executor began to wait
+        store.add_predictions({"request_id": f"{svc}-late-{i}", "service": svc, "model_version": "1",
+                               "ts": 2000.0 + i, "inputs": [float(i)] * 4, "outputs": 0,
+                               "latency_ms": 1.0} for i in range(20))
+        store.add_labels({f"{svc}-late-{i}": 0 for i in range(20)})
+
+    later = threading.Timer(0.5, label_more)
+    later.start()
+    try:
+        _, rows = _labelled_rows(ctx, obs, svc, "1", 50, 60.0, 50)  # type: ignore[arg-type]
+    finally:
+        later.join()
+    assert len(rows) == 50 and min(int(r["id"]) for r in rows) == int(ids[90])
+    assert sum(1 for r in rows if r["request_id"].startswith(f"{svc}-late-")) == 20

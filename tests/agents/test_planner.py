@@ -139,6 +139,8 @@ def test_drift_judged_against_another_versions_reference_is_ignored() -> None:
         out, state = plan(sig, state, pol)
     assert [a.kind for a in out.actions] == ["retrain"]
     assert out.actions[0].params["since_id"] == 5001
+    # ... and its labels are awaited from the window after it (the first may straddle the onset)
+    assert out.actions[0].params["settled_id"] == 5501
 
 
 def test_drift_without_latency_breach_retrains() -> None:

@@ -177,6 +177,8 @@ def plan_retrain(
     ctx.set("streak", streak)
     if drift and streak == 1:
         ctx.set("episode_start_id", obs.data.get("first_id"))
+        last = obs.data.get("last_id")  # the first drifted window may straddle the onset
+        ctx.set("episode_settled_id", None if last is None else int(last) + 1)
     if not drift:
         return False, "no drift in this window"
     if ctx.get("retraining", False):
@@ -191,6 +193,7 @@ def plan_retrain(
     ctx.set("retraining", True)
     obs.data["episode"] = episode
     obs.data["since_id"] = ctx.get("episode_start_id", obs.data.get("first_id"))
+    obs.data["settled_id"] = ctx.get("episode_settled_id")
     return True, f"drift held for {streak} windows: retrain (episode {episode})"
 
 
@@ -451,7 +454,9 @@ def retrain_and_promote(
 
     The labelled samples are those of the drift episode (from the observation's `since_id`, or
     its `since_ts` when the accuracy rule asked before any drifted window), at most
-    `max_labels` of them (default `min_labels`), the newest first: labels cost people's time,
+    `max_labels` of them (default `min_labels`), the newest first. The executor waits for
+    `min_labels` from `settled_id` on (the window after the episode's first, which may straddle
+    the onset), up to `label_wait_s`; then it takes what the episode has. Labels cost people's time,
     and whatever arrived beyond the cap while the executor waited is not needed. Except on a
     retry: once the gate rejected a candidate against the champion that serves now, the next
     retrain takes every label of its episode, because a small gain is not shown on 150
@@ -552,15 +557,22 @@ def _labelled_rows(ctx: AgentContext, obs: Observation, svc: str, champion: str 
                                                     with_inputs=False).ids
     if len(first_of_champion):
         since_id = max(since_id, int(first_of_champion[0]))
+    # The episode's first window may straddle the onset (rows of the old distribution first):
+    # wait for `min_labels` from the window after it, taking the straddling one only if those
+    # have not arrived by the deadline.
+    settled = max(since_id, int(obs.data.get("settled_id") or since_id))
+
+    def settled_rows(rows: list[dict[str, Any]]) -> int:
+        return sum(1 for r in rows if int(r["id"]) >= settled)
+
     deadline = time.time() + label_wait_s
     rows = ctx.store.predictions(svc, after_id=since_id - 1, labelled_only=True)
-    while len(rows) < min_labels and time.time() < deadline:
+    while settled_rows(rows) < min_labels and time.time() < deadline:
         time.sleep(0.25)  # labels arrive ~50 a second in the demo: a second of polling is 50 late
         rows = ctx.store.predictions(svc, after_id=since_id - 1, labelled_only=True)
     if len(rows) < max(20, min_labels // 4):
         raise RuntimeError(f"only {len(rows)} labelled samples since id {since_id}; need {min_labels}")
-    # The newest: an episode may begin with a window that straddles the onset (clean rows first).
-    rows.sort(key=lambda r: int(r["id"]))
+    rows.sort(key=lambda r: int(r["id"]))  # the newest are kept: the settled ones first
     return since_id, rows if max_labels is None else rows[-max(1, max_labels):]
 
 

@@ -109,6 +109,9 @@ class PlannerState(BaseModel):
     low_accuracy_streak: int = 0
     episode: int = 0
     episode_start_id: int | None = None
+    episode_settled_id: int | None = Field(
+        default=None, description="the first id after the episode's first drifted window (which "
+                                  "may straddle the onset): the labels the retrain waits for")
     retraining: bool = False
     retrain_started_at: float | None = None
     retrain_ended_at: float | None = None

@@ -126,14 +126,14 @@ def absorb(s: Signals, st: PlannerState, p: Policy) -> list[str]:
     if s.model_version is not None and s.model_version != st.model_version:
         if st.model_version is not None:
             st.drift_streak = st.low_accuracy_streak = 0  # the new model needs its own evidence
-            st.episode_start_id = None
+            st.episode_start_id = st.episode_settled_id = None
         st.model_version = s.model_version
         st.cpu_samples = []  # another model costs what it costs: measured afresh
     for done in s.retrains_done:
         st.retraining = False
         st.retrain_ended_at = float(done.get("ts", now))
         st.drift_streak = st.low_accuracy_streak = 0
-        st.episode_start_id = None
+        st.episode_start_id = st.episode_settled_id = None
     started, timeout = st.retrain_started_at, p.limits.retrain_timeout
     if st.retraining and started is not None and now - started > timeout:
         st.retraining = False
@@ -315,12 +315,13 @@ def assess_quality(s: Signals, st: PlannerState, p: Policy, hold: list[str]) -> 
             continue
         if r.drift:
             if st.drift_streak == 0:
-                # The episode starts with the first drifted window: by the time drift has held
-                # for `drift_windows`, most of its labels have arrived, and the retrain need not
-                # wait for a window's worth more. It may straddle the onset (a few clean rows):
-                # the executor takes the newest labels of the episode first.
+                # The episode starts with the first drifted window. That window may straddle
+                # the onset (rows of the distribution before it: measured, 55 of 350 labels
+                # once), so the executor waits for its labels from the window after it
+                # (`settled_id`), and falls back to the whole episode only if those are late.
                 st.episode_start_id = r.first_id if r.first_id is not None else (
                     None if r.last_id is None else r.last_id + 1)
+                st.episode_settled_id = None if r.last_id is None else r.last_id + 1
             st.drift_streak += 1
         else:
             st.drift_streak = 0
@@ -526,6 +527,8 @@ def plan_retrain(s: Signals, st: PlannerState, p: Policy, q: Quality, scaling: A
         hold.append(f"{why}, but retrain cooldown: {wait:.0f}s left")
     else:
         params: dict[str, Any] = {"since_id": st.episode_start_id, "episode": st.episode + 1}
+        if st.episode_settled_id is not None:
+            params["settled_id"] = st.episode_settled_id
         if st.episode_start_id is None and q.accuracy_low:
             # Asked by the accuracy rule before any drifted window: the episode starts with the
             # window before the first one under the floor (the accuracy spans more than one
