@@ -111,8 +111,9 @@ class LocalEngine(Engine):
         """Record a run (queued by default, for `serve`) after checking everything about it."""
         wf = app.workflow(workflow)
         resolve_params(wf, params)  # refuses bad params before anything is recorded
+        unfit = self._unfit_check()
         for st in wf.steps:
-            why = self._unfit(st)
+            why = unfit(st)
             if why:
                 raise ParamError(f"step {st.name} {why}")
         run = self.store.create_run(app.app, app.team, workflow, dict(params or {}), trigger,
@@ -336,6 +337,11 @@ class LocalEngine(Engine):
         again_if_disconnected(lambda: self.store.update_run(run.id, status=final, ended_at=ended,
                                                             error=first_error))
         return RunResult(run.id, final, parent, dict(sched.status), first_error)
+
+    def _unfit_check(self) -> Callable[[Step], str | None]:
+        """What tells, for each step of a run being submitted, why no machine this engine runs
+        on could ever run it (None: some could)."""
+        return self._unfit
 
     def _unfit(self, step: Step) -> str | None:
         """Why no machine this engine runs on could ever run `step`, or None."""

@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -356,8 +356,11 @@ class RayEngine(LocalEngine):
         return step_logs(self.store, self.settings.runs_dir, run_id, step, follow=follow, poll=poll,
                          live=live, remote=StoreStepLogs(self.tracker, self.store))
 
-    def _unfit(self, step: Step) -> str | None:
-        return unfit(ray_request(step.resources), list(alive_nodes().values()))
+    def _unfit_check(self) -> Callable[[Step], str | None]:
+        # The cluster's nodes read once per submitted run, not once per step: each read is a
+        # call to the GCS (~2 ms here; a third of the driver's busy time on a 200-step chain).
+        nodes = list(alive_nodes().values())
+        return lambda step: unfit(ray_request(step.resources), nodes)
 
     def _output_paths(self, run_dir: Path, parent: str | None, step: Step) -> dict[str, Path]:
         assert parent is not None, "the ray backend needs tracking (outputs travel through MLflow)"
