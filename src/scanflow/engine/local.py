@@ -341,16 +341,15 @@ class LocalEngine(Engine):
     def _unfit_check(self) -> Callable[[Step], str | None]:
         """What tells, for each step of a run being submitted, why no machine this engine runs
         on could ever run it (None: some could)."""
-        return self._unfit
+        def unfit(step: Step) -> str | None:
+            res = step.resources
+            if res.gpus or res.custom:
+                wants = ", ".join([f"gpus: {res.gpus:g}"] * bool(res.gpus) + sorted(res.custom))
+                return (f"asks for {wants}, which the local backend does not schedule; run it on "
+                        "the ray backend (SCANFLOW_BACKEND=ray)")
+            return self.pool.check(res.cpus, res.memory)
 
-    def _unfit(self, step: Step) -> str | None:
-        """Why no machine this engine runs on could ever run `step`, or None."""
-        res = step.resources
-        if res.gpus or res.custom:
-            wants = ", ".join([f"gpus: {res.gpus:g}"] * bool(res.gpus) + sorted(res.custom))
-            return (f"asks for {wants}, which the local backend does not schedule; run it on "
-                    "the ray backend (SCANFLOW_BACKEND=ray)")
-        return self.pool.check(res.cpus, res.memory)
+        return unfit
 
     def _output_paths(self, run_dir: Path, parent: str | None, step: Step) -> dict[str, Path]:
         """Where a step of this run writes its declared outputs (local: the runs folder)."""

@@ -12,6 +12,7 @@ This module imports ray only in `Placement` and `node_log`, which ask the runtim
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
@@ -382,34 +383,32 @@ def run_job(job: StepJob, package: bytes, app_blob: bytes) -> StepReport:
             log_path.unlink(missing_ok=True)
 
 
-_pools: list[ResourcePool] = []
-
-
+@functools.cache
 def _unused_pool() -> ResourcePool:
     """The pool a node's `StepRunner` is built with: Ray admitted the task by its resources,
     and the runner's step methods called here never consult it; made once per worker (reading
     the machine's memory each time was 2 % of a short step's time)."""
-    if not _pools:
-        _pools.append(ResourcePool())
-    return _pools[0]
+    return ResourcePool()
 
 
-_discarded: queue.SimpleQueue[Path] = queue.SimpleQueue()
-_remover: list[threading.Thread] = []
+@functools.cache
+def _discarded() -> queue.SimpleQueue[Path]:
+    """The folders this worker's own thread removes, started on first use."""
+    folders: queue.SimpleQueue[Path] = queue.SimpleQueue()
+
+    def remove() -> None:
+        while True:
+            shutil.rmtree(folders.get(), ignore_errors=True)
+
+    threading.Thread(target=remove, daemon=True, name="scanflow-discard").start()
+    return folders
 
 
 def discard(work: Path) -> None:
     """Remove an attempt's scratch folder after its report has gone back, on this worker's
     own thread: measured, the removal was a tenth of a short step's time on its node, and the
     next step of a chain waited for it."""
-    if not _remover:
-        def remove() -> None:
-            while True:
-                shutil.rmtree(_discarded.get(), ignore_errors=True)
-
-        _remover.append(threading.Thread(target=remove, daemon=True, name="scanflow-discard"))
-        _remover[0].start()
-    _discarded.put(work)
+    _discarded().put(work)
 
 
 def upload(tracker: Any, path: Path, uri: str) -> None:

@@ -170,17 +170,22 @@ def join(p: CgroupPlan, pid: int | None = None) -> None:
     reweigh(p)
 
 
+def _quota_us(cpus: float) -> int:
+    """CPU microseconds per period for `cpus` (the kernel refuses less than 1 ms)."""
+    return max(1000, round(cpus * V1_PERIOD_US))
+
+
 def _limit(p: CgroupPlan, controller: str, g: Path) -> None:
     """Write `p`'s limits into the replica group `g` of `controller`."""
     if p.version == 2:
         if p.cpus is not None:
-            _write(g / "cpu.max", f"{max(1000, round(p.cpus * V1_PERIOD_US))} {V1_PERIOD_US}")
+            _write(g / "cpu.max", f"{_quota_us(p.cpus)} {V1_PERIOD_US}")
         if p.memory is not None:
             _write(g / "memory.max", str(p.memory))
             _write(g / "memory.swap.max", "0", optional=True)  # swap is not a way out
     elif controller == "cpu" and p.cpus is not None:
         _write(g / "cpu.cfs_period_us", str(V1_PERIOD_US))
-        _write(g / "cpu.cfs_quota_us", str(max(1000, round(p.cpus * V1_PERIOD_US))))
+        _write(g / "cpu.cfs_quota_us", str(_quota_us(p.cpus)))
     elif controller == "memory" and p.memory is not None:
         _write(g / "memory.limit_in_bytes", str(p.memory))
         _write(g / "memory.memsw.limit_in_bytes", str(p.memory), optional=True)
