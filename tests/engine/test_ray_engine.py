@@ -155,6 +155,18 @@ a = p.parse_args()
 print("reads", os.path.realpath(a.data), "holding", open(a.data).read())
 '''
 
+MARK = '''
+import argparse, os, sys
+p = argparse.ArgumentParser()
+p.add_argument("--mark")
+p.add_argument("--ok_on", type=int, default=1)
+a = p.parse_args()
+attempt = int(os.environ["SCANFLOW_ATTEMPT"])
+with open(a.mark, "a") as f:
+    f.write(f"{os.environ['SCANFLOW_STEP']} {attempt}\\n")
+sys.exit(0 if attempt >= a.ok_on else 4)
+'''
+
 SPEC = '''
 app: hop
 team: ds
@@ -217,6 +229,12 @@ workflows:
     steps:
       - {name: code, run: "python -c 'import sys; print(\\"trying\\"); sys.exit(3)'",
          retries: {count: 2, backoff: 0.01, jitter: 0.0}}
+  queued:
+    steps:
+      - {name: first, run: "python mark.py", params: {mark: {type: str}, ok_on: {type: int}},
+         retries: {count: 1, backoff: 0.01, jitter: 0.0}}
+      - {name: second, run: "python mark.py", params: {mark: {type: str}}, after: [first]}
+      - {name: third, run: "python mark.py", params: {mark: {type: str}}, after: [second]}
 '''
 
 
@@ -255,6 +273,7 @@ def spec(tmp_path: Path) -> Path:
     (d / "readdata.py").write_text(textwrap.dedent(READDATA))
     (d / "stamp.py").write_text(textwrap.dedent(STAMP))
     (d / "hold.py").write_text(textwrap.dedent(HOLD))
+    (d / "mark.py").write_text(textwrap.dedent(MARK))
     (d / "scanflow.yaml").write_text(SPEC)
     return d
 
@@ -366,6 +385,35 @@ def test_a_failing_step_is_retried_and_ends_with_its_exit_code_as_on_the_local_b
     # each try's log as its node wrote it, kept in the shared store for any machine to read
     kept = Store(ray_settings.store).step_attempt_logs(ray_res.run_id, "code")
     assert [(n, "trying" in text) for n, text in kept] == [(1, True), (2, True), (3, True)]
+
+
+@pytest.mark.parametrize("ok_on", [2, 3])
+def test_a_step_queued_behind_a_running_one_runs_once_after_it_succeeds_or_is_skipped(
+        ray_settings: Settings, spec: Path, tmp_path: Path, ok_on: int) -> None:
+    """Without the cache, a step is queued in Ray behind the running step it depends on: a
+    first try of that step that fails voids it unrun; it runs once the retry succeeded
+    (ok_on 2), or never when the step fails for good (ok_on 3)."""
+    engine = backends.engine(ray_settings, Store(ray_settings.store))
+    mark = tmp_path / "marks.txt"
+    res = engine.run(load_application(spec), "queued", {"mark": str(mark), "first.ok_on": ok_on},
+                     cache=False)
+    rows = {s.step: s for s in engine.store.list_steps(res.run_id)}
+    ran = mark.read_text().splitlines()
+    if ok_on == 2:
+        assert res.ok, res.error
+        assert ran == ["first 1", "first 2", "second 1", "third 1"]  # each once, in order
+        assert [rows[n].attempts for n in ("first", "second", "third")] == [2, 1, 1]
+        for up, down in (("first", "second"), ("second", "third")):
+            # recorded as started where it ran, once its dependency had ended
+            assert rows[up].ended_at is not None and rows[down].started_at is not None
+            assert rows[down].started_at >= rows[up].ended_at - 0.05
+        assert "".join(t for _, t in engine.logs(res.run_id, "second")).count("on Ray node") == 1
+    else:
+        assert res.status == "failed" and res.error is not None
+        assert res.error.startswith("step first failed with exit code 4"), res.error
+        assert ran == ["first 1", "first 2"]  # nothing behind it ran
+        assert res.steps == {"first": "failed", "second": "skipped", "third": "skipped"}
+        assert rows["second"].attempts == 0 and rows["second"].error == "upstream first failed"
 
 
 def test_steps_wanting_the_one_unit_of_a_resource_run_one_after_the_other_on_its_node(

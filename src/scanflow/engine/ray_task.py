@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import itertools
 import os
 import pickle
 import queue
@@ -25,12 +26,13 @@ import threading
 import time
 import zipfile
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from scanflow.engine.cache import file_digest
-from scanflow.engine.journal import Journal, replay
+from scanflow.engine.journal import Journal
 from scanflow.engine.resources import ResourcePool
 from scanflow.engine.steps import Outcome, RunState, StepChild, StepRunner, child_tags
 from scanflow.procs import GroupReaper, kill_group
@@ -70,9 +72,11 @@ class StepJob:
     travels apart, once per run (`run_job`'s `app_blob`): pickled in every job, a spec of
     1,000 steps cost more than its step."""
 
-    app_key: str  # the digest of the run's pickled application (`app_blob`)
+    app_key: str  # the digest of the run's pickled application (`worker_app`)
     run_id: str
-    step: Step
+    workflow: str
+    step_name: str  # the step, as the node's copy of the application defines it: the Step
+    # itself pickled into every job cost more than a short step's other sending
     params: dict[str, Any]
     inputs: dict[str, str]  # local name -> output_uri of an upstream step
     outputs: dict[str, str]  # declared name -> output_uri to upload to
@@ -86,6 +90,8 @@ class StepJob:
     placement_key: str  # where the node publishes its id (`Placement`)
     path_params: dict[str, str] = field(default_factory=dict)  # param -> URI of the driver's file
     track: bool = True  # without `child`: the step's child run is made here if the step logs
+    package_key: str = ""  # `package_digest` of the run's app package: a node that has it
+    # unpacked already does not fetch it
 
 
 @dataclass
@@ -115,19 +121,42 @@ def live_log_name(run_id: str, step: str, attempt: int) -> str:
 
 
 def node_log(job: StepJob, work: Path) -> Path:
-    """The attempt's log file, created empty under the node's Ray logs folder, where Ray's log
-    API can stream it to any reader; in `work` when this worker has no such folder."""
+    """Where the attempt's log goes: under the node's Ray logs folder, where Ray's log API can
+    stream it to any reader; in `work` when this worker has no such folder. Not created here:
+    the step's process or its first `ctx.log` does, or `Placement` before it publishes the
+    node (most short steps write none; a file made and removed per step cost ~0.2 ms)."""
     try:
         import ray  # lazy: present on every node of a cluster that runs this task
 
         node: Any = ray._private.worker.global_worker.node
         base = Path(node.get_logs_dir_path())
     except Exception:  # noqa: BLE001 - a private Ray API: without it there is no live log
+        work.mkdir(parents=True, exist_ok=True)
         return work / "step.log"
-    path = base / live_log_name(job.run_id, job.step.name, job.attempt)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"")
+    path = base / live_log_name(job.run_id, job.step_name, job.attempt)
+    _made_dir(path.parent)
     return path
+
+
+@functools.lru_cache(maxsize=64)
+def _made_dir(path: Path) -> None:
+    """`path` made (once per worker and folder: a run's attempts on this node share it)."""
+    path.mkdir(parents=True, exist_ok=True)
+
+
+class NodeJournal(Journal):
+    """An attempt's journal on its node, in memory: the driver journals the step (and recovers
+    from that); here it is read only to find the step's process group when it is cancelled."""
+
+    def __init__(self) -> None:  # noqa: D107 - no file: nothing on the node is recovered
+        self.path = Path(os.devnull)
+        self.last: dict[str, Any] = {}
+
+    def write(self, step: str, status: str, **fields: Any) -> None:
+        self.last.update(fields)
+
+    def close(self, sync: bool = True) -> None:
+        pass
 
 
 PUBLISH_AFTER = 1.0  # seconds an attempt runs before its node is published (see `Placement`)
@@ -137,28 +166,64 @@ class Placement:
     """Publishes the node an attempt runs on under its placement key, once it has run for
     `PUBLISH_AFTER` seconds: the driver uses it to see that node die (a worker whose raylet
     died may live on, and Ray then never fails its task), `logs --follow` to find the live log.
-    Short attempts never publish: they cost no call to the cluster's GCS."""
+    Short attempts never publish: they cost no call to the cluster's GCS. One thread per worker
+    publishes (`_publisher`): a thread started per attempt was a third of a short step's time."""
 
-    def __init__(self, key: str) -> None:
+    def __init__(self, key: str, log: Path) -> None:
         import ray  # lazy: present on every node of a cluster that runs this task
 
-        self.key = key
+        self.key, self.log = key, log
         self.node = ray.get_runtime_context().get_node_id()
-        self._timer = threading.Timer(PUBLISH_AFTER, self._publish)
-        self._timer.daemon = True
-        self._timer.start()
+        self.due = time.monotonic() + PUBLISH_AFTER
+        _publisher().start(self)
 
-    def _publish(self) -> None:
+    def publish(self) -> None:
         from ray.experimental.internal_kv import _internal_kv_put  # lazy: ray
 
         try:
+            with open(self.log, "a"):  # a reader the key sends to the node finds the file
+                pass
             _internal_kv_put(self.key, self.node, namespace=PLACEMENTS)
         except Exception:  # noqa: BLE001 - the GCS away: the driver cannot watch this node
             pass
 
     def stop(self) -> None:
         """No publishing from now (an attempt that ended; the driver removes a published key)."""
-        self._timer.cancel()
+        _publisher().stop(self)
+
+
+class _Publisher:
+    """This worker's attempts waiting to be published, and the thread that publishes each when
+    it is due (a worker runs one attempt at a time, or a few with `max_concurrency`)."""
+
+    def __init__(self) -> None:
+        self._due: dict[int, Placement] = {}
+        self._changed = threading.Condition()
+        threading.Thread(target=self._run, daemon=True, name="scanflow-placements").start()
+
+    def start(self, placement: Placement) -> None:
+        with self._changed:
+            self._due[id(placement)] = placement
+            self._changed.notify()
+
+    def stop(self, placement: Placement) -> None:
+        with self._changed:  # held while publishing: after this, its key is never written
+            self._due.pop(id(placement), None)
+
+    def _run(self) -> None:
+        with self._changed:
+            while True:
+                now = time.monotonic()
+                for p in [p for p in self._due.values() if p.due <= now]:
+                    del self._due[id(p)]
+                    p.publish()
+                wait = min((p.due for p in self._due.values()), default=now + 60.0) - now
+                self._changed.wait(max(wait, 0.0))
+
+
+@functools.cache
+def _publisher() -> _Publisher:
+    return _Publisher()
 
 
 NEVER_PACKED = {".git", ".venv", "venv", "__pycache__", ".scanflow", ".pytest_cache", ".mypy_cache"}
@@ -217,10 +282,15 @@ def apps_dir(node_id: str) -> Path:
     return Path(tempfile.gettempdir()) / APPS_DIR / node_id
 
 
+def package_digest(package: bytes) -> str:
+    """What an app package is known by on the nodes (its unpacked folder's name)."""
+    return hashlib.sha256(package).hexdigest()[:20]
+
+
 def unpack_app(package: bytes, into: Path) -> Path:
     """The app folder under `into` (a node's `apps_dir`): unpacked once per content, then
     shared by every task of that content on the node (as the app folder is locally)."""
-    digest = hashlib.sha256(package).hexdigest()[:20]
+    digest = package_digest(package)
     home = into / digest
     if not home.is_dir():
         into.mkdir(parents=True, exist_ok=True)
@@ -234,8 +304,16 @@ def unpack_app(package: bytes, into: Path) -> Path:
     return home
 
 
+_attempts = itertools.count()  # this worker's attempts, for unique scratch folder names
+def unpacked(key: str, into: Path, fetch: Callable[[], bytes]) -> Path:
+    """The app folder of package `key` under `into`, fetched and unpacked if it is not there."""
+    home = into / key
+    return home if key and home.is_dir() else unpack_app(fetch(), into)
+
+
 APPS_KEPT = 8  # unpickled applications a worker keeps (one per recent run)
 _apps: OrderedDict[str, Application] = OrderedDict()
+_steps: dict[str, dict[tuple[str, str], Step]] = {}  # app key -> (workflow, step name) -> step
 _trackers: dict[tuple[str, str | None], Any] = {}
 _settings: dict[tuple[str, str | None, str], Settings] = {}
 _fluent: dict[str, tuple[str, str | None]] = {}  # the tracker the fluent API points at
@@ -267,14 +345,21 @@ def watch_raylet() -> None:
     _watching[0].start()
 
 
-def worker_app(key: str, blob: bytes) -> Application:
-    """The run's application, unpickled once per worker and run (its tasks reuse it)."""
+def worker_app(key: str, blob: Callable[[], bytes]) -> Application:
+    """The run's application, fetched (`blob`) and unpickled once per worker and run (its
+    tasks reuse it)."""
     app = _apps.get(key)
     if app is None:
-        app = _apps[key] = pickle.loads(blob)
+        app = _apps[key] = pickle.loads(blob())
+        _steps[key] = {(wf, s.name): s for wf, w in app.workflows.items() for s in w.steps}
         while len(_apps) > APPS_KEPT:
-            _apps.popitem(last=False)
+            _steps.pop(_apps.popitem(last=False)[0], None)
     return app
+
+
+def worker_step(key: str, workflow: str, name: str) -> Step:
+    """A step of the application `key` (fetched by `worker_app` first)."""
+    return _steps[key][(workflow, name)]
 
 
 def worker_settings(job: StepJob, workspace: Path) -> tuple[Settings, Any]:
@@ -302,16 +387,30 @@ def worker_settings(job: StepJob, workspace: Path) -> tuple[Settings, Any]:
     return settings, tracker
 
 
-def run_job(job: StepJob, package: bytes, app_blob: bytes) -> StepReport:
+VOID = "void"  # a report of an attempt queued behind a step that did not succeed: not run
+
+
+def run_job(job: StepJob, shipped: list[Any], *upstream: StepReport) -> StepReport:
     """Run one attempt here: fetch inputs, run the step in the unpacked app folder, upload
-    outputs; the log goes back to the driver in the report."""
+    outputs; the log goes back to the driver in the report. `shipped` holds the ObjectRefs of
+    the run's app package and pickled spec, nested so that Ray does not fetch them for every
+    task: a worker fetches each once (`unpacked`, `worker_app`). `upstream`: the reports of
+    the tasks it was queued behind (`RayStepRunner._behind`); it runs only if each succeeded."""
+    if any(rep.status != "succeeded" for rep in upstream):
+        return StepReport(VOID, None, None, False, None, "", "", "", "")
+    started = time.time()
+    import ray  # lazy: present on every node of a cluster that runs this task
 
     watch_raylet()
-    work = Path(tempfile.mkdtemp(prefix=f"scanflow-{job.run_id[:12]}-{job.step.name}-"))
-    log_path = node_log(job, work)  # before the node is published: a reader finds the file
-    placement = Placement(job.placement_key)
+    # The attempt's scratch folder, made only when something is put in it (inputs, outputs,
+    # staged code, a step that makes its workspace): most short steps need none.
+    work = Path(tempfile.gettempdir()) / (f"scanflow-{job.run_id[:12]}-{job.step_name}-"
+                                          f"{job.attempt}-{os.getpid()}-{next(_attempts)}")
+    log_path = node_log(job, work)
+    placement = Placement(job.placement_key, log_path)
     node, host = placement.node, socket.gethostname()
-    cwd = str(unpack_app(package, apps_dir(node)))
+    package_ref, app_ref = shipped
+    cwd = str(unpacked(job.package_key, apps_dir(node), lambda: ray.get(package_ref)))
     try:
         settings, tracker = worker_settings(job, work / "ws")
         inputs = {}
@@ -323,38 +422,41 @@ def run_job(job: StepJob, package: bytes, app_blob: bytes) -> StepReport:
             run_id, path = split_uri(uri)
             params[name] = tracker.download(run_id, path, str(work / "params" / name))
         if job.outputs:
-            (work / "out").mkdir()
+            (work / "out").mkdir(parents=True)
         outputs = {name: work / "out" / name for name in job.outputs}
-        shipped = worker_app(job.app_key, app_blob)
-        app = shipped.model_copy(update={"base_dir": Path(cwd), "code_paths": shipped_code(shipped)})
+        spec = worker_app(job.app_key, lambda: ray.get(app_ref))
+        step = worker_step(job.app_key, job.workflow, job.step_name)
+        app = spec.model_copy(update={"base_dir": Path(cwd), "code_paths": shipped_code(spec)})
         importable(app)  # its code_paths, for a `call:` step (a `run:` step: PYTHONPATH, below)
-        st = RunState(app, WorkflowRun(id=job.run_id), work, Journal(work / "journal.jsonl"),
-                      job.experiment, job.parent, False, threading.Event(), {},
-                      code_dir=stage(app, work))
+        if app.code_paths:
+            work.mkdir(exist_ok=True)  # the staged modules' links go in it
+        journal = NodeJournal()
+        st = RunState(app, WorkflowRun(id=job.run_id), work, journal, job.experiment, job.parent,
+                      False, threading.Event(), {}, code_dir=stage(app, work))
         runner = StepRunner(settings, tracker, _unused_pool(), track=job.track)
         runner.reaper = _reaper
         make_child: StepChild | None = None
         if job.track:  # made ahead by the driver, or here on the step's first log (most log none)
             make_child = StepChild(lambda: tracker.start_run(
-                job.experiment or "", job.step.name, child_tags(st, job.step.name),
+                job.experiment or "", step.name, child_tags(st, step.name),
                 params=job.params, parent=job.parent))
             make_child.id = job.child
         try:
-            if job.step.run is not None:
-                out = runner._run_subprocess(st, job.step, params, inputs, outputs, log_path,
+            if step.run is not None:
+                out = runner._run_subprocess(st, step, params, inputs, outputs, log_path,
                                              job.attempt, make_child)
             else:
-                assert job.step.call is not None
+                assert step.call is not None
                 back = os.getcwd()
                 os.chdir(cwd)  # relative paths mean the app folder, as for `run:` steps
                 try:
-                    fn = resolve_callable(job.step.call, app.base_dir)
-                    out = runner._run_callable(st, job.step, fn, params, inputs, outputs,
+                    fn = resolve_callable(step.call, app.base_dir)
+                    out = runner._run_callable(st, step, fn, params, inputs, outputs,
                                                log_path, job.attempt, make_child)
                 finally:
                     os.chdir(back)
         except BaseException:  # ray.cancel: KeyboardInterrupt; kill what the step started
-            pgid = replay(st.journal.path).get(job.step.name, {}).get("pgid")
+            pgid = journal.last.get("pgid")
             if pgid:
                 kill_group(int(pgid), grace=1.0)
             raise
@@ -365,15 +467,19 @@ def run_job(job: StepJob, package: bytes, app_blob: bytes) -> StepReport:
             missing = runner.missing_outputs(outputs)
             if missing:
                 out = Outcome("failed", out.exit_code,
-                              f"step {job.step.name} did not write its declared outputs {missing}")
+                              f"step {step.name} did not write its declared outputs {missing}")
             else:
                 for name, p in outputs.items():
                     digests[name] = file_digest(p)  # for the lineage: the driver never sees the file
                     upload(tracker, p, job.outputs[name])
-        log = log_path.read_text(errors="replace") if log_path.exists() else ""  # the driver keeps it
+        try:
+            log = log_path.read_text(errors="replace")  # the driver keeps it
+        except FileNotFoundError:
+            log = ""  # the step wrote none
         return StepReport(out.status, out.exit_code, out.error, out.timed_out, out.exception, log,
                           node, host, cwd, {"log_path": str(log_path), "digests": digests,
-                                            "child": make_child.id if make_child else None})
+                                            "child": make_child.id if make_child else None,
+                                            "started": started})
     finally:
         placement.stop()
         discard(work)

@@ -7,7 +7,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import bindparam, insert, select, update
 
 from scanflow.store.db import Database
 from scanflow.store.schema import StepLog, StepRun, WorkflowRun
@@ -120,10 +120,21 @@ class SqlRunRepository:
             return dict(s.execute(q).tuples().all())
 
     def update_steps(self, rows: Sequence[dict[str, Any]]) -> None:
-        """Bulk update by primary key (`id` in each dict): one transaction for many steps."""
-        if rows:
-            with self.db.session() as s:
-                s.execute(update(StepRun), list(rows))
+        """Bulk update by primary key (`id` in each dict): one transaction for many steps, one
+        Core executemany per set of columns (the ORM's bulk update cost ~3x more per row: it
+        was a fifth of a Ray run's driver time)."""
+        groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        for row in rows:
+            cols = tuple(sorted(k for k in row if k != "id"))
+            groups.setdefault(cols, []).append({**row, "row_id": row["id"]})
+        if not groups:
+            return
+        with self.db.session() as s:
+            conn = s.connection()  # Core: no ORM bookkeeping per row
+            for cols, batch in groups.items():
+                stmt = (update(StepRun).where(StepRun.id == bindparam("row_id"))
+                        .values({c: bindparam(c) for c in cols}))
+                conn.execute(stmt, batch)
 
     def keep_step_logs(self, rows: Sequence[tuple[str, str, int, str]]) -> None:
         """Ended attempts' logs, (run id, step, attempt, text) each, in one transaction; an
