@@ -66,6 +66,11 @@ def nap():
 
 def scored():
     return {"acc": 0.75}  # numbers a `call:` step returns are logged to its MLflow child run
+def fluent(ctx):
+    import mlflow  # imported by the step itself, after the node pointed MLflow at the server
+    with ctx.mlflow_run():
+        mlflow.log_metric("fluent", 2.0)
+    assert mlflow.MlflowClient().get_run(ctx.mlflow_run_id).data.metrics == {"fluent": 2.0}
 
 def consume(src, out, ctx):
     up = json.loads(src.read_text())
@@ -229,6 +234,9 @@ workflows:
     steps:
       - {name: code, run: "python -c 'import sys; print(\\"trying\\"); sys.exit(3)'",
          retries: {count: 2, backoff: 0.01, jitter: 0.0}}
+  fluent:
+    steps:
+      - {name: fluent, call: "steps:fluent"}
   queued:
     steps:
       - {name: first, run: "python mark.py", params: {mark: {type: str}, ok_on: {type: int}},
@@ -385,6 +393,17 @@ def test_a_failing_step_is_retried_and_ends_with_its_exit_code_as_on_the_local_b
     # each try's log as its node wrote it, kept in the shared store for any machine to read
     kept = Store(ray_settings.store).step_attempt_logs(ray_res.run_id, "code")
     assert [(n, "trying" in text) for n, text in kept] == [(1, True), (2, True), (3, True)]
+
+
+def test_mlflows_fluent_api_in_a_call_step_logs_to_the_runs_server(
+        ray_settings: Settings, spec: Path) -> None:
+    engine = backends.engine(ray_settings, Store(ray_settings.store))
+    res = engine.run(load_application(spec), "fluent")
+    assert res.ok, res.error
+    child = engine.store.list_steps(res.run_id)[0].mlflow_run_id
+    run = MlflowTracker(ray_settings).client.get_run(child or "")
+    assert run.data.metrics == {"fluent": 2.0}
+    assert run.data.tags["mlflow.parentRunId"] == res.mlflow_run_id
 
 
 @pytest.mark.parametrize("ok_on", [2, 3])

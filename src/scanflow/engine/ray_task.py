@@ -21,6 +21,7 @@ import pickle
 import queue
 import shutil
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -170,10 +171,8 @@ class Placement:
     publishes (`_publisher`): a thread started per attempt was a third of a short step's time."""
 
     def __init__(self, key: str, log: Path) -> None:
-        import ray  # lazy: present on every node of a cluster that runs this task
-
         self.key, self.log = key, log
-        self.node = ray.get_runtime_context().get_node_id()
+        self.node = _node_id()
         self.due = time.monotonic() + PUBLISH_AFTER
         _publisher().start(self)
 
@@ -194,31 +193,41 @@ class Placement:
 
 class _Publisher:
     """This worker's attempts waiting to be published, and the thread that publishes each when
-    it is due (a worker runs one attempt at a time, or a few with `max_concurrency`)."""
+    it is due, looking every `TICK` seconds (a worker runs one attempt at a time, or a few with
+    `max_concurrency`). Nothing wakes it per attempt: a wake-up per short step cost it more
+    than the look twice a second."""
+
+    TICK = PUBLISH_AFTER / 2
 
     def __init__(self) -> None:
         self._due: dict[int, Placement] = {}
-        self._changed = threading.Condition()
+        self._lock = threading.Lock()
         threading.Thread(target=self._run, daemon=True, name="scanflow-placements").start()
 
     def start(self, placement: Placement) -> None:
-        with self._changed:
+        with self._lock:
             self._due[id(placement)] = placement
-            self._changed.notify()
 
     def stop(self, placement: Placement) -> None:
-        with self._changed:  # held while publishing: after this, its key is never written
+        with self._lock:  # held while publishing: after this, its key is never written
             self._due.pop(id(placement), None)
 
     def _run(self) -> None:
-        with self._changed:
-            while True:
-                now = time.monotonic()
+        while True:
+            time.sleep(self.TICK)
+            now = time.monotonic()
+            with self._lock:
                 for p in [p for p in self._due.values() if p.due <= now]:
                     del self._due[id(p)]
                     p.publish()
-                wait = min((p.due for p in self._due.values()), default=now + 60.0) - now
-                self._changed.wait(max(wait, 0.0))
+
+
+@functools.cache
+def _node_id() -> str:
+    """The Ray node this worker runs on (a worker never moves)."""
+    import ray  # lazy: present on every node of a cluster that runs this task
+
+    return str(ray.get_runtime_context().get_node_id())
 
 
 @functools.cache
@@ -380,14 +389,28 @@ def worker_settings(job: StepJob, workspace: Path) -> tuple[Settings, Any]:
     if tracker is None:
         tracker = _trackers[key[:2]] = MlflowTracker(settings)
     if _fluent.get("key") != key[:2]:
-        # MLflow's fluent API (`mlflow.start_run`, `MlflowClient()`) in a `call:` step logs to
-        # this job's server, as in the local engine's process
-        tracker.use_in_process()
+        point_mlflow_at(job.tracking_uri, job.registry_uri)
         _fluent["key"] = key[:2]
     return settings, tracker
 
 
 VOID = "void"  # a report of an attempt queued behind a step that did not succeed: not run
+
+
+def point_mlflow_at(tracking_uri: str, registry_uri: str | None) -> None:
+    """MLflow's fluent API (`mlflow.start_run`, `MlflowClient()`) in a `call:` step of this
+    worker logs to the job's server, as in the local engine's process: through MLflow's own
+    environment variables, read when the step first imports MLflow, so that a worker whose
+    steps never use it does not import it (~2 s of CPU per new worker, on the step's path)."""
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+    if registry_uri:
+        os.environ["MLFLOW_REGISTRY_URI"] = registry_uri
+    else:
+        os.environ.pop("MLFLOW_REGISTRY_URI", None)
+    if "mlflow" in sys.modules:  # imported already: its process-wide settings win over those
+        from scanflow.tracking.mlflow_tracking import configure_mlflow  # lazy: MLflow
+
+        configure_mlflow(tracking_uri, registry_uri)
 
 
 def run_job(job: StepJob, shipped: list[Any], *upstream: StepReport) -> StepReport:
@@ -482,7 +505,8 @@ def run_job(job: StepJob, shipped: list[Any], *upstream: StepReport) -> StepRepo
                                             "started": started})
     finally:
         placement.stop()
-        discard(work)
+        if work.exists():  # made for this attempt (most short ones make none)
+            discard(work)
         if not log_path.is_relative_to(work):  # kept by the driver and the store from now on
             # (its run's folder stays, empty, with the Ray session's logs: removing it raced
             # with the run's other attempts creating it on this node)
