@@ -259,32 +259,6 @@ def test_scheduler_skips_everything_downstream_of_a_failure_only() -> None:
     assert sched.outcome() == "failed"
 
 
-def test_scheduler_takes_one_step_ahead_of_each_running_one_and_never_twice() -> None:
-    sched = Scheduler(_wf(a=[], b=["a"], c=["b"], d=["a", "x"], x=[]))
-    assert _drain(sched) == ["a", "x"]
-    assert sched.take_ahead() == (sched.steps["b"], ["a"])  # behind a, which still runs
-    # c waits behind b, itself queued ahead: not taken while b waits (no chain queued whole)
-    got = sched.take_ahead({"b"})
-    assert got is not None and got[0].name == "d" and sorted(got[1]) == ["a", "x"]
-    assert sched.take_ahead({"b"}) is None
-    sched.offer_children("b")  # b's dependencies ended: it runs for real now
-    assert sched.take_ahead() == (sched.steps["c"], ["b"])
-    assert sched.status["b"] == sched.status["c"] == sched.status["d"] == "running"
-    sched.settle("a", "succeeded")
-    assert not sched.has_ready() and sched.take() is None  # nothing handed out twice
-    assert sched.take_ahead() is None
-
-
-def test_a_step_taken_ahead_of_one_that_fails_is_left_to_its_runner_to_report() -> None:
-    sched = Scheduler(_wf(a=[], b=["a"], c=["b"]))
-    assert _drain(sched) == ["a"]
-    assert sched.take_ahead() == (sched.steps["b"], ["a"])
-    assert sched.settle("a", "failed") == ["c"]  # b is the runner's: it reports it skipped
-    assert sched.status["b"] == "running"
-    assert sched.settle("b", "skipped") == []
-    assert sched.outcome() == "failed"
-
-
 def test_scheduler_cancellation_and_resume() -> None:
     sched = Scheduler(_wf(a=[], b=["a"], c=["b"], d=[]))
     _drain(sched)

@@ -160,18 +160,6 @@ a = p.parse_args()
 print("reads", os.path.realpath(a.data), "holding", open(a.data).read())
 '''
 
-MARK = '''
-import argparse, os, sys
-p = argparse.ArgumentParser()
-p.add_argument("--mark")
-p.add_argument("--ok_on", type=int, default=1)
-a = p.parse_args()
-attempt = int(os.environ["SCANFLOW_ATTEMPT"])
-with open(a.mark, "a") as f:
-    f.write(f"{os.environ['SCANFLOW_STEP']} {attempt}\\n")
-sys.exit(0 if attempt >= a.ok_on else 4)
-'''
-
 SPEC = '''
 app: hop
 team: ds
@@ -237,12 +225,6 @@ workflows:
   fluent:
     steps:
       - {name: fluent, call: "steps:fluent"}
-  queued:
-    steps:
-      - {name: first, run: "python mark.py", params: {mark: {type: str}, ok_on: {type: int}},
-         retries: {count: 1, backoff: 0.01, jitter: 0.0}}
-      - {name: second, run: "python mark.py", params: {mark: {type: str}}, after: [first]}
-      - {name: third, run: "python mark.py", params: {mark: {type: str}}, after: [second]}
 '''
 
 
@@ -281,7 +263,6 @@ def spec(tmp_path: Path) -> Path:
     (d / "readdata.py").write_text(textwrap.dedent(READDATA))
     (d / "stamp.py").write_text(textwrap.dedent(STAMP))
     (d / "hold.py").write_text(textwrap.dedent(HOLD))
-    (d / "mark.py").write_text(textwrap.dedent(MARK))
     (d / "scanflow.yaml").write_text(SPEC)
     return d
 
@@ -404,35 +385,6 @@ def test_mlflows_fluent_api_in_a_call_step_logs_to_the_runs_server(
     run = MlflowTracker(ray_settings).client.get_run(child or "")
     assert run.data.metrics == {"fluent": 2.0}
     assert run.data.tags["mlflow.parentRunId"] == res.mlflow_run_id
-
-
-@pytest.mark.parametrize("ok_on", [2, 3])
-def test_a_step_queued_behind_a_running_one_runs_once_after_it_succeeds_or_is_skipped(
-        ray_settings: Settings, spec: Path, tmp_path: Path, ok_on: int) -> None:
-    """Without the cache, a step is queued in Ray behind the running step it depends on: a
-    first try of that step that fails voids it unrun; it runs once the retry succeeded
-    (ok_on 2), or never when the step fails for good (ok_on 3)."""
-    engine = backends.engine(ray_settings, Store(ray_settings.store))
-    mark = tmp_path / "marks.txt"
-    res = engine.run(load_application(spec), "queued", {"mark": str(mark), "first.ok_on": ok_on},
-                     cache=False)
-    rows = {s.step: s for s in engine.store.list_steps(res.run_id)}
-    ran = mark.read_text().splitlines()
-    if ok_on == 2:
-        assert res.ok, res.error
-        assert ran == ["first 1", "first 2", "second 1", "third 1"]  # each once, in order
-        assert [rows[n].attempts for n in ("first", "second", "third")] == [2, 1, 1]
-        for up, down in (("first", "second"), ("second", "third")):
-            # recorded as started where it ran, once its dependency had ended
-            assert rows[up].ended_at is not None and rows[down].started_at is not None
-            assert rows[down].started_at >= rows[up].ended_at - 0.05
-        assert "".join(t for _, t in engine.logs(res.run_id, "second")).count("on Ray node") == 1
-    else:
-        assert res.status == "failed" and res.error is not None
-        assert res.error.startswith("step first failed with exit code 4"), res.error
-        assert ran == ["first 1", "first 2"]  # nothing behind it ran
-        assert res.steps == {"first": "failed", "second": "skipped", "third": "skipped"}
-        assert rows["second"].attempts == 0 and rows["second"].error == "upstream first failed"
 
 
 def test_steps_wanting_the_one_unit_of_a_resource_run_one_after_the_other_on_its_node(

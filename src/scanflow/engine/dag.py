@@ -5,7 +5,7 @@ now, and what a finished step releases or dooms. No threads, no I/O: the run loo
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Container, Iterable
+from collections.abc import Iterable
 
 from scanflow.spec.models import Step, Workflow
 
@@ -54,7 +54,6 @@ class Scheduler:
         self._ready: deque[Step] = deque(
             s for s in workflow.steps if self.status[s.name] == "pending" and self._waiting[s.name] == 0
         )
-        self._ahead: deque[Step] = deque()  # children of running steps: `take_ahead` candidates
 
     def has_ready(self) -> bool:
         return bool(self._ready)
@@ -64,37 +63,9 @@ class Scheduler:
         while self._ready:
             step = self._ready.popleft()
             if self.status[step.name] == "pending":
-                self._start(step)
+                self.status[step.name] = "running"
                 return step
         return None
-
-    def take_ahead(self, not_behind: Container[str] = ()) -> tuple[Step, list[str]] | None:
-        """A pending step whose unfinished dependencies are all running, to be queued behind
-        them before they end (a backend that can make a task wait for others, as Ray can,
-        then starts it without a round trip through this loop): it is `running` from now.
-        With the names of the running dependencies it waits for; None when there is none.
-        Should one of them not succeed, its runner reports it `skipped`. A step behind one of
-        `not_behind` is not taken (the run loop's: steps taken ahead that still wait, so one
-        step is queued ahead of each running one, not a whole chain; steps that may turn out
-        cached, whose outputs are not known yet); `offer_children` offers it again later."""
-        while self._ahead:
-            step = self._ahead.popleft()
-            if self.status[step.name] != "pending":
-                continue
-            deps = step.deps()
-            if all(self.status[d] in DONE or (self.status[d] == "running" and d not in not_behind)
-                   for d in deps):
-                self._start(step)
-                return step, [d for d in deps if self.status[d] == "running"]
-        return None
-
-    def offer_children(self, name: str) -> None:
-        """Offer the dependants of `name` to `take_ahead` again (it no longer waits)."""
-        self._ahead.extend(self.steps[c] for c in self.children[name])
-
-    def _start(self, step: Step) -> None:
-        self.status[step.name] = "running"
-        self._ahead.extend(self.steps[c] for c in self.children[step.name])
 
     def settle(self, name: str, status: str) -> list[str]:
         """Record how `name` ended. Done: its dependants whose last dependency it was become

@@ -7,7 +7,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable, Container
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,12 +46,6 @@ class RunLoop:
             for n, s in sched.status.items() if s == "pending"
         }
         self._todo: queue.Queue[Step | None] = queue.Queue()
-        self._waiting: dict[str, set[str]] = {}  # queued ahead: step -> the steps it waits for
-        # Steps nothing is queued behind (`Scheduler.take_ahead`): those that may be cache hits
-        # (a hit's outputs are an earlier run's, known only once it is looked up), and those
-        # queued ahead themselves while they wait.
-        cacheable = {s.name for s in sched.workflow.steps if st.use_cache and s.cache}
-        self._not_behind = _Either(self._waiting, cacheable)
         self._finished: queue.Queue[tuple[str, Outcome]] = queue.Queue()
         self._in_flight = 0
 
@@ -90,7 +84,7 @@ class RunLoop:
         while self._in_flight < self.concurrency and not self.st.cancel.is_set():
             step = self.sched.take()
             if step is None:
-                break
+                return
             self.notify(step.name, "running")
             # In the store too (next batch), for `runs show` from another shell or machine.
             self._rows[step.name] = {"id": self.ids[step.name], "status": "running",
@@ -99,21 +93,6 @@ class RunLoop:
                 # Alone and in-process (a chain): run it here, no thread hand-off.
                 self._settle(step.name, self._run(step))
                 continue
-            self._todo.put(step)
-            self._in_flight += 1
-        while self.runner.runs_ahead and self._in_flight < self.concurrency \
-                and not self.st.cancel.is_set():
-            got = self.sched.take_ahead(self._not_behind)
-            if got is None:
-                return
-            step, deps = got
-            if deps:  # recorded `running` once they have ended (`_settle`), not now
-                self.st.ahead[step.name] = deps
-                self._waiting[step.name] = set(deps)
-            else:
-                self.notify(step.name, "running")
-                self._rows[step.name] = {"id": self.ids[step.name], "status": "running",
-                                         "started_at": time.time()}
             self._todo.put(step)
             self._in_flight += 1
 
@@ -162,21 +141,6 @@ class RunLoop:
             self.st.journal.write(dep, mark)
             self._rows[dep] = {"id": self.ids[dep], "status": mark,
                                "error": f"upstream {name} {out.status}"}
-        self._waiting.pop(name, None)
-        if out.status in DONE:
-            for child in self.sched.children[name]:
-                waits = self._waiting.get(child)
-                if waits is not None and name in waits:
-                    waits.discard(name)
-                    if not waits and child not in self.records:  # it can start now
-                        del self._waiting[child]
-                        self.sched.offer_children(child)
-                        self.notify(child, "running")
-                        self._rows[child] = {"id": self.ids[child], "status": "running",
-                                             "started_at": time.time()}
-        self.st.finished[name] = out.status
-        self.st.event(f"settled:{name}").set()
-        self.st.event(f"sent:{name}").set()  # (a runner sets it when it sent the step's task)
 
     def _flush(self) -> None:
         rows = list(self._rows.values())
@@ -210,13 +174,3 @@ class RunLoop:
                                     "error": "the run was cancelled before it started"}
         self._flush()
         self.st.journal.close()
-
-
-class _Either:
-    """Membership in either of two collections, without building their union."""
-
-    def __init__(self, a: Container[str], b: Container[str]) -> None:
-        self.a, self.b = a, b
-
-    def __contains__(self, name: object) -> bool:
-        return name in self.a or name in self.b

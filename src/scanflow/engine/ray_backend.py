@@ -31,7 +31,6 @@ from scanflow.engine.ray_task import (
     PLACEMENTS,
     PUBLISH_AFTER,
     URI_PREFIX,
-    VOID,
     StepJob,
     StepReport,
     output_uri,
@@ -154,7 +153,6 @@ class RayStepRunner(StepRunner):
         self._packages: OrderedDict[str, tuple[Any, Any, str, str]] = OrderedDict()
         self._packing = threading.Lock()
         self._shipped: dict[tuple[str, str], str] = {}  # (run id, driver path) -> its param URI
-        self._current: dict[tuple[str, str], Any] = {}  # (run id, step) -> its task's ObjectRef
 
     def _path_params(self, st: RunState, step: Step, params: dict[str, Any]) -> dict[str, str]:
         """The step's `type: path` params that name a file or folder on the driver (relative
@@ -219,8 +217,6 @@ class RayStepRunner(StepRunner):
     def runs_here(self, step: Step) -> bool:
         return False  # on a node: the loop keeps polling the run's cancel flag while it waits
 
-    runs_ahead = True  # a step's task can wait in Ray for its dependencies' tasks
-
     def run_ended(self, st: RunState) -> None:
         self.logs.flush()  # every ended attempt's log in the store before the run is recorded
 
@@ -264,57 +260,18 @@ class RayStepRunner(StepRunner):
                       child, self.settings.tracking, self.settings.registry_uri,
                       self.settings.store, key, self._path_params(st, step, params),
                       track=make_child is not None, package_key=package_key)
-        # Queued ahead of its dependencies' end (first attempt only): the task waits for their
-        # tasks' reports in Ray and starts as soon as they succeeded, as a chain of raw Ray
-        # tasks does; should one fail, the node voids it unrun, and this decides again once the
-        # run loop has settled them (skipped; or sent again if a retry of theirs succeeded).
-        deps = st.ahead.pop(step.name, []) if attempt == 1 else []
-        behind = self._behind(st, deps) if deps else []
-        if isinstance(behind, Outcome):
-            return behind
-        task = _remote_run_job().options(**task_options(step))
+        ref = _remote_run_job().options(**task_options(step)).remote(job, [package, app_ref])
         submitted = time.monotonic()
         try:
-            while True:
-                ref = task.remote(job, [package, app_ref], *behind)
-                with st.lock:
-                    self._current[(st.run.id, step.name)] = ref
-                st.event(f"sent:{step.name}").set()
-                out = self._wait(st, step, ref, key, attempt, log_path, ahead=bool(behind))
-                if not behind:
-                    break
-                gate = st.wait_settled(deps)  # settled before it, as if it had waited for them
-                if gate is not None:
-                    return gate
-                if out.status != VOID:
-                    break
-                behind = []  # they succeeded in a later attempt: send it again, unqueued
+            out = self._wait(st, step, ref, key, attempt, log_path)
             if out.mlflow_run_id and make_child is not None and make_child.id is None:
                 make_child.id = out.mlflow_run_id  # made on the node; the driver ends it
             return out
         finally:
-            with st.lock:
-                self._current.pop((st.run.id, step.name), None)
             if time.monotonic() - submitted >= PUBLISH_AFTER:  # its node may have published it
                 from ray.experimental.internal_kv import _internal_kv_del  # lazy: ray
 
                 _internal_kv_del(key, namespace=PLACEMENTS)
-
-    def _behind(self, st: RunState, deps: list[str]) -> list[Any] | Outcome:
-        """The ObjectRefs of the running tries of `deps` for a task to wait for, once each was
-        sent; the outcome to report instead when one of them has already ended not done."""
-        refs = []
-        for name in deps:
-            while not st.event(f"sent:{name}").wait(WAIT_POLL):
-                if st.cancel.is_set():
-                    return Outcome("cancelled", error="cancelled by request")
-            with st.lock:
-                ref = self._current.get((st.run.id, name))
-            if ref is not None:
-                refs.append(ref)
-            elif (gate := st.wait_settled([name])) is not None:
-                return gate  # it ended without a task (cached, cancelled) or before this read
-        return refs
 
     def _lost(self, step: Step, key: str, attempt: int, log_path: Path) -> Outcome | None:
         """A failed outcome when the attempt can no longer finish: its node died (its task
@@ -334,9 +291,8 @@ class RayStepRunner(StepRunner):
         return None
 
     def _wait(self, st: RunState, step: Step, ref: Any, key: str, attempt: int,
-              log_path: Path, *, ahead: bool = False) -> Outcome:
-        """The attempt's outcome, cancelling its task when the run is cancelled. `ahead`: the
-        task was queued behind others; a Ray error may be one of theirs (`VOID`)."""
+              log_path: Path) -> Outcome:
+        """The attempt's outcome, cancelling its task when the run is cancelled."""
         import ray  # lazy: only the ray backend loads ray
         from ray.exceptions import RayError, TaskCancelledError  # lazy: ray
 
@@ -369,19 +325,13 @@ class RayStepRunner(StepRunner):
                             pass  # its worker is out of reach with its node: nothing more to stop
                         return lost
         except TaskCancelledError:
-            if ahead and not st.cancel.is_set():  # an upstream task's, cancelled as lost
-                return Outcome(VOID)
             return Outcome("cancelled", None, "cancelled by request")
         except RayError as exc:
-            if ahead:  # perhaps an upstream task's error, passed on: the caller decides
-                return Outcome(VOID, None, f"its Ray task failed: {type(exc).__name__}")
             with open(log_path, "a") as f:
                 f.write(f"--- attempt {attempt}: its Ray task failed ---\n{exc}\n")
             cause = getattr(exc, "cause", None) or exc
             return Outcome("failed", None, f"step {step.name}: its Ray task failed: "
                            f"{type(cause).__name__}: {cause}")
-        if rep.status == VOID:
-            return Outcome(VOID)
         ended = f"exit code {rep.exit_code}" if rep.exit_code is not None else rep.status
         if rep.log:
             self.logs.keep(st.run.id, step.name, attempt, rep.log)
@@ -391,7 +341,7 @@ class RayStepRunner(StepRunner):
         error = rep.error.replace(rep.extra["log_path"], str(log_path)) if rep.error else None
         return Outcome(rep.status, rep.exit_code, error, timed_out=rep.timed_out,
                        exception=rep.exception, digests=dict(rep.extra.get("digests") or {}),
-                       mlflow_run_id=rep.extra.get("child"), started_at=rep.extra.get("started"))
+                       mlflow_run_id=rep.extra.get("child"))
 
 
 class RayEngine(LocalEngine):

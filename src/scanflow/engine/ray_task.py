@@ -394,9 +394,6 @@ def worker_settings(job: StepJob, workspace: Path) -> tuple[Settings, Any]:
     return settings, tracker
 
 
-VOID = "void"  # a report of an attempt queued behind a step that did not succeed: not run
-
-
 def point_mlflow_at(tracking_uri: str, registry_uri: str | None) -> None:
     """MLflow's fluent API (`mlflow.start_run`, `MlflowClient()`) in a `call:` step of this
     worker logs to the job's server, as in the local engine's process: through MLflow's own
@@ -413,15 +410,11 @@ def point_mlflow_at(tracking_uri: str, registry_uri: str | None) -> None:
         configure_mlflow(tracking_uri, registry_uri)
 
 
-def run_job(job: StepJob, shipped: list[Any], *upstream: StepReport) -> StepReport:
+def run_job(job: StepJob, shipped: list[Any]) -> StepReport:
     """Run one attempt here: fetch inputs, run the step in the unpacked app folder, upload
     outputs; the log goes back to the driver in the report. `shipped` holds the ObjectRefs of
     the run's app package and pickled spec, nested so that Ray does not fetch them for every
-    task: a worker fetches each once (`unpacked`, `worker_app`). `upstream`: the reports of
-    the tasks it was queued behind (`RayStepRunner._behind`); it runs only if each succeeded."""
-    if any(rep.status != "succeeded" for rep in upstream):
-        return StepReport(VOID, None, None, False, None, "", "", "", "")
-    started = time.time()
+    task: a worker fetches each once (`unpacked`, `worker_app`)."""
     import ray  # lazy: present on every node of a cluster that runs this task
 
     watch_raylet()
@@ -501,8 +494,7 @@ def run_job(job: StepJob, shipped: list[Any], *upstream: StepReport) -> StepRepo
             log = ""  # the step wrote none
         return StepReport(out.status, out.exit_code, out.error, out.timed_out, out.exception, log,
                           node, host, cwd, {"log_path": str(log_path), "digests": digests,
-                                            "child": make_child.id if make_child else None,
-                                            "started": started})
+                                            "child": make_child.id if make_child else None})
     finally:
         placement.stop()
         if work.exists():  # made for this attempt (most short ones make none)

@@ -101,31 +101,6 @@ class RunState:
     code_dir: Path | None = None  # the app's code_paths, staged for step processes
     # Each step's MLflow child run, made ahead by `ChildRuns` (None: made when the step starts)
     children: ChildRuns | None = None
-    # Queued ahead (`Scheduler.take_ahead`): step -> the running steps it waits for; the run
-    # loop fills it, a runner that can queue a step behind others (`runs_ahead`) reads it.
-    ahead: dict[str, list[str]] = field(default_factory=dict)
-    finished: dict[str, str] = field(default_factory=dict)  # step -> how it ended, once settled
-    _events: dict[str, threading.Event] = field(default_factory=dict)
-
-    def event(self, name: str) -> threading.Event:
-        """A named event of this run (`settled:STEP`, a backend's own), made on first use."""
-        with self.lock:
-            ev = self._events.get(name)
-            if ev is None:
-                ev = self._events[name] = threading.Event()
-            return ev
-
-    def wait_settled(self, steps: Iterable[str]) -> Outcome | None:
-        """Wait until `steps` are settled by the run loop: None when each is done, else the
-        `skipped` outcome of a step queued behind them (`cancelled` if the run is)."""
-        for name in steps:
-            while not self.event(f"settled:{name}").wait(0.25):
-                if self.cancel.is_set():
-                    return Outcome("cancelled", error="cancelled by request")
-            status = self.finished[name]
-            if status not in ("succeeded", "cached"):
-                return Outcome("skipped", error=f"upstream {name} {status}")
-        return None
 
 
 # MLflow calls in flight at once: a tracking server answers several together (each takes it
@@ -205,9 +180,6 @@ class StepRunner:
     # Kills the steps' process groups if this process dies (a Ray node's worker: `ray_task`);
     # none locally, where the engine's journal lets `recover`/`resume` find them.
     reaper: GroupReaper | None = None
-    # Whether a step may be handed over before its dependencies end (`RunState.ahead`): the
-    # runner then makes it wait for them, and reports it `skipped` if one does not succeed.
-    runs_ahead = False
 
     def __init__(self, settings: Settings, tracker: Tracker, pool: ResourcePool, track: bool) -> None:
         self.settings = settings
@@ -294,9 +266,7 @@ class StepRunner:
                 if missing:
                     out = Outcome("failed", out.exit_code,
                                   f"step {step.name} did not write its declared outputs {missing}")
-            if attempt == 1 and out.started_at:
-                started = out.started_at  # where it ran, once its dependencies let it start
-            if out.status in ("succeeded", "skipped") or st.cancel.is_set() or attempt > policy.count:
+            if out.status == "succeeded" or st.cancel.is_set() or attempt > policy.count:
                 break
             if not _retryable(policy, out):
                 break
@@ -313,7 +283,7 @@ class StepRunner:
                 st.children.end(make_child.id, out.status)  # off the path of the steps after it
             else:
                 self.tracker.end_run(make_child.id, out.status)
-        out.attempts = attempt if out.status != "skipped" else 0
+        out.attempts = attempt
         out.cache_key = key
         out.started_at = started
         out.ended_at = time.time()
