@@ -7,7 +7,9 @@ returned to the driver (which keeps it in the shared store, `ray_logs.StepLogKee
 through the local `StepRunner` (the same subprocess, timeout and process-tree code as the local
 backend) in the app's folder as the driver zipped it (`pack_app`), unpacked once per node
 into the node's own temporary folder (`unpack_app`, `apps_dir`).
-This module imports ray only in `Placement` and `node_log`, which ask the runtime where it runs.
+This module imports ray only inside what runs on a node (`run_job`, which fetches the package
+and spec on a worker's first need; `_node_id` and `node_log`, which ask the runtime where it
+runs), so the driver and the tests can import it without Ray.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ def split_uri(uri: str) -> tuple[str, str]:
 @dataclass
 class StepJob:
     """What the driver sends to the node for one attempt (pickled by Ray). The application
-    travels apart, once per run (`run_job`'s `app_blob`): pickled in every job, a spec of
+    travels apart, once per run (`run_job`'s `shipped`): pickled in every job, a spec of
     1,000 steps cost more than its step."""
 
     app_key: str  # the digest of the run's pickled application (`worker_app`)
@@ -313,16 +315,16 @@ def unpack_app(package: bytes, into: Path) -> Path:
     return home
 
 
-_attempts = itertools.count()  # this worker's attempts, for unique scratch folder names
 def unpacked(key: str, into: Path, fetch: Callable[[], bytes]) -> Path:
     """The app folder of package `key` under `into`, fetched and unpacked if it is not there."""
     home = into / key
     return home if key and home.is_dir() else unpack_app(fetch(), into)
 
 
+_attempts = itertools.count()  # this worker's attempts, for unique scratch folder names
 APPS_KEPT = 8  # unpickled applications a worker keeps (one per recent run)
-_apps: OrderedDict[str, Application] = OrderedDict()
-_steps: dict[str, dict[tuple[str, str], Step]] = {}  # app key -> (workflow, step name) -> step
+# app key -> the application and its steps by (workflow, step name)
+_apps: OrderedDict[str, tuple[Application, dict[tuple[str, str], Step]]] = OrderedDict()
 _trackers: dict[tuple[str, str | None], Any] = {}
 _settings: dict[tuple[str, str | None, str], Settings] = {}
 _fluent: dict[str, tuple[str, str | None]] = {}  # the tracker the fluent API points at
@@ -357,18 +359,19 @@ def watch_raylet() -> None:
 def worker_app(key: str, blob: Callable[[], bytes]) -> Application:
     """The run's application, fetched (`blob`) and unpickled once per worker and run (its
     tasks reuse it)."""
-    app = _apps.get(key)
-    if app is None:
-        app = _apps[key] = pickle.loads(blob())
-        _steps[key] = {(wf, s.name): s for wf, w in app.workflows.items() for s in w.steps}
+    got = _apps.get(key)
+    if got is None:
+        app: Application = pickle.loads(blob())
+        got = _apps[key] = (app, {(wf, s.name): s for wf, w in app.workflows.items()
+                                  for s in w.steps})
         while len(_apps) > APPS_KEPT:
-            _steps.pop(_apps.popitem(last=False)[0], None)
-    return app
+            _apps.popitem(last=False)
+    return got[0]
 
 
 def worker_step(key: str, workflow: str, name: str) -> Step:
     """A step of the application `key` (fetched by `worker_app` first)."""
-    return _steps[key][(workflow, name)]
+    return _apps[key][1][(workflow, name)]
 
 
 def worker_settings(job: StepJob, workspace: Path) -> tuple[Settings, Any]:
