@@ -15,7 +15,7 @@ import tempfile
 import textwrap
 import threading
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -529,13 +529,42 @@ def _shown(settings: Settings, run_id: str) -> dict[str, Any]:
     return dict(json.loads(out))
 
 
+def _jobs_of(settings: Settings, run_id: str) -> str:
+    """What Ray says of the run's jobs (status and the tail of each one's output): a detached
+    run that does not end says why."""
+    from ray.dashboard.utils import ray_address_to_api_server_url
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(ray_address_to_api_server_url(settings.ray_address))
+    told = []
+    for job in client.list_jobs():
+        if job.submission_id and job.submission_id.startswith(f"scanflow-{run_id}"):
+            logs = client.get_job_logs(job.submission_id)
+            told.append(f"{job.submission_id}: {job.status} {job.message}\n{logs[-3000:]}")
+    return "\n".join(told) or "no Ray job for the run"
+
+
+def _wait_detached(settings: Settings, run_id: str, done: Callable[[dict[str, Any]], bool],
+                   timeout: float, what: str) -> dict[str, Any]:
+    """`runs show --json` of the detached run once `done` holds; on timeout, the failure shows
+    the run as the store has it and what Ray says of its job."""
+    def shown_when_done() -> dict[str, Any] | None:
+        shown = _shown(settings, run_id)
+        return shown if done(shown) else None
+
+    try:
+        return wait_for(shown_when_done, timeout=timeout, interval=0.5, what=what)
+    except pytest.fail.Exception as exc:
+        pytest.fail(f"{exc}\nthe run: {_shown(settings, run_id)}\n{_jobs_of(settings, run_id)}")
+
+
 def test_a_detached_run_runs_on_the_cluster_and_is_seen_from_the_submitting_shell(
         ray_settings: Settings, spec: Path) -> None:
     """`run --detach` returns the run's id at once; a Ray job runs its driver; `runs show` and
     `logs` (read from MLflow: the driver's folder is the job's) see it from here."""
     run_id = _detach(ray_settings, str(spec), "hop")
-    shown = wait_for(lambda: (r := _shown(ray_settings, run_id))["status"] in TERMINAL and r,
-                     timeout=120, interval=0.5, what="the detached run ended")
+    shown = _wait_detached(ray_settings, run_id, lambda r: r["status"] in TERMINAL, timeout=300,
+                           what="the detached run ended")
     assert shown["status"] == "succeeded", (shown["error"], [s["error"] for s in shown["steps"]])
     assert {s["step"]: s["status"] for s in shown["steps"]} == {"produce": "succeeded",
                                                                 "consume": "succeeded"}
@@ -565,8 +594,8 @@ def test_a_failed_run_is_resumed_on_the_cluster_with_resume_detach(
     code, out = cli(ray_settings, "resume", run_id, "--detach")
     assert code == 0 and run_id in out, out
     # (it was `failed` before: wait for the resumed run's own end)
-    wait_for(lambda: _shown(ray_settings, run_id)["status"] == "succeeded", timeout=120,
-             interval=0.5, what="the resumed run succeeded on the cluster")
+    _wait_detached(ray_settings, run_id, lambda r: r["status"] == "succeeded", timeout=300,
+                   what="the resumed run succeeded on the cluster")
     steps = {s.step: s for s in Store(ray_settings.store).list_steps(run_id)}
     assert steps["produce"].attempts == 1 and steps["gate"].status == "succeeded"  # produce kept
 
@@ -586,8 +615,8 @@ def test_a_detached_run_is_cancelled_from_the_submitting_shell(
              interval=0.3, what="`runs show` here saying the step runs")
     code, out = cli(ray_settings, "cancel", run_id)
     assert code == 0 and "cancelling" in out, out
-    shown = wait_for(lambda: (r := _shown(ray_settings, run_id))["status"] in TERMINAL and r,
-                     timeout=60, interval=0.5, what="the detached run settled after cancel")
+    shown = _wait_detached(ray_settings, run_id, lambda r: r["status"] in TERMINAL, timeout=120,
+                           what="the detached run settled after cancel")
     assert shown["status"] == "cancelled" and shown["steps"][0]["status"] == "cancelled", shown
     wait_for(lambda: not pid_alive(grandchild), timeout=15, what="the step's child process killed")
 
