@@ -43,6 +43,9 @@ class Settings(BaseSettings):
         "submitted at once (each waits on a driver thread; Ray's scheduler admits them by their "
         "resources, so more than the cluster's CPUs keeps its nodes busy)")
     host: str = Field(default="127.0.0.1", description="address services bind to")
+    serve_port: int = Field(default=8000, ge=1, le=65535, description="the port of Ray Serve's "
+                            "HTTP proxies on the ray backend (services answer at /<service>); "
+                            "fixed when Serve first starts on the cluster")
     max_cpus: float | None = Field(default=None, description="CPUs steps may use [all]")
     max_memory: int | None = Field(default=None, description="bytes steps may use [all]")
     cgroup_root: Path = Field(default=Path("/sys/fs/cgroup"), description="where the cgroup "
@@ -119,6 +122,7 @@ class Settings(BaseSettings):
             "SCANFLOW_STORE_WAIT": str(self.store_wait),
             "SCANFLOW_RUN_STALE_AFTER": str(self.run_stale_after),
             "SCANFLOW_HOST": self.host,
+            "SCANFLOW_SERVE_PORT": str(self.serve_port),
             "SCANFLOW_AGENT_MAX_ATTEMPTS": str(self.agent_max_attempts),
             "SCANFLOW_AGENT_RETRY_BACKOFF": str(self.agent_retry_backoff),
             "SCANFLOW_AGENT_RETRY_MAX_BACKOFF": str(self.agent_retry_max_backoff),

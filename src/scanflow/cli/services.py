@@ -49,7 +49,7 @@ def deploy(
         except (ValueError, KeyError) as exc:
             fail(str(exc))
         out.print(f"[green]deployed[/] {name}: models:/{dep.model_name}@{dep.alias} "
-                  f"(version {dep.model_version}) x{dep.replicas} at http://{dep.host}:{dep.port}")
+                  f"(version {dep.model_version}) x{dep.replicas} at {deployer.url(name)}")
         warning = (deployer.status(name).get("resources") or {}).get("warning")
         if warning:
             err.print(f"[yellow]warning[/] {name}: {warning}; serving anyway", highlight=False)
@@ -212,12 +212,15 @@ def _print_replicas(live: dict[str, Any]) -> None:
     res = live.get("resources") or {}
     if res.get("warning"):
         err.print(f"[yellow]warning[/] {live['service']}: {res['warning']}", highlight=False)
-    t = table("replica pid", "version", "state", "cpu limit", "cpu use", "memory limit",
-              "memory use")
-    for w in live.get("workers", []):
+    workers = live.get("workers", [])
+    on_nodes = any(w.get("node") for w in workers)  # the ray backend: which node runs each
+    t = table("replica pid", "version", "state", *(("node",) if on_nodes else ()), "cpu limit",
+              "cpu use", "memory limit", "memory use")
+    for w in workers:
         state = "draining" if w["draining"] else "serving" if w["ready"] else "starting"
         cpu_use = w.get("cpu_use")
         t.add_row(str(w["pid"]), str(w["model_version"] or "-"), state,
+                  *((str(w.get("node") or "-")[:12],) if on_nodes else ()),
                   f"{w['cpu_limit']:g}" if w.get("cpu_limit") else "-",
                   f"{cpu_use:.2f}" if cpu_use is not None else "-",
                   _mib(w.get("memory_limit")), _mib(w.get("memory_use")))

@@ -91,14 +91,20 @@ def deployer(settings: Settings, store: Store, *, actor: str | None = None,
              tracker: Tracker | None = None, **options: Any) -> Deployer:
     """The service deployer; what it does is recorded as done by `actor` (a person at the
     CLI by default, or an agent's name). `options` go to the backend (timeouts, limits...).
-    Services stay local on the ray backend too (serving on Ray is not built yet)."""
-    if backend_of(settings) in ("local", "ray"):
+    On the ray backend services are Ray Serve applications (`serving.ray_serve`)."""
+    if backend_of(settings) == "local":
         # Lazy: only the chosen backend is imported (the local deployer loads the model
-        # server's modules: FastAPI, gunicorn's config; a Ray deployer will load Ray Serve).
+        # server's modules: FastAPI, gunicorn's config; the Ray one loads Ray Serve on use).
         from scanflow.serving.deployer import LocalDeployer  # lazy: FastAPI, gunicorn config
 
         return LocalDeployer(settings, store, actor=actor, tracker=tracker, **options)
-    raise AssertionError("unreachable: backend_of refused it")
+    from scanflow.engine.ray_address import ClusterUnavailable
+    from scanflow.serving.ray_serve import RayServeDeployer  # lazy: joins the cluster
+
+    try:
+        return RayServeDeployer(settings, store, actor=actor, tracker=tracker, **options)
+    except ClusterUnavailable as exc:
+        raise UnknownBackend(str(exc)) from exc
 
 
 __all__ = ["BACKENDS", "UnknownBackend", "backend_of", "deployer", "engine", "store", "tracker"]

@@ -21,6 +21,21 @@ class UnknownService(KeyError):
         return str(self.args[0]) if self.args else "unknown service"
 
 
+class NotOnThisBackend(ValueError):
+    """An action the chosen serving backend does not offer (the CLI exits 2 with the message)."""
+
+
+def default_actor() -> str:
+    """Who the audit trail names when nobody is given: `SCANFLOW_ACTOR`, else the OS user."""
+    import getpass
+    import os
+
+    try:
+        return os.environ.get("SCANFLOW_ACTOR") or getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
 class Deployer(ABC):
     """Runs model services: deploy, scale, roll out a new model version, stop, inspect."""
 

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import fcntl
-import getpass
 import hashlib
 import json
 import logging
@@ -40,7 +39,7 @@ from scanflow.serving.app import (
     read_workers,
     workers_dir,
 )
-from scanflow.serving.backend import Deployer, UnknownService
+from scanflow.serving.backend import Deployer, UnknownService, default_actor
 from scanflow.serving.batching import BatchConfig
 from scanflow.serving.master import (
     BASE_PRELOAD,
@@ -88,7 +87,7 @@ class LocalDeployer(Deployer):
         self.batching = batching or BatchConfig()
         self.predlog = predlog or PredLogConfig()
         # Who the audit trail says acted: a person at the CLI, or an agent's name.
-        self.actor = actor or os.environ.get("SCANFLOW_ACTOR") or _user()
+        self.actor = actor or default_actor()
         self.ready_timeout = ready_timeout
         self.stop_timeout = stop_timeout
         self.preflight = preflight
@@ -689,10 +688,3 @@ def _limits(plan: cgroups.CgroupPlan) -> dict[str, Any]:
             "enforced": plan.enforced,
             "cgroup": f"v{plan.version}" if plan.enforced else None,
             "warning": f"limits not enforced: {plan.unenforced}" if plan.unenforced else None}
-
-
-def _user() -> str:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return "unknown"

@@ -1,0 +1,240 @@
+"""Services on the ray backend: `scanflow deploy` with SCANFLOW_BACKEND=ray runs the service as a
+Ray Serve application on a real 3-node cluster (head + 2 workers), with PostgreSQL and an
+MLflow server as the shared state. The same requests get the same answers as on the local
+backend (the shared corpus of malformed requests included), predictions reach the shared store
+with the version that answered, and a scale 1 -> 3 -> 1 under load fails no request."""
+
+from __future__ import annotations
+
+import textwrap
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from scanflow.cli.main import app as cli_app
+from scanflow.control import backends
+from scanflow.serving.ray_serve import RayServeDeployer
+from scanflow.settings import Settings, get_settings
+from scanflow.store import Store
+from support.mlflow_server import free_port, mlflow_server
+from support.ray_cluster import ray_cluster
+from support.serving import KeepAliveLoad
+from support.serving_corpus import BAD_INPUTS, send_fuzz
+from support.waiting import wait_for
+
+pytestmark = pytest.mark.slow
+MODEL = "digits"
+SERVICE = "web"
+
+
+@pytest.fixture(scope="module")
+def pg_module_url() -> Iterator[str]:
+    """A schema of the local PostgreSQL for this module (its services outlive one test)."""
+    import psycopg
+
+    from conftest import PG_URL, _pg_available
+
+    if not _pg_available():
+        pytest.fail(f"PostgreSQL is not reachable at {PG_URL}")
+    schema = f"sf_{uuid.uuid4().hex[:10]}"
+    raw = PG_URL.replace("+psycopg", "")
+    with psycopg.connect(raw, autocommit=True) as c:
+        c.execute(f"CREATE SCHEMA {schema}")
+    try:
+        yield f"{PG_URL}?options=-csearch_path%3D{schema}"
+    finally:
+        with psycopg.connect(raw, autocommit=True) as c:
+            c.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    return X, y
+
+
+@pytest.fixture(scope="module")
+def cluster_settings(tmp_path_factory: pytest.TempPathFactory, pg_module_url: str,
+                     digits: tuple[np.ndarray, np.ndarray]) -> Iterator[Settings]:
+    """The cluster, the MLflow server holding `digits` v1 (champion), the settings of a person
+    on the ray backend, and the app folder (`settings.root.parent / "app"`)."""
+    root = tmp_path_factory.mktemp("ray-serve")
+    mp = pytest.MonkeyPatch()
+    with ray_cluster([{"node_a": 1}, {"node_b": 1}]) as cluster, \
+            mlflow_server(root / "mlflow") as tracking:
+        env = {"SCANFLOW_BACKEND": "ray", "SCANFLOW_STORE_URL": pg_module_url,
+               "SCANFLOW_TRACKING_URI": tracking, "SCANFLOW_RAY_ADDRESS": cluster.address,
+               "SCANFLOW_WORKSPACE": str(root / "ws"), "SCANFLOW_SERVE_PORT": str(free_port())}
+        for k, v in env.items():
+            mp.setenv(k, v)
+        get_settings.cache_clear()
+        settings = Settings().ensure()
+        _register(tracking, *digits)
+        app = root / "app"
+        app.mkdir()
+        (app / "scanflow.yaml").write_text(textwrap.dedent(f"""\
+            app: digits
+            team: serving
+            services:
+              {SERVICE}:
+                model: {MODEL}
+                resources: {{cpus: 0.25}}
+            """))
+        try:
+            yield settings
+        finally:
+            from ray import serve
+
+            serve.shutdown()
+            mp.undo()
+            get_settings.cache_clear()
+
+
+def _register(tracking: str, X: np.ndarray, y: np.ndarray) -> None:
+    """`digits` v1 in the server's registry, its files in the server's proxied artifact store
+    (no path on this machine)."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.models import infer_signature
+    from sklearn.linear_model import LogisticRegression
+
+    mlflow.set_tracking_uri(tracking)
+    est = LogisticRegression(max_iter=300).fit(X, y)
+    with mlflow.start_run():
+        info = mlflow.sklearn.log_model(est, name="model", signature=infer_signature(X, y),
+                                        pip_requirements=["scikit-learn"])
+    mv = mlflow.register_model(info.model_uri, MODEL)
+    MlflowClient(tracking_uri=tracking).set_registered_model_alias(MODEL, "champion", mv.version)
+
+
+def cli(settings: Settings, *args: str) -> tuple[int, str]:
+    res = CliRunner().invoke(cli_app, ["--workspace", str(settings.root), *args])
+    return res.exit_code, res.output
+
+
+@pytest.fixture(scope="module")
+def deployed(cluster_settings: Settings) -> Iterator[tuple[Settings, str]]:
+    """The service deployed by `scanflow deploy` on the cluster; its URL."""
+    settings = cluster_settings
+    code, out = cli(settings, "deploy", str(settings.root.parent / "app"))
+    assert code == 0, out
+    url = f"http://{settings.host}:{settings.serve_port}/{SERVICE}"
+    assert f"at {url}" in out, out
+    try:
+        yield settings, url
+    finally:
+        cli(settings, "stop", SERVICE)
+
+
+def _deployer(settings: Settings) -> RayServeDeployer:
+    dep = backends.deployer(settings, Store(settings.store))
+    assert isinstance(dep, RayServeDeployer)
+    return dep
+
+
+def test_the_same_protocols_answer_on_ray_serve(
+        deployed: tuple[Settings, str], digits: tuple[np.ndarray, np.ndarray]) -> None:
+    settings, url = deployed
+    X, _ = digits
+    r = httpx.post(f"{url}/predict", json={"instances": X[:3].tolist()},
+                   headers={"X-Request-ID": "same"}, timeout=30)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert set(body) == {"predictions", "ids", "model_version"} and body["model_version"] == "1"
+    assert body["ids"] == ["same-0", "same-1", "same-2"] and len(body["predictions"]) == 3
+    health = httpx.get(f"{url}/health", timeout=10).json()
+    assert health["status"] == "ok" and health["service"] == SERVICE
+    assert health["model_name"] == MODEL and health["model_version"] == "1"
+    assert health["signature"] == {"kind": "tensor", "dtype": "float64", "shape": [-1, 64]}
+    v2 = httpx.post(f"{url}/v2/models/{MODEL}/infer", timeout=30, json={
+        "id": "v2", "inputs": [{"name": "input", "shape": [3, 64], "datatype": "FP64",
+                                "data": X[:3].ravel().tolist()}]}).json()
+    assert v2["outputs"][0]["data"] == body["predictions"] and v2["model_version"] == "1"
+    assert httpx.get(f"{url}/v2/health/ready").json() == {"ready": True}
+    assert "scanflow_requests_total" in httpx.get(f"{url}/metrics", timeout=10).text
+    labels = httpx.post(f"{url}/labels", json={"labels": {"same-0": 1}}, timeout=10)
+    assert labels.status_code == 200 and labels.json() == {"count": 1}, labels.text
+    for name, raw, ctype, status, message in BAD_INPUTS:
+        r = httpx.post(f"{url}/predict", content=raw, timeout=30,
+                       headers={"Content-Type": ctype or "application/json"})
+        assert r.status_code == status and message in r.json()["detail"], (name, r.text)
+
+
+def test_the_fuzz_corpus_gets_no_5xx_and_kills_no_replica(deployed: tuple[Settings, str]) -> None:
+    settings, url = deployed
+    deployer = _deployer(settings)
+    before = {r["replica_id"] for r in deployer.status(SERVICE)["workers"]}
+    send_fuzz(url, MODEL)
+    after = deployer.status(SERVICE)
+    assert {r["replica_id"] for r in after["workers"]} == before and after["alive"], after
+
+
+def test_predictions_reach_the_shared_store_with_the_version_that_answered(
+        deployed: tuple[Settings, str], digits: tuple[np.ndarray, np.ndarray]) -> None:
+    settings, url = deployed
+    X, _ = digits
+    ids = []
+    with httpx.Client(timeout=30) as client:
+        for i in range(20):
+            r = client.post(f"{url}/predict", json={"instances": X[i:i + 1].tolist()},
+                            headers={"X-Request-ID": f"shared-{i}"})
+            assert r.status_code == 200, r.text
+            ids += r.json()["ids"]
+    store = Store(settings.store)
+
+    def logged() -> list[dict[str, Any]]:
+        rows = [p for p in store.predictions(SERVICE) if p["request_id"] in ids]
+        return rows if len(rows) == len(ids) else []
+
+    rows = wait_for(logged, timeout=60, interval=0.3, what="the 20 predictions in PostgreSQL")
+    assert {r["model_version"] for r in rows} == {"1"}
+    assert sorted(r["inputs"] for r in rows) == sorted(X[i].tolist() for i in range(20))
+
+
+def test_scale_one_three_one_under_load_fails_no_request_and_status_shows_the_nodes(
+        deployed: tuple[Settings, str], digits: tuple[np.ndarray, np.ndarray]) -> None:
+    settings, url = deployed
+    X, _ = digits
+    with KeepAliveLoad(url, X, clients=4) as load:
+        wait_for(lambda: load.result.ok >= 50, timeout=60, what="load flowing")
+        code, out = cli(settings, "scale", SERVICE, "3")
+        assert code == 0 and "3 replica(s)" in out, out
+        status = _deployer(settings).status(SERVICE)
+        assert len(status["workers"]) == 3 and all(w["ready"] for w in status["workers"]), status
+        assert len(status["nodes"]) >= 2, status  # spread over the cluster's nodes
+        served = load.result.ok
+        wait_for(lambda: load.result.ok >= served + 50, timeout=60, what="load on 3 replicas")
+        code, out = cli(settings, "scale", SERVICE, "1")
+        assert code == 0 and "1 replica(s)" in out, out
+        served = load.result.ok
+        wait_for(lambda: load.result.ok >= served + 50, timeout=60, what="load on 1 replica")
+    result = load.result
+    assert result.failed == 0 and result.ok > 150, (result.failed, result.errors[:5])
+    code, out = cli(settings, "status", SERVICE)
+    nodes = _deployer(settings).status(SERVICE)["nodes"]
+    assert code == 0 and "node" in out and nodes[0][:12] in out, out  # where the replica runs
+    events = [e.kind for e in Store(settings.store).list_events(service=SERVICE)]
+    assert events.count("scaled") == 2 and "deployed" in events, events
+
+
+def test_what_is_not_built_on_ray_yet_is_refused_with_exit_2(deployed: tuple[Settings, str]) -> None:
+    settings, _ = deployed
+    code, out = cli(settings, "rollout", SERVICE, "--version", "1")
+    assert code == 2 and "not built on the ray backend" in out, out
+
+
+def test_stop_removes_the_serve_application(deployed: tuple[Settings, str]) -> None:
+    """Last in the module: stop takes the application off the cluster and says so."""
+    settings, url = deployed
+    code, out = cli(settings, "stop", SERVICE)
+    assert code == 0, out
+    status = _deployer(settings).status(SERVICE)
+    assert status["status"] == "stopped" and not status["alive"] and status["workers"] == []
+    assert httpx.get(f"{url}/health", timeout=10).status_code == 404
