@@ -29,10 +29,9 @@ from typing import Any
 import httpx
 
 from scanflow.procs import child_pids, group_pids, pid_alive
-from scanflow.serving import cgroups
+from scanflow.serving import cgroups, changes
 from scanflow.serving.app import (
     CONFIG_ENV,
-    CanaryConfig,
     Limits,
     PredLogConfig,
     ServiceConfig,
@@ -383,46 +382,19 @@ class LocalDeployer(Deployer):
             dep = self._running(service)
             cfg = ServiceConfig.load(self._config_path(service))
             new = str(version) if version is not None else self._resolve(cfg.model_name, cfg.alias)
-            old = cfg.model_version
-            if new == old:
+            change = changes.rollout(cfg, new, reason)
+            if change is None:
                 return dep
-
-            def change(c: ServiceConfig) -> None:
-                c.previous_version, c.model_version = old, new
-                if c.canary and c.canary.version == new:
-                    c.canary = None  # the challenger won: it is the champion now
-                if c.shadow_version == new:
-                    c.shadow_version = None
-
-            self._reconfigure(service, dep, change, "rollout", {"from_version": old, "to_version": new,
-                                                                "reason": reason})
+            self._reconfigure(service, dep, change)
             return self._get(service)
 
     def rollback(self, service: str, *, reason: str = "") -> Deployment:
-        """Back to the version served before the last rollout, in one step. The registry alias
-        follows when it still points at the version being rolled back, so an agent rolling
-        out "the champion" does not bring the bad version back."""
+        """Back to the version served before the last rollout, in one step (the alias follows:
+        `changes.rollback`)."""
         with self._locked(service):
             dep = self._running(service)
             cfg = ServiceConfig.load(self._config_path(service))
-            prev, bad = cfg.previous_version, cfg.model_version
-            if not prev:
-                raise ValueError(f"service {service!r}: no previous version to roll back to")
-            alias_moved = False
-            try:
-                if self._resolve(cfg.model_name, cfg.alias) == bad:
-                    self.tracker.set_alias(cfg.model_name, cfg.alias, prev)
-                    alias_moved = True
-            except ValueError:
-                pass  # the alias is gone: serving still rolls back
-
-            def change(c: ServiceConfig) -> None:
-                c.previous_version, c.model_version = bad, prev
-                c.canary = None
-
-            self._reconfigure(service, dep, change, "rollback",
-                              {"from_version": bad, "to_version": prev, "reason": reason,
-                               "alias": cfg.alias, "alias_moved": alias_moved})
+            self._reconfigure(service, dep, changes.rollback(service, cfg, self.tracker, reason))
             return self._get(service)
 
     def set_canary(self, service: str, version: str | None, share: float = 0.1, *,
@@ -431,16 +403,7 @@ class LocalDeployer(Deployer):
         with self._locked(service):
             dep = self._running(service)
             cfg = ServiceConfig.load(self._config_path(service))
-            canary = CanaryConfig(version=str(version), share=share) if version is not None else None
-            if canary is not None and canary.version == cfg.model_version:
-                raise ValueError(f"version {version} is already the champion of {service!r}")
-
-            def change(c: ServiceConfig) -> None:
-                c.canary = canary
-
-            self._reconfigure(service, dep, change, "canary",
-                              {"version": canary.version if canary else None,
-                               "share": canary.share if canary else 0.0, "reason": reason})
+            self._reconfigure(service, dep, changes.canary(service, cfg, version, share, reason))
             return self._get(service)
 
     def set_shadow(self, service: str, version: str | None, *, reason: str = "") -> Deployment:
@@ -448,18 +411,10 @@ class LocalDeployer(Deployer):
         with self._locked(service):
             dep = self._running(service)
             cfg = ServiceConfig.load(self._config_path(service))
-            v = str(version) if version is not None else None
-            if v is not None and v == cfg.model_version:
-                raise ValueError(f"version {v} is already the champion of {service!r}")
-
-            def change(c: ServiceConfig) -> None:
-                c.shadow_version = v
-
-            self._reconfigure(service, dep, change, "shadow", {"version": v, "reason": reason})
+            self._reconfigure(service, dep, changes.shadow(service, cfg, version, reason))
             return self._get(service)
 
-    def _reconfigure(self, service: str, dep: Deployment, change: Any, kind: str,
-                     payload: dict[str, Any]) -> None:
+    def _reconfigure(self, service: str, dep: Deployment, change: changes.Change) -> None:
         """Apply `change` to the service config and replace every worker (SIGHUP), with
         0 failed requests: preflight the versions, wait for the new generation everywhere,
         put the old config back if it does not come up. Caller holds the lock."""
@@ -467,7 +422,8 @@ class LocalDeployer(Deployer):
         path = self._config_path(service)
         old_cfg = ServiceConfig.load(path)
         cfg = old_cfg.model_copy(deep=True)
-        change(cfg)
+        change.apply(cfg)
+        kind, payload = change.kind, change.payload
         cfg.generation = old_cfg.generation + 1
         cfg.replicas = dep.replicas
         self._materialise(cfg)
