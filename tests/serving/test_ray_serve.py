@@ -63,7 +63,7 @@ def digits() -> tuple[np.ndarray, np.ndarray]:
 @pytest.fixture(scope="module")
 def cluster_settings(tmp_path_factory: pytest.TempPathFactory, pg_module_url: str,
                      digits: tuple[np.ndarray, np.ndarray]) -> Iterator[Settings]:
-    """The cluster, the MLflow server holding `digits` v1 (champion), the settings of a person
+    """The cluster, the MLflow server holding `digits` v1 (champion) and v2, the settings of a person
     on the ray backend, and the app folder (`settings.root.parent / "app"`)."""
     root = tmp_path_factory.mktemp("ray-serve")
     mp = pytest.MonkeyPatch()
@@ -98,7 +98,7 @@ def cluster_settings(tmp_path_factory: pytest.TempPathFactory, pg_module_url: st
 
 
 def _register(tracking: str, X: np.ndarray, y: np.ndarray) -> None:
-    """`digits` v1 in the server's registry, its files in the server's proxied artifact store
+    """`digits` v1 and v2 in the server's registry, its files in the server's proxied artifact store
     (no path on this machine)."""
     import mlflow
     from mlflow import MlflowClient
@@ -106,12 +106,13 @@ def _register(tracking: str, X: np.ndarray, y: np.ndarray) -> None:
     from sklearn.linear_model import LogisticRegression
 
     mlflow.set_tracking_uri(tracking)
-    est = LogisticRegression(max_iter=300).fit(X, y)
-    with mlflow.start_run():
-        info = mlflow.sklearn.log_model(est, name="model", signature=infer_signature(X, y),
-                                        pip_requirements=["scikit-learn"])
-    mv = mlflow.register_model(info.model_uri, MODEL)
-    MlflowClient(tracking_uri=tracking).set_registered_model_alias(MODEL, "champion", mv.version)
+    for n_train in (len(X), 300):  # v1 on everything, v2 on a subset (other predictions)
+        est = LogisticRegression(max_iter=300).fit(X[:n_train], y[:n_train])
+        with mlflow.start_run():
+            info = mlflow.sklearn.log_model(est, name="model", signature=infer_signature(X, y),
+                                            pip_requirements=["scikit-learn"])
+        mlflow.register_model(info.model_uri, MODEL)
+    MlflowClient(tracking_uri=tracking).set_registered_model_alias(MODEL, "champion", "1")
 
 
 def cli(settings: Settings, *args: str) -> tuple[int, str]:
@@ -224,10 +225,75 @@ def test_scale_one_three_one_under_load_fails_no_request_and_status_shows_the_no
     assert events.count("scaled") == 2 and "deployed" in events, events
 
 
-def test_what_is_not_built_on_ray_yet_is_refused_with_exit_2(deployed: tuple[Settings, str]) -> None:
+def _versions_seen(url: str, X: np.ndarray, n: int = 40) -> list[str]:
+    with httpx.Client(timeout=30) as client:
+        return [client.post(f"{url}/predict", json={"instances": X[i:i + 1].tolist()}).json()
+                ["model_version"] for i in range(n)]
+
+
+def test_rollout_and_rollback_under_load_fail_no_request(
+        deployed: tuple[Settings, str], digits: tuple[np.ndarray, np.ndarray]) -> None:
+    """Each version is its own Serve deployment: v2 starts beside v1, takes the traffic once
+    ready, and v1 drains; rollback brings v1 back the same way (and moves the alias back)."""
+    settings, url = deployed
+    X, _ = digits
+    with KeepAliveLoad(url, X, clients=4) as load:
+        wait_for(lambda: load.result.ok >= 50, timeout=60, what="load flowing")
+        code, out = cli(settings, "rollout", SERVICE, "--version", "2")
+        assert code == 0 and "serving version 2" in out, out
+        status = _deployer(settings).status(SERVICE)
+        assert [w["deployment"].split("-g")[0] for w in status["workers"]] == ["v2"], status
+        assert status["previous_version"] == "1" and status["versions"] == ["2"], status
+        assert set(_versions_seen(url, X)) == {"2"}
+        code, out = cli(settings, "rollback", SERVICE)
+        assert code == 0 and "rolled back to version 1" in out, out
+        served = load.result.ok
+        wait_for(lambda: load.result.ok >= served + 50, timeout=60, what="load after the rollback")
+    result = load.result
+    assert result.failed == 0, (result.failed, result.errors[:5])
+    assert {v for _, v in result.versions} == {"1", "2"}  # the load saw both versions answer
+    assert set(_versions_seen(url, X)) == {"1"}
+    kinds = [e.kind for e in Store(settings.store).list_events(service=SERVICE)]
+    assert "rollout_completed" in kinds and "rollback_completed" in kinds, kinds
+
+
+def test_canary_and_shadow_on_ray(deployed: tuple[Settings, str],
+                                  digits: tuple[np.ndarray, np.ndarray]) -> None:
+    settings, url = deployed
+    X, _ = digits
+    code, out = cli(settings, "canary", SERVICE, "2", "--share", "0.5")
+    assert code == 0, out
+    seen = _versions_seen(url, X, 60)
+    assert 10 <= seen.count("2") <= 50 and "1" in seen, seen  # about half from the challenger
+    status = _deployer(settings).status(SERVICE)
+    assert status["canary"] == {"version": "2", "share": 0.5}
+    assert [w["deployment"].split("-g")[0] for w in status["workers"]] == ["v1-canary-v2"], status
+    code, out = cli(settings, "canary", SERVICE, "--off")
+    assert code == 0, out
+    code, out = cli(settings, "shadow", SERVICE, "2")
+    assert code == 0, out
+    r = httpx.post(f"{url}/predict", json={"instances": X[:1].tolist()},
+                   headers={"X-Request-ID": "shadowed"}, timeout=30)
+    assert r.json()["model_version"] == "1"  # the shadow's answer is never returned
+    store = Store(settings.store)
+
+    def shadowed() -> bool:
+        win = store.prediction_window(SERVICE, with_shadow=True)
+        return "2" in win.shadow_versions
+
+    wait_for(shadowed, timeout=60, interval=0.3, what="the shadow's answer in the prediction log")
+    code, out = cli(settings, "shadow", SERVICE, "--off")
+    assert code == 0, out
+    assert _deployer(settings).status(SERVICE)["versions"] == ["1"]
+
+
+def test_what_ray_does_not_offer_is_refused_with_exit_2(deployed: tuple[Settings, str]) -> None:
     settings, _ = deployed
-    code, out = cli(settings, "rollout", SERVICE, "--version", "1")
-    assert code == 2 and "not built on the ray backend" in out, out
+    code, out = cli(settings, "resize", SERVICE, "--cpus", "0.5")
+    assert code == 2 and "not offered on the ray backend" in out, out
+    code, out = cli(settings, "rollout", SERVICE, "--version", "99")
+    assert code == 2 and "99" in out, out  # an unknown version: named, nothing changed
+    assert _deployer(settings).status(SERVICE)["versions"] == ["1"]
 
 
 def test_stop_removes_the_serve_application(deployed: tuple[Settings, str]) -> None:

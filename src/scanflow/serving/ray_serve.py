@@ -14,22 +14,26 @@ cluster's HTTP proxies, its replicas Ray actors placed by the service's `resourc
 - The prediction log's collector writes to the shared store (PostgreSQL), like a local
   worker's; the agents read the same windows on both backends.
 
-Not built yet on this backend (refused with `NotOnThisBackend`): rollout, rollback, canary,
-shadow and resize.
+- rollout, rollback, canary and shadow change the config (`serving.changes`, as on the local
+  backend) and serve it as a new deployment named after its versions (`deployment_name`); Serve
+  moves the traffic once its replicas run and drains the old one. Canary and shadow versions
+  are loaded by the same replicas as the champion, as local workers do.
+
+Not built on this backend: resize (Ray's CPUs are a scheduling claim, not a quota).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-import os
 import re
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
 
+from scanflow.serving import changes
 from scanflow.serving.app import Limits, PredLogConfig, ServiceConfig
 from scanflow.serving.backend import Deployer, NotOnThisBackend, UnknownService, default_actor
 from scanflow.serving.batching import BatchConfig
@@ -41,45 +45,34 @@ from scanflow.tracking import MlflowTracker, Tracker
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 SOURCE = "deployer"
-WORKDIR = "scanflow-serve"  # under each node's temporary directory: one folder per service
+ROUTER = "router"  # the application's ingress deployment (ray_replicas.ServiceRouter)
+ROUTER_VERSION = "1"  # bumped when ServiceRouter changes: running routers are then replaced
 MAX_ONGOING = 64  # requests Serve hands one replica at once (its micro-batcher groups them)
 log = logging.getLogger(__name__)
 
 
-def deployment_name(version: str) -> str:
-    """The Serve deployment serving (and pinned to) one model version."""
-    return f"v{version}"
+def deployment_name(cfg: ServiceConfig) -> str:
+    """The Serve deployment pinned to what `cfg` serves: the champion, the canary and shadow
+    versions its replicas also load, and the config's generation (`v3-g0`, `v3-canary-v4-g1`).
+    Every change of the config is a new deployment, started beside the one serving."""
+    name = f"v{cfg.model_version}"
+    if cfg.canary:
+        name += f"-canary-v{cfg.canary.version}"
+    if cfg.shadow_version:
+        name += f"-shadow-v{cfg.shadow_version}"
+    return f"{name}-g{cfg.generation}"
 
 
-def replica_workdir(service: str) -> Path:
-    """A service's folder on this node, shared by its replicas here: a replica killed with
-    kill -9 leaves its journal segments where a sibling's collector finds them."""
-    return Path(tempfile.gettempdir()) / WORKDIR / service
+def champion_of(deployment: str) -> str:
+    """The champion version a deployment named by `deployment_name` serves."""
+    return deployment.split("-", 1)[0].removeprefix("v")
 
 
-class ServeReplica:
-    """One replica: writes its service config on its node, then Serve builds the app from it
-    (`__serve_build_asgi_app__`) and runs its lifespan (models loaded, prediction log started)."""
-
-    def __init__(self, config_json: str) -> None:
-        cfg = ServiceConfig.model_validate_json(config_json)
-        wd = replica_workdir(cfg.service)
-        wd.mkdir(parents=True, exist_ok=True)
-        cfg.workdir = str(wd)
-        self._config_path = wd / f"service-{os.getpid()}.json"
-        cfg.save(self._config_path)
-
-    def __serve_build_asgi_app__(self) -> Any:
-        from scanflow.serving.app import create_app
-
-        return create_app(str(self._config_path))
-
-
-def _deployment_class() -> Any:
-    """`ServeReplica` as a Serve ingress deployment (made on first use: it imports Ray Serve)."""
-    from ray import serve  # lazy: only the ray backend loads Ray Serve
-
-    return serve.deployment(serve.ingress()(ServeReplica), name="replica")
+def _version_of(cfg: ServiceConfig, options: dict[str, Any]) -> str:
+    """The Serve version of a config's deployment: what it serves, not how many replicas, so
+    that a scale or a redeploy of the same config restarts nothing."""
+    kept = cfg.model_dump(mode="json", exclude={"replicas"})
+    return hashlib.sha256(json.dumps([kept, options], sort_keys=True).encode()).hexdigest()[:16]
 
 
 class RayServeDeployer(Deployer):
@@ -141,7 +134,9 @@ class RayServeDeployer(Deployer):
         app = self._details(service) or {}
         out = []
         for name, d in (app.get("deployments") or {}).items():
-            version = name.removeprefix("v")
+            if name == ROUTER:
+                continue
+            version = champion_of(name)
             for r in d.get("replicas") or []:
                 # The keys of a local worker's entry (`LocalDeployer.status`), and where it runs.
                 out.append({"pid": r.get("pid"), "ready": r.get("state") == "RUNNING",
@@ -172,6 +167,37 @@ class RayServeDeployer(Deployer):
         except httpx.HTTPError:
             return False
 
+    def _serve(self, service: str, configs: list[tuple[ServiceConfig, dict[str, Any]]],
+               target: str) -> None:
+        """Make the application run the deployments of `configs` (each with its replicas' Ray
+        options) behind its router, which forwards to `target`. Deployments left out are
+        removed (their requests in flight finish); unchanged ones are left running."""
+        from ray import serve  # lazy: Ray Serve
+
+        from scanflow.serving.ray_replicas import ConfigReplica, ServiceRouter  # lazy: on nodes
+
+        env = {"env_vars": {"OMP_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}}
+        deployment: Any = serve.deployment  # typed for decorator use only
+        bound = [
+            deployment(ConfigReplica).options(
+                name=deployment_name(cfg), num_replicas=cfg.replicas,
+                ray_actor_options={**options, "runtime_env": env},
+                max_ongoing_requests=MAX_ONGOING, health_check_period_s=2.0,
+            ).options(version=_version_of(cfg, options), _internal=True).bind(cfg.model_dump_json())
+            for cfg, options in configs]
+        router = deployment(ServiceRouter).options(
+            name=ROUTER, num_replicas=1, user_config={"target": target},
+            ray_actor_options={"num_cpus": 0, "runtime_env": env}, max_ongoing_requests=MAX_ONGOING * 4,
+        ).options(version=ROUTER_VERSION, _internal=True).bind(service, *bound)
+        serve.run(router, name=service, route_prefix=f"/{service}", external_scaler_enabled=True)
+
+    def _kept(self, dep: Deployment) -> tuple[ServiceConfig, dict[str, Any]]:
+        """The config the service serves and its replicas' Ray options, as the store keeps them."""
+        if not dep.config:
+            raise RuntimeError(f"service {dep.service!r} was not deployed by the ray backend")
+        return (ServiceConfig.model_validate(dep.config["service"]),
+                dict(dep.config["ray_actor_options"]))
+
     # -- Deployer ----------------------------------------------------------------------------
     def deploy(
         self,
@@ -188,8 +214,6 @@ class RayServeDeployer(Deployer):
     ) -> Deployment:
         """Serve `models:/<model>@<alias>` (resolved now) as the Serve application `service`;
         `port` is the cluster's (Serve's proxies answer every service on one port)."""
-        from ray import serve  # lazy: Ray Serve
-
         if not _NAME.match(service):
             raise ValueError(f"service name {service!r}: use letters, digits, '.', '_', '-'")
         if replicas < 1:
@@ -210,31 +234,24 @@ class RayServeDeployer(Deployer):
             workdir="", replicas=replicas, limits=self.limits,
             batching=batching or self.batching, predlog=self.predlog, preload_models=False,
         )
-        options: dict[str, Any] = {"num_cpus": 1.0}
         cpus, memory = resources.declared() if resources is not None else (None, None)
-        if cpus is not None:
-            options["num_cpus"] = cpus
+        actor_options: dict[str, Any] = {"num_cpus": 1.0 if cpus is None else cpus}
         if memory is not None:
-            options["memory"] = memory
-        options["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": "1",
-                                               "MLFLOW_DISABLE_TELEMETRY": "true"}}
-        name = deployment_name(version)
-        target = _deployment_class().options(
-            name=name, num_replicas=replicas, ray_actor_options=options,
-            max_ongoing_requests=MAX_ONGOING, health_check_period_s=2.0,
-        ).bind(cfg.model_dump_json())
+            actor_options["memory"] = memory
+        kept = {"service": cfg.model_dump(mode="json"), "ray_actor_options": actor_options}
+        name = deployment_name(cfg)
         facts: dict[str, Any] = dict(
             service=service, app=app, team=team, model_name=model, alias=alias,
             model_version=version, host=host, port=serve_port, replicas=replicas,
-            workdir=f"ray-serve:{service}")
+            workdir=f"ray-serve:{service}", config=kept, previous_version=None,
+            canary_version=None, canary_share=0.0, shadow_version=None)
         t0 = time.monotonic()
         url = f"http://{host}:{serve_port}/{service}"
         try:
-            serve.run(target, name=service, route_prefix=f"/{service}",
-                      external_scaler_enabled=True)
+            self._serve(service, [(cfg, actor_options)], name)
             self._wait(f"{replicas} running replica(s)",
-                       lambda: self._running_count(service, name) == replicas
-                       and self._health_ok(url), service)
+                       lambda: self._serving_only(service, name, replicas) and self._health_ok(url),
+                       service)
         except Exception:
             self._delete(service)
             self.store.put_deployment(**facts, pid=None, status="failed")
@@ -266,7 +283,8 @@ class RayServeDeployer(Deployer):
         if replicas < 1:
             raise ValueError(f"replicas must be >= 1, got {replicas}")
         dep = self._running(service)
-        name = deployment_name(str(dep.model_version))
+        cfg, options = self._kept(dep)
+        name = deployment_name(cfg)
         before = self._running_count(service, name)
         controller = self._client()._controller
 
@@ -276,7 +294,9 @@ class RayServeDeployer(Deployer):
                    lambda: self._running_count(service, name) == replicas
                    and len([r for r in self._replicas(service) if r["deployment"] == name]) == replicas,
                    service)
-        self.store.update_deployment(service, replicas=replicas)
+        cfg.replicas = replicas
+        self.store.update_deployment(service, replicas=replicas, config={
+            "service": cfg.model_dump(mode="json"), "ray_actor_options": options})
         self.store.add_event(SOURCE, "scaled", service, actor=self.actor,
                              **{"from": before, "to": replicas},
                              **({"reason": reason} if reason else {}))
@@ -290,18 +310,115 @@ class RayServeDeployer(Deployer):
         return dep
 
     def rollout(self, service: str, version: str | None = None, *, reason: str = "") -> Deployment:
-        raise NotOnThisBackend("rollout is not built on the ray backend yet: stop and deploy the "
-                               "new version, or serve it on the local backend")
+        """Serve `version` (default: what the alias points to) on as many replicas as now: its
+        deployment starts beside the old one, takes the traffic once every replica is ready,
+        and the old one drains (Serve lets its requests finish)."""
+        dep = self._running(service)
+        cfg, _ = self._kept(dep)
+        new = str(version) if version is not None else self.tracker.version_by_alias(
+            cfg.model_name, cfg.alias)
+        change = changes.rollout(cfg, new, reason)
+        if change is None:
+            return dep
+        return self._reconfigure(dep, change)
 
     def rollback(self, service: str, *, reason: str = "") -> Deployment:
-        raise NotOnThisBackend("rollback is not built on the ray backend yet")
+        """Back to the version served before the last rollout (the alias follows)."""
+        dep = self._running(service)
+        cfg, _ = self._kept(dep)
+        return self._reconfigure(dep, changes.rollback(service, cfg, self.tracker, reason))
 
     def set_canary(self, service: str, version: str | None, share: float = 0.1, *,
                    reason: str = "") -> Deployment:
-        raise NotOnThisBackend("canary traffic is not built on the ray backend yet")
+        dep = self._running(service)
+        cfg, _ = self._kept(dep)
+        return self._reconfigure(dep, changes.canary(service, cfg, version, share, reason))
 
     def set_shadow(self, service: str, version: str | None, *, reason: str = "") -> Deployment:
-        raise NotOnThisBackend("shadow traffic is not built on the ray backend yet")
+        dep = self._running(service)
+        cfg, _ = self._kept(dep)
+        return self._reconfigure(dep, changes.shadow(service, cfg, version, reason))
+
+    def _reconfigure(self, dep: Deployment, change: changes.Change) -> Deployment:
+        """Serve the changed config as a new deployment of the application; once its replicas
+        all run and the old deployment is gone, record it. If it does not come up, the old
+        config is served again and the change fails with Serve's reason."""
+        service = dep.service
+        old_cfg, options = self._kept(dep)
+        cfg = old_cfg.model_copy(deep=True)
+        change.apply(cfg)
+        cfg.generation, cfg.replicas = old_cfg.generation + 1, dep.replicas
+        name = deployment_name(cfg)
+        for v in cfg.versions:
+            if v not in old_cfg.versions:
+                self._check_registered(cfg.model_name, v)
+        t0 = time.monotonic()
+        self.store.add_event(SOURCE, f"{change.kind}_started", service, actor=self.actor,
+                             replicas=dep.replicas, **change.payload)
+        old_name = deployment_name(old_cfg)
+        try:
+            # 1. the new deployment beside the serving one; 2. the router's target moves to it
+            # once all its replicas run; 3. the old one goes (its requests in flight finish).
+            self._serve(service, [(old_cfg, options), (cfg, options)], old_name)
+            self._wait(f"{dep.replicas} replica(s) of {name} running",
+                       lambda: self._running_count(service, name) == dep.replicas, service)
+            self._serve(service, [(old_cfg, options), (cfg, options)], name)
+            self._wait(f"the router forwarding to {name}",
+                       lambda: self._router_target(service) == name, service)
+            self._serve(service, [(cfg, options)], name)
+            self._wait(f"{dep.replicas} replica(s) of {name} serving alone",
+                       lambda: self._serving_only(service, name, dep.replicas), service)
+        except Exception as exc:
+            try:
+                self._serve(service, [(old_cfg, options)], old_name)  # back to the old one alone
+            except Exception:  # noqa: BLE001 - the change's own error is the one to report
+                log.exception("service %s: could not serve the previous config again", service)
+            self.store.add_event(SOURCE, f"{change.kind}_failed", service, actor=self.actor,
+                                 error=str(exc)[:2000], **change.payload)
+            raise
+        self.store.update_deployment(
+            service, model_version=cfg.model_version, previous_version=cfg.previous_version,
+            canary_version=cfg.canary.version if cfg.canary else None,
+            canary_share=cfg.canary.share if cfg.canary else 0.0,
+            shadow_version=cfg.shadow_version,
+            config={"service": cfg.model_dump(mode="json"), "ray_actor_options": options})
+        self.store.add_event(SOURCE, f"{change.kind}_completed", service, actor=self.actor,
+                             seconds=round(time.monotonic() - t0, 3), **change.payload)
+        return self._get(service)
+
+    def resize(self, service: str, cpus: float, *, reason: str = "") -> Deployment:
+        raise NotOnThisBackend("resize is not offered on the ray backend: a replica's CPUs there "
+                               "are what Ray schedules by, not a quota it holds; deploy with other "
+                               "resources instead")
+
+    def _check_registered(self, model: str, version: str) -> None:
+        """Refuse a version the registry does not hold before any replica tries to load it
+        (a replica that cannot load fails its deployment only after Serve's retries)."""
+        try:
+            self.tracker.model_version(model, version)
+        except Exception as exc:  # noqa: BLE001 - MLflow raises its own kinds for a missing version
+            raise ValueError(f"model {model!r} has no version {version!r} in the registry: "
+                             f"{str(exc).splitlines()[0][:200]}") from None
+
+    def _serving_only(self, service: str, name: str, n: int) -> bool:
+        """`n` replicas of deployment `name` run behind the router forwarding to it, no other
+        deployment is left, and Serve says RUNNING."""
+        app = self._details(service) or {}
+        reps = self._replicas(service)
+        return (app.get("status") == "RUNNING"
+                and set(app.get("deployments") or {}) == {ROUTER, name}
+                and self._router_target(service) == name
+                and len(reps) == n and all(r["ready"] for r in reps))
+
+    def _router_target(self, service: str) -> str | None:
+        """Where the router forwards once Serve applied its config (None while it updates)."""
+        router = ((self._details(service) or {}).get("deployments") or {}).get(ROUTER) or {}
+        replicas = router.get("replicas") or []
+        if router.get("status") != "HEALTHY" or not replicas or any(
+                r.get("state") != "RUNNING" for r in replicas):
+            return None
+        user_config = (router.get("deployment_config") or {}).get("user_config") or {}
+        return str(user_config.get("target")) if user_config.get("target") else None
 
     def stop(self, service: str) -> None:
         dep = self._get(service)
@@ -315,6 +432,7 @@ class RayServeDeployer(Deployer):
         app = self._details(service) or {}
         replicas = self._replicas(service) if app else []
         alive = app.get("status") == "RUNNING"
+        cfg = self._kept(dep)[0] if dep.config else None
         return {
             "service": service,
             "backend": "ray",
@@ -331,10 +449,10 @@ class RayServeDeployer(Deployer):
             "worker_pids": [r["pid"] for r in replicas],
             "nodes": sorted({r["node"] for r in replicas if r["node"]}),
             "versions": sorted({r["model_version"] for r in replicas}),
-            "canary": None,
-            "shadow_version": None,
-            "previous_version": None,
-            "batching": None,
+            "canary": cfg.canary.model_dump() if cfg and cfg.canary else None,
+            "shadow_version": cfg.shadow_version if cfg else None,
+            "previous_version": cfg.previous_version if cfg else None,
+            "batching": cfg.batching.model_dump() if cfg else None,
             "resources": None,
         }
 

@@ -98,6 +98,9 @@ class Deployment(Base):
     canary_version: Mapped[str | None] = mapped_column(String(50), default=None)
     canary_share: Mapped[float] = mapped_column(Float, default=0.0)
     shadow_version: Mapped[str | None] = mapped_column(String(50), default=None)
+    # The service config served now, where a backend keeps it in the store (ray: its replicas
+    # and deployers run on any machine); None where it is a file of the service's folder (local).
+    config: Mapped[Any] = mapped_column(JSON, nullable=True, default=None)
 
 
 class Prediction(Base):
