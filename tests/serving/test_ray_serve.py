@@ -6,6 +6,8 @@ with the version that answered, and a scale 1 -> 3 -> 1 under load fails no requ
 
 from __future__ import annotations
 
+import os
+import signal
 import textwrap
 import uuid
 from collections.abc import Iterator
@@ -223,6 +225,38 @@ def test_scale_one_three_one_under_load_fails_no_request_and_status_shows_the_no
     assert code == 0 and "node" in out and nodes[0][:12] in out, out  # where the replica runs
     events = [e.kind for e in Store(settings.store).list_events(service=SERVICE)]
     assert events.count("scaled") == 2 and "deployed" in events, events
+
+
+def test_a_replica_killed_under_load_loses_no_logged_answer(
+        deployed: tuple[Settings, str], digits: tuple[np.ndarray, np.ndarray]) -> None:
+    """kill -9 of a replica's process while 4 clients send: Serve replaces it, and every
+    request answered 200 is in the shared store's prediction log (each once)."""
+    settings, url = deployed
+    X, _ = digits
+    deployer = _deployer(settings)
+    deployer.scale(SERVICE, 2)
+    with KeepAliveLoad(url, X, clients=4) as load:
+        wait_for(lambda: load.result.ok >= 100, timeout=60, what="load flowing")
+        victim = deployer.status(SERVICE)["workers"][0]
+        os.kill(int(victim["pid"]), signal.SIGKILL)
+        wait_for(lambda: (ws := deployer.status(SERVICE)["workers"]) and len(ws) == 2
+                 and all(w["ready"] for w in ws) and victim["replica_id"] not in
+                 {w["replica_id"] for w in ws}, timeout=120, interval=0.5,
+                 what="Serve replacing the killed replica")
+        served = load.result.ok
+        wait_for(lambda: load.result.ok >= served + 100, timeout=60, what="load after the kill")
+    answered = set(load.result.ids)
+    store = Store(settings.store)
+
+    def logged() -> set[str]:
+        have = {p["request_id"] for p in store.predictions(SERVICE)}
+        return have if answered <= have else set()
+
+    have = wait_for(logged, timeout=90, interval=0.5, what="every answered request in the log")
+    rows = [p["request_id"] for p in store.predictions(SERVICE) if p["request_id"] in answered]
+    assert len(rows) == len(answered), "a request logged twice"
+    assert answered <= have
+    deployer.scale(SERVICE, 1)
 
 
 def _versions_seen(url: str, X: np.ndarray, n: int = 40) -> list[str]:
