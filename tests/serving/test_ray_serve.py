@@ -129,7 +129,7 @@ def deployed(cluster_settings: Settings) -> Iterator[tuple[Settings, str]]:
     code, out = cli(settings, "deploy", str(settings.root.parent / "app"))
     assert code == 0, out
     url = f"http://{settings.host}:{settings.serve_port}/{SERVICE}"
-    assert f"at {url}" in out, out
+    assert f"at {url}" in " ".join(out.split()), out
     try:
         yield settings, url
     finally:
@@ -267,8 +267,8 @@ def _versions_seen(url: str, X: np.ndarray, n: int = 40) -> list[str]:
 
 def test_rollout_and_rollback_under_load_fail_no_request(
         deployed: tuple[Settings, str], digits: tuple[np.ndarray, np.ndarray]) -> None:
-    """Each version is its own Serve deployment: v2 starts beside v1, takes the traffic once
-    ready, and v1 drains; rollback brings v1 back the same way (and moves the alias back)."""
+    """A surge rollout: v2's replicas start beside v1's, which serve until they run, then
+    drain; rollback brings v1 back the same way (and moves the alias back)."""
     settings, url = deployed
     X, _ = digits
     with KeepAliveLoad(url, X, clients=4) as load:
@@ -276,7 +276,6 @@ def test_rollout_and_rollback_under_load_fail_no_request(
         code, out = cli(settings, "rollout", SERVICE, "--version", "2")
         assert code == 0 and "serving version 2" in out, out
         status = _deployer(settings).status(SERVICE)
-        assert [w["deployment"].split("-g")[0] for w in status["workers"]] == ["v2"], status
         assert status["previous_version"] == "1" and status["versions"] == ["2"], status
         assert set(_versions_seen(url, X)) == {"2"}
         code, out = cli(settings, "rollback", SERVICE)
@@ -301,7 +300,6 @@ def test_canary_and_shadow_on_ray(deployed: tuple[Settings, str],
     assert 10 <= seen.count("2") <= 50 and "1" in seen, seen  # about half from the challenger
     status = _deployer(settings).status(SERVICE)
     assert status["canary"] == {"version": "2", "share": 0.5}
-    assert [w["deployment"].split("-g")[0] for w in status["workers"]] == ["v1-canary-v2"], status
     code, out = cli(settings, "canary", SERVICE, "--off")
     assert code == 0, out
     code, out = cli(settings, "shadow", SERVICE, "2")

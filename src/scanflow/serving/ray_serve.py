@@ -1,25 +1,24 @@
 """Ray Serve serving backend: each service is one Serve application at `/<service>` on the
 cluster's HTTP proxies, its replicas Ray actors placed by the service's `resources:`.
 
-- A replica runs the same FastAPI app as a local gunicorn worker (`app.create_app`), built on
-  its node (`@serve.ingress()` late-bound), so `/predict`, `/labels`, `/health`, `/metrics` and
-  the V2 protocol answer with the same bodies and errors on both backends.
-- Its service config travels with the deployment (an init argument), not as a file: a node
-  shares no disk with the deployer. The replica writes it, its prediction log's journal and
-  its announcement into a folder of its node's own temporary directory.
-- The deployment is named after the version it serves (`v3`) and pinned to it.
+- The application is one deployment whose replicas run the same FastAPI app as a local
+  gunicorn worker (`ray_replicas`), so `/predict`, `/labels`, `/health`, `/metrics` and the V2
+  protocol answer alike on both backends, reached by Serve's proxies with no hop in between.
+- A config travels with the deployment (an init argument) and is kept in the store
+  (`deployments.config`), never in a file: a node shares no disk with the deployer, and any
+  machine's deployer may act on the service next.
+- Each replica is pinned to one config (its Serve version is the config's hash). rollout,
+  rollback, canary and shadow change the config (`serving.changes`, as on the local backend),
+  and Serve rolls every replica over with a 100 % surge: the new replicas start beside the old
+  ones, which serve until their replacements run. Canary and shadow versions are loaded by the
+  same replicas as the champion, as local workers do.
 - Replicas are decided by scanflow (the planner, `scanflow scale`), not by Serve's autoscaler:
   the application is deployed with Serve's external scaler enabled and scaled through its
   controller, which changes the count without restarting the replicas already serving.
 - The prediction log's collector writes to the shared store (PostgreSQL), like a local
   worker's; the agents read the same windows on both backends.
 
-- rollout, rollback, canary and shadow change the config (`serving.changes`, as on the local
-  backend) and serve it as a new deployment named after its versions (`deployment_name`); Serve
-  moves the traffic once its replicas run and drains the old one. Canary and shadow versions
-  are loaded by the same replicas as the champion, as local workers do.
-
-Not built on this backend: resize (Ray's CPUs are a scheduling claim, not a quota).
+Not offered on this backend: resize (Ray's CPUs are a scheduling claim, not a quota).
 """
 
 from __future__ import annotations
@@ -45,16 +44,17 @@ from scanflow.tracking import MlflowTracker, Tracker
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 SOURCE = "deployer"
-ROUTER = "router"  # the application's ingress deployment (ray_replicas.ServiceRouter)
-ROUTER_VERSION = "1"  # bumped when ServiceRouter changes: running routers are then replaced
+DEPLOYMENT = "server"  # the application's one deployment: the service's replicas
 MAX_ONGOING = 64  # requests Serve hands one replica at once (its micro-batcher groups them)
 log = logging.getLogger(__name__)
 
 
-def deployment_name(cfg: ServiceConfig) -> str:
-    """The Serve deployment pinned to what `cfg` serves: the champion, the canary and shadow
-    versions its replicas also load, and the config's generation (`v3-g0`, `v3-canary-v4-g1`).
-    Every change of the config is a new deployment, started beside the one serving."""
+def _below_warning(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING
+
+
+def config_label(cfg: ServiceConfig) -> str:
+    """What a config serves, for messages: `v3-g0`, `v3-canary-v4-g1` (versions, generation)."""
     name = f"v{cfg.model_version}"
     if cfg.canary:
         name += f"-canary-v{cfg.canary.version}"
@@ -63,14 +63,10 @@ def deployment_name(cfg: ServiceConfig) -> str:
     return f"{name}-g{cfg.generation}"
 
 
-def champion_of(deployment: str) -> str:
-    """The champion version a deployment named by `deployment_name` serves."""
-    return deployment.split("-", 1)[0].removeprefix("v")
-
-
 def _version_of(cfg: ServiceConfig, options: dict[str, Any]) -> str:
-    """The Serve version of a config's deployment: what it serves, not how many replicas, so
-    that a scale or a redeploy of the same config restarts nothing."""
+    """The Serve version the replicas of a config are pinned to: what they serve, not how many
+    they are, so that a scale or a redeploy of the same config restarts nothing, and any other
+    change is a rollout of every replica."""
     kept = cfg.model_dump(mode="json", exclude={"replicas"})
     return hashlib.sha256(json.dumps([kept, options], sort_keys=True).encode()).hexdigest()[:16]
 
@@ -102,7 +98,11 @@ class RayServeDeployer(Deployer):
         self.predlog = predlog or PredLogConfig()
         self.actor = actor or default_actor()
         self.ready_timeout = ready_timeout
-        logging.getLogger("ray.serve").setLevel(logging.WARNING)  # "Deploying app...": not news
+        # "Started Serve", "Application ... is ready": not news at the CLI. A filter, not a
+        # level: Serve sets its logger's level again when it starts.
+        serve_log = logging.getLogger("ray.serve")
+        if _below_warning not in serve_log.filters:
+            serve_log.addFilter(_below_warning)
         connect(settings.ray_address)
 
     # -- helpers -----------------------------------------------------------------------------
@@ -130,13 +130,13 @@ class RayServeDeployer(Deployer):
         return app
 
     def _replicas(self, service: str) -> list[dict[str, Any]]:
-        """Each replica of the application: its deployment (version), state, pid and node."""
+        """Each replica of the application: its state, pid and node, and the champion version of
+        the config it serves (during a rollout, the new one's)."""
         app = self._details(service) or {}
+        dep = self.store.get_deployment(service)
+        version = str(dep.model_version) if dep is not None else ""
         out = []
         for name, d in (app.get("deployments") or {}).items():
-            if name == ROUTER:
-                continue
-            version = champion_of(name)
             for r in d.get("replicas") or []:
                 # The keys of a local worker's entry (`LocalDeployer.status`), and where it runs.
                 out.append({"pid": r.get("pid"), "ready": r.get("state") == "RUNNING",
@@ -161,35 +161,23 @@ class RayServeDeployer(Deployer):
                                    f"(Serve says: {app.get('status')} {app.get('message') or ''})")
             time.sleep(0.1)
 
-    def _health_ok(self, url: str) -> bool:
-        try:
-            return httpx.get(f"{url}/health", timeout=2.0).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    def _serve(self, service: str, configs: list[tuple[ServiceConfig, dict[str, Any]]],
-               target: str) -> None:
-        """Make the application run the deployments of `configs` (each with its replicas' Ray
-        options) behind its router, which forwards to `target`. Deployments left out are
-        removed (their requests in flight finish); unchanged ones are left running."""
+    def _serve(self, service: str, cfg: ServiceConfig, options: dict[str, Any]) -> None:
+        """Make the application's deployment serve `cfg` (its replicas with `options`) and return
+        once every replica does. A changed config is a surge rollout: all its replicas start
+        beside the old ones, which keep serving until their replacements run, then drain
+        (`max_surge_percent` 100). Serve raises if they do not come up; the old ones stay."""
         from ray import serve  # lazy: Ray Serve
 
-        from scanflow.serving.ray_replicas import ConfigReplica, ServiceRouter  # lazy: on nodes
+        from scanflow.serving.ray_replicas import ConfigReplica  # lazy: imported on the nodes
 
         env = {"env_vars": {"OMP_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}}
         deployment: Any = serve.deployment  # typed for decorator use only
-        bound = [
-            deployment(ConfigReplica).options(
-                name=deployment_name(cfg), num_replicas=cfg.replicas,
-                ray_actor_options={**options, "runtime_env": env},
-                max_ongoing_requests=MAX_ONGOING, health_check_period_s=2.0,
-            ).options(version=_version_of(cfg, options), _internal=True).bind(cfg.model_dump_json())
-            for cfg, options in configs]
-        router = deployment(ServiceRouter).options(
-            name=ROUTER, num_replicas=1, user_config={"target": target},
-            ray_actor_options={"num_cpus": 0, "runtime_env": env}, max_ongoing_requests=MAX_ONGOING * 4,
-        ).options(version=ROUTER_VERSION, _internal=True).bind(service, *bound)
-        serve.run(router, name=service, route_prefix=f"/{service}", external_scaler_enabled=True)
+        replica = deployment(serve.ingress()(ConfigReplica)).options(
+            name=DEPLOYMENT, num_replicas=cfg.replicas, ray_actor_options={**options, "runtime_env": env},
+            max_ongoing_requests=MAX_ONGOING, health_check_period_s=2.0, max_surge_percent=100,
+        ).options(version=_version_of(cfg, options), _internal=True)
+        serve.run(replica.bind(cfg.model_dump_json()), name=service, route_prefix=f"/{service}",
+                  external_scaler_enabled=True)
 
     def _kept(self, dep: Deployment) -> tuple[ServiceConfig, dict[str, Any]]:
         """The config the service serves and its replicas' Ray options, as the store keeps them."""
@@ -239,7 +227,6 @@ class RayServeDeployer(Deployer):
         if memory is not None:
             actor_options["memory"] = memory
         kept = {"service": cfg.model_dump(mode="json"), "ray_actor_options": actor_options}
-        name = deployment_name(cfg)
         facts: dict[str, Any] = dict(
             service=service, app=app, team=team, model_name=model, alias=alias,
             model_version=version, host=host, port=serve_port, replicas=replicas,
@@ -248,10 +235,9 @@ class RayServeDeployer(Deployer):
         t0 = time.monotonic()
         url = f"http://{host}:{serve_port}/{service}"
         try:
-            self._serve(service, [(cfg, actor_options)], name)
+            self._serve(service, cfg, actor_options)
             self._wait(f"{replicas} running replica(s)",
-                       lambda: self._serving_only(service, name, replicas) and self._health_ok(url),
-                       service)
+                       lambda: self._serving(service, cfg, replicas, url), service)
         except Exception:
             self._delete(service)
             self.store.put_deployment(**facts, pid=None, status="failed")
@@ -284,7 +270,7 @@ class RayServeDeployer(Deployer):
             raise ValueError(f"replicas must be >= 1, got {replicas}")
         dep = self._running(service)
         cfg, options = self._kept(dep)
-        name = deployment_name(cfg)
+        name = DEPLOYMENT
         before = self._running_count(service, name)
         controller = self._client()._controller
 
@@ -348,29 +334,19 @@ class RayServeDeployer(Deployer):
         cfg = old_cfg.model_copy(deep=True)
         change.apply(cfg)
         cfg.generation, cfg.replicas = old_cfg.generation + 1, dep.replicas
-        name = deployment_name(cfg)
         for v in cfg.versions:
             if v not in old_cfg.versions:
                 self._check_registered(cfg.model_name, v)
         t0 = time.monotonic()
         self.store.add_event(SOURCE, f"{change.kind}_started", service, actor=self.actor,
                              replicas=dep.replicas, **change.payload)
-        old_name = deployment_name(old_cfg)
         try:
-            # 1. the new deployment beside the serving one; 2. the router's target moves to it
-            # once all its replicas run; 3. the old one goes (its requests in flight finish).
-            self._serve(service, [(old_cfg, options), (cfg, options)], old_name)
-            self._wait(f"{dep.replicas} replica(s) of {name} running",
-                       lambda: self._running_count(service, name) == dep.replicas, service)
-            self._serve(service, [(old_cfg, options), (cfg, options)], name)
-            self._wait(f"the router forwarding to {name}",
-                       lambda: self._router_target(service) == name, service)
-            self._serve(service, [(cfg, options)], name)
-            self._wait(f"{dep.replicas} replica(s) of {name} serving alone",
-                       lambda: self._serving_only(service, name, dep.replicas), service)
+            self._serve(service, cfg, options)
+            self._wait(f"{dep.replicas} replica(s) serving {config_label(cfg)}",
+                       lambda: self._serving(service, cfg, dep.replicas, self.url(service)), service)
         except Exception as exc:
             try:
-                self._serve(service, [(old_cfg, options)], old_name)  # back to the old one alone
+                self._serve(service, old_cfg, options)  # the replicas Serve kept serve it still
             except Exception:  # noqa: BLE001 - the change's own error is the one to report
                 log.exception("service %s: could not serve the previous config again", service)
             self.store.add_event(SOURCE, f"{change.kind}_failed", service, actor=self.actor,
@@ -400,25 +376,20 @@ class RayServeDeployer(Deployer):
             raise ValueError(f"model {model!r} has no version {version!r} in the registry: "
                              f"{str(exc).splitlines()[0][:200]}") from None
 
-    def _serving_only(self, service: str, name: str, n: int) -> bool:
-        """`n` replicas of deployment `name` run behind the router forwarding to it, no other
-        deployment is left, and Serve says RUNNING."""
+    def _serving(self, service: str, cfg: ServiceConfig, n: int, url: str) -> bool:
+        """`n` replicas run, Serve says the application RUNNING, and it answers as `cfg` says
+        (the champion, canary and shadow of its `/health`)."""
         app = self._details(service) or {}
         reps = self._replicas(service)
-        return (app.get("status") == "RUNNING"
-                and set(app.get("deployments") or {}) == {ROUTER, name}
-                and self._router_target(service) == name
-                and len(reps) == n and all(r["ready"] for r in reps))
-
-    def _router_target(self, service: str) -> str | None:
-        """Where the router forwards once Serve applied its config (None while it updates)."""
-        router = ((self._details(service) or {}).get("deployments") or {}).get(ROUTER) or {}
-        replicas = router.get("replicas") or []
-        if router.get("status") != "HEALTHY" or not replicas or any(
-                r.get("state") != "RUNNING" for r in replicas):
-            return None
-        user_config = (router.get("deployment_config") or {}).get("user_config") or {}
-        return str(user_config.get("target")) if user_config.get("target") else None
+        if app.get("status") != "RUNNING" or len(reps) != n or not all(r["ready"] for r in reps):
+            return False
+        try:
+            health = httpx.get(f"{url}/health", timeout=5.0).json()
+        except (httpx.HTTPError, ValueError):
+            return False
+        canary = cfg.canary.model_dump() if cfg.canary else None
+        return bool(health.get("model_version") == cfg.model_version and health.get("canary") == canary
+                    and health.get("shadow_version") == cfg.shadow_version)
 
     def stop(self, service: str) -> None:
         dep = self._get(service)
