@@ -9,6 +9,7 @@ in between.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -19,10 +20,12 @@ from scanflow.serving.config import ServiceConfig
 WORKDIR = "scanflow-serve"  # under each node's temporary directory: one folder per service
 
 
-def replica_workdir(service: str) -> Path:
+def replica_workdir(cfg: ServiceConfig) -> Path:
     """A service's folder on this node, shared by its replicas here: a replica killed with
-    kill -9 leaves its journal segments where a sibling's collector finds them."""
-    return Path(tempfile.gettempdir()) / WORKDIR / service
+    kill -9 leaves its journal segments where a sibling's collector finds them. Named after the
+    store too: another cluster's service of the same name on this machine logs elsewhere."""
+    store = hashlib.sha256(cfg.store_url.encode()).hexdigest()[:10]
+    return Path(tempfile.gettempdir()) / WORKDIR / f"{cfg.service}-{store}"
 
 
 class ConfigReplica:
@@ -32,7 +35,7 @@ class ConfigReplica:
 
     def __init__(self, config_json: str) -> None:
         cfg = ServiceConfig.model_validate_json(config_json)
-        wd = replica_workdir(cfg.service)
+        wd = replica_workdir(cfg)
         wd.mkdir(parents=True, exist_ok=True)
         cfg.workdir = str(wd)
         self._config_path = wd / f"service-{os.getpid()}.json"
