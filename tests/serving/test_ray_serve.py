@@ -321,6 +321,13 @@ def test_canary_and_shadow_on_ray(deployed: tuple[Settings, str],
 
 def test_what_ray_does_not_offer_is_refused_with_exit_2(deployed: tuple[Settings, str]) -> None:
     settings, _ = deployed
+    big = settings.root.parent / "big"
+    big.mkdir(exist_ok=True)
+    (big / "scanflow.yaml").write_text(
+        f"app: big\nteam: serving\nservices:\n  huge:\n    model: {MODEL}\n"
+        "    resources: {cpus: 8}\n")
+    code, out = cli(settings, "deploy", str(big))  # no node has 8 CPUs: refused, not a hang
+    assert code == 2 and "no node of the Ray cluster offers" in " ".join(out.split()), out
     code, out = cli(settings, "resize", SERVICE, "--cpus", "0.5")
     assert code == 2 and "not offered on the ray backend" in out, out
     code, out = cli(settings, "rollout", SERVICE, "--version", "99")

@@ -32,6 +32,7 @@ from typing import Any
 
 import httpx
 
+from scanflow.engine.ray_backend import alive_nodes, unfit
 from scanflow.serving import changes
 from scanflow.serving.app import Limits, PredLogConfig, ServiceConfig
 from scanflow.serving.backend import Deployer, NotOnThisBackend, UnknownService, default_actor
@@ -88,7 +89,7 @@ class RayServeDeployer(Deployer):
         tracker: Tracker | None = None,
         **_local_only: Any,
     ) -> None:
-        from scanflow.engine.ray_backend import connect  # lazy: ray
+        from scanflow.engine.ray_backend import connect  # lazy: ray (the module imports it on use)
 
         self.settings = settings
         self.store = store
@@ -162,11 +163,12 @@ class RayServeDeployer(Deployer):
             time.sleep(0.1)
 
     def _serve(self, service: str, cfg: ServiceConfig, options: dict[str, Any]) -> None:
-        """Make the application's deployment serve `cfg` (its replicas with `options`) and return
-        once every replica does. A changed config is a surge rollout: all its replicas start
-        beside the old ones, which keep serving until their replacements run, then drain
-        (`max_surge_percent` 100). Serve raises if they do not come up; the old ones stay."""
+        """Make the application's deployment serve `cfg` (its replicas with `options`). A
+        changed config is a surge rollout: all its replicas start beside the old ones, which
+        keep serving until their replacements run, then drain (`max_surge_percent` 100); if
+        they do not come up, the old ones stay. Returns at once: the caller waits."""
         from ray import serve  # lazy: Ray Serve
+        from ray.serve.api import _run  # Serve's own non-blocking run: `_wait` bounds the wait
 
         from scanflow.serving.ray_replicas import ConfigReplica  # lazy: imported on the nodes
 
@@ -176,8 +178,10 @@ class RayServeDeployer(Deployer):
             name=DEPLOYMENT, num_replicas=cfg.replicas, ray_actor_options={**options, "runtime_env": env},
             max_ongoing_requests=MAX_ONGOING, health_check_period_s=2.0, max_surge_percent=100,
         ).options(version=_version_of(cfg, options), _internal=True)
-        serve.run(replica.bind(cfg.model_dump_json()), name=service, route_prefix=f"/{service}",
-                  external_scaler_enabled=True)
+        # Not `serve.run`: it waits for the application with no deadline (forever when a
+        # replica waits for resources no node frees); every caller waits with `_wait`.
+        _run(replica.bind(cfg.model_dump_json()), _blocking=False, name=service,
+             route_prefix=f"/{service}", external_scaler_enabled=True)
 
     def _kept(self, dep: Deployment) -> tuple[ServiceConfig, dict[str, Any]]:
         """The config the service serves and its replicas' Ray options, as the store keeps them."""
@@ -226,6 +230,10 @@ class RayServeDeployer(Deployer):
         actor_options: dict[str, Any] = {"num_cpus": 1.0 if cpus is None else cpus}
         if memory is not None:
             actor_options["memory"] = memory
+        need = {"CPU": float(actor_options["num_cpus"]), "memory": float(memory or 0)}
+        why = unfit({k: v for k, v in need.items() if v > 0}, list(alive_nodes().values()))
+        if why:  # Serve would wait for such a node forever
+            raise ValueError(f"service {service!r}: each replica {why}; change its resources:")
         kept = {"service": cfg.model_dump(mode="json"), "ray_actor_options": actor_options}
         facts: dict[str, Any] = dict(
             service=service, app=app, team=team, model_name=model, alias=alias,
