@@ -98,8 +98,8 @@ def deployer(settings: Settings, store: Store, *, actor: str | None = None,
         from scanflow.serving.deployer import LocalDeployer  # lazy: FastAPI, gunicorn config
 
         return LocalDeployer(settings, store, actor=actor, tracker=tracker, **options)
-    from scanflow.engine.ray_address import ClusterUnavailable
-    from scanflow.serving.ray_serve import RayServeDeployer  # lazy: joins the cluster
+    from scanflow.engine.ray_address import ClusterUnavailable  # lazy: as the deployer below
+    from scanflow.serving.ray_serve import RayServeDeployer  # lazy: Ray Serve, joins the cluster
 
     try:
         return RayServeDeployer(settings, store, actor=actor, tracker=tracker, **options)

@@ -7,6 +7,8 @@ where the control plane reads what runs.
 
 from __future__ import annotations
 
+import getpass
+import os
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -27,9 +29,6 @@ class NotOnThisBackend(ValueError):
 
 def default_actor() -> str:
     """Who the audit trail names when nobody is given: `SCANFLOW_ACTOR`, else the OS user."""
-    import getpass
-    import os
-
     try:
         return os.environ.get("SCANFLOW_ACTOR") or getpass.getuser()
     except (KeyError, OSError):

@@ -42,6 +42,6 @@ class ConfigReplica:
         cfg.save(self._config_path)
 
     def __serve_build_asgi_app__(self) -> Any:
-        from scanflow.serving.app import create_app
+        from scanflow.serving.app import create_app  # lazy: FastAPI and MLflow, on the node
 
         return create_app(str(self._config_path))

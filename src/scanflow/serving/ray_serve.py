@@ -110,7 +110,7 @@ class RayServeDeployer(Deployer):
     def _client(self) -> Any:
         """Serve's client, Serve started with scanflow's HTTP address if it did not run yet."""
         from ray import serve  # lazy: Ray Serve
-        from ray.serve.context import _get_global_client
+        from ray.serve.context import _get_global_client  # lazy: Ray Serve (its only client getter)
 
         try:
             return _get_global_client()
@@ -304,9 +304,9 @@ class RayServeDeployer(Deployer):
         return dep
 
     def rollout(self, service: str, version: str | None = None, *, reason: str = "") -> Deployment:
-        """Serve `version` (default: what the alias points to) on as many replicas as now: its
-        deployment starts beside the old one, takes the traffic once every replica is ready,
-        and the old one drains (Serve lets its requests finish)."""
+        """Serve `version` (default: what the alias points to) on as many replicas as now: the
+        new replicas start beside the old ones, which serve until their replacements run and
+        then drain (Serve lets their requests finish)."""
         dep = self._running(service)
         cfg, _ = self._kept(dep)
         new = str(version) if version is not None else self.tracker.version_by_alias(
