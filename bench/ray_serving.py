@@ -43,7 +43,7 @@ from typing import Any
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
-from ray_engine import LocalCluster, postgres_database, start_mlflow  # noqa: E402
+from ray_engine import LocalCluster, free_port, postgres_database, start_mlflow  # noqa: E402
 from serving import (  # noqa: E402
     EXAMPLES,
     LOGS,
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         cluster.start()
         mlflow_proc, tracking = start_mlflow(tmp, LOGS / "ray-serving-mlflow.log")
         pg = postgres_database("scanflow_bench_ray_serving")
-        serve_port = _free_port()
+        serve_port = free_port()
         os.environ.update(SCANFLOW_BACKEND="ray", SCANFLOW_STORE_URL=pg, SCANFLOW_TRACKING_URI=tracking,
                           SCANFLOW_RAY_ADDRESS=cluster.address, SCANFLOW_SERVE_PORT=str(serve_port),
                           SCANFLOW_WORKSPACE=str(tmp / "ws"))
@@ -264,14 +264,6 @@ def main(argv: list[str] | None = None) -> int:
                 os.killpg(mlflow_proc.pid, 9)
         cluster.stop()
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _table(results: dict[str, dict[str, dict[str, float]]], names: list[str]) -> str:

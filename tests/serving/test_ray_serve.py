@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import signal
 import textwrap
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -37,21 +36,10 @@ SERVICE = "web"
 @pytest.fixture(scope="module")
 def pg_module_url() -> Iterator[str]:
     """A schema of the local PostgreSQL for this module (its services outlive one test)."""
-    import psycopg
+    from conftest import pg_schema
 
-    from conftest import PG_URL, _pg_available
-
-    if not _pg_available():
-        pytest.fail(f"PostgreSQL is not reachable at {PG_URL}")
-    schema = f"sf_{uuid.uuid4().hex[:10]}"
-    raw = PG_URL.replace("+psycopg", "")
-    with psycopg.connect(raw, autocommit=True) as c:
-        c.execute(f"CREATE SCHEMA {schema}")
-    try:
-        yield f"{PG_URL}?options=-csearch_path%3D{schema}"
-    finally:
-        with psycopg.connect(raw, autocommit=True) as c:
-            c.execute(f"DROP SCHEMA {schema} CASCADE")
+    with pg_schema() as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

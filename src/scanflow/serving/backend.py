@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import re
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -21,6 +22,17 @@ class UnknownService(KeyError):
 
     def __str__(self) -> str:  # KeyError would print the repr of its argument
         return str(self.args[0]) if self.args else "unknown service"
+
+
+SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+def check_service(service: str | None = None, replicas: int | None = None) -> None:
+    """Refuse a service name or replica count no backend can use (ValueError: the CLI's exit 2)."""
+    if service is not None and not SERVICE_NAME.match(service):
+        raise ValueError(f"service name {service!r}: use letters, digits, '.', '_', '-'")
+    if replicas is not None and replicas < 1:
+        raise ValueError(f"replicas must be >= 1, got {replicas}")
 
 
 class NotOnThisBackend(ValueError):

@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -38,7 +37,7 @@ from scanflow.serving.app import (
     read_workers,
     workers_dir,
 )
-from scanflow.serving.backend import Deployer, UnknownService, default_actor
+from scanflow.serving.backend import Deployer, UnknownService, check_service, default_actor
 from scanflow.serving.batching import BatchConfig
 from scanflow.serving.master import (
     BASE_PRELOAD,
@@ -56,7 +55,6 @@ from scanflow.store import Store
 from scanflow.store.schema import Deployment
 from scanflow.tracking import MlflowTracker, Tracker
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 SOURCE = "deployer"
 USAGE_SAMPLE_S = 0.25  # CPU use in `status`: over this interval, unless a recent sample exists
 log = logging.getLogger(__name__)
@@ -231,10 +229,7 @@ class LocalDeployer(Deployer):
         batching: BatchConfig | None = None,
         resources: Resources | None = None,
     ) -> Deployment:
-        if not _NAME.match(service):
-            raise ValueError(f"service name {service!r}: use letters, digits, '.', '_', '-'")
-        if replicas < 1:
-            raise ValueError(f"replicas must be >= 1, got {replicas}")
+        check_service(service, replicas)
         with self._locked(service):
             self._clear_previous(service)
             version = self._resolve(model, alias)
@@ -317,8 +312,7 @@ class LocalDeployer(Deployer):
             return False
 
     def scale(self, service: str, replicas: int, *, reason: str = "") -> Deployment:
-        if replicas < 1:
-            raise ValueError(f"replicas must be >= 1, got {replicas}")
+        check_service(replicas=replicas)
         with self._locked(service):
             dep = self._running(service)
             wd, master = Path(dep.workdir), int(dep.pid or 0)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 import time
 from typing import Any
 
@@ -35,7 +34,13 @@ import httpx
 from scanflow.engine.ray_backend import alive_nodes, unfit
 from scanflow.serving import changes
 from scanflow.serving.app import Limits, PredLogConfig, ServiceConfig
-from scanflow.serving.backend import Deployer, NotOnThisBackend, UnknownService, default_actor
+from scanflow.serving.backend import (
+    Deployer,
+    NotOnThisBackend,
+    UnknownService,
+    check_service,
+    default_actor,
+)
 from scanflow.serving.batching import BatchConfig
 from scanflow.settings import Settings
 from scanflow.spec.models import Resources
@@ -43,7 +48,6 @@ from scanflow.store import Store
 from scanflow.store.schema import Deployment
 from scanflow.tracking import MlflowTracker, Tracker
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 SOURCE = "deployer"
 DEPLOYMENT = "server"  # the application's one deployment: the service's replicas
 MAX_ONGOING = 64  # requests Serve hands one replica at once (its micro-batcher groups them)
@@ -70,6 +74,11 @@ def _version_of(cfg: ServiceConfig, options: dict[str, Any]) -> str:
     change is a rollout of every replica."""
     kept = cfg.model_dump(mode="json", exclude={"replicas"})
     return hashlib.sha256(json.dumps([kept, options], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _kept_row(cfg: ServiceConfig, options: dict[str, Any]) -> dict[str, Any]:
+    """What the store keeps of a service on Ray (`deployments.config`; read by `_kept`)."""
+    return {"service": cfg.model_dump(mode="json"), "ray_actor_options": options}
 
 
 class RayServeDeployer(Deployer):
@@ -147,8 +156,8 @@ class RayServeDeployer(Deployer):
                             "replica_id": r.get("replica_id")})
         return out
 
-    def _running_count(self, service: str, deployment: str) -> int:
-        return sum(1 for r in self._replicas(service) if r["deployment"] == deployment and r["ready"])
+    def _running_count(self, service: str) -> int:
+        return sum(1 for r in self._replicas(service) if r["ready"])
 
     def _wait(self, what: str, cond: Any, service: str) -> None:
         end = time.monotonic() + self.ready_timeout
@@ -206,10 +215,7 @@ class RayServeDeployer(Deployer):
     ) -> Deployment:
         """Serve `models:/<model>@<alias>` (resolved now) as the Serve application `service`;
         `port` is the cluster's (Serve's proxies answer every service on one port)."""
-        if not _NAME.match(service):
-            raise ValueError(f"service name {service!r}: use letters, digits, '.', '_', '-'")
-        if replicas < 1:
-            raise ValueError(f"replicas must be >= 1, got {replicas}")
+        check_service(service, replicas)
         old = self.store.get_deployment(service)
         if old is not None and old.status == "running" and self._details(service):
             raise ValueError(f"service {service!r} is already running ({self.url(service)}): stop "
@@ -234,11 +240,10 @@ class RayServeDeployer(Deployer):
         why = unfit({k: v for k, v in need.items() if v > 0}, list(alive_nodes().values()))
         if why:  # Serve would wait for such a node forever
             raise ValueError(f"service {service!r}: each replica {why}; change its resources:")
-        kept = {"service": cfg.model_dump(mode="json"), "ray_actor_options": actor_options}
         facts: dict[str, Any] = dict(
             service=service, app=app, team=team, model_name=model, alias=alias,
             model_version=version, host=host, port=serve_port, replicas=replicas,
-            workdir=f"ray-serve:{service}", config=kept, previous_version=None,
+            workdir=f"ray-serve:{service}", config=_kept_row(cfg, actor_options), previous_version=None,
             canary_version=None, canary_share=0.0, shadow_version=None)
         t0 = time.monotonic()
         url = f"http://{host}:{serve_port}/{service}"
@@ -274,23 +279,19 @@ class RayServeDeployer(Deployer):
         import ray  # lazy: ray
         from ray.serve._private.common import DeploymentID  # the controller's key (Serve's own)
 
-        if replicas < 1:
-            raise ValueError(f"replicas must be >= 1, got {replicas}")
+        check_service(replicas=replicas)
         dep = self._running(service)
         cfg, options = self._kept(dep)
-        name = DEPLOYMENT
-        before = self._running_count(service, name)
+        before = self._running_count(service)
         controller = self._client()._controller
 
         ray.get(controller.update_deployment_replicas.remote(
-            DeploymentID(name=name, app_name=service), replicas))
-        self._wait(f"{replicas} running replica(s)",
-                   lambda: self._running_count(service, name) == replicas
-                   and len([r for r in self._replicas(service) if r["deployment"] == name]) == replicas,
-                   service)
+            DeploymentID(name=DEPLOYMENT, app_name=service), replicas))
+        self._wait(f"{replicas} running replica(s)",  # and none starting or stopping
+                   lambda: (reps := self._replicas(service)) and len(reps) == replicas
+                   and all(r["ready"] for r in reps), service)
         cfg.replicas = replicas
-        self.store.update_deployment(service, replicas=replicas, config={
-            "service": cfg.model_dump(mode="json"), "ray_actor_options": options})
+        self.store.update_deployment(service, replicas=replicas, config=_kept_row(cfg, options))
         self.store.add_event(SOURCE, "scaled", service, actor=self.actor,
                              **{"from": before, "to": replicas},
                              **({"reason": reason} if reason else {}))
@@ -365,7 +366,7 @@ class RayServeDeployer(Deployer):
             canary_version=cfg.canary.version if cfg.canary else None,
             canary_share=cfg.canary.share if cfg.canary else 0.0,
             shadow_version=cfg.shadow_version,
-            config={"service": cfg.model_dump(mode="json"), "ray_actor_options": options})
+            config=_kept_row(cfg, options))
         self.store.add_event(SOURCE, f"{change.kind}_completed", service, actor=self.actor,
                              seconds=round(time.monotonic() - t0, 3), **change.payload)
         return self._get(service)
