@@ -135,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="clean then corruption A only (no spike, no B, no bad candidate): "
                         "what bench/mnist_corruptions.py runs once per corruption")
     p.add_argument("--keep", action="store_true", help="keep the previous state")
+    p.add_argument("--wheel", type=Path, default=None,
+                   help="the MNIST wheel for `publish` (default: the workspace's downloads/); on "
+                        "Ray it travels to the node that converts it (run_ray.py)")
     p.add_argument("--size-replica", action=argparse.BooleanOptionalAction, default=True,
                    help=f"set the replica's CPU quota to {SIZE_HEADROOM:g} x what it uses on the clean "
                         "traffic (measured in the clean phase), as an operator sizes for the load")
@@ -169,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     console.rule(f"scanflow MNIST case study — workspace {settings.root}")
 
     say(t0, "[bold]data[/]: publishing MNIST (60k/10k) and the reference sample")
-    res = engine.run(data_app, "publish")
+    res = engine.run(data_app, "publish", {"load.wheel": str(args.wheel)} if args.wheel else {})
     if not res.ok:
         console.print(res.error)
         return 1
@@ -194,8 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         dep = deployer.deploy(SERVICE, app=de_app.app, team=de_app.team, model=svc.model,
                               alias=svc.alias, replicas=svc.replicas, port=svc.port,
-                              batching=svc.batching, resources=svc.resources)
-        url = f"http://{dep.host}:{dep.port}"
+                              batching=svc.batching, resources=svc.resources, policy=svc.policy)
+        url = deployer.url(SERVICE)
         say(t0, f"[bold]dataengineer[/]: serving {svc.model} v{dep.model_version} "
                 f"x{dep.replicas} at {url}")
         supervisor.start(HERE / "dataengineer")
@@ -214,7 +217,10 @@ def main(argv: list[str] | None = None) -> int:
             return recs
 
         args.replica_cpus = None
-        if args.size_replica and svc.resources is not None and svc.resources.cpus:
+        if args.size_replica and backends.backend_of(settings) == "ray":
+            say(t0, "replica sizing skipped: on Ray a replica's CPUs are what Ray schedules by, "
+                    "not a quota (resize is not offered there)")
+        elif args.size_replica and svc.resources is not None and svc.resources.cpus:
             threading.Thread(target=size_replica, args=(t0, deployer, store, args), daemon=True,
                              name="size-replica").start()
         say(t0, f"traffic: {args.clean} clean digits at {args.rate:.0f} req/s")

@@ -1,4 +1,4 @@
-"""`make demo-ray`: the MNIST teams' workflows on a local 3-node Ray cluster, unchanged.
+"""`make demo-ray`: the MNIST case study on a local 3-node Ray cluster, its files unchanged.
 
 Starts what a cluster deployment has (README, "Running on Ray"): a Ray cluster of a head and two
 worker nodes of 1 CPU each on this machine (`ray.cluster_utils.Cluster`, as Ray's own tests do),
@@ -8,8 +8,12 @@ the data team's `publish` (the MNIST wheel `make data` fetched is a `type: path`
 travels to the node that converts it), the data science team's `train` (two candidates in
 parallel on two nodes, the better one registered as champion), and its `retrain` on 500 labelled
 brightness-shifted digits (the executor's `new_data` file, shipped the same way). It prints where
-each step ran and stops everything it started. The service stays on the local backend (serving
-on Ray is a later issue), so this demo has no service and no agents.
+each step ran and stops everything it started.
+
+By default (`--loop`) it then runs the whole case study of `make demo` (`run.py`: the service, its
+agents, the traffic phases, the report) with everything on the cluster: the workflows as Ray
+tasks, the agents as detached Ray actors, the service on Ray Serve. Arguments it does not know
+go to `run.py` (e.g. `--rate 50`). `--no-loop` stops after the three workflows.
 """
 
 from __future__ import annotations
@@ -118,6 +122,26 @@ def last_run_id(env: dict[str, str]) -> str:
     return str(json.loads(out)[0]["id"])
 
 
+def case_study(env: dict[str, str], ws: Path, wheel: Path, store: str, rest: list[str]) -> int:
+    """`make demo`'s case study (run.py) with this cluster, a fresh store and the same MLflow
+    server: the workflows, the agents and the service on Ray. Its exit code (1: a target missed)."""
+    import run  # this folder's `make demo`: imported here, where the environment is the cluster's
+
+    print("\nthe case study of `make demo` on the cluster (service on Ray Serve, agents as Ray "
+          "actors)", flush=True)
+    driver = ws / "loop"
+    shutil.rmtree(driver, ignore_errors=True)
+    (driver / "downloads").mkdir(parents=True)
+    shutil.copy(wheel, driver / "downloads" / wheel.name)  # the driver's own reads of MNIST
+    mlflow_proc, tracking = start_mlflow(driver / "mlflow-server")  # a registry of its own
+    os.environ.update({**env, "SCANFLOW_STORE_URL": store, "SCANFLOW_TRACKING_URI": tracking})
+    try:
+        return int(run.main(["--workspace", str(driver), "--wheel", str(wheel), *rest]))
+    finally:
+        os.killpg(mlflow_proc.pid, signal.SIGTERM)
+        mlflow_proc.wait(timeout=30)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workspace", type=Path, default=Path(".scanflow/ray-demo"))
@@ -128,7 +152,9 @@ def main() -> None:
     ap.add_argument("--train-subset", type=int, default=0,
                     help="clean training images for the two candidates (0 = all 60k; the CNN's 2 "
                          "epochs on all of them take ~1 min on a 1-CPU node)")
-    args = ap.parse_args()
+    ap.add_argument("--loop", action=argparse.BooleanOptionalAction, default=True,
+                    help="after the workflows, the whole case study (run.py) on the cluster")
+    args, rest = ap.parse_known_args()
     wheels = sorted(args.downloads.glob(WHEEL_GLOB))
     if not wheels:
         raise SystemExit(f"no MNIST wheel in {args.downloads}: run `make data` first")
@@ -173,6 +199,12 @@ def main() -> None:
                  x_holdout=flat(x_new[350:]), y_holdout=y_test[pick][350:])
         scanflow(env, "run", str(HERE / "datascience"), "retrain", "-p", f"new_data={new}")
         where_steps_ran(env, last_run_id(env), ["retrain"])
+        print(f"workflows done in {time.time() - t0:.0f} s", flush=True)
+        if args.loop:
+            code = case_study(env, ws, wheels[-1].resolve(), fresh_database(args.database + "_loop"),
+                              rest)
+            if code:
+                raise SystemExit(code)
         print(f"done in {time.time() - t0:.0f} s; the records stay in {store} and {ws}",
               flush=True)
     finally:

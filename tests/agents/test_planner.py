@@ -279,7 +279,7 @@ def queue_policy(**extra: Any) -> Policy:
         "hysteresis": {"scale_up_windows": 1, "scale_down_windows": 5},
     }
     for k, v in extra.items():
-        base[k] = {**base.get(k, {}), **v}
+        base[k] = {**base.get(k, {}), **v} if isinstance(v, dict) else v
     return pol(**base)
 
 
@@ -1225,3 +1225,16 @@ def test_cpu_over_a_window_uses_the_samples_nearest_its_ends_and_the_replicas_in
     assert cpu_over([], 100.0, 101.0) == none
     assert cpu_over(samples, 110.0, 111.0) == none  # no sample near the window
     assert cpu_over(samples[:1], 100.0, 101.0) == none  # one sample covers no span
+
+
+def test_with_scaling_serve_the_planner_leaves_replicas_to_serve_and_still_retrains() -> None:
+    """`policy.scaling: serve` (Ray Serve's autoscaler decides replicas): a spike that the
+    planner would answer 1 -> 3 plans no scaling, and drift still plans a retrain."""
+    sim = Sim(queue_policy(scaling="serve"), window_s=2.0)
+    spiked = [_offer(sim, 200) for _ in range(5)]
+    assert not any(a.kind.startswith("scale") for p in spiked for a in p.actions)
+    assert sim.replicas == 1
+    drifted = [sim.step(drift=[True, True]) for _ in range(3)]
+    assert any(a.kind == "retrain" for p in drifted for a in p.actions)
+    same = Sim(queue_policy(), window_s=2.0)
+    assert [a.kind for a in _offer(same, 200).actions] == ["scale_up"]  # the planner's own

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 import signal
+import tempfile
 import textwrap
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -51,14 +53,20 @@ def digits() -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def cluster_settings(tmp_path_factory: pytest.TempPathFactory, pg_module_url: str,
+def cluster() -> Iterator[Any]:
+    """A head and 2 worker nodes (`ray.cluster_utils.Cluster`: a test may remove a node)."""
+    with ray_cluster([{"node_a": 1}, {"node_b": 1}]) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def cluster_settings(tmp_path_factory: pytest.TempPathFactory, pg_module_url: str, cluster: Any,
                      digits: tuple[np.ndarray, np.ndarray]) -> Iterator[Settings]:
-    """The cluster, the MLflow server holding `digits` v1 (champion) and v2, the settings of a person
-    on the ray backend, and the app folder (`settings.root.parent / "app"`)."""
+    """The MLflow server holding `digits` v1 (champion) and v2, the settings of a person on the
+    ray backend, and the app folder (`settings.root.parent / "app"`)."""
     root = tmp_path_factory.mktemp("ray-serve")
     mp = pytest.MonkeyPatch()
-    with ray_cluster([{"node_a": 1}, {"node_b": 1}]) as cluster, \
-            mlflow_server(root / "mlflow") as tracking:
+    with mlflow_server(root / "mlflow") as tracking:
         env = {"SCANFLOW_BACKEND": "ray", "SCANFLOW_STORE_URL": pg_module_url,
                "SCANFLOW_TRACKING_URI": tracking, "SCANFLOW_RAY_ADDRESS": cluster.address,
                "SCANFLOW_WORKSPACE": str(root / "ws"), "SCANFLOW_SERVE_PORT": str(free_port())}
@@ -307,6 +315,53 @@ def test_canary_and_shadow_on_ray(deployed: tuple[Settings, str],
     assert _deployer(settings).status(SERVICE)["versions"] == ["1"]
 
 
+def test_with_scaling_serve_ray_serves_autoscaler_decides_the_replicas(
+        deployed: tuple[Settings, str], digits: tuple[np.ndarray, np.ndarray]) -> None:
+    """`policy.scaling: serve`: Serve's autoscaler adds a replica under load and removes it
+    after, within the policy's limits, failing no request; `scanflow scale` on such a service is
+    refused with exit 2, and `status` says who scales."""
+    settings, base = deployed
+    X, _ = digits
+    auto = settings.root.parent / "auto"
+    auto.mkdir(exist_ok=True)
+    (auto / "scanflow.yaml").write_text(textwrap.dedent(f"""\
+        app: auto
+        team: serving
+        services:
+          busy:
+            model: {MODEL}
+            resources: {{cpus: 0.25}}
+            policy:
+              scaling: serve
+              limits: {{min_replicas: 1, max_replicas: 2}}
+              objectives: {{in_flight_per_replica: 1}}
+              cooldowns: {{scale_up: 1s, scale_down: 2s}}
+        """))
+    code, out = cli(settings, "deploy", str(auto))
+    assert code == 0, out
+    deployer = _deployer(settings)
+
+    def ready() -> int:
+        return sum(1 for w in deployer.status("busy")["workers"] if w["ready"])
+
+    try:
+        status = deployer.status("busy")
+        assert status["scaling"] == "serve" and ready() == 1
+        assert status["autoscaling"]["max_replicas"] == 2
+        assert status["autoscaling"]["target_ongoing_requests"] == 1
+        url = base.rsplit("/", 1)[0] + "/busy"
+        with KeepAliveLoad(url, X, clients=6, pause=0) as load:
+            wait_for(lambda: ready() == 2, timeout=150, interval=0.5,
+                     what="Serve's autoscaler adding a replica under load")
+        assert load.result.failed == 0 and load.result.ok > 0, load.result.errors[:5]
+        code, out = cli(settings, "scale", "busy", "2")
+        assert code == 2 and "Ray Serve's autoscaler" in " ".join(out.split()), out
+        wait_for(lambda: ready() == 1 and len(deployer.status("busy")["workers"]) == 1,
+                 timeout=150, interval=0.5, what="Serve's autoscaler back to min_replicas")
+    finally:
+        cli(settings, "stop", "busy")
+
+
 def test_what_ray_does_not_offer_is_refused_with_exit_2(deployed: tuple[Settings, str]) -> None:
     settings, _ = deployed
     big = settings.root.parent / "big"
@@ -321,6 +376,46 @@ def test_what_ray_does_not_offer_is_refused_with_exit_2(deployed: tuple[Settings
     code, out = cli(settings, "rollout", SERVICE, "--version", "99")
     assert code == 2 and "99" in out, out  # an unknown version: named, nothing changed
     assert _deployer(settings).status(SERVICE)["versions"] == ["1"]
+
+
+def test_a_node_lost_under_load_loses_no_logged_answer(
+        cluster: Any, deployed: tuple[Settings, str], digits: tuple[np.ndarray, np.ndarray]) -> None:
+    """A worker node killed (its raylet and every process on it) while 4 clients send, and its
+    disk lost with it: Serve replaces its replicas on the other nodes, and every request answered
+    200 is in the shared store, each once (the records were in the store before the answers left,
+    not in the node's journal)."""
+    settings, url = deployed
+    X, _ = digits
+    deployer = _deployer(settings)
+    head = cluster.head_node.node_id
+    deployer.scale(SERVICE, 3)
+    workers = wait_for(lambda: (ws := deployer.status(SERVICE)["workers"]) and len(ws) == 3
+                       and all(w["ready"] for w in ws) and any(w["node"] != head for w in ws)
+                       and ws, timeout=120, interval=0.5, what="3 replicas, one off the head")
+    victim = next(w["node"] for w in workers if w["node"] != head)
+    lost_pids = {int(w["pid"]) for w in workers if w["node"] == victim}
+    node = next(n for n in cluster.worker_nodes if n.node_id == victim)
+    with KeepAliveLoad(url, X, clients=4) as load:
+        wait_for(lambda: load.result.ok >= 100, timeout=60, what="load flowing")
+        cluster.remove_node(node, allow_graceful=False)
+        for seg in Path(tempfile.gettempdir(), "scanflow-serve").glob("*/predlog/*"):
+            if int(seg.name.split("-")[0]) in lost_pids:  # the lost node's disk
+                seg.unlink(missing_ok=True)
+        wait_for(lambda: (ws := deployer.status(SERVICE)["workers"]) and len(ws) == 3
+                 and all(w["ready"] and w["node"] != victim for w in ws), timeout=180,
+                 interval=0.5, what="Serve replacing the lost node's replicas")
+        served = load.result.ok
+        wait_for(lambda: load.result.ok >= served + 100, timeout=60, what="load after the loss")
+    answered = set(load.result.ids)
+    store = Store(settings.store)
+
+    def logged() -> list[str]:  # a record journaled on a live node (store slow) comes in 0.2 s
+        return [p["request_id"] for p in store.predictions(SERVICE) if p["request_id"] in answered]
+
+    rows = wait_for(lambda: (r := logged()) and set(r) == answered and r, timeout=30,
+                    interval=0.5, what=f"all {len(answered)} answered requests in the log")
+    assert len(rows) == len(answered), "a request logged twice"
+    deployer.scale(SERVICE, 1)
 
 
 def test_stop_removes_the_serve_application(deployed: tuple[Settings, str]) -> None:

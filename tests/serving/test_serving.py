@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from scanflow.procs import child_pids, pid_alive
 from scanflow.serving import Deployer, LocalDeployer, UnknownService
+from scanflow.serving.backend import NotOnThisBackend
 from scanflow.serving.predlog import (
     COLLECTOR_NICE,
     PredictionLog,
@@ -33,6 +34,7 @@ from scanflow.serving.validation import (
     spec_from_schema,
     to_model_input,
 )
+from scanflow.spec.policy import Policy
 from scanflow.store import Store
 from support.serving import (
     COLUMN_MODEL,
@@ -367,6 +369,9 @@ def test_deployer_errors(deployer: LocalDeployer, url: str) -> None:
         deployer.deploy("other", app="mnist", team="ds", model=MODEL, alias="nope")
     with pytest.raises(ValueError, match=r"models:/no-such-model@champion"):
         deployer.deploy("other", app="mnist", team="ds", model="no-such-model")
+    with pytest.raises(NotOnThisBackend, match=r"scaling: serve .*needs the ray backend"):
+        deployer.deploy("other", app="mnist", team="ds", model=MODEL,
+                        policy=Policy.model_validate({"scaling": "serve"}))
     for call in (lambda: deployer.status("ghost"), lambda: deployer.scale("ghost", 2),
                  lambda: deployer.rollout("ghost"), lambda: deployer.url("ghost")):
         with pytest.raises(KeyError, match="unknown service 'ghost'") as e:

@@ -45,7 +45,8 @@ def deploy(
         try:
             dep = deployer.deploy(name, app=spec.app, team=spec.team, model=svc.model,
                                   alias=svc.alias, replicas=svc.replicas, port=svc.port,
-                                  batching=svc.batching, resources=svc.resources)
+                                  batching=svc.batching, resources=svc.resources,
+                                  policy=svc.policy)
         except (ValueError, KeyError) as exc:
             fail(str(exc))
         out.print(f"[green]deployed[/] {name}: models:/{dep.model_name}@{dep.alias} "

@@ -137,6 +137,9 @@ def create_app(config_path: str | None = None) -> FastAPI:
                 fsync=cfg.predlog.fsync, service=svc,
                 on_written=lambda n: metrics.PREDLOG_WRITTEN.labels(svc).inc(n),
                 on_dropped=lambda n, why: metrics.PREDLOG_DROPPED.labels(svc, why).inc(n),
+                commit_to_store=cfg.predlog.commit == "store",
+                commit_timeout=cfg.predlog.commit_timeout,
+                on_fallback=lambda n, why: metrics.PREDLOG_NODE_ONLY.labels(svc, why).inc(n),
             ).start()
         predictions.served = Served(cfg, models, store, plog, arrivals)
         _freeze_heap()

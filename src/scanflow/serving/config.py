@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
@@ -35,6 +36,14 @@ class PredLogConfig(BaseModel):
                                    description="seconds between looks for dead workers' segments")
     fsync: bool = Field(default=False, description="fsync each append: survive power loss, not "
                                                    "only kill -9 (costs a disk flush per request)")
+    commit: Literal["journal", "store"] = Field(
+        default="journal",
+        description="when a response may leave: `journal`, once its record is on this node's "
+                    "disk (survives kill -9 of the worker); `store`, once it is in the shared "
+                    "store (survives losing the node: the ray backend's default; group_commit.py)")
+    commit_timeout: float = Field(default=1.0, gt=0,
+                                  description="with commit=store: wait this long for the store, "
+                                              "then journal on this node instead")
 
 
 class CanaryConfig(BaseModel):

@@ -37,7 +37,13 @@ from scanflow.serving.app import (
     read_workers,
     workers_dir,
 )
-from scanflow.serving.backend import Deployer, UnknownService, check_service, default_actor
+from scanflow.serving.backend import (
+    Deployer,
+    NotOnThisBackend,
+    UnknownService,
+    check_service,
+    default_actor,
+)
 from scanflow.serving.batching import BatchConfig
 from scanflow.serving.master import (
     BASE_PRELOAD,
@@ -51,6 +57,7 @@ from scanflow.serving.predlog import collect_all
 from scanflow.serving.preflight import Preflight, PreflightFailed
 from scanflow.settings import Settings
 from scanflow.spec.models import Resources
+from scanflow.spec.policy import Policy
 from scanflow.store import Store
 from scanflow.store.schema import Deployment
 from scanflow.tracking import MlflowTracker, Tracker
@@ -228,8 +235,14 @@ class LocalDeployer(Deployer):
         port: int = 0,
         batching: BatchConfig | None = None,
         resources: Resources | None = None,
+        policy: Policy | None = None,
     ) -> Deployment:
         check_service(service, replicas)
+        if policy is not None and policy.scaling == "serve":
+            raise NotOnThisBackend(
+                f"service {service!r}: its policy says scaling: serve (Ray Serve's autoscaler "
+                "decides replicas), which needs the ray backend (SCANFLOW_BACKEND=ray); on this "
+                "backend the planner scales: use scaling: planner")
         with self._locked(service):
             self._clear_previous(service)
             version = self._resolve(model, alias)

@@ -67,6 +67,12 @@ PREDLOG_DROPPED = Counter(
     "Prediction-log records given up on (duplicate id, unreadable or torn journal line).",
     ["service", "reason"],
 )
+PREDLOG_NODE_ONLY = Counter(
+    "scanflow_predlog_node_only",
+    "With commit=store: records journaled on the node instead, the store being slow or failing "
+    "(collected later; lost if the node is lost first).",
+    ["service", "reason"],
+)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 

@@ -230,8 +230,8 @@ async def predict_request(
     preds = await target.batcher.submit(x, n)
     latency_ms = (time.perf_counter() - t0) * 1000.0
     if s.log is not None:
-        s.log.add(encode_prediction(base, s.config.service, target.version, ts, latency_ms, x,
-                                    instances, preds))
+        await s.log.answered(encode_prediction(base, s.config.service, target.version, ts,
+                                               latency_ms, x, instances, preds))
     shadow = s.shadow
     if shadow is not None and target is s.champion:
         _shadow_score(s, shadow, instances, base, ts)

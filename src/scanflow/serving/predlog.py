@@ -41,6 +41,7 @@ import numpy as np
 import orjson
 
 from scanflow.procs import start_time
+from scanflow.serving.group_commit import GroupCommit
 from scanflow.store import Store
 from scanflow.store.predictions import EncodedPrediction, EncodedShadow
 from scanflow.store.window import exact_u8, pack_inputs
@@ -435,6 +436,13 @@ class Collector:
                 self._drop(1, "torn_line")
         return written
 
+    def insert_records(self, buf: bytes) -> int:
+        """Insert the complete records of `buf` (from `encode_*`); store errors propagate."""
+        preds: list[EncodedPrediction] = []
+        shadows: list[EncodedShadow] = []
+        split_records(buf, preds, shadows)
+        return self._insert(preds, shadows)
+
     def _split_legacy(self, buf: bytes, preds: list[EncodedPrediction],
                       shadows: list[EncodedShadow]) -> tuple[int, int]:
         cut = buf.rfind(b"\n")
@@ -526,6 +534,9 @@ class PredictionLog:
         service: str | None = None,
         on_written: Hook | None = None,
         on_dropped: Callable[[int, str], None] | None = None,
+        commit_to_store: bool = False,
+        commit_timeout: float = 1.0,
+        on_fallback: Callable[[int, str], None] | None = None,
     ) -> None:
         self.journal = PredictionJournal(directory, fsync=fsync)
         self.store = store
@@ -536,12 +547,21 @@ class PredictionLog:
         self.service = service
         self.collector = Collector(store, directory, self.journal.prefix, batch_size=batch_size,
                                    on_written=on_written, on_dropped=on_dropped)
+        self._commit: GroupCommit | None = None
+        if commit_to_store:  # its own Collector: counters not shared with a collector thread
+            inserter = Collector(store, directory, batch_size=batch_size, on_written=on_written,
+                                 on_dropped=on_dropped)
+            self._commit = GroupCommit(inserter.insert_records, self.journal.append,
+                                       timeout=commit_timeout, max_batch=batch_size,
+                                       on_fallback=on_fallback)
         self._stop = threading.Event()
         self._child: subprocess.Popen[bytes] | None = None
         self._thread = threading.Thread(target=self._supervise if process else self._collect,
                                         name="predlog-collector", daemon=True)
 
     def start(self) -> PredictionLog:
+        if self._commit is not None:
+            self._commit.start()
         if self.process:
             self._spawn()
         self._thread.start()
@@ -552,10 +572,18 @@ class PredictionLog:
         `record` comes from `encode_prediction` / `encode_shadow`."""
         self.journal.append(record)
 
+    async def answered(self, record: bytes) -> None:
+        """Log a request about to be answered: durable on this node when it returns, or, with
+        `commit_to_store`, in the store (the node's journal only if the store is slow or failing)."""
+        if self._commit is None:
+            self.journal.append(record)
+        else:
+            await self._commit.commit(record)
+
     @property
     def pending(self) -> int:
         """Requests of this worker not yet in the store."""
-        return self.journal.uncollected()
+        return self.journal.uncollected() + (self._commit.pending if self._commit else 0)
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until everything appended so far is in the store; True if in time."""
@@ -570,6 +598,8 @@ class PredictionLog:
         """Collect what is left (waiting at most `timeout`), then stop the collector. A collector
         process still busy then finishes on its own (it has been told the journal is closed;
         the service's stop waits for it), so a retiring worker is not held up by it."""
+        if self._commit is not None:
+            self._commit.close(timeout)
         self.journal.close()  # nothing more is appended: the collector may finish the segments
         self._stop.set()
         self._thread.join(timeout)

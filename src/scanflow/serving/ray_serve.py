@@ -15,8 +15,10 @@ cluster's HTTP proxies, its replicas Ray actors placed by the service's `resourc
 - Replicas are decided by scanflow (the planner, `scanflow scale`), not by Serve's autoscaler:
   the application is deployed with Serve's external scaler enabled and scaled through its
   controller, which changes the count without restarting the replicas already serving.
-- The prediction log's collector writes to the shared store (PostgreSQL), like a local
-  worker's; the agents read the same windows on both backends.
+- The prediction log commits each answered request to the shared store (PostgreSQL) before its
+  response leaves (`predlog.commit = "store"`, one insert for all requests waiting meanwhile:
+  `group_commit`), so a node lost with its disk loses no record of an answer; the agents read
+  the same windows on both backends.
 
 Not offered on this backend: resize (Ray's CPUs are a scheduling claim, not a quota).
 """
@@ -44,6 +46,7 @@ from scanflow.serving.backend import (
 from scanflow.serving.batching import BatchConfig
 from scanflow.settings import Settings
 from scanflow.spec.models import Resources
+from scanflow.spec.policy import Policy
 from scanflow.store import Store
 from scanflow.store.schema import Deployment
 from scanflow.tracking import MlflowTracker, Tracker
@@ -76,9 +79,28 @@ def _version_of(cfg: ServiceConfig, options: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps([kept, options], sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _kept_row(cfg: ServiceConfig, options: dict[str, Any]) -> dict[str, Any]:
+def _kept_row(cfg: ServiceConfig, options: dict[str, Any],
+              autoscaling: dict[str, Any] | None = None) -> dict[str, Any]:
     """What the store keeps of a service on Ray (`deployments.config`; read by `_kept`)."""
-    return {"service": cfg.model_dump(mode="json"), "ray_actor_options": options}
+    return {"service": cfg.model_dump(mode="json"), "ray_actor_options": options,
+            "autoscaling": autoscaling}
+
+
+def _autoscaling_of(dep: Deployment) -> dict[str, Any] | None:
+    """Serve's autoscaling config of a service deployed with `policy.scaling: serve`, else None."""
+    kept = (dep.config or {}).get("autoscaling")
+    return dict(kept) if kept else None
+
+
+def serve_autoscaling(policy: Policy, replicas: int) -> dict[str, Any]:
+    """The policy in Serve's terms (`autoscaling_config`): its replica limits, its in-flight
+    target per replica (Serve's default of 2 when the policy sets none) and its cooldowns as
+    how long a signal must hold before Serve scales up or down."""
+    lim, obj, cd = policy.limits, policy.objectives, policy.cooldowns
+    return {"min_replicas": lim.min_replicas, "max_replicas": lim.max_replicas,
+            "initial_replicas": min(max(replicas, lim.min_replicas), lim.max_replicas),
+            "target_ongoing_requests": obj.in_flight_per_replica or 2.0,
+            "upscale_delay_s": cd.scale_up, "downscale_delay_s": cd.scale_down}
 
 
 class RayServeDeployer(Deployer):
@@ -105,7 +127,7 @@ class RayServeDeployer(Deployer):
         self.tracker: Tracker = tracker or MlflowTracker(settings)
         self.limits = limits or Limits()
         self.batching = batching or BatchConfig()
-        self.predlog = predlog or PredLogConfig()
+        self.predlog = predlog or PredLogConfig(commit="store")  # a node may die with its disk
         self.actor = actor or default_actor()
         self.ready_timeout = ready_timeout
         # "Started Serve", "Application ... is ready": not news at the CLI. A filter, not a
@@ -171,7 +193,8 @@ class RayServeDeployer(Deployer):
                                    f"(Serve says: {app.get('status')} {app.get('message') or ''})")
             time.sleep(0.1)
 
-    def _serve(self, service: str, cfg: ServiceConfig, options: dict[str, Any]) -> None:
+    def _serve(self, service: str, cfg: ServiceConfig, options: dict[str, Any],
+               autoscaling: dict[str, Any] | None = None) -> None:
         """Make the application's deployment serve `cfg` (its replicas with `options`). A
         changed config is a surge rollout: all its replicas start beside the old ones, which
         keep serving until their replacements run, then drain (`max_surge_percent` 100); if
@@ -183,14 +206,16 @@ class RayServeDeployer(Deployer):
 
         env = {"env_vars": {"OMP_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}}
         deployment: Any = serve.deployment  # typed for decorator use only
+        count: dict[str, Any] = ({"autoscaling_config": autoscaling} if autoscaling
+                                 else {"num_replicas": cfg.replicas})
         replica = deployment(serve.ingress()(ConfigReplica)).options(
-            name=DEPLOYMENT, num_replicas=cfg.replicas, ray_actor_options={**options, "runtime_env": env},
+            name=DEPLOYMENT, ray_actor_options={**options, "runtime_env": env}, **count,
             max_ongoing_requests=MAX_ONGOING, health_check_period_s=2.0, max_surge_percent=100,
         ).options(version=_version_of(cfg, options), _internal=True)
         # Not `serve.run`: it waits for the application with no deadline (forever when a
         # replica waits for resources no node frees); every caller waits with `_wait`.
         _run(replica.bind(cfg.model_dump_json()), _blocking=False, name=service,
-             route_prefix=f"/{service}", external_scaler_enabled=True)
+             route_prefix=f"/{service}", external_scaler_enabled=autoscaling is None)
 
     def _kept(self, dep: Deployment) -> tuple[ServiceConfig, dict[str, Any]]:
         """The config the service serves and its replicas' Ray options, as the store keeps them."""
@@ -212,9 +237,11 @@ class RayServeDeployer(Deployer):
         port: int = 0,
         batching: BatchConfig | None = None,
         resources: Resources | None = None,
+        policy: Policy | None = None,
     ) -> Deployment:
         """Serve `models:/<model>@<alias>` (resolved now) as the Serve application `service`;
-        `port` is the cluster's (Serve's proxies answer every service on one port)."""
+        `port` is the cluster's (Serve's proxies answer every service on one port). With
+        `policy.scaling: serve`, Serve's autoscaler decides its replicas (`serve_autoscaling`)."""
         check_service(service, replicas)
         old = self.store.get_deployment(service)
         if old is not None and old.status == "running" and self._details(service):
@@ -240,15 +267,19 @@ class RayServeDeployer(Deployer):
         why = unfit({k: v for k, v in need.items() if v > 0}, list(alive_nodes().values()))
         if why:  # Serve would wait for such a node forever
             raise ValueError(f"service {service!r}: each replica {why}; change its resources:")
+        autoscaling = (serve_autoscaling(policy, replicas)
+                       if policy is not None and policy.scaling == "serve" else None)
+        if autoscaling:
+            replicas = cfg.replicas = autoscaling["initial_replicas"]
         facts: dict[str, Any] = dict(
             service=service, app=app, team=team, model_name=model, alias=alias,
             model_version=version, host=host, port=serve_port, replicas=replicas,
-            workdir=f"ray-serve:{service}", config=_kept_row(cfg, actor_options), previous_version=None,
-            canary_version=None, canary_share=0.0, shadow_version=None)
+            workdir=f"ray-serve:{service}", config=_kept_row(cfg, actor_options, autoscaling),
+            previous_version=None, canary_version=None, canary_share=0.0, shadow_version=None)
         t0 = time.monotonic()
         url = f"http://{host}:{serve_port}/{service}"
         try:
-            self._serve(service, cfg, actor_options)
+            self._serve(service, cfg, actor_options, autoscaling)
             self._wait(f"{replicas} running replica(s)",
                        lambda: self._serving(service, cfg, replicas, url), service)
         except Exception:
@@ -260,6 +291,7 @@ class RayServeDeployer(Deployer):
         self.store.add_event(
             SOURCE, "deployed", service, app=app, team=team, model=model, alias=alias,
             model_version=version, replicas=replicas, port=serve_port, backend="ray",
+            scaling="serve" if autoscaling else "planner",
             seconds=round(time.monotonic() - t0, 3), actor=self.actor,
             **({"resources": {"cpus": cpus, "memory": memory}} if resources is not None else {}),
         )
@@ -281,6 +313,9 @@ class RayServeDeployer(Deployer):
 
         check_service(replicas=replicas)
         dep = self._running(service)
+        if _autoscaling_of(dep):
+            raise ValueError(f"service {service!r} is scaled by Ray Serve's autoscaler (its policy "
+                             "says scaling: serve); change the policy's limits and deploy again")
         cfg, options = self._kept(dep)
         before = self._running_count(service)
         controller = self._client()._controller
@@ -349,13 +384,15 @@ class RayServeDeployer(Deployer):
         t0 = time.monotonic()
         self.store.add_event(SOURCE, f"{change.kind}_started", service, actor=self.actor,
                              replicas=dep.replicas, **change.payload)
+        autoscaling = _autoscaling_of(dep)
+        n = None if autoscaling else dep.replicas  # Serve's autoscaler may change the count
         try:
-            self._serve(service, cfg, options)
+            self._serve(service, cfg, options, autoscaling)
             self._wait(f"{dep.replicas} replica(s) serving {config_label(cfg)}",
-                       lambda: self._serving(service, cfg, dep.replicas, self.url(service)), service)
+                       lambda: self._serving(service, cfg, n, self.url(service)), service)
         except Exception as exc:
             try:
-                self._serve(service, old_cfg, options)  # the replicas Serve kept serve it still
+                self._serve(service, old_cfg, options, autoscaling)  # the replicas Serve kept serve it still
             except Exception:  # noqa: BLE001 - the change's own error is the one to report
                 log.exception("service %s: could not serve the previous config again", service)
             self.store.add_event(SOURCE, f"{change.kind}_failed", service, actor=self.actor,
@@ -366,7 +403,7 @@ class RayServeDeployer(Deployer):
             canary_version=cfg.canary.version if cfg.canary else None,
             canary_share=cfg.canary.share if cfg.canary else 0.0,
             shadow_version=cfg.shadow_version,
-            config=_kept_row(cfg, options))
+            config=_kept_row(cfg, options, autoscaling))
         self.store.add_event(SOURCE, f"{change.kind}_completed", service, actor=self.actor,
                              seconds=round(time.monotonic() - t0, 3), **change.payload)
         return self._get(service)
@@ -385,12 +422,14 @@ class RayServeDeployer(Deployer):
             raise ValueError(f"model {model!r} has no version {version!r} in the registry: "
                              f"{str(exc).splitlines()[0][:200]}") from None
 
-    def _serving(self, service: str, cfg: ServiceConfig, n: int, url: str) -> bool:
-        """`n` replicas run, Serve says the application RUNNING, and it answers as `cfg` says
-        (the champion, canary and shadow of its `/health`)."""
+    def _serving(self, service: str, cfg: ServiceConfig, n: int | None, url: str) -> bool:
+        """`n` replicas (any number when None: Serve's autoscaler decides) run, Serve says the
+        application RUNNING, and it answers as `cfg` says (the champion, canary and shadow of
+        its `/health`)."""
         app = self._details(service) or {}
         reps = self._replicas(service)
-        if app.get("status") != "RUNNING" or len(reps) != n or not all(r["ready"] for r in reps):
+        if (app.get("status") != "RUNNING" or not reps or (n is not None and len(reps) != n)
+                or not all(r["ready"] for r in reps)):
             return False
         try:
             health = httpx.get(f"{url}/health", timeout=5.0).json()
@@ -413,6 +452,7 @@ class RayServeDeployer(Deployer):
         replicas = self._replicas(service) if app else []
         alive = app.get("status") == "RUNNING"
         cfg = self._kept(dep)[0] if dep.config else None
+        autoscaling = _autoscaling_of(dep)
         return {
             "service": service,
             "backend": "ray",
@@ -424,7 +464,9 @@ class RayServeDeployer(Deployer):
             "model_name": dep.model_name,
             "alias": dep.alias,
             "model_version": dep.model_version,
-            "replicas": dep.replicas,
+            "replicas": len(replicas) if autoscaling else dep.replicas,
+            "scaling": "serve" if autoscaling else "planner",
+            "autoscaling": autoscaling,
             "workers": replicas,
             "worker_pids": [r["pid"] for r in replicas],
             "nodes": sorted({r["node"] for r in replicas if r["node"]}),

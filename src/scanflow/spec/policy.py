@@ -12,6 +12,7 @@ services:
       hysteresis: {scale_up_windows: 2, scale_down_windows: 6, drift_windows: 2}
       promotion: {alpha: 0.05, max_loss_on_clean: 0.02, min_labelled: 30}
       rollback: {window: 500, min_labelled: 200, margin: 0.02, within: 1h}
+      scaling: planner        # or `serve`: Ray Serve's autoscaler decides replicas (ray backend)
 ```
 
 Every knob has a default, so `policy:` may be left out or given in part. The planner
@@ -20,7 +21,7 @@ Every knob has a default, so `policy:` may be left out or given in part. The pla
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -248,6 +249,14 @@ class Policy(_Strict):
     hysteresis: Hysteresis = Field(default_factory=Hysteresis)
     promotion: PromotionGate = Field(default_factory=PromotionGate)
     rollback: RollbackPolicy = Field(default_factory=RollbackPolicy)
+    scaling: Literal["planner", "serve"] = Field(
+        default="planner",
+        description="who decides replicas: `planner` (on this policy's signals, each decision recorded "
+        "with its evidence; both backends) or `serve` (ray backend only: Ray Serve's autoscaler, between "
+        "limits.min_replicas and max_replicas, aiming at objectives.in_flight_per_replica requests in "
+        "flight per replica (Serve's 2 when 0), acting after cooldowns.scale_up / scale_down of a "
+        "sustained signal); with `serve` the planner leaves replicas alone",
+    )
     retrain_requires_accuracy_drop: bool = Field(
         default=False,
         description="retrain on drift only while accuracy is under the floor (saves budget on harmless "

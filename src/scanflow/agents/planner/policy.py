@@ -562,7 +562,9 @@ def plan(signals: Signals, state: PlannerState, policy: Policy) -> tuple[Plan, P
     if back is not None:
         hold.append("scaling and retraining wait for the rollback")
         return _settle(s, st, [back], hold, evidence)
-    actions = [a for a in [plan_replicas(s, st, p, load, hold)] if a is not None]
+    # `scaling: serve`: Ray Serve's autoscaler owns the replica count, the planner keeps out.
+    replicas = plan_replicas(s, st, p, load, hold) if p.scaling == "planner" else None
+    actions = [replicas] if replicas is not None else []
     watch = watching(s, st, p, load)
     scaling = next((a.kind for a in actions if a.kind == "scale_up"), None)
     retrain = plan_retrain(s, st, p, quality, scaling, hold)
