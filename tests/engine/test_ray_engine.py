@@ -948,3 +948,54 @@ def test_an_agent_actor_past_its_restart_limit_is_dead_until_started_again(
         assert again not in (pid, back) and [r["status"] for r in sup.status()] == ["running"]
     finally:
         sup.stop(["hanger"])
+
+
+CALLER_SPEC = '''
+app: caller
+team: ops
+agents:
+  runner:
+    role: custom
+    sensors:
+      - name: jobs
+        trigger: {event: {message: {kind: go}, poll: 0.1}}
+        actuators:
+          - func: scanflow.agents.builtin:run_workflow
+            params: {app: ../jobs/scanflow.yaml, workflow: hello}
+'''
+
+JOBS_SPEC = '''
+app: jobs
+team: ops
+code_paths: [../words.py]
+workflows:
+  hello:
+    steps:
+      - name: say
+        run: python -c "import words; print('the word is', words.WORD)"
+'''
+
+
+def test_an_agent_actor_runs_a_workflow_of_the_sibling_app_its_params_name(
+        ray_settings: Settings, tmp_path: Path) -> None:
+    """An agent's `app: ../jobs/scanflow.yaml` (as the MNIST executor names the data science
+    team's retrain) travels with its actor, the sibling's code_paths too: a node has only what
+    is shipped to it."""
+    from scanflow.agents.process import AgentSupervisor
+
+    for name, text in (("caller", CALLER_SPEC), ("jobs", JOBS_SPEC)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "scanflow.yaml").write_text(text)
+    (tmp_path / "words.py").write_text("WORD = 'shipped'\n")  # outside both app folders
+    store = Store(ray_settings.store)
+    sup = AgentSupervisor(ray_settings, store)
+    sup.start(tmp_path / "caller", ["runner"])
+    try:
+        store.send_message("someone", "runner", "go", {}, key="g1")
+        run = wait_for(lambda: next((r for r in store.list_runs() if r.status == "succeeded"), None),
+                       timeout=120, what="the sibling app's workflow run by the agent's actor")
+    finally:
+        sup.stop(["runner"])
+    assert store.list_messages("runner")[0].status == "done"
+    code, log = cli(ray_settings, "logs", run.id, "say")
+    assert code == 0 and "the word is shipped" in log, log

@@ -32,7 +32,8 @@ def test_make_demo_ray_runs_the_teams_workflows_on_three_nodes(tmp_path: Path, p
     proc = subprocess.run(
         [sys.executable, str(ROOT / "examples/mnist/run_ray.py"), "--workspace", str(tmp_path / "ws"),
          "--downloads", str(downloads), "--database", f"scanflow_demo_ray_test_{os.getpid()}",
-         "--train-subset", "6000", "--no-loop"],  # where steps run is the point here, not the model's accuracy
+         # where steps run is the point here, not the model's accuracy; the loop is make demo's
+         "--train-subset", "6000", "--no-loop"],
         cwd=tmp_path, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
         capture_output=True, text=True, timeout=840)
     out = proc.stdout

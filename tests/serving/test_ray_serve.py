@@ -132,6 +132,15 @@ def deployed(cluster_settings: Settings) -> Iterator[tuple[Settings, str]]:
         cli(settings, "stop", SERVICE)
 
 
+def _metric(url: str, name: str, **labels: str) -> float:
+    """A sample of the service's `/metrics`, summed over the label values not given."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
 def _deployer(settings: Settings) -> RayServeDeployer:
     dep = backends.deployer(settings, Store(settings.store))
     assert isinstance(dep, RayServeDeployer)
@@ -208,6 +217,9 @@ def test_scale_one_three_one_under_load_fails_no_request_and_status_shows_the_no
         status = _deployer(settings).status(SERVICE)
         assert len(status["workers"]) == 3 and all(w["ready"] for w in status["workers"]), status
         assert len(status["nodes"]) >= 2, status  # spread over the cluster's nodes
+        # `/metrics` from whichever replica answers is the sum over all three
+        wait_for(lambda: _metric(url, "scanflow_replicas", role="champion") == 3, timeout=30,
+                 interval=0.3, what="/metrics counting 3 live replicas")
         served = load.result.ok
         wait_for(lambda: load.result.ok >= served + 50, timeout=60, what="load on 3 replicas")
         code, out = cli(settings, "scale", SERVICE, "1")
@@ -216,6 +228,10 @@ def test_scale_one_three_one_under_load_fails_no_request_and_status_shows_the_no
         wait_for(lambda: load.result.ok >= served + 50, timeout=60, what="load on 1 replica")
     result = load.result
     assert result.failed == 0 and result.ok > 150, (result.failed, result.errors[:5])
+    wait_for(lambda: _metric(url, "scanflow_replicas", role="champion") == 1, timeout=30,
+             interval=0.3, what="/metrics counting the one live replica")
+    # every answer counted, those of the two replicas scaled away included
+    assert _metric(url, "scanflow_requests_total", endpoint="predict", status="200") >= result.ok
     code, out = cli(settings, "status", SERVICE)
     nodes = _deployer(settings).status(SERVICE)["nodes"]
     assert code == 0 and "node" in out and nodes[0][:12] in out, out  # where the replica runs

@@ -33,7 +33,7 @@ from scanflow.control.operations import Actor, ModelOps, check_registered
 from scanflow.engine import RunResult
 from scanflow.jsonsafe import json_safe
 from scanflow.spec.loader import load_application
-from scanflow.spec.models import MessageEvent, PredictionWindowEvent
+from scanflow.spec.models import Application, MessageEvent, PredictionWindowEvent
 from scanflow.tracking.contracts import NEW_DATA_PARAM, REFERENCE_ARTIFACT, NewData, write_new_data
 
 log = logging.getLogger("scanflow.agents.builtin")
@@ -261,7 +261,7 @@ def run_workflow(
     obs: Observation, ctx: AgentContext, app: str, workflow: str, params: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """Run a workflow of an application (a spec path, relative to this agent's app folder)."""
-    target = load_application(_relative(ctx, app))
+    target = _application(ctx, app)
     res = _start_or_continue(ctx, target, workflow, params or {},
                              {"by": "agent", "agent": ctx.name, "observation": obs.key})
     if not res.ok:
@@ -476,7 +476,7 @@ def retrain_and_promote(
         raise ValueError(f"service {svc!r} is not deployed")
     episode = obs.data.get("episode", 1)
     model = dep.model_name
-    target = load_application(_relative(ctx, app))
+    target = _application(ctx, app)
     warnings = _contract(ctx, episode, None, lambda: check_workflow(target, workflow, model))
     cap = None if _rejected_against(ctx, svc, dep.model_version) else (max_labels or min_labels)
     # Started before the wait for labels, so it runs under it: the engine (its first one in this
@@ -605,6 +605,13 @@ def _judge_candidate(ctx: AgentContext, svc: str, model: str, n_hold: int, episo
 
 
 # -- helpers ------------------------------------------------------------------------------
+def _application(ctx: AgentContext, path: str) -> Application:
+    """The application a param names (a spec path relative to this agent's app folder): the copy
+    that travelled with the agent when there is one (on Ray), else the file."""
+    shipped = ctx.named_apps.get(path)
+    return shipped if shipped is not None else load_application(_relative(ctx, path))
+
+
 def _relative(ctx: AgentContext, path: str) -> Path:
     p = Path(path)
     return p if p.is_absolute() else (ctx.app.base_dir / p).resolve()

@@ -109,6 +109,9 @@ class AgentContext:
         self.name = name
         self.spec: AgentSpec = app.agents[name]
         self.service = self.spec.service
+        # the applications its params name (`app: ../datascience/scanflow.yaml`), by that value,
+        # when they travelled with the agent (a Ray actor: `ray_agents`); else read from disk
+        self.named_apps: dict[str, Application] = {}
         self._local = threading.local()  # sensors of one agent run in parallel threads
 
     # -- the current call ----------------------------------------------------------------------

@@ -36,7 +36,7 @@ from scanflow.store import Store
 log = logging.getLogger("scanflow.agents.ray")
 
 NAMESPACE = "scanflow"  # the Ray namespace of scanflow's named actors (as `ray_backend.connect`)
-KV_NAMESPACE = "scanflow-agents"  # Ray internal KV: actor name -> pickled (app, package, env)
+KV_NAMESPACE = "scanflow-agents"  # Ray internal KV: actor name -> pickled AgentPackage
 RECORDS = "_ray_agents"  # store state owner: "<app>:<agent>" -> the agent's actor, while wanted
 STOP_TIMEOUT = 15.0  # seconds an agent has to stop gracefully before its actor is killed
 
@@ -54,13 +54,18 @@ class AgentActor:
         from ray.experimental.internal_kv import _internal_kv_get  # lazy: ray
 
         from scanflow.agents.runtime import Agent  # lazy: the runtime imports the agents' parts
-        from scanflow.engine.ray_task import CODE_DIR, apps_dir, unpack_app  # lazy: ray-only helpers
+        from scanflow.engine.ray_task import (  # lazy: ray-only helpers
+            CODE_DIR,
+            apps_dir,
+            shipped_code,
+            unpack_app,
+        )
 
         blob = _internal_kv_get(name, namespace=KV_NAMESPACE)
         if blob is None:
             raise RuntimeError(f"no app recorded for Ray agent actor {name!r}; start it with "
                                "`scanflow agents start`")
-        app, package, env, agent = pickle.loads(blob)
+        app, package, env, agent, named = pickle.loads(blob)
         os.environ.update(env)  # this worker process is the actor's own
         # its logs and scratch files stay on its node, not in the worker's working directory
         os.environ["SCANFLOW_WORKSPACE"] = str(Path(tempfile.gettempdir()) / "scanflow-agents" / name
@@ -82,6 +87,10 @@ class AgentActor:
                                  reason="its Ray actor's process died; Ray restarted the actor")
         self._stop = threading.Event()
         self.agent = Agent(settings, self.store, app, agent)
+        for value, (spec, pkg) in named.items():  # the apps its params name, unpacked here too
+            there = unpack_app(pkg, apps_dir(ctx.get_node_id()))
+            self.agent.ctx.named_apps[value] = spec.model_copy(
+                update={"base_dir": there, "code_paths": shipped_code(spec)})
         self._thread = threading.Thread(target=self.agent.run_forever, name=f"agent-{agent}",
                                         kwargs={"stop": self._stop.is_set, "api": True}, daemon=True)
         self._thread.start()
@@ -96,6 +105,25 @@ class AgentActor:
         self._stop.set()
         self._thread.join(timeout)
         return not self._thread.is_alive()
+
+
+def named_apps(app: Application, names: list[str]) -> dict[str, Application]:
+    """The applications the `app:` params of these agents name (a spec path relative to the
+    agent's app folder, as `run_workflow` and `retrain_and_promote` take), loaded here: they
+    travel with the agents, since a node has only what is shipped to it."""
+    from scanflow.spec.loader import load_application  # lazy: the spec loader (YAML, checks)
+
+    out: dict[str, Application] = {}
+    for name in names:
+        for sensor in app.agents[name].sensors:
+            calls = [sensor.params, *(c.params for c in sensor.actuators)]
+            for params in calls:
+                value = params.get("app")
+                if isinstance(value, str) and value not in out:
+                    path = Path(value)
+                    out[value] = load_application(path if path.is_absolute()
+                                                  else (app.base_dir / path).resolve())
+    return out
 
 
 def records(store: Store) -> dict[str, dict[str, Any]]:
@@ -174,12 +202,15 @@ class RayAgents:
                 raise ValueError(f"agent {name!r} is already running as a Ray actor; "
                                  f"`scanflow agents stop -a {name}` first")
         package = pack_app(app.base_dir, skip=[self.settings.root], code=app.code_modules())
+        named = {value: (spec, pack_app(spec.base_dir, skip=[self.settings.root],
+                                        code=spec.code_modules()))
+                 for value, spec in named_apps(app, names).items()}
         env = {k: v for k, v in self.settings.child_env().items() if k != "SCANFLOW_WORKSPACE"}
         actors: dict[str, Any] = {}
         cls: Any = ray.remote(AgentActor)
         for name in names:
             aname = actor_name(app.app, name)
-            _internal_kv_put(aname, pickle.dumps((app, package, env, name)), overwrite=True,
+            _internal_kv_put(aname, pickle.dumps((app, package, env, name, named)), overwrite=True,
                              namespace=KV_NAMESPACE)
             _internal_kv_del(f"{aname}:restarts", namespace=KV_NAMESPACE)
             actors[name] = cls.options(

@@ -213,7 +213,8 @@ def _routes(app: FastAPI, predictions: PredictionService) -> None:
 
     @app.get("/metrics")
     async def get_metrics() -> Response:
-        return Response(metrics.render(), media_type=metrics.CONTENT_TYPE)
+        # off the event loop: on Ray Serve it reads the other replicas' figures over the network
+        return Response(await run_in_threadpool(metrics.render), media_type=metrics.CONTENT_TYPE)
 
 
 def _render_predict(result: dict[str, Any]) -> dict[str, Any]:

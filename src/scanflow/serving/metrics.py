@@ -2,12 +2,14 @@
 
 Every gunicorn worker is a replica, so counters live in prometheus-client's multiprocess
 mode (files in `PROMETHEUS_MULTIPROC_DIR`, set by the deployer) and `/metrics` on any worker
-shows the sum over all of them, including workers that have already exited.
+shows the sum over all of them, including workers that have already exited. On Ray Serve the
+replicas share no disk: `ray_metrics` sums them through the cluster's key-value store.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -77,8 +79,20 @@ PREDLOG_NODE_ONLY = Counter(
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
+_render_all: Callable[[], bytes] | None = None
+
+
+def render_with(renderer: Callable[[], bytes] | None) -> None:
+    """Where all replicas' metrics come from when not multiprocess files (a Ray Serve replica:
+    `ray_metrics`)."""
+    global _render_all
+    _render_all = renderer
+
+
 def render() -> bytes:
     """Text exposition of all workers' metrics (or this process's when not multiprocess)."""
+    if _render_all is not None:
+        return _render_all()
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)

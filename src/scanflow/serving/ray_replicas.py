@@ -15,17 +15,23 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from scanflow.serving import metrics
 from scanflow.serving.config import ServiceConfig
+from scanflow.serving.ray_metrics import ReplicaMetrics
 
 WORKDIR = "scanflow-serve"  # under each node's temporary directory: one folder per service
 
 
+def service_key(service: str, store_url: str) -> str:
+    """A service's name on the cluster's nodes and in its key-value store: named after the store
+    too, so that another installation's service of the same name stays apart."""
+    return f"{service}-{hashlib.sha256(store_url.encode()).hexdigest()[:10]}"
+
+
 def replica_workdir(cfg: ServiceConfig) -> Path:
     """A service's folder on this node, shared by its replicas here: a replica killed with
-    kill -9 leaves its journal segments where a sibling's collector finds them. Named after the
-    store too: another cluster's service of the same name on this machine logs elsewhere."""
-    store = hashlib.sha256(cfg.store_url.encode()).hexdigest()[:10]
-    return Path(tempfile.gettempdir()) / WORKDIR / f"{cfg.service}-{store}"
+    kill -9 leaves its journal segments where a sibling's collector finds them."""
+    return Path(tempfile.gettempdir()) / WORKDIR / service_key(cfg.service, cfg.store_url)
 
 
 class ConfigReplica:
@@ -40,8 +46,14 @@ class ConfigReplica:
         cfg.workdir = str(wd)
         self._config_path = wd / f"service-{os.getpid()}.json"
         cfg.save(self._config_path)
+        self._metrics = ReplicaMetrics(service_key(cfg.service, cfg.store_url)).start()
+        metrics.render_with(self._metrics.render)  # `/metrics`: every replica's, summed
 
     def __serve_build_asgi_app__(self) -> Any:
         from scanflow.serving.app import create_app  # lazy: FastAPI and MLflow, on the node
 
         return create_app(str(self._config_path))
+
+    def __del__(self) -> None:
+        """Serve stops the replica: its last counts stay in the service's sum, its gauges leave."""
+        self._metrics.close()

@@ -44,6 +44,7 @@ from scanflow.serving.backend import (
     default_actor,
 )
 from scanflow.serving.batching import BatchConfig
+from scanflow.serving.ray_metrics import delete_service
 from scanflow.settings import Settings
 from scanflow.spec.models import Resources
 from scanflow.spec.policy import Policy
@@ -278,6 +279,7 @@ class RayServeDeployer(Deployer):
             previous_version=None, canary_version=None, canary_share=0.0, shadow_version=None)
         t0 = time.monotonic()
         url = f"http://{host}:{serve_port}/{service}"
+        self._forget_metrics(service)
         try:
             self._serve(service, cfg, actor_options, autoscaling)
             self._wait(f"{replicas} running replica(s)",
@@ -296,6 +298,16 @@ class RayServeDeployer(Deployer):
             **({"resources": {"cpus": cpus, "memory": memory}} if resources is not None else {}),
         )
         return dep
+
+    def _forget_metrics(self, service: str) -> None:
+        """Drop the replicas' metric snapshots of the service (`ray_metrics`): a new deployment
+        counts from zero, as a local one does."""
+        from scanflow.serving.ray_replicas import service_key  # lazy: as ConfigReplica
+
+        try:
+            delete_service(service_key(service, self.settings.store))
+        except Exception:  # noqa: BLE001 - figures only: never fail a stop or deploy for them
+            log.warning("service %s: could not delete its metric snapshots", service, exc_info=True)
 
     def _delete(self, service: str) -> None:
         from ray import serve  # lazy: Ray Serve
@@ -442,6 +454,7 @@ class RayServeDeployer(Deployer):
     def stop(self, service: str) -> None:
         dep = self._get(service)
         self._delete(service)
+        self._forget_metrics(service)
         self.store.update_deployment(service, status="stopped", pid=None)
         self.store.add_event(SOURCE, "stopped", service, actor=self.actor,
                              model_version=dep.model_version)
