@@ -352,7 +352,14 @@ def test_with_scaling_serve_ray_serves_autoscaler_decides_the_replicas(
               limits: {{min_replicas: 1, max_replicas: 2}}
               objectives: {{in_flight_per_replica: 1}}
               cooldowns: {{scale_up: 1s, scale_down: 2s}}
+              serve_autoscaling: {{metrics_interval_s: 0.5, look_back_period_s: 2}}
         """))
+    bad = settings.root.parent / "badauto"
+    bad.mkdir(exist_ok=True)
+    (bad / "scanflow.yaml").write_text((auto / "scanflow.yaml").read_text().replace(
+        "look_back_period_s: 2", "look_back_period_s: -1"))
+    code, out = cli(settings, "deploy", str(bad))  # what Serve would refuse: named, exit 2
+    assert code == 2 and "look_back_period_s" in out, out
     code, out = cli(settings, "deploy", str(auto))
     assert code == 0, out
     deployer = _deployer(settings)

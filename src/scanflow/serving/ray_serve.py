@@ -96,12 +96,22 @@ def _autoscaling_of(dep: Deployment) -> dict[str, Any] | None:
 def serve_autoscaling(policy: Policy, replicas: int) -> dict[str, Any]:
     """The policy in Serve's terms (`autoscaling_config`): its replica limits, its in-flight
     target per replica (Serve's default of 2 when the policy sets none) and its cooldowns as
-    how long a signal must hold before Serve scales up or down."""
+    how long a signal must hold before Serve scales up or down, then `serve_autoscaling`'s own
+    keys; what Serve would refuse is a ValueError here, before anything is deployed."""
+    from ray.serve.config import AutoscalingConfig  # lazy: Ray Serve
+
     lim, obj, cd = policy.limits, policy.objectives, policy.cooldowns
-    return {"min_replicas": lim.min_replicas, "max_replicas": lim.max_replicas,
-            "initial_replicas": min(max(replicas, lim.min_replicas), lim.max_replicas),
-            "target_ongoing_requests": obj.in_flight_per_replica or 2.0,
-            "upscale_delay_s": cd.scale_up, "downscale_delay_s": cd.scale_down}
+    cfg = {"min_replicas": lim.min_replicas, "max_replicas": lim.max_replicas,
+           "initial_replicas": min(max(replicas, lim.min_replicas), lim.max_replicas),
+           "target_ongoing_requests": obj.in_flight_per_replica or 2.0,
+           "upscale_delay_s": cd.scale_up, "downscale_delay_s": cd.scale_down,
+           **policy.serve_autoscaling}
+    try:
+        AutoscalingConfig(**cfg)
+    except ValueError as exc:  # pydantic's ValidationError: what Serve would refuse
+        raise ValueError(f"policy.serve_autoscaling: Ray Serve refuses {cfg}: "
+                         f"{' '.join(str(exc).split())[:600]}") from None
+    return cfg
 
 
 class RayServeDeployer(Deployer):

@@ -257,6 +257,12 @@ class Policy(_Strict):
         "flight per replica (Serve's 2 when 0), acting after cooldowns.scale_up / scale_down of a "
         "sustained signal); with `serve` the planner leaves replicas alone",
     )
+    serve_autoscaling: dict[str, Any] = Field(
+        default_factory=dict,
+        description="with scaling: serve, more of Ray Serve's `autoscaling_config` over what the policy "
+        "translates (e.g. look_back_period_s, metrics_interval_s, upscaling_factor); checked by Serve "
+        "at deploy",
+    )
     retrain_requires_accuracy_drop: bool = Field(
         default=False,
         description="retrain on drift only while accuracy is under the floor (saves budget on harmless "
