@@ -159,6 +159,8 @@ def main() -> None:
     if not wheels:
         raise SystemExit(f"no MNIST wheel in {args.downloads}: run `make data` first")
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    # SIGTERM (a CI timeout, `kill`) still stops the cluster and the servers it started
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     import ray
     from ray.cluster_utils import Cluster
 

@@ -999,3 +999,37 @@ def test_an_agent_actor_runs_a_workflow_of_the_sibling_app_its_params_name(
     assert store.list_messages("runner")[0].status == "done"
     code, log = cli(ray_settings, "logs", run.id, "say")
     assert code == 0 and "the word is shipped" in log, log
+
+
+SIGTERM_DRIVER = '''
+import signal, sys, time
+from pathlib import Path
+from scanflow.engine.ray_backend import connect
+
+def cleanup(*_):
+    Path(sys.argv[2]).write_text("cleaned up")
+    sys.exit(143)
+
+signal.signal(signal.SIGTERM, cleanup)
+connect(sys.argv[1])
+print("joined", flush=True)
+time.sleep(120)
+'''
+
+
+def test_a_driver_stopped_with_sigterm_after_joining_runs_its_own_cleanup(
+        cluster: Any, tmp_path: Path) -> None:
+    """Joining the cluster keeps the process's SIGTERM handler (Ray's own would end it with no
+    Python cleanup: `make demo-ray` killed so left its MLflow servers running)."""
+    script = tmp_path / "driver.py"
+    script.write_text(SIGTERM_DRIVER)
+    marker = tmp_path / "cleaned"
+    proc = subprocess.Popen([sys.executable, str(script), cluster.address, str(marker)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "joined"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 143
+    finally:
+        proc.kill()
+    assert marker.read_text() == "cleaned up"

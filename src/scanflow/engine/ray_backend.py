@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import signal
 import threading
 import time
 from collections import OrderedDict
@@ -71,10 +72,17 @@ def connect(address: str) -> None:
     if ray.is_initialized():
         return
     probe(address)
+    # Ray's driver installs a SIGTERM handler of its own that ends the process with no Python
+    # cleanup (finally blocks, atexit): a demo or a run stopped with SIGTERM would leave what it
+    # started. The process's own handler is put back.
+    main = threading.current_thread() is threading.main_thread()
+    on_term = signal.getsignal(signal.SIGTERM) if main else None
     for attempt in range(1, CLIENT_ATTEMPTS + 1):
         try:
             ray.init(address=address, namespace="scanflow", logging_level=logging.WARNING,
                      log_to_driver=False)
+            if on_term is not None:
+                signal.signal(signal.SIGTERM, on_term)
             return
         except (ConnectionError, RuntimeError, ValueError) as exc:
             if attempt < CLIENT_ATTEMPTS and any(m in str(exc) for m in CLIENT_SERVER_FAILED):
