@@ -125,7 +125,8 @@ def ray_raw(model_file: Path, port: int) -> Iterator[Target]:
     from ray import serve
 
     t0 = time.perf_counter()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})  # a no-op once Serve runs
+    serve.start(proxy_location="HeadOnly",  # as scanflow starts it; a no-op once Serve runs
+                http_options={"host": "127.0.0.1", "port": port})
     deployment: Any = serve.deployment
     serve.run(deployment(RawClassifier).options(num_replicas=1, ray_actor_options={"num_cpus": 1})
               .bind(str(model_file)), name="raw", route_prefix="/raw")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -46,6 +47,11 @@ class Settings(BaseSettings):
     serve_port: int = Field(default=8000, ge=1, le=65535, description="the port of Ray Serve's "
                             "HTTP proxies on the ray backend (services answer at /<service>); "
                             "fixed when Serve first starts on the cluster")
+    serve_proxies: Literal["head", "every_node"] = Field(
+        default="head", description="where Ray Serve runs its HTTP proxies when scanflow starts "
+        "Serve on the cluster: `head`, the one address `scanflow deploy` prints; `every_node`, for a "
+        "load balancer of your own in front of the nodes (Serve drains the proxy of a node that "
+        "holds no replica, closing its connections)")
     max_cpus: float | None = Field(default=None, description="CPUs steps may use [all]")
     max_memory: int | None = Field(default=None, description="bytes steps may use [all]")
     cgroup_root: Path = Field(default=Path("/sys/fs/cgroup"), description="where the cgroup "
@@ -123,6 +129,7 @@ class Settings(BaseSettings):
             "SCANFLOW_RUN_STALE_AFTER": str(self.run_stale_after),
             "SCANFLOW_HOST": self.host,
             "SCANFLOW_SERVE_PORT": str(self.serve_port),
+            "SCANFLOW_SERVE_PROXIES": self.serve_proxies,
             "SCANFLOW_AGENT_MAX_ATTEMPTS": str(self.agent_max_attempts),
             "SCANFLOW_AGENT_RETRY_BACKOFF": str(self.agent_retry_backoff),
             "SCANFLOW_AGENT_RETRY_MAX_BACKOFF": str(self.agent_retry_max_backoff),

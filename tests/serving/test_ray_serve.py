@@ -207,7 +207,7 @@ def test_predictions_reach_the_shared_store_with_the_version_that_answered(
 
 
 def test_scale_one_three_one_under_load_fails_no_request_and_status_shows_the_nodes(
-        deployed: tuple[Settings, str], digits: tuple[np.ndarray, np.ndarray]) -> None:
+        cluster: Any, deployed: tuple[Settings, str], digits: tuple[np.ndarray, np.ndarray]) -> None:
     settings, url = deployed
     X, _ = digits
     with KeepAliveLoad(url, X, clients=4) as load:
@@ -217,6 +217,9 @@ def test_scale_one_three_one_under_load_fails_no_request_and_status_shows_the_no
         status = _deployer(settings).status(SERVICE)
         assert len(status["workers"]) == 3 and all(w["ready"] for w in status["workers"]), status
         assert len(status["nodes"]) >= 2, status  # spread over the cluster's nodes
+        # one HTTP proxy, on the head (SCANFLOW_SERVE_PROXIES=head): the address deploy printed
+        proxies = _deployer(settings)._client().get_serve_details()["proxies"]
+        assert list(proxies) == [cluster.head_node.node_id], proxies
         # `/metrics` from whichever replica answers is the sum over all three
         wait_for(lambda: _metric(url, "scanflow_replicas", role="champion") == 3, timeout=30,
                  interval=0.3, what="/metrics counting 3 live replicas")

@@ -157,7 +157,12 @@ class RayServeDeployer(Deployer):
         try:
             return _get_global_client()
         except Exception:  # noqa: BLE001 - Serve not running on the cluster yet (RayServeException)
-            serve.start(http_options={"host": self.settings.host, "port": self.settings.serve_port})
+            # One proxy on the head by default: on one machine the nodes' proxies share the port
+            # (SO_REUSEPORT), and Serve draining the proxy of a node left without replicas
+            # dropped a client's keep-alive connection mid-rollout (seen in CI, 1 of 2,359).
+            where = "HeadOnly" if self.settings.serve_proxies == "head" else "EveryNode"
+            serve.start(proxy_location=where,
+                        http_options={"host": self.settings.host, "port": self.settings.serve_port})
             return _get_global_client()
 
     def _get(self, service: str) -> Deployment:
