@@ -33,13 +33,19 @@ async def _answer(plog: PredictionLog, rids: list[str]) -> float:
     return time.perf_counter() - t0
 
 
+def _committing(store: Store, d: Path, **kw: float) -> tuple[PredictionLog, list[str]]:
+    """A started log that commits to `store` before answering; the fallback reasons it reports."""
+    fallbacks: list[str] = []
+    plog = PredictionLog(store, d, process=False, commit_to_store=True,
+                         on_fallback=lambda n, why: fallbacks.append(why), **kw).start()
+    return plog, fallbacks
+
+
 def test_records_are_in_the_store_when_the_response_may_leave(tmp_path: Path,
                                                                 store_url: str) -> None:
     store = Store(store_url)
     d = tmp_path / "predlog"
-    fallbacks: list[str] = []
-    plog = PredictionLog(store, d, process=False, interval=30, commit_to_store=True,
-                         on_fallback=lambda n, why: fallbacks.append(why)).start()
+    plog, fallbacks = _committing(store, d, interval=30)
     try:
         rids = [f"r{i}" for i in range(300)]
         asyncio.run(_answer(plog, rids))
@@ -68,9 +74,7 @@ def test_a_failing_store_falls_back_to_the_journal_and_loses_nothing(tmp_path: P
     their records journaled on the node; once the store is back they reach it, each once."""
     store = Store(pg_url)
     d = tmp_path / "predlog"
-    fallbacks: list[str] = []
-    plog = PredictionLog(store, d, process=False, interval=0.1, commit_to_store=True,
-                         on_fallback=lambda n, why: fallbacks.append(why)).start()
+    plog, fallbacks = _committing(store, d, interval=0.1)
     try:
         asyncio.run(_answer(plog, ["before"]))
         _psql(pg_url, "ALTER TABLE predictions RENAME TO predictions_away").close()
@@ -97,10 +101,7 @@ def test_a_slow_store_costs_at_most_the_timeout_and_no_double_row(tmp_path: Path
     collector's insert of the same record make one row."""
     store = Store(pg_url)
     d = tmp_path / "predlog"
-    fallbacks: list[str] = []
-    plog = PredictionLog(store, d, process=False, interval=0.1, commit_to_store=True,
-                         commit_timeout=0.5,
-                         on_fallback=lambda n, why: fallbacks.append(why)).start()
+    plog, fallbacks = _committing(store, d, interval=0.1, commit_timeout=0.5)
     try:
         asyncio.run(_answer(plog, ["warm"]))
         locker = _psql(pg_url, "BEGIN")

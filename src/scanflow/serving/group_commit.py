@@ -56,8 +56,6 @@ class GroupCommit:
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._down_until = 0.0
         self._waiting = 0
-        self.committed = 0
-        self.fell_back = 0
         self._thread = threading.Thread(target=self._run, name="predlog-commit", daemon=True)
 
     def start(self) -> GroupCommit:
@@ -87,8 +85,6 @@ class GroupCommit:
                 self._fall_back(record, "store_failing")
         finally:
             self._waiting -= 1
-        if committed:
-            self.committed += 1
 
     def close(self, timeout: float = 5.0) -> None:
         """Commit what is queued, then stop the thread."""
@@ -97,7 +93,6 @@ class GroupCommit:
 
     def _fall_back(self, record: bytes, reason: str) -> None:
         self._fallback(record)  # on the event loop's thread, like every journal append
-        self.fell_back += 1
         if self._on_fallback is not None:
             self._on_fallback(1, reason)
 
