@@ -52,6 +52,9 @@ class Settings(BaseSettings):
         "Serve on the cluster: `head`, the one address `scanflow deploy` prints; `every_node`, for a "
         "load balancer of your own in front of the nodes (Serve drains the proxy of a node that "
         "holds no replica, closing its connections)")
+    auth_failure_limit: int = Field(
+        default=20, ge=1, description="failed token checks one client address may make in a "
+        "minute before the control-plane server answers it 429 (slows down guessing)")
     max_cpus: float | None = Field(default=None, description="CPUs steps may use [all]")
     max_memory: int | None = Field(default=None, description="bytes steps may use [all]")
     cgroup_root: Path = Field(default=Path("/sys/fs/cgroup"), description="where the cgroup "

@@ -14,7 +14,8 @@ from typing import Annotated
 
 import typer
 
-from scanflow.cli import history, init, services, workflows
+from scanflow.cli import history, init, server, services, workflows
+from scanflow.cli.admin import admin_app
 from scanflow.cli.agents import agents_app
 from scanflow.cli.common import AppPath, err, fail, iso, load_noting, out
 from scanflow.cli.db import db_app
@@ -64,9 +65,11 @@ for command in (
 ):
     app.command()(command)
 app.command(name="init")(init.init)
+app.command(name="server")(server.server)
 app.add_typer(workflows.runs_app, name="runs")
 app.add_typer(agents_app, name="agents")
 app.add_typer(db_app, name="db")
+app.add_typer(admin_app, name="admin")
 app.add_typer(workflows.engine_app, name="engine")
 
 

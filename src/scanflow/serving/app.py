@@ -29,6 +29,7 @@ from scanflow.serving.config import (
     PredLogConfig,
     ServiceConfig,
 )
+from scanflow.serving.label_auth import LabelDenied, LabelGate
 from scanflow.serving.predict import (
     PRELOADED,
     Arrivals,
@@ -141,7 +142,8 @@ def create_app(config_path: str | None = None) -> FastAPI:
                 commit_timeout=cfg.predlog.commit_timeout,
                 on_fallback=lambda n, why: metrics.PREDLOG_NODE_ONLY.labels(svc, why).inc(n),
             ).start()
-        predictions.served = Served(cfg, models, store, plog, arrivals)
+        predictions.served = Served(cfg, models, store, plog, arrivals,
+                                    label_gate=LabelGate(store, svc, cfg.team))
         _freeze_heap()
         for v in cfg.versions:
             role = ("champion" if v == cfg.model_version else
@@ -178,6 +180,11 @@ def _routes(app: FastAPI, predictions: PredictionService) -> None:
         s = predictions.current()
         status = 200
         try:
+            if s.label_gate is not None:
+                try:
+                    await run_in_threadpool(s.label_gate.check, request.headers.get("authorization"))
+                except LabelDenied as exc:
+                    raise RequestError(exc.status, exc.message) from None
             body = parse_body(await request.body(), request.headers.get("content-type"))
             lab = extract_labels(body)
             try:

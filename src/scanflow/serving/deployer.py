@@ -45,6 +45,7 @@ from scanflow.serving.backend import (
     default_actor,
 )
 from scanflow.serving.batching import BatchConfig
+from scanflow.serving.label_auth import refuse_open_bind
 from scanflow.serving.master import (
     BASE_PRELOAD,
     FLAVOUR_LIBS,
@@ -238,6 +239,7 @@ class LocalDeployer(Deployer):
         policy: Policy | None = None,
     ) -> Deployment:
         check_service(service, replicas)
+        refuse_open_bind(self.settings.host, self.store, f"service {service!r}")
         if policy is not None and policy.scaling == "serve":
             raise NotOnThisBackend(
                 f"service {service!r}: its policy says scaling: serve (Ray Serve's autoscaler "

@@ -20,6 +20,7 @@ from starlette.concurrency import run_in_threadpool
 from scanflow.serving import metrics
 from scanflow.serving.batching import MicroBatcher
 from scanflow.serving.config import ServiceConfig
+from scanflow.serving.label_auth import LabelGate
 from scanflow.serving.predlog import PredictionLog, encode_prediction, encode_shadow
 from scanflow.serving.validation import (
     InputSpec,
@@ -67,6 +68,7 @@ class Served:
     log: PredictionLog | None
     arrivals: Arrivals = field(default_factory=Arrivals)
     shadow_pending: int = 0
+    label_gate: LabelGate | None = None  # who may POST /labels (label_auth.py)
 
     @property
     def champion(self) -> Loaded:

@@ -44,6 +44,7 @@ from scanflow.serving.backend import (
     default_actor,
 )
 from scanflow.serving.batching import BatchConfig
+from scanflow.serving.label_auth import refuse_open_bind
 from scanflow.serving.ray_metrics import delete_service
 from scanflow.settings import Settings
 from scanflow.spec.models import Resources
@@ -259,6 +260,7 @@ class RayServeDeployer(Deployer):
         `port` is the cluster's (Serve's proxies answer every service on one port). With
         `policy.scaling: serve`, Serve's autoscaler decides its replicas (`serve_autoscaling`)."""
         check_service(service, replicas)
+        refuse_open_bind(self.settings.host, self.store, f"service {service!r}")
         old = self.store.get_deployment(service)
         if old is not None and old.status == "running" and self._details(service):
             raise ValueError(f"service {service!r} is already running ({self.url(service)}): stop "

@@ -23,6 +23,7 @@ class DecisionRepository(Protocol):
     def list_events(
         self, service: str | None = None, kinds: Sequence[str] | None = None,
         since: float | None = None, limit: int | None = 1000,
+        *, services: Sequence[str] | None = None, after: int | None = None,
     ) -> Sequence[Event]: ...
 
     def recent_events(self, source: str, limit: int = 50) -> Sequence[Event]: ...
@@ -88,9 +89,15 @@ class SqlDecisionRepository:
     def list_events(
         self, service: str | None = None, kinds: Sequence[str] | None = None,
         since: float | None = None, limit: int | None = 1000,
+        *, services: Sequence[str] | None = None, after: int | None = None,
     ) -> Sequence[Event]:
-        """Oldest first; `limit` None for all of them."""
+        """Oldest first; `limit` None for all of them; `services` keeps only those services'
+        events, `after` only events with a larger id (the next page)."""
         q = select(Event).order_by(Event.id).limit(limit)
+        if services is not None:
+            q = q.where(Event.service.in_(list(services)))
+        if after is not None:
+            q = q.where(Event.id > after)
         if service:
             q = q.where(Event.service == service)
         if kinds:

@@ -32,7 +32,8 @@ class RunRepository(Protocol):
     def get_run(self, run_id: str) -> WorkflowRun | None: ...
 
     def list_runs(
-        self, workflow: str | None = None, limit: int = 50, status: Sequence[str] | None = None
+        self, workflow: str | None = None, limit: int = 50, status: Sequence[str] | None = None,
+        *, teams: Sequence[str] | None = None, offset: int = 0,
     ) -> Sequence[WorkflowRun]: ...
 
     def upsert_step(self, run_id: str, step: str, **fields: Any) -> None: ...
@@ -86,9 +87,14 @@ class SqlRunRepository:
             return run
 
     def list_runs(
-        self, workflow: str | None = None, limit: int = 50, status: Sequence[str] | None = None
+        self, workflow: str | None = None, limit: int = 50, status: Sequence[str] | None = None,
+        *, teams: Sequence[str] | None = None, offset: int = 0,
     ) -> Sequence[WorkflowRun]:
-        q = select(WorkflowRun).order_by(WorkflowRun.created_at.desc()).limit(limit)
+        """Newest first; `teams` keeps only those teams' runs, `offset` skips the newest few."""
+        q = (select(WorkflowRun).order_by(WorkflowRun.created_at.desc(), WorkflowRun.id)
+             .limit(limit).offset(offset))
+        if teams is not None:
+            q = q.where(WorkflowRun.team.in_(list(teams)))
         if workflow:
             q = q.where(WorkflowRun.workflow == workflow)
         if status:

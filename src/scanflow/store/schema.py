@@ -235,3 +235,67 @@ class Lease(Base):
     acquired_at: Mapped[float] = mapped_column(Float)
     generation: Mapped[int] = mapped_column(Integer, default=1)
     purpose: Mapped[str] = mapped_column(Text, default="")
+
+
+class Team(Base):
+    """A team of the project: owns applications, runs, services, model aliases and agents."""
+
+    __tablename__ = "teams"
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class User(Base):
+    """A person, or an agent's identity (`kind` = agent); `admin` may do everything."""
+
+    __tablename__ = "users"
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(20), default="person")  # person | agent
+    admin: Mapped[bool] = mapped_column(default=False)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class Membership(Base):
+    """A user's role in one team (viewer, operator, owner)."""
+
+    __tablename__ = "memberships"
+    user: Mapped[str] = mapped_column(ForeignKey("users.name", ondelete="CASCADE"), primary_key=True)
+    team: Mapped[str] = mapped_column(ForeignKey("teams.name", ondelete="CASCADE"), primary_key=True)
+    role: Mapped[str] = mapped_column(String(20))
+
+
+class TeamGrant(Base):
+    """`team` lets every member of `grantee` read what it owns (the data team shares its
+    dataset runs with data science)."""
+
+    __tablename__ = "team_grants"
+    team: Mapped[str] = mapped_column(ForeignKey("teams.name", ondelete="CASCADE"), primary_key=True)
+    grantee: Mapped[str] = mapped_column(ForeignKey("teams.name", ondelete="CASCADE"), primary_key=True)
+
+
+class Token(Base):
+    """An API token: only the SHA-256 of its secret is kept, so the store's rows cannot be
+    replayed; `scopes` (JSON list, or null for all) narrows what it may do below its user's roles."""
+
+    __tablename__ = "tokens"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    user: Mapped[str] = mapped_column(ForeignKey("users.name", ondelete="CASCADE"), index=True)
+    secret_sha256: Mapped[str] = mapped_column(String(64))
+    scopes: Mapped[Any] = mapped_column(JSON, nullable=True, default=None)
+    note: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[float] = mapped_column(Float)
+    expires_at: Mapped[float | None] = mapped_column(Float, default=None)
+    revoked_at: Mapped[float | None] = mapped_column(Float, default=None)
+    last_used_at: Mapped[float | None] = mapped_column(Float, default=None)
+
+
+class Application(Base):
+    """An application registered with the control-plane server: the spec it runs from and the
+    team that owns it (and so its runs, services and agents)."""
+
+    __tablename__ = "applications"
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    team: Mapped[str] = mapped_column(String(200), index=True)
+    spec_path: Mapped[str] = mapped_column(Text)
+    registered_by: Mapped[str] = mapped_column(String(200))
+    registered_at: Mapped[float] = mapped_column(Float)

@@ -19,9 +19,11 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from scanflow.store.agents import AgentRepository, SqlAgentRepository
+from scanflow.store.applications import ApplicationRepository, SqlApplicationRepository
 from scanflow.store.db import Database, normalise_url
 from scanflow.store.decisions import DecisionRepository, SqlDecisionRepository
 from scanflow.store.deployments import DeploymentRepository, SqlDeploymentRepository
+from scanflow.store.identity import IdentityRepository, SqlIdentityRepository
 from scanflow.store.migrate import ensure_schema
 from scanflow.store.predictions import PredictionRepository, SqlPredictionRepository
 from scanflow.store.runs import TERMINAL, RunRepository, SqlRunRepository
@@ -50,6 +52,8 @@ class Store:
     prediction_log: PredictionRepository
     agents: AgentRepository
     decisions: DecisionRepository
+    identities: IdentityRepository
+    applications: ApplicationRepository
 
     def __init__(self, url: str) -> None:
         self.db = Database(url)
@@ -61,6 +65,8 @@ class Store:
         self.prediction_log = SqlPredictionRepository(self.db)
         self.agents = SqlAgentRepository(self.db)
         self.decisions = SqlDecisionRepository(self.db)
+        self.identities = SqlIdentityRepository(self.db)
+        self.applications = SqlApplicationRepository(self.db)
 
     @contextmanager
     def session(self) -> Iterator[Session]:

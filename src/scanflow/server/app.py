@@ -1,0 +1,61 @@
+"""`scanflow server`: the control plane's REST API for every team, on one process.
+
+Everything the CLI does, over HTTP, under per-team roles (`scanflow.spec.access`): one FastAPI
+app built from small routers (apps, runs, services, audit), one error shape
+(`scanflow.server.errors`), bearer tokens (`scanflow.server.auth`). OpenAPI 3 at `/openapi.json`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib.metadata import PackageNotFoundError, version
+
+from fastapi import FastAPI
+
+from scanflow.control import backends
+from scanflow.server import apps, audit, errors, runs, services
+from scanflow.server.auth import FailedLogins
+from scanflow.server.models import Health
+from scanflow.server.platform import Platform
+from scanflow.settings import Settings, get_settings
+
+
+def _version() -> str:
+    try:
+        return version("scanflow")
+    except PackageNotFoundError:
+        return "0"
+
+
+def create_app(settings: Settings | None = None, *, run_queue: bool = True,
+               max_runs: int = 2) -> FastAPI:
+    """The server's app on `settings`' store; `run_queue` runs submitted runs in this process."""
+    settings = (settings or get_settings()).ensure()
+    store = backends.store(settings)
+    plat = Platform(settings, store, run_queue=run_queue, max_runs=max_runs)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        plat.start()
+        try:
+            yield
+        finally:
+            plat.stop()
+
+    app = FastAPI(title="scanflow", version=_version(), lifespan=lifespan,
+                  description="The control plane of scanflow: applications, workflow runs, "
+                  "services, agents and their audit trail, per team. Every route but /health "
+                  "needs `Authorization: Bearer <token>`.")
+    app.state.platform = plat
+    app.state.store = store
+    app.state.failed_logins = FailedLogins(limit=settings.auth_failure_limit)
+    errors.install(app)
+    for router in (apps.router, runs.router, services.router, audit.router):
+        app.include_router(router)
+
+    @app.get("/health", response_model=Health, tags=["health"])
+    def health() -> Health:
+        return Health(status="ok", version=_version())
+
+    return app

@@ -1,0 +1,68 @@
+"""`/api/v1/apps`: register an application under its team, validate a spec, list them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends
+
+from scanflow.agents.registry import agent_issues
+from scanflow.server.auth import Caller, authorize, readable_teams
+from scanflow.server.errors import ERROR_RESPONSES, ApiError
+from scanflow.server.models import AppIn, AppOut, Validation
+from scanflow.server.platform import Platform, platform
+from scanflow.spec import load_application
+from scanflow.spec.errors import SpecError
+
+router = APIRouter(prefix="/api/v1/apps", tags=["applications"], responses=ERROR_RESPONSES)
+Plat = Annotated[Platform, Depends(platform)]
+
+
+def _load(path: str) -> Any:
+    p = Path(path)
+    if not p.exists():
+        raise ApiError(404, "not_found", f"no spec at {path!r} on the server's machine")
+    return load_application(p, checks=[lambda app: agent_issues(app) if app.agents else []])
+
+
+def _out(row: Any, spec: Any | None) -> AppOut:
+    return AppOut(name=row.name, team=row.team, spec_path=row.spec_path,
+                  registered_by=row.registered_by, registered_at=row.registered_at,
+                  workflows=sorted(spec.workflows) if spec else [],
+                  services=sorted(spec.services) if spec else [],
+                  agents=sorted(spec.agents) if spec else [])
+
+
+@router.post("/validate", response_model=Validation)
+def validate(body: AppIn, who: Caller) -> Validation:
+    """Check a spec without registering or running anything (any identity)."""
+    try:
+        spec = _load(body.path)
+    except SpecError as exc:
+        return Validation(ok=False, problems=[str(i) for i in exc.issues])
+    return Validation(ok=True, app=spec.app, team=spec.team)
+
+
+@router.post("", response_model=AppOut, status_code=201)
+def register(body: AppIn, who: Caller, plat: Plat) -> AppOut:
+    """Register (or re-register) an application: its spec's team must be one you own, and an
+    application another team registered is not taken over."""
+    try:
+        spec = _load(body.path)
+    except SpecError as exc:
+        raise ApiError(422, "spec_invalid", f"{len(exc.issues)} problem(s) in the spec: "
+                       + "; ".join(str(i) for i in exc.issues[:5])) from exc
+    authorize(who, "register", spec.team, spec.app)
+    known = plat.store.applications.get_app(spec.app)
+    if known is not None and known.team != spec.team:
+        raise ApiError(409, "conflict", f"application {spec.app!r} belongs to team {known.team!r}")
+    row = plat.store.applications.register_app(spec.app, spec.team, str(Path(body.path).resolve()),
+                                               who.who)
+    return _out(row, spec)
+
+
+@router.get("", response_model=list[AppOut])
+def list_apps(who: Caller, plat: Plat) -> list[AppOut]:
+    """The applications of the teams you may read."""
+    return [_out(r, None) for r in plat.store.applications.list_apps(readable_teams(who))]

@@ -1,0 +1,223 @@
+"""The request and response bodies of the REST API (the OpenAPI document is built from these).
+
+Times are epoch seconds (`*_at`, `ts`) as in the store; the CLI formats them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+T = TypeVar("T")
+
+
+class Page(BaseModel, Generic[T]):
+    """One page of a long list; pass `next` back as `cursor` for the following one (null: the end)."""
+
+    items: list[T]
+    next: str | None = None
+
+
+class Strict(BaseModel):
+    """A request body: unknown fields are an error, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+# -- applications ---------------------------------------------------------------------------
+class AppIn(Strict):
+    path: str = Field(description="the spec file or folder, on the server's machine",
+                      min_length=1, max_length=4096)
+
+
+class AppOut(BaseModel):
+    name: str
+    team: str
+    spec_path: str
+    registered_by: str
+    registered_at: float
+    workflows: list[str] = []
+    services: list[str] = []
+    agents: list[str] = []
+
+
+class Validation(BaseModel):
+    ok: bool
+    app: str | None = None
+    team: str | None = None
+    problems: list[str] = []
+
+
+# -- runs -------------------------------------------------------------------------------------
+class RunIn(Strict):
+    app: str = Field(min_length=1, max_length=200)
+    workflow: str = Field(min_length=1, max_length=200)
+    params: dict[str, Any] = Field(default_factory=dict, description="name or step.name -> value")
+    cache: bool = True
+
+
+class StepOut(BaseModel):
+    step: str
+    status: str
+    exit_code: int | None
+    attempts: int
+    cache_key: str | None
+    cached_from: str | None
+    mlflow_run_id: str | None
+    outputs: dict[str, Any]
+    error: str | None
+    started_at: float | None
+    ended_at: float | None
+
+
+class RunOut(BaseModel):
+    id: str
+    app: str
+    team: str
+    workflow: str
+    status: str
+    params: dict[str, Any]
+    trigger: dict[str, Any]
+    mlflow_run_id: str | None
+    error: str | None
+    created_at: float
+    started_at: float | None
+    ended_at: float | None
+
+
+class RunDetail(RunOut):
+    steps: list[StepOut]
+
+
+class RunState(BaseModel):
+    id: str
+    status: str
+
+
+# -- services ---------------------------------------------------------------------------------
+class ReplicaOut(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    pid: int | None = None
+    model_version: str | None = None
+    ready: bool = False
+    draining: bool = False
+    node: str | None = None
+    cpu_limit: float | None = None
+    cpu_use: float | None = None
+    memory_limit: int | None = None
+    memory_use: int | None = None
+
+
+class ServiceOut(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    service: str
+    app: str
+    team: str
+    status: str
+    url: str | None = None
+    model_name: str
+    alias: str
+    model_version: str | None
+    previous_version: str | None = None
+    replicas: int
+    canary: dict[str, Any] | None = None
+    shadow_version: str | None = None
+    workers: list[ReplicaOut] = []
+
+
+class DeployIn(Strict):
+    app: str = Field(min_length=1, max_length=200, description="a registered application")
+
+
+class ScaleIn(Strict):
+    replicas: int = Field(ge=1, le=64)
+
+
+class ResizeIn(Strict):
+    cpus: float = Field(ge=0.01, le=64.0)
+    reason: str = Field(default="", max_length=2000)
+
+
+class RolloutIn(Strict):
+    version: str | None = Field(default=None, max_length=50)
+    reason: str = Field(default="", max_length=2000)
+
+
+class ReasonIn(Strict):
+    reason: str = Field(default="", max_length=2000)
+
+
+class CanaryIn(Strict):
+    version: str | None = Field(default=None, max_length=50, description="null stops the canary")
+    share: float = Field(default=0.1, ge=0.001, le=1.0)
+
+
+class ShadowIn(Strict):
+    version: str | None = Field(default=None, max_length=50, description="null stops the shadow")
+
+
+class PromoteIn(Strict):
+    version: str = Field(min_length=1, max_length=50)
+    force: bool = False
+    reason: str = Field(default="", max_length=2000)
+
+
+class Done(BaseModel):
+    """What an operation did."""
+
+    service: str
+    operation: str
+    model_version: str | None = None
+    replicas: int | None = None
+    detail: dict[str, Any] = {}
+
+
+class PromoteOut(BaseModel):
+    service: str
+    version: str
+    promoted: bool
+    forced: bool
+    passed: bool
+    champion_version: str | None
+    served_version: str | None
+    reasons: list[str]
+
+
+# -- audit ------------------------------------------------------------------------------------
+class EventOut(BaseModel):
+    id: int
+    ts: float
+    source: str
+    kind: str
+    service: str | None
+    payload: dict[str, Any]
+
+
+class DecisionOut(BaseModel):
+    id: int
+    ts: float
+    agent: str
+    sensor: str
+    rule: str
+    fired: bool
+    service: str | None
+    key: str | None
+    evidence: dict[str, Any]
+    actions: list[Any]
+
+
+class AgentOut(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    app: str
+    team: str | None
+    role: str
+    status: str
+    pid: int | None = None
+    heartbeat: float | None = None
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    version: str

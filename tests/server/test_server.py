@@ -1,0 +1,315 @@
+"""The control-plane server on a real uvicorn on 127.0.0.1, with a real model server behind it:
+every mutating endpoint refuses a missing, expired or revoked token (401), another team and a
+viewer (403), and does its work for the role it needs; `/labels` on the model server needs a
+token allowed `label` there; tokens never reach logs, events or error messages."""
+
+from __future__ import annotations
+
+import logging
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from scanflow.server.app import create_app
+from scanflow.spec.access import Role
+from support.serving import DigitsWorkspace, digits_workspace, stop_everything  # noqa: F401
+from support.waiting import wait_for
+
+SPEC = '''
+app: shop
+team: data
+workflows:
+  hello:
+    steps:
+      - {name: hello, call: "steps:hello", params: {who: world}}
+  broken:
+    steps:
+      - {name: fails, run: "python -c 'import sys; sys.exit(3)'"}
+services:
+  shop-digits:
+    model: digits
+    alias: champion
+    replicas: 1
+'''
+
+
+@dataclass
+class Server:
+    url: str
+    tokens: dict[str, str]  # who -> token
+    spec: Path
+    ws: DigitsWorkspace
+    app: Any
+    log: list[str]
+
+    def call(self, method: str, path: str, who: str | None, body: Any = None) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {self.tokens[who]}"} if who else {}
+        return httpx.request(method, f"{self.url}{path}", json=body, headers=headers, timeout=120)
+
+
+class _Captured(logging.Handler):
+    def __init__(self, sink: list[str]) -> None:
+        super().__init__(logging.DEBUG)
+        self.sink = sink
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.sink.append(self.format(record))
+
+
+def _identities(store: Any) -> dict[str, str]:
+    ids = store.identities
+    for team in ("data", "science"):
+        ids.create_team(team)
+    people = {"root": None, "olga": ("data", Role.owner), "oscar": ("data", Role.operator),
+              "vera": ("data", Role.viewer), "sam": ("science", Role.owner)}
+    tokens = {}
+    for name, role in people.items():
+        ids.create_user(name, admin=name == "root")
+        if role:
+            ids.set_role(name, *role)
+        tokens[name] = ids.create_token(name)[1]
+    tokens["expired"] = ids.create_token("oscar", expires_at=time.time() - 1)[1]
+    revoked_id, tokens["revoked"] = ids.create_token("oscar")
+    ids.revoke_token(revoked_id)
+    tokens["labeller"] = ids.create_token("oscar", scopes=["label:shop-digits"])[1]
+    tokens["other-scope"] = ids.create_token("oscar", scopes=["label:elsewhere"])[1]
+    return tokens
+
+
+@pytest.fixture(scope="module")
+def server(digits_workspace: DigitsWorkspace, tmp_path_factory: pytest.TempPathFactory,  # noqa: F811
+           ) -> Iterator[Server]:
+    spec = tmp_path_factory.mktemp("shop") / "app"
+    spec.mkdir()
+    (spec / "scanflow.yaml").write_text(SPEC)
+    (spec / "steps.py").write_text(textwrap.dedent('''
+        def hello(who, ctx):
+            ctx.log(f"hello {who}")
+    '''))
+    settings = digits_workspace.settings.model_copy(update={"auth_failure_limit": 10_000})
+    tokens = _identities(digits_workspace.store)
+    captured: list[str] = []
+    handler = _Captured(captured)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    old_level = root.level
+    root.setLevel(logging.DEBUG)
+    app = create_app(settings, max_runs=1)
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="debug", access_log=True)
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    wait_for(lambda: srv.started, 30, what="the server started")
+    port = srv.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield Server(f"http://127.0.0.1:{port}", tokens, spec, digits_workspace, app, captured)
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=30)
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+        from scanflow.serving.deployer import LocalDeployer
+
+        stop_everything(LocalDeployer(settings, digits_workspace.store), digits_workspace.store)
+
+
+def _refusals(server: Server, method: str, path: str, body: Any, allowed: str) -> None:
+    """The four refusals every mutating endpoint makes, before the allowed call."""
+    for who, code in ((None, 401), ("expired", 401), ("revoked", 401), ("sam", 403)):
+        r = server.call(method, path, who, body)
+        assert r.status_code == code, (method, path, who, r.status_code, r.text)
+        err = r.json()["error"]
+        assert err["code"] and err["message"], r.text
+    if Role[allowed] > Role.viewer:
+        r = server.call(method, path, "vera", body)
+        assert r.status_code == 403, (method, path, "viewer", r.text)
+        assert r.json()["error"]["code"] == "forbidden"
+    if allowed == "owner":
+        r = server.call(method, path, "oscar", body)
+        assert r.status_code == 403, (method, path, "operator", r.text)
+
+
+def test_every_mutating_endpoint_checks_identity_and_role(server: Server) -> None:
+    s = server
+    # register the application (owner), then deploy its service (operator)
+    _refusals(s, "POST", "/api/v1/apps", {"path": str(s.spec)}, "owner")
+    r = s.call("POST", "/api/v1/apps", "olga", {"path": str(s.spec)})
+    assert r.status_code == 201, r.text
+    assert r.json()["team"] == "data" and r.json()["services"] == ["shop-digits"]
+    _refusals(s, "POST", "/api/v1/services/shop-digits/deploy", {"app": "shop"}, "operator")
+    r = s.call("POST", "/api/v1/services/shop-digits/deploy", "oscar", {"app": "shop"})
+    assert r.status_code == 201, r.text
+    assert r.json()["model_version"] == "1" and r.json()["status"] == "running"
+
+    # runs: submit (operator), then the queue runs it; a failing run resumes (operator)
+    _refusals(s, "POST", "/api/v1/runs", {"app": "shop", "workflow": "hello"}, "operator")
+    run = s.call("POST", "/api/v1/runs", "oscar", {"app": "shop", "workflow": "hello"}).json()
+    assert run["status"] == "queued" and run["trigger"]["by"] == "person:oscar"
+    done = wait_for(lambda: (x := s.call("GET", f"/api/v1/runs/{run['id']}", "vera").json())
+                    ["status"] in {"succeeded", "failed"} and x, 120, what="the queued run ended")
+    assert done["status"] == "succeeded" and [st["step"] for st in done["steps"]] == ["hello"]
+    logs = s.call("GET", f"/api/v1/runs/{run['id']}/logs", "vera")
+    assert logs.status_code == 200 and "hello world" in logs.text
+    bad = s.call("POST", "/api/v1/runs", "oscar", {"app": "shop", "workflow": "broken"}).json()
+    wait_for(lambda: s.call("GET", f"/api/v1/runs/{bad['id']}", "oscar").json()["status"] == "failed",
+             120, what="the broken run failed")
+    _refusals(s, "POST", f"/api/v1/runs/{bad['id']}/resume", None, "operator")
+    before = s.call("GET", f"/api/v1/runs/{bad['id']}", "oscar").json()["steps"][0]["ended_at"]
+    r = s.call("POST", f"/api/v1/runs/{bad['id']}/resume", "oscar")
+    assert r.status_code == 202, r.text
+
+    def resumed() -> bool:
+        again = s.call("GET", f"/api/v1/runs/{bad['id']}", "oscar").json()
+        return again["status"] == "failed" and again["steps"][0]["ended_at"] > before
+
+    wait_for(resumed, 120, what="the resumed run ran its step again")
+    _refusals(s, "POST", f"/api/v1/runs/{bad['id']}/cancel", None, "operator")
+
+    # service operations, each as the least role that may
+    svc = "/api/v1/services/shop-digits"
+    for op, body, role in (("scale", {"replicas": 2}, "operator"),
+                           ("canary", {"version": "2", "share": 0.2}, "operator"),
+                           ("canary", {"version": None}, "operator"),
+                           ("shadow", {"version": "2"}, "operator"),
+                           ("shadow", {"version": None}, "operator"),
+                           ("rollout", {"version": "2", "reason": "test"}, "operator"),
+                           ("rollback", {"reason": "worse"}, "owner"),
+                           ("scale", {"replicas": 1}, "operator")):
+        _refusals(s, "POST", f"{svc}/{op}", body, role)
+        who = "oscar" if role == "operator" else "olga"
+        r = s.call("POST", f"{svc}/{op}", who, body)
+        assert r.status_code == 200, (op, r.text)
+    status = s.call("GET", svc, "vera").json()
+    assert status["model_version"] == "1" and status["replicas"] == 1
+    # who acted is in the audit trail, by name
+    events = s.call("GET", "/api/v1/events?service=shop-digits&kind=rolled_back", "vera").json()
+    assert events["items"] and events["items"][-1]["payload"]["approved_by"] == "person:olga"
+    # promote (owner), force only for owners too
+    _refusals(s, "POST", f"{svc}/promote", {"version": "2"}, "owner")
+    r = s.call("POST", f"{svc}/promote", "olga", {"version": "2", "force": True, "reason": "test"})
+    assert r.status_code == 200, r.text
+    assert r.json()["promoted"] and r.json()["served_version"] == "2"
+    _refusals(s, "POST", f"{svc}/stop", None, "owner")
+    # the admin may do anything in any team
+    assert s.call("POST", f"{svc}/scale", "root", {"replicas": 1}).status_code == 200
+
+
+def test_labels_on_the_model_server_need_a_label_token(server: Server) -> None:
+    s = server
+    dep = s.call("GET", "/api/v1/services/shop-digits", "vera").json()
+    url = dep["url"]
+    pred = httpx.post(f"{url}/predict", json={"instances": s.ws.X[:2].tolist()}, timeout=30,
+                      headers={"X-Request-ID": "lab"})
+    assert pred.status_code == 200, pred.text
+    body = {"labels": {"lab-0": 1}}
+
+    def label(who: str | None) -> httpx.Response:
+        h = {"Authorization": f"Bearer {s.tokens[who]}"} if who else {}
+        return httpx.post(f"{url}/labels", json=body, headers=h, timeout=30)
+
+    assert label(None).status_code == 401
+    assert label("revoked").status_code == 401
+    assert label("vera").status_code == 403  # a viewer
+    assert label("sam").status_code == 403  # another team
+    assert label("other-scope").status_code == 403  # scoped to another service
+    ok = label("labeller")
+    assert ok.status_code == 200 and ok.json()["count"] == 1, ok.text
+
+
+def test_reads_are_filtered_to_the_teams_a_user_may_read(server: Server) -> None:
+    s = server
+    assert s.call("GET", "/api/v1/runs", "sam").json()["items"] == []
+    assert s.call("GET", "/api/v1/services", "sam").json() == []
+    r = s.call("GET", "/api/v1/services/shop-digits", "sam")
+    assert r.status_code == 403
+    # a grant from data lets science read, not act
+    s.ws.store.identities.grant_read("data", "science")
+    time.sleep(0)  # tokens are checked on every request: no cache to wait out here
+    assert s.call("GET", "/api/v1/services/shop-digits", "sam").status_code == 200
+    assert s.call("GET", "/api/v1/runs", "sam").json()["items"]
+    assert s.call("POST", "/api/v1/services/shop-digits/scale", "sam",
+                  {"replicas": 1}).status_code == 403
+    # pagination: one run per page, the cursor walks them all, newest first
+    seen, cursor = [], None
+    while True:
+        page = s.call("GET", "/api/v1/runs?limit=1" + (f"&cursor={cursor}" if cursor else ""),
+                      "vera").json()
+        seen += [r["id"] for r in page["items"]]
+        cursor = page["next"]
+        if cursor is None:
+            break
+    assert len(seen) == len(set(seen)) == len(s.call("GET", "/api/v1/runs", "vera").json()["items"])
+
+
+def test_bad_bodies_are_a_4xx_in_the_one_error_shape(server: Server) -> None:
+    s = server
+    for method, path, body in (("POST", "/api/v1/services/shop-digits/scale", {"replicas": 0}),
+                               ("POST", "/api/v1/services/shop-digits/scale", {"replicas": "x"}),
+                               ("POST", "/api/v1/services/shop-digits/scale", {"bogus": 1}),
+                               ("POST", "/api/v1/runs", {"app": "nope", "workflow": "x"}),
+                               ("POST", "/api/v1/apps", {"path": "/definitely/not/here"}),
+                               ("GET", "/api/v1/runs/nope", None),
+                               ("GET", "/api/v1/runs?limit=0", None)):
+        r = s.call(method, path, "root", body)
+        assert 400 <= r.status_code < 500, (path, body, r.status_code, r.text)
+        err = r.json()["error"]
+        assert err["code"] in {"invalid_request", "not_found"} and err["message"], r.text
+    assert "replicas" in s.call("POST", "/api/v1/services/shop-digits/scale", "root",
+                                {"replicas": 0}).json()["error"]["message"]
+
+
+def test_tokens_never_appear_in_logs_events_or_errors(server: Server) -> None:
+    s = server
+    # bad and good tokens all went through the server and the model server above
+    r = s.call("GET", "/api/v1/runs", "expired")
+    assert r.status_code == 401 and s.tokens["expired"] not in r.text
+    haystacks = ["\n".join(s.log), *(
+        p.read_text(errors="replace") for p in s.ws.settings.root.rglob("*")
+        if p.is_file() and p.suffix in {".log", ".json", ".yaml", ".txt", ""}
+        and p.stat().st_size < 20_000_000)]
+    with s.ws.store.session() as sess:
+        from sqlalchemy import text
+
+        for table in ("events", "decisions", "workflow_runs", "step_runs", "deployments"):
+            haystacks.append(str(sess.execute(text(f"SELECT * FROM {table}")).all()))
+    assert len(s.log) > 10  # the capture saw the server's own logging
+    for name, token in s.tokens.items():
+        secret = token.rsplit("_", 1)[1]
+        for hay in haystacks:
+            assert secret not in hay, f"{name}'s token leaked"
+
+
+def test_openapi_types_every_operation(server: Server) -> None:
+    doc = httpx.get(f"{server.url}/openapi.json", timeout=30).json()
+    assert doc["openapi"].startswith("3.")
+    ops = [(p, m, o) for p, item in doc["paths"].items() for m, o in item.items()]
+    assert len(ops) >= 20
+    for path, method, op in ops:
+        ok = [c for c in op["responses"] if c.startswith("2")]
+        assert ok, (path, method)
+        if path != "/api/v1/runs/{run_id}/logs":
+            assert "application/json" in op["responses"][ok[0]].get("content", {}), (path, method)
+        if path != "/health":
+            assert "401" in op["responses"] or "403" in op["responses"], (path, method)
+
+
+def test_failed_logins_are_rate_limited(server: Server) -> None:
+    from scanflow.server.auth import FailedLogins
+
+    s = server
+    s.app.state.failed_logins = FailedLogins(limit=5, window=60)
+    try:
+        codes = [s.call("GET", "/api/v1/runs", "revoked").status_code for _ in range(7)]
+        assert codes[:5] == [401] * 5 and codes[5:] == [429, 429]
+        r = s.call("GET", "/api/v1/runs", "vera")
+        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1  # the address waits
+    finally:
+        s.app.state.failed_logins = FailedLogins(limit=10_000)
