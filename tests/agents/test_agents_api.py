@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from scanflow.agents import Agent
+from scanflow.agents.api import KEY_HEADER, key_file, read_key
 from scanflow.agents.process import AgentSupervisor
 from scanflow.procs import pid_alive
 from scanflow.settings import Settings
@@ -84,7 +85,10 @@ def served(app_dir: Path, settings: Settings) -> Iterator[tuple[Agent, httpx.Cli
     t = threading.Thread(target=agent.run_forever, args=(stop.is_set,), daemon=True)
     t.start()
     wait_for(lambda: agent.api_url is not None and _up(agent.api_url))
-    with httpx.Client(base_url=str(agent.api_url), timeout=30) as client:
+    key = read_key(key_file(settings.agents_dir, "watcher"))
+    assert key  # written by the agent, for its user only
+    assert key_file(settings.agents_dir, "watcher").stat().st_mode & 0o077 == 0
+    with httpx.Client(base_url=str(agent.api_url), timeout=30, headers={KEY_HEADER: key}) as client:
         yield agent, client
     stop.set()
     t.join(15)
@@ -315,3 +319,34 @@ def test_cli_drives_agent_processes_and_changes_survive_restarts(
     finally:
         AgentSupervisor(settings, store).stop()
     assert all(not pid_alive(r["pid"]) for r in AgentSupervisor(settings, store).status())
+
+
+def test_the_api_needs_the_agents_key_or_an_allowed_token(
+    served: tuple[Agent, httpx.Client], settings: Settings
+) -> None:
+    """No identity: 401 (only /health answers); a wrong key: 401; a token lets a viewer of the
+    agent's team read, and only an owner act; another team's owner gets 403."""
+    from scanflow.spec.access import Role
+
+    agent, c = served
+    url = str(agent.api_url)
+    assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+    assert httpx.get(f"{url}/sensors", timeout=10).status_code == 401
+    assert httpx.post(f"{url}/sensors/clock/fire", timeout=10).status_code == 401
+    assert httpx.get(f"{url}/sensors", headers={KEY_HEADER: "guess"}, timeout=10).status_code == 401
+    ids = agent.store.identities
+    team = agent.ctx.app.team
+    for t in (team, "elsewhere"):
+        ids.create_team(t)
+    tokens = {}
+    for user, t, role in (("v", team, Role.viewer), ("o", team, Role.owner),
+                          ("x", "elsewhere", Role.owner)):
+        ids.create_user(user)
+        ids.set_role(user, t, role)
+        tokens[user] = {"Authorization": f"Bearer {ids.create_token(user)[1]}"}
+    assert httpx.get(f"{url}/sensors", headers=tokens["v"], timeout=10).status_code == 200
+    assert httpx.post(f"{url}/pause", headers=tokens["v"], timeout=10).status_code == 403
+    assert httpx.get(f"{url}/sensors", headers=tokens["x"], timeout=10).status_code == 403
+    r = httpx.post(f"{url}/pause", headers=tokens["o"], timeout=10)
+    assert r.status_code == 200, r.text
+    assert httpx.post(f"{url}/resume", headers=tokens["o"], timeout=10).status_code == 200

@@ -16,27 +16,38 @@
 An unknown sensor, trigger or message is a 404, a bad trigger body a 422 that names the field,
 a trigger id already used (or requeueing a message that is not dead-lettered) a 409. Changes
 made here are stored and survive a restart.
+
+Every route but `/health` needs an identity, else 401 (403 for one not allowed): either the
+agent's local key (`X-Scanflow-Agent-Key`, a random secret the agent writes at start to a file
+only its user can read: the CLI on the same machine sends it), or a bearer token whose user may
+read (GET) or manage agents (`agents`: owner) in the agent's team.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import os
+import secrets
 import socket
 import threading
 import time
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from scanflow.agents.errors import DuplicateTrigger, UnknownMessage, UnknownSensor, UnknownTrigger
 from scanflow.control.audit import why as audit_why
 from scanflow.spec.models import AgentSpec, Application, SensorSpec, Trigger
 from scanflow.store import Store
+from scanflow.store.identity import Refused
 
 HOST = "127.0.0.1"
+KEY_HEADER = "X-Scanflow-Agent-Key"
 
 
 class _Context(Protocol):
@@ -78,9 +89,65 @@ class ServedAgent(Protocol):
     def requeue(self, message_id: int) -> dict[str, Any]: ...
 
 
-def create_app(agent: ServedAgent) -> FastAPI:
-    """The agent's FastAPI app: errors as 404/409/422, then the routes over `agent`."""
+def key_file(agents_dir: Path, name: str) -> Path:
+    """Where an agent keeps the key of its API (mode 0600)."""
+    return agents_dir / f"{name}.api-key"
+
+
+def write_key(path: Path) -> str:
+    """A new random key, written so that only this user can read it."""
+    key = secrets.token_urlsafe(32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key)
+    os.replace(tmp, path)
+    return key
+
+
+def read_key(path: Path) -> str | None:
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _refused(status: int, detail: str) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status,
+                        headers={"WWW-Authenticate": "Bearer"} if status == 401 else None)
+
+
+def _authenticate(api: FastAPI, agent: ServedAgent, key: str | None) -> None:
+    """Refuse every request but `GET /health` that carries neither the key nor an allowed token."""
+
+    @api.middleware("http")
+    async def _identity(request: Request, call_next: Any) -> Any:
+        if request.url.path == "/health" and request.method == "GET":
+            return await call_next(request)
+        given = request.headers.get(KEY_HEADER)
+        if key is not None and given is not None and hmac.compare_digest(given.encode(), key.encode()):
+            return await call_next(request)
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return _refused(401, f"agent {agent.name}: send its key ({KEY_HEADER}) or "
+                            "`Authorization: Bearer <token>`")
+        who = await run_in_threadpool(agent.store.identities.verify, token.strip())
+        if isinstance(who, Refused):
+            return _refused(401, f"token refused: {who.reason}")
+        action = "read" if request.method == "GET" else "agents"
+        team = agent.ctx.app.team
+        if not who.may(action, team, agent.name):
+            return _refused(403, f"{who.user} may not {'read' if action == 'read' else 'manage'} "
+                            f"agent {agent.name} (team {team!r})")
+        return await call_next(request)
+
+
+def create_app(agent: ServedAgent, key: str | None = None) -> FastAPI:
+    """The agent's FastAPI app: identity checked, errors as 404/409/422, then the routes over
+    `agent`; `key` is the agent's local key (None: tokens only)."""
     api = FastAPI(title=f"scanflow agent {agent.name}", version="1")
+    _authenticate(api, agent, key)
     _error_handlers(api)
     _sensor_routes(api, agent)
     _record_routes(api, agent)
@@ -205,8 +272,10 @@ def _record_routes(api: FastAPI, agent: ServedAgent) -> None:
 class ApiServer:
     """uvicorn in a daemon thread, on a socket bound first (so the port is known up front)."""
 
-    def __init__(self, agent: ServedAgent, host: str = HOST, port: int = 0) -> None:
+    def __init__(self, agent: ServedAgent, host: str = HOST, port: int = 0,
+                 key: str | None = None) -> None:
         self.agent = agent
+        self.key = key
         self.host = host
         self.port = port
         self._sock: socket.socket | None = None
@@ -230,7 +299,7 @@ class ApiServer:
 
         if self._sock is None:
             self.bind()
-        config = uvicorn.Config(create_app(self.agent), log_level="warning", access_log=False,
+        config = uvicorn.Config(create_app(self.agent, self.key), log_level="warning", access_log=False,
                                 lifespan="off")
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]},

@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 
 from scanflow.agents import supervision
+from scanflow.agents.api import KEY_HEADER, key_file, read_key
 from scanflow.agents.registry import agent_issues
 from scanflow.agents.runtime import HEALTH, Agent
 from scanflow.control import backends
@@ -284,7 +285,16 @@ class AgentSupervisor:
         return str(row["api"])
 
     def client(self, name: str, timeout: float = 30.0) -> httpx.Client:
-        return httpx.Client(base_url=self.api_url(name), timeout=timeout)
+        """A client of the agent's API that sends its local key (if this machine has it) and
+        `SCANFLOW_TOKEN` (if set), so the API knows who calls."""
+        headers = {}
+        key = read_key(key_file(self.settings.agents_dir, name))
+        if key:
+            headers[KEY_HEADER] = key
+        token = os.environ.get("SCANFLOW_TOKEN")
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        return httpx.Client(base_url=self.api_url(name), timeout=timeout, headers=headers)
 
 
 class _Supervision:

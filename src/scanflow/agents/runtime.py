@@ -35,7 +35,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from scanflow.agents.api import ApiServer
+from scanflow.agents.api import ApiServer, key_file, write_key
 from scanflow.agents.context import (
     FAILPOINT_ENV,
     ActionCall,
@@ -445,7 +445,7 @@ class Agent(TriggerScheduling):
         server = None
         host = port = None
         if api:
-            server = ApiServer(self)
+            server = ApiServer(self, key=write_key(key_file(self.settings.agents_dir, self.name)))
             host, port = server.bind()
             self.api_url = f"http://{host}:{port}"
         self.store.delete_state(self.name, HEALTH)  # a new process: its sensors have not failed yet

@@ -78,21 +78,9 @@ def caller(request: Request) -> Identity:
 Caller = Annotated[Identity, Depends(caller)]
 
 
-def may(who: Identity, action: str, team: str, resource: str | None = None) -> bool:
-    """Whether `who` may take `action` on something team `team` owns (`resource` names it, for
-    a token narrowed to one service)."""
-    if not scope_allows(who.scopes, action, resource):
-        return False
-    if who.admin:
-        return True
-    least = needs(action)
-    role = who.role_in(team)
-    return least is not None and role is not None and role >= least
-
-
 def authorize(who: Identity, action: str, team: str, resource: str | None = None) -> None:
     """Raise 403 unless `who` may take `action` on team `team`'s `resource`."""
-    if not may(who, action, team, resource):
+    if not who.may(action, team, resource):
         role = who.role_in(team)
         held = f"you are {role.name} in team {team!r}" if role else f"you are not in team {team!r}"
         least = needs(action)

@@ -15,7 +15,6 @@ import ipaddress
 import threading
 import time
 
-from scanflow.spec.access import needs, scope_allows
 from scanflow.store import Store
 from scanflow.store.identity import Identity, Refused
 
@@ -74,10 +73,7 @@ class LabelGate:
         who = self._verify(token)
         if isinstance(who, Refused):
             raise LabelDenied(401, f"token refused: {who.reason}")
-        least = needs("label")
-        role = who.role_in(self.team)
-        allowed = who.admin or (least is not None and role is not None and role >= least)
-        if not allowed or not scope_allows(who.scopes, "label", self.service):
+        if not who.may("label", self.team, self.service):
             raise LabelDenied(403, f"{who.user} may not label {self.service} (needs operator in "
                               f"team {self.team!r} or a token scoped label:{self.service})")
         return who.who

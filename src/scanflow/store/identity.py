@@ -20,7 +20,7 @@ from typing import Protocol
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from scanflow.spec.access import Role
+from scanflow.spec.access import Role, needs, scope_allows
 from scanflow.store.db import Database
 from scanflow.store.schema import Membership, Team, TeamGrant, Token, User
 
@@ -55,6 +55,18 @@ class Identity:
         if role is None and team in self.readable:
             return Role.viewer
         return role
+
+    def may(self, action: str, team: str, resource: str | None = None) -> bool:
+        """Whether this identity may take `action` on something team `team` owns (`resource`
+        names it, for a token narrowed to one service): its role there is at least the
+        action's (`scanflow.spec.access.ACTIONS`), or it is an admin; and its token's scopes,
+        if any, allow it."""
+        if not scope_allows(self.scopes, action, resource):
+            return False
+        if self.admin:
+            return True
+        least, role = needs(action), self.role_in(team)
+        return least is not None and role is not None and role >= least
 
     @property
     def teams(self) -> frozenset[str]:
