@@ -313,3 +313,59 @@ def test_failed_logins_are_rate_limited(server: Server) -> None:
         assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1  # the address waits
     finally:
         s.app.state.failed_logins = FailedLogins(limit=10_000)
+
+
+def _cli(server: Server, *args: str, who: str | None = None) -> tuple[int, str]:
+    """The CLI in this process: through the server as `who`, or locally on the workspace."""
+    from typer.testing import CliRunner
+
+    from scanflow.cli.main import app
+
+    env = {"SCANFLOW_WORKSPACE": str(server.ws.settings.root), "SCANFLOW_SERVER": "",
+           "SCANFLOW_TOKEN": ""}
+    if who is not None:
+        env.update(SCANFLOW_SERVER=server.url, SCANFLOW_TOKEN=server.tokens[who],
+                   SCANFLOW_WORKSPACE=str(server.ws.settings.root / "elsewhere"))
+    res = CliRunner().invoke(app, list(args), env=env)
+    return res.exit_code, res.output
+
+
+def test_the_cli_through_the_server_prints_what_it_prints_locally(server: Server) -> None:
+    import json
+
+    s = server
+    for args in (["runs", "list", "--json"], ["events", "--service", "shop-digits", "--json"],
+                 ["decisions", "--json"], ["why", "shop-digits", "--json"]):
+        local_code, local = _cli(s, *args)
+        remote_code, remote = _cli(s, *args, who="root")
+        assert local_code == remote_code == 0, (args, local, remote)
+        assert json.loads(remote) == json.loads(local), args
+    run_id = json.loads(_cli(s, "runs", "list", "--json")[1])[0]["id"]
+    local, remote = _cli(s, "runs", "show", run_id, "--json"), _cli(s, "runs", "show", run_id,
+                                                                     "--json", who="vera")
+    assert local[0] == remote[0] == 0
+    drop = {"log_path"}  # where the step's log is: the server's path, the same here
+    assert {k: v for k, v in json.loads(remote[1]).items() if k not in drop} == \
+        {k: v for k, v in json.loads(local[1]).items() if k not in drop}
+    assert _cli(s, "runs", "show", run_id)[1] == _cli(s, "runs", "show", run_id, who="vera")[1]
+    # the same service status, the same table
+    assert _cli(s, "status", "shop-digits", "--url") == _cli(s, "status", "shop-digits", "--url",
+                                                             who="vera")
+    # an action: allowed for the operator, exit 2 with the reason for a viewer, as bad input is
+    code, text = _cli(s, "scale", "shop-digits", "2", who="oscar")
+    assert code == 0 and "shop-digits: 2 replica(s)" in text
+    code, text = _cli(s, "scale", "shop-digits", "1", who="vera")
+    assert code == 2 and "needs operator" in text and "viewer" in text
+    assert _cli(s, "scale", "nope", "1", who="oscar")[0] == _cli(s, "scale", "nope", "1")[0] == 2
+    code, text = _cli(s, "rollback", "shop-digits", who="olga")
+    assert code == 0 and "rolled back to version" in text
+    assert _cli(s, "scale", "shop-digits", "1", who="oscar")[0] == 0
+    # a run through the server, waited for, its exit code as locally
+    code, text = _cli(s, "run", str(s.spec), "broken", who="oscar")
+    assert code == 1 and "failed" in text
+    code, text = _cli(s, "run", str(s.spec), "hello", who="oscar")
+    assert code == 0 and "succeeded" in text
+    # a wrong token: exit 2, and the token is not echoed
+    s.tokens["bogus"] = "sft_0123456789abcdef_" + "x" * 43
+    code, text = _cli(s, "runs", "list", who="bogus")
+    assert code == 2 and "unknown token" in text and "x" * 43 not in text

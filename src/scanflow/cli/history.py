@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
+from scanflow.cli import remote as via
 from scanflow.cli.common import context, fail, iso, out, print_json, show, table, when
 
 # What an action's stored summary says about itself rather than about what it did.
@@ -21,8 +22,11 @@ def events(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """The event log (drift detected, retrains, promotions, rollouts...)."""
-    _, store = context()
-    rows = store.list_events(service, kind)
+    if (api := via.remote()) is not None:
+        rows = [via.row(e) for e in api.pages("/api/v1/events", {"service": service, "kind": kind,
+                                                                  "limit": 1000}, limit=1000)]
+    else:
+        rows = context()[1].list_events(service, kind)
     if as_json:
         listed = []
         for e in rows:
@@ -53,8 +57,11 @@ def decisions(
 ) -> None:
     """Every judgement of the agents: when, which sensor, whether its rule fired and why, and
     the actions it took with how they ended."""
-    _, store = context()
-    rows = list(store.list_decisions(agent, service, fired=True if fired else None))
+    if (api := via.remote()) is not None:
+        rows = [via.row(d) for d in api.pages("/api/v1/decisions", {
+            "agent": agent, "service": service, "fired": True if fired else None, "limit": 1000})]
+    else:
+        rows = list(context()[1].list_decisions(agent, service, fired=True if fired else None))
     if limit is not None:
         rows = rows[-limit:]
     if as_json:
@@ -80,11 +87,13 @@ def why(
     its evidence, the action, the run and model version it produced, and who approved it."""
     from scanflow.control.audit import why as audit_why  # lazy: the store (SQLAlchemy, ~0.5 s)
 
-    _, store = context()
-    try:
-        res = audit_why(store, service)
-    except KeyError as exc:
-        fail(str(exc).strip("'\""))
+    if (api := via.remote()) is not None:
+        res = api.call("GET", f"/api/v1/services/{service}/why")
+    else:
+        try:
+            res = audit_why(context()[1], service)
+        except KeyError as exc:
+            fail(str(exc).strip("'\""))
     if as_json:
         print_json(res)
         return

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
+from scanflow.cli import remote as via
 from scanflow.cli.common import (
     AppPath,
     Reason,
@@ -30,15 +31,29 @@ from scanflow.cli.common import (
 from scanflow.spec.policy import Policy
 
 
+def _post(service: str, op: str, body: dict[str, Any] | None = None) -> Any:
+    """An operation through the server (`SCANFLOW_SERVER`); None in the local mode."""
+    api = via.remote()
+    return None if api is None else api.call("POST", f"/api/v1/services/{service}/{op}", body=body or {})
+
+
 def deploy(
     path: AppPath,
     service: Annotated[str | None, typer.Argument(help="one service (default: all)")] = None,
 ) -> None:
     """Start the model server(s) of an application on 127.0.0.1."""
-    spec = load(path, with_registry=True)
+    api = via.remote()
+    spec = load(path, with_registry=api is None)
     names = [service] if service else list(spec.services)
     if service and service not in spec.services:
         fail(f"no service {service!r} in {spec.source} (known: {', '.join(spec.services)})")
+    if api is not None:
+        api.ensure_app(spec.app, path)
+        for name in names:
+            d = api.call("POST", f"/api/v1/services/{name}/deploy", body={"app": spec.app})
+            out.print(f"[green]deployed[/] {name}: models:/{d['model_name']}@{d['alias']} "
+                      f"(version {d['model_version']}) x{d['replicas']} at {d['url']}")
+        return
     deployer, _ = deployer_and_store()
     for name in names:
         svc = spec.services[name]
@@ -58,6 +73,9 @@ def deploy(
 
 def scale(service: str, replicas: Annotated[int, typer.Argument(min=1, max=64)]) -> None:
     """Change the number of replicas of a running service."""
+    if (done := _post(service, "scale", {"replicas": replicas})) is not None:
+        out.print(f"{service}: {done['replicas']} replica(s)")
+        return
     done = operate(lambda ops, me: ops.scale(service, replicas, actor=me))
     out.print(f"{service}: {done.deployment.replicas} replica(s)")
 
@@ -68,6 +86,10 @@ def resize(
     reason: Annotated[str, typer.Option(help="recorded in the audit trail")] = "",
 ) -> None:
     """Change the CPU quota of a running service's replicas, in place (no restart)."""
+    if (res := _post(service, "resize", {"cpus": cpus, "reason": reason})) is not None:
+        out.print(f"{service}: {res['detail']['cpus']:g} CPU per replica"
+                  + ("" if res["detail"]["changed"] else " (unchanged)"))
+        return
     done = operate(lambda ops, me: ops.resize(service, cpus, actor=me, reason=reason))
     out.print(f"{service}: {done.after:g} CPU per replica"
               + ("" if done.changed else " (unchanged)"))
@@ -79,12 +101,19 @@ def rollout(
     reason: Annotated[str, typer.Option(help="recorded in the audit trail")] = "",
 ) -> None:
     """Rolling update of a service's replicas (0 failed requests)."""
+    if (res := _post(service, "rollout", {"version": version, "reason": reason})) is not None:
+        out.print(f"{service}: serving version {res['model_version']}")
+        return
     done = operate(lambda ops, me: ops.rollout(service, version, actor=me, reason=reason))
     out.print(f"{service}: serving version {done.deployment.model_version}")
 
 
 def rollback(service: str, reason: Reason = "") -> None:
     """Serve the previous version again, in one step (the alias follows)."""
+    if (res := _post(service, "rollback", {"reason": reason})) is not None:
+        out.print(f"{service}: rolled back to version {res['model_version']} "
+                  f"(was {res['previous_version']})")
+        return
     dep = operate(lambda ops, me: ops.rollback(service, actor=me, reason=reason)).deployment
     out.print(f"{service}: rolled back to version {dep.model_version} (was {dep.previous_version})")
 
@@ -107,6 +136,14 @@ def promote(
     passes. Exit 1 when rejected."""
     from scanflow.agents.promotion import offer  # lazy: the agents' gate (MLflow, numpy)
 
+    if via.remote() is not None:
+        if holdout is not None:
+            fail("--holdout is a file of this machine: through a server, the service's registered "
+                 "application's policy judges on the service's labelled requests alone")
+        r = _post(service, "promote", {"version": version, "force": force, "reason": reason})
+        _print_offer(service, version, as_json, r["passed"], r["forced"], r["promoted"],
+                     r["champion_version"], r["served_version"], r["reasons"], r)
+        return
     policy = Policy()
     deployer, store = deployer_and_store()
     if spec is not None:
@@ -122,17 +159,26 @@ def promote(
         err.print("no --spec: judging with the default policy, not the service's own", highlight=False)
     res = service_call(lambda: offer(deployer.settings, store, deployer, service, version,
                                       policy=policy, holdout=holdout, force=force, reason=reason))
+    _print_offer(service, version, as_json, res.gate.passed, res.forced, res.promoted,
+                 res.champion_version, res.served_version, [*res.gate.reasons, *res.notes],
+                 res.to_dict())
+
+
+def _print_offer(service: str, version: str, as_json: bool, passed: bool, forced: bool,
+                 promoted: bool, champion: Any, served: Any, reasons: list[str],
+                 whole: dict[str, Any]) -> None:
+    """The gate's verdict, its reasons and what is served now; exit 1 when not promoted."""
     if as_json:
-        print(json.dumps(res.to_dict(), default=str))
+        print(json.dumps(whole, default=str))
     else:
-        verdict = ("[green]passed[/]" if res.gate.passed else
-                   "[yellow]failed, forced[/]" if res.forced else "[red]rejected[/]")
+        verdict = ("[green]passed[/]" if passed else
+                   "[yellow]failed, forced[/]" if forced else "[red]rejected[/]")
         out.print(f"{service}: promotion gate {verdict} for version {version} "
-                  f"(champion {res.champion_version})")
-        for line in [*res.gate.reasons, *res.notes]:
+                  f"(champion {champion})")
+        for line in reasons:
             out.print(f"  - {line}", highlight=False)
-        out.print(f"{service}: serving version {res.served_version}")
-    if not res.promoted:
+        out.print(f"{service}: serving version {served}")
+    if not promoted:
         raise typer.Exit(1)
 
 
@@ -145,7 +191,8 @@ def canary(
     """Send a share of live traffic to a challenger version (answers returned and logged)."""
     if (version is None) == (not off):
         fail("give a VERSION, or --off to stop the canary")
-    operate(lambda ops, me: ops.canary(service, None if off else version, share, actor=me))
+    if _post(service, "canary", {"version": None if off else version, "share": share}) is None:
+        operate(lambda ops, me: ops.canary(service, None if off else version, share, actor=me))
     out.print(f"{service}: canary stopped" if off else
               f"{service}: version {version} answers {share:.1%} of requests")
 
@@ -158,20 +205,22 @@ def shadow(
     """Let a version score a copy of live traffic: logged, never returned."""
     if (version is None) == (not off):
         fail("give a VERSION, or --off to stop the shadow")
-    operate(lambda ops, me: ops.shadow(service, None if off else version, actor=me))
+    if _post(service, "shadow", {"version": None if off else version}) is None:
+        operate(lambda ops, me: ops.shadow(service, None if off else version, actor=me))
     out.print(f"{service}: shadow stopped" if off else f"{service}: version {version} shadows live traffic")
 
 
 def stop(service: str) -> None:
     """Stop a service."""
-    deployer, _ = deployer_and_store()
-    service_call(lambda: deployer.stop(service))
+    if _post(service, "stop") is None:
+        deployer, _ = deployer_and_store()
+        service_call(lambda: deployer.stop(service))
     out.print(f"{service}: stopped")
 
 
-def _service_row(d: Any, deployer: Any) -> dict[str, str]:
-    """What the tables show of one service, every value whole."""
-    live = deployer.status(d.service) if d.status == "running" else None
+def _service_row(d: Any, live: dict[str, Any] | None, url: str) -> dict[str, str]:
+    """What the tables show of one service (`live`: its deployer's status, if running), every
+    value whole."""
     by_version: dict[str, int] = {}
     for w in (live or {}).get("workers", []):
         if not w["draining"] and w["model_version"]:
@@ -183,7 +232,7 @@ def _service_row(d: Any, deployer: Any) -> dict[str, str]:
         "canary": f"v{canary['version']} {canary['share']:.0%}" if canary else "-",
         "shadow": (live or {}).get("shadow_version") or "-", "previous": str(d.previous_version or "-"),
         "replicas (live)": f"{d.replicas} ({per_version})",
-        "url": deployer.url(d.service), "status": live["status"] if live else d.status,
+        "url": url, "status": live["status"] if live else d.status,
     }
 
 
@@ -250,6 +299,9 @@ def status(
 
     if url and service is None:
         fail("--url needs a SERVICE: scanflow status SERVICE --url")
+    if (api := via.remote()) is not None:
+        _remote_status(api, service, url, as_json)
+        return
     settings, store = context()
     deps = list(store.list_deployments())
     if service is not None:
@@ -274,11 +326,42 @@ def status(
         print_json(services[0] if service is not None else {"services": services, "agents": listed},
                    indent=2)
         return
-    rows = [_service_row(d, deployer) for d in deps]
+    rows = [_service_row(d, deployer.status(d.service) if d.status == "running" else None,
+                         deployer.url(d.service)) for d in deps]
     if rows:
         _print_services(rows)
     if service is not None and deps[0].status == "running":
         _print_replicas(deployer.status(service))
     else:
+        out.print("no services deployed here (scanflow deploy APP)", highlight=False)
+    _print_agents(agents)
+
+
+def _remote_status(api: Any, service: str | None, url: bool, as_json: bool) -> None:
+    """`status` through the server: the same tables from its answers."""
+    services = ([api.call("GET", f"/api/v1/services/{service}")] if service is not None
+                else api.call("GET", "/api/v1/services"))
+    if url and service is not None:
+        if services[0]["status"] != "running":
+            fail(f"{service} is {services[0]['status']}: nothing answers at {services[0]['url']}",
+                 code=1)
+        print(services[0]["url"])
+        return
+    agents = [] if service is not None else api.call("GET", "/api/v1/agents")
+    if as_json:
+        for s in services:
+            if s.get("last_oom_kill"):
+                timed(s["last_oom_kill"], "at")
+        listed = [timed(dict(a), "heartbeat", "started_at", "next_try") for a in agents]
+        print_json(services[0] if service is not None else {"services": services, "agents": listed},
+                   indent=2)
+        return
+    rows = [_service_row(via.row(s), s if "alive" in s else None, s.get("url") or "-")
+            for s in services]
+    if rows:
+        _print_services(rows)
+    if service is not None and services[0]["status"] == "running":
+        _print_replicas(services[0])
+    elif not rows:
         out.print("no services deployed here (scanflow deploy APP)", highlight=False)
     _print_agents(agents)

@@ -13,6 +13,7 @@ import typer
 from rich.live import Live
 from rich.table import Table
 
+from scanflow.cli import remote as via
 from scanflow.cli.common import (
     AppPath,
     build_engine,
@@ -56,6 +57,9 @@ def run(
         resolve_params(spec.workflows[workflow], params)
     except ParamError as exc:
         fail(str(exc))
+    if (api := via.remote()) is not None:
+        _remote_run(api, path, spec, workflow, params, not no_cache, detach)
+        return
     settings, store = context()
     if detach:
         _detach(settings, store, spec, workflow, params, not no_cache)
@@ -66,6 +70,34 @@ def run(
     except ParamError as exc:
         fail(str(exc))
     _follow_run(engine, run_id, spec, workflow, lambda progress: engine.execute(run_id, spec, progress))
+
+
+def _remote_run(api: Any, path: Path, spec: Any, workflow: str, params: dict[str, Any],
+                cache: bool, detach: bool) -> None:
+    """`run` through the server: register the application (its path as the server sees it),
+    queue the run, and (unless `detach`) wait for it, printing each step as it ends."""
+    api.ensure_app(spec.app, path)
+    r = api.call("POST", "/api/v1/runs", body={"app": spec.app, "workflow": workflow,
+                                                "params": params, "cache": cache})
+    if detach:
+        print(r["id"])
+        err.print(f"queued on the server; follow it with `scanflow logs {r['id'][:12]} --follow`",
+                  highlight=False)
+        return
+    seen: dict[str, str] = {}
+    while True:
+        run = api.call("GET", f"/api/v1/runs/{r['id']}")
+        for st in run["steps"]:
+            if st["status"] != seen.get(st["step"]) and st["status"] not in {"pending", "running"}:
+                out.print(f"  {st['step']}: {st['status']}", highlight=False)
+            seen[st["step"]] = st["status"]
+        if run["status"] in {"succeeded", "failed", "cancelled", "interrupted"}:
+            break
+        time.sleep(0.5)
+    out.print(f"run [bold]{run['id']}[/] {run['status']}")
+    if run["status"] != "succeeded":
+        err.print(run.get("error") or "", highlight=False, markup=False)
+        raise typer.Exit(1)
 
 
 def _detach(settings: Any, store: Any, spec: Any, workflow: str, params: dict[str, Any],
@@ -155,8 +187,11 @@ def runs_list(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """The newest runs first: status, when they started, who or what started them."""
-    _, store = context()
-    rows = store.list_runs(workflow, limit)
+    if (api := via.remote()) is not None:
+        rows = [via.row(r) for r in api.pages("/api/v1/runs", {"workflow": workflow,
+                                                           "limit": min(limit, 500)}, limit=limit)]
+    else:
+        rows = context()[1].list_runs(workflow, limit)
     if as_json:
         print_json([_run_row(r) for r in rows])
         return
@@ -170,11 +205,15 @@ def runs_list(
 @runs_app.command("show")
 def runs_show(run_id: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """One run: its params, what triggered it, and each step (status, exit, tries, cache)."""
-    _, store = context()
-    r = store.get_run(run_id)
-    if r is None:
-        fail(f"no run {run_id!r}")
-    steps = store.list_steps(r.id)
+    if (api := via.remote()) is not None:
+        r = via.row(api.call("GET", f"/api/v1/runs/{run_id}"))
+        steps = [via.row(s) for s in r.steps]
+    else:
+        store = context()[1]
+        r = store.get_run(run_id)
+        if r is None:
+            fail(f"no run {run_id!r}")
+        steps = store.list_steps(r.id)
     if as_json:
         print_json({**_run_row(r), "steps": [_step_row(s) for s in steps]})
         return
@@ -204,6 +243,10 @@ def logs(
 ) -> None:
     """Print a run's step logs."""
     from scanflow.engine.logs import step_logs  # lazy: the store (SQLAlchemy, ~0.5 s)
+
+    if (api := via.remote()) is not None:
+        _remote_logs(api, run_id, step, follow)
+        return
 
     settings, store = context()
     live = remote = None
@@ -236,9 +279,25 @@ def logs(
         sys.stdout.flush()
 
 
+def _remote_logs(api: Any, run_id: str, step: str | None, follow: bool) -> None:
+    """`logs` through the server: the same text, each step's under its rule."""
+    for line in api.stream(f"/api/v1/runs/{run_id}/logs", {"step": step, "follow": follow}):
+        if not follow and line.startswith("== ") and line.endswith(" =="):
+            out.rule(line[3:-3])
+            continue
+        if follow and step and line.startswith(f"[{step}] "):
+            line = line[len(step) + 3:]
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
+
 def cancel(run_id: str) -> None:
     """Stop a running (or queued) run: running steps are killed, pending ones never start."""
     from scanflow.control import backends  # lazy: the store (SQLAlchemy, ~0.5 s)
+
+    if (api := via.remote()) is not None:
+        out.print(f"run {run_id}: {api.call('POST', f'/api/v1/runs/{run_id}/cancel')['status']}")
+        return
 
     settings, store = context()
     try:

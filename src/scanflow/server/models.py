@@ -65,6 +65,7 @@ class StepOut(BaseModel):
     cache_key: str | None
     cached_from: str | None
     mlflow_run_id: str | None
+    log_path: str | None = Field(default=None, description="on the machine that ran the step")
     outputs: dict[str, Any]
     error: str | None
     started_at: float | None
@@ -169,6 +170,7 @@ class Done(BaseModel):
     service: str
     operation: str
     model_version: str | None = None
+    previous_version: str | None = None
     replicas: int | None = None
     detail: dict[str, Any] = {}
 

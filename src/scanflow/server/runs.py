@@ -76,6 +76,7 @@ def show(run_id: str, who: Caller, plat: Plat) -> RunDetail:
     r = _run(plat, who, run_id, "read")
     steps = [StepOut(step=s.step, status=s.status, exit_code=s.exit_code, attempts=s.attempts or 0,
                      cache_key=s.cache_key, cached_from=s.cached_from, mlflow_run_id=s.mlflow_run_id,
+                     log_path=s.log_path,
                      outputs=s.outputs, error=s.error, started_at=s.started_at, ended_at=s.ended_at)
              for s in plat.store.list_steps(r.id)]
     return RunDetail(**run_out(r).model_dump(), steps=steps)

@@ -113,6 +113,7 @@ def _operate(plat: Platform, who: Identity, service: str, action: str,
 def _done(service: str, operation: str, outcome: Any) -> Done:
     dep = outcome.deployment
     return Done(service=service, operation=operation, model_version=dep.model_version if dep else None,
+                previous_version=dep.previous_version if dep else None,
                 replicas=dep.replicas if dep else None)
 
 

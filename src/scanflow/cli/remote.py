@@ -1,0 +1,101 @@
+"""The CLI through a scanflow server: with `SCANFLOW_SERVER` (and `SCANFLOW_TOKEN`) set, the
+commands that read or change runs and services call the server's REST API instead of opening
+the workspace, and print what they print locally from its answers.
+
+The server's answers are turned into objects with the attributes of the store's rows, so one
+piece of code renders a run, an event or a decision in both modes. Exit codes: a refused or bad
+request (4xx) is 2 with the server's message, a service held by another controller (409
+`lease_busy`) or an unreachable server 1, as locally.
+"""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+from typing import Any
+
+from scanflow.cli.common import fail
+
+
+def server_url() -> str | None:
+    url = os.environ.get("SCANFLOW_SERVER", "").strip()
+    return url.rstrip("/") or None
+
+
+def row(data: dict[str, Any]) -> Any:
+    """An answer as an object with the attributes of the store's row (`r.status`, ...)."""
+    return SimpleNamespace(**data)
+
+
+class Remote:
+    """A client of the server, with the caller's token."""
+
+    def __init__(self, url: str) -> None:
+        import httpx  # lazy: only remote commands need it
+
+        token = os.environ.get("SCANFLOW_TOKEN", "").strip()
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.url = url
+        self.http = httpx.Client(base_url=url, headers=headers, timeout=600.0)
+
+    def call(self, method: str, path: str, *, body: Any = None, params: dict[str, Any] | None = None,
+             ) -> Any:
+        """The answer's JSON; an error answer ends the command with the server's message."""
+        import httpx
+
+        try:
+            r = self.http.request(method, path, json=body,
+                                  params={k: v for k, v in (params or {}).items() if v is not None})
+        except httpx.HTTPError as exc:
+            fail(f"the scanflow server at {self.url} does not answer ({type(exc).__name__})", code=1)
+        if r.status_code >= 400:
+            try:
+                err = r.json()["error"]
+                code, message = err["code"], err["message"]
+            except (ValueError, KeyError, TypeError):
+                code, message = "error", r.text[:500]
+            fail(message, code=1 if code == "lease_busy" or r.status_code >= 500 else 2)
+        if r.headers.get("content-type", "").startswith("application/json"):
+            return r.json()
+        return r.text
+
+    def ensure_app(self, app: str, path: Any) -> None:
+        """Register the application from `path` (as the server's machine sees it) unless it is
+        registered already (registering needs an owner; running and deploying do not)."""
+        if not any(a["name"] == app for a in self.call("GET", "/api/v1/apps")):
+            self.call("POST", "/api/v1/apps", body={"path": str(path.resolve())})
+
+    def pages(self, path: str, params: dict[str, Any] | None = None, *, limit: int | None = None,
+              ) -> list[Any]:
+        """Every item of a paginated list (at most `limit`)."""
+        items: list[Any] = []
+        cursor = None
+        while True:
+            page = self.call("GET", path, params={**(params or {}), "cursor": cursor})
+            items += page["items"]
+            cursor = page["next"]
+            if cursor is None or (limit is not None and len(items) >= limit):
+                return items[:limit] if limit is not None else items
+
+    def stream(self, path: str, params: dict[str, Any]) -> Any:
+        """The lines of a streamed text answer, as they come."""
+        import httpx
+
+        try:
+            with self.http.stream("GET", path, params=params) as r:
+                if r.status_code >= 400:
+                    r.read()
+                    try:
+                        message = r.json()["error"]["message"]
+                    except (ValueError, KeyError, TypeError):
+                        message = r.text[:500]
+                    fail(message)
+                yield from r.iter_lines()
+        except httpx.HTTPError as exc:
+            fail(f"the scanflow server at {self.url} does not answer ({type(exc).__name__})", code=1)
+
+
+def remote() -> Remote | None:
+    """The server client when `SCANFLOW_SERVER` is set; None: the embedded local mode."""
+    url = server_url()
+    return Remote(url) if url else None
