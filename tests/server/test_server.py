@@ -6,6 +6,7 @@ token allowed `label` there; tokens never reach logs, events or error messages."
 from __future__ import annotations
 
 import logging
+import re
 import textwrap
 import threading
 import time
@@ -102,7 +103,7 @@ def server(digits_workspace: DigitsWorkspace, tmp_path_factory: pytest.TempPathF
     root.addHandler(handler)
     old_level = root.level
     root.setLevel(logging.DEBUG)
-    app = create_app(settings, max_runs=1)
+    app = create_app(settings, max_runs=2)
     config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="debug", access_log=True)
     srv = uvicorn.Server(config)
     thread = threading.Thread(target=srv.run, daemon=True)
@@ -369,3 +370,100 @@ def test_the_cli_through_the_server_prints_what_it_prints_locally(server: Server
     s.tokens["bogus"] = "sft_0123456789abcdef_" + "x" * 43
     code, text = _cli(s, "runs", "list", who="bogus")
     assert code == 2 and "unknown token" in text and "x" * 43 not in text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("who", ["root", None])
+def test_schemathesis_finds_no_5xx_and_every_answer_matches_its_schema(
+    server: Server, who: str | None, tmp_path: Path
+) -> None:
+    """Every operation of /openapi.json, fuzzed with the admin's token and with none: no 5xx, and
+    every answer (codes and bodies) as the document says."""
+    import os
+    import subprocess
+    import sys
+
+    exe = Path(sys.executable).with_name("schemathesis")
+    cmd = [str(exe), "run", f"{server.url}/openapi.json", "--checks",
+           "not_a_server_error,status_code_conformance,content_type_conformance,"
+           "response_schema_conformance", "--max-examples", "8", "--phases",
+           "examples,coverage,fuzzing", "--workers", "2", "--seed", "1",
+           "--suppress-health-check", "all", "--exclude-path-regex", r".*/(stop|deploy)$"]
+    if who is not None:
+        cmd += ["-H", f"Authorization: Bearer {server.tokens[who]}"]
+    env = {**os.environ, "SCHEMATHESIS_HOOKS": "", "NO_COLOR": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    tail = (res.stdout + res.stderr)[-6000:]
+    assert res.returncode == 0, tail
+    tested = re.search(r"Tested: (\d+)", res.stdout)
+    assert tested and int(tested.group(1)) >= 23, tail  # every operation but stop and deploy
+    for token in server.tokens.values():
+        assert token not in res.stdout  # the report prints requests: not our tokens' answers
+
+
+@pytest.mark.slow
+def test_twenty_clients_mixing_reads_and_actions_get_no_5xx_and_leave_consistent_state(
+    server: Server,
+) -> None:
+    """20 clients for 60 s: reads of every list, runs submitted, the service scaled 1 <-> 2 by
+    several at once (the lease lets one act; the others are told 409 lease_busy). No 5xx; every
+    accepted run is in the store once and ends; the service has the replicas it reports."""
+    import random
+
+    s = server
+    stop = time.monotonic() + 60
+    codes: dict[int, int] = {}
+    submitted: list[str] = []
+    lock = threading.Lock()
+
+    def client(i: int) -> None:
+        rnd = random.Random(i)
+        who = ("oscar", "vera", "olga", "root")[i % 4]
+        runs = scales = 0  # each client submits 2 runs and scales 3 times, at random moments
+        with httpx.Client(base_url=s.url, timeout=120,
+                          headers={"Authorization": f"Bearer {s.tokens[who]}"}) as c:
+            while time.monotonic() < stop:
+                pick = rnd.random()
+                if pick < 0.98 or (runs >= 2 and scales >= 3):
+                    r = c.get(rnd.choice(["/api/v1/runs", "/api/v1/services", "/api/v1/events",
+                                          "/api/v1/decisions", "/api/v1/services/shop-digits"]))
+                elif pick < 0.99 and runs < 2 or scales >= 3:
+                    runs += 1
+                    r = c.post("/api/v1/runs", json={"app": "shop", "workflow": "hello"})
+                    if r.status_code == 202:
+                        with lock:
+                            submitted.append(r.json()["id"])
+                else:
+                    scales += 1
+                    r = c.post("/api/v1/services/shop-digits/scale",
+                               json={"replicas": rnd.choice([1, 2])})
+                with lock:
+                    codes[r.status_code] = codes.get(r.status_code, 0) + 1
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not [c for c in codes if c >= 500], codes
+    assert codes.get(200, 0) + codes.get(202, 0) > 100, codes
+    assert set(codes) <= {200, 202, 403, 409}, codes  # 403: the viewer's actions
+    assert len(submitted) == len(set(submitted)) > 0
+    with s.ws.store.session() as sess:
+        from sqlalchemy import text
+
+        rows = sess.execute(text("SELECT id FROM workflow_runs")).scalars().all()
+    assert set(submitted) <= set(rows) and len(rows) == len(set(rows))
+
+    def ended() -> bool:
+        states = {s.call("GET", f"/api/v1/runs/{rid}", "root").json()["status"]
+                  for rid in submitted}
+        return states <= {"succeeded"}
+
+    wait_for(ended, 300, interval=1, what="the queued runs ran")
+    status = s.call("GET", "/api/v1/services/shop-digits", "root").json()
+    serving = [w for w in status["workers"] if w["ready"] and not w["draining"]]
+    wait_for(lambda: len([w for w in s.call("GET", "/api/v1/services/shop-digits", "root").json()
+                          ["workers"] if w["ready"] and not w["draining"]]) == status["replicas"],
+             60, what=f"the service serving the {status['replicas']} replica(s) it reports "
+             f"(had {len(serving)})")

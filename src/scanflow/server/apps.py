@@ -21,9 +21,14 @@ Plat = Annotated[Platform, Depends(platform)]
 
 def _load(path: str) -> Any:
     p = Path(path)
-    if not p.exists():
-        raise ApiError(404, "not_found", f"no spec at {path!r} on the server's machine")
-    return load_application(p, checks=[lambda app: agent_issues(app) if app.agents else []])
+    shown = path if len(path) <= 200 else path[:200] + "..."
+    try:
+        if not p.exists():
+            raise ApiError(404, "not_found", f"no spec at {shown!r} on the server's machine")
+        return load_application(p, checks=[lambda app: agent_issues(app) if app.agents else []])
+    except OSError as exc:
+        raise ApiError(422, "invalid_request", f"cannot read a spec at {shown!r}: "
+                       f"{exc.strerror or type(exc).__name__}") from None
 
 
 def _out(row: Any, spec: Any | None) -> AppOut:
