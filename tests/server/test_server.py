@@ -157,6 +157,10 @@ def test_every_mutating_endpoint_checks_identity_and_role(server: Server) -> Non
     done = wait_for(lambda: (x := s.call("GET", f"/api/v1/runs/{run['id']}", "vera").json())
                     ["status"] in {"succeeded", "failed"} and x, 120, what="the queued run ended")
     assert done["status"] == "succeeded" and [st["step"] for st in done["steps"]] == ["hello"]
+    from mlflow import MlflowClient
+
+    tags = MlflowClient(tracking_uri=s.ws.settings.tracking).get_run(done["mlflow_run_id"]).data.tags
+    assert tags["scanflow.by"] == "person:oscar" and tags["scanflow.team"] == "data"
     logs = s.call("GET", f"/api/v1/runs/{run['id']}/logs", "vera")
     assert logs.status_code == 200 and "hello world" in logs.text
     bad = s.call("POST", "/api/v1/runs", "oscar", {"app": "shop", "workflow": "broken"}).json()

@@ -38,7 +38,7 @@ from scanflow.store import Store
 from scanflow.store.db import again_if_disconnected
 from scanflow.store.schema import WorkflowRun
 from scanflow.tracking import MlflowTracker, Tracker
-from scanflow.tracking.base import TAG_APP, TAG_RUN, TAG_TEAM, TAG_WORKFLOW
+from scanflow.tracking.base import TAG_APP, TAG_BY, TAG_RUN, TAG_TEAM, TAG_WORKFLOW
 
 RESUMABLE = {"failed", "cancelled", "interrupted"}
 HEARTBEAT_EVERY = 10.0  # seconds between a running run's heartbeats (at most a quarter of stale_after)
@@ -370,7 +370,8 @@ class LocalEngine(Engine):
         exp = self.tracker.experiment_id(app.app, app.team)
         parent = run.mlflow_run_id
         if parent is None:
-            tags = {TAG_RUN: run.id, TAG_WORKFLOW: run.workflow, TAG_APP: app.app, TAG_TEAM: app.team}
+            tags = {TAG_RUN: run.id, TAG_WORKFLOW: run.workflow, TAG_APP: app.app, TAG_TEAM: app.team,
+                    TAG_BY: str((run.trigger or {}).get("by", ""))}
             parent = self.tracker.start_run(exp, run.workflow, tags, params=dict(run.params))
         return exp, parent
 

@@ -33,7 +33,7 @@ from scanflow.spec.loader import resolve_callable
 from scanflow.spec.models import Application, Step
 from scanflow.store.schema import WorkflowRun
 from scanflow.tracking import Tracker
-from scanflow.tracking.base import TAG_APP, TAG_RUN, TAG_STEP, TAG_TEAM
+from scanflow.tracking.base import TAG_APP, TAG_BY, TAG_RUN, TAG_STEP, TAG_TEAM
 
 TAIL_LINES = 20
 
@@ -171,7 +171,8 @@ class StepChild:
 
 def child_tags(st: RunState, step: str) -> dict[str, str]:
     """The tags of a step's MLflow child run."""
-    return {TAG_RUN: st.run.id, TAG_STEP: step, TAG_APP: st.app.app, TAG_TEAM: st.app.team}
+    return {TAG_RUN: st.run.id, TAG_STEP: step, TAG_APP: st.app.app, TAG_TEAM: st.app.team,
+            TAG_BY: str((st.run.trigger or {}).get("by", ""))}
 
 
 class StepRunner:

@@ -17,6 +17,7 @@ TAG_WORKFLOW = "scanflow.workflow"
 TAG_STEP = "scanflow.step"
 TAG_APP = "scanflow.app"
 TAG_TEAM = "scanflow.team"
+TAG_BY = "scanflow.by"  # who started the run: person:<user>, agent:<name>, a trigger
 
 
 class Tracker(Protocol):
