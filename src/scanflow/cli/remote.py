@@ -59,10 +59,11 @@ class Remote:
             return r.json()
         return r.text
 
-    def ensure_app(self, app: str, path: Any) -> None:
-        """Register the application from `path` (as the server's machine sees it) unless it is
-        registered already (registering needs an owner; running and deploying do not)."""
-        if not any(a["name"] == app for a in self.call("GET", "/api/v1/apps")):
+    def ensure_app(self, app: str, team: str, path: Any) -> None:
+        """Register team `team`'s spec of `app` from `path` (as the server's machine sees it)
+        unless it is registered already (registering needs an owner; running and deploying
+        do not)."""
+        if not any(a["name"] == app and a["team"] == team for a in self.call("GET", "/api/v1/apps")):
             self.call("POST", "/api/v1/apps", body={"path": str(path.resolve())})
 
     def pages(self, path: str, params: dict[str, Any] | None = None, *, limit: int | None = None,

@@ -48,9 +48,9 @@ def deploy(
     if service and service not in spec.services:
         fail(f"no service {service!r} in {spec.source} (known: {', '.join(spec.services)})")
     if api is not None:
-        api.ensure_app(spec.app, path)
+        api.ensure_app(spec.app, spec.team, path)
         for name in names:
-            d = api.call("POST", f"/api/v1/services/{name}/deploy", body={"app": spec.app})
+            d = api.call("POST", f"/api/v1/services/{name}/deploy", body={"app": spec.app, "team": spec.team})
             out.print(f"[green]deployed[/] {name}: models:/{d['model_name']}@{d['alias']} "
                       f"(version {d['model_version']}) x{d['replicas']} at {d['url']}")
         return

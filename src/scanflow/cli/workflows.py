@@ -76,8 +76,8 @@ def _remote_run(api: Any, path: Path, spec: Any, workflow: str, params: dict[str
                 cache: bool, detach: bool) -> None:
     """`run` through the server: register the application (its path as the server sees it),
     queue the run, and (unless `detach`) wait for it, printing each step as it ends."""
-    api.ensure_app(spec.app, path)
-    r = api.call("POST", "/api/v1/runs", body={"app": spec.app, "workflow": workflow,
+    api.ensure_app(spec.app, spec.team, path)
+    r = api.call("POST", "/api/v1/runs", body={"app": spec.app, "team": spec.team, "workflow": workflow,
                                                 "params": params, "cache": cache})
     if detach:
         print(r["id"])

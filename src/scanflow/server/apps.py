@@ -51,17 +51,14 @@ def validate(body: AppIn, who: Caller) -> Validation:
 
 @router.post("", response_model=AppOut, status_code=201)
 def register(body: AppIn, who: Caller, plat: Plat) -> AppOut:
-    """Register (or re-register) an application: its spec's team must be one you own, and an
-    application another team registered is not taken over."""
+    """Register (or re-register) a team's spec of an application: you must own the spec's team.
+    Each team registers its own spec of a shared application (as the MNIST teams do)."""
     try:
         spec = _load(body.path)
     except SpecError as exc:
         raise ApiError(422, "spec_invalid", f"{len(exc.issues)} problem(s) in the spec: "
                        + "; ".join(str(i) for i in exc.issues[:5])) from exc
     authorize(who, "register", spec.team, spec.app)
-    known = plat.store.applications.get_app(spec.app)
-    if known is not None and known.team != spec.team:
-        raise ApiError(409, "conflict", f"application {spec.app!r} belongs to team {known.team!r}")
     row = plat.store.applications.register_app(spec.app, spec.team, str(Path(body.path).resolve()),
                                                who.who)
     return _out(row, spec)

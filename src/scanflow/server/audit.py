@@ -31,7 +31,7 @@ def _services(plat: Platform, who: Identity) -> list[str] | None:
 
 def _agents(plat: Platform, who: Identity) -> dict[str, str | None]:
     """Each agent's team (through its application)."""
-    return {a.name: plat.team_of_app(a.app) for a in plat.store.list_agents()}
+    return {a.name: plat.team_of_agent(a.app, a.name) for a in plat.store.list_agents()}
 
 
 @router.get("/events", response_model=Page[EventOut])
@@ -93,7 +93,7 @@ def agents(who: Caller, plat: Plat) -> list[AgentOut]:
     teams = readable_teams(who)
     out = []
     for row in AgentSupervisor(plat.settings, plat.store).status():
-        team = plat.team_of_app(str(row.get("app", "")))
+        team = plat.team_of_agent(str(row.get("app", "")), str(row.get("name", "")))
         if teams is None or team in teams:
             out.append(AgentOut(**{**row, "team": team}))
     return out

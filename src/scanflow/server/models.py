@@ -52,6 +52,8 @@ class Validation(BaseModel):
 # -- runs -------------------------------------------------------------------------------------
 class RunIn(Strict):
     app: str = Field(min_length=1, max_length=200)
+    team: str | None = Field(default=None, max_length=200,
+                             description="whose spec of the app (needed when several teams have one)")
     workflow: str = Field(min_length=1, max_length=200)
     params: dict[str, Any] = Field(default_factory=dict, description="name or step.name -> value")
     cache: bool = True
@@ -129,6 +131,8 @@ class ServiceOut(BaseModel):
 
 class DeployIn(Strict):
     app: str = Field(min_length=1, max_length=200, description="a registered application")
+    team: str | None = Field(default=None, max_length=200,
+                             description="whose spec of the app (needed when several teams have one)")
 
 
 class ScaleIn(Strict):

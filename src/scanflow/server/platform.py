@@ -75,12 +75,18 @@ class Platform:
         if self._runner is not None:
             self._runner.join(timeout=30)
 
-    def spec_of(self, app: str) -> tuple[Any, str]:
-        """A registered application's spec (loaded now) and its team."""
-        row = self.store.applications.get_app(app)
+    def spec_of(self, app: str, team: str | None = None) -> tuple[Any, str]:
+        """A registered application's spec (loaded now) and its team; `team` picks one when
+        several teams registered a spec of `app`."""
+        row = self.store.applications.get_app(app, team)
         if row is None:
-            raise ApiError(404, "not_found", f"no application {app!r} registered "
-                           "(POST /api/v1/apps with its path)")
+            teams = [r.team for r in self.store.applications.list_apps() if r.name == app]
+            if len(teams) > 1 and team is None:
+                raise ApiError(409, "conflict", f"application {app!r} has a spec from each of the "
+                               f"teams {', '.join(teams)}: say which (team)")
+            raise ApiError(404, "not_found", f"no application {app!r}"
+                           + (f" of team {team!r}" if team else "")
+                           + " registered (POST /api/v1/apps with its path)")
         try:
             return load_application(row.spec_path), row.team
         except SpecError as exc:
@@ -88,13 +94,17 @@ class Platform:
                            f"registered path: {len(exc.issues)} problem(s): "
                            + "; ".join(str(i) for i in exc.issues[:3])) from exc
 
-    def team_of_app(self, app: str) -> str | None:
-        row = self.store.applications.get_app(app)
-        if row is not None:
-            return row.team
-        for dep in self.store.list_deployments():
-            if dep.app == app:
-                return dep.team
+    def team_of_agent(self, app: str, agent: str) -> str | None:
+        """The team whose registered spec of `app` declares `agent` (None: not registered)."""
+        rows = [r for r in self.store.applications.list_apps() if r.name == app]
+        if len(rows) == 1:
+            return rows[0].team
+        for r in rows:
+            try:
+                if agent in load_application(r.spec_path).agents:
+                    return r.team
+            except (SpecError, OSError):
+                continue
         return None
 
 

@@ -40,7 +40,7 @@ def _run(plat: Platform, who: Identity, run_id: str, action: str) -> Any:
 @router.post("", response_model=RunOut, status_code=202)
 def submit(body: RunIn, who: Caller, plat: Plat) -> RunOut:
     """Queue a run; the server's run queue starts it (fairly across teams)."""
-    spec, team = plat.spec_of(body.app)
+    spec, team = plat.spec_of(body.app, body.team)
     authorize(who, "run", team, body.app)
     if body.workflow not in spec.workflows:
         raise ApiError(404, "not_found", f"no workflow {body.workflow!r} in app {body.app!r} "

@@ -87,7 +87,7 @@ def status(service: str, who: Caller, plat: Plat) -> ServiceOut:
 @router.post("/{service}/deploy", response_model=ServiceOut, status_code=201)
 def deploy(service: str, body: DeployIn, who: Caller, plat: Plat) -> ServiceOut:
     """Start a service of a registered application (or redeploy it)."""
-    spec, team = plat.spec_of(body.app)
+    spec, team = plat.spec_of(body.app, body.team)
     authorize(who, "deploy", team, service)
     if service not in spec.services:
         raise ApiError(404, "not_found", f"no service {service!r} in app {body.app!r} "
@@ -178,9 +178,9 @@ def promote(service: str, body: PromoteIn, who: Caller, plat: Plat) -> PromoteOu
     if body.force:
         authorize(who, "force", dep.team, service)
     policy = Policy()
-    row = plat.store.applications.get_app(dep.app)
+    row = plat.store.applications.get_app(dep.app, dep.team)
     if row is not None:
-        spec, _ = plat.spec_of(dep.app)
+        spec, _ = plat.spec_of(dep.app, dep.team)
         if service in spec.services:
             policy = spec.services[service].policy or Policy()
     res = _call(lambda: offer(plat.settings, plat.store, plat.deployer(who), service, body.version,

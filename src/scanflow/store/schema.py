@@ -295,7 +295,7 @@ class Application(Base):
 
     __tablename__ = "applications"
     name: Mapped[str] = mapped_column(String(200), primary_key=True)
-    team: Mapped[str] = mapped_column(String(200), index=True)
+    team: Mapped[str] = mapped_column(String(200), primary_key=True)  # one app, a spec per team
     spec_path: Mapped[str] = mapped_column(Text)
     registered_by: Mapped[str] = mapped_column(String(200))
     registered_at: Mapped[float] = mapped_column(Float)

@@ -1,6 +1,7 @@
 """Teams, users, their roles per team, read grants between teams, and hashed API tokens: the
 identities the control-plane server, the model servers' `/labels` and the agents' API check;
-and the applications registered with the server, each owned by one team.
+and the applications registered with the server: one spec per (application, team), as the
+MNIST case study's three teams each declare their part of app `mnist`.
 
 Revision ID: 0006_identity
 Revises: 0005_deployment_config
@@ -63,16 +64,14 @@ def upgrade() -> None:
     op.create_table(
         "applications",
         sa.Column("name", sa.String(200), primary_key=True),
-        sa.Column("team", sa.String(200), nullable=False),
+        sa.Column("team", sa.String(200), primary_key=True),
         sa.Column("spec_path", sa.Text(), nullable=False),
         sa.Column("registered_by", sa.String(200), nullable=False),
         sa.Column("registered_at", sa.Float(), nullable=False),
     )
-    op.create_index("ix_applications_team", "applications", ["team"])
 
 
 def downgrade() -> None:
-    op.drop_index("ix_applications_team", table_name="applications")
     op.drop_table("applications")
     op.drop_index("ix_tokens_user", table_name="tokens")
     for table in ("tokens", "team_grants", "memberships", "users", "teams"):
