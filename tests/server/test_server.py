@@ -39,6 +39,24 @@ services:
     model: digits
     alias: champion
     replicas: 1
+agents:
+  clerk:
+    role: monitor
+    imports: [parts]
+    sensors:
+      - name: tick
+        triggers: [{interval: 1h}]
+        actuators: [{func: note, params: {path: NOTES}}]
+'''
+
+PARTS = '''
+from scanflow.agents import actuator
+
+@actuator("note")
+def note(obs, ctx, path):
+    with open(path, "a") as f:
+        f.write(f"{ctx.sensor}\\n")
+    return {"noted": True}
 '''
 
 
@@ -90,7 +108,8 @@ def server(digits_workspace: DigitsWorkspace, tmp_path_factory: pytest.TempPathF
            ) -> Iterator[Server]:
     spec = tmp_path_factory.mktemp("shop") / "app"
     spec.mkdir()
-    (spec / "scanflow.yaml").write_text(SPEC)
+    (spec / "scanflow.yaml").write_text(SPEC.replace("NOTES", str(spec / "notes.txt")))
+    (spec / "parts.py").write_text(PARTS)
     (spec / "steps.py").write_text(textwrap.dedent('''
         def hello(who, ctx):
             ctx.log(f"hello {who}")
@@ -117,8 +136,10 @@ def server(digits_workspace: DigitsWorkspace, tmp_path_factory: pytest.TempPathF
         thread.join(timeout=30)
         root.removeHandler(handler)
         root.setLevel(old_level)
+        from scanflow.agents.process import AgentSupervisor
         from scanflow.serving.deployer import LocalDeployer
 
+        AgentSupervisor(settings, digits_workspace.store).stop()
         stop_everything(LocalDeployer(settings, digits_workspace.store), digits_workspace.store)
 
 
@@ -377,12 +398,14 @@ def test_the_cli_through_the_server_prints_what_it_prints_locally(server: Server
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("who", ["root", None])
+@pytest.mark.parametrize("who", ["sam", None])
 def test_schemathesis_finds_no_5xx_and_every_answer_matches_its_schema(
     server: Server, who: str | None, tmp_path: Path
 ) -> None:
-    """Every operation of /openapi.json, fuzzed with the admin's token and with none: no 5xx, and
-    every answer (codes and bodies) as the document says."""
+    """Every operation of /openapi.json, fuzzed with a valid token and with none: no 5xx, and
+    every answer (codes and bodies) as the document says. The token is an owner's of a team
+    that owns nothing here: with the admin's, the fuzzer finds the real service's name in a list
+    and scales it to 63 replicas on a 2-core machine (seen), which tests the machine, not the API."""
     import os
     import subprocess
     import sys
@@ -471,3 +494,26 @@ def test_twenty_clients_mixing_reads_and_actions_get_no_5xx_and_leave_consistent
                           ["workers"] if w["ready"] and not w["draining"]]) == status["replicas"],
              60, what=f"the service serving the {status['replicas']} replica(s) it reports "
              f"(had {len(serving)})")
+
+
+def test_agents_are_started_steered_and_stopped_by_their_teams_owners(server: Server) -> None:
+    s = server
+    _refusals(s, "POST", "/api/v1/agents/start", {"app": "shop"}, "owner")
+    r = s.call("POST", "/api/v1/agents/start", "olga", {"app": "shop"})
+    assert r.status_code == 201, r.text
+    assert set(r.json()) == {"clerk"}
+    listed = {a["name"]: a for a in s.call("GET", "/api/v1/agents", "vera").json()}
+    assert listed["clerk"]["team"] == "data" and listed["clerk"]["status"] == "running"
+    assert s.call("GET", "/api/v1/agents", "sam").json() == []  # another team's agents
+    for path in ("/api/v1/agents/clerk/pause", "/api/v1/agents/clerk/sensors/tick/fire",
+                 "/api/v1/agents/clerk/stop"):
+        _refusals(s, "POST", path, None, "owner")
+    r = s.call("POST", "/api/v1/agents/clerk/sensors/tick/fire", "olga")
+    assert r.status_code == 200 and r.json()["observations"] >= 1, r.text
+    assert "tick" in (s.spec / "notes.txt").read_text()
+    assert s.call("POST", "/api/v1/agents/clerk/pause", "olga").json()["paused"] == ["tick"]
+    r = s.call("POST", "/api/v1/agents/clerk/sensors/nope/fire", "olga")
+    assert r.status_code == 404 and "nope" in r.json()["error"]["message"]
+    assert s.call("POST", "/api/v1/agents/clerk/stop", "olga").json() == ["clerk"]
+    wait_for(lambda: {a["name"]: a for a in s.call("GET", "/api/v1/agents", "vera").json()}
+             ["clerk"]["status"] == "stopped", 60, what="the agent stopped")

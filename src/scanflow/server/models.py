@@ -213,6 +213,12 @@ class DecisionOut(BaseModel):
     actions: list[Any]
 
 
+class AgentsStartIn(Strict):
+    app: str = Field(min_length=1, max_length=200, description="a registered application")
+    team: str | None = Field(default=None, max_length=200)
+    agents: list[str] | None = Field(default=None, description="only these (default: all)")
+
+
 class AgentOut(BaseModel):
     model_config = ConfigDict(extra="allow")
     name: str
