@@ -24,11 +24,14 @@ TESTS = Path(__file__).resolve().parent
 # by default hands out files with the most tests first, so a one-test file that takes minutes
 # (the reduced MNIST loop) started last and kept one worker busy long after the other had
 # finished. `make test` passes `--no-loadscope-reorder`, so files go out in this order.
-# Measured (`make test`'s `--durations`): the reduced MNIST loop ~325 s, the Ray cluster module
-# ~200 s, the `scanflow init` app's loop ~150 s, the retrain study ~110 s; every other file well
-# under a minute.
-LONGEST_FIRST = ("examples/test_e2e_mnist.py", "engine/test_ray_engine.py", "examples/test_demo_ray.py",
-                 "examples/test_init_app.py", "examples/test_mnist_retrain.py")
+# Measured (junit times of a fresh clone's `make test`, 2026-12-07): Ray Serve ~450 s, the reduced
+# MNIST loop ~300 s, the Ray engine ~260 s, the serving strategies ~200 s, make demo-ray ~190 s,
+# the control-plane server ~300 s, the `scanflow init` app's loop ~150 s, the retrain study
+# ~100 s; every other file under ~100 s.
+LONGEST_FIRST = ("serving/test_ray_serve.py", "examples/test_e2e_mnist.py", "server/test_server.py",
+                 "engine/test_ray_engine.py", "serving/test_serving_strategies.py",
+                 "examples/test_demo_ray.py", "examples/test_init_app.py",
+                 "examples/test_mnist_retrain.py")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
