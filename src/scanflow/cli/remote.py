@@ -41,7 +41,7 @@ class Remote:
     def call(self, method: str, path: str, *, body: Any = None, params: dict[str, Any] | None = None,
              ) -> Any:
         """The answer's JSON; an error answer ends the command with the server's message."""
-        import httpx
+        import httpx  # lazy: as above, the CLI starts fast
 
         try:
             r = self.http.request(method, path, json=body,
@@ -80,7 +80,7 @@ class Remote:
 
     def stream(self, path: str, params: dict[str, Any]) -> Any:
         """The lines of a streamed text answer, as they come."""
-        import httpx
+        import httpx  # lazy: as above, the CLI starts fast
 
         try:
             with self.http.stream("GET", path, params=params) as r:

@@ -40,7 +40,7 @@ def _agent(plat: Platform, who: Identity, agent: str) -> AgentSupervisor:
 
 def _relay(sup: AgentSupervisor, agent: str, method: str, path: str, **kw: Any) -> Any:
     """One call to the agent's own API; its 4xx become ours, in our error shape."""
-    import httpx
+    import httpx  # lazy: only the relaying routes need the client
 
     try:
         client = sup.client(agent, timeout=600.0)
