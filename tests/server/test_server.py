@@ -504,7 +504,12 @@ def test_agents_are_started_steered_and_stopped_by_their_teams_owners(server: Se
     assert set(r.json()) == {"clerk"}
     listed = {a["name"]: a for a in s.call("GET", "/api/v1/agents", "vera").json()}
     assert listed["clerk"]["team"] == "data" and listed["clerk"]["status"] == "running"
-    assert s.call("GET", "/api/v1/agents", "sam").json() == []  # another team's agents
+    ids = s.ws.store.identities
+    ids.create_team("ops")
+    ids.create_user("tess")
+    ids.set_role("tess", "ops", Role.owner)
+    s.tokens["tess"] = ids.create_token("tess")[1]
+    assert s.call("GET", "/api/v1/agents", "tess").json() == []  # another team's agents
     for path in ("/api/v1/agents/clerk/pause", "/api/v1/agents/clerk/sensors/tick/fire",
                  "/api/v1/agents/clerk/stop"):
         _refusals(s, "POST", path, None, "owner")
