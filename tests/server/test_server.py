@@ -374,6 +374,13 @@ def test_the_cli_through_the_server_prints_what_it_prints_locally(server: Server
     assert {k: v for k, v in json.loads(remote[1]).items() if k not in drop} == \
         {k: v for k, v in json.loads(local[1]).items() if k not in drop}
     assert _cli(s, "runs", "show", run_id)[1] == _cli(s, "runs", "show", run_id, who="vera")[1]
+    hello = next(r["id"] for r in json.loads(_cli(s, "runs", "list", "--json")[1])
+                 if r["workflow"] == "hello")
+    local_logs = _cli(s, "logs", hello)
+    assert local_logs[0] == 0 and "hello world" in local_logs[1]
+    assert _cli(s, "logs", hello, who="vera") == local_logs
+    assert _cli(s, "logs", hello, "hello", "--follow", who="vera")[1] == \
+        _cli(s, "logs", hello, "hello", "--follow")[1]
     # the same service status, the same table
     assert _cli(s, "status", "shop-digits", "--url") == _cli(s, "status", "shop-digits", "--url",
                                                              who="vera")

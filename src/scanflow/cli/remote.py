@@ -83,7 +83,8 @@ class Remote:
         import httpx  # lazy: as above, the CLI starts fast
 
         try:
-            with self.http.stream("GET", path, params=params) as r:
+            with self.http.stream("GET", path,
+                                  params={k: v for k, v in params.items() if v is not None}) as r:
                 if r.status_code >= 400:
                     r.read()
                     try:
