@@ -504,6 +504,8 @@ def test_twenty_clients_mixing_reads_and_actions_get_no_5xx_and_leave_consistent
 
 
 def test_agents_are_started_steered_and_stopped_by_their_teams_owners(server: Server) -> None:
+    import json
+
     s = server
     _refusals(s, "POST", "/api/v1/agents/start", {"app": "shop"}, "owner")
     r = s.call("POST", "/api/v1/agents/start", "olga", {"app": "shop"})
@@ -526,6 +528,20 @@ def test_agents_are_started_steered_and_stopped_by_their_teams_owners(server: Se
     assert s.call("POST", "/api/v1/agents/clerk/pause", "olga").json()["paused"] == ["tick"]
     r = s.call("POST", "/api/v1/agents/clerk/sensors/nope/fire", "olga")
     assert r.status_code == 404 and "nope" in r.json()["error"]["message"]
+    # the agents commands through the server print what they print here
+    for args in (["agents", "status", "clerk"], ["agents", "status", "clerk", "--json"]):
+        local, remote = _cli(s, *args), _cli(s, *args, who="vera")
+        assert local[0] == remote[0] == 0 and local[1] == remote[1], (args, local, remote)
+    listed = _cli(s, "agents", "list", "--json", who="vera")
+    assert listed[0] == 0
+    assert [r["name"] for r in json.loads(listed[1])] == \
+        [r["name"] for r in json.loads(_cli(s, "agents", "list", "--json")[1])]
+    code, text = _cli(s, "agents", "resume", "clerk", who="vera")
+    assert code == 2 and "needs owner" in text
+    code, text = _cli(s, "agents", "resume", "clerk", "tick", who="olga")
+    assert code == 0 and "clerk/tick: resumed" in text
+    code, text = _cli(s, "agents", "pause", "clerk", "tick", who="olga")
+    assert code == 0 and "clerk/tick: paused" in text
     assert s.call("POST", "/api/v1/agents/clerk/stop", "olga").json() == ["clerk"]
     wait_for(lambda: {a["name"]: a for a in s.call("GET", "/api/v1/agents", "vera").json()}
              ["clerk"]["status"] == "stopped", 60, what="the agent stopped")

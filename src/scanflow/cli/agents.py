@@ -7,11 +7,13 @@ not answer, 2 bad input or unknown name.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
+from scanflow.cli import remote as via
 from scanflow.cli.common import err, fail, out, print_json, show, timed
 from scanflow.cli.common import iso as common_iso
 from scanflow.spec.errors import SpecError
@@ -52,8 +54,13 @@ def _load(ref: str) -> Any:
 
 
 def _call(agent: str, method: str, path: str, **kw: Any) -> Any:
-    """One request to a running agent's API; its 4xx answers become exit code 2 with the detail."""
+    """One request to a running agent's API (through the server, with `SCANFLOW_SERVER`); its
+    4xx answers become exit code 2 with the detail."""
     import httpx  # lazy: httpx (~50 ms), for commands that call an agent
+
+    if (api := via.remote()) is not None:  # the server's routes mirror the agent API's paths
+        return api.call(method, f"/api/v1/agents/{agent}{path}", body=kw.get("json"),
+                        params=kw.get("params"))
 
     sup = _supervisor()
     try:
@@ -90,6 +97,17 @@ def start(
     unknown = [a for a in agent or [] if a not in spec.agents]
     if unknown:
         fail(f"no agent(s) {unknown} in {spec.source or app} (known: {', '.join(spec.agents)})")
+    if (api := via.remote()) is not None:
+        if not supervise:
+            fail("--no-supervise: through a server, its supervisor starts the agents")
+        api.ensure_app(spec.app, spec.team, Path(app))
+        pids = api.call("POST", "/api/v1/agents/start",
+                        body={"app": spec.app, "team": spec.team, "agents": agent})
+        rows = {r["name"]: r for r in api.call("GET", "/api/v1/agents")}
+        for name, pid in pids.items():
+            out.print(f"[green]started[/] agent {name} (pid {pid}) api "
+                      f"{rows.get(name, {}).get('api') or '-'}")
+        return
     sup = _supervisor()
     try:
         pids = sup.start(app, agent, supervise=supervise)
@@ -110,6 +128,12 @@ def start(
 def stop(agent: Annotated[list[str] | None, typer.Option("--agent", "-a", help="only these")] = None) -> None:
     """Stop agents (SIGTERM, then SIGKILL after 15 s) and, without --agent, their supervisors;
     a stopped agent is not restarted."""
+    if (api := via.remote()) is not None:  # every agent the caller may see, or those named
+        for name in agent or [r["name"] for r in api.call("GET", "/api/v1/agents")
+                              if r["status"] not in ("stopped",)]:
+            for stopped in api.call("POST", f"/api/v1/agents/{name}/stop"):
+                out.print(f"stopped agent {stopped}")
+        return
     for name in _supervisor().stop(agent):
         out.print(f"stopped agent {name}")
 
@@ -119,7 +143,11 @@ def list_(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Every agent started in this workspace: role, pid, status (running, failing, stopped, dead),
     heartbeat, API address, restarts and supervision (starting, running, backoff, given_up,
     stopped; `-` when unsupervised) with its supervisor's pid; each failing sensor's last error."""
-    rows = _supervisor().status()
+    api = via.remote()
+    rows = api.call("GET", "/api/v1/agents") if api is not None else _supervisor().status()
+    if api is not None:
+        for row in rows:
+            row.pop("team", None)  # what the server adds: the rows as `list` prints them locally
     if as_json:
         print_json([timed(dict(row), "heartbeat", "started_at", "next_try") for row in rows])
         return
@@ -292,6 +320,15 @@ def requeue(
     agent's API; an agent that is not running gets them at its next start."""
     if bool(message_ids) == all_dead:
         fail("give message ids, or --all")
+    if via.remote() is not None:  # through the server: the running agent's API
+        ids = message_ids or [m["id"] for m in _call(agent, "GET", "/messages",
+                                                     params={"status": "dead", "limit": 1000})]
+        for mid in ids:
+            m = _call(agent, "POST", f"/messages/{mid}/requeue")
+            out.print(f"{agent}: requeued message {m['id']} ({m['kind']}, {m['key']})", highlight=False)
+        if not ids:
+            out.print(f"{agent}: no dead-lettered messages")
+        return
     sup = _supervisor()
     known = {r["name"]: r for r in sup.status()}
     if agent not in known and not sup.store.list_messages(agent, limit=1):

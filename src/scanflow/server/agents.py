@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Query
 
 from scanflow.agents.process import AgentSupervisor
 from scanflow.server.auth import Caller, authorize
@@ -24,8 +24,9 @@ class TriggerIn(Strict):
     trigger: dict[str, Any]
 
 
-def _agent(plat: Platform, who: Identity, agent: str) -> AgentSupervisor:
-    """The supervisor, once `who` was found to own agent `agent`'s team."""
+def _agent(plat: Platform, who: Identity, agent: str, action: str = "agents") -> AgentSupervisor:
+    """The supervisor, once `who` was found allowed `action` in agent `agent`'s team (owner for
+    `agents`, viewer for `read`)."""
     row = next((a for a in plat.store.list_agents() if a.name == agent), None)
     if row is None:
         raise ApiError(404, "not_found", f"no agent {agent!r}")
@@ -34,7 +35,7 @@ def _agent(plat: Platform, who: Identity, agent: str) -> AgentSupervisor:
         raise ApiError(403, "forbidden", f"agent {agent!r}: its application {row.app!r} is not "
                        "registered here, so only an admin may act on it")
     if team is not None:
-        authorize(who, "agents", team, agent)
+        authorize(who, action, team, agent)
     return AgentSupervisor(plat.settings, plat.store)
 
 
@@ -91,6 +92,44 @@ def fire(agent: str, sensor: str, who: Caller, plat: Plat, wait: bool = True) ->
     """Fire a sensor now (also when paused); with `wait`, once judged and acted on."""
     res: dict[str, Any] = _relay(_agent(plat, who, agent), agent, "POST",
                                  f"/sensors/{sensor}/fire", params={"wait": wait})
+    return res
+
+
+@router.get("/{agent}/sensors", response_model=list[dict[str, Any]])
+def sensors(agent: str, who: Caller, plat: Plat) -> list[dict[str, Any]]:
+    """A running agent's sensors: triggers, paused, next and last fire time, failures."""
+    res: list[dict[str, Any]] = _relay(_agent(plat, who, agent, "read"), agent, "GET", "/sensors")
+    return res
+
+
+@router.get("/{agent}/messages", response_model=list[dict[str, Any]])
+def messages(agent: str, who: Caller, plat: Plat, status: str | None = None,
+             limit: Annotated[int, Query(ge=1, le=1000)] = 50) -> list[dict[str, Any]]:
+    """A running agent's messages (`status=dead`: its dead letters, with their last error)."""
+    res: list[dict[str, Any]] = _relay(_agent(plat, who, agent, "read"), agent, "GET", "/messages",
+                                       params={"limit": limit, **({"status": status} if status else {})})
+    return res
+
+
+@router.get("/{agent}/decisions", response_model=list[dict[str, Any]])
+def agent_decisions(agent: str, who: Caller, plat: Plat, fired: bool | None = None,
+                    limit: Annotated[int, Query(ge=1, le=1000)] = 20) -> list[dict[str, Any]]:
+    """A running agent's recent decisions, newest first."""
+    res: list[dict[str, Any]] = _relay(
+        _agent(plat, who, agent, "read"), agent, "GET", "/decisions",
+        params={"limit": limit, **({"fired": fired} if fired is not None else {})})
+    return res
+
+
+@router.post("/{agent}/sensors/{sensor}/pause", response_model=dict[str, Any])
+def pause_sensor(agent: str, sensor: str, who: Caller, plat: Plat) -> dict[str, Any]:
+    res: dict[str, Any] = _relay(_agent(plat, who, agent), agent, "POST", f"/sensors/{sensor}/pause")
+    return res
+
+
+@router.post("/{agent}/sensors/{sensor}/resume", response_model=dict[str, Any])
+def resume_sensor(agent: str, sensor: str, who: Caller, plat: Plat) -> dict[str, Any]:
+    res: dict[str, Any] = _relay(_agent(plat, who, agent), agent, "POST", f"/sensors/{sensor}/resume")
     return res
 
 
