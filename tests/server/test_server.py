@@ -275,6 +275,32 @@ def test_reads_are_filtered_to_the_teams_a_user_may_read(server: Server) -> None
     assert len(seen) == len(set(seen)) == len(s.call("GET", "/api/v1/runs", "vera").json()["items"])
 
 
+def test_a_specs_code_runs_only_for_a_caller_whose_role_allows_it(
+    server: Server, tmp_path: Path
+) -> None:
+    """Registering or validating imports a spec's step code, which runs it: not for someone
+    outside the spec's team (the YAML alone is read, to learn the team)."""
+    s = server
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    ran = tmp_path / "it-ran"
+    (evil / "scanflow.yaml").write_text(textwrap.dedent('''
+        app: shop
+        team: data
+        workflows:
+          w:
+            steps:
+              - {name: s, call: "trap:step"}
+    '''))
+    (evil / "trap.py").write_text(f"open({str(ran)!r}, 'w').write('x')\ndef step(ctx):\n    pass\n")
+    r = s.call("POST", "/api/v1/apps", "sam", {"path": str(evil)})
+    assert r.status_code == 403 and not ran.exists()
+    r = s.call("POST", "/api/v1/apps/validate", "sam", {"path": str(evil)})
+    assert r.status_code == 200 and r.json()["team"] == "data" and not ran.exists()
+    r = s.call("POST", "/api/v1/apps/validate", "oscar", {"path": str(evil)})  # data's operator
+    assert r.status_code == 200 and r.json()["ok"] and ran.exists()
+
+
 def test_bad_bodies_are_a_4xx_in_the_one_error_shape(server: Server) -> None:
     s = server
     for method, path, body in (("POST", "/api/v1/services/shop-digits/scale", {"replicas": 0}),

@@ -19,13 +19,16 @@ router = APIRouter(prefix="/api/v1/apps", tags=["applications"], responses=ERROR
 Plat = Annotated[Platform, Depends(platform)]
 
 
-def _load(path: str) -> Any:
+def _load(path: str, *, imports: bool) -> Any:
+    """The spec at `path`; with `imports`, its steps' and agents' code is imported and checked
+    too, which runs that code: only once the caller's role in the spec's team allows it."""
     p = Path(path)
     shown = path if len(path) <= 200 else path[:200] + "..."
     try:
         if not p.exists():
             raise ApiError(404, "not_found", f"no spec at {shown!r} on the server's machine")
-        return load_application(p, checks=[lambda app: agent_issues(app) if app.agents else []])
+        return load_application(p, check_imports=imports,
+                                checks=[lambda app: agent_issues(app) if app.agents else []])
     except OSError as exc:
         raise ApiError(422, "invalid_request", f"cannot read a spec at {shown!r}: "
                        f"{exc.strerror or type(exc).__name__}") from None
@@ -41,9 +44,12 @@ def _out(row: Any, spec: Any | None) -> AppOut:
 
 @router.post("/validate", response_model=Validation)
 def validate(body: AppIn, who: Caller) -> Validation:
-    """Check a spec without registering or running anything (any identity)."""
+    """Check a spec without registering or running anything: its YAML for anyone with a token;
+    its code (imported, so run) only for an operator of the spec's team."""
     try:
-        spec = _load(body.path)
+        spec = _load(body.path, imports=False)
+        if who.may("run", spec.team, spec.app):
+            spec = _load(body.path, imports=True)
     except SpecError as exc:
         return Validation(ok=False, problems=[str(i) for i in exc.issues])
     return Validation(ok=True, app=spec.app, team=spec.team)
@@ -54,11 +60,12 @@ def register(body: AppIn, who: Caller, plat: Plat) -> AppOut:
     """Register (or re-register) a team's spec of an application: you must own the spec's team.
     Each team registers its own spec of a shared application (as the MNIST teams do)."""
     try:
-        spec = _load(body.path)
+        spec = _load(body.path, imports=False)  # the team first: no code runs for a stranger
+        authorize(who, "register", spec.team, spec.app)
+        spec = _load(body.path, imports=True)
     except SpecError as exc:
         raise ApiError(422, "spec_invalid", f"{len(exc.issues)} problem(s) in the spec: "
                        + "; ".join(str(i) for i in exc.issues[:5])) from exc
-    authorize(who, "register", spec.team, spec.app)
     row = plat.store.applications.register_app(spec.app, spec.team, str(Path(body.path).resolve()),
                                                who.who)
     return _out(row, spec)
