@@ -13,6 +13,7 @@ import pytest
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 
+from scanflow.control import backends  # noqa: E402
 from scanflow.settings import Settings  # noqa: E402
 from scanflow.store import Store  # noqa: E402
 
@@ -102,8 +103,10 @@ def store_url(request: pytest.FixtureRequest, settings: Settings) -> str:
 
 
 @pytest.fixture
-def store(store_url: str) -> Iterator[Store]:
-    s = Store(store_url)
+def store(store_url: str, settings: Settings) -> Iterator[Store]:
+    """The store as a local user opens it (`backends.store`): it signs the messages it sends
+    with the workspace's message key, so agents started here accept them."""
+    s = Store(store_url, signer=backends.message_signer(settings))
     yield s
     s.close()
 

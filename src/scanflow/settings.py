@@ -79,6 +79,11 @@ class Settings(BaseSettings):
         "crash-looping agent is given up (`agent_given_up`)",
     )
     agent_restart_window: float = Field(default=300.0, gt=0, description="seconds over which restarts count")
+    message_key_file: Path | None = Field(
+        default=None, description="file holding the key agents sign their messages with (made, "
+        "mode 0600, at first use) [<workspace>/agents/messages.key]; machines sharing one "
+        "PostgreSQL store point it at the same key",
+    )
     agent_stale_after: float = Field(
         default=30.0, gt=0, description="an agent whose heartbeat is older than this (its process "
         "up but hung) is killed and restarted by its supervisor",
@@ -112,6 +117,12 @@ class Settings(BaseSettings):
     def agents_dir(self) -> Path:
         return self.root / "agents"
 
+    @property
+    def message_key_path(self) -> Path:
+        """The key agents sign their messages with (`scanflow.store.signing`), made at first use."""
+        return (self.message_key_file.expanduser() if self.message_key_file
+                else self.agents_dir / "messages.key")
+
     def ensure(self) -> Settings:
         for d in (self.root, self.artifacts, self.runs_dir, self.services_dir, self.agents_dir):
             d.mkdir(parents=True, exist_ok=True)
@@ -122,6 +133,7 @@ class Settings(BaseSettings):
         env = {
             "SCANFLOW_WORKSPACE": str(self.root),
             "SCANFLOW_STORE_URL": self.store,
+            "SCANFLOW_MESSAGE_KEY_FILE": str(self.message_key_path),
             "SCANFLOW_TRACKING_URI": self.tracking,
             "SCANFLOW_BACKEND": self.backend,
             "SCANFLOW_RAY_ADDRESS": self.ray_address,

@@ -11,8 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from scanflow.cli.main import app as cli_app
+from scanflow.control import backends
 from scanflow.settings import Settings
-from scanflow.store import Store
 
 PARTS = '''
 def big(obs, ctx, min_n):
@@ -97,7 +97,7 @@ def test_agents_start_refuses_them_too_and_starts_nothing(tmp_path: Path, settin
     assert code == 2
     assert "agents.monitor.sensors[0].params.windowsize: unknown param 'windowsize'" in out
     assert "nothing was started" in out
-    assert Store(settings.store).list_agents() == []
+    assert backends.store(settings).list_agents() == []
 
 
 def test_a_function_without_the_runtime_arguments_is_named(tmp_path: Path, settings: Settings) -> None:

@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from scanflow.agents import supervision
 from scanflow.agents.process import AgentSupervisor
 from scanflow.cli.main import app as cli_app
+from scanflow.control import backends
 from scanflow.procs import pid_alive
 from scanflow.settings import Settings, get_settings
 from scanflow.store import Store
@@ -170,7 +171,7 @@ def test_an_agent_killed_with_9_is_restarted_and_handles_each_message_once(
     tmp_path: Path, either: Settings
 ) -> None:
     fast = either
-    store = Store(fast.store)
+    store = backends.store(fast)
     sup = AgentSupervisor(fast, store)
     app = _app(tmp_path)
     try:
@@ -211,7 +212,7 @@ def test_an_agent_killed_with_9_is_restarted_and_handles_each_message_once(
 
 def test_an_agent_killed_mid_action_is_back_and_finishes_it_once(tmp_path: Path, fast: Settings) -> None:
     """`kill -9` in the middle of a retrain: no person acts, and the retrain finishes once."""
-    store = Store(fast.store)
+    store = backends.store(fast)
     sup = AgentSupervisor(fast, store)
     app = _app(tmp_path)
     log = tmp_path / "effects" / "retrain.log"
@@ -239,7 +240,7 @@ def test_a_hung_agent_is_killed_and_restarted(tmp_path: Path, fast: Settings,
     """Its process is up but its heartbeat is older than `agent_stale_after` (3 s here)."""
     monkeypatch.setenv("SCANFLOW_AGENT_STALE_AFTER", "3")
     fast = Settings(workspace=fast.root)
-    store = Store(fast.store)
+    store = backends.store(fast)
     sup = AgentSupervisor(fast, store)
     app = _app(tmp_path)
     try:
@@ -256,7 +257,7 @@ def test_a_hung_agent_is_killed_and_restarted(tmp_path: Path, fast: Settings,
 
 def test_stop_stops_agents_and_supervisor_and_nothing_restarts(tmp_path: Path, either: Settings) -> None:
     fast = either
-    store = Store(fast.store)
+    store = backends.store(fast)
     sup = AgentSupervisor(fast, store)
     app = _app(tmp_path)
     try:
@@ -285,7 +286,7 @@ def test_stop_stops_agents_and_supervisor_and_nothing_restarts(tmp_path: Path, e
 
 
 def test_a_crash_looping_agent_is_given_up(tmp_path: Path, fast: Settings) -> None:
-    store = Store(fast.store)
+    store = backends.store(fast)
     sup = AgentSupervisor(fast, store)
     app = _crashy(tmp_path)
     try:
@@ -315,7 +316,7 @@ def test_a_crash_looping_agent_is_given_up(tmp_path: Path, fast: Settings) -> No
 
 
 def test_one_supervisor_per_application(tmp_path: Path, fast: Settings) -> None:
-    store = Store(fast.store)
+    store = backends.store(fast)
     sup = AgentSupervisor(fast, store)
     app = _app(tmp_path)
     try:
@@ -334,7 +335,7 @@ def test_a_new_supervisor_adopts_the_agents_of_one_killed_with_9(tmp_path: Path,
     """Its agents keep running; `agents list` says the supervisor is down; `agents start` starts
     a new one, which adopts them (an agent it did not start dies with an unknown exit status);
     killed again, the agents start one themselves."""
-    store = Store(fast.store)
+    store = backends.store(fast)
     sup = AgentSupervisor(fast, store)
     app = _app(tmp_path)
     try:

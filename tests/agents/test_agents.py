@@ -12,6 +12,7 @@ import pytest
 
 from scanflow.agents import Agent
 from scanflow.agents.process import AgentSupervisor
+from scanflow.control import backends
 from scanflow.procs import pid_alive
 from scanflow.settings import Settings
 from scanflow.spec import load_application
@@ -117,7 +118,7 @@ def test_replayed_observation_does_not_act_twice(app_dir: Path, settings: Settin
 
 def test_agent_processes_deliver_messages_across_restarts(app_dir: Path, settings: Settings,
                                                           tmp_path: Path) -> None:
-    store = Store(settings.store)
+    store = backends.store(settings)
     sup = AgentSupervisor(settings, store)
     record = tmp_path / "record.txt"
     store.send_message("someone", "receiver", "window", {"n": 1}, key="sent-while-down")

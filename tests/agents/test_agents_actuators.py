@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from scanflow.agents import Agent, AgentSpec, SensorSpec
+from scanflow.control import backends
 from scanflow.settings import Settings
 from scanflow.spec import Application, Service, validate_application
 from scanflow.store import Store
@@ -107,7 +108,7 @@ def test_webhook_retries_with_one_idempotency_key_then_succeeds(
 
 
 def test_webhook_failures_are_recorded_with_the_reason(hook: Any, settings: Settings) -> None:
-    store = Store(settings.store)
+    store = backends.store(settings)
     refused = hook((400, 0.0))
     slow = hook((200, 2.0), (200, 2.0))
     closed = Hook([])

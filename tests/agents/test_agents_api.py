@@ -20,10 +20,10 @@ import pytest
 from scanflow.agents import Agent
 from scanflow.agents.api import KEY_HEADER, key_file, read_key
 from scanflow.agents.process import AgentSupervisor
+from scanflow.control import backends
 from scanflow.procs import pid_alive
 from scanflow.settings import Settings
 from scanflow.spec import load_application
-from scanflow.store import Store
 from support.waiting import wait_for
 
 PARTS = '''
@@ -79,7 +79,7 @@ def app_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def served(app_dir: Path, settings: Settings) -> Iterator[tuple[Agent, httpx.Client]]:
     """The agent running in this process (scheduler + API thread), as its process would."""
-    store = Store(settings.store)
+    store = backends.store(settings)
     agent = Agent(settings, store, load_application(app_dir), "watcher")
     stop = threading.Event()
     t = threading.Thread(target=agent.run_forever, args=(stop.is_set,), daemon=True)
@@ -257,7 +257,7 @@ def test_cli_drives_agent_processes_and_changes_survive_restarts(
     app_dir: Path, settings: Settings, tmp_path: Path
 ) -> None:
     ws = settings.root
-    store = Store(settings.store)
+    store = backends.store(settings)
     py = tmp_path / "pyagents.py"
     py.write_text(PY_APP.replace("NOTES", str(tmp_path / "py-notes.txt")))
     try:

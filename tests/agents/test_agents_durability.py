@@ -18,6 +18,7 @@ import pytest
 
 from scanflow.agents.process import AgentSupervisor
 from scanflow.agents.runtime import FAILPOINT_ENV
+from scanflow.control import backends
 from scanflow.procs import pid_alive
 from scanflow.settings import Settings
 from scanflow.store import Store
@@ -241,7 +242,7 @@ def _cursor(store: Store) -> int:
 def test_kill_at_each_point_loses_and_repeats_nothing(
     point: str, tmp_path: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store = Store(settings.store)
+    store = backends.store(settings)
     app = _app(tmp_path)
     sup = AgentSupervisor(settings, store)
     monkeypatch.setenv(FAILPOINT_ENV, point)  # both agents kill themselves there, once
@@ -278,7 +279,7 @@ def test_kill_at_each_point_loses_and_repeats_nothing(
 @pytest.mark.parametrize("agent", ["hanger", "quitter"])
 def test_kill_in_the_middle_of_an_actuator(agent: str, tmp_path: Path, settings: Settings) -> None:
     """Resumed with the same idempotency key (default), or recorded `interrupted` (abandon)."""
-    store = Store(settings.store)
+    store = backends.store(settings)
     app = _app(tmp_path)
     sup = AgentSupervisor(settings, store)
     pid = sup.start(app, [agent])[agent]
@@ -309,7 +310,7 @@ def test_kill_in_the_middle_of_an_actuator(agent: str, tmp_path: Path, settings:
 
 
 def test_kill_during_a_workflow_run_continues_that_run(tmp_path: Path, settings: Settings) -> None:
-    store = Store(settings.store)
+    store = backends.store(settings)
     app = _app(tmp_path)
     sup = AgentSupervisor(settings, store)
     steps = tmp_path / "steps.log"
@@ -337,7 +338,7 @@ def test_kill_during_a_workflow_run_continues_that_run(tmp_path: Path, settings:
 
 
 def test_random_kills_of_sender_and_receiver(tmp_path: Path, settings: Settings) -> None:
-    store = Store(settings.store)
+    store = backends.store(settings)
     app = _app(tmp_path, pause=0.02)
     sup = AgentSupervisor(settings, store)
     rng = random.Random(7)
@@ -387,7 +388,7 @@ def test_poison_messages_are_dead_lettered_while_the_others_flow(tmp_path: Path,
     """A message whose sensor, rule or actuator raises is tried `max_attempts` (3) times with
     backoff, then dead-lettered with its error; the good message behind it is handled at once.
     Requeued once the cause is fixed, each is handled once: nothing that succeeded is repeated."""
-    store = Store(settings.store)
+    store = backends.store(settings)
     app = _app(tmp_path)
     (tmp_path / "broken").touch()
     kinds = ["read", "judge", "act"]
@@ -453,7 +454,7 @@ def test_a_message_that_kills_its_agent_is_dead_lettered(tmp_path: Path, setting
     """Tries cut off by `kill -9` count: after `max_attempts` (2) deaths the message is
     dead-lettered at the next start and the one behind it is handled; requeued (with the agent
     down: the store is the queue), the cut-off action is resumed under its key, once."""
-    store = Store(settings.store)
+    store = backends.store(settings)
     app = _app(tmp_path)
     (tmp_path / "broken").touch()
     store.send_message("someone", "killer", "job", {"poison": True}, key="deadly")
@@ -498,7 +499,7 @@ def test_fires_missed_across_kill_9_are_coalesced_or_skipped(tmp_path: Path, set
     """The last fire time is durable: an agent killed across two fire times of a 1 s interval
     fires once at restart under `misfire: coalesce` (saying how many it stands for) and not
     under `skip` (an event says what was skipped)."""
-    store = Store(settings.store)
+    store = backends.store(settings)
     app = _app(tmp_path)
     sup = AgentSupervisor(settings, store)
     pid = sup.start(app, ["clock"])["clock"]
@@ -536,7 +537,7 @@ def test_a_scheduled_fire_cut_off_by_kill_9_is_replayed_under_its_key(
 ) -> None:
     """A fire is written down before it is judged: killed before its decision, it is judged
     after the restart under the same key, once (and the hourly schedule owes nothing more)."""
-    store = Store(settings.store)
+    store = backends.store(settings)
     app = _app(tmp_path)
     sup = AgentSupervisor(settings, store)
     monkeypatch.setenv(FAILPOINT_ENV, "before_decision")

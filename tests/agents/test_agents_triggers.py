@@ -25,6 +25,7 @@ from scanflow.agents import (
     rule,
     sensor,
 )
+from scanflow.control import backends
 from scanflow.control.triggers import MAX_COUNTED_MISSES, plan_schedule
 from scanflow.settings import Settings
 from scanflow.spec import SpecError, load_application
@@ -182,7 +183,7 @@ agents:
 
 
 def test_cron_fires_on_schedule_and_a_date_fires_once_ever(tmp_path: Path, settings: Settings) -> None:
-    store = Store(settings.store)
+    store = backends.store(settings)
     past = "2020-01-01T00:00:00Z"
     soon = (datetime.now(UTC) + timedelta(seconds=2)).isoformat()
     app = load_application(_app_dir(tmp_path, SCHEDULE.replace("PAST", past).replace("SOON", soon)))
@@ -298,7 +299,7 @@ def test_fires_missed_while_down_are_coalesced_or_skipped(tmp_path: Path, settin
     """Down across fire times of a cron, an interval and a date: at restart each `coalesce`
     trigger fires once (its evidence says how many fires it stands for), each `skip` trigger
     does not (a `misfire_skipped` event says what went by); a date is done either way."""
-    store = Store(settings.store)
+    store = backends.store(settings)
     soon = datetime.now(UTC) + timedelta(seconds=3)
     app = load_application(_app_dir(tmp_path, MISFIRE.replace("SOON", soon.isoformat())))
 

@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 from scanflow.agents import Agent, AgentSpec, CallSpec, Observation, SensorSpec
 from scanflow.cli.main import app as cli
+from scanflow.control import backends
 from scanflow.settings import Settings
-from scanflow.store import Store
 
 ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
@@ -44,7 +44,7 @@ def _cli(settings: Settings, *args: str) -> tuple[int, str]:
 
 
 def test_bare_bool_rules_record_the_sensors_summary_and_decisions_shows_it(settings: Settings) -> None:
-    store = Store(settings.store)
+    store = backends.store(settings)
     try:
         spec = AgentSpec(role="custom", sensors=[
             SensorSpec(name="windows", func=_windows, params={"flag": "w"}, triggers=[],

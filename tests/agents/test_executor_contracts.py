@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from scanflow.agents import Agent, AgentSpec, SensorSpec
+from scanflow.control import backends
 from scanflow.settings import Settings
 from scanflow.spec import Application, Service, validate_application
 from scanflow.store import Store
@@ -110,7 +111,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Settin
         with mlflow.start_run(experiment_id=exp):
             model = LogisticRegression().fit(x, (x[:, 0] > 0).astype(int))
             assert log_model_with_reference(model, x, MODEL, alias="champion") == "1"
-        store = Store(settings.store)
+        store = backends.store(settings)
         yield settings, store, x
         store.close()
 

@@ -29,6 +29,7 @@ from scanflow.agents.planner import (
     record_outcome,
     rollback_judgement,
 )
+from scanflow.control import backends
 from scanflow.control.evaluation import CandidateEvaluation
 from scanflow.spec.policy import Policy
 from scanflow.store import Store
@@ -901,7 +902,7 @@ def test_planner_killed_at_each_point_retrains_once(point: str, tmp_path: Path, 
     d = tmp_path / "app"
     d.mkdir()
     (d / "scanflow.yaml").write_text(textwrap.dedent(SPEC).replace("interval: 1s", "interval: 0.2s"))
-    store = Store(settings.store)
+    store = backends.store(settings)
     t0, _ = _hour_window()
     _put_deployment(store)
     _log(store, t0, 100, latency=20.0)

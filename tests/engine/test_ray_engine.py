@@ -889,7 +889,7 @@ def test_an_agent_runs_as_a_ray_actor_and_ray_restarts_it_after_kill_9_mid_actio
     effects.mkdir()
     (app / "parts.py").write_text(AGENT_PARTS)
     (app / "scanflow.yaml").write_text(AGENT_SPEC.replace("EFFECTS", str(effects)))
-    store = Store(ray_settings.store)
+    store = Store(ray_settings.store, signer=backends.message_signer(ray_settings))
     sup = AgentSupervisor(ray_settings, store)
     code, out = cli(ray_settings, "agents", "start", str(app), "-a", "hanger")
     assert code == 0, out
@@ -987,7 +987,7 @@ def test_an_agent_actor_runs_a_workflow_of_the_sibling_app_its_params_name(
         (tmp_path / name).mkdir()
         (tmp_path / name / "scanflow.yaml").write_text(text)
     (tmp_path / "words.py").write_text("WORD = 'shipped'\n")  # outside both app folders
-    store = Store(ray_settings.store)
+    store = Store(ray_settings.store, signer=backends.message_signer(ray_settings))
     sup = AgentSupervisor(ray_settings, store)
     sup.start(tmp_path / "caller", ["runner"])
     try:

@@ -29,7 +29,7 @@ from scanflow.agents.retrain_contract import ContractViolation, RetrainRun, chec
 from scanflow.agents.runtime import AgentContext, Observation, bounded_key
 from scanflow.control.evaluation import CHALLENGER_ALIAS, candidate_evaluation
 from scanflow.control.events import Messages, PredictionWindow
-from scanflow.control.operations import Actor, ModelOps, check_registered
+from scanflow.control.operations import ModelOps, check_registered
 from scanflow.engine import RunResult
 from scanflow.jsonsafe import json_safe
 from scanflow.spec.loader import load_application
@@ -238,6 +238,8 @@ def _start_or_continue(
     """Run a workflow once per action: a call resumed after a crash continues the run the first
     call started (its finished steps are kept) instead of starting a second one; a retry after
     a failed try resumes the failed run (its failed steps run again)."""
+    ctx.require("run", target.team, workflow)  # another team's workflow needs a role there
+    trigger = {**trigger, "by": ctx.by} if ctx.by else trigger
     if engine is None:
         engine = ctx.engine()  # marks the runs of a dead engine (our previous life) interrupted
     key = ctx.action_key
@@ -310,7 +312,7 @@ def scale(
         target = int(replicas)  # type: ignore[arg-type]
     if target == before:
         return {"service": dep.service, "replicas": before, "changed": False}
-    out = _ops(ctx).scale(dep.service, target, actor=Actor.agent(ctx.name), reason=_reason(obs, ctx),
+    out = _ops(ctx).scale(dep.service, target, actor=ctx.actor(), reason=_reason(obs, ctx),
                           key=ctx.action_key)
     return {"service": dep.service, "replicas": out.after, "from_replicas": before, "changed": out.changed}
 
@@ -323,7 +325,7 @@ def rollout(
     dep = _deployment(ctx, service)
     before = dep.model_version
     out = _ops(ctx).rollout(dep.service, None if version is None else str(version),
-                            actor=Actor.agent(ctx.name), reason=_reason(obs, ctx), key=ctx.action_key)
+                            actor=ctx.actor(), reason=_reason(obs, ctx), key=ctx.action_key)
     return {"service": dep.service, "model_version": out.after, "from_version": before}
 
 
@@ -344,7 +346,7 @@ def rollback_now(obs: Observation, ctx: AgentContext, service: str | None = None
     dep = _deployment(ctx, service)
     start = ctx.remember("from_version", lambda: dep.model_version)
     # A resumed call whose first try rolled back already does not roll back a second step.
-    out = _ops(ctx).rollback(dep.service, actor=Actor.agent(ctx.name), reason=_reason(obs, ctx),
+    out = _ops(ctx).rollback(dep.service, actor=ctx.actor(), reason=_reason(obs, ctx),
                              expect_serving=start, key=ctx.action_key)
     return {"service": dep.service, "model_version": out.after, "from_version": start,
             "changed": str(out.after) != str(start)}
@@ -384,7 +386,7 @@ def promote(
     previous = ctx.remember("previous", lambda: tracker.alias_version(model, alias))
     on_service = dep is not None and dep.model_name == model
     out = _ops(ctx, registry=True).promote(
-        dep.service if on_service and dep is not None else None, target, actor=Actor.agent(ctx.name),
+        dep.service if on_service and dep is not None else None, target, actor=ctx.actor(),
         model=model, alias=alias, previous=previous, key=ctx.action_key, rollout=rollout,
         evidence={"observation": obs.key}, reason=_reason(obs, ctx))
     return {"model": model, "alias": alias, "version": target, "previous_version": previous,
@@ -516,7 +518,7 @@ def retrain_and_promote(
     # Moves the alias and rolls out under the service's lease; a try after a failed rollout
     # records no second promotion (`rollout_completed` once every replica serves `cand`).
     _ops(ctx, registry=True).promote(
-        svc, cand, actor=Actor.agent(ctx.name), evidence={**gate, "run_id": res.run_id},
+        svc, cand, actor=ctx.actor(), evidence={**gate, "run_id": res.run_id},
         reason=f"retrain episode {episode}", alias=dep.alias, expect_serving=dep.model_version, previous=old,
         approved_by="policy:promotion-gate", key=ctx.action_key)
     return {"promoted": True, "candidate_version": cand, "previous_version": old,

@@ -11,11 +11,13 @@ import signal
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
+from scanflow.agents.credentials import AgentCredentials
 from scanflow.control import backends
+from scanflow.control.operations import Actor
 from scanflow.control.triggers import TriggerEvent
 from scanflow.jsonsafe import json_safe
 from scanflow.settings import Settings
@@ -112,6 +114,8 @@ class AgentContext:
         # the applications its params name (`app: ../datascience/scanflow.yaml`), by that value,
         # when they travelled with the agent (a Ray actor: `ray_agents`); else read from disk
         self.named_apps: dict[str, Application] = {}
+        # the token it acts with, once this installation has identities (`agents.credentials`)
+        self.credentials: AgentCredentials | None = None
         self._local = threading.local()  # sensors of one agent run in parallel threads
 
     # -- the current call ----------------------------------------------------------------------
@@ -175,7 +179,25 @@ class AgentContext:
         return value
 
     def send(self, to: str, kind: str, payload: dict[str, Any], key: str | None = None) -> bool:
-        return self.store.send_message(self.name, to, kind, payload, key=key)
+        return self.store.send_message(self.name, to, kind, payload, key=key, by=self.by)
+
+    # -- who it acts as ----------------------------------------------------------------------------
+    @property
+    def by(self) -> str | None:
+        """The identity its acts are recorded as (`agent:<team>.<agent>`); None without one."""
+        return self.credentials.who if self.credentials is not None else None
+
+    def require(self, action: str, team: str, resource: str | None = None) -> None:
+        """Raise `NotAllowed` unless its identity may take `action` in `team` now."""
+        if self.credentials is not None:
+            self.credentials.authorize(action, team, resource)
+
+    def actor(self, kind: Literal["agent", "policy"] = "agent") -> Actor:
+        """The actor its service operations run as: checked against and recorded with its identity."""
+        base = Actor.agent(self.name) if kind == "agent" else Actor.policy(self.name)
+        if self.credentials is None:
+            return base
+        return replace(base, by=self.credentials.who, authorize=self.credentials.authorize)
 
     def event(self, kind: str, **payload: Any) -> None:
         self.store.add_event(self.name, kind, self.service, **json_safe(payload))

@@ -32,6 +32,7 @@ from typing import Any
 from scanflow.settings import Settings
 from scanflow.spec.models import Application
 from scanflow.store import Store
+from scanflow.store.signing import MessageSigner, load_or_create_key
 
 log = logging.getLogger("scanflow.agents.ray")
 
@@ -65,7 +66,7 @@ class AgentActor:
         if blob is None:
             raise RuntimeError(f"no app recorded for Ray agent actor {name!r}; start it with "
                                "`scanflow agents start`")
-        app, package, env, agent, named = pickle.loads(blob)
+        app, package, env, agent, named, message_key = pickle.loads(blob)
         os.environ.update(env)  # this worker process is the actor's own
         # its logs and scratch files stay on its node, not in the worker's working directory
         os.environ["SCANFLOW_WORKSPACE"] = str(Path(tempfile.gettempdir()) / "scanflow-agents" / name
@@ -77,7 +78,7 @@ class AgentActor:
             sys.path.insert(0, str(code))
         app = app.model_copy(update={"base_dir": home, "code_paths": []})
         settings = Settings().ensure()
-        self.store = Store(settings.store)
+        self.store = Store(settings.store, signer=MessageSigner(message_key))
         self.agent_name = agent
         self.node_id = ctx.get_node_id()
         self.restarts = _restart_count(name) if ctx.was_current_actor_reconstructed else 0
@@ -205,13 +206,16 @@ class RayAgents:
         named = {value: (spec, pack_app(spec.base_dir, skip=[self.settings.root],
                                         code=spec.code_modules()))
                  for value, spec in named_apps(app, names).items()}
-        env = {k: v for k, v in self.settings.child_env().items() if k != "SCANFLOW_WORKSPACE"}
+        # the workspace and the message key's path are this machine's: the key itself travels
+        env = {k: v for k, v in self.settings.child_env().items()
+               if k not in ("SCANFLOW_WORKSPACE", "SCANFLOW_MESSAGE_KEY_FILE")}
+        message_key = load_or_create_key(self.settings.message_key_path)
         actors: dict[str, Any] = {}
         cls: Any = ray.remote(AgentActor)
         for name in names:
             aname = actor_name(app.app, name)
-            _internal_kv_put(aname, pickle.dumps((app, package, env, name, named)), overwrite=True,
-                             namespace=KV_NAMESPACE)
+            _internal_kv_put(aname, pickle.dumps((app, package, env, name, named, message_key)),
+                             overwrite=True, namespace=KV_NAMESPACE)
             _internal_kv_del(f"{aname}:restarts", namespace=KV_NAMESPACE)
             actors[name] = cls.options(
                 name=aname, namespace=NAMESPACE, lifetime="detached", num_cpus=0,

@@ -49,6 +49,7 @@ from scanflow.agents.context import (
     _pending_key,
     bounded_key,
 )
+from scanflow.agents.credentials import issue as issue_credentials
 from scanflow.agents.errors import UnknownMessage, UnknownSensor
 from scanflow.agents.registry import agent_issues, name_of, resolve
 from scanflow.agents.scheduling import OVERRIDES, TriggerScheduling
@@ -82,6 +83,8 @@ class Agent(TriggerScheduling):
             known = ", ".join(sorted(app.agents)) or "none"
             raise KeyError(f"no agent {name!r} in app {app.app!r} (known: {known})")
         self.ctx = AgentContext(settings, store, app, name)
+        # its token, once this installation has identities: what it does is checked and recorded as it
+        self.ctx.credentials = issue_credentials(store, app.team, name)
         self.settings = settings
         self.name = name
         self.spec = app.agents[name]
@@ -258,7 +261,8 @@ class Agent(TriggerScheduling):
                                             "message_id": self._message_of(obs)})
         _failpoint("before_decision")
         self.store.record_decision(self.name, spec.name, rule_name, bool(fired), evidence,
-                                   self.ctx.service, planned, dkey, state=txn, pending=pending)
+                                   self.ctx.service, planned, dkey, state=txn, pending=pending,
+                                   by=self.ctx.by)
         _failpoint("after_decision")
         if pending is not None:
             self._complete(spec, dkey, pending[1], obs)
@@ -431,7 +435,7 @@ class Agent(TriggerScheduling):
 
     def recent_decisions(self, limit: int = 20, fired: bool | None = None) -> list[dict[str, Any]]:
         return [{"id": d.id, "time": iso_utc(d.ts), "sensor": d.sensor, "key": d.key, "rule": d.rule,
-                 "fired": d.fired, "evidence": d.evidence, "actions": d.actions}
+                 "fired": d.fired, "evidence": d.evidence, "actions": d.actions, "by": d.by}
                 for d in self.store.recent_decisions(self.name, limit, fired)]
 
     def recent_events(self, limit: int = 20) -> list[dict[str, Any]]:

@@ -67,7 +67,8 @@ def decisions(
     if as_json:
         print_json([{"id": d.id, "time": when(d.ts), "ts": d.ts, "agent": d.agent, "sensor": d.sensor,
                      "rule": d.rule, "fired": d.fired, "reason": d.evidence.get("reason", ""),
-                     "service": d.service, "key": d.key, "evidence": d.evidence, "actions": d.actions}
+                     "service": d.service, "key": d.key, "evidence": d.evidence, "actions": d.actions,
+                     "by": d.by}
                     for d in rows])
         return
     t = table("time", "agent", "sensor", "fired", "reason", "actions")

@@ -31,7 +31,7 @@ def _event(e: Event) -> dict[str, Any]:
 def _decision(d: Decision) -> dict[str, Any]:
     return {"key": d.key, "ts": d.ts, "time": iso_utc(d.ts), "agent": d.agent, "sensor": d.sensor,
             "rule": d.rule, "fired": d.fired, "reason": d.evidence.get("reason", ""),
-            "evidence": d.evidence, "actions": d.actions}
+            "evidence": d.evidence, "actions": d.actions, "by": d.by}
 
 
 def _action(a: Action) -> dict[str, Any]:

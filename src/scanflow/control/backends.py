@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from scanflow.settings import Settings
 from scanflow.store import Store
+from scanflow.store.signing import MessageSigner, load_or_create_key
 
 if TYPE_CHECKING:
     from scanflow.engine import Engine
@@ -57,7 +58,12 @@ def store(settings: Settings) -> Store:
     """The control-plane store at `settings.store` (SQLite or PostgreSQL, by URL). Settings
     are checked first, so a bad backend is refused before any state is touched."""
     backend_of(settings)
-    return Store(settings.store)
+    return Store(settings.store, signer=message_signer(settings))
+
+
+def message_signer(settings: Settings) -> MessageSigner:
+    """What signs and checks agents' messages: the key at `settings.message_key_path`."""
+    return MessageSigner(load_or_create_key(settings.message_key_path))
 
 
 def tracker(settings: Settings) -> Tracker:

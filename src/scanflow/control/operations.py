@@ -19,7 +19,7 @@ no backend themselves, so a Ray deployer plugs in unchanged.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -27,6 +27,7 @@ from typing import Any, Literal, Protocol
 from scanflow.control.leases import lease, process_holder, service_lease
 from scanflow.jsonsafe import json_safe
 from scanflow.serving.backend import Deployer, UnknownService
+from scanflow.spec.access import NotAllowed
 from scanflow.store import Store
 from scanflow.store.schema import Deployment
 
@@ -58,6 +59,12 @@ class Actor:
     name: str
     holder: str
     source: str = "control"  # the source column of the events it records
+    # The identity it acts as (an agent's token's user: `agent:<team>.<agent>`), recorded on
+    # its events; and the check of that identity's roles, (action, team, service) -> raises
+    # `NotAllowed`, made on the deployment read under the lease. None: not checked here (a
+    # person's roles are checked by the server or the CLI before the call).
+    by: str | None = None
+    authorize: Callable[[str, str, str | None], None] | None = field(default=None, compare=False)
 
     @property
     def who(self) -> str:
@@ -116,7 +123,8 @@ def record_once(store: Store, actor: Actor, kind: str, service: str | None, key:
         for e in store.recent_events(actor.source, _DEDUPE_WINDOW):
             if e.kind == kind and e.payload.get("action") == key:
                 return int(e.id)
-    body = {**payload, "actor": actor.who, **({"action": key} if key is not None else {})}
+    body = {**payload, "actor": actor.who, **({"by": actor.by} if actor.by else {}),
+            **({"action": key} if key is not None else {})}
     # `Store.add_event` takes source, kind and service as arguments: evidence keys so named are kept
     body = {f"{k}_" if k in ("source", "kind", "service") else k: v for k, v in body.items()}
     return int(store.add_event(actor.source, kind, service, **json_safe(body)).id)
@@ -143,7 +151,9 @@ class ModelOps:
     @contextmanager
     def _leased(self, service: str, actor: Actor, operation: str) -> Iterator[Deployment]:
         """The service's lease for the block, and its deployment as read under the lease."""
-        self._deployment(service)  # an unknown service is refused before any lease is taken
+        dep = self._deployment(service)  # an unknown service is refused before any lease is taken
+        if actor.authorize is not None:  # and one the actor may not touch, too
+            actor.authorize(operation, dep.team, service)
         with service_lease(self.store, service, actor.holder, ttl_s=self.lease_ttl_s,
                            wait_s=self.lease_wait_s, purpose=f"{operation} by {actor.who}"):
             yield self._deployment(service)
@@ -252,6 +262,10 @@ class ModelOps:
         if service is not None:
             known = self._deployment(service)
             model, alias = model or known.model_name, alias or known.alias
+            if forced and actor.authorize is not None:
+                actor.authorize("force", known.team, service)
+        elif actor.authorize is not None:  # a model alone names no team to check against
+            raise NotAllowed(f"{actor.by or actor.who} promotes through a service of its team only")
         if model is None:
             raise ValueError("promote needs a service or a model")
         alias = alias or "champion"

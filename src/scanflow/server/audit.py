@@ -68,7 +68,7 @@ def decisions(who: Caller, plat: Plat, agent: str | None = None, service: str | 
             break
         out.append(DecisionOut(id=d.id, ts=d.ts, agent=d.agent, sensor=d.sensor, rule=d.rule,
                                fired=d.fired, service=d.service, key=d.key, evidence=d.evidence,
-                               actions=d.actions))
+                               actions=d.actions, by=d.by))
     return Page[DecisionOut](items=out, next=str(out[-1].id) if more else None)
 
 

@@ -211,6 +211,7 @@ class DecisionOut(BaseModel):
     key: str | None
     evidence: dict[str, Any]
     actions: list[Any]
+    by: str | None = Field(default=None, description="the identity the agent acted as")
 
 
 class AgentsStartIn(Strict):

@@ -60,3 +60,7 @@ def scope_allows(scopes: list[str] | None, action: str, resource: str | None) ->
         if name == action and (not target or target == resource):
             return True
     return False
+
+
+class NotAllowed(PermissionError):
+    """An identity tried an action its roles (or its token) do not allow: nothing was done."""

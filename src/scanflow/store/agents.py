@@ -20,7 +20,8 @@ class AgentRepository(Protocol):
     """Messages, agent state, the agent process registry and service leases."""
 
     def send_message(self, sender: str, recipient: str, kind: str, payload: dict[str, Any],
-                     key: str | None = None) -> bool: ...
+                     key: str | None = None, *, by: str | None = None,
+                     signature: str | None = None) -> bool: ...
 
     def inbox(self, recipient: str, kinds: Sequence[str] | None = None,
               limit: int = 100) -> list[Message]: ...
@@ -30,7 +31,8 @@ class AgentRepository(Protocol):
     def start_message_attempt(self, message_id: int, max_attempts: int) -> int: ...
 
     def fail_message(self, message_id: int, error: str, *, retry_at: float | None = None,
-                     dead_letter: tuple[str, dict[str, Any]] | None = None) -> None: ...
+                     dead_letter: tuple[str, dict[str, Any]] | None = None,
+                     event_kind: str = "message_dead_lettered") -> None: ...
 
     def requeue_message(self, recipient: str, message_id: int) -> Message: ...
 
@@ -77,10 +79,12 @@ class SqlMessages:
         self.db = db
 
     def send_message(self, sender: str, recipient: str, kind: str, payload: dict[str, Any],
-                     key: str | None = None) -> bool:
+                     key: str | None = None, *, by: str | None = None,
+                     signature: str | None = None) -> bool:
         """Durable send; a message with a key already sent is not sent twice. True if new."""
         msg = Message(key=key or uuid.uuid4().hex, ts=time.time(), sender=sender, recipient=recipient,
-                      kind=kind, payload=payload, status="pending", attempts=0)
+                      kind=kind, payload=payload, status="pending", attempts=0, by=by,
+                      signature=signature)
         try:
             with self.db.session() as s:
                 s.add(msg)
@@ -122,10 +126,11 @@ class SqlMessages:
             return int(s.scalars(select(Message.attempts).where(Message.id == message_id)).one())
 
     def fail_message(self, message_id: int, error: str, *, retry_at: float | None = None,
-                     dead_letter: tuple[str, dict[str, Any]] | None = None) -> None:
+                     dead_letter: tuple[str, dict[str, Any]] | None = None,
+                     event_kind: str = "message_dead_lettered") -> None:
         """Record a failed try: the message waits until `retry_at`, or is dead-lettered with
-        `dead_letter` = (agent, event payload) stored as a `message_dead_lettered` event in the
-        same transaction."""
+        `dead_letter` = (agent, event payload) stored as an `event_kind` event in the same
+        transaction."""
         values: dict[str, Any] = {"error": error[:4000], "retry_at": retry_at}
         if dead_letter is not None:
             values.update(status="dead", handled_at=time.time(), retry_at=None)
@@ -133,7 +138,7 @@ class SqlMessages:
             s.execute(update(Message).where(Message.id == message_id, Message.status == "pending")
                       .values(**values))
             if dead_letter is not None:
-                s.add(Event(ts=time.time(), source=dead_letter[0], kind="message_dead_lettered",
+                s.add(Event(ts=time.time(), source=dead_letter[0], kind=event_kind,
                             service=None, payload=dead_letter[1]))
 
     def requeue_message(self, recipient: str, message_id: int) -> Message:

@@ -38,7 +38,7 @@ class DecisionRepository(Protocol):
     def record_decision(
         self, agent: str, sensor: str, rule: str, fired: bool, evidence: dict[str, Any],
         service: str | None, actions: list[Any], key: str, state: dict[str, Any] | None = None,
-        pending: tuple[str, dict[str, Any]] | None = None,
+        pending: tuple[str, dict[str, Any]] | None = None, by: str | None = None,
     ) -> bool: ...
 
     def complete_decision(self, key: str, actions: list[Any], agent: str,
@@ -139,7 +139,7 @@ class SqlDecisionRepository:
     def record_decision(
         self, agent: str, sensor: str, rule: str, fired: bool, evidence: dict[str, Any],
         service: str | None, actions: list[Any], key: str, state: dict[str, Any] | None = None,
-        pending: tuple[str, dict[str, Any]] | None = None,
+        pending: tuple[str, dict[str, Any]] | None = None, by: str | None = None,
     ) -> bool:
         """A judgement, the agent state its rule wrote and (if it must act) a pending marker,
         in one transaction: a crash leaves all or none. False if the key was recorded before."""
@@ -147,7 +147,7 @@ class SqlDecisionRepository:
         try:
             with self.db.session() as s:
                 s.add(Decision(key=key, ts=now, agent=agent, sensor=sensor, rule=rule, fired=fired,
-                               evidence=evidence, service=service, actions=actions))
+                               evidence=evidence, service=service, actions=actions, by=by))
                 s.flush()
                 items = dict(state or {})
                 if pending is not None:

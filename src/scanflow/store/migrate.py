@@ -29,7 +29,7 @@ log = logging.getLogger("scanflow.store")
 
 BASELINE = "0001_baseline"  # the schema at commit 15096dd
 # The newest revision: tests/store/test_migrations.py checks it is Alembic's head.
-HEAD = "0006_identity"
+HEAD = "0007_agent_identity"
 SCRIPT_LOCATION = "scanflow.store:migrations"
 # Not Alembic's default `alembic_version`: MLflow keeps its own there, and one PostgreSQL database
 # may well hold both the MLflow tables and the store.

@@ -169,6 +169,7 @@ class Decision(Base):
     service: Mapped[str | None] = mapped_column(String(200))
     evidence: Mapped[dict[str, Any]] = mapped_column(default=dict)
     actions: Mapped[list[Any]] = mapped_column(default=list)
+    by: Mapped[str | None] = mapped_column(String(200), default=None)  # the identity it acted as
 
 
 class Action(Base):
@@ -200,6 +201,8 @@ class Message(Base):
     handled_at: Mapped[float | None] = mapped_column(Float)
     error: Mapped[str | None] = mapped_column(Text, default=None)  # of the last failed try
     retry_at: Mapped[float | None] = mapped_column(Float, default=None)  # not delivered before
+    by: Mapped[str | None] = mapped_column(String(200), default=None)  # the sender's identity
+    signature: Mapped[str | None] = mapped_column(String(100), default=None)  # `store.signing`
 
 
 class AgentState(Base):

@@ -11,6 +11,7 @@ test double for one aggregate) without a class hierarchy, and each stays a small
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+from scanflow.jsonsafe import json_safe
 from scanflow.store.agents import AgentRepository, SqlAgentRepository
 from scanflow.store.applications import ApplicationRepository, SqlApplicationRepository
 from scanflow.store.db import Database, normalise_url
@@ -38,6 +40,7 @@ from scanflow.store.schema import (
     StepRun,
     WorkflowRun,
 )
+from scanflow.store.signing import MessageSigner, load_or_create_key
 from scanflow.store.window import PredictionWindow
 
 __all__ = ["TERMINAL", "Store", "normalise_url", "open_store"]
@@ -55,7 +58,8 @@ class Store:
     identities: IdentityRepository
     applications: ApplicationRepository
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, signer: MessageSigner | None = None) -> None:
+        self.signer = signer  # signs messages sent, checks those received (`store.signing`)
         self.db = Database(url)
         self.url = self.db.url
         self.engine: Engine = self.db.engine
@@ -193,10 +197,10 @@ class Store:
     def record_decision(
         self, agent: str, sensor: str, rule: str, fired: bool, evidence: dict[str, Any],
         service: str | None, actions: list[Any], key: str, state: dict[str, Any] | None = None,
-        pending: tuple[str, dict[str, Any]] | None = None,
+        pending: tuple[str, dict[str, Any]] | None = None, by: str | None = None,
     ) -> bool:
         return self.decisions.record_decision(agent, sensor, rule, fired, evidence, service,
-                                              actions, key, state, pending)
+                                              actions, key, state, pending, by=by)
 
     def complete_decision(self, key: str, actions: list[Any], agent: str, pending_key: str | None) -> None:
         self.decisions.complete_decision(key, actions, agent, pending_key)
@@ -228,11 +232,33 @@ class Store:
 
     # -- messages, agent state, processes, leases (store.agents) --------------------------------
     def send_message(self, sender: str, recipient: str, kind: str, payload: dict[str, Any],
-                     key: str | None = None) -> bool:
-        return self.agents.send_message(sender, recipient, kind, payload, key)
+                     key: str | None = None, *, by: str | None = None) -> bool:
+        """Durable send, signed with the store's `signer` when it has one; `by` is the
+        sender's identity (an agent's token's user). True if new."""
+        key = key or uuid.uuid4().hex
+        payload = json_safe(payload)
+        signature = (self.signer.sign(key, sender, recipient, kind, payload, by)
+                     if self.signer is not None else None)
+        return self.agents.send_message(sender, recipient, kind, payload, key,
+                                        by=by, signature=signature)
 
     def inbox(self, recipient: str, kinds: Sequence[str] | None = None, limit: int = 100) -> list[Message]:
-        return self.agents.inbox(recipient, kinds, limit)
+        """The recipient's deliverable messages. With a `signer`, only those whose signature
+        verifies: any other is dead-lettered on the spot as `message_rejected` (never
+        retried, never acted on) and left out."""
+        msgs = self.agents.inbox(recipient, kinds, limit)
+        if self.signer is None:
+            return msgs
+        good = []
+        for m in msgs:
+            if self.signer.verify(m.signature, m.key, m.sender, m.recipient, m.kind, m.payload, m.by):
+                good.append(m)
+                continue
+            why = "unsigned" if not m.signature else "signature does not verify"
+            self.agents.fail_message(m.id, f"rejected: {why}", dead_letter=(recipient, {
+                "message_id": m.id, "key": m.key, "sender": m.sender, "by": m.by,
+                "message_kind": m.kind, "rejected": why}), event_kind="message_rejected")
+        return good
 
     def ack_message(self, message_id: int) -> None:
         self.agents.ack_message(message_id)
@@ -302,4 +328,4 @@ def open_store(url: str | None = None) -> Store:
     settings = get_settings()
     if url is None:
         settings.ensure()
-    return Store(url or settings.store)
+    return Store(url or settings.store, signer=MessageSigner(load_or_create_key(settings.message_key_path)))

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from scanflow.settings import Settings
-from scanflow.tracking.base import TAG_APP, TAG_RUN, TAG_STEP, TAG_TEAM, TAG_WORKFLOW
+from scanflow.tracking.base import TAG_APP, TAG_BY, TAG_RUN, TAG_STEP, TAG_TEAM, TAG_WORKFLOW
 
 __all__ = ["TAG_APP", "TAG_RUN", "TAG_STEP", "TAG_TEAM", "TAG_WORKFLOW", "MlflowTracker",
            "configure_mlflow", "log_python_model", "log_sklearn_model"]
@@ -265,6 +265,18 @@ class MlflowTracker:
         return names
 
 
+def _register(model_uri: str, registered_name: str) -> str:
+    """Register `model_uri` as a new version of `registered_name`, tagged with who made it: the
+    active run's app, team and acting user or agent (`scanflow.by`), so the registry says which
+    team's run, started by whom, produced each version."""
+    import mlflow  # lazy: MLflow, see the module doc
+
+    run = mlflow.active_run()
+    tags = {k: v for k, v in (run.data.tags if run is not None else {}).items()
+            if k in (TAG_APP, TAG_TEAM, TAG_BY, TAG_RUN) and v}
+    return str(mlflow.register_model(model_uri, registered_name, tags=tags or None).version)
+
+
 def log_python_model(
     model: Any,
     x_example: Any,
@@ -290,10 +302,7 @@ def log_python_model(
         name=name, python_model=model, signature=signature, code_paths=code_paths,
         pip_requirements=pip_requirements or [f"mlflow=={mlflow.__version__}"],
     )
-    version = None
-    if registered_name:
-        mv = mlflow.register_model(info.model_uri, registered_name)
-        version = str(mv.version)
+    version = _register(info.model_uri, registered_name) if registered_name else None
     return info.model_uri, version
 
 
@@ -325,8 +334,5 @@ def log_sklearn_model(
         pyfunc_predict_fn=pyfunc_predict_fn,
         skops_trusted_types=trusted,
     )
-    version = None
-    if registered_name:
-        mv = mlflow.register_model(info.model_uri, registered_name)
-        version = str(mv.version)
+    version = _register(info.model_uri, registered_name) if registered_name else None
     return info.model_uri, version

@@ -16,7 +16,7 @@ from scanflow.agents.planner.policy import plan, record_outcome, rollback_judgem
 from scanflow.agents.planner.signals import _probation, load_state, plain, save_state
 from scanflow.agents.runtime import AgentContext, Observation
 from scanflow.control.leases import process_holder
-from scanflow.control.operations import Actor, ModelOps
+from scanflow.control.operations import ModelOps
 
 log = logging.getLogger("scanflow.agents.planner")
 
@@ -115,7 +115,7 @@ def _scale(ctx: AgentContext, ops: ModelOps, svc: str, a: PlannedAction) -> dict
     keys = ("p95_latency_ms", "slo_p95_ms", "throughput_rps", "in_flight", "in_flight_per_replica",
             "target_in_flight_per_replica", "replicas_from", "replicas_to")
     evidence = {"action": a.kind, **{k: a.evidence.get(k) for k in keys if k in a.evidence}}
-    out = ops.scale(svc, target, actor=Actor.policy(ctx.name), reason=a.reason, evidence=evidence,
+    out = ops.scale(svc, target, actor=ctx.actor("policy"), reason=a.reason, evidence=evidence,
                     record_as="planner_scaled")
     if not out.changed:  # a replay after a crash, or someone did it
         return {"replicas": target, "already": True}
@@ -137,7 +137,7 @@ def _send_retrain(ctx: AgentContext, svc: str, window: str, a: PlannedAction, ex
 
 def _rollback(ctx: AgentContext, ops: ModelOps, svc: str, a: PlannedAction) -> dict[str, Any]:
     bad, good = a.params.get("from_version"), a.params.get("to_version")
-    out = ops.rollback(svc, actor=Actor.policy(ctx.name), reason=a.reason, evidence=_numbers(a.evidence),
+    out = ops.rollback(svc, actor=ctx.actor("policy"), reason=a.reason, evidence=_numbers(a.evidence),
                        expect_serving=None if bad is None else str(bad))
     if not out.changed:
         return {"from_version": bad, "to_version": good, "already": f"serving version {out.after}"}
