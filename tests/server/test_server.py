@@ -424,6 +424,25 @@ def test_the_cli_through_the_server_prints_what_it_prints_locally(server: Server
     assert code == 1 and "failed" in text
     code, text = _cli(s, "run", str(s.spec), "hello", who="oscar")
     assert code == 0 and "succeeded" in text
+    # resume: the failed run is tried again in the server and fails again, exit 1 as locally
+    broken = next(r["id"] for r in json.loads(_cli(s, "runs", "list", "--json")[1])
+                  if r["workflow"] == "broken")
+    code, text = _cli(s, "resume", broken, who="vera")
+    assert code == 2 and "needs operator" in text
+    code, text = _cli(s, "resume", broken, who="oscar")
+    assert code == 1 and f"run {broken} failed" in text, text
+    (again,) = [r for r in json.loads(_cli(s, "runs", "list", "--json")[1]) if r["id"] == broken]
+    assert again["status"] == "failed"
+    local_code, local_text = _cli(s, "resume", broken)
+    assert local_code == 1 and f"run {broken} failed" in local_text
+    # validate: the same line for a good spec, the same problems and exit 2 for a bad one
+    assert _cli(s, "validate", str(s.spec), who="vera") == _cli(s, "validate", str(s.spec))
+    bad = s.spec.parent / "bad"
+    bad.mkdir(exist_ok=True)
+    (bad / "scanflow.yaml").write_text("app: shop\nteam: shop\nworkflows:\n  w:\n    steps:\n"
+                                        "      - {name: a, run: 'true', after: [nowhere]}\n")
+    remote_bad, local_bad = _cli(s, "validate", str(bad), who="vera"), _cli(s, "validate", str(bad))
+    assert remote_bad == local_bad and remote_bad[0] == 2 and "nowhere" in remote_bad[1]
     # a wrong token: exit 2, and the token is not echoed
     s.tokens["bogus"] = "sft_0123456789abcdef_" + "x" * 43
     code, text = _cli(s, "runs", "list", who="bogus")

@@ -15,6 +15,7 @@ from typing import Annotated
 import typer
 
 from scanflow.cli import history, init, server, services, workflows
+from scanflow.cli import remote as via
 from scanflow.cli.admin import admin_app
 from scanflow.cli.agents import agents_app
 from scanflow.cli.common import AppPath, err, fail, iso, load_noting, out
@@ -50,10 +51,23 @@ def validate(
     registry: Annotated[bool, typer.Option(help="check that services' models exist")] = False,
 ) -> None:
     """Check a spec without running anything."""
+    if (api := via.remote()) is not None:  # the server reads it (the path as its machine sees it)
+        v = api.call("POST", "/api/v1/apps/validate", body={"path": str(path.resolve()),
+                                                            "registry": registry})
+        if not v["ok"]:
+            for problem in v["problems"]:
+                err.print(problem, style="red", markup=False, highlight=False, soft_wrap=True)
+            fail(f"{len(v['problems'])} problem(s) in the spec; nothing was started")
+        _validated(v["source"], v["app"], v["team"], v["workflows"], v["services"], v["agents"])
+        return
     spec = load_noting(path, with_registry=registry)
-    out.print(f"[green]ok[/] {spec.source}: app {spec.app!r}, team {spec.team!r}, "
-              f"{len(spec.workflows)} workflow(s), {len(spec.services)} service(s), "
-              f"{len(spec.agents)} agent(s)")
+    _validated(spec.source, spec.app, spec.team, len(spec.workflows), len(spec.services),
+               len(spec.agents))
+
+
+def _validated(source: object, app: str, team: str, workflows: int, services: int, agents: int) -> None:
+    out.print(f"[green]ok[/] {source}: app {app!r}, team {team!r}, {workflows} workflow(s), "
+              f"{services} service(s), {agents} agent(s)")
 
 
 # The commands in the order `scanflow --help` lists them, then the groups.

@@ -6,6 +6,7 @@ import json
 import signal as _signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -84,14 +85,48 @@ def _remote_run(api: Any, path: Path, spec: Any, workflow: str, params: dict[str
         err.print(f"queued on the server; follow it with `scanflow logs {r['id'][:12]} --follow`",
                   highlight=False)
         return
+    _wait_remote(api, r["id"], lambda _run: True)
+
+
+def _remote_resume(api: Any, run_id: str, detach: bool) -> None:
+    """`resume` through the server (it resumes the run in its own engine); unless `detach`,
+    wait for the resumed attempt to end (one whose end is not the end it had before)."""
+    before = api.call("GET", f"/api/v1/runs/{run_id}")
+    api.call("POST", f"/api/v1/runs/{run_id}/resume")
+    if detach:
+        print(before["id"])
+        err.print(f"resuming on the server; follow it with `scanflow logs {before['id'][:12]} "
+                  "--follow`", highlight=False)
+        return
+    def moved(run: dict[str, Any]) -> bool:
+        return run["status"] != before["status"] or run["ended_at"] != before["ended_at"]
+
+    deadline = time.monotonic() + RESUME_START_S
+    while not moved(api.call("GET", f"/api/v1/runs/{before['id']}")):
+        if time.monotonic() > deadline:
+            fail(f"run {before['id'][:12]}: the server did not start resuming it within "
+                 f"{RESUME_START_S:.0f} s (its log says why)", code=1)
+        time.sleep(0.2)
+    _wait_remote(api, before["id"], lambda run: run["ended_at"] != before["ended_at"])
+
+
+RESUME_START_S = 30.0
+"""How long `resume` through the server waits for the run to leave the state it ended in."""
+
+
+def _wait_remote(api: Any, run_id: str, new: Callable[[dict[str, Any]], bool]) -> None:
+    """Print each step as it ends until the run ends (`new`: an end of this attempt, not an
+    earlier one); exit 1 unless it succeeded."""
     seen: dict[str, str] = {}
     while True:
-        run = api.call("GET", f"/api/v1/runs/{r['id']}")
+        run = api.call("GET", f"/api/v1/runs/{run_id}")
+        ended = run["status"] in {"succeeded", "failed", "cancelled", "interrupted"} and new(run)
         for st in run["steps"]:
-            if st["status"] != seen.get(st["step"]) and st["status"] not in {"pending", "running"}:
+            if (ended or new(run)) and st["status"] != seen.get(st["step"]) \
+                    and st["status"] not in {"pending", "running"}:
                 out.print(f"  {st['step']}: {st['status']}", highlight=False)
             seen[st["step"]] = st["status"]
-        if run["status"] in {"succeeded", "failed", "cancelled", "interrupted"}:
+        if ended:
             break
         time.sleep(0.5)
     out.print(f"run [bold]{run['id']}[/] {run['status']}")
@@ -313,7 +348,9 @@ def resume(
                                          "(a Ray job runs its driver), return at once")] = False,
 ) -> None:
     """Re-run only the failed, cancelled, interrupted or never-started steps of a run."""
-
+    if (api := via.remote()) is not None:
+        _remote_resume(api, run_id, detach)
+        return
     settings, store = context()
     if detach and settings.backend.strip().lower() != "ray":
         fail("--detach resumes the run's driver on a Ray cluster: set SCANFLOW_BACKEND=ray")

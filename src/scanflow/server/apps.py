@@ -8,9 +8,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends
 
 from scanflow.agents.registry import agent_issues
+from scanflow.control import backends
 from scanflow.server.auth import Caller, authorize, readable_teams
 from scanflow.server.errors import ERROR_RESPONSES, ApiError
-from scanflow.server.models import AppIn, AppOut, Validation
+from scanflow.server.models import AppIn, AppOut, ValidateIn, Validation
 from scanflow.server.platform import Platform, platform
 from scanflow.spec import load_application
 from scanflow.spec.errors import SpecError
@@ -19,7 +20,7 @@ router = APIRouter(prefix="/api/v1/apps", tags=["applications"], responses=ERROR
 Plat = Annotated[Platform, Depends(platform)]
 
 
-def _load(path: str, *, imports: bool) -> Any:
+def _load(path: str, *, imports: bool, known_models: set[str] | None = None) -> Any:
     """The spec at `path`; with `imports`, its steps' and agents' code is imported and checked
     too, which runs that code: only once the caller's role in the spec's team allows it."""
     p = Path(path)
@@ -27,7 +28,7 @@ def _load(path: str, *, imports: bool) -> Any:
     try:
         if not p.exists():
             raise ApiError(404, "not_found", f"no spec at {shown!r} on the server's machine")
-        return load_application(p, check_imports=imports,
+        return load_application(p, check_imports=imports, known_models=known_models,
                                 checks=[lambda app: agent_issues(app) if app.agents else []])
     except OSError as exc:
         raise ApiError(422, "invalid_request", f"cannot read a spec at {shown!r}: "
@@ -43,16 +44,25 @@ def _out(row: Any, spec: Any | None) -> AppOut:
 
 
 @router.post("/validate", response_model=Validation)
-def validate(body: AppIn, who: Caller) -> Validation:
+def validate(body: ValidateIn, who: Caller, plat: Plat) -> Validation:
     """Check a spec without registering or running anything: its YAML for anyone with a token;
-    its code (imported, so run) only for an operator of the spec's team."""
+    its code (imported, so run) only for an operator of the spec's team; with `registry`, that
+    its services' models are registered."""
+    known = None
+    if body.registry:
+        try:
+            known = backends.tracker(plat.settings).registered_models()
+        except backends.UnknownBackend as exc:
+            raise ApiError(503, "backend_unavailable", str(exc)) from exc
     try:
-        spec = _load(body.path, imports=False)
+        spec = _load(body.path, imports=False, known_models=known)
         if who.may("run", spec.team, spec.app):
-            spec = _load(body.path, imports=True)
+            spec = _load(body.path, imports=True, known_models=known)
     except SpecError as exc:
         return Validation(ok=False, problems=[str(i) for i in exc.issues])
-    return Validation(ok=True, app=spec.app, team=spec.team)
+    return Validation(ok=True, app=spec.app, team=spec.team, source=str(spec.source),
+                      workflows=len(spec.workflows), services=len(spec.services),
+                      agents=len(spec.agents))
 
 
 @router.post("", response_model=AppOut, status_code=201)

@@ -42,10 +42,19 @@ class AppOut(BaseModel):
     agents: list[str] = []
 
 
+class ValidateIn(AppIn):
+    registry: bool = Field(default=False, description="also check that the services' models "
+                           "are registered (in the server's MLflow)")
+
+
 class Validation(BaseModel):
     ok: bool
     app: str | None = None
     team: str | None = None
+    source: str | None = Field(default=None, description="the spec file read")
+    workflows: int = 0
+    services: int = 0
+    agents: int = 0
     problems: list[str] = []
 
 

@@ -58,13 +58,13 @@ class Platform:
             name="scanflow-run-queue", daemon=True)
         self._runner.start()
 
-    def resume(self, run_id: str) -> None:
+    def resume(self, run_id: str, spec: Any = None) -> None:
         """Resume a run in a thread of the server (it records its own outcome)."""
         engine = self.engine()
 
         def go() -> None:
             try:
-                engine.resume(run_id)
+                engine.resume(run_id, spec)
             except Exception:  # noqa: BLE001 - recorded by the engine; the server goes on
                 log.exception("resuming run %s failed", run_id)
 

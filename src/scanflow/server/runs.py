@@ -16,6 +16,8 @@ from scanflow.server.auth import Caller, authorize, readable_teams
 from scanflow.server.errors import ERROR_RESPONSES, ApiError
 from scanflow.server.models import Page, RunDetail, RunIn, RunOut, RunState, StepOut
 from scanflow.server.platform import Platform, platform
+from scanflow.spec import load_application
+from scanflow.spec.errors import SpecError
 from scanflow.store.identity import Identity
 
 router = APIRouter(prefix="/api/v1/runs", tags=["runs"], responses=ERROR_RESPONSES)
@@ -136,5 +138,10 @@ def resume(run_id: str, who: Caller, plat: Plat) -> RunState:
                        "or interrupted runs resume")
     if not r.spec_path:
         raise ApiError(409, "conflict", f"run {r.id[:12]} was built in Python; it cannot resume here")
-    plat.resume(r.id)
+    try:  # read now, so a spec that no longer loads is the caller's 409, not a silent thread
+        spec = load_application(r.spec_path)
+    except (SpecError, OSError) as exc:
+        raise ApiError(409, "spec_invalid", f"run {r.id[:12]}: its spec no longer loads from "
+                       f"{r.spec_path}: {exc}") from None
+    plat.resume(r.id, spec)
     return RunState(id=r.id, status="resuming")
