@@ -1,4 +1,7 @@
-"""The CLI: exit 0 on success, 1 when a run fails, 2 on bad input (and then nothing starts)."""
+"""The CLI: exit 0 on success, 1 when a run fails, 2 on bad input (and then nothing starts).
+
+Every test runs both ways (issue 17): on the local workspace, and through a real `scanflow
+server` on that workspace (`SCANFLOW_SERVER`, an admin's token) with the same assertions."""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,6 +17,7 @@ from typer.testing import CliRunner
 
 from scanflow.cli.main import app
 from scanflow.store import Store
+from support.control_server import control_server
 
 SPEC = '''
 app: demo
@@ -57,8 +62,30 @@ def spec(tmp_path: Path) -> Path:
     return d
 
 
+BY_THE_TEST = {"by": "test"}  # runs a test starts on the engine itself, not through the CLI
+_VIA: dict[str, str] = {}  # the environment that sends the CLI through the server, when it does
+
+
+@pytest.fixture(autouse=True, params=["local", "remote"])
+def way(request: pytest.FixtureRequest, settings) -> Iterator[str]:  # type: ignore[no-untyped-def]
+    """Run the test on the local workspace, then through a server on it."""
+    if request.param == "local":
+        yield "local"
+        return
+    with control_server(settings, teams=("ds",)) as srv:
+        _VIA.update(srv.env())
+        try:
+            yield "remote"
+        finally:
+            _VIA.clear()
+        # every run the CLI made went through the server: it records who asked for it
+        runs = [r for r in Store(settings.store).list_runs(limit=1000) if r.trigger != BY_THE_TEST]
+        assert all(r.trigger.get("by") == "person:root" for r in runs), [r.trigger for r in runs]
+
+
 def cli(settings, *args: str) -> tuple[int, str]:  # type: ignore[no-untyped-def]
-    res = CliRunner().invoke(app, ["--workspace", str(settings.root), *args])
+    env = {"SCANFLOW_SERVER": "", "SCANFLOW_TOKEN": "", **_VIA}
+    res = CliRunner().invoke(app, ["--workspace", str(settings.root), *args], env=env)
     return res.exit_code, res.output
 
 
@@ -140,7 +167,7 @@ def test_cancel_and_follow_from_the_cli(spec: Path, settings) -> None:  # type: 
 
     app = load_application(spec)
     eng = LocalEngine(settings, Store(settings.store))
-    talk = eng.submit(app, "chatty", status="running")
+    talk = eng.submit(app, "chatty", trigger=BY_THE_TEST, status="running")
     box: dict[str, object] = {}
     t = threading.Thread(target=lambda: box.update(r=eng.execute(talk, app)))
     t.start()
@@ -149,7 +176,7 @@ def test_cancel_and_follow_from_the_cli(spec: Path, settings) -> None:  # type: 
     assert code == 0 and all(f"line {i}" in out for i in range(5))
 
     (spec / "slow").write_text("1")
-    gated = eng.submit(app, "gated", status="running")
+    gated = eng.submit(app, "gated", trigger=BY_THE_TEST, status="running")
     t = threading.Thread(target=lambda: box.update(r=eng.execute(gated, app)))
     t.start()
     deadline = time.time() + 30

@@ -53,23 +53,16 @@ def decisions(who: Caller, plat: Plat, agent: str | None = None, service: str | 
     """The agents' judgements, oldest first: those about your teams' services or by your
     teams' agents."""
     teams = readable_teams(who)
-    visible_services = set(_services(plat, who) or [])
-    agent_team = _agents(plat, who)
-    out: list[DecisionOut] = []
-    more = False
-    for d in plat.store.list_decisions(agent, service, fired=fired):
-        if cursor is not None and d.id <= cursor:
-            continue
-        if teams is not None and d.service not in visible_services and \
-                agent_team.get(d.agent) not in teams:
-            continue
-        if len(out) == limit:
-            more = True
-            break
-        out.append(DecisionOut(id=d.id, ts=d.ts, agent=d.agent, sensor=d.sensor, rule=d.rule,
-                               fired=d.fired, service=d.service, key=d.key, evidence=d.evidence,
-                               actions=d.actions, by=d.by))
-    return Page[DecisionOut](items=out, next=str(out[-1].id) if more else None)
+    services = agents = None
+    if teams is not None:
+        services = list(_services(plat, who) or [])
+        agents = [a for a, team in _agents(plat, who).items() if team in teams]
+    rows = plat.store.decisions.list_decisions(agent, service, fired, after=cursor, limit=limit + 1,
+                                               services=services, agents=agents)
+    out = [DecisionOut(id=d.id, ts=d.ts, agent=d.agent, sensor=d.sensor, rule=d.rule, fired=d.fired,
+                       service=d.service, key=d.key, evidence=d.evidence, actions=d.actions, by=d.by)
+           for d in rows[:limit]]
+    return Page[DecisionOut](items=out, next=str(out[-1].id) if len(rows) > limit else None)
 
 
 @router.get("/services/{service}/why", response_model=dict[str, Any])

@@ -7,7 +7,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from scanflow.store.db import Database
@@ -53,7 +53,9 @@ class DecisionRepository(Protocol):
     def has_decision(self, key: str) -> bool: ...
 
     def list_decisions(
-        self, agent: str | None = None, service: str | None = None, fired: bool | None = None
+        self, agent: str | None = None, service: str | None = None, fired: bool | None = None,
+        *, after: int | None = None, limit: int | None = None,
+        services: Sequence[str] | None = None, agents: Sequence[str] | None = None,
     ) -> Sequence[Decision]: ...
 
     def recent_decisions(self, agent: str, limit: int = 50,
@@ -193,9 +195,21 @@ class SqlDecisionRepository:
             return s.scalars(select(Decision.id).where(Decision.key == key)).first() is not None
 
     def list_decisions(
-        self, agent: str | None = None, service: str | None = None, fired: bool | None = None
+        self, agent: str | None = None, service: str | None = None, fired: bool | None = None,
+        *, after: int | None = None, limit: int | None = None,
+        services: Sequence[str] | None = None, agents: Sequence[str] | None = None,
     ) -> Sequence[Decision]:
+        """Oldest first; `after` an id (a page's cursor), at most `limit`. With `services` or
+        `agents` (or both), only decisions about one of those services or by one of those
+        agents (what a caller may read)."""
         q = select(Decision).order_by(Decision.id)
+        if after is not None:
+            q = q.where(Decision.id > after)
+        if services is not None or agents is not None:
+            q = q.where(or_(Decision.service.in_(list(services or [])),
+                            Decision.agent.in_(list(agents or []))))
+        if limit is not None:
+            q = q.limit(limit)
         if agent:
             q = q.where(Decision.agent == agent)
         if service:
