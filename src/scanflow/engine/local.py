@@ -249,8 +249,9 @@ class LocalEngine(Engine):
                         served[r.team] = min(served.values(), default=0)
                 if queued:
                     nxt = min(queued, key=lambda r: (served[r.team], r.created_at))
+                    if not self.store.runs.claim_run(nxt.id, "queued", "running"):
+                        continue  # another queue on this store took it (or it was cancelled)
                     served[nxt.team] += 1
-                    self.store.update_run(nxt.id, status="running")
                     t = threading.Thread(target=self._serve_one, args=(nxt.id,), daemon=True)
                     inflight[nxt.id] = (t, nxt.team)
                     t.start()

@@ -9,7 +9,7 @@ from typing import Any, Protocol
 
 from sqlalchemy import bindparam, insert, select, update
 
-from scanflow.store.db import Database
+from scanflow.store.db import Database, rowcount
 from scanflow.store.schema import StepLog, StepRun, WorkflowRun
 
 TERMINAL = {"succeeded", "failed", "cancelled", "interrupted", "skipped"}
@@ -28,6 +28,8 @@ class RunRepository(Protocol):
     ) -> WorkflowRun: ...
 
     def update_run(self, run_id: str, **fields: Any) -> None: ...
+
+    def claim_run(self, run_id: str, expect: str, status: str) -> bool: ...
 
     def get_run(self, run_id: str) -> WorkflowRun | None: ...
 
@@ -74,6 +76,13 @@ class SqlRunRepository:
     def update_run(self, run_id: str, **fields: Any) -> None:
         with self.db.session() as s:
             s.execute(update(WorkflowRun).where(WorkflowRun.id == run_id).values(**fields))
+
+    def claim_run(self, run_id: str, expect: str, status: str) -> bool:
+        """Move a run from `expect` to `status` unless someone else moved it first (compare and
+        set: of two run queues on one store, one takes a queued run). True if this call did."""
+        with self.db.session() as s:
+            return rowcount(s.execute(update(WorkflowRun).where(
+                WorkflowRun.id == run_id, WorkflowRun.status == expect).values(status=status))) == 1
 
     def get_run(self, run_id: str) -> WorkflowRun | None:
         """By id, or by an unambiguous prefix (the CLI prints short ids)."""
