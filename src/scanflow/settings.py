@@ -79,6 +79,10 @@ class Settings(BaseSettings):
         "crash-looping agent is given up (`agent_given_up`)",
     )
     agent_restart_window: float = Field(default=300.0, gt=0, description="seconds over which restarts count")
+    max_replicas: int = Field(
+        default=16, ge=1, le=64, description="the most replicas a service may be scaled to, by hand "
+        "or by an agent (a service's policy may allow fewer)",
+    )
     message_key_file: Path | None = Field(
         default=None, description="file holding the key agents sign their messages with (made, "
         "mode 0600, at first use) [<workspace>/agents/messages.key]; machines sharing one "
@@ -133,6 +137,7 @@ class Settings(BaseSettings):
         env = {
             "SCANFLOW_WORKSPACE": str(self.root),
             "SCANFLOW_STORE_URL": self.store,
+            "SCANFLOW_MAX_REPLICAS": str(self.max_replicas),
             "SCANFLOW_MESSAGE_KEY_FILE": str(self.message_key_path),
             "SCANFLOW_TRACKING_URI": self.tracking,
             "SCANFLOW_BACKEND": self.backend,

@@ -416,6 +416,10 @@ def test_the_cli_through_the_server_prints_what_it_prints_locally(server: Server
     code, text = _cli(s, "scale", "shop-digits", "1", who="vera")
     assert code == 2 and "needs operator" in text and "viewer" in text
     assert _cli(s, "scale", "nope", "1", who="oscar")[0] == _cli(s, "scale", "nope", "1")[0] == 2
+    # the platform's bound on replicas (SCANFLOW_MAX_REPLICAS, 16 by default), both ways
+    for who in ("oscar", None):
+        code, text = _cli(s, "scale", "shop-digits", "17", who=who)
+        assert code == 2 and "17 replicas is more than this platform allows (16" in text, text
     code, text = _cli(s, "rollback", "shop-digits", who="olga")
     assert code == 0 and "rolled back to version" in text
     assert _cli(s, "scale", "shop-digits", "1", who="oscar")[0] == 0

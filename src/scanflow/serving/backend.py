@@ -27,12 +27,17 @@ class UnknownService(KeyError):
 SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
-def check_service(service: str | None = None, replicas: int | None = None) -> None:
-    """Refuse a service name or replica count no backend can use (ValueError: the CLI's exit 2)."""
+def check_service(service: str | None = None, replicas: int | None = None,
+                  most: int | None = None) -> None:
+    """Refuse a service name or replica count no backend can use, or more replicas than the
+    platform allows (`most`: `Settings.max_replicas`) - ValueError: the CLI's exit 2, a 4xx."""
     if service is not None and not SERVICE_NAME.match(service):
         raise ValueError(f"service name {service!r}: use letters, digits, '.', '_', '-'")
     if replicas is not None and replicas < 1:
         raise ValueError(f"replicas must be >= 1, got {replicas}")
+    if replicas is not None and most is not None and replicas > most:
+        raise ValueError(f"{replicas} replicas is more than this platform allows ({most}; "
+                         "SCANFLOW_MAX_REPLICAS sets it)")
 
 
 class NotOnThisBackend(ValueError):

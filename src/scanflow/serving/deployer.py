@@ -238,7 +238,7 @@ class LocalDeployer(Deployer):
         resources: Resources | None = None,
         policy: Policy | None = None,
     ) -> Deployment:
-        check_service(service, replicas)
+        check_service(service, replicas, self.settings.max_replicas)
         refuse_open_bind(self.settings.host, self.store, f"service {service!r}")
         if policy is not None and policy.scaling == "serve":
             raise NotOnThisBackend(
@@ -327,7 +327,7 @@ class LocalDeployer(Deployer):
             return False
 
     def scale(self, service: str, replicas: int, *, reason: str = "") -> Deployment:
-        check_service(replicas=replicas)
+        check_service(replicas=replicas, most=self.settings.max_replicas)
         with self._locked(service):
             dep = self._running(service)
             wd, master = Path(dep.workdir), int(dep.pid or 0)

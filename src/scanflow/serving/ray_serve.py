@@ -259,7 +259,7 @@ class RayServeDeployer(Deployer):
         """Serve `models:/<model>@<alias>` (resolved now) as the Serve application `service`;
         `port` is the cluster's (Serve's proxies answer every service on one port). With
         `policy.scaling: serve`, Serve's autoscaler decides its replicas (`serve_autoscaling`)."""
-        check_service(service, replicas)
+        check_service(service, replicas, self.settings.max_replicas)
         refuse_open_bind(self.settings.host, self.store, f"service {service!r}")
         old = self.store.get_deployment(service)
         if old is not None and old.status == "running" and self._details(service):
@@ -340,7 +340,7 @@ class RayServeDeployer(Deployer):
         import ray  # lazy: ray
         from ray.serve._private.common import DeploymentID  # the controller's key (Serve's own)
 
-        check_service(replicas=replicas)
+        check_service(replicas=replicas, most=self.settings.max_replicas)
         dep = self._running(service)
         if _autoscaling_of(dep):
             raise ValueError(f"service {service!r} is scaled by Ray Serve's autoscaler (its policy "
