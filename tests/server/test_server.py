@@ -367,7 +367,8 @@ def test_failed_logins_are_rate_limited(server: Server) -> None:
         s.app.state.failed_logins = FailedLogins(limit=10_000)
 
 
-def _cli(server: Server, *args: str, who: str | None = None) -> tuple[int, str]:
+def _cli(server: Server, *args: str, who: str | None = None,
+         env_extra: dict[str, str] | None = None) -> tuple[int, str]:
     """The CLI in this process: through the server as `who`, or locally on the workspace."""
     from typer.testing import CliRunner
 
@@ -378,7 +379,7 @@ def _cli(server: Server, *args: str, who: str | None = None) -> tuple[int, str]:
     if who is not None:
         env.update(SCANFLOW_SERVER=server.url, SCANFLOW_TOKEN=server.tokens[who],
                    SCANFLOW_WORKSPACE=str(server.ws.settings.root / "elsewhere"))
-    res = CliRunner().invoke(app, list(args), env=env)
+    res = CliRunner().invoke(app, list(args), env={**env, **(env_extra or {})})
     return res.exit_code, res.output
 
 
@@ -594,3 +595,52 @@ def test_agents_are_started_steered_and_stopped_by_their_teams_owners(server: Se
     assert s.call("POST", "/api/v1/agents/clerk/stop", "olga").json() == ["clerk"]
     wait_for(lambda: {a["name"]: a for a in s.call("GET", "/api/v1/agents", "vera").json()}
              ["clerk"]["status"] == "stopped", 60, what="the agent stopped")
+
+
+def test_an_application_uploaded_as_a_zip_is_registered_and_runs_from_the_servers_copy(
+    server: Server, tmp_path: Path,
+) -> None:
+    """A client whose files the server cannot see uploads the application's folder; the server
+    keeps its own copy, registers it for the owner of the spec's team, and runs from it."""
+    import io
+    import json
+    import zipfile
+
+    from scanflow.cli.packaging import pack_spec
+
+    s = server
+    folder = tmp_path / "laptop" / "report"
+    folder.mkdir(parents=True)
+    (folder / "scanflow.yaml").write_text(
+        "app: report\nteam: data\nworkflows:\n  hello:\n    steps:\n"
+        "      - {name: hello, call: 'steps:hello', params: {who: upload}}\n")
+    (folder / "steps.py").write_text("def hello(who, ctx):\n    ctx.log(f'hello {who}')\n")
+    (folder / ".venv").mkdir()
+    (folder / ".venv" / "big.bin").write_bytes(b"0" * 1000)  # left out of the package
+    package, name = pack_spec(folder)
+    assert name == "scanflow.yaml"
+    assert ".venv/big.bin" not in zipfile.ZipFile(io.BytesIO(package)).namelist()
+
+    def upload(who: str | None, body: bytes = package, spec: str = "scanflow.yaml",
+               ctype: str = "application/zip") -> httpx.Response:
+        headers = {"content-type": ctype, **({"Authorization": f"Bearer {s.tokens[who]}"} if who else {})}
+        return httpx.post(f"{s.url}/api/v1/apps/package", params={"spec": spec}, content=body,
+                          headers=headers, timeout=60)
+
+    assert upload(None).status_code == 401
+    assert upload("vera").status_code == 403  # owns no team: nothing is even unpacked
+    r = upload("sam")  # owns science, not data
+    assert r.status_code == 403 and "needs owner" in r.json()["error"]["message"]
+    assert upload("olga", b"not a zip").json()["error"]["code"] == "invalid_request"
+    assert upload("olga", spec="../scanflow.yaml").status_code == 422
+    assert upload("olga", ctype="application/json").status_code == 415
+    # through the CLI, forced to upload (as a laptop's CLI falls back to when the server's
+    # machine does not see the path): registered, run, logged, from the server's copy
+    code, text = _cli(s, "run", str(folder), "hello", who="olga", env_extra={"SCANFLOW_UPLOAD": "1"})
+    assert code == 0 and "succeeded" in text, text
+    (row,) = [a for a in s.call("GET", "/api/v1/apps", "vera").json() if a["name"] == "report"]
+    assert Path(row["spec_path"]).is_relative_to(s.ws.settings.root / "apps")
+    assert not Path(row["spec_path"]).is_relative_to(folder)
+    run_id = next(r["id"] for r in json.loads(_cli(s, "runs", "list", "--json", who="vera")[1])
+                  if r["workflow"] == "hello" and r["app"] == "report")
+    assert "hello upload" in _cli(s, "logs", run_id, who="vera")[1]

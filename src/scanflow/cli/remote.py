@@ -39,15 +39,20 @@ class Remote:
         self.http = httpx.Client(base_url=url, headers=headers, timeout=600.0)
 
     def call(self, method: str, path: str, *, body: Any = None, params: dict[str, Any] | None = None,
+             content: bytes | None = None, content_type: str | None = None, missing_ok: bool = False,
              ) -> Any:
-        """The answer's JSON; an error answer ends the command with the server's message."""
+        """The answer's JSON; an error answer ends the command with the server's message (with
+        `missing_ok`, a 404 is None instead). `content`: a raw body of `content_type`."""
         import httpx  # lazy: as above, the CLI starts fast
 
         try:
-            r = self.http.request(method, path, json=body,
+            r = self.http.request(method, path, json=body, content=content,
+                                  headers={"content-type": content_type} if content_type else None,
                                   params={k: v for k, v in (params or {}).items() if v is not None})
         except httpx.HTTPError as exc:
             fail(f"the scanflow server at {self.url} does not answer ({type(exc).__name__})", code=1)
+        if missing_ok and r.status_code == 404:
+            return None
         if r.status_code >= 400:
             try:
                 err = r.json()["error"]
@@ -60,11 +65,27 @@ class Remote:
         return r.text
 
     def ensure_app(self, app: str, team: str, path: Any) -> None:
-        """Register team `team`'s spec of `app` from `path` (as the server's machine sees it)
-        unless it is registered already (registering needs an owner; running and deploying
-        do not)."""
+        """Register team `team`'s spec of `app` unless it is registered already (registering
+        needs an owner; running and deploying do not): by its path when the server's machine
+        sees that path (a shared file system), else by uploading the application's folder."""
         if not any(a["name"] == app and a["team"] == team for a in self.call("GET", "/api/v1/apps")):
-            self.call("POST", "/api/v1/apps", body={"path": str(path.resolve())})
+            self.register(path)
+
+    def register(self, path: Any) -> Any:
+        """Register the spec at `path`: by path if the server sees it, else uploaded."""
+        from scanflow.cli.packaging import pack_spec  # lazy: zip, the spec loader
+
+        spec_file = path.resolve()
+        by_path = os.environ.get("SCANFLOW_UPLOAD", "").strip().lower() not in ("1", "true", "yes")
+        if by_path and self.call("POST", "/api/v1/apps", body={"path": str(spec_file)},
+                                 missing_ok=True) is not None:
+            return None
+        try:
+            package, name = pack_spec(spec_file)
+        except (OSError, ValueError) as exc:
+            fail(f"cannot upload {spec_file.parent}: {exc}")
+        return self.call("POST", "/api/v1/apps/package", params={"spec": name}, content=package,
+                         content_type="application/zip")
 
     def pages(self, path: str, params: dict[str, Any] | None = None, *, limit: int | None = None,
               ) -> list[Any]:
