@@ -227,6 +227,27 @@ def test_every_mutating_endpoint_checks_identity_and_role(server: Server) -> Non
     # the admin may do anything in any team
     assert s.call("POST", f"{svc}/scale", "root", {"replicas": 1}).status_code == 200
 
+    # identities: teams and users are an admin's; roles and grants in a team its owner's;
+    # a token its user's (or an admin's)
+    for path, body in (("/api/v1/admin/teams", {"name": "extra"}),
+                       ("/api/v1/admin/users", {"name": "newbie"})):
+        _refusals(s, "POST", path, body, "owner")
+        assert s.call("POST", path, "olga", body).status_code == 403  # an owner is no admin
+        assert s.call("POST", path, "root", body).status_code == 201
+    for method, path, body, ok in (
+            ("PUT", "/api/v1/admin/teams/data/roles/newbie", {"role": "viewer"}, 200),
+            ("POST", "/api/v1/admin/teams/data/grants", {"to": "extra"}, 201),
+            ("POST", "/api/v1/admin/tokens", {"user": "olga", "note": "matrix"}, 201)):
+        _refusals(s, method, path, body, "owner")
+        r = s.call(method, path, "olga", body)
+        assert r.status_code == ok, (path, r.text)
+    made = r.json()
+    assert made["token"].startswith(f"sft_{made['id']}_") and made["user"] == "olga"
+    _refusals(s, "DELETE", f"/api/v1/admin/tokens/{made['id']}", None, "owner")
+    assert s.call("DELETE", f"/api/v1/admin/tokens/{made['id']}", "olga").json()["revoked_at"]
+    r = httpx.get(f"{s.url}/api/v1/runs", headers={"Authorization": f"Bearer {made['token']}"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "token_revoked"
+
 
 def test_labels_on_the_model_server_need_a_label_token(server: Server) -> None:
     s = server

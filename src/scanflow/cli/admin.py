@@ -1,5 +1,7 @@
-"""`scanflow admin ...`: teams, users, their roles and tokens, on the workspace's store (run on
-the machine that holds it: these commands make the identities the server then checks).
+"""`scanflow admin ...`: teams, users, their roles and tokens, on the workspace's store (on the
+machine that holds it: the first admin and their token are made so), or through the server
+with `SCANFLOW_SERVER` (`/api/v1/admin`: an admin for everything; an owner for roles and read
+grants in their team; anyone for their own tokens).
 
 A token is printed once, on stdout alone (for `export SCANFLOW_TOKEN=$(scanflow admin
 create-token ana)`); the store keeps only its SHA-256. Exit codes: 0 ok, 2 bad input.
@@ -12,13 +14,58 @@ from typing import Annotated, Any
 
 import typer
 
+from scanflow.cli import remote as via
 from scanflow.cli.common import context, err, fail, iso, out, print_json, show, table
 
 admin_app = typer.Typer(no_args_is_help=True, help="Teams, users, roles and API tokens.")
 
 
 def _identities() -> Any:
+    """The identities: the store's, or the server's through the same calls."""
+    if (api := via.remote()) is not None:
+        return RemoteIdentities(api)
     return context()[1].identities
+
+
+class RemoteIdentities:
+    """`IdentityRepository`'s calls that the commands make, through `/api/v1/admin` (a refused
+    or bad request ends the command with the server's message, exit 2, as locally)."""
+
+    def __init__(self, api: Any) -> None:
+        self.api = api
+
+    def create_team(self, name: str) -> None:
+        self.api.call("POST", "/api/v1/admin/teams", body={"name": name})
+
+    def create_user(self, name: str, *, admin: bool = False, kind: str = "person") -> None:
+        self.api.call("POST", "/api/v1/admin/users", body={"name": name, "admin": admin, "kind": kind})
+
+    def set_role(self, user: str, team: str, role: Any) -> None:
+        self.api.call("PUT", f"/api/v1/admin/teams/{team}/roles/{user}", body={"role": role.name})
+
+    def grant_read(self, team: str, grantee: str) -> None:
+        self.api.call("POST", f"/api/v1/admin/teams/{team}/grants", body={"to": grantee})
+
+    def create_token(self, user: str, *, expires_at: float | None = None,
+                     scopes: list[str] | None = None, note: str = "") -> tuple[str, str]:
+        made = self.api.call("POST", "/api/v1/admin/tokens", body={
+            "user": user, "expires_at": expires_at, "scopes": scopes, "note": note})
+        return made["id"], made["token"]
+
+    def revoke_token(self, token_id: str) -> bool:
+        return self.api.call("DELETE", f"/api/v1/admin/tokens/{token_id}", missing_ok=True) is not None
+
+    def _all(self) -> dict[str, Any]:
+        return dict(self.api.call("GET", "/api/v1/admin"))
+
+    def list_teams(self) -> list[str]:
+        return list(self._all()["teams"])
+
+    def list_users(self) -> list[tuple[str, str, bool, dict[str, str]]]:
+        return [(u["name"], u["kind"], u["admin"], u["roles"]) for u in self._all()["users"]]
+
+    def list_tokens(self) -> list[Any]:
+        return [via.row(t) for t in self._all()["tokens"]]
 
 
 def _call(action: Any) -> Any:

@@ -14,7 +14,7 @@ from importlib.metadata import PackageNotFoundError, version
 from fastapi import FastAPI
 
 from scanflow.control import backends
-from scanflow.server import agents, apps, audit, errors, runs, services
+from scanflow.server import admin, agents, apps, audit, errors, runs, services
 from scanflow.server.auth import FailedLogins
 from scanflow.server.models import Health
 from scanflow.server.platform import Platform
@@ -51,7 +51,8 @@ def create_app(settings: Settings | None = None, *, run_queue: bool = True,
     app.state.store = store
     app.state.failed_logins = FailedLogins(limit=settings.auth_failure_limit)
     errors.install(app)
-    for router in (apps.router, runs.router, services.router, audit.router, agents.router):
+    for router in (apps.router, runs.router, services.router, audit.router, agents.router,
+                   admin.router):
         app.include_router(router)
 
     @app.get("/health", response_model=Health, tags=["health"])

@@ -14,7 +14,7 @@ from scanflow.agents.registry import agent_issues
 from scanflow.control import backends
 from scanflow.engine.ray_task import MAX_PACKAGE, unpack_app
 from scanflow.server.auth import Caller, authorize, readable_teams
-from scanflow.server.errors import ERROR_RESPONSES, ApiError
+from scanflow.server.errors import ERROR_RESPONSES, ApiError, ErrorBody
 from scanflow.server.models import AppIn, AppOut, ValidateIn, Validation
 from scanflow.server.platform import Platform, platform
 from scanflow.spec import load_application
@@ -92,13 +92,16 @@ def _register(path: str, who: Identity, plat: Platform) -> AppOut:
     return _out(row, spec)
 
 
-_ZIP = {"content": {"application/zip": {"schema": {"type": "string", "format": "binary"}}},
+_ZIP_TYPES = ("application/zip", "application/octet-stream")
+_ZIP = {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
         "required": True, "description": "the application's folder, zipped (what `scanflow` "
-        "uploads when the server cannot see the spec's path)"}
+        "uploads when the server cannot see the spec's path), as application/zip or "
+        "application/octet-stream"}
 
 
 @router.post("/package", response_model=AppOut, status_code=201,
-             openapi_extra={"requestBody": _ZIP})
+             openapi_extra={"requestBody": _ZIP},
+             responses={s: {"model": ErrorBody} for s in (413, 415)})
 async def register_package(
     request: Request, who: Caller, plat: Plat,
     spec: Annotated[str, Query(min_length=1, max_length=255,
@@ -114,7 +117,7 @@ async def register_package(
     if inner.is_absolute() or ".." in inner.parts:
         raise ApiError(422, "invalid_request", "spec: a path inside the uploaded folder, "
                        "without '..'")
-    if request.headers.get("content-type", "").split(";")[0].strip() != "application/zip":
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() not in _ZIP_TYPES:
         raise ApiError(415, "unsupported_media", "send the folder as application/zip")
     package = bytearray()
     async for chunk in request.stream():

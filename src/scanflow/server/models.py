@@ -243,3 +243,59 @@ class AgentOut(BaseModel):
 class Health(BaseModel):
     status: Literal["ok"]
     version: str
+
+
+# -- identities (admin) ------------------------------------------------------------------------
+class TeamIn(Strict):
+    name: str = Field(min_length=1, max_length=64)
+
+
+class UserIn(Strict):
+    name: str = Field(min_length=1, max_length=64)
+    admin: bool = False
+    kind: Literal["person", "agent"] = "person"
+
+
+class RoleIn(Strict):
+    role: Literal["viewer", "operator", "owner"]
+
+
+class GrantIn(Strict):
+    to: str = Field(min_length=1, max_length=64, description="the team that may read")
+
+
+class TokenIn(Strict):
+    user: str = Field(min_length=1, max_length=64)
+    expires_at: float | None = Field(default=None, description="epoch seconds; none: never")
+    scopes: list[str] | None = Field(default=None, max_length=20)
+    note: str = Field(default="", max_length=200)
+
+
+class TokenMade(BaseModel):
+    id: str
+    user: str
+    token: str = Field(description="shown once, here: the server keeps only its SHA-256")
+
+
+class TokenOut(BaseModel):
+    id: str
+    user: str
+    scopes: list[str] | None
+    note: str
+    created_at: float
+    expires_at: float | None
+    revoked_at: float | None
+    last_used_at: float | None
+
+
+class UserOut(BaseModel):
+    name: str
+    kind: str
+    admin: bool
+    roles: dict[str, str]
+
+
+class Identities(BaseModel):
+    teams: list[str]
+    users: list[UserOut]
+    tokens: list[TokenOut]

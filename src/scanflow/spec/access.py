@@ -42,6 +42,7 @@ ACTIONS: dict[str, Role] = {
     "stop": Role.owner,
     "agents": Role.owner,  # start, stop, pause, resume, fire, triggers, requeue
     "register": Role.owner,  # register an application under the team
+    "members": Role.owner,  # give the team's roles, grant other teams read of it
 }
 
 
