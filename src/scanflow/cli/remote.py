@@ -53,13 +53,7 @@ class Remote:
             fail(f"the scanflow server at {self.url} does not answer ({type(exc).__name__})", code=1)
         if missing_ok and r.status_code == 404:
             return None
-        if r.status_code >= 400:
-            try:
-                err = r.json()["error"]
-                code, message = err["code"], err["message"]
-            except (ValueError, KeyError, TypeError):
-                code, message = "error", r.text[:500]
-            fail(message, code=1 if code == "lease_busy" or r.status_code >= 500 else 2)
+        _refused(r)
         if r.headers.get("content-type", "").startswith("application/json"):
             return r.json()
         return r.text
@@ -108,14 +102,23 @@ class Remote:
                                   params={k: v for k, v in params.items() if v is not None}) as r:
                 if r.status_code >= 400:
                     r.read()
-                    try:
-                        message = r.json()["error"]["message"]
-                    except (ValueError, KeyError, TypeError):
-                        message = r.text[:500]
-                    fail(message)
+                    _refused(r)
                 yield from r.iter_lines()
         except httpx.HTTPError as exc:
             fail(f"the scanflow server at {self.url} does not answer ({type(exc).__name__})", code=1)
+
+
+def _refused(r: Any) -> None:
+    """End the command on an error answer with the server's message: exit 1 for a busy lease
+    or the server's own failure (as locally), 2 for what the caller asked wrongly."""
+    if r.status_code < 400:
+        return
+    try:
+        err = r.json()["error"]
+        code, message = err["code"], err["message"]
+    except (ValueError, KeyError, TypeError):
+        code, message = "error", r.text[:500]
+    fail(message, code=1 if code == "lease_busy" or r.status_code >= 500 else 2)
 
 
 def remote() -> Remote | None:
