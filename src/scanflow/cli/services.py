@@ -317,8 +317,17 @@ def status(
         print(link)
         return
     agents = [] if service is not None else AgentSupervisor(settings, store).status()
+    live = {d.service: deployer.status(d.service) for d in deps if as_json or d.status == "running"}
+    _show_status(service, [live[d.service] for d in deps] if as_json else [],
+                 [_service_row(d, live.get(d.service), deployer.url(d.service)) for d in deps],
+                 live.get(service) if service is not None else None, agents, as_json)
+
+
+def _show_status(service: str | None, services: list[dict[str, Any]], rows: list[dict[str, str]],
+                 replicas: dict[str, Any] | None, agents: list[dict[str, Any]], as_json: bool) -> None:
+    """What `status` prints, locally and through the server alike: `services` (each one's
+    status, for --json), `rows` (the table's), `replicas` (SERVICE's live status when it runs)."""
     if as_json:
-        services = [deployer.status(d.service) for d in deps]
         for s in services:
             if s.get("last_oom_kill"):
                 timed(s["last_oom_kill"], "at")
@@ -326,13 +335,11 @@ def status(
         print_json(services[0] if service is not None else {"services": services, "agents": listed},
                    indent=2)
         return
-    rows = [_service_row(d, deployer.status(d.service) if d.status == "running" else None,
-                         deployer.url(d.service)) for d in deps]
     if rows:
         _print_services(rows)
-    if service is not None and deps[0].status == "running":
-        _print_replicas(deployer.status(service))
-    else:
+    if replicas is not None:
+        _print_replicas(replicas)
+    elif not rows:
         out.print("no services deployed here (scanflow deploy APP)", highlight=False)
     _print_agents(agents)
 
@@ -348,20 +355,8 @@ def _remote_status(api: Any, service: str | None, url: bool, as_json: bool) -> N
         print(services[0]["url"])
         return
     agents = [] if service is not None else api.call("GET", "/api/v1/agents")
-    if as_json:
-        for s in services:
-            if s.get("last_oom_kill"):
-                timed(s["last_oom_kill"], "at")
-        listed = [timed(dict(a), "heartbeat", "started_at", "next_try") for a in agents]
-        print_json(services[0] if service is not None else {"services": services, "agents": listed},
-                   indent=2)
-        return
-    rows = [_service_row(via.row(s), s if "alive" in s else None, s.get("url") or "-")
-            for s in services]
-    if rows:
-        _print_services(rows)
-    if service is not None and services[0]["status"] == "running":
-        _print_replicas(services[0])
-    elif not rows:
-        out.print("no services deployed here (scanflow deploy APP)", highlight=False)
-    _print_agents(agents)
+    _show_status(service, services,
+                 [_service_row(via.row(s), s if "alive" in s else None, s.get("url") or "-")
+                  for s in services],
+                 services[0] if service is not None and services[0]["status"] == "running" else None,
+                 agents, as_json)
