@@ -665,3 +665,31 @@ def test_an_application_uploaded_as_a_zip_is_registered_and_runs_from_the_server
     run_id = next(r["id"] for r in json.loads(_cli(s, "runs", "list", "--json", who="vera")[1])
                   if r["workflow"] == "hello" and r["app"] == "report")
     assert "hello upload" in _cli(s, "logs", run_id, who="vera")[1]
+
+
+def test_the_server_fires_the_triggers_of_registered_applications(server: Server, tmp_path: Path) -> None:
+    """`engine serve` through the server registers the spec; the server, which runs the queue,
+    fires its workflow triggers from then on (here a date two seconds ahead: once)."""
+    import json
+    from datetime import UTC, datetime, timedelta
+
+    s = server
+    at = (datetime.now(UTC) + timedelta(seconds=2)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    folder = tmp_path / "nightly"
+    folder.mkdir()
+    (folder / "scanflow.yaml").write_text(
+        f"app: nightly\nteam: data\nworkflows:\n  report:\n    triggers: [{{date: \"{at}\"}}]\n"
+        "    steps:\n      - {name: say, run: \"python -c 'print(1)'\", cache: false}\n")
+    code, text = _cli(s, "engine", "serve", str(folder), who="vera")
+    assert code == 2 and "needs owner" in text  # registering is an owner's
+    code, text = _cli(s, "engine", "serve", str(folder), who="olga")
+    assert code == 0 and "the server at" in text and "fires its 1 trigger(s)" in text, text
+
+    def fired() -> list[dict[str, Any]]:
+        runs = json.loads(_cli(s, "runs", "list", "--json", who="vera")[1])
+        return [r for r in runs if r["app"] == "nightly" and r["status"] == "succeeded"]
+
+    (run,) = wait_for(fired, 90, what="the date trigger's run, queued and run by the server")
+    assert run["workflow"] == "report"
+    full = s.call("GET", f"/api/v1/runs/{run['id']}", "vera").json()
+    assert full["trigger"]["by"] == "date"

@@ -389,6 +389,13 @@ def engine_serve(
     from scanflow.control.workflow_triggers import WorkflowTriggers  # lazy: the store, APScheduler
 
     specs = [load_noting(p) for p in paths]
+    if (api := via.remote()) is not None:  # the server is the engine: register, it fires them
+        for path, spec in zip(paths, specs, strict=True):
+            api.register(path)
+            n = sum(len(wf.triggers) for wf in spec.workflows.values())
+            out.print(f"{spec.app} ({spec.team}): registered; the server at {api.url} fires its "
+                      f"{n} trigger(s) and runs queued runs", highlight=False, soft_wrap=True)
+        return
     settings, store = context()
     engine = build_engine(settings, store)
     triggers = WorkflowTriggers(engine, specs)

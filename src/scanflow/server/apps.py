@@ -89,6 +89,7 @@ def _register(path: str, who: Identity, plat: Platform) -> AppOut:
                        + "; ".join(str(i) for i in exc.issues[:5])) from exc
     row = plat.store.applications.register_app(spec.app, spec.team, str(Path(path).resolve()),
                                                who.who)
+    plat.reload_triggers()  # its workflows' triggers fire from now on
     return _out(row, spec)
 
 

@@ -1,5 +1,6 @@
 """What the routes act through: the settings, the store, the workflow engine and the deployer
-the settings choose (built once, on first use), and the queue runner for submitted runs."""
+the settings choose (built once, on first use), the queue runner for submitted runs, and the
+workflow triggers of the registered applications (the server does what `engine serve` does)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ class Platform:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._runner: threading.Thread | None = None
+        self._triggers: Any = None  # WorkflowTriggers of the registered applications
+        self._triggers_lock = threading.Lock()
 
     def engine(self) -> Any:
         with self._lock:
@@ -57,6 +60,31 @@ class Platform:
             target=engine.serve, args=(self._stopping.is_set,), kwargs={"max_runs": self.max_runs},
             name="scanflow-run-queue", daemon=True)
         self._runner.start()
+        self.reload_triggers()
+
+    def reload_triggers(self) -> int:
+        """Fire the workflow triggers (interval, cron, date, events) of every registered
+        application by queueing runs, as `engine serve` does; called at start and whenever an
+        application is registered. Their cursors live in the store, so a reload neither loses
+        nor repeats a fire. A spec that no longer loads is skipped, and logged. -> triggers."""
+        from scanflow.control.workflow_triggers import WorkflowTriggers  # lazy: APScheduler
+
+        if not self.run_queue:
+            return 0
+        specs = []
+        for row in self.store.applications.list_apps():
+            try:
+                specs.append(load_application(row.spec_path))
+            except (SpecError, OSError) as exc:
+                log.warning("application %s of team %s: its triggers are not fired: %s",
+                            row.name, row.team, exc)
+        engine = self.engine()
+        with self._triggers_lock:
+            if self._triggers is not None:
+                self._triggers.stop()
+            self._triggers = WorkflowTriggers(engine, specs)
+            self._triggers.start()
+            return int(self._triggers.triggers)
 
     def resume(self, run_id: str, spec: Any = None) -> None:
         """Resume a run in a thread of the server (it records its own outcome)."""
@@ -71,6 +99,10 @@ class Platform:
         threading.Thread(target=go, name=f"scanflow-resume-{run_id[:12]}", daemon=True).start()
 
     def stop(self) -> None:
+        with self._triggers_lock:
+            if self._triggers is not None:
+                self._triggers.stop()
+                self._triggers = None
         self._stopping.set()
         if self._runner is not None:
             self._runner.join(timeout=30)
