@@ -1,5 +1,6 @@
 """`scanflow status` on a real deployed service: readable at 80 columns, whole in a pipe,
-`status SERVICE --url` for scripts, and `--json` on the listings (times to the millisecond)."""
+`status SERVICE --url` for scripts, and `--json` on the listings (times to the millisecond).
+Each test runs both ways: on the workspace, and through a real server on it."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from typer.testing import CliRunner
 
 from scanflow.cli.main import app as cli
 from scanflow.serving import LocalDeployer
+from support.control_server import control_server
 from support.serving import MODEL, DigitsWorkspace, stop_everything
 from support.serving import digits_workspace as digits_workspace  # noqa: F401 - fixture
 
@@ -36,8 +38,25 @@ def deployed(digits_workspace: DigitsWorkspace) -> Iterator[tuple[DigitsWorkspac
         stop_everything(d, digits_workspace.store)
 
 
+@pytest.fixture(scope="module")
+def server_env(deployed: tuple[DigitsWorkspace, str]) -> Iterator[dict[str, str]]:
+    with control_server(deployed[0].settings, teams=("ops",)) as srv:
+        yield srv.env()
+
+
+VIA: dict[str, str] = {}
+
+
+@pytest.fixture(autouse=True, params=["local", "remote"])
+def way(request: pytest.FixtureRequest) -> Iterator[str]:
+    VIA.update({"SCANFLOW_SERVER": "", "SCANFLOW_TOKEN": ""} if request.param == "local"
+               else request.getfixturevalue("server_env"))
+    yield request.param
+    VIA.clear()
+
+
 def _env(ws: DigitsWorkspace, columns: int) -> dict[str, str]:
-    return {**os.environ, "SCANFLOW_WORKSPACE": str(ws.settings.root), "COLUMNS": str(columns)}
+    return {**os.environ, "SCANFLOW_WORKSPACE": str(ws.settings.root), "COLUMNS": str(columns), **VIA}
 
 
 def _piped(ws: DigitsWorkspace, *args: str, columns: int = 80) -> str:
@@ -90,7 +109,7 @@ def test_status_service_url_and_json(deployed: tuple[DigitsWorkspace, str]) -> N
     runner = CliRunner()
 
     def run(*args: str) -> tuple[int, str]:
-        res = runner.invoke(cli, ["--workspace", str(ws.settings.root), *args])
+        res = runner.invoke(cli, ["--workspace", str(ws.settings.root), *args], env=dict(VIA))
         return res.exit_code, res.output
 
     code, text = run("status", SERVICE, "--url")

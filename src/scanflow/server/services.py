@@ -44,8 +44,11 @@ def actor_of(who: Identity) -> Actor:
 
 def _deployment(plat: Platform, who: Identity, service: str, action: str) -> Any:
     dep = plat.store.get_deployment(service)
-    if dep is None:
-        raise ApiError(404, "not_found", f"no service {service!r}")
+    if dep is None:  # named with those the caller may see, as the CLI names them locally
+        teams = readable_teams(who)
+        known = ", ".join(d.service for d in plat.store.list_deployments()
+                          if teams is None or d.team in teams) or "none deployed"
+        raise ApiError(404, "not_found", f"no service {service!r} (known: {known})")
     authorize(who, action, dep.team, service)
     return dep
 
