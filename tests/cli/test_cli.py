@@ -247,3 +247,14 @@ def test_runs_list_and_show_as_json(spec: Path, settings) -> None:  # type: igno
     shown = json.loads(out)
     assert shown["id"] == run["id"] and [s["step"] for s in shown["steps"]] == ["hello", "bye"]
     assert all(s["status"] == "succeeded" and s["ended_at"].endswith("Z") for s in shown["steps"])
+
+
+def test_db_current_and_upgrade_name_the_store_they_read(settings, way: str) -> None:  # type: ignore[no-untyped-def]
+    from scanflow.store.migrate import HEAD
+
+    Store(settings.store).close()  # the workspace's store exists, at head
+    code, out = cli(settings, "db", "current", "--check")
+    assert code == 0 and f"{HEAD} (head)" in out, out
+    assert ("the sqlite store of the server at http://127.0.0.1:" in out) == (way == "remote"), out
+    code, out = cli(settings, "db", "upgrade")
+    assert code == 0 and f"already at head ({HEAD})" in out, out

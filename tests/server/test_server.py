@@ -648,8 +648,10 @@ def test_an_application_uploaded_as_a_zip_is_registered_and_runs_from_the_server
         return httpx.post(f"{s.url}/api/v1/apps/package", params={"spec": spec}, content=body,
                           headers=headers, timeout=60)
 
-    assert upload(None).status_code == 401
+    for who in (None, "expired", "revoked"):
+        assert upload(who).status_code == 401, who
     assert upload("vera").status_code == 403  # owns no team: nothing is even unpacked
+    assert upload("oscar").status_code == 403  # an operator registers nothing
     r = upload("sam")  # owns science, not data
     assert r.status_code == 403 and "needs owner" in r.json()["error"]["message"]
     assert upload("olga", b"not a zip").json()["error"]["code"] == "invalid_request"

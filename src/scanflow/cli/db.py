@@ -7,7 +7,7 @@ schema could not be upgraded (or, with --check, is behind), 2 a bad or unreachab
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -49,12 +49,30 @@ def _engine(url: str | None, *, create: bool) -> tuple[Engine, str]:
         fail(str(e))
 
 
+def _servers() -> tuple[str, dict[str, Any]] | None:
+    """(how to name it, its schema) of the server's store, with `SCANFLOW_SERVER`; else None."""
+    from scanflow.cli import remote as via  # lazy: httpx, only through a server
+
+    if (api := via.remote()) is None:
+        return None
+    schema = api.call("GET", "/api/v1/store")
+    return f"the {schema['backend']} store of the server at {api.url}", schema
+
+
 @db_app.command("upgrade")
 def upgrade(url: UrlOption = None) -> None:
     """Bring the store's schema to this release's head (a no-op when it is there)."""
     from scanflow.store.migrate import SchemaError  # lazy: SQLAlchemy, see _engine
     from scanflow.store.migrate import upgrade as do_upgrade  # lazy: SQLAlchemy, see _engine
 
+    if url is None and (remote := _servers()) is not None:  # the server upgrades its own, at start
+        shown, schema = remote
+        if not schema["at_head"]:
+            fail(f"{shown}: {schema['revision']}, behind head {schema['head']}: restart the server "
+                 "(it upgrades its store when it starts) or run `scanflow db upgrade` on its machine",
+                 code=1)
+        out.print(f"{shown}: already at head ({schema['head']})", highlight=False, soft_wrap=True)
+        return
     engine, shown = _engine(url, create=True)
     try:
         before = do_upgrade(engine)
@@ -79,6 +97,16 @@ def current(
     """Show the store's schema revision and whether it is at head (changes nothing)."""
     from scanflow.store.migrate import status  # lazy: SQLAlchemy, see _engine
 
+    if url is None and (remote := _servers()) is not None:
+        shown, schema = remote
+        if schema["at_head"]:
+            out.print(f"{shown}: {schema['revision']} (head)", highlight=False, soft_wrap=True)
+            return
+        out.print(f"{shown}: {schema['revision']}, behind head {schema['head']}; restart the server "
+                  "to upgrade it", highlight=False, soft_wrap=True)
+        if check:
+            raise typer.Exit(1)
+        return
     engine, shown = _engine(url, create=False)
     try:
         st = status(engine)

@@ -15,10 +15,11 @@ from fastapi import FastAPI
 
 from scanflow.control import backends
 from scanflow.server import admin, agents, apps, audit, errors, runs, services
-from scanflow.server.auth import FailedLogins
-from scanflow.server.models import Health
+from scanflow.server.auth import Caller, FailedLogins
+from scanflow.server.models import Health, StoreSchema
 from scanflow.server.platform import Platform
 from scanflow.settings import Settings, get_settings
+from scanflow.store.migrate import status as schema_status
 
 
 def _version() -> str:
@@ -58,5 +59,13 @@ def create_app(settings: Settings | None = None, *, run_queue: bool = True,
     @app.get("/health", response_model=Health, tags=["health"])
     def health() -> Health:
         return Health(status="ok", version=_version())
+
+    @app.get("/api/v1/store", response_model=StoreSchema, tags=["health"],
+             responses=errors.ERROR_RESPONSES)
+    def store_schema(_who: Caller) -> StoreSchema:
+        """The store's schema revision against this release's head (any token)."""
+        st = schema_status(store.engine)
+        return StoreSchema(backend=store.engine.dialect.name, revision=st.revision, head=st.head,
+                           at_head=st.at_head)
 
     return app

@@ -245,6 +245,16 @@ class Health(BaseModel):
     version: str
 
 
+class StoreSchema(BaseModel):
+    """The server's store, as `scanflow db current` shows it (never its URL: it may hold a
+    password)."""
+
+    backend: str = Field(description="sqlite or postgresql")
+    revision: str | None
+    head: str
+    at_head: bool
+
+
 # -- identities (admin) ------------------------------------------------------------------------
 class TeamIn(Strict):
     name: str = Field(min_length=1, max_length=64)
