@@ -9,8 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from scanflow.cli.main import app as cli_app
-from scanflow.control import backends
 from scanflow.settings import Settings
+from scanflow.store import Store
 
 SPEC = '''
 app: shared
@@ -61,7 +61,7 @@ def test_steps_in_process_and_as_processes_import_the_listed_modules(
         project: Path, settings: Settings) -> None:
     code, out = cli(settings, "run", str(project), "both")
     assert code == 0, out
-    store = backends.store(settings)
+    store = Store(settings.store)
     run = store.list_runs()[0]
     for step in store.list_steps(run.id):
         assert step.status == "succeeded"
@@ -90,4 +90,4 @@ def test_bad_code_paths_are_refused_before_anything_runs(
     code, out = cli(settings, "run", str(project), "both")
     assert code == 2, out
     assert "code_paths[0]" in out and why in " ".join(out.split())
-    assert backends.store(settings).list_runs() == []
+    assert Store(settings.store).list_runs() == []

@@ -231,7 +231,7 @@ from scanflow.settings import Settings
 from scanflow.spec import load_application
 from scanflow.store import Store
 settings = Settings(workspace=sys.argv[1], store_url=sys.argv[2]).ensure()
-LocalEngine(settings, backends.store(settings)).run(load_application(sys.argv[3]), "long")
+LocalEngine(settings, Store(settings.store)).run(load_application(sys.argv[3]), "long")
 '''
 
 
