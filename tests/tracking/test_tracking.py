@@ -89,10 +89,14 @@ def _app(tmp_path: Path) -> object:
 
 def _check_registry(settings: Settings, tmp_path: Path) -> None:
     store = Store(settings.store)
-    res = LocalEngine(settings, store).run(_app(tmp_path), "train")
+    res = LocalEngine(settings, store).run(_app(tmp_path), "train", trigger={"by": "person:ana"})
     assert res.ok, res.error
     tr = MlflowTracker(settings)
     assert "tiny" in tr.registered_models()
+    # the version says which team's run, started by whom, made it (issue 17)
+    tags = tr.model_version("tiny", "1").tags
+    assert {k: tags.get(k) for k in ("scanflow.app", "scanflow.team", "scanflow.by")} == {
+        "scanflow.app": "demo", "scanflow.team": "ds", "scanflow.by": "person:ana"}, tags
     tr.set_alias("tiny", "champion", "1")
     assert tr.version_by_alias("tiny", "champion") == "1"
     assert tr.model_version("tiny", "1").current_stage in (None, "None")  # aliases, not stages
