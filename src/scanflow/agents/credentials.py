@@ -68,14 +68,14 @@ def issue(store: Store, team: str, agent: str) -> AgentCredentials | None:
         return None
     user = agent_user(team, agent)
     try:
-        if user not in {u[0] for u in ids.list_users()}:
+        roles = {name: r for name, _kind, _admin, r in ids.list_users()}
+        if user not in roles:
             try:
                 ids.create_user(user, kind="agent")
-            except IdentityError:  # another process of it made it just now
-                if user not in {u[0] for u in ids.list_users()}:
+            except IdentityError as exc:  # another process of it made it just now
+                if "exists already" not in str(exc):
                     raise
-        roles = next((r for name, _k, _a, r in ids.list_users() if name == user), {})
-        if team not in roles:
+        if team not in roles.get(user, {}):
             ids.set_role(user, team, Role.owner)
     except IdentityError as exc:
         raise AgentIdentityError(

@@ -122,7 +122,7 @@ def _wait_remote(api: Any, run_id: str, new: Callable[[dict[str, Any]], bool]) -
         run = api.call("GET", f"/api/v1/runs/{run_id}")
         ended = run["status"] in {"succeeded", "failed", "cancelled", "interrupted"} and new(run)
         for st in run["steps"]:
-            if (ended or new(run)) and st["status"] != seen.get(st["step"]) \
+            if new(run) and st["status"] != seen.get(st["step"]) \
                     and st["status"] not in {"pending", "running"}:
                 out.print(f"  {st['step']}: {st['status']}", highlight=False)
             seen[st["step"]] = st["status"]
